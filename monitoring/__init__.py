@@ -1,0 +1,1 @@
+"""Sliding windows, alert rules and their lifecycle, alert sinks, Prometheus metrics."""

@@ -1,0 +1,1 @@
+"""Prompt registry, sticky routing, rollout state machine, A/B statistics."""

@@ -1,0 +1,1 @@
+"""SQLite storage: schema migrations, the repository, retention and backups."""

@@ -1,0 +1,122 @@
+"""The SQLite file: one writer connection, one reader connection, migrations at open.
+
+WAL mode lets the reader see committed data while the writer works, so HTTP queries
+never block ingestion. All writes go through :meth:`Database.transaction`, which holds
+an asyncio lock (one writer in the process) and opens ``BEGIN IMMEDIATE`` so a second
+process fails fast on the busy timeout instead of deadlocking mid-transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Self
+
+import aiosqlite
+import structlog
+from promptd.storage.schema import MIGRATIONS, latest_version
+
+log = structlog.get_logger("promptd.storage")
+
+
+class StorageError(RuntimeError):
+    """The database cannot be used (newer schema, unwritable file, …)."""
+
+
+class Database:
+    """Owner of the connections to one SQLite file."""
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self.writer = writer
+        self.reader = reader
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, busy_timeout_ms: int = 5_000) -> Self:
+        """Open (creating if needed) and migrate the database at ``path``."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer = await _connect(path, busy_timeout_ms)
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"cannot open the database {str(path)!r}: {exc}") from exc
+        try:
+            await writer.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable across process crashes in WAL mode; only an OS crash or
+            # power loss can drop the last transactions, which Kafka then replays.
+            await writer.execute("PRAGMA synchronous=NORMAL")
+            await _migrate(writer, path)
+            reader = await _connect(path, busy_timeout_ms)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(path, writer, reader)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` on the writer; rolls back on any error."""
+        async with self._write_lock:
+            await self.writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.writer
+            except BaseException:
+                await self.writer.rollback()
+                raise
+            await self.writer.commit()
+
+    async def close(self) -> None:
+        """Close both connections (the WAL is checkpointed by SQLite on last close)."""
+        await self.reader.close()
+        await self.writer.close()
+
+
+async def _connect(path: Path, busy_timeout_ms: int) -> aiosqlite.Connection:
+    # isolation_level=None: we issue BEGIN ourselves, so sqlite3 must not open
+    # implicit transactions behind our back.
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    await conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    await conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+async def _migrate(conn: aiosqlite.Connection, path: Path) -> None:
+    async with conn.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    current = int(row[0]) if row else 0
+    if current > latest_version():
+        raise StorageError(
+            f"database {str(path)!r} has schema version {current}, newer than this "
+            f"promptd ({latest_version()}); upgrade promptd or restore an older backup"
+        )
+    for migration in MIGRATIONS:
+        if migration.version <= current:
+            continue
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(migration.sql):
+                await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version={migration.version}")
+        except BaseException:
+            await conn.rollback()
+            raise
+        await conn.commit()
+        log.info("schema_migrated", version=migration.version, migration=migration.name)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (``executescript`` would COMMIT first)."""
+    out, buf = [], []
+    for line in script.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("--") or not stripped:
+            continue
+        buf.append(line)
+        if sqlite3.complete_statement("\n".join(buf)):
+            out.append("\n".join(buf))
+            buf = []
+    if buf:
+        out.append("\n".join(buf))
+    return out

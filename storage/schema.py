@@ -1,0 +1,92 @@
+"""Versioned SQLite schema with forward-only migrations, applied at start.
+
+Each migration is appended, never edited once released: the database records the
+highest version applied in ``PRAGMA user_version`` and every start applies the rest in
+one transaction each. A database newer than this code is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Migration(BaseModel):
+    """One forward step of the schema."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: int
+    name: str
+    sql: str
+
+
+_V1_INGESTION: Final = """
+CREATE TABLE metric_events (
+    id          INTEGER PRIMARY KEY,
+    event_id    TEXT    NOT NULL UNIQUE,
+    ts          REAL    NOT NULL,
+    prompt      TEXT    NOT NULL,
+    variant     TEXT    NOT NULL,
+    model       TEXT    NOT NULL,
+    request_id  TEXT    NOT NULL,
+    unit_id     TEXT,
+    latency_ms  REAL    NOT NULL CHECK (latency_ms >= 0),
+    success     INTEGER NOT NULL CHECK (success IN (0, 1)),
+    error       TEXT,
+    quality     REAL    CHECK (quality BETWEEN 0 AND 1),
+    tokens_in   INTEGER,
+    tokens_out  INTEGER,
+    cost_usd    REAL,
+    input       TEXT,
+    output      TEXT,
+    attributes  TEXT,
+    ingested_at REAL    NOT NULL
+);
+CREATE INDEX metric_events_prompt_ts ON metric_events (prompt, ts);
+-- Only calls with captured input/output are joined to feedback (example store), so
+-- a partial index keeps the cost of this index off the ingestion hot path.
+CREATE INDEX metric_events_request ON metric_events (request_id) WHERE input IS NOT NULL;
+
+CREATE TABLE feedback_events (
+    id          INTEGER PRIMARY KEY,
+    event_id    TEXT    NOT NULL UNIQUE,
+    ts          REAL    NOT NULL,
+    prompt      TEXT    NOT NULL,
+    variant     TEXT    NOT NULL,
+    model       TEXT,
+    request_id  TEXT    NOT NULL,
+    score       REAL    NOT NULL CHECK (score BETWEEN 0 AND 1),
+    kind        TEXT    NOT NULL,
+    comment     TEXT,
+    correction  TEXT,
+    ingested_at REAL    NOT NULL
+);
+CREATE INDEX feedback_events_prompt_ts ON feedback_events (prompt, ts);
+CREATE INDEX feedback_events_request ON feedback_events (request_id);
+
+-- The consumer's position per partition, written in the same transaction as the
+-- events it covers: this table, not the broker, says where to resume.
+CREATE TABLE consumer_offsets (
+    topic       TEXT    NOT NULL,
+    partition   INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    updated_at  REAL    NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+
+CREATE TABLE counters (
+    name  TEXT    PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(version=1, name="ingestion", sql=_V1_INGESTION),
+)
+
+
+def latest_version() -> int:
+    """The schema version this code writes."""
+    return MIGRATIONS[-1].version

@@ -1,0 +1,140 @@
+"""Shared fixtures: a real Tansu broker per session, isolated topics and daemons per test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from promptd.daemon.app import Daemon
+from promptd.daemon.broker import EmbeddedBroker
+from promptd.daemon.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def _quiet_structlog() -> Iterator[None]:
+    """Keep test output readable: structlog at warning level, restored afterwards."""
+    from promptd.daemon.logs import configure_logging
+
+    configure_logging("warning", "json")
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    """A real Kafka-protocol broker (Tansu, memory storage) on a free loopback port."""
+    with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, broker: EmbeddedBroker) -> Callable[..., Settings]:
+    """Settings on the session broker with topics and group unique to this test."""
+
+    def factory(**overrides: Any) -> Settings:
+        tag = uuid.uuid4().hex[:8]
+        kafka: dict[str, Any] = {
+            "bootstrap_servers": broker.bootstrap_servers,
+            "group_id": f"promptd-{tag}",
+            "metrics_topic": f"m-{tag}",
+            "feedback_topic": f"f-{tag}",
+            "dlq_topic": f"dlq-{tag}",
+            "alerts_topic": f"alerts-{tag}",
+            "routing_topic": f"routing-{tag}",
+            "optimization_topic": f"opt-{tag}",
+            # A consumer-group join waits about half the session timeout on this broker.
+            "session_timeout_ms": 1_000,
+            "heartbeat_interval_ms": 300,
+            "retry_backoff_initial_s": 0.2,
+            "retry_backoff_max_s": 1.0,
+            "fetch_max_wait_ms": 50,
+        }
+        kafka.update(overrides.pop("kafka", {}))
+        storage = {"data_dir": tmp_path / f"data-{tag}"}
+        storage.update(overrides.pop("storage", {}))
+        http = {"port": 0}
+        http.update(overrides.pop("http", {}))
+        return Settings(kafka=kafka, storage=storage, http=http, **overrides)
+
+    return factory
+
+
+class RunningDaemon:
+    """A daemon running as a task in the test's event loop."""
+
+    def __init__(self, daemon: Daemon, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        self.daemon = daemon
+        self.task = task
+        self.stop_event = stop
+
+    @property
+    def url(self) -> str:
+        """Base URL of its HTTP API."""
+        return f"http://127.0.0.1:{self.daemon.http_port}"
+
+    async def stop(self) -> None:
+        """Graceful stop, as on SIGTERM."""
+        self.stop_event.set()
+        await asyncio.wait_for(self.task, 15)
+
+    async def kill(self) -> None:
+        """Hard stop: cancel the task without its shutdown path."""
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+
+
+@pytest.fixture
+async def start_daemon() -> AsyncIterator[Callable[..., Any]]:
+    """Factory: start a daemon on given settings, wait until ready; stopped at teardown."""
+    running: list[RunningDaemon] = []
+
+    async def factory(settings: Settings, ready: bool = True, **kwargs: Any) -> RunningDaemon:
+        daemon = Daemon(settings, **kwargs)
+        from promptd.daemon.wiring import install_components
+
+        install_components(daemon)
+        stop = asyncio.Event()
+        task = asyncio.create_task(daemon.run(stop))
+        handle = RunningDaemon(daemon, task, stop)
+        running.append(handle)
+        await asyncio.wait_for(daemon.started.wait(), 15)
+        if ready:
+            await wait_for(
+                lambda: (
+                    daemon.readiness()[0]
+                    and daemon.ingestor is not None
+                    and bool(daemon.ingestor.state.assigned)
+                ),
+                timeout=20,
+            )
+        return handle
+
+    yield factory
+    for handle in running:
+        if not handle.task.done():
+            await handle.stop()
+
+
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05
+) -> Any:
+    """Poll ``predicate`` (sync or async) until truthy; fail the test on timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
