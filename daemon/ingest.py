@@ -39,6 +39,10 @@ from promptd.events import FeedbackEvent, MetricEvent, Rejection, decode_event
 
 log = structlog.get_logger("promptd.ingest")
 
+# Kafka commits are only for lag visibility, so one per second is plenty and keeps a
+# broker round trip out of most batches.
+COMMIT_INTERVAL_S = 1.0
+
 BatchListener = Callable[[BatchOutcome], Awaitable[None]]
 
 
@@ -114,6 +118,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         # Finish the write in hand so the next owner resumes after it.
         await self._ingestor.drain()
+        await self._ingestor.commit_kafka(self._consumer)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         await self._ingestor.on_assigned(self._consumer, assigned)
@@ -140,6 +145,8 @@ class Ingestor:
         self.state = IngestState()
         self._pending: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._uncommitted: dict[tuple[str, int], int] = {}
+        self._last_commit = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, restarting with backoff after any failure."""
@@ -187,7 +194,10 @@ class Ingestor:
                 if flat:
                     await self._handle(consumer, decode_batch(flat, self.kafka.max_record_bytes))
                 self._update_lag(consumer)
+                if self._uncommitted and time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+                    await self.commit_kafka(consumer)
             await self.drain()
+            await self.commit_kafka(consumer)
         finally:
             await self.drain(raise_errors=False)
             self.state.assigned = frozenset()
@@ -249,7 +259,9 @@ class Ingestor:
         self.state.last_progress_at = time.monotonic()
         self._count(batch, outcome, reasons)
         self._update_lag(consumer)
-        await self._commit(consumer, batch.offsets)
+        self._uncommitted.update(batch.offsets)
+        if time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+            await self.commit_kafka(consumer)
         for listener in self.listeners:
             try:
                 await listener(outcome)
@@ -279,14 +291,12 @@ class Ingestor:
             duration_ms=round(elapsed * 1000, 2),
         )
 
-    async def _commit(
-        self, consumer: AIOKafkaConsumer, offsets: dict[tuple[str, int], int]
-    ) -> None:
-        commit = {
-            TopicPartition(t, p): o
-            for (t, p), o in offsets.items()
-            if (t, p) in self.state.assigned
-        }
+    async def commit_kafka(self, consumer: AIOKafkaConsumer) -> None:
+        """Commit the stored offsets to Kafka (for lag tools only; bounded, never fatal)."""
+        offsets, self._uncommitted = self._uncommitted, {}
+        self._last_commit = time.monotonic()
+        assigned = self.state.assigned
+        commit = {TopicPartition(t, p): o for (t, p), o in offsets.items() if (t, p) in assigned}
         if not commit:
             return
         try:

@@ -1,0 +1,119 @@
+"""SQLite storage: migrations, idempotent batches with offsets, counters, retention."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from promptd.events import FeedbackEvent, MetricEvent, new_event_id
+from promptd.storage.database import Database, StorageError
+from promptd.storage.repository import EventRepository
+from promptd.storage.schema import latest_version
+
+
+def _metric(ts: float | None = None, event_id: str | None = None) -> MetricEvent:
+    return MetricEvent(
+        event_id=event_id or new_event_id(),
+        ts=ts if ts is not None else time.time(),
+        prompt="p",
+        variant="v1",
+        model="m",
+        request_id=new_event_id(),
+        latency_ms=10.0,
+        success=True,
+    )
+
+
+def _feedback(ts: float | None = None) -> FeedbackEvent:
+    return FeedbackEvent(
+        event_id=new_event_id(),
+        ts=ts if ts is not None else time.time(),
+        prompt="p",
+        variant="v1",
+        request_id="r",
+        score=0.5,
+    )
+
+
+async def test_open_migrates_and_uses_wal(tmp_path: Path) -> None:
+    """A new file is created in WAL mode at the latest schema version."""
+    db = await Database.open(tmp_path / "sub" / "x.db")
+    await db.close()
+    with sqlite3.connect(tmp_path / "sub" / "x.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == latest_version()
+
+
+async def test_newer_database_is_refused(tmp_path: Path) -> None:
+    """A database written by a newer promptd is refused with a clear error."""
+    path = tmp_path / "x.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version={latest_version() + 1}")
+    with pytest.raises(StorageError, match="newer than this"):
+        await Database.open(path)
+
+
+async def test_batch_is_idempotent_and_records_offsets(tmp_path: Path) -> None:
+    """Re-storing a batch stores nothing new, counts duplicates, and keeps the latest offsets."""
+    db = await Database.open(tmp_path / "x.db")
+    repo = EventRepository(db)
+    metrics = [_metric() for _ in range(10)]
+    first = await repo.store_batch(metrics, [_feedback()], {("m", 0): 10, ("f", 1): 1})
+    assert (first.metrics_stored, first.feedback_stored, first.duplicates) == (10, 1, 0)
+    again = await repo.store_batch(metrics + [metrics[0]], [], {("m", 0): 21}, {"invalid": 2})
+    assert (again.stored, again.duplicates) == (0, 11)
+    assert again.metrics == ()
+    assert await repo.load_offsets() == {("m", 0): 21, ("f", 1): 1}
+    assert await repo.load_offsets([("f", 1)]) == {("f", 1): 1}
+    counters = await repo.counters()
+    assert counters == {
+        "stored.metric": 10,
+        "stored.feedback": 1,
+        "duplicates": 11,
+        "dead_lettered": 2,
+        "dead_lettered.invalid": 2,
+    }
+    await db.close()
+
+
+async def test_partial_duplicates_report_only_new_events(tmp_path: Path) -> None:
+    """With some duplicates in a batch, the outcome lists exactly the newly stored events."""
+    db = await Database.open(tmp_path / "x.db")
+    repo = EventRepository(db)
+    old = [_metric() for _ in range(3)]
+    await repo.store_batch(old, [], {})
+    new = [_metric() for _ in range(2)]
+    outcome = await repo.store_batch([old[0], new[0], new[0], old[2], new[1]], [], {})
+    assert [e.event_id for e in outcome.metrics] == [new[0].event_id, new[1].event_id]
+    assert outcome.duplicates == 3
+    await db.close()
+
+
+async def test_failed_batch_rolls_back_events_and_offsets(tmp_path: Path) -> None:
+    """If the transaction fails, neither the events nor the offsets are stored."""
+    db = await Database.open(tmp_path / "x.db")
+    repo = EventRepository(db)
+    await db.writer.execute(
+        "CREATE TRIGGER boom BEFORE INSERT ON feedback_events BEGIN SELECT RAISE(ABORT, 'x'); END"
+    )
+    with pytest.raises(sqlite3.IntegrityError):
+        await repo.store_batch([_metric()], [_feedback()], {("m", 0): 5})
+    assert await repo.count_events() == (0, 0)
+    assert await repo.load_offsets() == {}
+    await db.close()
+
+
+async def test_retention_deletes_only_old_events(tmp_path: Path) -> None:
+    """Events older than the cutoff are deleted in chunks; newer ones stay."""
+    db = await Database.open(tmp_path / "x.db")
+    repo = EventRepository(db)
+    now = time.time()
+    old = [_metric(now - 100_000) for _ in range(25)]
+    fresh = [_metric(now) for _ in range(5)]
+    await repo.store_batch(old + fresh, [_feedback(now - 100_000)], {})
+    assert await repo.purge_older_than(now - 50_000, chunk=7) == 26
+    assert await repo.count_events() == (5, 0)
+    await db.close()
