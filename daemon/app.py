@@ -18,6 +18,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+
+from promptd import __version__
 from promptd.daemon.broker import EmbeddedBroker
 from promptd.daemon.http import build_app, is_loopback
 from promptd.daemon.ingest import BatchListener, Ingestor
@@ -26,8 +28,6 @@ from promptd.daemon.settings import Settings
 from promptd.monitoring.metrics import IngestMetrics
 from promptd.storage.database import Database
 from promptd.storage.repository import DUPLICATES, STORED_FEEDBACK, STORED_METRICS, EventRepository
-
-from promptd import __version__
 
 log = structlog.get_logger("promptd.daemon")
 
@@ -55,6 +55,10 @@ class Daemon:
         self.route_extensions: list[RouteExtension] = []
         self.batch_listeners: list[BatchListener] = []
         self.task_factories: list[tuple[str, TaskFactory]] = []
+        # Run once storage is open, before ingestion and the HTTP server start: components
+        # build themselves here (and e.g. replay stored events) without racing ingestion.
+        self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
+        self.components: dict[str, Any] = {}
         self.db: Database | None = None
         self.repo: EventRepository | None = None
         self.producer: Producer | None = None
@@ -75,6 +79,8 @@ class Daemon:
             )
             stack.push_async_callback(self.db.close)
             self.repo = EventRepository(self.db)
+            for hook in self.startup_hooks:
+                await hook()
             if self.settings.kafka.embedded:
                 self.broker = EmbeddedBroker()
                 await asyncio.to_thread(self.broker.start)
@@ -190,6 +196,11 @@ class Daemon:
         return runner
 
     # -- views ---------------------------------------------------------------------
+
+    @property
+    def kafka_ready(self) -> bool:
+        """True once topics exist and the producer is connected."""
+        return self._kafka_ready
 
     def health(self) -> tuple[bool, str]:
         """Liveness for ``/healthz``."""

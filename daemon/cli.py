@@ -25,44 +25,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML config file (also PROMPTD_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("init", help="create the data dir, the database and the Kafka topics")
-    run = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
-    run.add_argument("--http-port", type=int, help="override http.port (0 picks a free one)")
-
-    status = sub.add_parser("status", help="show the running daemon's status")
-    status.add_argument("--json", action="store_true", help="print the raw JSON")
-
-    metrics = sub.add_parser("metrics", help="publish one MetricEvent")
-    metrics.add_argument("variant")
-    metrics.add_argument("model")
-    metrics.add_argument("latency_ms", type=float)
-    metrics.add_argument("--prompt", required=True)
-    metrics.add_argument("--success", dest="success", action="store_true", default=True)
-    metrics.add_argument("--failure", dest="success", action="store_false")
-    metrics.add_argument("--error", help="error type or message for a failed call")
-    metrics.add_argument("--request-id")
-    metrics.add_argument("--unit-id")
-    metrics.add_argument("--quality", type=float)
-
-    feedback = sub.add_parser("feedback", help="publish one FeedbackEvent")
-    feedback.add_argument("variant")
-    feedback.add_argument("model")
-    feedback.add_argument("score", type=float)
-    feedback.add_argument("kind", nargs="?", default="quality")
-    feedback.add_argument("--prompt", required=True)
-    feedback.add_argument("--request-id")
-    feedback.add_argument("--comment")
+    for module in _command_modules():
+        _HANDLERS.update(module.register(sub))
     return parser
 
 
-def _handlers() -> dict[str, Handler]:
-    return {
-        "init": commands.init,
-        "run": commands.run,
-        "status": commands.status,
-        "metrics": commands.publish_metric,
-        "feedback": commands.publish_feedback,
-    }
+_HANDLERS: dict[str, Handler] = {}
+
+
+def _command_modules() -> list[Any]:
+    """Modules that add subcommands: each has ``register(subparsers) -> {name: handler}``."""
+    from promptd.daemon import commands_monitoring, commands_optimize, commands_prompts
+
+    return [commands, commands_prompts, commands_monitoring, commands_optimize]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = args.command not in {"run"}
     configure_logging("warning" if quiet else settings.log_level, settings.log_format)
     try:
-        return _handlers()[args.command](args, settings)
+        return _HANDLERS[args.command](args, settings)
     except commands.CommandError as exc:
         print(f"promptd {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code

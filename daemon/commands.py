@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
 from promptd.daemon.app import ConfigurationError, Daemon
 from promptd.daemon.broker import EmbeddedBrokerError
 from promptd.daemon.kafka import KafkaSendError, Producer, ensure_topics
 from promptd.daemon.settings import Settings
-from promptd.storage.database import Database, StorageError
-
 from promptd.events import FeedbackEvent, MetricEvent, new_event_id, now_ts
+from promptd.storage.database import Database, StorageError
 
 log = structlog.get_logger("promptd.cli")
 
@@ -33,6 +33,44 @@ class CommandError(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def register(sub: Any) -> dict[str, Any]:
+    """Add the core subcommands to the CLI's subparsers."""
+    sub.add_parser("init", help="create the data dir, the database and the Kafka topics")
+    run = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    run.add_argument("--http-port", type=int, help="override http.port (0 picks a free one)")
+
+    status = sub.add_parser("status", help="show the running daemon's status")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    metrics = sub.add_parser("metrics", help="publish one MetricEvent")
+    metrics.add_argument("variant")
+    metrics.add_argument("model")
+    metrics.add_argument("latency_ms", type=float)
+    metrics.add_argument("--prompt", required=True)
+    metrics.add_argument("--success", dest="success", action="store_true", default=True)
+    metrics.add_argument("--failure", dest="success", action="store_false")
+    metrics.add_argument("--error", help="error type or message for a failed call")
+    metrics.add_argument("--request-id")
+    metrics.add_argument("--unit-id")
+    metrics.add_argument("--quality", type=float)
+
+    feedback = sub.add_parser("feedback", help="publish one FeedbackEvent")
+    feedback.add_argument("variant")
+    feedback.add_argument("model")
+    feedback.add_argument("score", type=float)
+    feedback.add_argument("kind", nargs="?", default="quality")
+    feedback.add_argument("--prompt", required=True)
+    feedback.add_argument("--request-id")
+    feedback.add_argument("--comment")
+    return {
+        "init": init,
+        "run": run,
+        "status": status,
+        "metrics": publish_metric,
+        "feedback": publish_feedback,
+    }
 
 
 def runtime_path(settings: Settings) -> Path:

@@ -30,12 +30,12 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+
 from promptd.daemon.kafka import Headers, KafkaSendError, Producer, client_options
 from promptd.daemon.settings import KafkaSettings
+from promptd.events import FeedbackEvent, MetricEvent, Rejection, decode_event
 from promptd.monitoring.metrics import IngestMetrics
 from promptd.storage.repository import BatchOutcome, EventRepository
-
-from promptd.events import FeedbackEvent, MetricEvent, Rejection, decode_event
 
 log = structlog.get_logger("promptd.ingest")
 

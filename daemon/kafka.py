@@ -16,6 +16,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
 from promptd.daemon.settings import KafkaSettings
 
 log = structlog.get_logger("promptd.kafka")

@@ -22,6 +22,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from promptd.daemon.optimize_config import OptimizationSettings
+from promptd.monitoring.config import MonitoringSettings
+from promptd.replacement.profiles import RolloutProfile
 
 # The --config file, passed to the TOML source without touching os.environ.
 _CONFIG_FILE: ContextVar[str | None] = ContextVar("promptd_config_file", default=None)
@@ -110,6 +113,26 @@ class StorageSettings(_Section):
         return self.data_dir / self.database_name
 
 
+class RolloutSettings(_Section):
+    """Rollout controller: tick, default profile and metric, custom profiles."""
+
+    tick_interval_s: float = Field(default=10.0, gt=0)
+    default_profile: str = "balanced"
+    default_primary_metric: Literal["feedback_score", "success_rate", "quality"] = "feedback_score"
+    # Multiplies every step's minimum duration and the starvation grace period; the demo
+    # and tests use a small value to see a whole rollout in seconds.
+    time_scale: float = Field(default=1.0, gt=0)
+    # Extra or overriding profiles by name: {name = {steps = [...], alpha_worse = ...}}.
+    profiles: dict[str, RolloutProfile] = Field(default_factory=dict)
+
+    @field_validator("profiles", mode="before")
+    @classmethod
+    def _name_profiles(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: {"name": k, **v} if isinstance(v, dict) else v for k, v in value.items()}
+        return value
+
+
 class Settings(BaseSettings):
     """Root settings of the daemon."""
 
@@ -129,6 +152,9 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     http: HttpSettings = HttpSettings()
     storage: StorageSettings = StorageSettings()
+    rollout: RolloutSettings = RolloutSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
+    optimization: OptimizationSettings = OptimizationSettings()
 
     # Flat aliases the operator guide promises (PROMPTD_KAFKA_BOOTSTRAP_SERVERS, ...);
     # folded into the sections by ``_fold_flat``.

@@ -1,14 +1,107 @@
-"""Plug the optional parts (monitoring, replacement, optimization) into a :class:`Daemon`.
+"""Plug the parts (registry and rollouts, monitoring, optimization) into a :class:`Daemon`.
 
-Each part adds its batch listeners, HTTP routes and background tasks here, so the
-core lifecycle in ``app.py`` does not grow with every feature.
+Each part adds a startup hook that builds it once storage is open; the hook registers
+the part's batch listener, HTTP routes and background task. The core lifecycle in
+``app.py`` does not grow with every feature.
 """
 
 from __future__ import annotations
 
+from functools import cache
+
+from aiohttp import web
+
 from promptd.daemon.app import Daemon
+from promptd.daemon.settings import RolloutSettings
+from promptd.monitoring.triggers import TriggerQueue
+from promptd.replacement.profiles import RolloutProfile, get_profile
+from promptd.routing import Routing
 
 
 def install_components(daemon: Daemon) -> None:
-    """Attach every component enabled in ``daemon.settings``."""
-    _ = daemon
+    """Attach every component to ``daemon``."""
+    # The monitor hands optimization triggers to the optimizer through this queue.
+    daemon.components["optimization_triggers"] = TriggerQueue()
+    install_rollouts(daemon)
+    if daemon.settings.monitoring.enabled:
+        from promptd.monitoring.component import install as install_monitoring
+
+        install_monitoring(daemon)
+    from promptd.daemon.optimize_component import install as install_optimizer
+
+    install_optimizer(daemon)
+
+
+def profile_lookup(settings: RolloutSettings) -> RolloutProfile | object:
+    """A function name -> profile: configured profiles first, then the built-in ones,
+    with every duration multiplied by ``time_scale``."""
+
+    @cache
+    def lookup(name: str) -> RolloutProfile:
+        base = settings.profiles.get(name) or get_profile(name)
+        if settings.time_scale == 1.0:
+            return base
+        scale = settings.time_scale
+        return base.model_copy(
+            update={
+                "steps": tuple(
+                    s.model_copy(update={"min_duration_s": s.min_duration_s * scale})
+                    for s in base.steps
+                ),
+                "starvation_grace_s": base.starvation_grace_s * scale,
+            }
+        )
+
+    return lookup
+
+
+def install_rollouts(daemon: Daemon) -> None:
+    """The prompt registry, routing and the rollout controller."""
+    from promptd.daemon.api_prompts import add_routes
+    from promptd.daemon.kafka import KafkaSendError
+    from promptd.replacement.controller import RolloutController, RolloutMetrics
+    from promptd.replacement.registry import Registry
+
+    settings = daemon.settings
+    metrics = RolloutMetrics(daemon.registry)
+
+    async def publish(routing: Routing) -> None:
+        if daemon.producer is None or not daemon.kafka_ready:
+            raise KafkaSendError(settings.kafka.routing_topic, "Kafka is not connected yet")
+        await daemon.producer.send(
+            settings.kafka.routing_topic,
+            routing.model_dump_json().encode(),
+            key=routing.prompt.encode(),
+        )
+
+    async def setup() -> None:
+        assert daemon.db is not None
+        registry = Registry(daemon.db)
+        controller = RolloutController(
+            daemon.db,
+            registry,
+            profile_lookup(settings.rollout),  # type: ignore[arg-type]
+            metrics,
+            publish=publish,
+            routing_ttl_s=settings.http.routing_ttl_s,
+        )
+        await controller.resume()
+        daemon.components["registry"] = registry
+        daemon.components["rollouts"] = controller
+        daemon.batch_listeners.append(controller.on_batch)
+
+        def routes(app: web.Application) -> None:
+            add_routes(
+                app,
+                controller,
+                registry,
+                settings.rollout.default_profile,
+                settings.rollout.default_primary_metric,
+            )
+
+        daemon.route_extensions.append(routes)
+        daemon.task_factories.append(
+            ("rollouts", lambda stop: controller.run(stop, settings.rollout.tick_interval_s))
+        )
+
+    daemon.startup_hooks.append(setup)

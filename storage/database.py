@@ -17,6 +17,7 @@ from typing import Self
 
 import aiosqlite
 import structlog
+
 from promptd.storage.schema import MIGRATIONS, latest_version
 
 log = structlog.get_logger("promptd.storage")

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import aiosqlite
-from promptd.storage.database import Database
 
 from promptd.events import FeedbackEvent, MetricEvent
+from promptd.storage.database import Database
 
 TopicPartitionKey = tuple[str, int]
 E = TypeVar("E", MetricEvent, FeedbackEvent)

@@ -85,8 +85,84 @@ CREATE TABLE counters (
 );
 """
 
+_V2_REGISTRY: Final = """
+CREATE TABLE prompts (
+    name           TEXT PRIMARY KEY,
+    active_version TEXT,
+    profile        TEXT NOT NULL DEFAULT 'balanced',
+    created_at     REAL NOT NULL,
+    updated_at     REAL NOT NULL
+);
+
+-- Versions are immutable: only ``status`` changes after insert.
+CREATE TABLE prompt_versions (
+    prompt         TEXT NOT NULL REFERENCES prompts (name),
+    version        TEXT NOT NULL,
+    seq            INTEGER NOT NULL,
+    template       TEXT NOT NULL,
+    placeholders   TEXT NOT NULL,
+    parent_version TEXT,
+    origin         TEXT NOT NULL,
+    run_id         TEXT,
+    rationale      TEXT,
+    status         TEXT NOT NULL CHECK (status IN
+                       ('active', 'candidate', 'in_rollout', 'retired', 'rolled_back')),
+    created_at     REAL NOT NULL,
+    PRIMARY KEY (prompt, version)
+);
+
+CREATE TABLE rollouts (
+    id         TEXT PRIMARY KEY,
+    prompt     TEXT NOT NULL REFERENCES prompts (name),
+    candidate  TEXT NOT NULL,
+    baseline   TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    -- Start time of each step reached, in order: the strata of the A/B comparison.
+    step_starts TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+-- At most one live rollout per prompt, enforced by the database itself.
+CREATE UNIQUE INDEX rollouts_one_live ON rollouts (prompt) WHERE status IN ('running', 'paused');
+
+CREATE TABLE rollout_decisions (
+    id         INTEGER PRIMARY KEY,
+    rollout_id TEXT NOT NULL REFERENCES rollouts (id),
+    ts         REAL NOT NULL,
+    kind       TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    details    TEXT,
+    step       INTEGER,
+    weight     REAL
+);
+CREATE INDEX rollout_decisions_rollout ON rollout_decisions (rollout_id, id);
+"""
+
+_V3_ALERTS: Final = """
+-- Alert lifecycle state per fingerprint (rule + labels), so firing alerts stay firing
+-- across a restart without a second notification.
+CREATE TABLE alert_states (
+    fingerprint TEXT PRIMARY KEY,
+    rule        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE TABLE alert_history (
+    id          INTEGER PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    rule        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    ts          REAL NOT NULL,
+    payload     TEXT NOT NULL
+);
+CREATE INDEX alert_history_ts ON alert_history (ts);
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=1, name="ingestion", sql=_V1_INGESTION),
+    Migration(version=2, name="registry", sql=_V2_REGISTRY),
+    Migration(version=3, name="alerts", sql=_V3_ALERTS),
 )
 
 

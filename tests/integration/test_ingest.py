@@ -96,9 +96,8 @@ async def test_stores_each_valid_event_once_and_dead_letters_the_rest(
 
     total = len(metrics) + len(feedback) + len(duplicates) + len(MALFORMED)
     await wait_for(lambda: _stored_offsets_total(repo, total), timeout=10)
-    async with aiohttp.ClientSession() as http:
-        async with http.get(running.url + "/v1/status") as resp:
-            status = await resp.json()
+    async with aiohttp.ClientSession() as http, http.get(running.url + "/v1/status") as resp:
+        status = await resp.json()
     assert status["events"]["stored"] == 3500
     assert status["events"]["duplicates"] == 250
     assert status["events"]["dead_lettered"] == len(MALFORMED)

@@ -1,0 +1,226 @@
+"""HTTP routes of the registry, routing and rollouts (``/v1/prompts``, ``/v1/rollouts``).
+
+Mutating routes need the admin bearer token (see :func:`require_admin`). Errors are JSON
+``{"error": …}`` with 400 (bad body), 401, 404, 409 (conflicting state) or 422.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from promptd.daemon.http import json_error, require_admin
+from promptd.replacement import machine
+from promptd.replacement.controller import RolloutController
+from promptd.replacement.registry import NewVersion, Registry, RegistryError
+
+CONTROLLER_KEY: web.AppKey[RolloutController] = web.AppKey("rollout_controller")
+REGISTRY_KEY: web.AppKey[Registry] = web.AppKey("registry")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class StartRollout(BaseModel):
+    """Body of ``POST /v1/rollouts``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=200)
+    candidate_version: str = Field(min_length=1, max_length=200)
+    profile: str | None = None
+    primary_metric: Literal["feedback_score", "success_rate", "quality"] | None = None
+
+
+class Restore(BaseModel):
+    """Body of ``POST /v1/prompts/{name}/restore``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(min_length=1, max_length=200)
+
+
+class Reason(BaseModel):
+    """Optional body of the rollout commands."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=1000)
+
+
+def _errors(handler: Handler) -> Handler:
+    """Map domain and validation errors to JSON responses."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RegistryError as exc:
+            return json_error(exc.status, str(exc))
+        except KeyError as exc:  # unknown profile
+            return json_error(400, str(exc.args[0]) if exc.args else "unknown key")
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            return json_error(400, f"{loc}: {err['msg']}" if loc else str(err["msg"]))
+
+    return wrapped
+
+
+def _admin(handler: Handler) -> Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        denied = require_admin(request)
+        if denied is not None:
+            return denied
+        return await handler(request)
+
+    return _errors(wrapped)
+
+
+async def _body(request: web.Request, model: type[BaseModel]) -> Any:
+    try:
+        data = await request.json() if request.can_read_body else {}
+    except ValueError:
+        raise RegistryError("the request body is not valid JSON") from None
+    return model.model_validate(data)
+
+
+@_errors
+async def list_prompts(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/prompts``."""
+    registry = request.app[REGISTRY_KEY]
+    live = request.app[CONTROLLER_KEY].live_prompts()
+    prompts = [
+        p.model_dump() | {"rollout_live": p.name in live} for p in await registry.list_prompts()
+    ]
+    return web.json_response({"prompts": prompts})
+
+
+@_errors
+async def get_prompt(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/prompts/{name}``: the prompt, its active version and routing."""
+    name = request.match_info["name"]
+    registry = request.app[REGISTRY_KEY]
+    prompt = await registry.get_prompt(name)
+    active = await registry.active(name)
+    routing = await request.app[CONTROLLER_KEY].routing(name)
+    return web.json_response(
+        prompt.model_dump()
+        | {
+            "active": active.model_dump() if active else None,
+            "routing": routing.model_dump(),
+        }
+    )
+
+
+@_errors
+async def list_versions(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/prompts/{name}/versions``: the history, oldest first."""
+    versions = await request.app[REGISTRY_KEY].versions(request.match_info["name"])
+    return web.json_response({"versions": [v.model_dump() for v in versions]})
+
+
+@_admin
+async def register_version(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/prompts/{name}/versions``."""
+    name = request.match_info["name"]
+    body = await _body(request, NewVersion)
+    version = await request.app[REGISTRY_KEY].register(name, body)
+    controller = request.app[CONTROLLER_KEY]
+    controller.mark_routing_dirty(name)
+    await controller.flush_routing()
+    return web.json_response(version.model_dump(), status=201)
+
+
+@_admin
+async def restore_version(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/prompts/{name}/restore``: make an earlier version active (the backup)."""
+    name = request.match_info["name"]
+    body = await _body(request, Restore)
+    version = await request.app[REGISTRY_KEY].restore(name, body.version)
+    controller = request.app[CONTROLLER_KEY]
+    controller.mark_routing_dirty(name)
+    await controller.flush_routing()
+    return web.json_response(version.model_dump())
+
+
+@_errors
+async def get_routing(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/prompts/{name}/routing``: what the SDK needs to pick a version."""
+    routing = await request.app[CONTROLLER_KEY].routing(request.match_info["name"])
+    return web.json_response(routing.model_dump())
+
+
+@_errors
+async def list_rollouts(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/rollouts``."""
+    return web.json_response({"rollouts": await request.app[CONTROLLER_KEY].list()})
+
+
+@_errors
+async def get_rollout(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/rollouts/{id}``: state, step, weight, arms, statistics, decision log."""
+    body = await request.app[CONTROLLER_KEY].describe(request.match_info["id"])
+    return web.json_response(body)
+
+
+def _start_handler(default_profile: str, default_metric: str) -> Handler:
+    @_admin
+    async def start_rollout(request: web.Request) -> web.StreamResponse:
+        """``POST /v1/rollouts``: start a rollout of a candidate version."""
+        body = await _body(request, StartRollout)
+        controller = request.app[CONTROLLER_KEY]
+        row = await controller.start_rollout(
+            body.prompt,
+            body.candidate_version,
+            body.profile,
+            body.primary_metric or default_metric,
+        )
+        return web.json_response(await controller.describe(row.id), status=201)
+
+    _ = default_profile
+    return start_rollout
+
+
+_COMMANDS: dict[str, type[machine.Pause | machine.Resume | machine.Promote | machine.Rollback]] = {
+    "pause": machine.Pause,
+    "resume": machine.Resume,
+    "promote": machine.Promote,
+    "rollback": machine.Rollback,
+}
+
+
+@_admin
+async def rollout_command(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/rollouts/{id}/promote|rollback|pause|resume``: manual commands win."""
+    action = request.match_info["action"]
+    body = await _body(request, Reason)
+    event_type = _COMMANDS[action]
+    event = event_type(reason=body.reason or f"manual {action}")
+    controller = request.app[CONTROLLER_KEY]
+    row = await controller.command(request.match_info["id"], event)
+    return web.json_response(await controller.describe(row.id))
+
+
+def add_routes(
+    app: web.Application,
+    controller: RolloutController,
+    registry: Registry,
+    default_profile: str,
+    default_metric: str,
+) -> None:
+    """Register the registry, routing and rollout routes on ``app``."""
+    app[CONTROLLER_KEY] = controller
+    app[REGISTRY_KEY] = registry
+    r = app.router
+    r.add_get("/v1/prompts", list_prompts)
+    r.add_get("/v1/prompts/{name}", get_prompt)
+    r.add_get("/v1/prompts/{name}/versions", list_versions)
+    r.add_post("/v1/prompts/{name}/versions", register_version)
+    r.add_post("/v1/prompts/{name}/restore", restore_version)
+    r.add_get("/v1/prompts/{name}/routing", get_routing)
+    r.add_get("/v1/rollouts", list_rollouts)
+    r.add_post("/v1/rollouts", _start_handler(default_profile, default_metric))
+    r.add_get("/v1/rollouts/{id}", get_rollout)
+    r.add_post("/v1/rollouts/{id}/{action:promote|rollback|pause|resume}", rollout_command)

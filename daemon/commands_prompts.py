@@ -1,0 +1,187 @@
+"""CLI: ``promptd prompts …`` and ``promptd rollout …`` (through the daemon's HTTP API)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from promptd.daemon.commands import CommandError, http_json
+from promptd.daemon.settings import Settings
+
+
+def register(sub: Any) -> dict[str, Any]:
+    """Add ``prompts`` and ``rollout`` with their subcommands."""
+    prompts = sub.add_parser("prompts", help="the prompt registry")
+    psub = prompts.add_subparsers(dest="prompts_command", required=True, metavar="ACTION")
+    psub.add_parser("list", help="every prompt and its active version")
+    show = psub.add_parser("show", help="a prompt, its active version and routing")
+    show.add_argument("prompt")
+    history = psub.add_parser("history", help="all versions of a prompt")
+    history.add_argument("prompt")
+    reg = psub.add_parser("register", help="register a new version")
+    reg.add_argument("prompt")
+    source = reg.add_mutually_exclusive_group(required=True)
+    source.add_argument("--template", help="the template text")
+    source.add_argument("--file", type=Path, help="read the template from a file ('-': stdin)")
+    reg.add_argument("--version", help="version name (default v<N>)")
+    reg.add_argument("--activate", action="store_true", help="make it active at once")
+    reg.add_argument("--force", action="store_true", help="accept changed placeholders")
+    reg.add_argument("--profile", help="the prompt's rollout profile")
+    restore = psub.add_parser("restore", help="make an earlier version active again")
+    restore.add_argument("prompt")
+    restore.add_argument("version")
+
+    rollout = sub.add_parser("rollout", help="gradual rollouts of candidate versions")
+    rsub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="ACTION")
+    start = rsub.add_parser("start", help="start a rollout")
+    start.add_argument("prompt")
+    start.add_argument("candidate_version")
+    start.add_argument("--profile", help="conservative, balanced, aggressive or a custom one")
+    start.add_argument(
+        "--metric", choices=["feedback_score", "success_rate", "quality"], help="primary metric"
+    )
+    status = rsub.add_parser("status", help="one rollout, or all")
+    status.add_argument("rollout_id", nargs="?")
+    for action in ("promote", "rollback", "pause", "resume"):
+        cmd = rsub.add_parser(action, help=f"{action} a rollout now")
+        cmd.add_argument("rollout_id")
+        cmd.add_argument("--reason")
+    for p in (prompts, rollout):
+        p.add_argument("--json", action="store_true", help="print raw JSON")
+    return {"prompts": prompts_command, "rollout": rollout_command}
+
+
+def _out(args: argparse.Namespace, body: Any, table: list[tuple[str, Any]] | None = None) -> None:
+    if getattr(args, "json", False) or table is None:
+        print(json.dumps(body, indent=2, sort_keys=True))
+        return
+    width = max((len(k) for k, _ in table), default=0)
+    for key, value in table:
+        print(f"{key:<{width}}  {value}")
+
+
+def prompts_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``promptd prompts list|show|history|register|restore``."""
+    action = args.prompts_command
+    if action == "list":
+        body = http_json(settings, "GET", "/v1/prompts")
+        rows = [
+            (
+                p["name"],
+                f"{p['active_version']}" + ("  (rollout live)" if p["rollout_live"] else ""),
+            )
+            for p in body["prompts"]
+        ]
+        _out(args, body, rows or [("(no prompts)", "")])
+    elif action == "show":
+        body = http_json(settings, "GET", f"/v1/prompts/{quote(args.prompt, safe='')}")
+        routing = body["routing"]
+        _out(
+            args,
+            body,
+            [
+                ("prompt", body["name"]),
+                ("active version", body["active_version"]),
+                ("profile", body["profile"]),
+                ("candidate", routing["candidate_version"] or "-"),
+                ("candidate weight", routing["weight"]),
+                ("template", (body["active"] or {}).get("template", "-")),
+            ],
+        )
+    elif action == "history":
+        body = http_json(settings, "GET", f"/v1/prompts/{quote(args.prompt, safe='')}/versions")
+        _out(
+            args,
+            body,
+            [(v["version"], f"{v['status']:<12} origin={v['origin']}") for v in body["versions"]],
+        )
+    elif action == "register":
+        template = args.template
+        if args.file is not None:
+            template = sys.stdin.read() if str(args.file) == "-" else _read(args.file)
+        payload = {
+            "template": template,
+            "version": args.version,
+            "activate": args.activate,
+            "force": args.force,
+            "profile": args.profile,
+        }
+        body = http_json(
+            settings,
+            "POST",
+            f"/v1/prompts/{quote(args.prompt, safe='')}/versions",
+            {k: v for k, v in payload.items() if v is not None},
+        )
+        _out(args, body, [("registered", f"{body['prompt']} {body['version']} ({body['status']})")])
+    elif action == "restore":
+        body = http_json(
+            settings,
+            "POST",
+            f"/v1/prompts/{quote(args.prompt, safe='')}/restore",
+            {"version": args.version},
+        )
+        _out(args, body, [("active", f"{body['prompt']} {body['version']}")])
+    return 0
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def rollout_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``promptd rollout start|status|promote|rollback|pause|resume``."""
+    action = args.rollout_command
+    if action == "start":
+        payload = {
+            "prompt": args.prompt,
+            "candidate_version": args.candidate_version,
+            "profile": args.profile,
+            "primary_metric": args.metric,
+        }
+        body = http_json(
+            settings, "POST", "/v1/rollouts", {k: v for k, v in payload.items() if v is not None}
+        )
+        _out(args, body, _rollout_rows(body))
+    elif action == "status":
+        if args.rollout_id is None:
+            body = http_json(settings, "GET", "/v1/rollouts")
+            rows = [
+                (
+                    r["id"],
+                    f"{r['prompt']} {r['candidate_version']} {r['status']} "
+                    f"step={r['step']} weight={r['weight']}",
+                )
+                for r in body["rollouts"]
+            ]
+            _out(args, body, rows or [("(no rollouts)", "")])
+        else:
+            body = http_json(settings, "GET", f"/v1/rollouts/{quote(args.rollout_id, safe='')}")
+            _out(args, body, _rollout_rows(body))
+    else:
+        body = http_json(
+            settings,
+            "POST",
+            f"/v1/rollouts/{quote(args.rollout_id, safe='')}/{action}",
+            {"reason": args.reason} if args.reason else {},
+        )
+        _out(args, body, _rollout_rows(body))
+    return 0
+
+
+def _rollout_rows(body: dict[str, Any]) -> list[tuple[str, Any]]:
+    last = body["decisions"][-1] if body.get("decisions") else {}
+    return [
+        ("rollout", body["id"]),
+        ("prompt", body["prompt"]),
+        ("baseline → candidate", f"{body['baseline_version']} → {body['candidate_version']}"),
+        ("status", body["status"]),
+        ("step / weight", f"{body['step']} / {body['weight']}"),
+        ("last decision", f"{last.get('kind', '-')}: {last.get('reason', '-')}"),
+    ]

@@ -1,0 +1,316 @@
+"""The prompt registry: prompts, immutable versions, the active one, and its history.
+
+Templates use Python ``str.format`` placeholders (``{document}``); the SDK's
+``PromptVariant.format(**vars)`` fills them. A new version whose placeholder set differs
+from the active version's would break the app's call site, so it is refused unless
+forced. Versions never change after registration; only their status does:
+
+* ``active`` — served to everyone not in a rollout's candidate arm (one per prompt);
+* ``candidate`` — registered, waiting (e.g. from the optimizer);
+* ``in_rollout`` — the candidate of a running or paused rollout;
+* ``retired`` — formerly active: the backup ``promptd prompts restore`` brings back;
+* ``rolled_back`` — a candidate whose rollout was rolled back.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import time
+from collections.abc import Sequence
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from promptd.storage.database import Database
+
+VersionStatus = Literal["active", "candidate", "in_rollout", "retired", "rolled_back"]
+MAX_TEMPLATE_CHARS: Final = 100_000
+
+
+class RegistryError(Exception):
+    """A registry operation was refused; ``status`` is the HTTP status that fits."""
+
+    status = 400
+
+
+class NotFound(RegistryError):
+    """The prompt or version does not exist."""
+
+    status = 404
+
+
+class Conflict(RegistryError):
+    """The operation conflicts with the current state (a live rollout, a duplicate)."""
+
+    status = 409
+
+
+class PlaceholderMismatch(RegistryError):
+    """The new template's placeholders differ from the active version's."""
+
+    status = 422
+
+    def __init__(self, expected: Sequence[str], got: Sequence[str]) -> None:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        super().__init__(
+            f"placeholders differ from the active version (missing: {missing}, added: "
+            f"{extra}); register with force=true to accept"
+        )
+        self.missing = missing
+        self.extra = extra
+
+
+def placeholders(template: str) -> list[str]:
+    """Names of the ``str.format`` fields of ``template``, sorted and unique.
+
+    Raises :class:`RegistryError` for a template ``str.format`` cannot parse, or with
+    positional fields (``{}``/``{0}``), which named variables cannot fill.
+    """
+    names: set[str] = set()
+    try:
+        for _literal, field, _spec, _conv in string.Formatter().parse(template):
+            if field is None:
+                continue
+            root = field.split(".", 1)[0].split("[", 1)[0]
+            if root == "" or root.isdigit():
+                raise RegistryError(f"positional placeholder {{{field}}}: use named ones")
+            names.add(root)
+    except ValueError as exc:
+        raise RegistryError(f"template is not a valid format string: {exc}") from None
+    return sorted(names)
+
+
+class PromptVersion(BaseModel):
+    """One immutable version of a prompt's template."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    version: str
+    seq: int
+    template: str
+    placeholders: list[str]
+    parent_version: str | None = None
+    origin: str = "human"
+    run_id: str | None = None
+    rationale: str | None = None
+    status: VersionStatus
+    created_at: float
+
+
+class Prompt(BaseModel):
+    """A prompt family and its active version."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    active_version: str | None
+    profile: str
+    created_at: float
+    updated_at: float
+
+
+class NewVersion(BaseModel):
+    """Body of ``POST /v1/prompts/{name}/versions``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    template: str = Field(min_length=1, max_length=MAX_TEMPLATE_CHARS)
+    version: str | None = Field(default=None, min_length=1, max_length=200)
+    parent_version: str | None = None
+    origin: str = Field(default="human", max_length=200)
+    run_id: str | None = Field(default=None, max_length=200)
+    rationale: str | None = Field(default=None, max_length=10_000)
+    activate: bool = False
+    force: bool = False
+    profile: str | None = None
+
+
+_VERSION_COLS: Final = (
+    "prompt, version, seq, template, placeholders, parent_version, origin, run_id, "
+    "rationale, status, created_at"
+)
+
+
+def _version(row: Sequence[Any]) -> PromptVersion:
+    fields = dict(zip([c.strip() for c in _VERSION_COLS.split(",")], row, strict=True))
+    fields["placeholders"] = json.loads(fields["placeholders"])
+    return PromptVersion.model_validate(fields)
+
+
+class Registry:
+    """Prompt registry on the SQLite database (all writes in one transaction each)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def list_prompts(self) -> list[Prompt]:
+        """Every prompt, by name."""
+        async with self.db.reader.execute(
+            "SELECT name, active_version, profile, created_at, updated_at FROM prompts "
+            "ORDER BY name"
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_prompt(row) for row in rows]
+
+    async def get_prompt(self, name: str) -> Prompt:
+        """One prompt, or :class:`NotFound`."""
+        async with self.db.reader.execute(
+            "SELECT name, active_version, profile, created_at, updated_at FROM prompts "
+            "WHERE name = ?",
+            (name,),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"prompt {name!r} does not exist")
+        return _prompt(row)
+
+    async def versions(self, name: str) -> list[PromptVersion]:
+        """The version history of ``name``, oldest first."""
+        await self.get_prompt(name)
+        async with self.db.reader.execute(
+            f"SELECT {_VERSION_COLS} FROM prompt_versions WHERE prompt = ? ORDER BY seq",
+            (name,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_version(row) for row in rows]
+
+    async def get_version(self, name: str, version: str) -> PromptVersion:
+        """One version, or :class:`NotFound`."""
+        async with self.db.reader.execute(
+            f"SELECT {_VERSION_COLS} FROM prompt_versions WHERE prompt = ? AND version = ?",
+            (name, version),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"prompt {name!r} has no version {version!r}")
+        return _version(row)
+
+    async def active(self, name: str) -> PromptVersion | None:
+        """The active version of ``name`` (``None`` before the first one)."""
+        prompt = await self.get_prompt(name)
+        if prompt.active_version is None:
+            return None
+        return await self.get_version(name, prompt.active_version)
+
+    async def register(self, name: str, body: NewVersion) -> PromptVersion:
+        """Register a new immutable version; the first version of a prompt becomes active."""
+        names = placeholders(body.template)
+        now = time.time()
+        async with self.db.transaction() as conn:
+            async with conn.execute(
+                "SELECT active_version FROM prompts WHERE name = ?", (name,)
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                await conn.execute(
+                    "INSERT INTO prompts (name, active_version, profile, created_at, updated_at)"
+                    " VALUES (?, NULL, ?, ?, ?)",
+                    (name, body.profile or "balanced", now, now),
+                )
+                active_version = None
+            else:
+                active_version = row[0]
+                if body.profile:
+                    await conn.execute(
+                        "UPDATE prompts SET profile = ?, updated_at = ? WHERE name = ?",
+                        (body.profile, now, name),
+                    )
+            async with conn.execute(
+                "SELECT coalesce(max(seq), 0), "
+                "(SELECT placeholders FROM prompt_versions WHERE prompt = ? AND version = ?), "
+                "(SELECT count(*) FROM prompt_versions WHERE prompt = ? AND template = ?) "
+                "FROM prompt_versions WHERE prompt = ?",
+                (name, active_version, name, body.template, name),
+            ) as cur:
+                stats = await cur.fetchone()
+            assert stats is not None
+            seq = int(stats[0]) + 1
+            if stats[1] is not None and json.loads(stats[1]) != names and not body.force:
+                raise PlaceholderMismatch(json.loads(stats[1]), names)
+            if int(stats[2]) > 0 and not body.force:
+                raise Conflict(f"prompt {name!r} already has a version with this template")
+            version = body.version or f"v{seq}"
+            activate = active_version is None or body.activate
+            status: VersionStatus = "active" if activate else "candidate"
+            try:
+                await conn.execute(
+                    f"INSERT INTO prompt_versions ({_VERSION_COLS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        version,
+                        seq,
+                        body.template,
+                        json.dumps(names),
+                        body.parent_version or active_version,
+                        body.origin,
+                        body.run_id,
+                        body.rationale,
+                        status,
+                        now,
+                    ),
+                )
+            except Exception as exc:
+                if "UNIQUE" in str(exc):
+                    raise Conflict(f"prompt {name!r} already has version {version!r}") from None
+                raise
+            if activate:
+                await _make_active(conn, name, version, active_version, now)
+        return await self.get_version(name, version)
+
+    async def restore(self, name: str, version: str) -> PromptVersion:
+        """Make an earlier version active again (the backup); refused during a rollout."""
+        target = await self.get_version(name, version)
+        now = time.time()
+        async with self.db.transaction() as conn:
+            async with conn.execute(
+                "SELECT count(*) FROM rollouts "
+                "WHERE prompt = ? AND status IN ('running', 'paused', 'pending')",
+                (name,),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is not None and int(row[0]) > 0:
+                raise Conflict(
+                    f"prompt {name!r} has a live rollout: roll it back or promote it first"
+                )
+            prompt = await self.get_prompt(name)
+            if prompt.active_version == version:
+                return target
+            await _make_active(conn, name, version, prompt.active_version, now)
+        return await self.get_version(name, version)
+
+    async def set_status(self, name: str, version: str, status: VersionStatus) -> None:
+        """Change a version's status (used by the rollout controller)."""
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "UPDATE prompt_versions SET status = ? WHERE prompt = ? AND version = ?",
+                (status, name, version),
+            )
+
+
+async def _make_active(
+    conn: Any, name: str, version: str, previous: str | None, now: float
+) -> None:
+    """Within a transaction: ``version`` becomes active, ``previous`` the retired backup."""
+    if previous is not None and previous != version:
+        await conn.execute(
+            "UPDATE prompt_versions SET status = 'retired' WHERE prompt = ? AND version = ?",
+            (name, previous),
+        )
+    await conn.execute(
+        "UPDATE prompt_versions SET status = 'active' WHERE prompt = ? AND version = ?",
+        (name, version),
+    )
+    await conn.execute(
+        "UPDATE prompts SET active_version = ?, updated_at = ? WHERE name = ?",
+        (version, now, name),
+    )
+
+
+def _prompt(row: Sequence[Any]) -> Prompt:
+    return Prompt(
+        name=row[0], active_version=row[1], profile=row[2], created_at=row[3], updated_at=row[4]
+    )

@@ -1,0 +1,231 @@
+"""Rollout persistence: state, step boundaries and the decision log, written atomically.
+
+A transition is stored (new state, its decisions, and any registry change such as the
+promotion of the candidate) in one transaction *before* its effects leave the process
+(routing published to Kafka, metrics), so a crash can never apply a transition twice or
+lose one: on restart the rollout resumes at exactly the stored step, weight and salt.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiosqlite
+from pydantic import BaseModel, ConfigDict
+
+from promptd.storage.database import Database
+
+LIVE_STATUSES = ("running", "paused", "pending")
+
+
+class StoredRollout(BaseModel):
+    """A rollout row as stored."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    prompt: str
+    candidate: str
+    baseline: str
+    status: str
+    state: dict[str, Any]
+    step_starts: list[float]
+    created_at: float
+    updated_at: float
+
+
+class Decision(BaseModel):
+    """One entry of a rollout's audit log."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ts: float
+    kind: str
+    reason: str
+    details: dict[str, Any] | None = None
+    step: int | None = None
+    weight: float | None = None
+
+
+_COLS = "id, prompt, candidate, baseline, status, state, step_starts, created_at, updated_at"
+
+
+def _row(row: Sequence[Any]) -> StoredRollout:
+    return StoredRollout(
+        id=row[0],
+        prompt=row[1],
+        candidate=row[2],
+        baseline=row[3],
+        status=row[4],
+        state=json.loads(row[5]),
+        step_starts=json.loads(row[6]),
+        created_at=row[7],
+        updated_at=row[8],
+    )
+
+
+class RolloutStore:
+    """Reads and atomic writes of rollouts."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def live(self) -> list[StoredRollout]:
+        """Rollouts that are running or paused (resumed at start)."""
+        placeholders = ", ".join("?" for _ in LIVE_STATUSES)
+        async with self.db.reader.execute(
+            f"SELECT {_COLS} FROM rollouts WHERE status IN ({placeholders}) ORDER BY created_at",
+            LIVE_STATUSES,
+        ) as cur:
+            return [_row(r) for r in await cur.fetchall()]
+
+    async def all(self, limit: int = 200) -> list[StoredRollout]:
+        """The most recent rollouts, newest first."""
+        async with self.db.reader.execute(
+            f"SELECT {_COLS} FROM rollouts ORDER BY created_at DESC LIMIT ?",
+            (limit,),
+        ) as cur:
+            return [_row(r) for r in await cur.fetchall()]
+
+    async def get(self, rollout_id: str) -> StoredRollout | None:
+        """One rollout by id."""
+        async with self.db.reader.execute(
+            f"SELECT {_COLS} FROM rollouts WHERE id = ?",
+            (rollout_id,),
+        ) as cur:
+            row = await cur.fetchone()
+        return _row(row) if row else None
+
+    async def live_for(self, prompt: str) -> StoredRollout | None:
+        """The live rollout of ``prompt``, if any."""
+        for rollout in await self.live():
+            if rollout.prompt == prompt:
+                return rollout
+        return None
+
+    async def decisions(self, rollout_id: str, limit: int = 500) -> list[Decision]:
+        """The audit log of a rollout, oldest first (the last ``limit`` entries)."""
+        async with self.db.reader.execute(
+            "SELECT ts, kind, reason, details, step, weight FROM ("
+            " SELECT * FROM rollout_decisions WHERE rollout_id = ? ORDER BY id DESC LIMIT ?"
+            ") ORDER BY id",
+            (rollout_id, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            Decision(
+                ts=r[0],
+                kind=r[1],
+                reason=r[2],
+                details=json.loads(r[3]) if r[3] else None,
+                step=r[4],
+                weight=r[5],
+            )
+            for r in rows
+        ]
+
+    async def create(
+        self,
+        rollout_id: str,
+        prompt: str,
+        candidate: str,
+        baseline: str,
+        state: Mapping[str, Any],
+        step_starts: Sequence[float],
+        decisions: Sequence[Decision],
+    ) -> None:
+        """Insert a new rollout and mark the candidate ``in_rollout`` (one transaction).
+
+        The partial unique index refuses a second live rollout of the same prompt even if
+        two requests race; that surfaces as ``sqlite3.IntegrityError``.
+        """
+        now = time.time()
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                f"INSERT INTO rollouts ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rollout_id,
+                    prompt,
+                    candidate,
+                    baseline,
+                    str(state["status"]),
+                    json.dumps(dict(state)),
+                    json.dumps(list(step_starts)),
+                    now,
+                    now,
+                ),
+            )
+            await conn.execute(
+                "UPDATE prompt_versions SET status = 'in_rollout' WHERE prompt = ? AND version = ?",
+                (prompt, candidate),
+            )
+            await _insert_decisions(conn, rollout_id, decisions)
+
+    async def transition(
+        self,
+        rollout: StoredRollout,
+        state: Mapping[str, Any],
+        step_starts: Sequence[float],
+        decisions: Sequence[Decision],
+        outcome: str | None = None,
+    ) -> None:
+        """Persist a transition; ``outcome`` ``promoted``/``rolled_back`` updates the registry."""
+        now = time.time()
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "UPDATE rollouts SET status = ?, state = ?, step_starts = ?, updated_at = ? "
+                "WHERE id = ?",
+                (
+                    str(state["status"]),
+                    json.dumps(dict(state)),
+                    json.dumps(list(step_starts)),
+                    now,
+                    rollout.id,
+                ),
+            )
+            await _insert_decisions(conn, rollout.id, decisions)
+            if outcome == "promoted":
+                await conn.execute(
+                    "UPDATE prompt_versions SET status = 'retired' "
+                    "WHERE prompt = ? AND version = ? AND status = 'active'",
+                    (rollout.prompt, rollout.baseline),
+                )
+                await conn.execute(
+                    "UPDATE prompt_versions SET status = 'active' WHERE prompt = ? AND version = ?",
+                    (rollout.prompt, rollout.candidate),
+                )
+                await conn.execute(
+                    "UPDATE prompts SET active_version = ?, updated_at = ? WHERE name = ?",
+                    (rollout.candidate, now, rollout.prompt),
+                )
+            elif outcome == "rolled_back":
+                await conn.execute(
+                    "UPDATE prompt_versions SET status = 'rolled_back' "
+                    "WHERE prompt = ? AND version = ?",
+                    (rollout.prompt, rollout.candidate),
+                )
+
+
+async def _insert_decisions(
+    conn: aiosqlite.Connection, rollout_id: str, decisions: Sequence[Decision]
+) -> None:
+    if decisions:
+        await conn.executemany(
+            "INSERT INTO rollout_decisions (rollout_id, ts, kind, reason, details, step, weight) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    rollout_id,
+                    d.ts,
+                    d.kind,
+                    d.reason,
+                    json.dumps(d.details) if d.details else None,
+                    d.step,
+                    d.weight,
+                )
+                for d in decisions
+            ],
+        )

@@ -1,0 +1,95 @@
+"""Prompt registry: versions, placeholders, activation, restore (real SQLite file)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from promptd.replacement.registry import (
+    Conflict,
+    NewVersion,
+    NotFound,
+    PlaceholderMismatch,
+    Registry,
+    RegistryError,
+    placeholders,
+)
+from promptd.storage.database import Database
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
+    """A registry on a fresh database file."""
+    db = await Database.open(tmp_path / "r.db")
+    yield Registry(db)
+    await db.close()
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("Summarize {document} in {n} words.", ["document", "n"]),
+        ("{a}{a} {b.attr} {c[0]} {{literal}}", ["a", "b", "c"]),
+        ("no fields", []),
+    ],
+)
+def test_placeholders_are_the_named_format_fields(template: str, expected: list[str]) -> None:
+    """Placeholders are the root names of str.format fields; escaped braces are not fields."""
+    assert placeholders(template) == expected
+
+
+@pytest.mark.parametrize("template", ["{}", "{0}", "unclosed {x", "stray } brace"])
+def test_bad_templates_are_refused(template: str) -> None:
+    """Positional or malformed format strings are refused with a clear error."""
+    with pytest.raises(RegistryError):
+        placeholders(template)
+
+
+async def test_first_version_is_active_and_later_ones_are_candidates(registry: Registry) -> None:
+    """The first version activates; the next is a candidate whose parent is the active one."""
+    v1 = await registry.register("s", NewVersion(template="Summarize {doc}."))
+    v2 = await registry.register("s", NewVersion(template="Briefly summarize {doc}."))
+    assert (v1.version, v1.status) == ("v1", "active")
+    assert (v2.version, v2.status, v2.parent_version) == ("v2", "candidate", "v1")
+    assert (await registry.get_prompt("s")).active_version == "v1"
+    assert [v.version for v in await registry.versions("s")] == ["v1", "v2"]
+
+
+async def test_placeholder_change_is_refused_unless_forced(registry: Registry) -> None:
+    """A version that drops or adds a placeholder is refused; force accepts it."""
+    await registry.register("s", NewVersion(template="Summarize {doc}."))
+    with pytest.raises(PlaceholderMismatch, match=r"missing: \['doc'\]"):
+        await registry.register("s", NewVersion(template="Summarize {text}."))
+    forced = await registry.register("s", NewVersion(template="Summarize {text}.", force=True))
+    assert forced.placeholders == ["text"]
+
+
+async def test_duplicate_template_or_version_name_conflicts(registry: Registry) -> None:
+    """Registering the same template twice, or reusing a version name, is a conflict."""
+    await registry.register("s", NewVersion(template="A {x}", version="gold"))
+    with pytest.raises(Conflict):
+        await registry.register("s", NewVersion(template="A {x}"))
+    with pytest.raises(Conflict):
+        await registry.register("s", NewVersion(template="B {x}", version="gold"))
+
+
+async def test_restore_makes_a_backup_active_again(registry: Registry) -> None:
+    """Activating v2 retires v1; restoring v1 makes it active and retires v2."""
+    await registry.register("s", NewVersion(template="A {x}"))
+    await registry.register("s", NewVersion(template="B {x}", activate=True))
+    assert (await registry.get_version("s", "v1")).status == "retired"
+    restored = await registry.restore("s", "v1")
+    assert restored.status == "active"
+    assert (await registry.get_version("s", "v2")).status == "retired"
+    assert (await registry.active("s")).version == "v1"  # type: ignore[union-attr]
+
+
+async def test_unknown_prompt_or_version_is_not_found(registry: Registry) -> None:
+    """Unknown names raise NotFound (HTTP 404)."""
+    with pytest.raises(NotFound):
+        await registry.get_prompt("nope")
+    await registry.register("s", NewVersion(template="A"))
+    with pytest.raises(NotFound):
+        await registry.restore("s", "v9")
