@@ -13,6 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from promptd.daemon.http import json_error, require_admin
+from promptd.daemon.wiring import experiment_profile_name
 from promptd.replacement import machine
 from promptd.replacement.controller import RolloutController
 from promptd.replacement.registry import NewVersion, Registry, RegistryError
@@ -23,14 +24,26 @@ REGISTRY_KEY: web.AppKey[Registry] = web.AppKey("registry")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class Experiment(BaseModel):
+    """A fixed-split A/B experiment: one step at ``candidate_share`` until significance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidate_share: float = Field(default=0.2, gt=0.0, lt=1.0)
+    min_samples_per_arm: int = Field(default=500, ge=1)
+    alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
+    min_duration_s: float = Field(default=3600.0, ge=0.0)
+
+
 class StartRollout(BaseModel):
-    """Body of ``POST /v1/rollouts``."""
+    """Body of ``POST /v1/rollouts`` (``experiment`` instead of ``profile`` for a fixed split)."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=200)
     candidate_version: str = Field(min_length=1, max_length=200)
     profile: str | None = None
+    experiment: Experiment | None = None
     primary_metric: Literal["feedback_score", "success_rate", "quality"] | None = None
 
 
@@ -171,10 +184,18 @@ def _start_handler(default_profile: str, default_metric: str) -> Handler:
         """``POST /v1/rollouts``: start a rollout of a candidate version."""
         body = await _body(request, StartRollout)
         controller = request.app[CONTROLLER_KEY]
+        profile = body.profile
+        if body.experiment is not None:
+            if profile is not None:
+                raise RegistryError("give either profile or experiment, not both")
+            e = body.experiment
+            profile = experiment_profile_name(
+                e.candidate_share, e.min_samples_per_arm, e.alpha, e.min_duration_s
+            )
         row = await controller.start_rollout(
             body.prompt,
             body.candidate_version,
-            body.profile,
+            profile,
             body.primary_metric or default_metric,
         )
         return web.json_response(await controller.describe(row.id), status=201)

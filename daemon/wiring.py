@@ -14,7 +14,7 @@ from aiohttp import web
 from promptd.daemon.app import Daemon
 from promptd.daemon.settings import RolloutSettings
 from promptd.monitoring.triggers import TriggerQueue
-from promptd.replacement.profiles import RolloutProfile, get_profile
+from promptd.replacement.profiles import RolloutProfile, fixed_split_experiment, get_profile
 from promptd.routing import Routing
 
 
@@ -38,7 +38,7 @@ def profile_lookup(settings: RolloutSettings) -> RolloutProfile | object:
 
     @cache
     def lookup(name: str) -> RolloutProfile:
-        base = settings.profiles.get(name) or get_profile(name)
+        base = settings.profiles.get(name) or _experiment(name) or get_profile(name)
         if settings.time_scale == 1.0:
             return base
         scale = settings.time_scale
@@ -53,6 +53,33 @@ def profile_lookup(settings: RolloutSettings) -> RolloutProfile | object:
         )
 
     return lookup
+
+
+EXPERIMENT_PREFIX = "experiment:"
+
+
+def experiment_profile_name(
+    candidate_share: float, min_samples_per_arm: int, alpha: float, min_duration_s: float
+) -> str:
+    """The profile name of a fixed-split experiment; the name carries its parameters so a
+    restarted daemon rebuilds the same one-step plan from the stored rollout state."""
+    return f"{EXPERIMENT_PREFIX}{candidate_share}:{min_samples_per_arm}:{alpha}:{min_duration_s}"
+
+
+def _experiment(name: str) -> RolloutProfile | None:
+    if not name.startswith(EXPERIMENT_PREFIX):
+        return None
+    try:
+        share, samples, alpha, duration = name.removeprefix(EXPERIMENT_PREFIX).split(":")
+        return fixed_split_experiment(
+            float(share),
+            min_samples_per_arm=int(samples),
+            alpha=float(alpha),
+            min_duration_s=float(duration),
+            name=name,
+        )
+    except ValueError as exc:
+        raise KeyError(f"malformed experiment profile {name!r}: {exc}") from None
 
 
 def install_rollouts(daemon: Daemon) -> None:

@@ -456,6 +456,12 @@ class RolloutController:
         if live is not None:
             body["arms"] = live.acc.arm_summary()
             body["statistics"] = live.last_stats
+            profile = self.profiles(live.state.profile)
+            obs = live.acc.observation(live.state)
+            higher = live.state.higher_is_better
+            # The experiment view (a fixed split is a one-step rollout): always valid.
+            body["winner"] = machine.winner(obs, profile, higher_is_better=higher)
+            body["has_significant_result"] = body["winner"] is not None
         return body
 
     async def list(self) -> list[dict[str, Any]]:
