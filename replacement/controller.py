@@ -30,7 +30,7 @@ from promptd.replacement.profiles import RolloutProfile
 from promptd.replacement.registry import Conflict, NotFound, Registry, RegistryError
 from promptd.routing import Routing
 from promptd.storage.database import Database
-from promptd.storage.repository import BatchOutcome
+from promptd.storage.repository import BatchOutcome, EventRepository
 from promptd.storage.rollouts import Decision, RolloutStore, StoredRollout
 
 log = structlog.get_logger("promptd.rollout")
@@ -137,17 +137,21 @@ class RolloutController:
             return
         since = row.step_starts[0]
         variants = (row.baseline, row.candidate)
+        events = EventRepository(self.db)
+        floor = await events.first_id_since("metric_events", since)
         async with self.db.reader.execute(
             "SELECT ts, variant, coalesce(unit_id, request_id), latency_ms, success, quality, "
-            "cost_usd FROM metric_events WHERE ts >= ? AND prompt = ? AND variant IN (?, ?)",
-            (since, row.prompt, *variants),
+            "cost_usd FROM metric_events "
+            "WHERE id >= ? AND ts >= ? AND prompt = ? AND variant IN (?, ?)",
+            (floor, since, row.prompt, *variants),
         ) as cur:
             async for r in cur:
                 acc.add_metric(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6])
+        floor = await events.first_id_since("feedback_events", since)
         async with self.db.reader.execute(
             "SELECT ts, variant, score FROM feedback_events "
-            "WHERE ts >= ? AND prompt = ? AND variant IN (?, ?)",
-            (since, row.prompt, *variants),
+            "WHERE id >= ? AND ts >= ? AND prompt = ? AND variant IN (?, ?)",
+            (floor, since, row.prompt, *variants),
         ) as cur:
             async for r in cur:
                 acc.add_feedback(r[0], r[1], r[2])

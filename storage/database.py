@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar, cast
 
 import aiosqlite
 import structlog
@@ -21,6 +21,8 @@ import structlog
 from promptd.storage.schema import MIGRATIONS, latest_version
 
 log = structlog.get_logger("promptd.storage")
+
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
@@ -67,6 +69,30 @@ class Database:
                 await self.writer.rollback()
                 raise
             await self.writer.commit()
+
+    async def run_in_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on the writer's own thread inside ``BEGIN IMMEDIATE``/``COMMIT``.
+
+        One thread hop for a whole batch instead of one per statement: the event loop keeps
+        decoding the next batch while this one is written, and Python work such as
+        building rows leaves the loop's thread. Rolls back if ``fn`` raises.
+        """
+
+        def job(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+            return result
+
+        async with self._write_lock:
+            # aiosqlite runs every call as a function on its connection thread; this is
+            # that mechanism (stable across the pinned aiosqlite range) for a whole job.
+            run = cast(Callable[..., Awaitable[T]], self.writer._execute)
+            return await run(job, self.writer._conn)
 
     async def close(self) -> None:
         """Close both connections (the WAL is checkpointed by SQLite on last close)."""

@@ -10,6 +10,8 @@ rows offered and rows inserted is the duplicate count.
 from __future__ import annotations
 
 import json
+import operator
+import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,19 +25,48 @@ from promptd.storage.database import Database
 TopicPartitionKey = tuple[str, int]
 E = TypeVar("E", MetricEvent, FeedbackEvent)
 
-_INSERT_METRIC: Final = """
-INSERT INTO metric_events (event_id, ts, prompt, variant, model, request_id, unit_id,
-    latency_ms, success, error, quality, tokens_in, tokens_out, cost_usd, input, output,
-    attributes, ingested_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (event_id) DO NOTHING
-"""
-_INSERT_FEEDBACK: Final = """
-INSERT INTO feedback_events (event_id, ts, prompt, variant, model, request_id, score, kind,
-    comment, correction, ingested_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (event_id) DO NOTHING
-"""
+_METRIC_COLS: Final = (
+    "event_id",
+    "ts",
+    "prompt",
+    "variant",
+    "model",
+    "request_id",
+    "unit_id",
+    "latency_ms",
+    "success",
+    "error",
+    "quality",
+    "tokens_in",
+    "tokens_out",
+    "cost_usd",
+)
+_METRIC_CAPTURE_COLS: Final = ("input", "output", "attributes")
+_FEEDBACK_COLS: Final = (
+    "event_id",
+    "ts",
+    "prompt",
+    "variant",
+    "model",
+    "request_id",
+    "score",
+    "kind",
+    "comment",
+)
+# attrgetter builds each row in C: per-event Python work is the largest cost of a batch.
+_METRIC_ROW = operator.attrgetter(*_METRIC_COLS)
+_FEEDBACK_ROW = operator.attrgetter(*_FEEDBACK_COLS)
+
+
+def _insert_sql(table: str, cols: Sequence[str], now: float) -> str:
+    # ``now`` is our own float, inlined so that rows need no extra Python tuple work.
+    names = ", ".join((*cols, "ingested_at"))
+    marks = ", ".join("?" for _ in cols)
+    return (
+        f"INSERT INTO {table} ({names}) VALUES ({marks}, {now!r}) ON CONFLICT (event_id) DO NOTHING"
+    )
+
+
 _UPSERT_OFFSET: Final = """
 INSERT INTO consumer_offsets (topic, partition, next_offset, updated_at) VALUES (?, ?, ?, ?)
 ON CONFLICT (topic, partition) DO UPDATE SET
@@ -75,64 +106,103 @@ def _json(value: Any) -> str | None:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def _metric_row(e: MetricEvent, now: float) -> tuple[Any, ...]:
-    return (
-        e.event_id,
-        e.ts,
-        e.prompt,
-        e.variant,
-        e.model,
-        e.request_id,
-        e.unit_id,
-        e.latency_ms,
-        1 if e.success else 0,
-        e.error,
-        e.quality,
-        e.tokens_in,
-        e.tokens_out,
-        e.cost_usd,
-        _json(e.input),
-        _json(e.output),
-        _json(e.attributes),
-        now,
+def _insert_metrics(conn: sqlite3.Connection, events: Sequence[MetricEvent], now: float) -> int:
+    plain = [e for e in events if e.input is None and e.output is None and e.attributes is None]
+    stored = conn.executemany(
+        _insert_sql("metric_events", _METRIC_COLS, now), map(_METRIC_ROW, plain)
+    ).rowcount
+    if len(plain) != len(events):
+        captured = [
+            e for e in events if not (e.input is None and e.output is None and e.attributes is None)
+        ]
+        rows = [
+            (*_METRIC_ROW(e), _json(e.input), _json(e.output), _json(e.attributes))
+            for e in captured
+        ]
+        cols = (*_METRIC_COLS, *_METRIC_CAPTURE_COLS)
+        stored += conn.executemany(_insert_sql("metric_events", cols, now), rows).rowcount
+    return stored
+
+
+def _insert_feedback(conn: sqlite3.Connection, events: Sequence[FeedbackEvent], now: float) -> int:
+    rows = [(*_FEEDBACK_ROW(e), _json(e.correction)) for e in events]
+    cols = (*_FEEDBACK_COLS, "correction")
+    return conn.executemany(_insert_sql("feedback_events", cols, now), rows).rowcount
+
+
+def _record_batch(
+    conn: sqlite3.Connection, table: str, mark: int, events: Sequence[MetricEvent | FeedbackEvent]
+) -> None:
+    last = _max_id(conn, table)
+    if last > mark:
+        stamps = [e.ts for e in events]
+        conn.execute(
+            "INSERT INTO ingest_batches (tbl, first_id, last_id, min_ts, max_ts) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (table, mark + 1, last, min(stamps), max(stamps)),
+        )
+
+
+def _store_sync(
+    conn: sqlite3.Connection,
+    metrics: Sequence[MetricEvent],
+    feedback: Sequence[FeedbackEvent],
+    offsets: Mapping[TopicPartitionKey, int],
+    dead_letters: Mapping[str, int],
+    now: float,
+) -> BatchOutcome:
+    """The body of :meth:`EventRepository.store_batch`, on the writer thread."""
+    new_metrics: Sequence[MetricEvent] = metrics
+    new_feedback: Sequence[FeedbackEvent] = feedback
+    m_stored = f_stored = 0
+    if metrics:
+        mark = _max_id(conn, "metric_events")
+        m_stored = _insert_metrics(conn, metrics, now)
+        _record_batch(conn, "metric_events", mark, metrics)
+        if m_stored != len(metrics):
+            new_metrics = _only_new(conn, "metric_events", mark, metrics)
+    if feedback:
+        mark = _max_id(conn, "feedback_events")
+        f_stored = _insert_feedback(conn, feedback, now)
+        _record_batch(conn, "feedback_events", mark, feedback)
+        if f_stored != len(feedback):
+            new_feedback = _only_new(conn, "feedback_events", mark, feedback)
+    duplicates = len(metrics) + len(feedback) - m_stored - f_stored
+    if offsets:
+        conn.executemany(_UPSERT_OFFSET, [(t, p, o, now) for (t, p), o in offsets.items()])
+    counters = [
+        (STORED_METRICS, m_stored),
+        (STORED_FEEDBACK, f_stored),
+        (DUPLICATES, duplicates),
+        (DEAD_LETTERED, sum(dead_letters.values())),
+        *((f"{DEAD_LETTERED}.{reason}", n) for reason, n in dead_letters.items()),
+    ]
+    conn.executemany(_ADD_COUNTER, [(k, v) for k, v in counters if v])
+    return BatchOutcome(
+        m_stored,
+        f_stored,
+        duplicates,
+        metrics=tuple(new_metrics),
+        feedback=tuple(new_feedback),
     )
 
 
-def _feedback_row(e: FeedbackEvent, now: float) -> tuple[Any, ...]:
-    return (
-        e.event_id,
-        e.ts,
-        e.prompt,
-        e.variant,
-        e.model,
-        e.request_id,
-        e.score,
-        e.kind,
-        e.comment,
-        _json(e.correction),
-        now,
-    )
-
-
-async def _max_id(conn: aiosqlite.Connection, table: str) -> int:
-    async with conn.execute(f"SELECT coalesce(max(id), 0) FROM {table}") as cur:
-        row = await cur.fetchone()
+def _max_id(conn: sqlite3.Connection, table: str) -> int:
+    row = conn.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()
     return int(row[0]) if row else 0
 
 
-async def _only_new(
-    conn: aiosqlite.Connection, table: str, mark: int, offered: Sequence[E]
-) -> list[E]:
+def _only_new(conn: sqlite3.Connection, table: str, mark: int, offered: Sequence[E]) -> list[E]:
     """The offered events that this transaction inserted (rows above ``mark``).
 
     Only called when duplicates were seen, so the common path pays nothing; the
     monitor must see each event once, like storage does.
     """
-    async with conn.execute(
+    rows = conn.execute(
         f"SELECT event_id FROM {table} WHERE id > ?",
         (mark,),
-    ) as cur:
-        inserted = {str(row[0]) for row in await cur.fetchall()}
+    ).fetchall()
+    inserted = {str(row[0]) for row in rows}
     out: list[E] = []
     for event in offered:
         if event.event_id in inserted:
@@ -160,44 +230,8 @@ class EventRepository:
         stored (including repeats inside the batch).
         """
         now = time.time()
-        dead_letters = dead_letters or {}
-        new_metrics: Sequence[MetricEvent] = metrics
-        new_feedback: Sequence[FeedbackEvent] = feedback
-        async with self.db.transaction() as conn:
-            m_stored = f_stored = 0
-            if metrics:
-                mark = await _max_id(conn, "metric_events")
-                cur = await conn.executemany(_INSERT_METRIC, [_metric_row(e, now) for e in metrics])
-                m_stored = cur.rowcount
-                if m_stored != len(metrics):
-                    new_metrics = await _only_new(conn, "metric_events", mark, metrics)
-            if feedback:
-                mark = await _max_id(conn, "feedback_events")
-                cur = await conn.executemany(
-                    _INSERT_FEEDBACK, [_feedback_row(e, now) for e in feedback]
-                )
-                f_stored = cur.rowcount
-                if f_stored != len(feedback):
-                    new_feedback = await _only_new(conn, "feedback_events", mark, feedback)
-            duplicates = len(metrics) + len(feedback) - m_stored - f_stored
-            if offsets:
-                await conn.executemany(
-                    _UPSERT_OFFSET, [(t, p, o, now) for (t, p), o in offsets.items()]
-                )
-            counters = [
-                (STORED_METRICS, m_stored),
-                (STORED_FEEDBACK, f_stored),
-                (DUPLICATES, duplicates),
-                (DEAD_LETTERED, sum(dead_letters.values())),
-                *((f"{DEAD_LETTERED}.{reason}", n) for reason, n in dead_letters.items()),
-            ]
-            await conn.executemany(_ADD_COUNTER, [(k, v) for k, v in counters if v])
-        return BatchOutcome(
-            m_stored,
-            f_stored,
-            duplicates,
-            metrics=tuple(new_metrics),
-            feedback=tuple(new_feedback),
+        return await self.db.run_in_transaction(
+            lambda conn: _store_sync(conn, metrics, feedback, offsets, dead_letters or {}, now)
         )
 
     async def load_offsets(
@@ -228,23 +262,56 @@ class EventRepository:
         assert row is not None
         return int(row[0]), int(row[1])
 
-    async def purge_older_than(self, cutoff_ts: float, chunk: int = 5_000) -> int:
-        """Delete raw events with ``ts < cutoff_ts``; returns rows deleted.
+    async def first_id_since(self, table: str, since_ts: float) -> int:
+        """A row id below which every row of ``table`` has ``ts < since_ts``.
 
-        Works in chunks, each its own short transaction, so ingestion never waits long
-        behind retention.
+        Scan ``WHERE id >= first_id_since(...) AND ts >= since_ts``: a primary-key range
+        instead of a full table scan (there is no index on ``ts``; see the schema).
+        """
+        return await _first_id_since(self.db.reader, table, since_ts)
+
+    async def purge_older_than(self, cutoff_ts: float, chunk: int = 5_000) -> int:
+        """Delete raw events older than ``cutoff_ts``; returns rows deleted.
+
+        Works at batch granularity (a batch goes once its newest event is older than
+        the cutoff) and in chunks of ids, each its own short transaction, so ingestion
+        never waits long behind retention.
         """
         total = 0
-        for table in ("metric_events", "feedback_events"):
+        for table in _TABLES:
+            floor = await _first_id_since(self.db.reader, table, cutoff_ts)
             while True:
                 async with self.db.transaction() as conn:
                     cur = await conn.execute(
                         f"DELETE FROM {table} WHERE id IN "
-                        f"(SELECT id FROM {table} WHERE ts < ? LIMIT ?)",
-                        (cutoff_ts, chunk),
+                        f"(SELECT id FROM {table} WHERE id < ? LIMIT ?)",
+                        (floor, chunk),
                     )
                     deleted = cur.rowcount
                 total += deleted
                 if deleted < chunk:
                     break
+            async with self.db.transaction() as conn:
+                await conn.execute(
+                    "DELETE FROM ingest_batches WHERE tbl = ? AND max_ts < ?", (table, cutoff_ts)
+                )
         return total
+
+
+_TABLES: Final = ("metric_events", "feedback_events")
+
+
+async def _first_id_since(conn: aiosqlite.Connection, table: str, since_ts: float) -> int:
+    if table not in _TABLES:
+        raise ValueError(f"unknown event table {table!r}")
+    async with conn.execute(
+        "SELECT min(first_id) FROM ingest_batches WHERE tbl = ? AND max_ts >= ?",
+        (table, since_ts),
+    ) as cur:
+        row = await cur.fetchone()
+    if row is not None and row[0] is not None:
+        return int(row[0])
+    # No batch reaches since_ts: every stored row is older.
+    async with conn.execute(f"SELECT coalesce(max(id), 0) + 1 FROM {table}") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 1

@@ -113,7 +113,14 @@ async def test_retention_deletes_only_old_events(tmp_path: Path) -> None:
     now = time.time()
     old = [_metric(now - 100_000) for _ in range(25)]
     fresh = [_metric(now) for _ in range(5)]
-    await repo.store_batch(old + fresh, [_feedback(now - 100_000)], {})
+    await repo.store_batch(old, [_feedback(now - 100_000)], {})
+    await repo.store_batch(fresh, [], {})
+    # A batch that straddles the cutoff stays whole until its newest event ages out.
+    await repo.store_batch([_metric(now - 100_000), _metric(now)], [], {})
     assert await repo.purge_older_than(now - 50_000, chunk=7) == 26
-    assert await repo.count_events() == (5, 0)
+    assert await repo.count_events() == (7, 0)
+    floor = await repo.first_id_since("metric_events", now - 50_000)
+    async with db.reader.execute("SELECT min(id) FROM metric_events") as cur:
+        assert (await cur.fetchone())[0] == floor
+    assert await repo.first_id_since("metric_events", now + 10) == 33
     await db.close()

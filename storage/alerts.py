@@ -1,0 +1,234 @@
+"""Persistence of alert lifecycle states and their history (schema v3 tables).
+
+``alert_states`` holds one row per alert that is not inactive (fingerprint, rule, status);
+the full :class:`~promptd.monitoring.rules.AlertState` of each change is the JSON ``payload``
+of an ``alert_history`` row, together with the notification sent for it, if any. A restart
+reads the latest history row of every fingerprint in ``alert_states``: that is why the purge
+never deletes the latest row of a fingerprint. (Schema v3 has no payload column on
+``alert_states``; a later migration may add one and make the restore a single read.)
+
+Every write of one evaluation round is one transaction, committed *before* the round's
+notifications are handed to sinks: after a crash an alert may be notified once less, never
+twice (the lifecycle then resends after ``repeat_interval``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from promptd.storage.database import Database
+from promptd.storage.repository import EventRepository
+
+
+@dataclass(frozen=True, slots=True)
+class AlertChange:
+    """One alert whose state changed in a round: ``alert`` is the AlertState as a dict
+    (``None`` when it became inactive), ``notification`` what was sent for it, if anything."""
+
+    fingerprint: str
+    rule: str
+    status: str
+    ts: float
+    alert: Mapping[str, Any] | None
+    notification: Mapping[str, Any] | None = None
+
+
+class AlertStore:
+    """Reads and transactional writes of alert states and history."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def save(self, changes: Sequence[AlertChange]) -> None:
+        """Apply one round's changes in one transaction."""
+        if not changes:
+            return
+        async with self._db.transaction() as conn:
+            for change in changes:
+                if change.alert is None:
+                    await conn.execute(
+                        "DELETE FROM alert_states WHERE fingerprint = ?", (change.fingerprint,)
+                    )
+                else:
+                    await conn.execute(
+                        "INSERT INTO alert_states (fingerprint, rule, state, updated_at) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT(fingerprint) DO UPDATE SET "
+                        "rule = excluded.rule, state = excluded.state, "
+                        "updated_at = excluded.updated_at",
+                        (change.fingerprint, change.rule, change.status, change.ts),
+                    )
+                payload = {"alert": change.alert, "notification": change.notification}
+                await conn.execute(
+                    "INSERT INTO alert_history (fingerprint, rule, state, ts, payload) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (
+                        change.fingerprint,
+                        change.rule,
+                        change.status,
+                        change.ts,
+                        json.dumps(payload, sort_keys=True),
+                    ),
+                )
+
+    async def load_current(self) -> list[dict[str, Any]]:
+        """The latest stored AlertState (as a dict) of every alert in ``alert_states``."""
+        cursor = await self._db.reader.execute(
+            "SELECT h.payload FROM alert_states s JOIN alert_history h ON h.id = ("
+            "  SELECT MAX(id) FROM alert_history WHERE fingerprint = s.fingerprint)"
+        )
+        rows = await cursor.fetchall()
+        await cursor.close()
+        out: list[dict[str, Any]] = []
+        for (payload,) in rows:
+            alert = json.loads(payload).get("alert")
+            if alert is not None:
+                out.append(alert)
+        return out
+
+    async def recent(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest history rows, newest first: ts, status and what was stored."""
+        cursor = await self._db.reader.execute(
+            "SELECT fingerprint, rule, state, ts, payload FROM alert_history "
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        rows = await cursor.fetchall()
+        await cursor.close()
+        out = []
+        for fp, rule, state, ts, payload in rows:
+            data = json.loads(payload)
+            out.append(
+                {
+                    "fingerprint": fp,
+                    "rule": rule,
+                    "state": state,
+                    "ts": ts,
+                    "alert": data.get("alert"),
+                    "notification": data.get("notification"),
+                }
+            )
+        return out
+
+    async def purge_history(self, cutoff_ts: float) -> int:
+        """Delete history older than ``cutoff_ts``, except the latest row of every alert that
+        is still in ``alert_states`` (its restore point)."""
+        async with self._db.transaction() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM alert_history WHERE ts < ? AND id NOT IN ("
+                "  SELECT MAX(h.id) FROM alert_history h JOIN alert_states s "
+                "  ON s.fingerprint = h.fingerprint GROUP BY h.fingerprint)",
+                (cutoff_ts,),
+            )
+            deleted = cursor.rowcount
+            await cursor.close()
+        return max(deleted, 0)
+
+
+# ---- window rebuild at start ------------------------------------------------------------
+#
+# Kept here with the other monitor SQL. There is no index on ts: every query scans the
+# primary key from the first id that can hold the range (EventRepository.first_id_since).
+
+_AGG_METRICS = (
+    "SELECT CAST(ts / :w AS INTEGER) AS b, prompt, variant, model, COUNT(*), SUM(success), "
+    "SUM(latency_ms), COUNT(quality), TOTAL(quality), "
+    "SUM(tokens_in IS NOT NULL OR tokens_out IS NOT NULL), TOTAL(tokens_in), "
+    "TOTAL(tokens_out), COUNT(cost_usd), TOTAL(cost_usd) "
+    "FROM metric_events WHERE id >= :mid AND ts >= :lo AND ts < :hi "
+    "GROUP BY b, prompt, variant, model"
+)
+_AGG_FEEDBACK = (
+    "SELECT CAST(ts / :w AS INTEGER) AS b, prompt, variant, COUNT(*), TOTAL(score) "
+    "FROM feedback_events WHERE id >= :fid AND ts >= :lo AND ts < :hi "
+    "GROUP BY b, prompt, variant"
+)
+_RAW_EVENTS = (
+    "SELECT ts, 0, prompt, variant, model, latency_ms, success, quality, tokens_in, "
+    "tokens_out, cost_usd, NULL FROM metric_events WHERE id >= :mid AND ts >= :lo AND ts <= :hi "
+    "UNION ALL SELECT ts, 1, prompt, variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, score "
+    "FROM feedback_events WHERE id >= :fid AND ts >= :lo AND ts <= :hi ORDER BY 1"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """Counts and sums of one series over one bucket of ``bucket_seconds`` from ``start``."""
+
+    start: float
+    prompt: str
+    variant: str
+    model: str | None
+    values: dict[str, Any]
+
+
+async def _first_ids(db: Database, lo: float) -> dict[str, int]:
+    repo = EventRepository(db)
+    return {
+        "mid": await repo.first_id_since("metric_events", lo),
+        "fid": await repo.first_id_since("feedback_events", lo),
+    }
+
+
+async def history_aggregates(
+    db: Database, lo: float, hi: float, bucket_seconds: float
+) -> list[Aggregate]:
+    """Per-bucket aggregates of metric and feedback events with ``lo <= ts < hi``, in
+    bucket order (what a window rebuild feeds for history older than the replay horizon)."""
+    params = {"w": bucket_seconds, "lo": lo, "hi": hi, **await _first_ids(db, lo)}
+    out: list[Aggregate] = []
+    cursor = await db.reader.execute(_AGG_METRICS, params)
+    for (
+        b,
+        prompt,
+        variant,
+        model,
+        n,
+        ok,
+        lat,
+        qn,
+        qs,
+        tokn,
+        tin,
+        tout,
+        cn,
+        cs,
+    ) in await cursor.fetchall():
+        values = {
+            "n": n,
+            "ok": ok,
+            "lat_sum": lat,
+            "q_n": qn,
+            "q_sum": qs,
+            "tok_n": tokn,
+            "tin": int(tin),
+            "tout": int(tout),
+            "c_n": cn,
+            "c_sum": cs,
+        }
+        out.append(Aggregate(b * bucket_seconds, prompt, variant, model, values))
+    await cursor.close()
+    cursor = await db.reader.execute(_AGG_FEEDBACK, params)
+    for b, prompt, variant, n, total in await cursor.fetchall():
+        values = {"fb_n": n, "fb_sum": total}
+        out.append(Aggregate(b * bucket_seconds, prompt, variant, None, values))
+    await cursor.close()
+    out.sort(key=lambda a: a.start)
+    return out
+
+
+async def raw_events(
+    db: Database, lo: float, hi: float, chunk: int = 5_000
+) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """Metric and feedback rows with ``lo <= ts <= hi`` merged in ts order, in chunks:
+    ``(ts, is_feedback, prompt, variant, model, latency_ms, success, quality, tokens_in,
+    tokens_out, cost_usd, score)``."""
+    params = {"lo": lo, "hi": hi, **await _first_ids(db, lo)}
+    cursor = await db.reader.execute(_RAW_EVENTS, params)
+    try:
+        while rows := await cursor.fetchmany(chunk):
+            yield [tuple(r) for r in rows]
+    finally:
+        await cursor.close()
