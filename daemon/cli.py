@@ -35,9 +35,14 @@ _HANDLERS: dict[str, Handler] = {}
 
 def _command_modules() -> list[Any]:
     """Modules that add subcommands: each has ``register(subparsers) -> {name: handler}``."""
-    from promptd.daemon import commands_monitoring, commands_optimize, commands_prompts
+    from promptd.daemon import (
+        commands_monitoring,
+        commands_ops,
+        commands_optimize,
+        commands_prompts,
+    )
 
-    return [commands, commands_prompts, commands_monitoring, commands_optimize]
+    return [commands, commands_prompts, commands_monitoring, commands_optimize, commands_ops]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

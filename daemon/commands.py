@@ -38,11 +38,11 @@ class CommandError(Exception):
 def register(sub: Any) -> dict[str, Any]:
     """Add the core subcommands to the CLI's subparsers."""
     sub.add_parser("init", help="create the data dir, the database and the Kafka topics")
-    run = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
-    run.add_argument("--http-port", type=int, help="override http.port (0 picks a free one)")
+    run_p = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    run_p.add_argument("--http-port", type=int, help="override http.port (0 picks a free one)")
 
-    status = sub.add_parser("status", help="show the running daemon's status")
-    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status_p = sub.add_parser("status", help="show the running daemon's status")
+    status_p.add_argument("--json", action="store_true", help="print the raw JSON")
 
     metrics = sub.add_parser("metrics", help="publish one MetricEvent")
     metrics.add_argument("variant")

@@ -1,0 +1,200 @@
+"""The SDK client (config, counters, buffer, routing) and the process-wide default one.
+
+``promptd.configure(...)`` replaces the default client; without it the first instrumented
+call builds one from the ``PROMPTD_`` environment. At interpreter exit the default client
+flushes for at most ``exit_flush_timeout_s``. After ``os.fork()`` the child resets its
+client (fresh buffer, counters, request-id prefix) and starts its own sender on first use;
+the parent keeps delivering what it had buffered, so nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from promptd.sdk.config import SdkConfig
+from promptd.sdk.encode import FEEDBACK
+from promptd.sdk.publisher import BackgroundTask, Publisher
+from promptd.sdk.routing_client import PromptVariant, RoutingCache
+from promptd.sdk.stats import Counters, SdkStats, StatsCollector
+
+if TYPE_CHECKING:
+    from promptd.sdk.sender import Sender
+
+
+def _prefix() -> str:
+    # Random per process (and re-drawn after fork), so request ids are unique across
+    # processes and hosts while the per-call part stays a cheap counter.
+    return os.urandom(8).hex() + "-"
+
+
+class Client:
+    """One SDK instance; apps normally use the default one through the module functions."""
+
+    def __init__(self, config: SdkConfig) -> None:
+        self.config = config
+        self.counters = Counters()
+        self.routing = RoutingCache(config, self.counters)
+        self._collector: StatsCollector | None = None
+        self._registry: Any = None
+        background: list[BackgroundTask] = []
+        if config.registry is not None and config.registry is not False:
+            # The app passed a registry, so prometheus_client is loaded: register now.
+            self._register(config.registry)
+        elif config.registry is None:
+            # The global registry: import prometheus_client later, in the sender thread.
+            background.append(self._register_metrics)
+        if config.daemon_url:
+            background.append(self.routing.refresh_loop)
+        if config.routing_from_kafka and config.bootstrap_servers:
+            background.append(self.routing.kafka_loop)
+        self.publisher = Publisher(config, self.counters, background)
+        self._prefix = _prefix()
+        self._ids = itertools.count(1)
+
+    def next_request_id(self) -> str:
+        """A fresh request id: ``<16 random hex>-<counter in hex>``."""
+        return f"{self._prefix}{next(self._ids):x}"
+
+    def start(self) -> None:
+        """Start the background thread now (it otherwise starts on first use)."""
+        self.publisher.ensure_started()
+
+    def stats(self) -> SdkStats:
+        """A consistent snapshot of the counters (``emitted == delivered+dropped+buffered``)."""
+        with self.counters.lock:
+            return self.counters.snapshot(self.publisher.queued())
+
+    def feedback(
+        self,
+        request_id: str,
+        score: float | bool,
+        kind: str = "quality",
+        comment: str | None = None,
+        correction: Any = None,
+        *,
+        prompt: str | None = None,
+        variant: str | PromptVariant | None = None,
+        model: str | None = None,
+    ) -> None:
+        """Buffer one FeedbackEvent (see :func:`promptd.feedback`)."""
+        try:
+            if isinstance(variant, PromptVariant):
+                prompt = prompt or variant.prompt
+                variant = variant.version
+            item = (FEEDBACK, time.time(), request_id, score, kind, comment, correction)
+            self.publisher.put((*item, prompt, variant, model))
+        except Exception:
+            self.counters.error("feedback")
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush within ``timeout_s``, stop the thread and unregister the metrics."""
+        try:
+            self.publisher.close(timeout_s)
+        except Exception:
+            self.counters.error("close")
+        if self._collector is not None and self._registry is not None:
+            try:
+                self._registry.unregister(self._collector)
+            except Exception:
+                self.counters.error("metrics")
+            self._collector = None
+
+    def reset_after_fork(self) -> None:
+        """Called in a forked child (see the module docstring)."""
+        self.counters.reset_after_fork()
+        self.publisher.reset_after_fork()
+        self._prefix = _prefix()
+        self._ids = itertools.count(1)
+
+    async def _register_metrics(self, sender: Sender) -> None:
+        # Runs once in the sender thread: prometheus_client costs ~0.1 s to import.
+        if self._collector is None:
+            from prometheus_client import REGISTRY
+
+            self._register(REGISTRY)
+
+    def _register(self, registry: Any) -> None:
+        try:
+            collector = StatsCollector(self.stats)
+            registry.register(collector)
+            self._collector, self._registry = collector, registry
+        except Exception:
+            self.counters.error("metrics")
+
+
+_client: Client | None = None
+_client_lock = threading.Lock()
+
+
+def get_client() -> Client:
+    """The default client, built from the environment on first use."""
+    client = _client
+    if client is not None:
+        return client
+    with _client_lock:
+        if _client is None:
+            _set(Client(SdkConfig.from_env()))
+        assert _client is not None
+        return _client
+
+
+def _set(client: Client | None) -> None:
+    global _client
+    _client = client
+
+
+def configure(config: SdkConfig | None = None, **settings: Any) -> Client:
+    """Replace the default client: ``configure(bootstrap_servers=..., daemon_url=...)``.
+
+    Settings not given come from the ``PROMPTD_`` environment (see
+    :mod:`promptd.sdk.config`). The previous default client is flushed (1 s at most) and
+    closed.
+    """
+    new = Client(config.replace(**settings) if config else SdkConfig.from_env(**settings))
+    with _client_lock:
+        old = _client
+        _set(new)
+    if old is not None:
+        old.close(timeout_s=1.0)
+    return new
+
+
+def shutdown(timeout_s: float | None = None) -> None:
+    """Flush and close the default client; the next call builds a new one."""
+    with _client_lock:
+        old = _client
+        _set(None)
+    if old is not None:
+        old.close(old.config.exit_flush_timeout_s if timeout_s is None else timeout_s)
+
+
+def flush(timeout_s: float = 5.0) -> bool:
+    """Wait until every buffered event is delivered or dropped; False on timeout."""
+    client = _client
+    return True if client is None else client.publisher.flush(timeout_s)
+
+
+async def aflush(timeout_s: float = 5.0) -> bool:
+    """:func:`flush` for async code (does not block the event loop)."""
+    client = _client
+    return True if client is None else await client.publisher.aflush(timeout_s)
+
+
+def sdk_stats() -> SdkStats:
+    """Counters of the default client: emitted, delivered, dropped (by reason), buffered."""
+    return get_client().stats()
+
+
+def _after_fork_in_child() -> None:
+    client = _client
+    if client is not None:
+        client.reset_after_fork()
+
+
+atexit.register(shutdown)
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,142 @@
+"""SDK configuration: explicit arguments first, then the same ``PROMPTD_`` variables as the daemon.
+
+A plain frozen dataclass rather than pydantic-settings: it is built in the app process at
+import or first call, and importing pydantic-settings there would cost tens of milliseconds.
+
+Environment variables (all optional):
+
+==========================================  =====================================================
+``PROMPTD_KAFKA_BOOTSTRAP_SERVERS``         ``host:port[,...]``; unset means: publish nothing
+``PROMPTD_DAEMON_URL``                      base URL of the daemon, for routing (e.g. http://...)
+``PROMPTD_KAFKA_METRICS_TOPIC``             default ``promptd.metrics``
+``PROMPTD_KAFKA_FEEDBACK_TOPIC``            default ``promptd.feedback``
+``PROMPTD_KAFKA_ROUTING_TOPIC``             default ``promptd.routing``
+``PROMPTD_KAFKA_CLIENT_ID``                 default ``promptd-sdk``
+``PROMPTD_KAFKA_ENABLE_IDEMPOTENCE``        ``true`` for real Kafka clusters; default off
+``PROMPTD_KAFKA_SECURITY_PROTOCOL``         ``PLAINTEXT`` (default), ``SSL``, ``SASL_SSL``, ...
+``PROMPTD_KAFKA_SASL_MECHANISM``            with ``..._SASL_USERNAME`` / ``..._SASL_PASSWORD``
+``PROMPTD_SDK_QUEUE_SIZE``                  events buffered in memory before dropping (10000)
+``PROMPTD_SDK_ROUTING_TTL_S``               overrides the routing's own ``ttl_seconds``
+==========================================  =====================================================
+
+The nested daemon form (``PROMPTD_KAFKA__BOOTSTRAP_SERVERS``) is accepted too, so one
+environment can serve both the daemon and the apps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: A redaction hook: gets ``("input" | "output", value)`` and returns what may be stored.
+Redactor = Callable[[str, Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SdkConfig:
+    """Everything the SDK needs; build it with :meth:`from_env` or ``promptd.configure``."""
+
+    bootstrap_servers: str | None = None
+    daemon_url: str | None = None
+    metrics_topic: str = "promptd.metrics"
+    feedback_topic: str = "promptd.feedback"
+    routing_topic: str = "promptd.routing"
+    client_id: str = "promptd-sdk"
+    enable_idempotence: bool = False
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    #: Bounded in-memory buffer; when full, the *newest* event is dropped and counted.
+    queue_size: int = 10_000
+    batch_size: int = 500
+    #: How often the idle sender looks for new events; also the delivery latency floor.
+    poll_interval_s: float = 0.02
+    #: Every Kafka operation (connect, batch send, stop) is bounded by this.
+    send_timeout_s: float = 5.0
+    send_retries: int = 3
+    #: Backoff between connection attempts while the broker is unreachable (capped).
+    reconnect_backoff_max_s: float = 2.0
+    #: How long ``flush()`` at interpreter exit may take at most.
+    exit_flush_timeout_s: float = 3.0
+    routing_timeout_s: float = 2.0
+    #: Overrides the routing's ``ttl_seconds`` when set.
+    routing_ttl_s: float | None = None
+    #: Retry delay after a failed routing fetch (the last known routing keeps serving).
+    routing_retry_s: float = 5.0
+    #: Read routing updates from the ``routing_topic`` as well as polling the daemon.
+    routing_from_kafka: bool = False
+    #: Request ids remembered for ``feedback()`` without prompt/variant arguments.
+    feedback_lru_size: int = 10_000
+    #: Cap on captured ``input``/``output`` (serialized JSON bytes); longer values are cut.
+    capture_max_bytes: int = 32 * 1024
+    redact: Redactor | None = None
+    #: Prometheus registry for the SDK counters: ``None`` = the global registry,
+    #: ``False`` = do not export.
+    registry: Any = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SdkConfig:
+        """Read ``PROMPTD_`` variables, then apply ``overrides`` (which win)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = _lookup(env, field.name)
+            if raw is not None:
+                values[field.name] = _convert(field.name, raw, field.type)
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown promptd SDK setting(s): {', '.join(sorted(unknown))}")
+        values.update(overrides)
+        if values.get("bootstrap_servers") == "":
+            values["bootstrap_servers"] = None
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> SdkConfig:
+        """A copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+_KAFKA_FIELDS = {
+    "bootstrap_servers",
+    "metrics_topic",
+    "feedback_topic",
+    "routing_topic",
+    "client_id",
+    "enable_idempotence",
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_username",
+    "sasl_password",
+}
+_NOT_FROM_ENV = {"redact", "registry"}
+
+
+def _lookup(env: Mapping[str, str], name: str) -> str | None:
+    if name in _NOT_FROM_ENV:
+        return None
+    if name == "daemon_url":
+        candidates = ["PROMPTD_DAEMON_URL"]
+    elif name in _KAFKA_FIELDS:
+        upper = name.upper()
+        candidates = [f"PROMPTD_KAFKA_{upper}", f"PROMPTD_KAFKA__{upper}"]
+    else:
+        candidates = [f"PROMPTD_SDK_{name.upper()}"]
+    for key in candidates:
+        if key in env:
+            return env[key]
+    return None
+
+
+def _convert(name: str, raw: str, annotation: object) -> Any:
+    text = str(annotation)
+    if text.startswith("bool"):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if text.startswith("int"):
+        return int(raw)
+    if text.startswith("float"):
+        return float(raw)
+    return raw or None if "None" in text else raw
