@@ -424,6 +424,48 @@ class WindowStore:
         acc.fb_sum += score
         return True
 
+    def record_aggregate(
+        self,
+        ts: float,
+        prompt: str,
+        variant: str,
+        model: str | None,
+        *,
+        n: int = 0,
+        ok: int = 0,
+        lat_sum: float = 0.0,
+        q_n: int = 0,
+        q_sum: float = 0.0,
+        tok_n: int = 0,
+        tin: int = 0,
+        tout: int = 0,
+        c_n: int = 0,
+        c_sum: float = 0.0,
+        fb_n: int = 0,
+        fb_sum: float = 0.0,
+    ) -> bool:
+        """Window pre-aggregated counts and sums at ``ts`` (a rebuild from SQL aggregates).
+
+        No latency histogram comes with them: counts, rates and means are exact, latency
+        quantiles of a window only cover the events recorded one by one.
+        """
+        acc = self._bucket_for(ts, (prompt, variant, model))
+        if acc is None:
+            return False
+        acc.n += n
+        acc.ok += ok
+        acc.lat_sum += lat_sum
+        acc.q_n += q_n
+        acc.q_sum += q_sum
+        acc.tok_n += tok_n
+        acc.tin += tin
+        acc.tout += tout
+        acc.c_n += c_n
+        acc.c_sum += c_sum
+        acc.fb_n += fb_n
+        acc.fb_sum += fb_sum
+        return True
+
     def add_batch(self, events: Iterable[MetricEvent | FeedbackEvent]) -> int:
         """Window many events (e.g. a consumed batch, or a rebuild in ts order); return how
         many were windowed."""

@@ -40,6 +40,9 @@ AlertHook = Callable[[str, str, str], Awaitable[None]]
 ProfileLookup = Callable[[str], RolloutProfile]
 
 
+DECISION_KINDS = ("start", "advance", "hold", "promote", "rollback", "pause", "resume")
+
+
 class RolloutMetrics:
     """Prometheus metrics of rollouts."""
 
@@ -101,6 +104,8 @@ class RolloutController:
         self.publish = publish
         self.alert = alert
         self.routing_ttl_s = routing_ttl_s
+        # Two routing TTLs plus a second: every SDK has refreshed its cache by then.
+        self.srm_settle_s = 2 * routing_ttl_s + 1.0
         self.clock = clock
         self._live: dict[str, _Live] = {}
         self._by_prompt: dict[str, str] = {}
@@ -118,6 +123,7 @@ class RolloutController:
                 row.candidate,
                 _primary(state.primary_metric),
                 step_starts=list(row.step_starts),
+                srm_settle_s=self.srm_settle_s,
             )
             await self._replay(row, acc)
             self._add_live(_Live(row, state, acc))
@@ -258,7 +264,11 @@ class RolloutController:
             row = await self.store.get(state.rollout_id)
             assert row is not None
             acc = RolloutAccumulator(
-                info.active_version, candidate, _primary(primary_metric), step_starts=[now]
+                info.active_version,
+                candidate,
+                _primary(primary_metric),
+                step_starts=[now],
+                srm_settle_s=self.srm_settle_s,
             )
             self._add_live(_Live(row, new_state, acc))
             self._after(row, state, new_state, decisions)
@@ -372,6 +382,10 @@ class RolloutController:
             self._dirty_routing.add(row.prompt)
 
     def _add_live(self, live: _Live) -> None:
+        # Every decision series exists from the start at 0, so Prometheus' increase()
+        # sees the first rollback as an increase rather than a new series.
+        for kind in DECISION_KINDS:
+            self.metrics.decisions.labels(prompt=live.row.prompt, kind=kind)
         self._live[live.row.id] = live
         self._by_prompt[live.row.prompt] = live.row.id
         self.metrics.live.set(len(self._live))

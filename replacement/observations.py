@@ -61,6 +61,10 @@ class RolloutAccumulator:
     candidate_version: str
     primary_metric: PrimaryMetric
     step_starts: list[float] = field(default_factory=list)
+    # Units are counted for the sample-ratio check only this long after a step starts:
+    # SDKs cache routing for its TTL, so right after a weight change some still route
+    # with the old weight, and counting them would look like a mismatch.
+    srm_settle_s: float = 0.0
     _steps: dict[tuple[int, Arm], _ArmStep] = field(default_factory=dict)
 
     def arm_of(self, variant: str) -> Arm | None:
@@ -108,7 +112,7 @@ class RolloutAccumulator:
             return
         step, cell = found
         cell.requests += 1
-        if step == len(self.step_starts) - 1:
+        if step == len(self.step_starts) - 1 and ts >= self.step_starts[step] + self.srm_settle_s:
             cell.units.add(unit)
         log_latency = math.log(max(latency_ms, _MIN_LATENCY_MS))
         cell.log_latency.add(log_latency)

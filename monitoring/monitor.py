@@ -1,0 +1,480 @@
+"""The monitor's asyncio shell around the pure windows (:mod:`.windows`) and rules (:mod:`.rules`).
+
+* :meth:`Monitor.on_batch` (a batch listener) windows every newly stored event, updates the
+  Prometheus counters and counts feedback per prompt for the volume trigger.
+* :meth:`Monitor.evaluate_once` runs on an interval: ``expire`` on the loop, then the pure
+  :func:`~.rules.evaluate` in a worker thread so that a big rule set never blocks the event
+  loop. While a round runs in the thread, the windows are *frozen*: batches are buffered
+  (:attr:`Monitor._backlog`) and applied once the thread returns, so the loop never mutates
+  what the thread reads. The round's state changes are written to SQLite in one transaction
+  *before* any notification leaves (a crash loses at most a notification, never sends one
+  twice), then notifications go to the log, to the sink workers and, for degradation alerts
+  that fire, to the optimizer's trigger queue.
+* :meth:`Monitor.rebuild` refills the windows at start from storage (bounded; see
+  :meth:`rebuild`), :meth:`Monitor.restore` reloads the alert states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from promptd.events import FeedbackEvent, MetricEvent
+from promptd.storage.alerts import AlertChange, history_aggregates, raw_events
+from promptd.storage.database import Database
+
+from .config import MonitoringSettings
+from .export import MonitorExport
+from .rules import AlertRule, AlertState, Evaluation, Notification, evaluate
+from .sinks import SinkWorker, log_notification
+from .triggers import OptimizationTrigger, TriggerQueue
+from .windows import SeriesKey, WindowStats, WindowStore
+
+log = structlog.get_logger("promptd.monitoring")
+
+Clock = Callable[[], float]
+
+
+class AlertPersistence(Protocol):
+    """Where alert states go (:class:`~promptd.storage.alerts.AlertStore` fits)."""
+
+    async def save(self, changes: Sequence[AlertChange]) -> None:
+        """Persist one round's changes atomically."""
+        ...
+
+    async def load_current(self) -> list[dict[str, Any]]:
+        """Every stored alert that is not inactive."""
+        ...
+
+
+class Batch(Protocol):
+    """What a batch listener receives (:class:`~promptd.storage.repository.BatchOutcome`)."""
+
+    @property
+    def metrics(self) -> tuple[MetricEvent, ...]:
+        """Newly stored metric events."""
+        ...
+
+    @property
+    def feedback(self) -> tuple[FeedbackEvent, ...]:
+        """Newly stored feedback events."""
+        ...
+
+
+@dataclass
+class RoundResult:
+    """What one evaluation round did (returned for tests and logs)."""
+
+    now: float
+    duration_s: float
+    notifications: list[Notification] = field(default_factory=list)
+    changed: int = 0
+
+
+class Monitor:
+    """Windows, rules, alert states and sink dispatch of one daemon."""
+
+    def __init__(
+        self,
+        settings: MonitoringSettings,
+        rules: Sequence[AlertRule],
+        store: WindowStore,
+        persistence: AlertPersistence,
+        export: MonitorExport,
+        triggers: TriggerQueue,
+        sinks: Iterable[SinkWorker] = (),
+        clock: Clock = time.time,
+    ) -> None:
+        self.settings = settings
+        self.rules = tuple(rules)
+        self._rules_by_name = {r.name: r for r in self.rules}
+        self.store = store
+        self.persistence = persistence
+        self.export = export
+        self.triggers = triggers
+        self.sinks = list(sinks)
+        self.clock = clock
+        self.states: dict[str, AlertState] = {}
+        self._backlog: list[tuple[tuple[MetricEvent, ...], tuple[FeedbackEvent, ...]]] = []
+        self._frozen = False
+        self._feedback_counts: dict[str, int] = {}
+        self._round_lock = asyncio.Lock()
+        self.last_round: RoundResult | None = None
+        export.sinks(s.name for s in self.sinks)
+
+    # ---- ingest -------------------------------------------------------------------------
+
+    async def on_batch(self, outcome: Batch) -> None:
+        """Batch listener: window the newly stored events (never blocks for long)."""
+        metrics, feedback = outcome.metrics, outcome.feedback
+        if not metrics and not feedback:
+            return
+        self.export.observe_batch(metrics, feedback)
+        if self._frozen:
+            self._backlog.append((metrics, feedback))
+        else:
+            self._window(metrics, feedback)
+        if feedback:
+            self._count_feedback(feedback)
+
+    def _window(self, metrics: Sequence[MetricEvent], feedback: Sequence[FeedbackEvent]) -> None:
+        record = self.store.record_metric
+        for e in metrics:
+            record(
+                e.ts,
+                e.prompt,
+                e.variant,
+                e.model,
+                e.latency_ms,
+                e.success,
+                e.quality,
+                e.tokens_in,
+                e.tokens_out,
+                e.cost_usd,
+            )
+        record_fb = self.store.record_feedback
+        for f in feedback:
+            record_fb(f.ts, f.prompt, f.variant, f.score)
+
+    def _count_feedback(self, feedback: Sequence[FeedbackEvent]) -> None:
+        threshold = self.settings.feedback_volume_threshold
+        counts = self._feedback_counts
+        now = self.clock()
+        for f in feedback:
+            n = counts.get(f.prompt, 0) + 1
+            if n >= threshold:
+                counts.pop(f.prompt, None)
+                self._trigger(
+                    OptimizationTrigger(
+                        prompt=f.prompt,
+                        kind="feedback_volume",
+                        at=now,
+                        reason=f"{n} new feedback events",
+                        details={"feedback_count": n, "threshold": threshold},
+                    )
+                )
+            else:
+                counts[f.prompt] = n
+
+    def _trigger(self, trigger: OptimizationTrigger) -> None:
+        self.triggers.put(trigger)
+        self.export.triggers.labels(kind=trigger.kind).inc()
+        log.info(
+            "optimization_triggered",
+            prompt=trigger.prompt,
+            kind=trigger.kind,
+            reason=trigger.reason,
+        )
+
+    # ---- evaluation ---------------------------------------------------------------------
+
+    async def evaluate_once(self, now: float | None = None) -> RoundResult:
+        """One round: expire, evaluate off-loop, persist, then notify."""
+        async with self._round_lock:
+            now = self.clock() if now is None else now
+            started = time.perf_counter()
+            self.store.expire(now)
+            previous = self.states
+            self._frozen = True
+            try:
+                evaluation, windows = await asyncio.to_thread(self._compute, now, previous)
+            finally:
+                self._frozen = False
+                backlog, self._backlog = self._backlog, []
+                for metrics, feedback in backlog:
+                    self._window(metrics, feedback)
+            changes = _changes(previous, evaluation, now)
+            # Persist first: a notification must never be sent for a state we could lose.
+            await self.persistence.save(changes)
+            self.states = evaluation.states
+            self._dispatch(evaluation.notifications)
+            self._update_gauges(windows)
+            duration = time.perf_counter() - started
+            self.export.evaluation_duration.observe(duration)
+            if duration > self.settings.slow_evaluation_s:
+                log.warning(
+                    "monitor_evaluation_slow",
+                    duration_s=round(duration, 3),
+                    series=len(self.store.series("model")),
+                    rules=len(self.rules),
+                )
+            result = RoundResult(now, duration, evaluation.notifications, len(changes))
+            self.last_round = result
+            return result
+
+    def _compute(
+        self, now: float, previous: dict[str, AlertState]
+    ) -> tuple[Evaluation, list[tuple[str, WindowStats]]]:
+        """Runs in a worker thread while the windows are frozen."""
+        evaluation = evaluate(self.rules, self.store, now, previous)
+        windows: list[tuple[str, WindowStats]] = []
+        for seconds in self.settings.export_windows_s:
+            label = _window_label(seconds)
+            for key in self.store.series("variant"):
+                windows.append(
+                    (
+                        label,
+                        self.store.stats(key.prompt, key.variant, window_seconds=seconds, now=now),
+                    )
+                )
+        return evaluation, windows
+
+    def _dispatch(self, notes: Sequence[Notification]) -> None:
+        for note in notes:
+            log_notification(note)
+            for sink in self.sinks:
+                sink.submit(note)
+            if note.degradation and note.state == "firing" and note.reason == "fired":
+                self._trigger(
+                    OptimizationTrigger(
+                        prompt=note.labels.get("prompt", ""),
+                        kind="degradation",
+                        at=note.started_at,
+                        reason=f"{note.rule}: {note.metric} {_fmt(note.value)} vs baseline "
+                        f"{_fmt(note.baseline)}",
+                        details=asdict(note),
+                    )
+                )
+
+    def _update_gauges(self, windows: list[tuple[str, WindowStats]]) -> None:
+        ex = self.export
+        firing: dict[tuple[str, str], int] = {}
+        pending: dict[str, int] = {}
+        for rule in self.rules:
+            firing.setdefault((rule.name, rule.severity), 0)
+            pending.setdefault(rule.name, 0)
+        for state in self.states.values():
+            if state.state == "firing":
+                key = (state.rule, state.labels.get("severity", ""))
+                firing[key] = firing.get(key, 0) + 1
+            elif state.state == "pending":
+                pending[state.rule] = pending.get(state.rule, 0) + 1
+        for (name, severity), n in firing.items():
+            ex.alerts_firing.labels(alertname=name, severity=severity).set(n)
+        for name, n in pending.items():
+            ex.alerts_pending.labels(alertname=name).set(n)
+        ex.set_windows(windows)
+        ex.series.set(len(self.store.series("model")))
+        ex.set_store_counters(self.store.late_events, self.store.future_events)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Evaluate every ``evaluation_interval_s`` and run the sink workers until ``stop``;
+        then let the sinks flush for a moment and cancel them."""
+        interval = self.settings.evaluation_interval_s
+        async with asyncio.TaskGroup() as group:
+            workers = [
+                group.create_task(w.run(), name=f"promptd:alert-sink:{w.name}") for w in self.sinks
+            ]
+            resend = group.create_task(self._resend_loop(stop), name="promptd:alert-resend")
+            loop = asyncio.get_running_loop()
+            next_round = loop.time()
+            while not stop.is_set():
+                try:
+                    await self.evaluate_once()
+                except Exception:
+                    # Logged and counted; the next round starts from the last saved states.
+                    self.export.evaluation_failures.inc()
+                    log.exception("monitor_evaluation_failed")
+                next_round = max(next_round + interval, loop.time())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), next_round - loop.time())
+            resend.cancel()
+            for worker in self.sinks:
+                await worker.drain(1.0)
+            for task in workers:
+                task.cancel()
+        for worker in self.sinks:
+            close = getattr(worker.sink, "close", None)
+            if close is not None:
+                await close()
+        log.info("monitor_stopped", alerts=len(self.states))
+
+    async def _resend_loop(self, stop: asyncio.Event) -> None:
+        """Re-push firing alerts to Alertmanager so it does not time them out."""
+        am = [w for w in self.sinks if w.name == "alertmanager"]
+        if not am:
+            return
+        interval = self.settings.alertmanager.resend_interval_s
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            for state in list(self.states.values()):
+                rule = self._rules_by_name.get(state.rule)
+                if state.state == "firing" and rule is not None:
+                    for worker in am:
+                        worker.submit(_note_from_state(rule, state, "resend"))
+
+    # ---- start-up -----------------------------------------------------------------------
+
+    async def restore(self) -> int:
+        """Reload alert states saved by an earlier run; returns how many."""
+        for data in await self.persistence.load_current():
+            state = AlertState.from_dict(data)
+            self.states[state.fingerprint] = state
+        log.info(
+            "alert_states_restored",
+            alerts=len(self.states),
+            firing=sum(s.state == "firing" for s in self.states.values()),
+        )
+        return len(self.states)
+
+    # ---- views --------------------------------------------------------------------------
+
+    def active(self) -> list[dict[str, Any]]:
+        """Pending and firing alerts, firing first, as JSON-ready dicts."""
+        order = {"firing": 0, "pending": 1}
+        items = [s for s in self.states.values() if s.state in order]
+        items.sort(key=lambda s: (order[s.state], s.rule, s.fingerprint))
+        return [s.to_dict() for s in items]
+
+    def prompt_stats(self, prompt: str, window_seconds: float) -> dict[str, Any]:
+        """Window statistics of ``prompt`` per variant and rolled up."""
+        now = self.clock()
+        variants = [k for k in self.store.series("variant") if k.prompt == prompt]
+        total = self.store.stats(prompt, window_seconds=window_seconds, now=now)
+        return {
+            "prompt": prompt,
+            "window_seconds": window_seconds,
+            "now": now,
+            "total": stats_dict(total),
+            "variants": {
+                k.variant or "": stats_dict(
+                    self.store.stats(prompt, k.variant, window_seconds=window_seconds, now=now)
+                )
+                for k in variants
+            },
+        }
+
+
+async def rebuild_windows(
+    store: WindowStore, db: Database, now: float, horizon_s: float
+) -> dict[str, int]:
+    """Refill ``store`` from storage at start, bounded in work.
+
+    The trailing ``horizon_s`` seconds are replayed event by event (exact, with latency
+    histograms): that covers every short window. History older than that, back to the
+    baseline, is loaded as SQL aggregates per coarsest-tier bucket (one row per series and
+    hour by default), which restores counts, rates and means of the 24 h baseline at a cost
+    that does not depend on the traffic; latency quantiles of the baseline then cover only the
+    replayed part until the baseline has refilled. Events are fed in ts order, as the windows
+    require; the loop is yielded to between chunks.
+    """
+    config = store.config
+    baseline = config.baseline_seconds
+    horizon = min(horizon_s, baseline)
+    coarse = config.tiers[-1].bucket_seconds
+    replay_from = now - horizon
+    started = time.perf_counter()
+    aggregates = 0
+    if horizon < baseline:
+        for agg in await history_aggregates(db, now - baseline, replay_from, coarse):
+            # The bucket's start may lie before the baseline; the cut-off is what counts.
+            store.record_aggregate(
+                max(agg.start, now - baseline), agg.prompt, agg.variant, agg.model, **agg.values
+            )
+            aggregates += 1
+    replayed = 0
+    record, record_fb = store.record_metric, store.record_feedback
+    async for rows in raw_events(db, replay_from, now + config.max_future_seconds):
+        for ts, is_fb, prompt, variant, model, lat, ok, q, tin, tout, cost, score in rows:
+            if is_fb:
+                record_fb(ts, prompt, variant, score)
+            else:
+                record(ts, prompt, variant, model, lat, bool(ok), q, tin, tout, cost)
+        replayed += len(rows)
+        await asyncio.sleep(0)
+    store.expire(now)
+    summary = {"aggregates": aggregates, "events": replayed}
+    log.info(
+        "windows_rebuilt",
+        **summary,
+        horizon_s=horizon,
+        series=len(store.series("model")),
+        duration_s=round(time.perf_counter() - started, 3),
+    )
+    return summary
+
+
+def stats_dict(stats: WindowStats) -> dict[str, Any]:
+    """A :class:`WindowStats` as JSON (latencies in milliseconds, like the events)."""
+    data = asdict(stats)
+    key: SeriesKey = data.pop("key")
+    data["prompt"], data["variant"], data["model"] = key
+    return data
+
+
+def _changes(
+    previous: dict[str, AlertState], evaluation: Evaluation, now: float
+) -> list[AlertChange]:
+    """State changes worth persisting: new, removed, a status change or a notification.
+
+    A pending/firing alert whose only change is ``last_true_at``/``value`` is not written
+    every round; after a restart the rebuilt windows re-establish it.
+    """
+    sent = {n.fingerprint: n for n in evaluation.notifications}
+    out: list[AlertChange] = []
+    for fp, state in evaluation.states.items():
+        before = previous.get(fp)
+        note = sent.get(fp)
+        if before is None or before.state != state.state or note is not None:
+            out.append(
+                AlertChange(
+                    fingerprint=fp,
+                    rule=state.rule,
+                    status=state.state,
+                    ts=now,
+                    alert=state.to_dict(),
+                    notification=asdict(note) if note is not None else None,
+                )
+            )
+    for fp, before in previous.items():
+        if fp not in evaluation.states:
+            note = sent.get(fp)
+            out.append(
+                AlertChange(
+                    fingerprint=fp,
+                    rule=before.rule,
+                    status="inactive",
+                    ts=now,
+                    alert=None,
+                    notification=asdict(note) if note is not None else None,
+                )
+            )
+    return out
+
+
+def _note_from_state(rule: AlertRule, state: AlertState, reason: str) -> Notification:
+    return Notification(
+        rule=rule.name,
+        fingerprint=state.fingerprint,
+        labels=state.labels,
+        state="firing",
+        reason=reason,
+        metric=rule.metric,
+        value=state.value,
+        threshold=state.threshold,
+        baseline=state.baseline,
+        severity=rule.severity,
+        started_at=state.fired_at or state.active_at,
+        resolved_at=None,
+        degradation=rule.degradation,
+        window_seconds=rule.window,
+    )
+
+
+def _window_label(seconds: float) -> str:
+    if seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{seconds:g}s"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
