@@ -40,9 +40,10 @@ def _command_modules() -> list[Any]:
         commands_ops,
         commands_optimize,
         commands_prompts,
+        demo,
     )
 
-    return [commands, commands_prompts, commands_monitoring, commands_optimize, commands_ops]
+    return [commands, commands_prompts, commands_monitoring, commands_optimize, commands_ops, demo]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
