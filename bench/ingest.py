@@ -207,7 +207,8 @@ def main() -> None:
         row = "".join(fmt.format(v) for v in (statistics.median(values), min(values), max(values)))
         print(f"{name:<34}{row}")
     print(
-        f"\n{args.events:,} events per run, {args.runs} runs, {args.partitions} partitions per topic"
+        f"\n{args.events:,} events per run, {args.runs} runs, "
+        f"{args.partitions} partitions per topic"
     )
 
 

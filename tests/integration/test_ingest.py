@@ -71,7 +71,7 @@ MALFORMED: list[tuple[bytes | None, str]] = [
 async def test_stores_each_valid_event_once_and_dead_letters_the_rest(
     make_settings, start_daemon
 ) -> None:
-    """Valid events are stored exactly once; each malformed record lands on the DLQ with its reason."""
+    """Valid events are stored exactly once; malformed records go to the DLQ with a reason."""
     settings = make_settings()
     kafka = settings.kafka
     metrics = [json.dumps(_metric(i)).encode() for i in range(3000)]

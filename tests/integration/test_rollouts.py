@@ -12,7 +12,6 @@ import pytest
 
 from promptd.events import new_event_id
 from promptd.routing import Routing
-from tests.conftest import wait_for
 from tests.kafka_helpers import produce, read_all
 
 pytestmark = pytest.mark.integration

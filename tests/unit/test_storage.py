@@ -63,7 +63,7 @@ async def test_batch_is_idempotent_and_records_offsets(tmp_path: Path) -> None:
     metrics = [_metric() for _ in range(10)]
     first = await repo.store_batch(metrics, [_feedback()], {("m", 0): 10, ("f", 1): 1})
     assert (first.metrics_stored, first.feedback_stored, first.duplicates) == (10, 1, 0)
-    again = await repo.store_batch(metrics + [metrics[0]], [], {("m", 0): 21}, {"invalid": 2})
+    again = await repo.store_batch([*metrics, metrics[0]], [], {("m", 0): 21}, {"invalid": 2})
     assert (again.stored, again.duplicates) == (0, 11)
     assert again.metrics == ()
     assert await repo.load_offsets() == {("m", 0): 21, ("f", 1): 1}
