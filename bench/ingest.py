@@ -161,6 +161,8 @@ def settings_for(bootstrap: str, data_dir: Path, tag: str, partitions: int) -> S
             "heartbeat_interval_ms": 300,
         },
         storage={"data_dir": data_dir / tag, "retention_interval_s": 86_400},
+        # Ingestion alone: bench/monitor.py measures the cost of windows and rules.
+        monitoring={"enabled": False},
         http={"port": 0},
     )
 
