@@ -2,10 +2,119 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import time
 from typing import Any
+from urllib.parse import quote
+
+from promptd.daemon.commands import CommandError, http_json
+from promptd.daemon.settings import Settings
+
+FINAL = ("completed", "failed", "timed_out", "interrupted")
 
 
 def register(sub: Any) -> dict[str, Any]:
     """Add the optimization subcommands."""
-    _ = sub
-    return {}
+    opt = sub.add_parser("optimize", help="start an optimization run of a prompt now")
+    opt.add_argument("prompt")
+    opt.add_argument(
+        "--strategy",
+        action="append",
+        choices=["fewshot", "instruction", "gepa"],
+        help="strategy to use (repeat for several); default: the configured ones",
+    )
+    opt.add_argument("--reason", default="manual request (promptd optimize)")
+    opt.add_argument("--no-wait", action="store_true", help="return once the run started")
+    opt.add_argument("--timeout", type=float, default=3600.0, help="seconds to follow the run")
+    runs = sub.add_parser("optimizations", help="optimization runs with cost and outcome")
+    runs.add_argument("--prompt")
+    runs.add_argument("--limit", type=int, default=20)
+    recs = sub.add_parser("recommendations", help="prompts that need attention")
+    for p in (opt, runs, recs):
+        p.add_argument("--json", action="store_true", help="print raw JSON")
+    return {
+        "optimize": optimize_command,
+        "optimizations": optimizations_command,
+        "recommendations": recommendations_command,
+    }
+
+
+def optimize_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Start a run and follow it until it ends (or ``--no-wait``)."""
+    body: dict[str, Any] = {"reason": args.reason}
+    if args.strategy:
+        body["strategies"] = args.strategy
+    started = http_json(settings, "POST", f"/v1/optimize/{quote(args.prompt, safe='')}", body)
+    run_id = started["run_id"]
+    if args.no_wait:
+        _print(args, started, f"run {run_id} started for {args.prompt}")
+        return 0
+    if not args.json:
+        print(f"run {run_id} started for {args.prompt}")
+    deadline = time.monotonic() + args.timeout
+    shown = 0
+    while True:
+        run = http_json(settings, "GET", f"/v1/optimizations/{run_id}")
+        if not args.json:
+            for cand in run["candidates"][shown:]:
+                print(f"  candidate {cand['index']} ({cand['strategy']}): {cand['status']}")
+            shown = len(run["candidates"])
+        if run["status"] in FINAL:
+            break
+        if time.monotonic() > deadline:
+            raise CommandError(f"run {run_id} still running after {args.timeout:g}s")
+        time.sleep(1.0)
+    _print(args, run, _summary(run))
+    return 0 if run["status"] == "completed" else 1
+
+
+def _summary(run: dict[str, Any]) -> str:
+    lines = [
+        f"run {run['id']}: {run['status']}, outcome {run['outcome']}, "
+        f"cost ${run['cost_usd']:.4f}, {run['llm_calls']} LLM calls"
+    ]
+    for cand in run["candidates"]:
+        conf = "" if cand["confidence"] is None else f" confidence {cand['confidence']:.2f}"
+        lines.append(f"  candidate {cand['index']} ({cand['strategy']}): {cand['status']}{conf}")
+    if run["deployed_version"]:
+        lines.append(f"  registered {run['deployed_version']}")
+    if run["rollout_id"]:
+        lines.append(f"  rollout {run['rollout_id']} started")
+    if run["error"]:
+        lines.append(f"  {run['error']}")
+    return "\n".join(lines)
+
+
+def optimizations_command(args: argparse.Namespace, settings: Settings) -> int:
+    """List runs."""
+    path = f"/v1/optimizations?limit={args.limit}"
+    if args.prompt:
+        path += f"&prompt={quote(args.prompt, safe='')}"
+    body = http_json(settings, "GET", path)
+    rows = [
+        f"{r['id']}  {r['prompt']:<20} {r['trigger_kind']:<15} {r['status']:<10} "
+        f"{r['outcome'] or '-':<17} ${r['cost_usd']:.4f}  {_ts(r['started_at'])}"
+        for r in body["runs"]
+    ]
+    _print(args, body, "\n".join(rows) or "no optimization runs")
+    return 0
+
+
+def recommendations_command(args: argparse.Namespace, settings: Settings) -> int:
+    """List prompts that need attention with the suggested action."""
+    body = http_json(settings, "GET", "/v1/recommendations")
+    rows = [
+        f"{r['prompt']}: {r['issue']} — {r['detail']}\n    → {r['action']}"
+        for r in body["recommendations"]
+    ]
+    _print(args, body, "\n".join(rows) or "nothing needs attention")
+    return 0
+
+
+def _ts(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _print(args: argparse.Namespace, body: Any, text: str) -> None:
+    print(json.dumps(body, indent=2, sort_keys=True) if args.json else text)

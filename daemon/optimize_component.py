@@ -1,8 +1,17 @@
-"""Wiring of the optimizer into the daemon."""
+"""Wiring of the optimizer into the daemon.
+
+A startup hook builds the :class:`OptimizationRunner` once storage, the registry and the
+rollout controller exist (``install_rollouts`` runs first), marks runs cut short by a
+restart, mounts the HTTP routes and adds the ``optimizer`` task that consumes the
+monitor's trigger queue.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from typing import TYPE_CHECKING, Any
+
+from promptd.daemon.kafka import KafkaSendError
 
 if TYPE_CHECKING:
     from promptd.daemon.app import Daemon
@@ -10,4 +19,44 @@ if TYPE_CHECKING:
 
 def install(daemon: Daemon) -> None:
     """Attach the optimizer to ``daemon`` (startup hook, routes, task)."""
-    _ = daemon
+    from aiohttp import web
+
+    from promptd.daemon.api_optimize import add_routes
+    from promptd.daemon.optimize_runner import OptimizationMetrics, OptimizationRunner
+
+    settings = daemon.settings
+    metrics = OptimizationMetrics(daemon.registry)
+
+    async def publish(event: dict[str, Any]) -> None:
+        if daemon.producer is None or not daemon.kafka_ready:
+            raise KafkaSendError(settings.kafka.optimization_topic, "Kafka is not connected yet")
+        await daemon.producer.send(
+            settings.kafka.optimization_topic,
+            json.dumps(event, default=str).encode(),
+            key=str(event["prompt"]).encode(),
+        )
+
+    async def setup() -> None:
+        assert daemon.db is not None
+        registry = daemon.components["registry"]
+        rollouts = daemon.components["rollouts"]
+        runner = OptimizationRunner(
+            daemon.db,
+            registry,
+            rollouts,
+            settings.optimization,
+            metrics,
+            publish,
+            primary_metric=settings.rollout.default_primary_metric,
+        )
+        await runner.resume()
+        daemon.components["optimizer"] = runner
+        queue = daemon.components["optimization_triggers"]
+
+        def routes(app: web.Application) -> None:
+            add_routes(app, runner, registry, rollouts)
+
+        daemon.route_extensions.append(routes)
+        daemon.task_factories.append(("optimizer", lambda stop: runner.run(stop, queue)))
+
+    daemon.startup_hooks.append(setup)

@@ -1,0 +1,92 @@
+"""A local OpenAI-compatible server for the optimizer's tests: litellm talks to it over HTTP.
+
+Answers ``POST /v1/chat/completions`` with whatever the test's ``responder`` returns for
+the request body: a string (a 200 answer with usage figures), or a ``(status, body)``
+tuple for errors such as a 429. Every request body is recorded in ``requests``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+Answer = str | tuple[int, dict[str, Any]]
+Responder = Callable[[dict[str, Any]], Answer | Awaitable[Answer]]
+
+
+class FakeLLM:
+    """The server; start with ``await fake.start()``, stop with ``await fake.stop()``."""
+
+    def __init__(self, responder: Responder, prompt_tokens: int = 100, completion_tokens: int = 50):
+        self.responder = responder
+        self.requests: list[dict[str, Any]] = []
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def api_base(self) -> str:
+        """The ``api_base`` litellm should use (OpenAI style, ending in /v1)."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        answer = self.responder(body)
+        if asyncio.iscoroutine(answer):
+            answer = await answer
+        if isinstance(answer, tuple):
+            status, payload = answer
+            return web.json_response(payload, status=status)
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{len(self.requests)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", "test-model"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": self.prompt_tokens,
+                    "completion_tokens": self.completion_tokens,
+                    "total_tokens": self.prompt_tokens + self.completion_tokens,
+                },
+            }
+        )
+
+    async def start(self) -> FakeLLM:
+        """Listen on a free loopback port."""
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        """Close the server."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+RATE_LIMITED: tuple[int, dict[str, Any]] = (
+    429,
+    {"error": {"message": "rate limited", "type": "rate_limit_error", "code": "rate_limit"}},
+)
+
+
+def user_text(body: dict[str, Any]) -> str:
+    """All message contents of a request, joined (for routing answers in responders)."""
+    return "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
