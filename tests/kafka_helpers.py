@@ -25,9 +25,7 @@ async def produce(
         await producer.stop()
 
 
-async def read_all(
-    bootstrap: str, topic: str, expected: int, timeout: float = 20.0
-) -> list[Any]:
+async def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 20.0) -> list[Any]:
     """Read ``expected`` records from the start of ``topic`` (no group)."""
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
