@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from promptd.storage.database import Database
+from promptd.storage.repository import EventRepository
 
 _SELECT: Final = """
 SELECT m.request_id, m.variant, max(m.ts), m.input, m.output,
@@ -28,7 +29,7 @@ SELECT m.request_id, m.variant, max(m.ts), m.input, m.output,
          ORDER BY f2.ts DESC LIMIT 1)
   FROM feedback_events f
   JOIN metric_events m ON m.request_id = f.request_id AND m.input IS NOT NULL
- WHERE f.ts >= ? AND f.prompt = ? AND m.prompt = ?
+ WHERE f.id >= ? AND f.ts >= ? AND f.prompt = ? AND m.prompt = ?
  GROUP BY m.request_id
 """
 
@@ -96,7 +97,11 @@ class ExampleStore:
     async def _query(
         self, prompt: str, now: float, tail: str, extra: Sequence[Any] = ()
     ) -> list[Example]:
-        params = (now - self.max_age_s, prompt, prompt, *extra, self.limit)
+        since = now - self.max_age_s
+        # feedback_events has no ts index: start the scan at the first row id that can
+        # be recent enough (see storage/schema.py, ingest_batches).
+        floor = await EventRepository(self.db).first_id_since("feedback_events", since)
+        params = (floor, since, prompt, prompt, *extra, self.limit)
         async with self.db.reader.execute(_SELECT + tail + " LIMIT ?", params) as cur:
             rows = await cur.fetchall()
         return [_example(r) for r in rows]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from promptd.events import FeedbackEvent, MetricEvent
 from promptd.storage.database import Database
+from promptd.storage.repository import EventRepository
 
 
 @dataclass(frozen=True)
@@ -24,37 +25,38 @@ class Row:
 
 
 async def seed(db: Database, prompt: str, rows: list[Row], now: float | None = None) -> None:
-    """Insert a MetricEvent (with capture) and its FeedbackEvents for every row."""
+    """Store a MetricEvent (with capture) and its FeedbackEvents for every row, through
+    the same repository call as ingestion (so the time ranges are recorded too)."""
     ts = time.time() if now is None else now
-    async with db.transaction() as conn:
-        for i, r in enumerate(rows):
-            await conn.execute(
-                "INSERT INTO metric_events (event_id, ts, prompt, variant, model, request_id, "
-                "latency_ms, success, input, output, ingested_at) "
-                "VALUES (?, ?, ?, 'v1', 'm', ?, 10, 1, ?, ?, ?)",
-                (
-                    uuid.uuid4().hex,
-                    ts - 100 + i,
-                    prompt,
-                    r.request_id,
-                    json.dumps(r.input),
-                    json.dumps(r.output),
-                    ts,
-                ),
+    metrics: list[MetricEvent] = []
+    feedback: list[FeedbackEvent] = []
+    for i, r in enumerate(rows):
+        metrics.append(
+            MetricEvent(
+                event_id=uuid.uuid4().hex,
+                ts=ts - 100 + i,
+                prompt=prompt,
+                variant="v1",
+                model="m",
+                request_id=r.request_id,
+                latency_ms=10.0,
+                success=True,
+                input=r.input,
+                output=r.output,
             )
-            for j, score in enumerate(r.scores):
-                await conn.execute(
-                    "INSERT INTO feedback_events (event_id, ts, prompt, variant, request_id, "
-                    "score, kind, comment, correction, ingested_at) "
-                    "VALUES (?, ?, ?, 'v1', ?, ?, 'quality', ?, ?, ?)",
-                    (
-                        uuid.uuid4().hex,
-                        ts - 50 + i + j * 0.01,
-                        prompt,
-                        r.request_id,
-                        score,
-                        r.comment if j == 0 else None,
-                        json.dumps(r.correction) if r.correction is not None and j == 0 else None,
-                        ts,
-                    ),
+        )
+        for j, score in enumerate(r.scores):
+            feedback.append(
+                FeedbackEvent(
+                    event_id=uuid.uuid4().hex,
+                    ts=ts - 50 + i + j * 0.01,
+                    prompt=prompt,
+                    variant="v1",
+                    request_id=r.request_id,
+                    score=score,
+                    kind="quality",
+                    comment=r.comment if j == 0 else None,
+                    correction=r.correction if j == 0 else None,
                 )
+            )
+    await EventRepository(db).store_batch(metrics, feedback, {})
