@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from promptd import __version__
+from promptd._aio import wait_event
 from promptd.daemon.broker import EmbeddedBroker
 from promptd.daemon.http import build_app, is_loopback
 from promptd.daemon.ingest import BatchListener, Ingestor
@@ -161,8 +162,7 @@ class Daemon:
                 break
             except Exception as exc:
                 log.warning("kafka_unavailable", error=repr(exc), retry_in_s=round(backoff, 2))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
+                await wait_event(stop, backoff)
                 backoff = min(backoff * 2, kafka.retry_backoff_max_s)
         if stop.is_set():
             return
@@ -182,8 +182,7 @@ class Daemon:
                 if deleted:
                     self.ingest_metrics.retention_deleted.inc(deleted)
                     log.info("retention_purged", deleted=deleted, cutoff_ts=round(cutoff))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), storage.retention_interval_s)
+            await wait_event(stop, storage.retention_interval_s)
 
     async def _start_http(self) -> web.AppRunner:
         runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)

@@ -21,7 +21,6 @@ crash-loops and never skips.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from promptd._aio import wait_event
 from promptd.daemon.kafka import Headers, KafkaSendError, Producer, client_options
 from promptd.daemon.settings import KafkaSettings
 from promptd.events import FeedbackEvent, MetricEvent, Rejection, decode_event
@@ -166,8 +166,7 @@ class Ingestor:
                 self.metrics.kafka_connected.set(0)
                 self.state.last_error = repr(exc)
                 log.warning("ingest_restart", error=repr(exc), backoff_s=round(backoff, 2))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
+                await wait_event(stop, backoff)
                 backoff = min(backoff * 2, self.kafka.retry_backoff_max_s)
 
     async def _consume(self, stop: asyncio.Event) -> None:

@@ -210,8 +210,12 @@ class OptimizationRunner:
         next_schedule = self.clock() + self.settings.schedule_check_interval_s
         try:
             while not stop.is_set():
+                trigger = None
+                # asyncio.timeout, not wait_for: see promptd._aio.wait_event.
                 with contextlib.suppress(TimeoutError):
-                    trigger = await asyncio.wait_for(queue.get(), 0.5)
+                    async with asyncio.timeout(0.5):
+                        trigger = await queue.get()
+                if trigger is not None:
                     await self.submit(trigger)
                 if self.clock() >= next_schedule:
                     next_schedule = self.clock() + self.settings.schedule_check_interval_s

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from promptd._aio import wait_event
 from promptd.events import FeedbackEvent, MetricEvent
 from promptd.storage.alerts import AlertChange, history_aggregates, raw_events
 from promptd.storage.database import Database
@@ -282,8 +282,7 @@ class Monitor:
                     self.export.evaluation_failures.inc()
                     log.exception("monitor_evaluation_failed")
                 next_round = max(next_round + interval, loop.time())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), next_round - loop.time())
+                await wait_event(stop, next_round - loop.time())
             resend.cancel()
             for worker in self.sinks:
                 await worker.drain(1.0)
@@ -302,8 +301,7 @@ class Monitor:
             return
         interval = self.settings.alertmanager.resend_interval_s
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+            await wait_event(stop, interval)
             for state in list(self.states.values()):
                 rule = self._rules_by_name.get(state.rule)
                 if state.state == "firing" and rule is not None:

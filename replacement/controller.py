@@ -13,7 +13,6 @@ over a tick in flight and no transition is ever applied twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from promptd._aio import wait_event
 from promptd.replacement import machine
 from promptd.replacement.machine import RolloutState, Status
 from promptd.replacement.observations import PrimaryMetric, RolloutAccumulator
@@ -194,8 +194,7 @@ class RolloutController:
         """Tick every ``interval_s`` until ``stop``."""
         while not stop.is_set():
             await self.tick()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)
+            await wait_event(stop, interval_s)
 
     async def tick(self) -> None:
         """Evaluate every running rollout once; publish pending routing."""

@@ -87,8 +87,15 @@ class RunningDaemon:
     async def kill(self) -> None:
         """Hard stop: cancel the task without its shutdown path."""
         self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.task
+        try:
+            async with asyncio.timeout(20):
+                await self.task
+        except asyncio.CancelledError:
+            pass
+        except TimeoutError:
+            raise AssertionError("the daemon did not stop within 20 s of being cancelled") from None
+        except Exception:  # a crash on the way down is what a hard stop may look like
+            pass
 
 
 @pytest.fixture

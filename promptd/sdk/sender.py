@@ -13,6 +13,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
+from promptd._aio import wait_event
 from promptd.sdk.encode import Encoder, Record
 
 if TYPE_CHECKING:
@@ -60,8 +61,7 @@ class Sender:
         """Sleep, woken early by ``flush``/``close``."""
         wake = self._wake
         assert wake is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), seconds)
+        await wait_event(wake, seconds)
         wake.clear()
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
