@@ -124,6 +124,7 @@ class Daemon:
             async with asyncio.timeout(None) as deadline, asyncio.TaskGroup() as group:
                 group.create_task(self._guard("kafka", self._kafka_main, inner_stop))
                 group.create_task(self._guard("retention", self._retention, inner_stop))
+                group.create_task(self._guard("checkpoint", self._checkpoint, inner_stop))
                 for name, factory in self.task_factories:
                     group.create_task(self._guard(name, factory, inner_stop))
                 self.started.set()
@@ -168,6 +169,16 @@ class Daemon:
             return
         self._kafka_ready = True
         await self.ingestor.run(stop)
+
+    async def _checkpoint(self, stop: asyncio.Event) -> None:
+        """Passive WAL checkpoints every second, off the writer's thread."""
+        while not stop.is_set():
+            assert self.db is not None
+            try:
+                await self.db.checkpoint()
+            except Exception:
+                log.exception("checkpoint_failed")
+            await wait_event(stop, 1.0)
 
     async def _retention(self, stop: asyncio.Event) -> None:
         storage = self.settings.storage

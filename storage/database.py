@@ -24,6 +24,9 @@ log = structlog.get_logger("promptd.storage")
 
 T = TypeVar("T")
 
+# 100k pages (~400 MB of WAL): only a safety net behind the periodic passive checkpoint.
+WRITER_AUTOCHECKPOINT_PAGES = 100_000
+
 
 class StorageError(RuntimeError):
     """The database cannot be used (newer schema, unwritable file, …)."""
@@ -32,10 +35,17 @@ class StorageError(RuntimeError):
 class Database:
     """Owner of the connections to one SQLite file."""
 
-    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+    def __init__(
+        self,
+        path: Path,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        checkpointer: aiosqlite.Connection,
+    ):
         self.path = path
         self.writer = writer
         self.reader = reader
+        self._checkpointer = checkpointer
         self._write_lock = asyncio.Lock()
 
     @classmethod
@@ -51,12 +61,27 @@ class Database:
             # NORMAL is durable across process crashes in WAL mode; only an OS crash or
             # power loss can drop the last transactions, which Kafka then replays.
             await writer.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints (and their fsyncs) run on their own connection and thread, see
+            # checkpoint(); the writer only checkpoints itself if that falls far behind.
+            await writer.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
             await _migrate(writer, path)
             reader = await _connect(path, busy_timeout_ms)
+            checkpointer = await _connect(path, busy_timeout_ms)
         except BaseException:
             await writer.close()
             raise
-        return cls(path, writer, reader)
+        return cls(path, writer, reader, checkpointer)
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """A passive WAL checkpoint off the writer's thread; returns (WAL pages, copied).
+
+        Passive: it never blocks the writer or readers and copies what it can. Run it
+        every second or so (the daemon does); a checkpoint's fsyncs then no longer
+        stall ingestion on the writer's thread.
+        """
+        async with self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
+            row = await cur.fetchone()
+        return (int(row[1]), int(row[2])) if row else (0, 0)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -96,6 +121,7 @@ class Database:
 
     async def close(self) -> None:
         """Close both connections (the WAL is checkpointed by SQLite on last close)."""
+        await self._checkpointer.close()
         await self.reader.close()
         await self.writer.close()
 
