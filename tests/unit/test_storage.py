@@ -124,3 +124,13 @@ async def test_retention_deletes_only_old_events(tmp_path: Path) -> None:
         assert (await cur.fetchone())[0] == floor
     assert await repo.first_id_since("metric_events", now + 10) == 33
     await db.close()
+
+
+async def test_passive_checkpoint_copies_the_wal(tmp_path: Path) -> None:
+    """The checkpointer copies every WAL page back while nobody reads an old snapshot."""
+    db = await Database.open(tmp_path / "x.db")
+    await EventRepository(db).store_batch([_metric() for _ in range(500)], [], {})
+    pages, copied = await db.checkpoint()
+    assert pages > 0
+    assert copied == pages
+    await db.close()
