@@ -178,7 +178,7 @@ async def get_rollout(request: web.Request) -> web.StreamResponse:
     return web.json_response(body)
 
 
-def _start_handler(default_profile: str, default_metric: str) -> Handler:
+def _start_handler(default_metric: str) -> Handler:
     @_admin
     async def start_rollout(request: web.Request) -> web.StreamResponse:
         """``POST /v1/rollouts``: start a rollout of a candidate version."""
@@ -200,7 +200,6 @@ def _start_handler(default_profile: str, default_metric: str) -> Handler:
         )
         return web.json_response(await controller.describe(row.id), status=201)
 
-    _ = default_profile
     return start_rollout
 
 
@@ -228,7 +227,6 @@ def add_routes(
     app: web.Application,
     controller: RolloutController,
     registry: Registry,
-    default_profile: str,
     default_metric: str,
 ) -> None:
     """Register the registry, routing and rollout routes on ``app``."""
@@ -242,6 +240,6 @@ def add_routes(
     r.add_post("/v1/prompts/{name}/restore", restore_version)
     r.add_get("/v1/prompts/{name}/routing", get_routing)
     r.add_get("/v1/rollouts", list_rollouts)
-    r.add_post("/v1/rollouts", _start_handler(default_profile, default_metric))
+    r.add_post("/v1/rollouts", _start_handler(default_metric))
     r.add_get("/v1/rollouts/{id}", get_rollout)
     r.add_post("/v1/rollouts/{id}/{action:promote|rollback|pause|resume}", rollout_command)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import tempfile
@@ -295,15 +296,15 @@ async def _watch_alerts(http: aiohttp.ClientSession, base: str, state: DemoState
     if not body:
         return
     for alert in body.get("active", []):
-        key = f"alert:{alert.get('fingerprint')}:{alert.get('fired_at') or alert.get('started_at')}"
-        if alert.get("state") == "firing" and key not in state.seen:
+        key = f"alert:{alert['fingerprint']}:{alert['fired_at']}"
+        if alert["state"] == "firing" and key not in state.seen:
             state.seen.add(key)
             state.note(
                 "alert_fired",
-                f"ALERT firing: {alert.get('rule')} {alert.get('labels')} "
-                f"value={_fmt(alert.get('value'))} threshold={_fmt(alert.get('threshold'))}",
-                rule=alert.get("rule"),
-                labels=alert.get("labels"),
+                f"ALERT firing: {alert['rule']} {alert['labels']} "
+                f"value={_fmt(alert['value'])} threshold={_fmt(alert['threshold'])}",
+                rule=alert["rule"],
+                labels=alert["labels"],
             )
 
 
@@ -311,9 +312,8 @@ async def _watch_optimizations(http: aiohttp.ClientSession, base: str, state: De
     body = await _get(http, f"{base}/v1/optimizations")
     if not body:
         return
-    for run in body.get("runs", body.get("optimizations", [])):
-        rid = run.get("id") or run.get("run_id")
-        status = run.get("status")
+    for run in body["runs"]:
+        rid, status = run["id"], run["status"]
         key = f"opt:{rid}:{status}"
         if key in state.seen:
             continue
@@ -323,15 +323,14 @@ async def _watch_optimizations(http: aiohttp.ClientSession, base: str, state: De
             state.phase = "optimizing"
             state.note(
                 "optimization_started",
-                f"optimization run {rid} started "
-                f"(trigger: {run.get('trigger') or run.get('trigger_kind')})",
+                f"optimization run {rid} started (trigger: {run['trigger_kind']})",
                 run_id=rid,
             )
         if status != "running":
-            made = [c.get("version") for c in run.get("candidates") or [] if c.get("version")]
+            made = [c["version"] for c in run["candidates"] if c.get("version")]
             state.note(
                 "optimization_finished",
-                f"optimization run {rid} {status}: {len(run.get('candidates') or [])} "
+                f"optimization run {rid} {status}: {len(run['candidates'])} "
                 f"candidate(s), registered {made or 'none'}",
                 run_id=rid,
                 status=status,
@@ -477,9 +476,7 @@ async def _report(
         "routing": routing,
         "versions": versions,
         "daemon_status": status,
-        "sdk": {k: v for k, v in vars(stats).items() if not k.startswith("_")}
-        if hasattr(stats, "__dict__")
-        else str(stats),
+        "sdk": dataclasses.asdict(stats),
     }
 
 

@@ -12,10 +12,10 @@ Delivery (see the design's "Delivery and durability"):
 3. Offsets are then committed to Kafka, bounded by a timeout, only so that lag shows in
    the usual tools; a failed commit is counted and harmless.
 
-Writes are pipelined one deep: batch N+1 is fetched and decoded while batch N is being
-written in SQLite's thread. Any failure (broker gone, disk full) closes the consumer,
-waits with exponential backoff and starts over from the stored offsets: it never
-crash-loops and never skips.
+Writes are pipelined one deep: batch N+1 is fetched while batch N is being written in
+SQLite's thread (it is decoded only after that write ends: both need the GIL). Any
+failure (broker gone, disk full) closes the consumer, waits with exponential backoff and
+starts over from the stored offsets: it never crash-loops and never skips.
 """
 
 from __future__ import annotations

@@ -356,13 +356,6 @@ class OptimizationRunner:
         run = RunState(run_id, trigger.prompt, active, budget)
         status, outcome, error = "completed", "no_candidate", None
         deployed: tuple[str | None, str | None] = (None, None)
-        log.info(
-            "optimization_start",
-            run_id=run_id,
-            prompt=trigger.prompt,
-            trigger=trigger.kind,
-            strategies=list(names),
-        )
         await self._emit(
             "optimization_start",
             run,
@@ -447,13 +440,6 @@ class OptimizationRunner:
             ctx.existing_templates.add(cand.template)
             record = self._record(run, cand)
             self.metrics.candidates.labels(name, "generated").inc()
-            log.info(
-                "candidate_generated",
-                run_id=run.run_id,
-                prompt=run.prompt,
-                strategy=name,
-                candidate=record.index,
-            )
             await self._emit(
                 "candidate_generated",
                 run,
@@ -513,15 +499,6 @@ class OptimizationRunner:
     async def _verdict(self, run: RunState, record: CandidateRecord, status: str) -> None:
         record.status = status
         self.metrics.candidates.labels(record.strategy, status).inc()
-        log.info(
-            "candidate_evaluated",
-            run_id=run.run_id,
-            prompt=run.prompt,
-            candidate=record.index,
-            strategy=record.strategy,
-            result=status,
-            confidence=record.confidence,
-        )
         await self._emit(
             "candidate_evaluated",
             run,
@@ -639,10 +616,16 @@ class OptimizationRunner:
             "error": error,
             "notes": notes,
         }
-        log.info("optimization_complete", run_id=run.run_id, prompt=run.prompt, **summary)
         await self._emit("optimization_complete", run, **summary)
 
     async def _emit(self, event: str, run: RunState, **fields: Any) -> None:
+        """One optimization event: to the log (without template text) and to the topic."""
+        log.info(
+            event,
+            run_id=run.run_id,
+            prompt=run.prompt,
+            **{k: v for k, v in fields.items() if k != "template"},
+        )
         body = {"event": event, "run_id": run.run_id, "prompt": run.prompt, "ts": self.clock()}
         try:
             await self.publish({**body, **fields})

@@ -103,7 +103,7 @@ def install_rollouts(daemon: Daemon) -> None:
 
     async def setup() -> None:
         assert daemon.db is not None
-        registry = Registry(daemon.db)
+        registry = Registry(daemon.db, settings.rollout.default_profile)
         controller = RolloutController(
             daemon.db,
             registry,
@@ -122,7 +122,6 @@ def install_rollouts(daemon: Daemon) -> None:
                 app,
                 controller,
                 registry,
-                settings.rollout.default_profile,
                 settings.rollout.default_primary_metric,
             )
 

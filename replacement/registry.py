@@ -143,8 +143,10 @@ def _version(row: Sequence[Any]) -> PromptVersion:
 class Registry:
     """Prompt registry on the SQLite database (all writes in one transaction each)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, default_profile: str = "balanced") -> None:
         self.db = db
+        # The rollout profile of prompts registered without one (rollout.default_profile).
+        self.default_profile = default_profile
 
     async def list_prompts(self) -> list[Prompt]:
         """Every prompt, by name."""
@@ -208,7 +210,7 @@ class Registry:
                 await conn.execute(
                     "INSERT INTO prompts (name, active_version, profile, created_at, updated_at)"
                     " VALUES (?, NULL, ?, ?, ?)",
-                    (name, body.profile or "balanced", now, now),
+                    (name, body.profile or self.default_profile, now, now),
                 )
                 active_version = None
             else:
