@@ -18,10 +18,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from promptd.daemon.http import json_error, require_admin
-from promptd.daemon.optimize_config import StrategyName
-from promptd.daemon.optimize_policy import Decision
-from promptd.daemon.optimize_runner import OptimizationRunner, RunError
 from promptd.monitoring.triggers import OptimizationTrigger
+from promptd.optimization.policy import Decision
+from promptd.optimization.runner import OptimizationRunner, RunError
 from promptd.replacement.controller import RolloutController
 from promptd.replacement.registry import Registry
 
@@ -38,7 +37,8 @@ class OptimizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strategies: list[StrategyName] | None = Field(default=None, min_length=1)
+    # Checked against the strategy registry by the runner (400 naming the known ones).
+    strategies: list[str] | None = Field(default=None, min_length=1, max_length=20)
     reason: str = Field(default="manual request", max_length=1000)
 
 

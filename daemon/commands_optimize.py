@@ -21,8 +21,8 @@ def register(sub: Any) -> dict[str, Any]:
     opt.add_argument(
         "--strategy",
         action="append",
-        choices=["fewshot", "instruction", "gepa"],
-        help="strategy to use (repeat for several); default: the configured ones",
+        help="strategy to use (fewshot, instruction, mipro, gepa or a registered one; "
+        "repeat for several); default: the bandit picks one of the configured ones",
     )
     opt.add_argument("--reason", default="manual request (promptd optimize)")
     opt.add_argument("--no-wait", action="store_true", help="return once the run started")
@@ -58,7 +58,7 @@ def optimize_command(args: argparse.Namespace, settings: Settings) -> int:
         run = http_json(settings, "GET", f"/v1/optimizations/{run_id}")
         if not args.json:
             for cand in run["candidates"][shown:]:
-                print(f"  candidate {cand['index']} ({cand['strategy']}): {cand['status']}")
+                print(f"  {_candidate(cand)}")
             shown = len(run["candidates"])
         if run["status"] in FINAL:
             break
@@ -69,18 +69,34 @@ def optimize_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if run["status"] == "completed" else 1
 
 
+def _candidate(cand: dict[str, Any]) -> str:
+    score = "unscored" if cand["val_mean"] is None else f"validation {cand['val_mean']:.3f}"
+    return f"candidate {cand['index']} ({cand['strategy']}): {score}"
+
+
 def _summary(run: dict[str, Any]) -> str:
+    selection = run.get("selection") or {}
+    progress = run.get("progress") or {}
     lines = [
         f"run {run['id']}: {run['status']}, outcome {run['outcome']}, "
-        f"cost ${run['cost_usd']:.4f}, {run['llm_calls']} LLM calls"
+        f"cost ${run['cost_usd']:.4f}, {run['llm_calls']} LLM calls",
+        f"  strategy {selection.get('strategy', '?')} ({selection.get('method', '?')}: "
+        f"{selection.get('reason', '')})",
     ]
-    for cand in run["candidates"]:
-        conf = "" if cand["confidence"] is None else f" confidence {cand['confidence']:.2f}"
-        lines.append(f"  candidate {cand['index']} ({cand['strategy']}): {cand['status']}{conf}")
+    if progress.get("baseline_val_mean") is not None:
+        lines.append(f"  active version: validation {progress['baseline_val_mean']:.3f}")
+    lines += [f"  {_candidate(cand)}" for cand in run["candidates"]]
+    gate = run.get("gate")
+    if gate:
+        lines.append(
+            f"  gate {gate['reason']}: gain {gate['gain']:+.4f} "
+            f"(95% CI {gate['ci_low']:+.4f}..{gate['ci_high']:+.4f}), "
+            f"confidence {gate['confidence']:.3f} on {gate['n']} test examples"
+        )
     if run["deployed_version"]:
         lines.append(f"  registered {run['deployed_version']}")
     if run["rollout_id"]:
-        lines.append(f"  rollout {run['rollout_id']} started")
+        lines.append(f"  rollout {run['rollout_id']} started (promotes only on a significant win)")
     if run["error"]:
         lines.append(f"  {run['error']}")
     return "\n".join(lines)

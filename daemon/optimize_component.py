@@ -1,9 +1,10 @@
 """Wiring of the optimizer into the daemon.
 
-A startup hook builds the :class:`OptimizationRunner` once storage, the registry and the
-rollout controller exist (``install_rollouts`` runs first), marks runs cut short by a
-restart, mounts the HTTP routes and adds the ``optimizer`` task that consumes the
-monitor's trigger queue.
+A startup hook builds the :class:`~promptd.optimization.runner.OptimizationRunner` once
+storage, the registry and the rollout controller exist (``install_rollouts`` runs
+first), checks the configured strategies and tracking, loads the runs a restart cut
+short (the ``optimizer`` task resumes them), mounts the HTTP routes and adds the task
+that consumes the monitor's trigger queue.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ def install(daemon: Daemon) -> None:
     from aiohttp import web
 
     from promptd.daemon.api_optimize import add_routes
-    from promptd.daemon.optimize_runner import OptimizationMetrics, OptimizationRunner
+    from promptd.daemon.app import ConfigurationError
+    from promptd.optimization.metrics import OptimizationMetrics
+    from promptd.optimization.runner import OptimizationRunner
+    from promptd.optimization.strategies import known_strategies
+    from promptd.optimization.tracking import TrackingUnavailable, build_tracker
 
     settings = daemon.settings
     metrics = OptimizationMetrics(daemon.registry)
@@ -38,6 +43,16 @@ def install(daemon: Daemon) -> None:
 
     async def setup() -> None:
         assert daemon.db is not None
+        known = known_strategies()
+        unknown = [s for s in settings.optimization.strategies if s not in known]
+        if unknown:
+            raise ConfigurationError(
+                f"optimization.strategies: unknown strategy {unknown[0]!r}; known: {known}"
+            )
+        try:
+            tracker = build_tracker(settings.optimization.tracking)
+        except TrackingUnavailable as exc:
+            raise ConfigurationError(str(exc)) from None
         registry = daemon.components["registry"]
         rollouts = daemon.components["rollouts"]
         runner = OptimizationRunner(
@@ -48,6 +63,7 @@ def install(daemon: Daemon) -> None:
             metrics,
             publish,
             primary_metric=settings.rollout.default_primary_metric,
+            tracker=tracker,
         )
         await runner.resume()
         daemon.components["optimizer"] = runner

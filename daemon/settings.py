@@ -22,8 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from promptd.daemon.optimize_config import OptimizationSettings
 from promptd.monitoring.config import MonitoringSettings
+from promptd.optimization.config import OptimizationSettings
 from promptd.replacement.profiles import RolloutProfile
 
 # The --config file, passed to the TOML source without touching os.environ.

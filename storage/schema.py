@@ -208,11 +208,60 @@ CREATE TABLE optimization_policy (
 );
 """
 
+_V5_OPTIMIZATION_SEARCH: Final = """
+-- Every model call the optimizer paid for, by cache key (model, parameters, rendered
+-- messages, nonce): an answer stored here is never paid for again, by any run, and a
+-- run resumed after a restart replays its search from here.
+CREATE TABLE optimization_llm_calls (
+    key        TEXT PRIMARY KEY,
+    run_id     TEXT NOT NULL,
+    purpose    TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    request    TEXT NOT NULL,
+    response   TEXT NOT NULL,
+    attempts   INTEGER NOT NULL,
+    tokens_in  INTEGER NOT NULL,
+    tokens_out INTEGER NOT NULL,
+    cost_usd   REAL NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX optimization_llm_calls_run ON optimization_llm_calls (run_id);
+CREATE INDEX optimization_llm_calls_created ON optimization_llm_calls (created_at);
+
+-- What a run needs to resume exactly (seed, example bounds, chosen strategy) and what
+-- it shows while it works (phase, progress, the gate's figures).
+ALTER TABLE optimization_runs ADD COLUMN seed INTEGER;
+ALTER TABLE optimization_runs ADD COLUMN snapshot TEXT;
+ALTER TABLE optimization_runs ADD COLUMN selection TEXT;
+ALTER TABLE optimization_runs ADD COLUMN phase TEXT;
+ALTER TABLE optimization_runs ADD COLUMN progress TEXT;
+ALTER TABLE optimization_runs ADD COLUMN gate TEXT;
+ALTER TABLE optimization_runs ADD COLUMN tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE optimization_runs ADD COLUMN elapsed_s REAL NOT NULL DEFAULT 0;
+ALTER TABLE optimization_runs ADD COLUMN resumes INTEGER NOT NULL DEFAULT 0;
+
+-- The strategy bandit's evidence: pseudo-counts per run, from its gate and, later,
+-- from its rollout's online result.
+CREATE TABLE optimization_outcomes (
+    id        INTEGER PRIMARY KEY,
+    run_id    TEXT NOT NULL,
+    prompt    TEXT NOT NULL,
+    strategy  TEXT NOT NULL,
+    kind      TEXT NOT NULL CHECK (kind IN ('gate', 'online')),
+    successes REAL NOT NULL,
+    failures  REAL NOT NULL,
+    detail    TEXT,
+    ts        REAL NOT NULL,
+    UNIQUE (run_id, strategy, kind)
+);
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=1, name="ingestion", sql=_V1_INGESTION),
     Migration(version=2, name="registry", sql=_V2_REGISTRY),
     Migration(version=3, name="alerts", sql=_V3_ALERTS),
     Migration(version=4, name="optimization", sql=_V4_OPTIMIZATION),
+    Migration(version=5, name="optimization_search", sql=_V5_OPTIMIZATION_SEARCH),
 )
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from promptd.daemon.optimize_llm import close_litellm
 from promptd.events import FeedbackEvent, MetricEvent, new_event_id
 from promptd.monitoring.triggers import OptimizationTrigger
+from promptd.optimization.llm import close_litellm
 from promptd.replacement.registry import NewVersion
 from tests.conftest import wait_for
 from tests.kafka_helpers import produce, read_all

@@ -1,185 +1,404 @@
-"""The optimization runner on a real SQLite file and litellm over HTTP (no broker)."""
+"""The optimization runner on a real SQLite file, litellm over HTTP to the scripted model,
+and a recording stand-in for the rollout controller (the daemon tests use the real one)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
+import json
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from promptd.daemon.optimize_config import OptimizationSettings
-from promptd.daemon.optimize_llm import close_litellm
-from promptd.daemon.optimize_runner import OptimizationMetrics, OptimizationRunner
 from promptd.monitoring.triggers import OptimizationTrigger
+from promptd.optimization.config import OptimizationSettings
+from promptd.optimization.llm import close_litellm
+from promptd.optimization.metrics import OptimizationMetrics
+from promptd.optimization.runner import OptimizationRunner
+from promptd.optimization.store import OptimizationStore
+from promptd.optimization.templates import DEMO_HEADING
+from promptd.optimization.tracking import build_tracker
 from promptd.replacement.registry import NewVersion, Registry
 from promptd.storage.database import Database
-from tests.optimize_fake_llm import FakeLLM
-from tests.optimize_helpers import Row, seed
+from tests.conftest import wait_for
+from tests.optimize_fake_llm import FakeLLM, user_text
+from tests.optimize_helpers import seed
+from tests.optimize_task import TEMPLATE, responder, rows
 
 pytestmark = pytest.mark.integration
 
+PROMPT = "city"
+
 
 class FakeRollouts:
-    """Records rollout starts instead of running them."""
+    """Records rollout starts; ``status`` says how each ends."""
 
     def __init__(self) -> None:
-        self.started: list[tuple[str, str, str | None]] = []
+        self.started: list[dict[str, Any]] = []
+        self.status: dict[str, str] = {}
 
     def live_prompts(self) -> set[str]:
-        """Prompts with a started rollout."""
-        return {p for p, _, _ in self.started}
+        """Prompts with a running rollout."""
+        return {s["prompt"] for s in self.started if self.status[s["id"]] == "running"}
 
     async def start_rollout(
-        self, prompt: str, candidate: str, profile: str | None = None, primary_metric: str = ""
+        self,
+        prompt: str,
+        candidate: str,
+        profile: str | None = None,
+        primary_metric: str = "feedback_score",
+        require_win: bool = False,
     ) -> Any:
         """Remember the start."""
-        self.started.append((prompt, candidate, profile))
-        return type("Rollout", (), {"id": f"ro-{len(self.started)}"})()
+        rid = f"ro-{len(self.started) + 1}"
+        self.started.append(
+            {
+                "id": rid,
+                "prompt": prompt,
+                "candidate": candidate,
+                "profile": profile,
+                "require_win": require_win,
+            }
+        )
+        self.status[rid] = "running"
+        return type("Rollout", (), {"id": rid})()
 
-
-def boom(prediction: str, reference: str, example: Any) -> float:
-    """A user metric that fails (the run must record it and survive)."""
-    raise RuntimeError("metric exploded")
+    async def describe(self, rollout_id: str) -> dict[str, Any]:
+        """The rollout's status."""
+        return {"id": rollout_id, "status": self.status[rollout_id]}
 
 
 @pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[tuple[Database, Registry]]:
-    """A database with prompt ``p`` and 20 rated examples."""
-    db = await Database.open(tmp_path / "opt.db")
-    registry = Registry(db)
-    await registry.register("p", NewVersion(template="Summarize {document}."))
-    rows = [Row(f"r{i}", {"document": f"doc {i}"}, f"out {i}", (0.9,)) for i in range(20)]
-    await seed(db, "p", rows)
-    yield db, registry
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    """A database with prompt ``city`` and 240 captured calls (every other corrected)."""
+    database = await Database.open(tmp_path / "opt.db")
+    await Registry(database).register(PROMPT, NewVersion(template=TEMPLATE))
+    await seed(database, PROMPT, rows(240))
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+async def fake_llm() -> AsyncIterator[Callable[..., Any]]:
+    """Factory of scripted servers, stopped afterwards."""
+    servers: list[FakeLLM] = []
+
+    async def start(answer: Any = responder) -> FakeLLM:
+        server = await FakeLLM(answer).start()
+        servers.append(server)
+        return server
+
+    yield start
     await close_litellm()
-    await db.close()
+    for server in servers:
+        await server.stop()
+
+
+def _settings(fake: FakeLLM | None, **over: Any) -> OptimizationSettings:
+    model = (
+        {"model": "openai/test-model", "api_base": fake.api_base, "temperature": 0.0}
+        if fake
+        else None
+    )
+    base: dict[str, Any] = {
+        "proposer": model,
+        "evaluation": {"model": model, "metric": "token_f1", "bootstrap_samples": 1000},
+        "retry_backoff_s": 0.01,
+        "schedule_check_interval_s": 3600,
+        "fewshot": {"num_candidates": 3},
+        "instruction": {"n_candidates": 2, "depth": 2},
+        "mipro": {"num_instructions": 2, "num_demo_sets": 2, "num_trials": 4},
+    }
+    return OptimizationSettings.model_validate({**base, **over})
 
 
 def _runner(
-    db: Database, registry: Registry, rollouts: FakeRollouts, **settings: Any
-) -> tuple[OptimizationRunner, list[dict[str, Any]]]:
-    events: list[dict[str, Any]] = []
-
-    async def publish(event: dict[str, Any]) -> None:
-        events.append(event)
-
-    runner = OptimizationRunner(
+    db: Database, settings: OptimizationSettings, rollouts: FakeRollouts | None = None, **kw: Any
+) -> OptimizationRunner:
+    return OptimizationRunner(
         db,
-        registry,
-        rollouts,
-        OptimizationSettings(**settings),
+        Registry(db),
+        rollouts or FakeRollouts(),
+        settings,
         OptimizationMetrics(CollectorRegistry()),
-        publish,
+        publish=_no_publish,
+        **kw,
     )
-    return runner, events
 
 
-def _trigger(kind: str = "degradation") -> OptimizationTrigger:
-    return OptimizationTrigger("p", kind, time.time(), "test")  # type: ignore[arg-type]
+async def _no_publish(event: dict[str, Any]) -> None:
+    return None
 
 
-async def test_fewshot_without_eval_model_goes_to_conservative_rollout(
-    env: tuple[Database, Registry],
-) -> None:
-    """No evaluation model + conservative_rollout: the candidate is registered and rolled out."""
-    db, registry = env
-    rollouts = FakeRollouts()
-    runner, events = _runner(db, registry, rollouts, strategies=("fewshot",))
-    await runner.resume()
-    decision, run_id = await runner.submit(_trigger())
-    assert decision.run
+async def _run(runner: OptimizationRunner, strategies: list[str] | None = None) -> dict[str, Any]:
+    _decision, run_id = await runner.start_manual(PROMPT, strategies, "test")
     await runner.wait_idle()
-    run = await runner.get_run(str(run_id))
+    run = await runner.get_run(run_id)
     assert run is not None
-    assert (run["status"], run["outcome"]) == ("completed", "deployed")
-    version = await registry.get_version("p", run["deployed_version"])
+    return run
+
+
+async def test_a_run_searches_gates_registers_and_rolls_out_requiring_a_win(
+    db: Database, fake_llm: Callable[..., Any]
+) -> None:
+    """fewshot finds demos on validation, the gate confirms on test, the version is
+    registered and its rollout must win online."""
+    fake = await fake_llm()
+    rollouts = FakeRollouts()
+    runner = _runner(db, _settings(fake), rollouts)
+    run = await _run(runner, ["fewshot"])
+    assert (run["status"], run["outcome"]) == ("completed", "deployed"), run["error"]
+    gate = run["gate"]
+    assert gate["passed"]
+    assert gate["gain"] > 0.5
+    assert gate["ci_low"] > 0
+    assert gate["n"] >= 30
+    assert run["selection"]["method"] == "manual"
+    progress = run["progress"]
+    assert progress["baseline_val_mean"] == pytest.approx(2 / 11)
+    assert progress["splits"]["test"] == gate["n"]
+    chosen = run["candidates"][progress["selected"]]
+    assert chosen["val_mean"] == max(c["val_mean"] for c in run["candidates"])
+    version = await Registry(db).get_version(PROMPT, run["deployed_version"])
+    assert DEMO_HEADING in version.template
     assert version.origin == "optimizer:fewshot"
-    assert version.run_id == run_id
-    assert rollouts.started == [("p", version.version, "conservative")]
-    assert events[0]["event"] == "optimization_start"
-    assert events[-1]["event"] == "optimization_complete"
-    assert {"candidate_generated", "candidate_evaluated"} <= {e["event"] for e in events}
+    assert "gate: gain" in (version.rationale or "")
+    assert rollouts.started == [
+        {
+            "id": "ro-1",
+            "prompt": PROMPT,
+            "candidate": version.version,
+            "profile": None,
+            "require_win": True,
+        }
+    ]
+    outcomes = await OptimizationStore(db).outcomes()
+    assert [(o.strategy, o.successes, o.failures) for o in outcomes] == [("fewshot", 1.0, 0.0)]
 
 
-async def test_timeout_stops_a_run_cleanly(env: tuple[Database, Registry]) -> None:
-    """A proposer slower than the run timeout ends the run as timed_out, recorded."""
-    db, registry = env
+async def test_the_test_split_never_reaches_the_search(
+    db: Database, fake_llm: Callable[..., Any]
+) -> None:
+    """No request during the search renders a test-split input; the gate does."""
+    fake = await fake_llm()
+    runner = _runner(db, _settings(fake))
+    run = await _run(runner, ["instruction"])
+    assert run["outcome"] == "deployed"
+    from promptd.optimization.examples import split_of
+
+    def split_name(body: dict[str, Any]) -> str | None:
+        orders = list(user_text(body).split("by order ")[1:])
+        if not orders:
+            return None
+        rid = orders[-1].split(".")[0]
+        return split_of(rid, "promptd", 0.4, 0.3)
+
+    names = [split_name(b) for b in fake.requests]
+    first_test = names.index("test")
+    gate_phase = names[first_test:]
+    assert all(n in ("test", None) for n in gate_phase)
+    assert "test" not in names[:first_test]
+
+
+async def test_a_no_better_search_ends_without_gate_or_registration(
+    db: Database, fake_llm: Callable[..., Any]
+) -> None:
+    """When no candidate beats the active version on validation, nothing is gated or
+    registered, and the strategy's failure is recorded for the bandit."""
+    fake = await fake_llm(lambda body: "same answer whatever the prompt")
+    rollouts = FakeRollouts()
+    run = await _run(_runner(db, _settings(fake), rollouts), ["fewshot"])
+    assert run["outcome"] == "no_improvement_on_validation"
+    assert run["gate"] is None
+    assert run["deployed_version"] is None
+    assert rollouts.started == []
+    assert [(o.successes, o.failures) for o in await OptimizationStore(db).outcomes()] == [
+        (0.0, 1.0)
+    ]
+
+
+async def test_a_budget_stops_the_search_but_keeps_the_gate(
+    db: Database, fake_llm: Callable[..., Any]
+) -> None:
+    """A small call budget ends the search early; the reserve still pays for the gate."""
+    fake = await fake_llm()
+    settings = _settings(fake, max_llm_calls=200, fewshot={"num_candidates": 20})
+    run = await _run(_runner(db, settings), ["fewshot"])
+    assert run["outcome"] == "deployed"
+    assert "llm_calls budget spent" in run["error"]
+    assert run["llm_calls"] <= 200
+    assert len(fake.requests) <= 200
+
+
+async def test_too_few_examples_is_an_outcome_with_a_reason(
+    tmp_path: Path, fake_llm: Callable[..., Any]
+) -> None:
+    """A prompt with a handful of corrected calls ends as not_enough_examples."""
+    fake = await fake_llm()
+    db = await Database.open(tmp_path / "few.db")
+    try:
+        await Registry(db).register(PROMPT, NewVersion(template=TEMPLATE))
+        await seed(db, PROMPT, rows(20))
+        run = await _run(_runner(db, _settings(fake)), ["fewshot"])
+        assert run["outcome"] == "not_enough_examples"
+        assert "need 5 and 30" in run["error"]
+        assert fake.requests == []
+    finally:
+        await db.close()
+
+
+async def test_triggered_runs_choose_their_strategy_and_say_why(
+    db: Database, fake_llm: Callable[..., Any]
+) -> None:
+    """A trigger's run gets its strategy from the bandit; the row shows the draws."""
+    fake = await fake_llm()
+    runner = _runner(db, _settings(fake))
+    decision, run_id = await runner.submit(OptimizationTrigger(PROMPT, "degradation", 0.0, "drop"))
+    assert decision.run
+    assert run_id is not None
+    await runner.wait_idle()
+    run = await runner.get_run(run_id)
+    assert run is not None
+    selection = run["selection"]
+    assert selection["method"] == "thompson"
+    assert set(selection["draws"]) == {"fewshot", "instruction", "mipro"}
+    assert run["strategies"] == [selection["strategy"]]
+    assert "posterior draw" in selection["reason"]
+
+
+async def test_unavailable_strategies_are_skipped_or_refused(
+    db: Database, fake_llm: Callable[..., Any]
+) -> None:
+    """Without a proposer only fewshot can run; asking for instruction is refused (422)."""
+    fake = await fake_llm()
+    settings = _settings(fake, proposer=None)
+    runner = _runner(db, settings)
+    _decision, run_id = await runner.submit(OptimizationTrigger(PROMPT, "degradation", 0.0, "x"))
+    await runner.wait_idle()
+    run = await runner.get_run(run_id or "")
+    assert run is not None
+    assert run["selection"]["strategy"] == "fewshot"
+    assert run["selection"]["method"] == "only_one"
+    from promptd.optimization.runner import RunError
+
+    with pytest.raises(RunError) as err:
+        await runner.start_manual(PROMPT, ["instruction"], "x")
+    assert err.value.status == 422
+    assert "no proposer model" in str(err.value)
+
+
+async def test_without_an_evaluation_model_the_rollout_is_the_judge(
+    db: Database,
+) -> None:
+    """No evaluation model: fewshot proposes unscored, a conservative rollout that must
+    win decides."""
+    rollouts = FakeRollouts()
+    run = await _run(_runner(db, _settings(None), rollouts), ["fewshot"])
+    assert (run["outcome"], run["gate"]) == ("deployed", None)
+    assert rollouts.started[0]["profile"] == "conservative"
+    assert rollouts.started[0]["require_win"] is True
+    rejecting = _settings(None, without_evaluation="reject")
+    run = await _run(_runner(db, rejecting, FakeRollouts()), ["fewshot"])
+    assert run["outcome"] == "rejected_without_evaluation"
+
+
+async def test_online_results_teach_the_bandit_once(
+    db: Database, fake_llm: Callable[..., Any]
+) -> None:
+    """An optimizer rollout that is promoted adds online successes, once."""
+    fake = await fake_llm()
+    rollouts = FakeRollouts()
+    runner = _runner(db, _settings(fake), rollouts)
+    await _run(runner, ["fewshot"])
+    await runner.learn_online()
+    assert len(await OptimizationStore(db).outcomes()) == 1  # still running: nothing yet
+    rollouts.status["ro-1"] = "promoted"
+    await runner.learn_online()
+    await runner.learn_online()
+    outcomes = await OptimizationStore(db).outcomes()
+    assert [(o.successes, o.failures) for o in outcomes] == [(2.0, 0.0)]
+
+
+async def test_a_stopped_run_resumes_without_paying_twice(
+    db: Database, fake_llm: Callable[..., Any]
+) -> None:
+    """A run cut short mid-search (daemon stop) stays 'running'; a new runner resumes it
+    from its plan, every finished call comes from the cache, and it ends as the
+    uninterrupted run would."""
+    gate_open = asyncio.Event()
+    calls: list[str] = []
 
     async def slow(body: dict[str, Any]) -> str:
-        await asyncio.sleep(2)
-        return "<template>x {document}</template>"
+        calls.append(json.dumps(body["messages"], sort_keys=True))
+        if len(calls) > 60:
+            await gate_open.wait()
+        return responder(body)
 
-    fake = await FakeLLM(slow).start()
-    try:
-        runner, events = _runner(
-            db,
-            registry,
-            FakeRollouts(),
-            strategies=("instruction",),
-            proposer={
-                "model": "openai/test-model",
-                "api_base": fake.api_base,
-                "request_timeout_s": 0.5,
-            },
-            optimization_timeout_minutes=0.005,
-            max_retries=0,
-        )
-        await runner.resume()
-        _, run_id = await runner.submit(_trigger("manual"))
-        await asyncio.wait_for(runner.wait_idle(), 5)
-        await close_litellm()
-    finally:
-        await fake.stop()
-    run = await runner.get_run(str(run_id))
-    assert run is not None
-    assert run["status"] == "timed_out"
-    assert "timed out" in run["error"]
-    assert "p" not in runner.state.running
-    assert events[-1]["status"] == "timed_out"
+    fake = await fake_llm(slow)
+    settings = _settings(fake, max_concurrency=1)
+    first = _runner(db, settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(first.run(stop, asyncio.Queue()))
+    _d, run_id = await first.start_manual(PROMPT, ["mipro"], "test")
+    await wait_for(lambda: len(calls) > 60, timeout=30)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    row = await OptimizationStore(db).get_run(run_id)
+    assert row is not None
+    assert row["status"] == "running"
+    assert row["phase"] == "search"
+    paid_before = len(calls) - 1  # the last one was in flight, never answered
+    gate_open.set()
+
+    second = _runner(db, settings)
+    await second.resume()
+    stop2 = asyncio.Event()
+    task2 = asyncio.create_task(second.run(stop2, asyncio.Queue()))
+    done = await wait_for(lambda: _finished(second, run_id), timeout=60)
+    stop2.set()
+    await asyncio.wait_for(task2, 10)
+    assert done["status"] == "completed", done["error"]
+    assert done["resumes"] == 1
+    repeated = [c for c, n in Counter(calls).items() if n > 1]
+    assert len(repeated) <= 1, "only the call in flight at the stop may be repeated"
+    assert calls[paid_before] in repeated or not repeated
+    # Same plan, same answers: the same outcome as a run that was never interrupted.
+    assert done["outcome"] == "deployed"
+    # Paid calls: every answered request (the one cut off by the stop was not answered).
+    assert done["llm_calls"] == len(calls) - len(repeated)
 
 
-async def test_failed_run_is_recorded_and_policy_state_survives_restart(
-    env: tuple[Database, Registry],
+async def _finished(runner: OptimizationRunner, run_id: str) -> dict[str, Any] | None:
+    run = await runner.get_run(run_id)
+    return run if run is not None and run["status"] != "running" else None
+
+
+async def test_runs_are_tracked_in_mlflow(
+    db: Database, fake_llm: Callable[..., Any], tmp_path: Path
 ) -> None:
-    """A crashing metric fails the run with its error; a restart keeps the cooldown."""
-    db, registry = env
-
-    fake = await FakeLLM(lambda body: "some answer").start()
-    try:
-        runner, _ = _runner(
-            db,
-            registry,
-            FakeRollouts(),
-            strategies=("fewshot",),
-            evaluation={
-                "model": {"model": "openai/test-model", "api_base": fake.api_base},
-                "metric": "tests.integration.test_optimize_runner:boom",
-            },
-        )
-        await runner.resume()
-        _, run_id = await runner.submit(_trigger())
-        await runner.wait_idle()
-    finally:
-        await fake.stop()
-    run = await runner.get_run(str(run_id))
-    assert run is not None
-    assert run["status"] == "failed"
-    assert "metric exploded" in run["error"]
-    assert run["llm_calls"] > 0
-
-    # A run left 'running' by a crash is marked interrupted; the cooldown is remembered.
-    async with db.transaction() as conn:
-        await conn.execute(
-            "INSERT INTO optimization_runs (id, prompt, trigger_kind, trigger_reason, "
-            "strategies, status, started_at) VALUES ('opt-x', 'q', 'manual', 'x', '[]', "
-            "'running', 1)"
-        )
-    restarted, _ = _runner(db, registry, FakeRollouts())
-    await restarted.resume()
-    assert (await restarted.get_run("opt-x") or {})["status"] == "interrupted"
-    decision, none = await restarted.submit(_trigger())
-    assert (decision.reason, none) == ("cooldown", None)
+    """With a tracking URI every finished run is an MLflow run with parameters,
+    per-candidate metrics, the templates as artifacts and the outcome."""
+    mlflow = pytest.importorskip("mlflow")
+    fake = await fake_llm()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = _settings(fake, tracking={"mlflow_tracking_uri": uri})
+    tracker = build_tracker(settings.tracking)
+    run = await _run(_runner(db, settings, tracker=tracker), ["fewshot"])
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("promptd")
+    assert experiment is not None
+    [tracked] = client.search_runs([experiment.experiment_id])
+    assert tracked.data.tags["promptd.run_id"] == run["id"]
+    assert tracked.data.tags["promptd.outcome"] == "deployed"
+    assert tracked.data.params["prompt"] == PROMPT
+    assert tracked.data.metrics["gate_passed"] == 1.0
+    history = client.get_metric_history(tracked.info.run_id, "candidate_val_mean")
+    assert len(history) == len(run["candidates"])
+    names = {a.path for a in client.list_artifacts(tracked.info.run_id)}
+    assert "baseline.txt" in names
+    assert "run.json" in names
+    assert any(n.startswith("candidate-000-fewshot") for n in names)
+    assert (tmp_path / "mlflow-artifacts").is_dir(), "artifacts beside the store, not in cwd"

@@ -6,8 +6,8 @@ import argparse
 
 from promptd.daemon import commands_optimize
 from promptd.daemon.api_optimize import recommend
-from promptd.daemon.optimize_policy import Decision
 from promptd.monitoring.triggers import OptimizationTrigger
+from promptd.optimization.policy import Decision
 
 
 def test_optimize_command_parses_repeated_strategies() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from promptd.daemon import optimize_policy as policy
 from promptd.monitoring.triggers import OptimizationTrigger
+from promptd.optimization import policy
 
 LIMITS = policy.PolicyLimits(automatic=True, min_interval_s=3600.0, max_concurrent=2)
 NOW = 100_000.0

@@ -1,0 +1,214 @@
+"""Examples and splits: production calls joined to their feedback, split once and for all.
+
+An example is a :class:`~promptd.events.MetricEvent` that carries ``input`` (and usually
+``output``) plus every :class:`~promptd.events.FeedbackEvent` with the same
+``request_id``: mean score, the comments, the latest correction. Nothing is copied: the
+query joins the two event tables, so retention of raw events
+(``storage.retention_days``) is also the store's retention.
+
+A run reads its examples through a :class:`Snapshot`: the time and the highest event row
+ids when it started. A resumed run (after a restart) reads exactly the same examples
+with the same mean scores, so its search replays from the evaluation cache instead of
+paying again, whatever arrived in between.
+
+:func:`split` assigns each example to train, validation or test by a hash of the split
+salt and its ``request_id``; the assignment does not depend on the run, the query order
+or the other examples, so a test example is never seen by any run's search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from promptd.storage.database import Database
+from promptd.storage.repository import EventRepository
+
+SplitName = Literal["train", "validation", "test"]
+
+# Feedback is aggregated per request first, then joined to the request's latest captured
+# call (a retried call stores two metric events; it must not count the feedback twice).
+_SELECT: Final = """
+SELECT m.request_id, m.variant, m.ts, m.input, m.output, agg.score, agg.n, agg.comments,
+       (SELECT f2.correction FROM feedback_events f2
+         WHERE f2.request_id = agg.request_id AND f2.correction IS NOT NULL AND f2.id <= ?
+         ORDER BY f2.ts DESC, f2.id DESC LIMIT 1)
+  FROM (SELECT f.request_id, avg(f.score) AS score, count(f.id) AS n,
+               group_concat(f.comment, ' | ') AS comments, max(f.ts) AS last_ts
+          FROM feedback_events f
+         WHERE f.id >= ? AND f.id <= ? AND f.ts >= ? AND f.prompt = ?
+         GROUP BY f.request_id) agg
+  JOIN metric_events m ON m.id = (
+        SELECT max(m2.id) FROM metric_events m2
+         WHERE m2.request_id = agg.request_id AND m2.input IS NOT NULL
+           AND m2.id <= ? AND m2.prompt = ?)
+ ORDER BY agg.last_ts DESC, m.request_id
+ LIMIT ?
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One production call with its feedback."""
+
+    request_id: str
+    variant: str
+    ts: float
+    input: dict[str, Any] | str
+    output: dict[str, Any] | str | None
+    score: float
+    n_feedback: int
+    comments: str | None
+    correction: dict[str, Any] | str | None
+
+    def reference(self, min_score: float) -> str | None:
+        """The answer to compare with: the correction, else the call's own output when
+        it was rated at least ``min_score``; ``None`` when there is no trusted answer."""
+        if self.correction is not None:
+            return as_text(self.correction)
+        if self.output is not None and self.score >= min_score:
+            return as_text(self.output)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The bounds a run reads its examples within (persisted with the run)."""
+
+    now: float
+    max_feedback_id: int
+    max_metric_id: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        """JSON form for the run row."""
+        return {
+            "now": self.now,
+            "max_feedback_id": self.max_feedback_id,
+            "max_metric_id": self.max_metric_id,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Snapshot:
+        """Inverse of :meth:`to_dict`."""
+        return cls(float(data["now"]), int(data["max_feedback_id"]), int(data["max_metric_id"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Splits:
+    """A run's examples by split."""
+
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+    def sizes(self) -> dict[str, int]:
+        """Counts per split, for logs and the run row."""
+        return {
+            "train": len(self.train),
+            "validation": len(self.validation),
+            "test": len(self.test),
+        }
+
+
+def as_text(value: dict[str, Any] | str | None) -> str:
+    """A captured payload as text (strings unchanged, objects as compact JSON)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _load(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _example(row: Sequence[Any]) -> Example:
+    return Example(
+        request_id=row[0],
+        variant=row[1],
+        ts=float(row[2]),
+        input=_load(row[3]),
+        output=_load(row[4]),
+        score=float(row[5]),
+        n_feedback=int(row[6]),
+        comments=row[7],
+        correction=_load(row[8]),
+    )
+
+
+class ExampleStore:
+    """Read-only queries over the event tables (on the reader connection)."""
+
+    def __init__(self, db: Database, max_age_s: float, limit: int) -> None:
+        self.db = db
+        self.max_age_s = max_age_s
+        self.limit = limit
+
+    async def snapshot(self, now: float) -> Snapshot:
+        """The current bounds: what a run started now may read."""
+        out = []
+        for table in ("feedback_events", "metric_events"):
+            async with self.db.reader.execute(f"SELECT coalesce(max(id), 0) FROM {table}") as cur:
+                row = await cur.fetchone()
+            out.append(int(row[0]) if row else 0)
+        return Snapshot(now, out[0], out[1])
+
+    async def examples(self, prompt: str, snapshot: Snapshot) -> list[Example]:
+        """The prompt's examples within ``snapshot``, newest feedback first, capped."""
+        since = snapshot.now - self.max_age_s
+        # feedback_events has no ts index: start the scan at the first row id that can
+        # be recent enough (see storage/schema.py, ingest_batches).
+        floor = await EventRepository(self.db).first_id_since("feedback_events", since)
+        params = (
+            snapshot.max_feedback_id,
+            floor,
+            snapshot.max_feedback_id,
+            since,
+            prompt,
+            snapshot.max_metric_id,
+            prompt,
+            self.limit,
+        )
+        async with self.db.reader.execute(_SELECT, params) as cur:
+            rows = await cur.fetchall()
+        return [_example(r) for r in rows]
+
+
+def split_of(request_id: str, salt: str, train: float, validation: float) -> SplitName:
+    """The split ``request_id`` belongs to: a uniform hash in [0, 1) cut at the shares."""
+    digest = hashlib.sha256(f"{salt}\x00{request_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < train:
+        return "train"
+    if u < train + validation:
+        return "validation"
+    return "test"
+
+
+def split(examples: Sequence[Example], salt: str, train: float, validation: float) -> Splits:
+    """Examples by split, each in a hash order that does not depend on the query.
+
+    Callers cap a split by taking a prefix (after filtering what they can score), so a
+    capped split is stable too: the same pool always keeps the same examples.
+    """
+    parts: dict[SplitName, list[Example]] = {"train": [], "validation": [], "test": []}
+    for e in examples:
+        parts[split_of(e.request_id, salt, train, validation)].append(e)
+
+    def rank(e: Example) -> bytes:
+        return hashlib.sha256(f"{salt}\x01{e.request_id}".encode()).digest()
+
+    return Splits(
+        train=sorted(parts["train"], key=rank),
+        validation=sorted(parts["validation"], key=rank),
+        test=sorted(parts["test"], key=rank),
+    )

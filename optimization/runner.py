@@ -1,0 +1,648 @@
+"""The optimizer's asyncio shell: triggers in, runs out, the winner to the registry and a rollout.
+
+:class:`OptimizationRunner` consumes :class:`OptimizationTrigger` objects (from the
+monitor's queue, the schedule and the HTTP route), asks the pure policy
+(:mod:`~promptd.optimization.policy`) whether to run, picks the run's strategy with the
+bandit (:mod:`~promptd.optimization.selection`), persists the run's plan and executes it
+(:mod:`~promptd.optimization.run`) as its own task under the run's timeout. A run that
+passes the gate registers its candidate and starts a rollout that promotes it only on a
+significant online win. Runs a restart cut short are resumed from their plan and the
+call cache. The bandit learns from every gate and every optimizer rollout's end. Every
+step is logged with a stable event name, counted in Prometheus and published on the
+optimization topic; a run that fails is recorded with its error and never takes the
+daemon down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import structlog
+
+from promptd.monitoring.triggers import OptimizationTrigger
+from promptd.optimization import policy
+from promptd.optimization.config import OptimizationSettings
+from promptd.optimization.examples import ExampleStore, Snapshot
+from promptd.optimization.gate import seed_for
+from promptd.optimization.llm import Budget, LiteLLMClient, LLMClient, close_litellm
+from promptd.optimization.metrics import OptimizationMetrics
+from promptd.optimization.run import RunExecution, RunPlan, RunProgress
+from promptd.optimization.selection import Choice, choose
+from promptd.optimization.store import OptimizationStore
+from promptd.optimization.strategies import available, get_strategy
+from promptd.optimization.tracking import NoTracker, Tracker
+from promptd.replacement.registry import NewVersion, PromptVersion, Registry, RegistryError
+from promptd.storage.database import Database
+
+log = structlog.get_logger("promptd.optimizer")
+
+Publish = Callable[[dict[str, Any]], Awaitable[None]]
+# How often deployed runs' rollouts are checked for the bandit's online evidence.
+ONLINE_CHECK_S = 15.0
+# Paid answers are kept this long for reuse (the active version's, mostly).
+CALL_CACHE_DAYS = 30.0
+LIVE_ROLLOUT_STATES = frozenset({"pending", "running", "paused"})
+
+
+class Rollouts(Protocol):
+    """The part of the rollout controller the optimizer uses."""
+
+    def live_prompts(self) -> set[str]:
+        """Prompts with a live rollout."""
+        ...
+
+    async def start_rollout(
+        self,
+        prompt: str,
+        candidate: str,
+        profile: str | None = None,
+        primary_metric: str = "feedback_score",
+        require_win: bool = False,
+    ) -> Any:
+        """Start a rollout; returns the stored rollout (with ``id``)."""
+        ...
+
+    async def describe(self, rollout_id: str) -> dict[str, Any]:
+        """A rollout as the API shows it (with ``status``)."""
+        ...
+
+
+class RunError(Exception):
+    """A manual trigger cannot start (unknown prompt, no active version, policy says no)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class OptimizationRunner:
+    """Policy, strategy selection, runs, hand-off and learning; one per daemon."""
+
+    def __init__(
+        self,
+        db: Database,
+        registry: Registry,
+        rollouts: Rollouts,
+        settings: OptimizationSettings,
+        metrics: OptimizationMetrics,
+        publish: Publish,
+        primary_metric: str = "feedback_score",
+        client_factory: Callable[[], LLMClient] | None = None,
+        clock: Callable[[], float] = time.time,
+        tracker: Tracker | None = None,
+    ) -> None:
+        self.db = db
+        self.registry = registry
+        self.rollouts = rollouts
+        self.settings = settings
+        self.metrics = metrics
+        self.publish = publish
+        self.primary_metric = primary_metric
+        self.client_factory = client_factory or (
+            lambda: LiteLLMClient(settings.max_retries, settings.retry_backoff_s)
+        )
+        self.clock = clock
+        self.tracker = tracker or NoTracker()
+        self.store = OptimizationStore(db)
+        self.examples = ExampleStore(
+            db, settings.example_max_age_days * 86_400, settings.max_examples
+        )
+        self.state = policy.PolicyState({})
+        self.limits = policy.PolicyLimits(
+            automatic=settings.enable_automatic_optimization,
+            min_interval_s=settings.min_interval_s,
+            max_concurrent=settings.max_concurrent_optimizations,
+        )
+        # The latest trigger per prompt and what the policy made of it (recommendations).
+        self.last_triggers: dict[str, tuple[OptimizationTrigger, policy.Decision]] = {}
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._to_resume: list[RunPlan] = []
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def resume(self) -> None:
+        """Load the policy's memory and the runs a stop cut short (started by :meth:`run`)."""
+        rows = await self.store.policy_rows()
+        self.state = policy.PolicyState({r[0]: policy.PromptRunState(r[1], r[2]) for r in rows})
+        for row in await self.store.running():
+            plan = await self._plan_from_row(row)
+            if plan is None:
+                await self.store.finish_run(
+                    row["id"],
+                    row["prompt"],
+                    self.clock(),
+                    status="interrupted",
+                    outcome="none",
+                    error="the daemon stopped during the run, which cannot be resumed",
+                )
+                log.warning("optimization_run_not_resumable", run_id=row["id"])
+                continue
+            self._to_resume.append(plan)
+            self.state = policy.started(self.state, plan.prompt, plan.started_at)
+
+    async def _plan_from_row(self, row: dict[str, Any]) -> RunPlan | None:
+        if row.get("seed") is None or row.get("snapshot") is None or not row.get("selection"):
+            return None  # a run from before resumable runs existed
+        try:
+            parent = await self.registry.get_version(row["prompt"], row["parent_version"])
+        except RegistryError:
+            return None
+        return RunPlan(
+            run_id=row["id"],
+            prompt=row["prompt"],
+            trigger_kind=row["trigger_kind"],
+            trigger_reason=row["trigger_reason"],
+            strategies=tuple(row["strategies"]),
+            selection=row["selection"],
+            seed=int(row["seed"]),
+            snapshot=Snapshot.from_dict(row["snapshot"]),
+            parent_version=parent.version,
+            baseline=parent.template,
+            started_at=float(row["started_at"]),
+            elapsed_s=float(row.get("elapsed_s") or 0.0),
+            resumes=int(row.get("resumes") or 0) + 1,
+        )
+
+    async def run(self, stop: asyncio.Event, queue: Any) -> None:
+        """Resume cut-short runs, then consume triggers, run the schedule and learn from
+        rollouts until ``stop``; then end the runs in progress (they resume next start)."""
+        for plan in self._to_resume:
+            self.metrics.resumed.inc()
+            log.info("optimization_resumed", run_id=plan.run_id, resumes=plan.resumes)
+            await self.store.update_run(plan.run_id, resumes=plan.resumes)
+            self.metrics.running.inc()
+            self._spawn(plan)
+        self._to_resume = []
+        next_schedule = self.clock() + self.settings.schedule_check_interval_s
+        next_online = 0.0
+        try:
+            while not stop.is_set():
+                trigger = None
+                # asyncio.timeout, not wait_for: see promptd._aio.wait_event.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        trigger = await queue.get()
+                if trigger is not None:
+                    await self.submit(trigger)
+                now = self.clock()
+                if now >= next_schedule:
+                    next_schedule = now + self.settings.schedule_check_interval_s
+                    await self._schedule()
+                    await self._purge_cache()
+                if now >= next_online:
+                    next_online = now + ONLINE_CHECK_S
+                    await self.learn_online()
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            await close_litellm()
+
+    async def wait_idle(self) -> None:
+        """Wait until no run is in progress (tests and the one-shot mode)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _schedule(self) -> None:
+        if not self.limits.automatic:
+            return
+        try:
+            prompts = await self.registry.list_prompts()
+        except Exception:
+            log.exception("optimization_schedule_failed")
+            return
+        known = {p.name: p.created_at for p in prompts if p.active_version is not None}
+        now = self.clock()
+        for name in policy.scheduled(self.state, known, now, self.limits):
+            await self.submit(
+                OptimizationTrigger(name, "schedule", now, "optimization_interval_hours elapsed")
+            )
+
+    async def _purge_cache(self) -> None:
+        try:
+            keep = [r["id"] for r in await self.store.running()]
+            deleted = await self.store.purge_calls(self.clock() - CALL_CACHE_DAYS * 86_400, keep)
+        except Exception:
+            log.exception("optimization_cache_purge_failed")
+            return
+        if deleted:
+            log.info("optimization_cache_purged", deleted=deleted)
+
+    # -- starting a run ------------------------------------------------------------
+
+    async def submit(
+        self, trigger: OptimizationTrigger, strategies: Sequence[str] | None = None
+    ) -> tuple[policy.Decision, str | None]:
+        """Decide on ``trigger``; start a run when the policy says so. Never raises."""
+        try:
+            return await self._submit(trigger, strategies)
+        except Exception as exc:
+            log.exception("optimization_submit_failed", prompt=trigger.prompt)
+            return policy.Decision(False, "error", repr(exc)), None
+
+    async def start_manual(
+        self, prompt: str, strategies: Sequence[str] | None, reason: str
+    ) -> tuple[policy.Decision, str]:
+        """A manual run; raises :class:`RunError` when it cannot start."""
+        for name in strategies or ():
+            try:
+                get_strategy(name)
+            except KeyError as exc:
+                raise RunError(400, "unknown_strategy", str(exc.args[0])) from None
+        if strategies:
+            why = {n: r for n, r in available(tuple(strategies), self.settings).items() if r}
+            if len(why) == len(set(strategies)):
+                detail = "; ".join(f"{n}: {r}" for n, r in why.items())
+                raise RunError(422, "no_strategy_available", f"no strategy can run: {detail}")
+        trigger = OptimizationTrigger(prompt, "manual", self.clock(), reason)
+        decision, run_id = await self._submit(trigger, strategies)
+        if run_id is None:
+            status = {"no_active_version": 404, "no_strategy_available": 422}.get(
+                decision.reason, 409
+            )
+            raise RunError(status, decision.reason, decision.detail)
+        return decision, run_id
+
+    async def _submit(
+        self, trigger: OptimizationTrigger, strategies: Sequence[str] | None
+    ) -> tuple[policy.Decision, str | None]:
+        async with self._lock:
+            now = self.clock()
+            decision = policy.decide(
+                self.state, trigger, now, self.limits, self.rollouts.live_prompts()
+            )
+            active = await self._active(trigger.prompt) if decision.run else None
+            if decision.run and active is None:
+                decision = policy.Decision(
+                    False, "no_active_version", f"{trigger.prompt!r} has no active version"
+                )
+            run_id = f"opt-{uuid.uuid4().hex[:12]}"
+            choice = None
+            if decision.run:
+                choice, why_not = await self._choose(trigger.prompt, run_id, strategies)
+                if choice is None:
+                    decision = policy.Decision(False, "no_strategy_available", why_not)
+            self.metrics.triggers.labels(trigger.kind, decision.reason).inc()
+            self.last_triggers[trigger.prompt] = (trigger, decision)
+            log.info(
+                "optimization_trigger_decided",
+                prompt=trigger.prompt,
+                kind=trigger.kind,
+                run=decision.run,
+                reason=decision.reason,
+                detail=decision.detail,
+            )
+            if not decision.run or active is None or choice is None:
+                return decision, None
+            plan = RunPlan(
+                run_id=run_id,
+                prompt=trigger.prompt,
+                trigger_kind=trigger.kind,
+                trigger_reason=trigger.reason,
+                strategies=tuple(strategies) if strategies else (choice.strategy,),
+                selection=choice.to_dict(),
+                seed=seed_for(run_id),
+                snapshot=await self.examples.snapshot(now),
+                parent_version=active.version,
+                baseline=active.template,
+                started_at=now,
+            )
+            await self.store.create_run(_plan_row(plan), now)
+            self.state = policy.started(self.state, trigger.prompt, now)
+            self.metrics.running.inc()
+            self.metrics.selected.labels(choice.strategy, choice.method).inc()
+        self._spawn(plan)
+        return decision, run_id
+
+    async def _choose(
+        self, prompt: str, run_id: str, strategies: Sequence[str] | None
+    ) -> tuple[Choice | None, str]:
+        names = tuple(strategies) if strategies else self.settings.strategies
+        why = available(names, self.settings)
+        usable = [n for n in names if why[n] is None]
+        if not usable:
+            detail = "; ".join(f"{n}: {reason}" for n, reason in why.items())
+            return None, f"no strategy can run: {detail}"
+        if strategies:
+            return Choice(usable[0], "manual", f"requested: {', '.join(strategies)}"), ""
+        sel = self.settings.selection
+        if not sel.enabled:
+            return Choice(usable[0], "fixed", "selection disabled: first available"), ""
+        outcomes = await self.store.outcomes()
+        return (
+            choose(
+                usable,
+                prompt,
+                outcomes,
+                random.Random(seed_for(run_id)),
+                prior_alpha=sel.prior_alpha,
+                prior_beta=sel.prior_beta,
+                shared_weight=sel.shared_weight,
+            ),
+            "",
+        )
+
+    async def _active(self, prompt: str) -> PromptVersion | None:
+        try:
+            return await self.registry.active(prompt)
+        except RegistryError:
+            return None
+
+    def _spawn(self, plan: RunPlan) -> None:
+        task = asyncio.create_task(self._execute(plan), name=f"promptd:optimize:{plan.run_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- one run -------------------------------------------------------------------
+
+    async def _execute(self, plan: RunPlan) -> None:
+        started = time.monotonic()
+        execution = RunExecution(
+            plan,
+            self.settings,
+            self.store,
+            self.examples,
+            self.client_factory(),
+            checkpoint=lambda progress, budget: self._checkpoint(plan, progress, budget, started),
+            notify=lambda event, fields: self._emit(event, plan, **fields),
+        )
+        await self._emit(
+            "optimization_start" if not plan.resumes else "optimization_resume",
+            plan,
+            trigger=plan.trigger_kind,
+            reason=plan.trigger_reason,
+            strategies=list(plan.strategies),
+            selection=plan.selection,
+            parent_version=plan.parent_version,
+        )
+        status, error = "completed", None
+        deployed: tuple[str | None, str | None] = (None, None)
+        progress = execution.progress
+        try:
+            remaining = max(self.settings.timeout_s - plan.elapsed_s, 1.0)
+            async with asyncio.timeout(remaining):
+                progress = await execution.execute()
+            deployed = await self._hand_off(plan, progress)
+        except TimeoutError:
+            status, error = "timed_out", f"timed out after {self.settings.timeout_s:g}s"
+        except asyncio.CancelledError:
+            # Not finished: the row stays 'running' and the next start resumes it.
+            with contextlib.suppress(Exception):
+                await self._checkpoint(plan, progress, execution.budget, started)
+            self.metrics.running.dec()
+            log.info("optimization_suspended", run_id=plan.run_id, phase=progress.phase)
+            raise
+        except Exception as exc:
+            log.exception("optimization_failed", run_id=plan.run_id, prompt=plan.prompt)
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+        await self._finish(plan, progress, execution, status, error, deployed, started)
+
+    async def _checkpoint(
+        self, plan: RunPlan, progress: RunProgress, budget: Budget, started: float
+    ) -> None:
+        await self.store.update_run(
+            plan.run_id,
+            phase=progress.phase,
+            progress=progress.progress_json(plan.baseline),
+            candidates=[c.summary() for c in progress.candidates],
+            discarded=dict(progress.discarded),
+            llm_calls=budget.calls,
+            cost_usd=budget.cost_usd,
+            tokens=budget.tokens,
+            elapsed_s=plan.elapsed_s + (time.monotonic() - started),
+        )
+
+    async def _hand_off(
+        self, plan: RunPlan, progress: RunProgress
+    ) -> tuple[str | None, str | None]:
+        """Register the gated (or, without evaluation, proposed) candidate; deploy it."""
+        chosen = progress.chosen
+        if chosen is None or progress.outcome not in ("gate_passed", "proposed"):
+            return None, None
+        if progress.outcome == "proposed" and self.settings.without_evaluation == "reject":
+            progress.outcome = "rejected_without_evaluation"
+            return None, None
+        rationale = chosen.rationale
+        if progress.gate is not None:
+            g = progress.gate
+            rationale += (
+                f" | gate: gain {g.gain:+.4f} (95% CI {g.ci_low:+.4f}..{g.ci_high:+.4f}), "
+                f"confidence {g.confidence:.3f} on {g.n} test examples"
+            )
+        try:
+            version = await self.registry.register(
+                plan.prompt,
+                NewVersion(
+                    template=chosen.template,
+                    parent_version=plan.parent_version,
+                    origin=f"optimizer:{chosen.strategy}",
+                    run_id=plan.run_id,
+                    rationale=rationale[:10_000],
+                ),
+            )
+        except RegistryError as exc:
+            progress.notes.append(f"register candidate {chosen.index}: {exc}")
+            progress.outcome = "register_failed"
+            return None, None
+        if not self.settings.auto_deploy:
+            progress.outcome = "candidate_waiting"
+            return version.version, None
+        # Without offline evaluation the online A/B test is the only validation, so it
+        # runs with the cautious profile; either way it promotes only on a real win.
+        profile = self.settings.conservative_profile if progress.gate is None else None
+        try:
+            rollout = await self.rollouts.start_rollout(
+                plan.prompt,
+                version.version,
+                profile=profile,
+                primary_metric=self.primary_metric,
+                require_win=True,
+            )
+        except RegistryError as exc:
+            progress.notes.append(f"rollout not started: {exc}")
+            progress.outcome = "candidate_waiting"
+            return version.version, None
+        log.info(
+            "optimization_rollout_started",
+            run_id=plan.run_id,
+            prompt=plan.prompt,
+            version=version.version,
+            rollout_id=rollout.id,
+        )
+        progress.outcome = "deployed"
+        return version.version, str(rollout.id)
+
+    async def _finish(
+        self,
+        plan: RunPlan,
+        progress: RunProgress,
+        execution: RunExecution,
+        status: str,
+        error: str | None,
+        deployed: tuple[str | None, str | None],
+        started: float,
+    ) -> None:
+        now = self.clock()
+        outcome = progress.outcome if status == "completed" else "none"
+        budget = execution.budget
+        notes = "; ".join(progress.notes) or None
+        try:
+            await self.store.finish_run(
+                plan.run_id,
+                plan.prompt,
+                now,
+                status=status,
+                outcome=outcome,
+                phase="done",
+                progress=progress.progress_json(plan.baseline),
+                candidates=[c.summary() for c in progress.candidates],
+                discarded=dict(progress.discarded),
+                gate=progress.gate.to_dict() if progress.gate else None,
+                llm_calls=budget.calls,
+                cost_usd=budget.cost_usd,
+                tokens=budget.tokens,
+                elapsed_s=plan.elapsed_s + (time.monotonic() - started),
+                deployed_version=deployed[0],
+                rollout_id=deployed[1],
+                error=error if error is not None else notes,
+            )
+            await self._learn_gate(plan, progress)
+        except Exception:
+            log.exception("optimization_record_failed", run_id=plan.run_id)
+        self.state = policy.finished(self.state, plan.prompt, now)
+        self.metrics.running.dec()
+        self.metrics.runs.labels(status, outcome).inc()
+        self.metrics.llm_calls.inc(budget.calls)
+        self.metrics.cost.inc(budget.cost_usd)
+        if execution.llm is not None:
+            self.metrics.cache.labels("hit").inc(execution.llm.hits)
+            self.metrics.cache.labels("miss").inc(execution.llm.misses)
+        for cand in progress.candidates:
+            self.metrics.candidates.labels(cand.strategy, "scored").inc()
+        for key, count in progress.discarded.items():
+            self.metrics.candidates.labels(key.split(":", 1)[0], "discarded").inc(count)
+        if progress.gate is not None and progress.chosen is not None:
+            self.metrics.gate.labels(progress.chosen.strategy, progress.gate.reason).inc()
+        await self._emit(
+            "optimization_complete",
+            plan,
+            status=status,
+            outcome=outcome,
+            cost_usd=round(budget.cost_usd, 6),
+            llm_calls=budget.calls,
+            cache_hits=execution.llm.hits if execution.llm else 0,
+            candidates=len(progress.candidates),
+            selected=progress.selected,
+            gate=progress.gate.to_dict() if progress.gate else None,
+            deployed_version=deployed[0],
+            rollout_id=deployed[1],
+            error=error,
+            notes=notes,
+        )
+        row = await self.store.get_run(plan.run_id)
+        if row is not None:
+            await self.tracker.run_finished(row)
+
+    # -- the bandit's evidence -----------------------------------------------------
+
+    async def _learn_gate(self, plan: RunPlan, progress: RunProgress) -> None:
+        """A gate pass is a success of the run's strategy, a failure a failure; so is not
+        beating the active version on validation (the search found nothing better)."""
+        strategy = progress.chosen.strategy if progress.chosen else plan.strategies[0]
+        if progress.outcome in ("gate_failed", "no_improvement_on_validation"):
+            success = 0.0
+        elif progress.gate is not None and progress.gate.passed:
+            success = 1.0
+        else:
+            return
+        await self.store.record_outcome(
+            plan.run_id, plan.prompt, strategy, "gate", success, 1.0 - success, progress.outcome
+        )
+
+    async def learn_online(self) -> None:
+        """Record the online result of every ended optimizer rollout (once per run)."""
+        try:
+            rows = await self.store.awaiting_online()
+        except Exception:
+            log.exception("optimization_online_check_failed")
+            return
+        weight = self.settings.selection.online_weight
+        for row in rows:
+            try:
+                rollout = await self.rollouts.describe(str(row["rollout_id"]))
+            except Exception:
+                log.warning("optimization_online_rollout_missing", run_id=row["id"])
+                continue
+            status = str(rollout.get("status"))
+            if status in LIVE_ROLLOUT_STATES:
+                continue
+            won = status == "promoted"
+            strategy = (row.get("selection") or {}).get("strategy") or row["strategies"][0]
+            await self.store.record_outcome(
+                row["id"],
+                row["prompt"],
+                strategy,
+                "online",
+                weight if won else 0.0,
+                0.0 if won else weight,
+                status,
+            )
+            self.metrics.online.labels(strategy, "win" if won else "no_win").inc()
+            log.info(
+                "optimization_online_result",
+                run_id=row["id"],
+                strategy=strategy,
+                rollout_status=status,
+                won=won,
+            )
+
+    # -- events and views ----------------------------------------------------------
+
+    async def _emit(self, event: str, plan: RunPlan, **fields: Any) -> None:
+        """One optimization event: to the log (without template text) and to the topic."""
+        log.info(
+            event,
+            run_id=plan.run_id,
+            prompt=plan.prompt,
+            **{k: v for k, v in fields.items() if k not in ("template", "details")},
+        )
+        body = {"event": event, "run_id": plan.run_id, "prompt": plan.prompt, "ts": self.clock()}
+        try:
+            await self.publish({**body, **fields})
+        except Exception as exc:
+            # The topic is a notification channel; a run never fails because Kafka is down.
+            log.warning("optimization_publish_failed", event_name=event, error=repr(exc))
+
+    async def list_runs(self, prompt: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Runs, newest first."""
+        return await self.store.list_runs(prompt, limit)
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """One run, or ``None``."""
+        return await self.store.get_run(run_id)
+
+
+def _plan_row(plan: RunPlan) -> dict[str, Any]:
+    return {
+        "id": plan.run_id,
+        "prompt": plan.prompt,
+        "trigger_kind": plan.trigger_kind,
+        "trigger_reason": plan.trigger_reason,
+        "strategies": list(plan.strategies),
+        "status": "running",
+        "parent_version": plan.parent_version,
+        "started_at": plan.started_at,
+        "seed": plan.seed,
+        "snapshot": plan.snapshot.to_dict(),
+        "selection": plan.selection,
+        "phase": "examples",
+    }

@@ -1,0 +1,187 @@
+"""``mipro``: instructions x demonstration sets, searched jointly with TPE (MIPROv2).
+
+1. **Instructions**: the active one plus ``num_instructions - 1`` proposals, each asked
+   with a different tip and grounded in training examples.
+2. **Demonstration sets**: none, the diverse set, and random subsets of the train split's
+   demonstrations (``num_demo_sets`` in all; only "none" when there are no demonstrations).
+3. **Search**: ``num_trials`` trials of optuna's TPE sampler (seeded by the run) over the
+   pair (instruction, demonstration set), through optuna's ask-and-tell interface; each
+   trial scores its template on a random validation minibatch.
+4. **Re-scoring**: the ``top_k_full_eval`` pairs with the best minibatch means are
+   scored on the whole validation split; those are the strategy's candidates.
+
+The study is rebuilt by replay on resume: the sampler is seeded, and every minibatch
+score comes back from the call cache, so a resumed run asks the same trials again and
+continues where it stopped without paying twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from types import ModuleType
+
+import structlog
+
+from promptd.optimization.config import OptimizationSettings
+from promptd.optimization.examples import Example
+from promptd.optimization.llm import BudgetExceeded, LLMError
+from promptd.optimization.strategies.base import (
+    TIPS,
+    SearchContext,
+    SearchResult,
+    parse_instruction,
+    proposal_messages,
+    with_instruction,
+)
+from promptd.optimization.strategies.fewshot import diverse
+from promptd.optimization.templates import instruction_of, strip_demos, with_demos
+
+log = structlog.get_logger("promptd.optimizer")
+
+
+class MiproSearch:
+    """Joint instruction and demonstration search with a TPE sampler."""
+
+    name = "mipro"
+
+    def unavailable(self, settings: OptimizationSettings) -> str | None:
+        """Needs a proposer and an evaluation model."""
+        if settings.proposer is None:
+            return "no proposer model configured ([optimization.proposer] model)"
+        if settings.evaluation.model is None:
+            return "no evaluation model configured ([optimization.evaluation.model])"
+        return None
+
+    async def search(self, ctx: SearchContext) -> SearchResult:
+        """Propose instructions, build demonstration sets, run the TPE study, re-score."""
+        result = SearchResult()
+        try:
+            instructions = await self._instructions(ctx, result)
+            demo_sets = self._demo_sets(ctx)
+            ranked = await self._study(ctx, instructions, demo_sets)
+            conf = ctx.settings.mipro
+            for (i, j), mean in ranked[: conf.top_k_full_eval]:
+                await ctx.evaluate(
+                    self._template(ctx, instructions[i], demo_sets[j]),
+                    self.name,
+                    f"instruction {i} x demonstration set {j} (minibatch mean {mean:.3f})",
+                    result,
+                    {
+                        "instruction": instructions[i],
+                        "demos": [d.request_id for d in demo_sets[j]],
+                        "minibatch_mean": round(mean, 6),
+                    },
+                )
+        except BudgetExceeded as exc:
+            result.stopped = str(exc)
+        return result
+
+    async def _instructions(self, ctx: SearchContext, result: SearchResult) -> list[str]:
+        conf = ctx.settings.mipro
+        current = instruction_of(ctx.baseline)
+        answers = await asyncio.gather(
+            *(
+                ctx.propose(
+                    proposal_messages(
+                        ctx,
+                        current,
+                        [],
+                        TIPS[i % len(TIPS)],
+                        ctx.settings.instruction.worst_examples,
+                    ),
+                    f"{self.name}:instruction:{i}",
+                )
+                for i in range(conf.num_instructions - 1)
+            ),
+            return_exceptions=True,
+        )
+        out = [current]
+        for answer in answers:
+            if isinstance(answer, BudgetExceeded):
+                raise answer
+            if isinstance(answer, LLMError):
+                result.discarded["llm_error"] += 1
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            parsed = parse_instruction(answer)
+            if parsed is None or parsed in out:
+                result.discarded["malformed" if parsed is None else "duplicate"] += 1
+                continue
+            out.append(parsed)
+        return out
+
+    def _demo_sets(self, ctx: SearchContext) -> list[list[Example]]:
+        conf = ctx.settings.mipro
+        pool = ctx.demo_pool()
+        sets: list[list[Example]] = [[]]
+        if not pool:
+            return sets
+        k_max = min(ctx.settings.fewshot.max_demos, len(pool))
+        sets.append(diverse(pool, k_max))
+        rng = ctx.rng(self.name, "demos")
+        while len(sets) < conf.num_demo_sets:
+            sets.append(rng.sample(pool, rng.randint(1, k_max)))
+        return sets
+
+    def _template(self, ctx: SearchContext, instruction: str, demos: Sequence[Example]) -> str:
+        base = strip_demos(ctx.baseline)
+        if instruction != instruction_of(base):
+            base = with_instruction(base, instruction)
+        if not demos:
+            return base
+        conf = ctx.settings.fewshot
+        return with_demos(base, demos, conf.max_demo_chars, conf.min_score)
+
+    async def _study(
+        self,
+        ctx: SearchContext,
+        instructions: list[str],
+        demo_sets: list[list[Example]],
+    ) -> list[tuple[tuple[int, int], float]]:
+        """The TPE study; pairs ranked by mean minibatch score (best first)."""
+        optuna = _optuna()
+        conf = ctx.settings.mipro
+        sampler = optuna.samplers.TPESampler(
+            seed=ctx.seed % 2**31, n_startup_trials=max(1, min(5, conf.num_trials // 3))
+        )
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        rng = ctx.rng(self.name, "minibatch")
+        size = min(conf.minibatch_size, len(ctx.validation))
+        sums: dict[tuple[int, int], list[float]] = defaultdict(list)
+        for _ in range(conf.num_trials):
+            trial = study.ask()
+            i = int(trial.suggest_categorical("instruction", list(range(len(instructions)))))
+            j = int(trial.suggest_categorical("demos", list(range(len(demo_sets)))))
+            batch = rng.sample(ctx.validation, size)
+            template = self._template(ctx, instructions[i], demo_sets[j])
+            try:
+                value = await ctx.minibatch_mean(template, batch)
+            except BudgetExceeded:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                break
+            study.tell(trial, value)
+            sums[(i, j)].append(value)
+        means = {pair: sum(v) / len(v) for pair, v in sums.items()}
+        # The active instruction without demonstrations is the baseline itself.
+        means.pop((0, 0), None)
+        return sorted(means.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+_optuna_module: ModuleType | None = None
+
+
+def _optuna() -> ModuleType:
+    """optuna, imported on first use, its own log handler off (logs go through ours)."""
+    global _optuna_module
+    if _optuna_module is None:
+        import optuna
+
+        optuna.logging.set_verbosity(logging.WARNING)
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
+        _optuna_module = optuna
+    return _optuna_module
