@@ -6,8 +6,8 @@
   should restart it.
 - **Readiness** (``/readyz``) fails whenever events are not flowing into storage right
   now: any liveness failure, storage writes failing, the broker silent or no partitions
-  assigned for ``kafka.readiness_timeout_s``, an undecodable batch, or a consumer group
-  shared with another member. It recovers by itself once the cause is gone.
+  assigned for ``kafka.readiness_timeout_s``, or a consumer group shared with another
+  member. It recovers by itself once the cause is gone.
 
 Every timer here lives in :class:`IngestState`, which outlives the consumer's restarts:
 a consumer that restarts after each failed write does not reset any of them.
@@ -44,7 +44,6 @@ class IngestState:
     # Set while the last storage write failed (cleared by the next one that succeeds).
     write_error: str | None = None
     write_started_at: float | None = None
-    undecodable: str | None = None
     group_conflict: str | None = None
     # A fatal condition: ingestion stopped for good in this process.
     halted: str | None = None
@@ -74,10 +73,11 @@ def liveness(state: IngestState, kafka: KafkaSettings, now: float) -> Verdict:
     if state.halted:
         return Verdict(False, f"ingestion halted: {state.halted}")
     if is_stalled(state, kafka, now):
+        cause = f" (storage writes failing: {state.write_error})" if state.write_error else ""
         return Verdict(
             False,
             f"consumer holds {state.total_lag} records of lag and stored nothing for "
-            f"{now - state.last_progress_at:.0f} s",
+            f"{now - state.last_progress_at:.0f} s{cause}",
         )
     if state.connected and now - state.last_poll_at > kafka.stall_timeout_s:
         return Verdict(False, "the consumer loop has not polled within stall_timeout_s")
@@ -86,16 +86,14 @@ def liveness(state: IngestState, kafka: KafkaSettings, now: float) -> Verdict:
 
 def readiness(state: IngestState, kafka: KafkaSettings, now: float) -> Verdict:
     """``/readyz``: true only while events flow from Kafka into storage."""
+    limit = kafka.readiness_timeout_s
+    storage = _storage_problem(state, now, limit)
+    if storage and not state.halted:
+        return Verdict(False, storage)
     alive = liveness(state, kafka, now)
     if not alive.ok:
         return alive
-    limit = kafka.readiness_timeout_s
-    problem = (
-        _storage_problem(state, now, limit)
-        or _broker_problem(state, now, limit)
-        or (f"undecodable record batch: {state.undecodable}" if state.undecodable else None)
-        or state.group_conflict
-    )
+    problem = _broker_problem(state, now, limit) or state.group_conflict
     return Verdict(False, problem) if problem else Verdict(True, "ok")
 
 

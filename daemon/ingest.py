@@ -296,6 +296,10 @@ class Ingestor:
                 self.state.last_poll_at = time.monotonic()
                 if self._refusal is not None:
                     raise self._refusal
+                if self._pending is not None and self._pending.done():
+                    # A failed write surfaces now (and restarts from storage), not only
+                    # when the next records arrive.
+                    await self.drain()
                 if records:
                     await self._handle(consumer, records)
                 await self._reset_if_behind(consumer)
@@ -611,10 +615,10 @@ class Ingestor:
             tp = TopicPartition(topic, partition)
             answered_ms = max(answered_ms, consumer.last_poll_timestamp(tp) or 0)
             hw = consumer.highwater(tp)
-            nxt = self.state.next_offsets.get((topic, partition))
-            if hw is None or nxt is None:
+            if hw is None:
                 continue
-            lag = max(0, int(hw) - nxt)
+            # Nothing stored yet from this partition: all of its log is still to store.
+            lag = max(0, int(hw) - self.state.next_offsets.get((topic, partition), 0))
             self.state.lag[(topic, partition)] = lag
             self.metrics.lag.labels(topic=topic, partition=str(partition)).set(lag)
         if answered_ms:
