@@ -56,6 +56,7 @@ async def test_a_stopped_broker_turns_readyz_503_and_back(
     os.kill(broker.pid, signal.SIGSTOP)
     try:
         took = await until_status(running, "/readyz", 503, WITHIN_S + 5)
+        print(f"/readyz 503 after {took:.1f} s")
         assert took < WITHIN_S
         assert "no answer from the broker" in running.daemon.readiness()[1]
     finally:
@@ -76,6 +77,7 @@ async def test_a_killed_broker_turns_readyz_503_and_a_new_one_brings_it_back(
     assert broker.pid is not None
     os.kill(broker.pid, signal.SIGKILL)
     took = await until_status(running, "/readyz", 503, WITHIN_S + 5)
+    print(f"/readyz 503 after {took:.1f} s")
     assert took < WITHIN_S
     assert await probe(running, "/healthz") == 200  # waiting helps: not a liveness failure
     broker = private_broker(port=broker.port)
@@ -102,6 +104,7 @@ async def test_failing_storage_writes_keep_readyz_503_until_they_recover(
     topic = settings.kafka.metrics_topic
     await produce(settings.kafka.bootstrap_servers, topic, metric_values(20, "w"))
     took = await until_status(running, "/readyz", 503, WITHIN_S + 5)
+    print(f"/readyz 503 after {took:.1f} s")
     assert took < WITHIN_S
     await until_status(running, "/healthz", 503, 20)
     end = time.monotonic() + 20
