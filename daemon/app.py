@@ -5,12 +5,21 @@ sets it from SIGTERM/SIGINT), then stops consuming, lets the batch in hand finis
 commit, and closes every resource, all within ``shutdown_timeout_s``. Every background
 task is owned by the group; an exception in one is logged with its name and brings the
 daemon down cleanly rather than leaving it half alive.
+
+One daemon per store: the daemon holds the data directory's lock (:mod:`.lock`) for its
+whole life, writes ``runtime.json`` there once started and removes it at exit; it refuses
+to start on a locked directory, or to consume a group another member shares
+(:class:`DaemonRefusedError`, one line for the CLI). It watches its database file and
+stops ingesting if the file is deleted or replaced.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,10 +32,13 @@ from promptd import __version__
 from promptd._aio import wait_event
 from promptd.daemon.broker import EmbeddedBroker
 from promptd.daemon.http import build_app, is_loopback
-from promptd.daemon.ingest import BatchListener, Ingestor
+from promptd.daemon.ingest import BatchListener, GroupConflictError, IngestAlert, Ingestor
 from promptd.daemon.kafka import Producer, ensure_topics
+from promptd.daemon.lock import DataDirLock, DataDirLockedError
 from promptd.daemon.settings import Settings
 from promptd.monitoring.metrics import IngestMetrics
+from promptd.monitoring.rules import Notification
+from promptd.monitoring.sinks import log_notification
 from promptd.storage.database import Database
 from promptd.storage.repository import DUPLICATES, STORED_FEEDBACK, STORED_METRICS, EventRepository
 
@@ -36,8 +48,15 @@ RouteExtension = Callable[[web.Application], None]
 TaskFactory = Callable[[asyncio.Event], Awaitable[None]]
 
 
+RUNTIME_FILE = "runtime.json"
+
+
 class ConfigurationError(RuntimeError):
     """The settings cannot work together (e.g. admin routes exposed without a token)."""
+
+
+class DaemonRefusedError(ConfigurationError):
+    """Another daemon owns this data directory or consumer group (one daemon per store)."""
 
 
 class Daemon:
@@ -69,11 +88,31 @@ class Daemon:
         self.http_port: int | None = None
         self.started = asyncio.Event()
         self._kafka_ready = False
+        self.lock = DataDirLock(settings.storage.data_dir, owned_files=(RUNTIME_FILE,))
+        # A fatal storage condition seen before ingestion runs (database file replaced).
+        self._storage_problem: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set; return after a clean, bounded shutdown."""
+        """Run until ``stop`` is set; return after a clean, bounded shutdown.
+
+        Raises :class:`DaemonRefusedError` when another daemon holds the data directory
+        or shares the consumer group.
+        """
+        try:
+            self.lock.acquire()
+        except DataDirLockedError as exc:
+            raise DaemonRefusedError(str(exc)) from None
+        try:
+            await self._run_locked(stop)
+        except* GroupConflictError as group:
+            raise DaemonRefusedError(str(group.exceptions[0])) from None
+        finally:
+            self.lock.release()
+        log.info("daemon_stopped")
+
+    async def _run_locked(self, stop: asyncio.Event) -> None:
         async with contextlib.AsyncExitStack() as stack:
             self.db = await Database.open(
                 self.settings.storage.database_path, self.settings.storage.busy_timeout_ms
@@ -83,16 +122,7 @@ class Daemon:
             for hook in self.startup_hooks:
                 await hook()
             if self.settings.kafka.embedded:
-                self.broker = EmbeddedBroker()
-                await asyncio.to_thread(self.broker.start)
-                stack.callback(self.broker.stop)
-                self.bootstrap = self.broker.bootstrap_servers
-                log.warning(
-                    "embedded_broker_started",
-                    bootstrap_servers=self.bootstrap,
-                    note="memory-only development broker: events are lost when it stops; "
-                    "set PROMPTD_KAFKA_BOOTSTRAP_SERVERS for production",
-                )
+                await self._start_embedded_broker(stack)
             assert self.bootstrap is not None
             self.producer = Producer(self.settings.kafka, self.bootstrap)
             stack.push_async_callback(self.producer.stop)
@@ -103,6 +133,8 @@ class Daemon:
                 self.producer,
                 self.ingest_metrics,
                 self.batch_listeners,
+                alert=self._ingest_alert,
+                storage_check=self.db.file_problem,
             )
             runner = await self._start_http()
             stack.push_async_callback(runner.cleanup)
@@ -114,7 +146,36 @@ class Daemon:
                 kafka=self.bootstrap,
             )
             await self._run_tasks(stop)
-        log.info("daemon_stopped")
+
+    async def _start_embedded_broker(self, stack: contextlib.AsyncExitStack) -> None:
+        assert self.repo is not None
+        self.broker = EmbeddedBroker()
+        await self.broker.start_async()
+        stack.callback(self.broker.stop)
+        self.bootstrap = self.broker.bootstrap_servers
+        log.warning(
+            "embedded_broker_started",
+            bootstrap_servers=self.bootstrap,
+            note="memory-only development broker: events are lost when it stops; "
+            "set PROMPTD_KAFKA_BOOTSTRAP_SERVERS for production",
+        )
+        # A new embedded broker is an empty log: offsets stored against the previous
+        # one would skip the first records of the new one, so they are forgotten.
+        forgotten = await self.repo.forget_offsets(self.settings.kafka.event_topics)
+        if forgotten:
+            log.warning("stored_offsets_forgotten", partitions=forgotten, reason="embedded_broker")
+
+    def _write_runtime(self) -> None:
+        """``runtime.json``: how CLI commands find this daemon (removed with the lock)."""
+        record = {
+            "pid": os.getpid(),
+            "http_port": self.http_port,
+            "bootstrap_servers": self.bootstrap,
+        }
+        path = self.settings.storage.data_dir / RUNTIME_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
 
     async def _run_tasks(self, stop: asyncio.Event) -> None:
         inner_stop = asyncio.Event()
@@ -125,8 +186,10 @@ class Daemon:
                 group.create_task(self._guard("kafka", self._kafka_main, inner_stop))
                 group.create_task(self._guard("retention", self._retention, inner_stop))
                 group.create_task(self._guard("checkpoint", self._checkpoint, inner_stop))
+                group.create_task(self._guard("storage-watch", self._watch_storage, inner_stop))
                 for name, factory in self.task_factories:
                     group.create_task(self._guard(name, factory, inner_stop))
+                self._write_runtime()
                 self.started.set()
                 await stop.wait()
                 log.info("shutdown_started")
@@ -143,6 +206,9 @@ class Daemon:
         try:
             await factory(stop)
         except asyncio.CancelledError:
+            raise
+        except GroupConflictError as exc:
+            log.error("daemon_refused", reason=str(exc))
             raise
         except Exception:
             log.exception("task_failed", task=name)
@@ -169,6 +235,43 @@ class Daemon:
             return
         self._kafka_ready = True
         await self.ingestor.run(stop)
+
+    async def _watch_storage(self, stop: asyncio.Event) -> None:
+        """Stop ingesting once the database file is deleted or replaced."""
+        while not stop.is_set():
+            assert self.db is not None
+            problem = self.db.file_problem()
+            if problem is not None and self._storage_problem is None:
+                self._storage_problem = problem
+                if self.ingestor is not None:
+                    self.ingestor.halt("database file changed", problem, "database_file_changed")
+            await wait_event(stop, self.settings.storage.file_check_interval_s)
+
+    def _ingest_alert(self, alert: IngestAlert) -> None:
+        """Raise an ingestion alert through the monitor's path: the log sink, then every
+        configured sink (Kafka alerts topic, webhook, Alertmanager)."""
+        labels = {"alertname": alert.rule, "group": self.settings.kafka.group_id, **alert.labels}
+        key = json.dumps(labels, sort_keys=True).encode()
+        note = Notification(
+            rule=alert.rule,
+            fingerprint=hashlib.sha256(key).hexdigest()[:16],
+            labels=labels,
+            state="firing",
+            reason=alert.reason,
+            metric=alert.metric,
+            value=alert.value,
+            threshold=alert.threshold,
+            baseline=None,
+            severity=alert.severity,
+            started_at=time.time(),
+            resolved_at=None,
+            degradation=False,
+            window_seconds=0.0,
+        )
+        log_notification(note)
+        monitor = self.components.get("monitor")
+        for sink in getattr(monitor, "sinks", ()):
+            sink.submit(note)
 
     async def _checkpoint(self, stop: asyncio.Event) -> None:
         """Passive WAL checkpoints every second, off the writer's thread."""
@@ -213,20 +316,23 @@ class Daemon:
         return self._kafka_ready
 
     def health(self) -> tuple[bool, str]:
-        """Liveness for ``/healthz``."""
+        """Liveness for ``/healthz`` (see :mod:`promptd.daemon.health`)."""
+        if self._storage_problem is not None:
+            return False, f"ingestion halted: {self._storage_problem}"
         if self.ingestor is None:
             return True, "starting"
         return self.ingestor.health()
 
     def readiness(self) -> tuple[bool, str]:
-        """Readiness for ``/readyz``: storage open and the consumer connected."""
+        """Readiness for ``/readyz``: events flow from Kafka into storage right now."""
         if self.db is None:
             return False, "storage not open"
+        healthy, reason = self.health()
+        if not healthy:
+            return False, reason
         if self.ingestor is None or not self._kafka_ready:
             return False, "kafka not reachable yet"
-        if not self.ingestor.state.connected:
-            return False, self.ingestor.state.last_error or "consumer not connected"
-        return True, "ok"
+        return self.ingestor.readiness()
 
     async def status(self) -> dict[str, Any]:
         """The body of ``/v1/status``."""
@@ -262,5 +368,8 @@ class Daemon:
                 "assigned_partitions": len(state.assigned) if state else 0,
                 "stalled": bool(state and state.stalled),
                 "last_error": state.last_error if state else None,
+                "offset_resets": state.offset_resets if state else 0,
+                "group_conflict": state.group_conflict if state else None,
+                "halted": state.halted if state else self._storage_problem,
             },
         }

@@ -3,17 +3,37 @@
 Memory-only: every topic and record is gone when it stops. It exists so that
 ``promptd run`` and ``promptd demo`` work on a laptop with nothing else installed, and so
 that the tests talk to a real Kafka-protocol broker over TCP. Never use it in production.
+
+The broker dies with the thread that started it, even on SIGKILL: on Linux it is started
+through a small Python shim that sets ``PR_SET_PDEATHSIG`` and then ``exec``s Tansu (a
+``preexec_fn`` would run Python in a forked child of a threaded process, which can
+deadlock). The signal follows the *thread* that forked, so start it from a thread that
+lives as long as the broker should (the event loop's, not a worker thread).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from typing import Self
+
+# Runs in the child: ask for SIGKILL when the parent goes, give up if it already has,
+# then become Tansu. argv: expected parent pid, binary, arguments...
+_PDEATHSIG_SHIM = """
+import ctypes, os, signal, sys
+PR_SET_PDEATHSIG = 1
+ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 
 class EmbeddedBrokerError(RuntimeError):
@@ -70,34 +90,56 @@ class EmbeddedBroker:
     def start(self, timeout_s: float = 10.0) -> None:
         """Start the broker and wait until it accepts TCP connections."""
         binary = resolve_binary()
-        # A broker started on a port already in use exits 0 at once, so retry on a new
-        # free port rather than trust the first pick.
-        for _attempt in range(5):
-            port = self.port if self.port is not None else free_port(self.host)
-            url = f"tcp://{self.host}:{port}"
-            proc = subprocess.Popen(
-                [
-                    binary,
-                    "broker",
-                    "--listener-url",
-                    url,
-                    "--advertised-listener-url",
-                    url,
-                    "--storage-engine",
-                    "memory://tansu/",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        for port in self._ports():
+            proc = self._spawn(binary, port)
             if self._wait_ready(proc, port, timeout_s):
                 self._proc, self.port = proc, port
                 return
             self._kill(proc)
-            if self.port is not None:
-                break
         raise EmbeddedBrokerError(f"the embedded broker did not start on {self.host}")
+
+    async def start_async(self, timeout_s: float = 10.0) -> None:
+        """:meth:`start` for an event loop: spawned from the loop's thread (so the broker
+        lives as long as that thread), waited for in a worker thread."""
+        binary = resolve_binary()
+        for port in self._ports():
+            proc = self._spawn(binary, port)
+            if await asyncio.to_thread(self._wait_ready, proc, port, timeout_s):
+                self._proc, self.port = proc, port
+                return
+            self._kill(proc)
+        raise EmbeddedBrokerError(f"the embedded broker did not start on {self.host}")
+
+    def _ports(self) -> Iterator[int]:
+        # A broker started on a port already in use exits 0 at once, so retry on a new
+        # free port rather than trust the first pick (a fixed port gets one try).
+        if self.port is not None:
+            yield self.port
+            return
+        for _attempt in range(5):
+            yield free_port(self.host)
+
+    def _spawn(self, binary: str, port: int) -> subprocess.Popen[bytes]:
+        url = f"tcp://{self.host}:{port}"
+        argv = [
+            binary,
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        if sys.platform == "linux":
+            argv = [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], port: int, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

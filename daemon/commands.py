@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import signal
 import urllib.error
 import urllib.request
@@ -162,6 +160,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run_daemon(settings: Settings) -> None:
+    # The daemon writes runtime.json once started and removes it at exit: it holds the
+    # data directory's lock, so no other process ever touches that file.
     daemon = Daemon(settings)
     from promptd.daemon.wiring import install_components
 
@@ -170,29 +170,7 @@ async def _run_daemon(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    task = asyncio.create_task(daemon.run(stop))
-    started = asyncio.create_task(daemon.started.wait())
-    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
-    if daemon.started.is_set():
-        _write_runtime(settings, daemon)
-    try:
-        await task
-    finally:
-        started.cancel()
-        with contextlib.suppress(OSError):
-            runtime_path(settings).unlink()
-
-
-def _write_runtime(settings: Settings, daemon: Daemon) -> None:
-    record = {
-        "pid": os.getpid(),
-        "http_port": daemon.http_port,
-        "bootstrap_servers": daemon.bootstrap,
-    }
-    path = runtime_path(settings)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    tmp.replace(path)
+    await daemon.run(stop)
 
 
 def status(args: argparse.Namespace, settings: Settings) -> int:

@@ -16,22 +16,56 @@ Writes are pipelined one deep: batch N+1 is fetched while batch N is being writt
 SQLite's thread (it is decoded only after that write ends: both need the GIL). Any
 failure (broker gone, disk full) closes the consumer, waits with exponential backoff and
 starts over from the stored offsets: it never crash-loops and never skips.
+
+Broker resets: a stored offset past a partition's log means the log started over (the
+broker restarted empty, the topic was recreated). After every fetch the stored offsets
+are compared with the high-water marks the fetch answered (not ListOffsets, which the
+test broker gets wrong), and out-of-range fetches are caught (``auto_offset_reset`` is
+``none``, so aiokafka never resets silently). Either way the partition is re-read from
+its earliest offset (deduplication by ``event_id`` makes that safe), and the reset is
+counted, logged (``kafka_offset_reset``) and alerted.
+
+Poison: a record batch that cannot be decoded (corrupt, or an unknown codec; gzip,
+snappy, lz4 and zstd are all read) halts ingestion loudly rather than skip it: nothing
+is lost, ``/healthz`` and ``/readyz`` fail naming the error, an alert fires.
+
+One daemon per consumer group: a daemon whose first assignment lacks some partitions of
+its topics shares the group with another member; it refuses to consume (raises
+:class:`GroupConflictError`) and leaves the group. A daemon that already ran alone keeps
+consuming its share but turns unready and logs an error until it has every partition.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cramjam
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    CorruptRecordException,
+    KafkaError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+    UnsupportedCodecError,
+)
 
 from promptd._aio import wait_event
-from promptd.daemon.kafka import Headers, KafkaSendError, Producer, client_options
+from promptd.daemon.health import IngestState, Verdict, is_stalled, liveness, readiness
+from promptd.daemon.kafka import (
+    Headers,
+    KafkaSendError,
+    Producer,
+    client_options,
+    describe_group_members,
+    ensure_topics,
+)
 from promptd.daemon.settings import KafkaSettings
 from promptd.events import FeedbackEvent, MetricEvent, Rejection, decode_event
 from promptd.monitoring.metrics import IngestMetrics
@@ -43,27 +77,67 @@ log = structlog.get_logger("promptd.ingest")
 # broker round trip out of most batches.
 COMMIT_INTERVAL_S = 1.0
 
+# What a record batch that cannot be decoded raises out of ``getmany`` (aiokafka's own
+# errors, or the codec's: cramjam for snappy/lz4/zstd, the standard library for gzip).
+DECODE_ERRORS: tuple[type[Exception], ...] = (
+    UnsupportedCodecError,
+    CorruptRecordException,
+    cramjam.DecompressionError,
+    gzip.BadGzipFile,
+    zlib.error,
+    EOFError,
+)
+
 BatchListener = Callable[[BatchOutcome], Awaitable[None]]
+Key = tuple[str, int]
 
 
-@dataclass(slots=True)
-class IngestState:
-    """Live view of the consumer for health checks and ``/v1/status``."""
+class GroupConflictError(RuntimeError):
+    """Another member shares the consumer group: this daemon refuses to consume."""
 
-    connected: bool = False
-    started_at: float = field(default_factory=time.monotonic)
-    last_poll_at: float = field(default_factory=time.monotonic)
-    last_progress_at: float = field(default_factory=time.monotonic)
-    assigned: frozenset[tuple[str, int]] = frozenset()
-    lag: dict[tuple[str, int], int] = field(default_factory=dict)
-    next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
-    stalled: bool = False
-    last_error: str | None = None
 
-    @property
-    def total_lag(self) -> int:
-        """Sum of the known per-partition lags."""
-        return sum(self.lag.values())
+@dataclass(frozen=True, slots=True)
+class IngestAlert:
+    """A data-safety alert raised by ingestion (offset reset, halt)."""
+
+    rule: str
+    labels: dict[str, str]
+    reason: str
+    metric: str = ""
+    value: float | None = None
+    threshold: float | None = None
+    severity: str = "critical"
+
+
+AlertHook = Callable[[IngestAlert], None]
+StorageCheck = Callable[[], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetReset:
+    """A partition whose stored offset lies past its log."""
+
+    topic: str
+    partition: int
+    stored_offset: int
+    high_watermark: int | None
+    reason: str
+
+
+def find_resets(
+    stored: Mapping[Key, int], highwaters: Mapping[Key, int | None]
+) -> list[OffsetReset]:
+    """Partitions whose stored next offset is beyond the high-water mark, pure.
+
+    The high-water mark comes from the latest fetch answer, which is never older than
+    any record stored, so in a log that only grows it is never below a stored offset.
+    """
+    out = []
+    for (topic, partition), hw in highwaters.items():
+        offset = stored.get((topic, partition))
+        if hw is not None and offset is not None and hw < offset:
+            out.append(OffsetReset(topic, partition, offset, hw, "log_behind_stored_offset"))
+    return out
 
 
 @dataclass(slots=True)
@@ -138,6 +212,8 @@ class Ingestor:
         producer: Producer,
         metrics: IngestMetrics,
         listeners: Sequence[BatchListener] = (),
+        alert: AlertHook | None = None,
+        storage_check: StorageCheck | None = None,
     ) -> None:
         self.kafka = kafka
         self.bootstrap = bootstrap
@@ -145,36 +221,64 @@ class Ingestor:
         self.producer = producer
         self.metrics = metrics
         self.listeners = list(listeners)
+        self.alert = alert
+        # Called before every write and commit: a reason when the database file is gone.
+        self.storage_check = storage_check
         self.state = IngestState()
         self._pending: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        self._uncommitted: dict[tuple[str, int], int] = {}
+        self._uncommitted: dict[Key, int] = {}
         self._last_commit = 0.0
+        self._was_alone = False
+        self._refusal: GroupConflictError | None = None
+        self._last_topic_check = 0.0
+
+    # -- lifecycle -----------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set, restarting with backoff after any failure."""
+        """Consume until ``stop`` is set or ingestion halts, restarting with backoff
+        after any failure; raises :class:`GroupConflictError` when it must not run."""
         self._stop = stop
         backoff = self.kafka.retry_backoff_initial_s
-        while not stop.is_set():
+        while not stop.is_set() and self.state.halted is None:
             try:
                 await self._consume(stop)
                 backoff = self.kafka.retry_backoff_initial_s
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GroupConflictError):
                 raise
+            except UndecodableBatchError as exc:
+                self.metrics.undecodable_batches.inc()
+                self.halt("undecodable record batch", str(exc), rule="kafka_undecodable_batch")
             except Exception as exc:
                 self.state.connected = False
                 self.metrics.kafka_connected.set(0)
                 self.state.last_error = repr(exc)
+                if self.state.halted is not None:
+                    break
                 log.warning("ingest_restart", error=repr(exc), backoff_s=round(backoff, 2))
                 await wait_event(stop, backoff)
                 backoff = min(backoff * 2, self.kafka.retry_backoff_max_s)
+        self.state.connected = False
+        self.metrics.kafka_connected.set(0)
+
+    def halt(self, what: str, detail: str, rule: str) -> None:
+        """Stop ingesting for good in this process: logged, alerted, unhealthy."""
+        if self.state.halted is not None:
+            return
+        self.state.halted = f"{what}: {detail}"
+        log.error("ingest_halted", reason=what, detail=detail)
+        self._raise_alert(IngestAlert(rule, {}, self.state.halted))
+
+    def _stopping(self, stop: asyncio.Event) -> bool:
+        return stop.is_set() or self.state.halted is not None
 
     async def _consume(self, stop: asyncio.Event) -> None:
         consumer = AIOKafkaConsumer(
             **client_options(self.kafka, self.bootstrap),
             group_id=self.kafka.group_id,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            # Never reset silently: out-of-range and missing offsets come to _fetch.
+            auto_offset_reset="none",
             fetch_max_wait_ms=self.kafka.fetch_max_wait_ms,
             max_partition_fetch_bytes=self.kafka.max_partition_fetch_bytes,
             session_timeout_ms=self.kafka.session_timeout_ms,
@@ -187,44 +291,198 @@ class Ingestor:
             self.metrics.kafka_connected.set(1)
             self.state.last_error = None
             log.info("consumer_started", topics=list(self.kafka.event_topics))
-            while not stop.is_set():
-                records = await consumer.getmany(
-                    timeout_ms=500, max_records=self.kafka.max_batch_records
-                )
+            while not self._stopping(stop):
+                records = await self._fetch(consumer)
                 self.state.last_poll_at = time.monotonic()
+                if self._refusal is not None:
+                    raise self._refusal
+                if self._pending is not None and self._pending.done():
+                    # A failed write surfaces now (and restarts from storage), not only
+                    # when the next records arrive.
+                    await self.drain()
                 if records:
                     await self._handle(consumer, records)
+                await self._reset_if_behind(consumer)
                 self._update_lag(consumer)
+                await self._recreate_topics_if_gone()
                 if self._uncommitted and time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
                     await self.commit_kafka(consumer)
             await self.drain()
             await self.commit_kafka(consumer)
         finally:
             await self.drain(raise_errors=False)
-            self.state.assigned = frozenset()
+            self._set_assigned(frozenset())
             try:
                 await asyncio.wait_for(consumer.stop(), self.kafka.commit_timeout_s)
             except (TimeoutError, KafkaError) as exc:
                 log.warning("consumer_stop_failed", error=repr(exc))
 
+    async def _fetch(self, consumer: AIOKafkaConsumer) -> Mapping[Any, Sequence[Any]]:
+        """``getmany``, with the partition errors that need a decision handled here."""
+        try:
+            records: Mapping[Any, Sequence[Any]] = await consumer.getmany(
+                timeout_ms=500, max_records=self.kafka.max_batch_records
+            )
+        except OffsetOutOfRangeError as exc:
+            await self._out_of_range(consumer, exc.args[0] if exc.args else {})
+        except NoOffsetForPartitionError as exc:
+            # A partition new to this store and to the group: read it from the start.
+            fresh = [tp for tp in exc.args if tp in consumer.assignment()]
+            if fresh:
+                await consumer.seek_to_beginning(*fresh)
+        except DECODE_ERRORS as exc:
+            raise UndecodableBatchError(repr(exc)) from exc
+        else:
+            return records
+        return {}
+
+    # -- assignment and group --------------------------------------------------------
+
     async def on_assigned(
         self, consumer: AIOKafkaConsumer, assigned: Sequence[TopicPartition]
     ) -> None:
-        """Seek every assigned partition to the offset stored in SQLite."""
+        """Check the group is ours alone, then seek every partition to its stored offset."""
         keys = [(tp.topic, tp.partition) for tp in assigned]
+        missing = self._partitions_elsewhere(consumer, keys)
+        if missing and not self._was_alone:
+            # Refuse before any fetch: pause, and let the loop leave the group.
+            consumer.pause(*assigned)
+            self._refusal = GroupConflictError(await self._conflict_message(keys, missing))
+            self.state.group_conflict = str(self._refusal)
+            return
+        if missing:
+            self.state.group_conflict = await self._conflict_message(keys, missing)
+            log.error("consumer_group_shared", reason=self.state.group_conflict)
+        else:
+            self._was_alone = True
+            self.state.group_conflict = None
         stored = await self.repo.load_offsets(keys)
         for tp in assigned:
             offset = stored.get((tp.topic, tp.partition))
             if offset is not None:
                 consumer.seek(tp, offset)
                 self.state.next_offsets[(tp.topic, tp.partition)] = offset
-        self.state.assigned = frozenset(keys)
-        self.state.last_progress_at = time.monotonic()
+        self._set_assigned(frozenset(keys))
         log.info(
             "partitions_assigned",
             partitions=sorted(f"{t}:{p}" for t, p in keys),
             resumed_from_storage=len(stored),
         )
+
+    def _partitions_elsewhere(self, consumer: AIOKafkaConsumer, keys: Sequence[Key]) -> list[Key]:
+        """Partitions of our topics that exist but were given to another member."""
+        mine = set(keys)
+        out = []
+        for topic in self.kafka.event_topics:
+            for partition in sorted(consumer.partitions_for_topic(topic) or ()):
+                if (topic, partition) not in mine:
+                    out.append((topic, partition))
+        return out
+
+    async def _conflict_message(self, keys: Sequence[Key], missing: Sequence[Key]) -> str:
+        members = await describe_group_members(self.kafka, self.bootstrap)
+        shown = f"; members: {', '.join(members)}" if members else ""
+        return (
+            f"consumer group {self.kafka.group_id!r} is shared with another consumer: this "
+            f"daemon was assigned {len(keys)} of {len(keys) + len(missing)} partitions"
+            f"{shown}. One daemon per consumer group until scale-out exists: stop the "
+            "other daemon or give this one its own kafka.group_id"
+        )
+
+    def _set_assigned(self, assigned: frozenset[Key]) -> None:
+        now = time.monotonic()
+        if assigned:
+            self.state.unassigned_since = None
+            self.state.last_answer_at = now
+        elif self.state.unassigned_since is None:
+            self.state.unassigned_since = now
+        self.state.assigned = assigned
+
+    async def _recreate_topics_if_gone(self) -> None:
+        """Without partitions for a while (the broker restarted empty, the topics were
+        deleted), create the topics again when the daemon is allowed to."""
+        since = self.state.unassigned_since
+        now = time.monotonic()
+        limit = self.kafka.readiness_timeout_s
+        if (
+            not self.kafka.create_topics
+            or since is None
+            or now - since < limit
+            or now - self._last_topic_check < limit
+        ):
+            return
+        self._last_topic_check = now
+        try:
+            created = await ensure_topics(self.kafka, self.bootstrap, timeout_s=limit)
+        except Exception as exc:
+            log.warning("topic_check_failed", error=repr(exc))
+        else:
+            if created:
+                log.warning("topics_recreated", topics=created)
+
+    # -- broker resets -------------------------------------------------------------
+
+    async def _reset_if_behind(self, consumer: AIOKafkaConsumer) -> None:
+        """Re-read every partition whose log is now shorter than its stored offset."""
+        assigned = consumer.assignment()
+        highwaters = {(tp.topic, tp.partition): consumer.highwater(tp) for tp in assigned}
+        if not find_resets(self.state.next_offsets, highwaters):
+            return
+        # The write in flight may move stored offsets; decide on the settled ones.
+        await self.drain()
+        for reset in find_resets(self.state.next_offsets, highwaters):
+            await self._reread(consumer, reset)
+
+    async def _out_of_range(
+        self, consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int]
+    ) -> None:
+        await self.drain()
+        for tp, offset in offsets.items():
+            if tp not in consumer.assignment():
+                continue
+            hw = consumer.highwater(tp)
+            reason = "past_log_end" if hw is not None and offset >= hw else "out_of_range"
+            await self._reread(
+                consumer, OffsetReset(tp.topic, tp.partition, int(offset), hw, reason)
+            )
+
+    async def _reread(self, consumer: AIOKafkaConsumer, reset: OffsetReset) -> None:
+        key = (reset.topic, reset.partition)
+        await consumer.seek_to_beginning(TopicPartition(*key))
+        self.state.next_offsets.pop(key, None)
+        self._uncommitted.pop(key, None)
+        self.state.lag.pop(key, None)
+        self.state.offset_resets += 1
+        self.metrics.offset_resets.labels(topic=reset.topic, reason=reset.reason).inc()
+        log.warning(
+            "kafka_offset_reset",
+            topic=reset.topic,
+            partition=reset.partition,
+            stored_offset=reset.stored_offset,
+            high_watermark=reset.high_watermark,
+            reason=reset.reason,
+            action="re-reading the partition from its earliest offset (duplicates are ignored)",
+        )
+        self._raise_alert(
+            IngestAlert(
+                "kafka_offset_reset",
+                {"topic": reset.topic, "partition": str(reset.partition)},
+                reset.reason,
+                metric="stored_offset",
+                value=float(reset.stored_offset),
+                threshold=None if reset.high_watermark is None else float(reset.high_watermark),
+            )
+        )
+
+    def _raise_alert(self, alert: IngestAlert) -> None:
+        if self.alert is None:
+            return
+        try:
+            self.alert(alert)
+        except Exception:
+            log.exception("ingest_alert_failed", rule=alert.rule)
+
+    # -- batches -------------------------------------------------------------------
 
     async def _handle(
         self, consumer: AIOKafkaConsumer, records: Mapping[Any, Sequence[Any]]
@@ -237,6 +495,7 @@ class Ingestor:
         batch = decode_batch(records, self.kafka.max_record_bytes)
         if batch.dead:
             await self._dead_letter(batch)
+        self.state.write_started_at = time.monotonic()
         self._pending = asyncio.create_task(self._store(consumer, batch), name="ingest-store")
         # Hand the write to SQLite's thread now, before the next fetch is awaited.
         await asyncio.sleep(0)
@@ -262,7 +521,17 @@ class Ingestor:
         reasons: dict[str, int] = {}
         for _rec, rej in batch.dead:
             reasons[rej.reason] = reasons.get(rej.reason, 0) + 1
-        outcome = await self.repo.store_batch(batch.metrics, batch.feedback, batch.offsets, reasons)
+        try:
+            self._check_storage()
+            outcome = await self.repo.store_batch(
+                batch.metrics, batch.feedback, batch.offsets, reasons
+            )
+        except Exception as exc:
+            self.state.write_error = repr(exc)
+            raise
+        finally:
+            self.state.write_started_at = None
+        self.state.write_error = None
         self.state.next_offsets.update(batch.offsets)
         self.state.last_progress_at = time.monotonic()
         self._count(batch, outcome, reasons)
@@ -278,6 +547,12 @@ class Ingestor:
                 log.exception(
                     "batch_listener_failed", listener=getattr(listener, "__qualname__", "?")
                 )
+
+    def _check_storage(self) -> None:
+        problem = self.storage_check() if self.storage_check is not None else None
+        if problem is not None:
+            self.halt("database file changed", problem, rule="database_file_changed")
+            raise StorageGoneError(problem)
 
     def _count(self, batch: DecodedBatch, outcome: BatchOutcome, reasons: dict[str, int]) -> None:
         m = self.metrics
@@ -307,6 +582,10 @@ class Ingestor:
         commit = {TopicPartition(t, p): o for (t, p), o in offsets.items() if (t, p) in assigned}
         if not commit:
             return
+        # Offsets of writes that went to a deleted file must not become the group's
+        # starting point for a fresh database.
+        if self.storage_check is not None and self.storage_check() is not None:
+            return
         try:
             await asyncio.wait_for(consumer.commit(commit), self.kafka.commit_timeout_s)
         except (TimeoutError, KafkaError) as exc:
@@ -327,34 +606,54 @@ class Ingestor:
                 raise
             log.error("batch_store_failed", error=repr(exc))
 
+    # -- observation -----------------------------------------------------------------
+
     def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
         now = time.monotonic()
+        answered_ms = 0
         for topic, partition in self.state.assigned:
-            hw = consumer.highwater(TopicPartition(topic, partition))
-            nxt = self.state.next_offsets.get((topic, partition))
-            if hw is None or nxt is None:
+            tp = TopicPartition(topic, partition)
+            answered_ms = max(answered_ms, consumer.last_poll_timestamp(tp) or 0)
+            hw = consumer.highwater(tp)
+            if hw is None:
                 continue
-            lag = max(0, int(hw) - nxt)
+            # Nothing stored yet from this partition: all of its log is still to store.
+            lag = max(0, int(hw) - self.state.next_offsets.get((topic, partition), 0))
             self.state.lag[(topic, partition)] = lag
             self.metrics.lag.labels(topic=topic, partition=str(partition)).set(lag)
-        for key in list(self.state.lag):
-            if key not in self.state.assigned:
-                del self.state.lag[key]
-        stalled = (
-            bool(self.state.assigned)
-            and self.state.total_lag > 0
-            and now - self.state.last_progress_at > self.kafka.stall_timeout_s
-        )
+        if answered_ms:
+            # aiokafka stamps fetch answers with wall-clock milliseconds.
+            answered = now - max(0.0, time.time() - answered_ms / 1000)
+            self.state.last_answer_at = max(self.state.last_answer_at or 0.0, answered)
+        if self.state.assigned:
+            # Lag of partitions lost to a rebalance is no longer ours to report; across
+            # a consumer restart (nothing assigned) it is kept, with the stall timer.
+            for key in list(self.state.lag):
+                if key not in self.state.assigned:
+                    del self.state.lag[key]
+        if self.state.assigned and self.state.total_lag == 0:
+            # Nothing to store is not a stall.
+            self.state.last_progress_at = now
+        stalled = is_stalled(self.state, self.kafka, now)
         if stalled and not self.state.stalled:
             log.error("consumer_stalled", lag=self.state.total_lag)
         self.state.stalled = stalled
         self.metrics.consumer_stalled.set(1 if stalled else 0)
 
     def health(self) -> tuple[bool, str]:
-        """Healthy unless stalled or the poll loop itself hangs."""
-        now = time.monotonic()
-        if self.state.stalled:
-            return False, "consumer holds partitions with lag but makes no progress"
-        if self.state.connected and now - self.state.last_poll_at > self.kafka.stall_timeout_s:
-            return False, "the consumer loop has not polled within stall_timeout_s"
-        return True, "ok"
+        """Liveness (``/healthz``), see :mod:`promptd.daemon.health`."""
+        verdict: Verdict = liveness(self.state, self.kafka, time.monotonic())
+        return verdict.ok, verdict.reason
+
+    def readiness(self) -> tuple[bool, str]:
+        """Readiness (``/readyz``), see :mod:`promptd.daemon.health`."""
+        verdict = readiness(self.state, self.kafka, time.monotonic())
+        return verdict.ok, verdict.reason
+
+
+class UndecodableBatchError(RuntimeError):
+    """A fetched record batch cannot be decoded (corrupt data or an unknown codec)."""
+
+
+class StorageGoneError(RuntimeError):
+    """The database file was deleted or replaced under the running daemon."""

@@ -89,6 +89,36 @@ async def ensure_topics(kafka: KafkaSettings, bootstrap: str, timeout_s: float =
         await admin.close()
 
 
+async def describe_group_members(
+    kafka: KafkaSettings, bootstrap: str, timeout_s: float = 5.0
+) -> list[str]:
+    """The members of the daemon's consumer group as ``member_id@host``, best effort.
+
+    Only to name them in an error: any failure (or a broker that leaves the fields
+    empty, as the test broker does for hosts) gives what is known, possibly nothing.
+    """
+    admin = AIOKafkaAdminClient(**client_options(kafka, bootstrap))
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+        answers = await asyncio.wait_for(
+            admin.describe_consumer_groups([kafka.group_id]), timeout_s
+        )
+    except Exception as exc:
+        log.info("describe_group_failed", error=repr(exc))
+        return []
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    members = []
+    for answer in answers:
+        for group in getattr(answer, "groups", ()):
+            # (error_code, group, state, protocol_type, protocol, members, …)
+            for member in group[5]:
+                member_id, host = str(member[0]), str(member[2])
+                members.append(f"{member_id}@{host}" if host else member_id)
+    return members
+
+
 class Producer:
     """An aiokafka producer with bounded sends, started and stopped with the daemon."""
 

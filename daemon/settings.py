@@ -73,6 +73,9 @@ class KafkaSettings(_Section):
     # A consumer that holds partitions yet stores nothing while lag exists for this long
     # reports unhealthy.
     stall_timeout_s: float = Field(default=120.0, gt=0)
+    # No fetch answer from the broker (or no partitions assigned) for this long turns
+    # /readyz 503; so does a storage write that has not finished for this long.
+    readiness_timeout_s: float = Field(default=10.0, gt=0)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -106,6 +109,8 @@ class StorageSettings(_Section):
     busy_timeout_ms: int = Field(default=5_000, ge=0)
     retention_days: float = Field(default=30.0, gt=0)
     retention_interval_s: float = Field(default=3600.0, gt=0)
+    # How often the daemon checks that its database file is still the one it opened.
+    file_check_interval_s: float = Field(default=1.0, gt=0)
 
     @property
     def database_path(self) -> Path:

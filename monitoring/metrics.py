@@ -68,6 +68,18 @@ class IngestMetrics:
             "Offset commits to Kafka that failed or timed out (storage is unaffected).",
             registry=registry,
         )
+        self.offset_resets = Counter(
+            "promptd_kafka_offset_resets_total",
+            "Partitions re-read from their start because the stored offset lay past the log "
+            "(the broker or topic started over).",
+            ["topic", "reason"],
+            registry=registry,
+        )
+        self.undecodable_batches = Counter(
+            "promptd_kafka_undecodable_batches_total",
+            "Record batches that could not be decoded (ingestion halts on them).",
+            registry=registry,
+        )
         self.retention_deleted = Counter(
             "promptd_retention_deleted_events_total",
             "Raw events deleted by the retention policy.",

@@ -9,6 +9,7 @@ process fails fast on the busy timeout instead of deadlocking mid-transaction.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -47,6 +48,24 @@ class Database:
         self.reader = reader
         self._checkpointer = checkpointer
         self._write_lock = asyncio.Lock()
+        self._identity = _identity(path)
+
+    def file_problem(self) -> str | None:
+        """Why the file at ``path`` is no longer the one opened, or ``None``.
+
+        SQLite keeps writing into an open file that was deleted or replaced (a restore
+        while running, a data directory removed): those writes vanish with the process.
+        The daemon checks this periodically and before every batch, and stops ingesting.
+        """
+        try:
+            now = _identity(self.path)
+        except FileNotFoundError:
+            return f"the database file {str(self.path)!r} was deleted"
+        except OSError as exc:
+            return f"the database file {str(self.path)!r} cannot be checked: {exc}"
+        if now != self._identity:
+            return f"the database file {str(self.path)!r} was replaced by another file"
+        return None
 
     @classmethod
     async def open(cls, path: Path, busy_timeout_ms: int = 5_000) -> Self:
@@ -124,6 +143,11 @@ class Database:
         await self._checkpointer.close()
         await self.reader.close()
         await self.writer.close()
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
 
 
 async def _connect(path: Path, busy_timeout_ms: int) -> aiosqlite.Connection:

@@ -248,6 +248,18 @@ class EventRepository:
         wanted = set(partitions)
         return {k: v for k, v in stored.items() if k in wanted}
 
+    async def forget_offsets(self, topics: Iterable[str]) -> int:
+        """Delete the stored offsets of ``topics`` (their log started over); returns how
+        many partitions were forgotten. Their events stay: re-reads are deduplicated."""
+        names = list(topics)
+        marks = ",".join("?" * len(names))
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                f"DELETE FROM consumer_offsets WHERE topic IN ({marks})",
+                names,
+            )
+            return int(cur.rowcount)
+
     async def counters(self) -> dict[str, int]:
         """All ingestion counters as stored (they survive restarts)."""
         async with self.db.reader.execute("SELECT name, value FROM counters") as cur:

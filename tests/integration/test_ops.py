@@ -84,13 +84,13 @@ async def test_check_backup_while_running_and_restore(
     assert (await _cli(env, "backup", str(backup))).returncode == 1  # never overwrites
 
     await wait_for(lambda: _stored(running, 3000), timeout=30)
-    env_runtime = dict(env)
-    (settings.storage.data_dir / "runtime.json").write_text(json.dumps({"pid": os.getpid()}))
-    refused = await _cli(env_runtime, "restore", str(backup))
+    # The running daemon recorded itself in runtime.json, which restore reads.
+    assert (settings.storage.data_dir / "runtime.json").exists()
+    refused = await _cli(env, "restore", str(backup))
     assert refused.returncode == 1
     assert "running" in refused.stderr
     await running.stop()
-    (settings.storage.data_dir / "runtime.json").unlink()
+    assert not (settings.storage.data_dir / "runtime.json").exists()
 
     restored = await _cli(env, "restore", str(backup))
     assert restored.returncode == 0, restored.stderr
@@ -100,6 +100,7 @@ async def test_check_backup_while_running_and_restore(
     # The restored daemon resumes from the backup's offsets and catches up: nothing lost.
     again = await start_daemon(settings)
     await wait_for(lambda: _stored(again, 3000), timeout=30)
+    await again.stop()  # also removes its runtime.json, which would name its port
     gone = _env(settings, free_port())
     result = await _cli(gone, "check", "--timeout", "1")
     assert result.returncode == 2
