@@ -43,7 +43,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import cramjam
 import structlog
@@ -57,6 +57,7 @@ from aiokafka.errors import (
 )
 
 from promptd._aio import wait_event
+from promptd.daemon.decode import RowDecoder
 from promptd.daemon.health import IngestState, Verdict, is_stalled, liveness, readiness
 from promptd.daemon.kafka import (
     Headers,
@@ -67,9 +68,10 @@ from promptd.daemon.kafka import (
     ensure_topics,
 )
 from promptd.daemon.settings import KafkaSettings
-from promptd.events import FeedbackEvent, MetricEvent, Rejection, decode_event
+from promptd.events import Rejection
 from promptd.monitoring.metrics import IngestMetrics
 from promptd.storage.repository import BatchOutcome, EventRepository
+from promptd.storage.rows import FeedbackRow, MetricRow
 
 log = structlog.get_logger("promptd.ingest")
 
@@ -144,31 +146,32 @@ def find_resets(
 class DecodedBatch:
     """One consumed batch after decoding, before storage."""
 
-    metrics: list[MetricEvent] = field(default_factory=list)
-    feedback: list[FeedbackEvent] = field(default_factory=list)
+    metrics: list[MetricRow] = field(default_factory=list)
+    feedback: list[FeedbackRow] = field(default_factory=list)
     dead: list[tuple[Any, Rejection]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     consumed: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
 
-def decode_batch(records: Mapping[Any, Sequence[Any]], max_record_bytes: int) -> DecodedBatch:
-    """Decode a ``getmany`` result (partition -> records in offset order), pure."""
+def decode_batch(records: Mapping[Any, Sequence[Any]], decoder: RowDecoder) -> DecodedBatch:
+    """Decode a ``getmany`` result (partition -> records in offset order) to rows."""
     batch = DecodedBatch()
     metrics, feedback, dead = batch.metrics, batch.feedback, batch.dead
+    decode = decoder.decode
     for tp, recs in records.items():
         if not recs:
             continue
         batch.offsets[(tp.topic, tp.partition)] = recs[-1].offset + 1
         batch.consumed[tp.topic] = batch.consumed.get(tp.topic, 0) + len(recs)
         for rec in recs:
-            result = decode_event(rec.value, max_bytes=max_record_bytes)
-            if type(result) is MetricEvent:
+            result = decode(rec.value)
+            if type(result) is MetricRow:
                 metrics.append(result)
-            elif type(result) is FeedbackEvent:
+            elif type(result) is FeedbackRow:
                 feedback.append(result)
             else:
-                dead.append((rec, result))  # type: ignore[arg-type]
+                dead.append((rec, cast(Rejection, result)))
     return batch
 
 
@@ -225,6 +228,7 @@ class Ingestor:
         # Called before every write and commit: a reason when the database file is gone.
         self.storage_check = storage_check
         self.state = IngestState()
+        self._decoder = RowDecoder(kafka.max_record_bytes)
         self._pending: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._uncommitted: dict[Key, int] = {}
@@ -492,7 +496,7 @@ class Ingestor:
         # for every row) both need the GIL and measured slower when overlapped. Writes
         # stay in order, one in flight.
         await self.drain()
-        batch = decode_batch(records, self.kafka.max_record_bytes)
+        batch = decode_batch(records, self._decoder)
         if batch.dead:
             await self._dead_letter(batch)
         self.state.write_started_at = time.monotonic()

@@ -26,7 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from promptd.events import FeedbackEvent, MetricEvent
+from promptd.storage.rows import FeedbackRow, MetricRow
 
 from .windows import WindowStats
 
@@ -303,9 +303,7 @@ class MonitorExport:
         """Future events counted so far."""
         return self._future
 
-    def observe_batch(
-        self, metrics: Sequence[MetricEvent], feedback: Sequence[FeedbackEvent]
-    ) -> None:
+    def observe_batch(self, metrics: Sequence[MetricRow], feedback: Sequence[FeedbackRow]) -> None:
         """Add one stored batch to the per-series counters."""
         traffic = self.traffic
         triple = self.labels.triple

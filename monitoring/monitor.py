@@ -25,9 +25,9 @@ from typing import Any, Protocol
 import structlog
 
 from promptd._aio import wait_event
-from promptd.events import FeedbackEvent, MetricEvent
 from promptd.storage.alerts import AlertChange, history_aggregates, raw_events
 from promptd.storage.database import Database
+from promptd.storage.rows import FeedbackRow, MetricRow
 
 from .config import MonitoringSettings
 from .export import MonitorExport
@@ -57,13 +57,23 @@ class Batch(Protocol):
     """What a batch listener receives (:class:`~promptd.storage.repository.BatchOutcome`)."""
 
     @property
-    def metrics(self) -> tuple[MetricEvent, ...]:
+    def metrics(self) -> tuple[MetricRow, ...]:
         """Newly stored metric events."""
         ...
 
     @property
-    def feedback(self) -> tuple[FeedbackEvent, ...]:
+    def feedback(self) -> tuple[FeedbackRow, ...]:
         """Newly stored feedback events."""
+        ...
+
+    @property
+    def last_metric_id(self) -> int:
+        """Highest stored metric row id once the batch is in."""
+        ...
+
+    @property
+    def last_feedback_id(self) -> int:
+        """Highest stored feedback row id once the batch is in."""
         ...
 
 
@@ -101,7 +111,10 @@ class Monitor:
         self.sinks = list(sinks)
         self.clock = clock
         self.states: dict[str, AlertState] = {}
-        self._backlog: list[tuple[tuple[MetricEvent, ...], tuple[FeedbackEvent, ...]]] = []
+        self._backlog: list[Batch] = []
+        #: Highest (metric, feedback) row ids whose batches are in the windows: a snapshot
+        #: of the windows covers every stored row up to these.
+        self.covered: tuple[int, int] = (0, 0)
         self._frozen = False
         self._feedback_counts: dict[str, int] = {}
         self._round_lock = asyncio.Lock()
@@ -113,17 +126,24 @@ class Monitor:
     async def on_batch(self, outcome: Batch) -> None:
         """Batch listener: window the newly stored events (never blocks for long)."""
         metrics, feedback = outcome.metrics, outcome.feedback
-        if not metrics and not feedback:
-            return
-        self.export.observe_batch(metrics, feedback)
+        if metrics or feedback:
+            self.export.observe_batch(metrics, feedback)
         if self._frozen:
-            self._backlog.append((metrics, feedback))
+            self._backlog.append(outcome)
         else:
-            self._window(metrics, feedback)
+            self._apply(outcome)
         if feedback:
             self._count_feedback(feedback)
 
-    def _window(self, metrics: Sequence[MetricEvent], feedback: Sequence[FeedbackEvent]) -> None:
+    def _apply(self, outcome: Batch) -> None:
+        self._window(outcome.metrics, outcome.feedback)
+        covered = self.covered
+        self.covered = (
+            max(covered[0], outcome.last_metric_id),
+            max(covered[1], outcome.last_feedback_id),
+        )
+
+    def _window(self, metrics: Sequence[MetricRow], feedback: Sequence[FeedbackRow]) -> None:
         record = self.store.record_metric
         for e in metrics:
             record(
@@ -142,7 +162,7 @@ class Monitor:
         for f in feedback:
             record_fb(f.ts, f.prompt, f.variant, f.score)
 
-    def _count_feedback(self, feedback: Sequence[FeedbackEvent]) -> None:
+    def _count_feedback(self, feedback: Sequence[FeedbackRow]) -> None:
         threshold = self.settings.feedback_volume_threshold
         counts = self._feedback_counts
         now = self.clock()
@@ -185,10 +205,7 @@ class Monitor:
             try:
                 evaluation, windows = await asyncio.to_thread(self._compute, now, previous)
             finally:
-                self._frozen = False
-                backlog, self._backlog = self._backlog, []
-                for metrics, feedback in backlog:
-                    self._window(metrics, feedback)
+                self._thaw()
             changes = _changes(previous, evaluation, now)
             # Persist first: a notification must never be sent for a state we could lose.
             await self.persistence.save(changes)
@@ -207,6 +224,13 @@ class Monitor:
             result = RoundResult(now, duration, evaluation.notifications, len(changes))
             self.last_round = result
             return result
+
+    def _thaw(self) -> None:
+        """Unfreeze the windows and apply the batches that arrived meanwhile."""
+        self._frozen = False
+        backlog, self._backlog = self._backlog, []
+        for outcome in backlog:
+            self._apply(outcome)
 
     def _compute(
         self, now: float, previous: dict[str, AlertState]

@@ -48,10 +48,11 @@ MAX_CAPTURE_BYTES: Final = 32 * 1024
 #: Default cap on one raw record; the daemon's setting ``max_record_bytes`` overrides it.
 MAX_RECORD_BYTES: Final = 256 * 1024
 
-# Epoch seconds accepted for ``ts``: 2000-01-01 .. 2200-01-01. Outside this range a
-# number is almost surely milliseconds or garbage, and guessing would misplace events.
-_MIN_TS: Final = 946_684_800.0
-_MAX_TS: Final = 7_258_118_400.0
+#: Epoch seconds accepted for ``ts``: 2000-01-01 (inclusive) .. 2200-01-01 (exclusive).
+#: Outside this range a number is almost surely milliseconds or garbage, and guessing
+#: would misplace events.
+MIN_TS: Final = 946_684_800.0
+MAX_TS: Final = 7_258_118_400.0
 
 REJECTION_REASONS: Final = (
     "oversized",
@@ -63,7 +64,7 @@ REJECTION_REASONS: Final = (
 )
 
 
-def _parse_ts(value: object) -> float:
+def parse_ts(value: object) -> float:
     """Accept RFC 3339 strings (with offset) or epoch seconds; return epoch seconds."""
     if isinstance(value, bool):
         raise ValueError("ts must be an RFC 3339 string or epoch seconds, not a boolean")
@@ -82,12 +83,12 @@ def _parse_ts(value: object) -> float:
         ts = parsed.timestamp()
     else:
         raise ValueError("ts must be an RFC 3339 string or epoch seconds")
-    if not math.isfinite(ts) or not _MIN_TS <= ts < _MAX_TS:
+    if not math.isfinite(ts) or not MIN_TS <= ts < MAX_TS:
         raise ValueError("ts is out of range (epoch seconds between 2000 and 2200 expected)")
     return ts
 
 
-Timestamp = Annotated[float, BeforeValidator(_parse_ts)]
+Timestamp = Annotated[float, BeforeValidator(parse_ts)]
 EventId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 PromptName = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]

@@ -9,53 +9,34 @@ rows offered and rows inserted is the duplicate count.
 
 from __future__ import annotations
 
-import json
 import operator
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 import aiosqlite
 
 from promptd.events import FeedbackEvent, MetricEvent
 from promptd.storage.database import Database
+from promptd.storage.rows import (
+    FEEDBACK_COLUMNS,
+    METRIC_COLUMNS,
+    METRIC_PLAIN_COLUMNS,
+    FeedbackRow,
+    MetricRow,
+    feedback_row,
+    metric_plain_part,
+    metric_row,
+)
 
 TopicPartitionKey = tuple[str, int]
-E = TypeVar("E", MetricEvent, FeedbackEvent)
+R = TypeVar("R", MetricRow, FeedbackRow)
 
-_METRIC_COLS: Final = (
-    "event_id",
-    "ts",
-    "prompt",
-    "variant",
-    "model",
-    "request_id",
-    "unit_id",
-    "latency_ms",
-    "success",
-    "error",
-    "quality",
-    "tokens_in",
-    "tokens_out",
-    "cost_usd",
-)
-_METRIC_CAPTURE_COLS: Final = ("input", "output", "attributes")
-_FEEDBACK_COLS: Final = (
-    "event_id",
-    "ts",
-    "prompt",
-    "variant",
-    "model",
-    "request_id",
-    "score",
-    "kind",
-    "comment",
-)
-# attrgetter builds each row in C: per-event Python work is the largest cost of a batch.
-_METRIC_ROW = operator.attrgetter(*_METRIC_COLS)
-_FEEDBACK_ROW = operator.attrgetter(*_FEEDBACK_COLS)
+_TS = operator.itemgetter(1)
+_CAPTURES = operator.itemgetter(slice(len(METRIC_PLAIN_COLUMNS), len(METRIC_COLUMNS)))
+_NO_CAPTURES: Final = (None,) * (len(METRIC_COLUMNS) - len(METRIC_PLAIN_COLUMNS))
 
 
 def _insert_sql(table: str, cols: Sequence[str], now: float) -> str:
@@ -86,13 +67,20 @@ DEAD_LETTERED: Final = "dead_lettered"
 
 @dataclass(frozen=True, slots=True)
 class BatchOutcome:
-    """What one batch write did."""
+    """What one batch write did, and the rows it newly stored (for batch listeners).
+
+    ``last_metric_id`` and ``last_feedback_id`` are the highest row ids of the two event
+    tables once the batch is in: every stored row up to them has been offered to the
+    listeners by then (what a monitor snapshot records as covered).
+    """
 
     metrics_stored: int
     feedback_stored: int
     duplicates: int
-    metrics: tuple[MetricEvent, ...] = ()
-    feedback: tuple[FeedbackEvent, ...] = ()
+    metrics: tuple[MetricRow, ...] = ()
+    feedback: tuple[FeedbackRow, ...] = ()
+    last_metric_id: int = 0
+    last_feedback_id: int = 0
 
     @property
     def stored(self) -> int:
@@ -100,71 +88,62 @@ class BatchOutcome:
         return self.metrics_stored + self.feedback_stored
 
 
-def _json(value: Any) -> str | None:
-    if value is None:
-        return None
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+def _insert_metrics(conn: sqlite3.Connection, rows: Sequence[MetricRow], now: float) -> int:
+    captures = list(map(_CAPTURES, rows))
+    if captures.count(_NO_CAPTURES) == len(rows):
+        # The common case: no payloads, so the narrower statement (no NULLs to bind).
+        sql = _insert_sql("metric_events", METRIC_PLAIN_COLUMNS, now)
+        return int(conn.executemany(sql, map(metric_plain_part, rows)).rowcount)
+    plain = [r for r, c in zip(rows, captures, strict=True) if c == _NO_CAPTURES]
+    captured = [r for r, c in zip(rows, captures, strict=True) if c != _NO_CAPTURES]
+    sql = _insert_sql("metric_events", METRIC_PLAIN_COLUMNS, now)
+    stored = conn.executemany(sql, map(metric_plain_part, plain)).rowcount
+    sql = _insert_sql("metric_events", METRIC_COLUMNS, now)
+    return int(stored + conn.executemany(sql, captured).rowcount)
 
 
-def _insert_metrics(conn: sqlite3.Connection, events: Sequence[MetricEvent], now: float) -> int:
-    plain = [e for e in events if e.input is None and e.output is None and e.attributes is None]
-    stored = conn.executemany(
-        _insert_sql("metric_events", _METRIC_COLS, now), map(_METRIC_ROW, plain)
-    ).rowcount
-    if len(plain) != len(events):
-        captured = [
-            e for e in events if not (e.input is None and e.output is None and e.attributes is None)
-        ]
-        rows = [
-            (*_METRIC_ROW(e), _json(e.input), _json(e.output), _json(e.attributes))
-            for e in captured
-        ]
-        cols = (*_METRIC_COLS, *_METRIC_CAPTURE_COLS)
-        stored += conn.executemany(_insert_sql("metric_events", cols, now), rows).rowcount
-    return stored
-
-
-def _insert_feedback(conn: sqlite3.Connection, events: Sequence[FeedbackEvent], now: float) -> int:
-    rows = [(*_FEEDBACK_ROW(e), _json(e.correction)) for e in events]
-    cols = (*_FEEDBACK_COLS, "correction")
-    return conn.executemany(_insert_sql("feedback_events", cols, now), rows).rowcount
+def _insert_feedback(conn: sqlite3.Connection, rows: Sequence[FeedbackRow], now: float) -> int:
+    sql = _insert_sql("feedback_events", FEEDBACK_COLUMNS, now)
+    return int(conn.executemany(sql, rows).rowcount)
 
 
 def _record_batch(
-    conn: sqlite3.Connection, table: str, mark: int, events: Sequence[MetricEvent | FeedbackEvent]
-) -> None:
+    conn: sqlite3.Connection, table: str, mark: int, rows: Sequence[MetricRow | FeedbackRow]
+) -> int:
+    """Note the id and time range this batch added to ``table``; returns the last id."""
     last = _max_id(conn, table)
     if last > mark:
-        stamps = [e.ts for e in events]
+        stamps = list(map(_TS, rows))
         conn.execute(
             "INSERT INTO ingest_batches (tbl, first_id, last_id, min_ts, max_ts) "
             "VALUES (?, ?, ?, ?, ?)",
             (table, mark + 1, last, min(stamps), max(stamps)),
         )
+    return last
 
 
 def _store_sync(
     conn: sqlite3.Connection,
-    metrics: Sequence[MetricEvent],
-    feedback: Sequence[FeedbackEvent],
+    metrics: Sequence[MetricRow],
+    feedback: Sequence[FeedbackRow],
     offsets: Mapping[TopicPartitionKey, int],
     dead_letters: Mapping[str, int],
     now: float,
 ) -> BatchOutcome:
     """The body of :meth:`EventRepository.store_batch`, on the writer thread."""
-    new_metrics: Sequence[MetricEvent] = metrics
-    new_feedback: Sequence[FeedbackEvent] = feedback
+    new_metrics: Sequence[MetricRow] = metrics
+    new_feedback: Sequence[FeedbackRow] = feedback
     m_stored = f_stored = 0
+    last_m = mark = _max_id(conn, "metric_events")
     if metrics:
-        mark = _max_id(conn, "metric_events")
         m_stored = _insert_metrics(conn, metrics, now)
-        _record_batch(conn, "metric_events", mark, metrics)
+        last_m = _record_batch(conn, "metric_events", mark, metrics)
         if m_stored != len(metrics):
             new_metrics = _only_new(conn, "metric_events", mark, metrics)
+    last_f = mark = _max_id(conn, "feedback_events")
     if feedback:
-        mark = _max_id(conn, "feedback_events")
         f_stored = _insert_feedback(conn, feedback, now)
-        _record_batch(conn, "feedback_events", mark, feedback)
+        last_f = _record_batch(conn, "feedback_events", mark, feedback)
         if f_stored != len(feedback):
             new_feedback = _only_new(conn, "feedback_events", mark, feedback)
     duplicates = len(metrics) + len(feedback) - m_stored - f_stored
@@ -184,6 +163,8 @@ def _store_sync(
         duplicates,
         metrics=tuple(new_metrics),
         feedback=tuple(new_feedback),
+        last_metric_id=last_m,
+        last_feedback_id=last_f,
     )
 
 
@@ -192,8 +173,8 @@ def _max_id(conn: sqlite3.Connection, table: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _only_new(conn: sqlite3.Connection, table: str, mark: int, offered: Sequence[E]) -> list[E]:
-    """The offered events that this transaction inserted (rows above ``mark``).
+def _only_new(conn: sqlite3.Connection, table: str, mark: int, offered: Sequence[R]) -> list[R]:
+    """The offered rows that this transaction inserted (rows above ``mark``).
 
     Only called when duplicates were seen, so the common path pays nothing; the
     monitor must see each event once, like storage does.
@@ -203,12 +184,26 @@ def _only_new(conn: sqlite3.Connection, table: str, mark: int, offered: Sequence
         (mark,),
     ).fetchall()
     inserted = {str(row[0]) for row in rows}
-    out: list[E] = []
-    for event in offered:
-        if event.event_id in inserted:
-            inserted.discard(event.event_id)  # a repeat inside the batch is not new
-            out.append(event)
+    out: list[R] = []
+    for row in offered:
+        if row[0] in inserted:
+            inserted.discard(row[0])  # a repeat inside the batch is not new
+            out.append(row)
     return out
+
+
+def _metric_rows(items: Sequence[MetricRow] | Sequence[MetricEvent]) -> Sequence[MetricRow]:
+    if items and isinstance(items[0], MetricEvent):
+        return [metric_row(e) for e in items]  # type: ignore[arg-type]
+    return items  # type: ignore[return-value]
+
+
+def _feedback_rows(
+    items: Sequence[FeedbackRow] | Sequence[FeedbackEvent],
+) -> Sequence[FeedbackRow]:
+    if items and isinstance(items[0], FeedbackEvent):
+        return [feedback_row(e) for e in items]  # type: ignore[arg-type]
+    return items  # type: ignore[return-value]
 
 
 class EventRepository:
@@ -219,19 +214,21 @@ class EventRepository:
 
     async def store_batch(
         self,
-        metrics: Sequence[MetricEvent],
-        feedback: Sequence[FeedbackEvent],
+        metrics: Sequence[MetricRow] | Sequence[MetricEvent],
+        feedback: Sequence[FeedbackRow] | Sequence[FeedbackEvent],
         offsets: Mapping[TopicPartitionKey, int],
         dead_letters: Mapping[str, int] | None = None,
     ) -> BatchOutcome:
         """Store a consumed batch and its partitions' next offsets atomically.
 
-        Returns the counts; ``duplicates`` counts events whose ``event_id`` was already
-        stored (including repeats inside the batch).
+        Takes rows (what ingestion decodes to) or validated events (converted here).
+        Returns the counts and the newly stored rows; ``duplicates`` counts events whose
+        ``event_id`` was already stored (including repeats inside the batch).
         """
         now = time.time()
+        m_rows, f_rows = _metric_rows(metrics), _feedback_rows(feedback)
         return await self.db.run_in_transaction(
-            lambda conn: _store_sync(conn, metrics, feedback, offsets, dead_letters or {}, now)
+            lambda conn: _store_sync(conn, m_rows, f_rows, offsets, dead_letters or {}, now)
         )
 
     async def load_offsets(

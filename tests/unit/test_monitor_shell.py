@@ -21,6 +21,7 @@ from promptd.monitoring.triggers import TriggerQueue
 from promptd.monitoring.windows import WindowStore
 from promptd.storage.alerts import AlertChange, AlertStore
 from promptd.storage.database import Database
+from promptd.storage.rows import FeedbackRow, MetricRow, feedback_row, metric_row
 
 T0 = 1_800_000_000.0
 RULE = {
@@ -34,9 +35,9 @@ RULE = {
 }
 
 
-def metric(ts: float, latency: float = 100.0, prompt: str = "p") -> MetricEvent:
-    """A metric event."""
-    return MetricEvent.model_validate(
+def metric(ts: float, latency: float = 100.0, prompt: str = "p") -> MetricRow:
+    """A metric event, as ingestion hands it to listeners."""
+    event = MetricEvent.model_validate(
         {
             "event_id": f"m{ts}-{latency}",
             "ts": ts,
@@ -48,21 +49,25 @@ def metric(ts: float, latency: float = 100.0, prompt: str = "p") -> MetricEvent:
             "success": True,
         }
     )
+    return metric_row(event)
 
 
-def feedback(ts: float, score: float = 0.5, prompt: str = "p") -> FeedbackEvent:
-    """A feedback event."""
-    return FeedbackEvent(
+def feedback(ts: float, score: float = 0.5, prompt: str = "p") -> FeedbackRow:
+    """A feedback event, as ingestion hands it to listeners."""
+    event = FeedbackEvent(
         event_id=f"f{ts}-{score}", ts=ts, prompt=prompt, variant="v1", request_id="r", score=score
     )
+    return feedback_row(event)
 
 
 @dataclass
 class Outcome:
     """A stand-in for BatchOutcome."""
 
-    metrics: tuple[MetricEvent, ...] = ()
-    feedback: tuple[FeedbackEvent, ...] = ()
+    metrics: tuple[MetricRow, ...] = ()
+    feedback: tuple[FeedbackRow, ...] = ()
+    last_metric_id: int = 0
+    last_feedback_id: int = 0
 
 
 class FakePersistence:

@@ -160,8 +160,17 @@ def test_prometheus_collector_reports_the_identity() -> None:
 
 
 def test_import_is_light() -> None:
-    """Importing promptd loads no pydantic, aiokafka, aiohttp, scipy, litellm or aiosqlite."""
-    heavy = ["pydantic", "aiokafka", "aiohttp", "scipy", "litellm", "aiosqlite", "asyncio"]
+    """Importing promptd loads none of the heavy libraries (pydantic, msgspec, aiokafka, …)."""
+    heavy = [
+        "pydantic",
+        "msgspec",
+        "aiokafka",
+        "aiohttp",
+        "scipy",
+        "litellm",
+        "aiosqlite",
+        "asyncio",
+    ]
     code = f"import sys, promptd; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
