@@ -67,8 +67,10 @@ def install(daemon: Daemon) -> None:
     from promptd.daemon.api_monitoring import add_routes
     from promptd.daemon.app import ConfigurationError
     from promptd.storage.alerts import AlertStore
+    from promptd.storage.snapshots import SnapshotStore, last_ids
 
     from .monitor import Monitor, rebuild_windows
+    from .snapshot import restore
 
     settings = daemon.settings.monitoring
     window_config = settings.window_config()
@@ -81,13 +83,29 @@ def install(daemon: Daemon) -> None:
     triggers = daemon.components["optimization_triggers"]
 
     async def setup() -> None:
-        assert daemon.db is not None
-        store = WindowStore(window_config)
-        alerts = AlertStore(daemon.db)
+        db = daemon.db
+        assert db is not None
+        snapshots = SnapshotStore(db) if settings.snapshot_interval_s > 0 else None
+        restored = await restore(window_config, db, time.time()) if snapshots else None
+        if restored is not None:
+            store, covered = restored
+        else:
+            # Before ingestion starts: the windows hold every stored row up to now.
+            covered = await last_ids(db)
+            store = WindowStore(window_config)
+            await rebuild_windows(store, db, time.time(), settings.rebuild_horizon_s)
+        alerts = AlertStore(db)
         monitor = Monitor(
-            settings, rules, store, alerts, export, triggers, build_sinks(daemon, export)
+            settings,
+            rules,
+            store,
+            alerts,
+            export,
+            triggers,
+            build_sinks(daemon, export),
+            snapshots=snapshots,
         )
-        await rebuild_windows(store, daemon.db, time.time(), settings.rebuild_horizon_s)
+        monitor.covered = covered
         await monitor.restore()
         await alerts.purge_history(time.time() - settings.history_retention_s)
         daemon.components["monitor"] = monitor

@@ -75,6 +75,10 @@ class MonitoringSettings(BaseModel):
     # windows; older history (up to the baseline) is loaded as hourly SQL aggregates, which
     # restore counts, rates and means but not latency quantiles (see docs/monitoring.md).
     rebuild_horizon_s: float = Field(default=3600.0, ge=0)
+    # Save the windows to the database this often (seconds), and at a clean stop, so that
+    # a start replays only the events stored since (a crash replays at most this much
+    # traffic). 0 turns snapshots off: every start then rebuilds as above.
+    snapshot_interval_s: float = Field(default=60.0, ge=0)
     # Keep alert_history rows this long (seconds); /v1/alerts shows the recent ones.
     history_retention_s: float = Field(default=7 * 86400.0, gt=0)
     # Emit alert notifications as JSON on kafka.alerts_topic.

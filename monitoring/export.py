@@ -283,6 +283,21 @@ class MonitorExport:
             ["kind"],
             registry=registry,
         )
+        self.snapshot_seconds = Gauge(
+            "promptd_monitor_snapshot_duration_seconds",
+            "Time the last snapshot of the windows took (encode and save).",
+            registry=registry,
+        )
+        self.snapshot_bytes = Gauge(
+            "promptd_monitor_snapshot_bytes",
+            "Size of the last snapshot of the windows saved to the database.",
+            registry=registry,
+        )
+        self.snapshot_failures = Counter(
+            "promptd_monitor_snapshot_failures_total",
+            "Snapshots of the windows that failed (logged; retried at the next interval).",
+            registry=registry,
+        )
 
     def sinks(self, names: Iterable[str]) -> None:
         """Pre-create the per-sink series so they show as 0 before the first failure."""

@@ -28,11 +28,13 @@ from promptd._aio import wait_event
 from promptd.storage.alerts import AlertChange, history_aggregates, raw_events
 from promptd.storage.database import Database
 from promptd.storage.rows import FeedbackRow, MetricRow
+from promptd.storage.snapshots import SnapshotStore
 
 from .config import MonitoringSettings
 from .export import MonitorExport
 from .rules import AlertRule, AlertState, Evaluation, Notification, evaluate
 from .sinks import SinkWorker, log_notification
+from .snapshot import take
 from .triggers import OptimizationTrigger, TriggerQueue
 from .windows import SeriesKey, WindowStats, WindowStore
 
@@ -100,6 +102,7 @@ class Monitor:
         triggers: TriggerQueue,
         sinks: Iterable[SinkWorker] = (),
         clock: Clock = time.time,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.settings = settings
         self.rules = tuple(rules)
@@ -119,6 +122,9 @@ class Monitor:
         self._feedback_counts: dict[str, int] = {}
         self._round_lock = asyncio.Lock()
         self.last_round: RoundResult | None = None
+        #: Where :meth:`snapshot_once` saves the windows (``None``: never).
+        self.snapshots = snapshots
+        self._saved_cover: tuple[int, int] | None = None
         export.sinks(s.name for s in self.sinks)
 
     # ---- ingest -------------------------------------------------------------------------
@@ -287,15 +293,62 @@ class Monitor:
         ex.series.set(len(self.store.series("model")))
         ex.set_store_counters(self.store.late_events, self.store.future_events)
 
+    # ---- snapshots ----------------------------------------------------------------------
+
+    async def snapshot_once(self, force: bool = False) -> int:
+        """Save the windows to storage; returns the snapshot's size (0: nothing to save).
+
+        The windows are frozen while a worker thread encodes them (batches arriving
+        meanwhile wait in the backlog, as during an evaluation round), so the snapshot
+        holds exactly the batches up to :attr:`covered`. Skipped when no batch arrived
+        since the last one, unless ``force``.
+        """
+        if self.snapshots is None:
+            return 0
+        started = time.perf_counter()
+        async with self._round_lock:
+            if self.covered == self._saved_cover and not force:
+                return 0
+            self._frozen = True
+            covered = self.covered
+            try:
+                snap = await asyncio.to_thread(take, self.store, covered, self.clock())
+            finally:
+                self._thaw()
+        await self.snapshots.save(snap)
+        self._saved_cover = covered
+        duration = time.perf_counter() - started
+        self.export.snapshot_seconds.set(duration)
+        self.export.snapshot_bytes.set(len(snap.data))
+        log.debug("windows_snapshot_saved", bytes=len(snap.data), duration_s=round(duration, 3))
+        return len(snap.data)
+
+    async def _snapshot_loop(self, stop: asyncio.Event) -> None:
+        interval = self.settings.snapshot_interval_s
+        while not stop.is_set():
+            await wait_event(stop, interval)
+            await self._snapshot_logged()
+
+    async def _snapshot_logged(self) -> None:
+        try:
+            await self.snapshot_once()
+        except Exception:
+            # The next one retries; a restart without one only replays more events.
+            self.export.snapshot_failures.inc()
+            log.exception("windows_snapshot_failed")
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Evaluate every ``evaluation_interval_s`` and run the sink workers until ``stop``;
-        then let the sinks flush for a moment and cancel them."""
+        """Evaluate every ``evaluation_interval_s``, snapshot the windows every
+        ``snapshot_interval_s`` and run the sink workers until ``stop``; then save a last
+        snapshot, let the sinks flush for a moment and cancel them."""
         interval = self.settings.evaluation_interval_s
         async with asyncio.TaskGroup() as group:
             workers = [
                 group.create_task(w.run(), name=f"promptd:alert-sink:{w.name}") for w in self.sinks
             ]
             resend = group.create_task(self._resend_loop(stop), name="promptd:alert-resend")
+            if self.snapshots is not None:
+                group.create_task(self._snapshot_loop(stop), name="promptd:windows-snapshot")
             loop = asyncio.get_running_loop()
             next_round = loop.time()
             while not stop.is_set():
@@ -308,6 +361,9 @@ class Monitor:
                 next_round = max(next_round + interval, loop.time())
                 await wait_event(stop, next_round - loop.time())
             resend.cancel()
+            if self.snapshots is not None:
+                # A clean stop leaves a fresh snapshot: the next start replays nothing.
+                await self._snapshot_logged()
             for worker in self.sinks:
                 await worker.drain(1.0)
             for task in workers:

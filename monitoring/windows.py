@@ -52,8 +52,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from promptd.events import FeedbackEvent, MetricEvent
@@ -297,6 +298,25 @@ class _Acc:
                     total.dense.add_dense(part.dense)
                 merge_into(total.hist, part.hist)
         return total
+
+
+def _acc_state(tier: int, idx: int, acc: _Acc) -> list[Any]:
+    dense = acc.dense
+    saved = None if dense is None else [dense.offset, dense.zero, dense.counts.tobytes()]
+    return [tier, idx, *(getattr(acc, name) for name in _SCALARS), acc.hist, saved]
+
+
+def _acc_from_state(values: list[Any]) -> _Acc:
+    acc = _Acc()
+    for name, value in zip(_SCALARS, values, strict=False):
+        setattr(acc, name, value)
+    acc.hist = values[len(_SCALARS)]
+    saved = values[len(_SCALARS) + 1]
+    if saved is not None:
+        acc.dense = DenseHistogram()
+        acc.dense.offset, acc.dense.zero = saved[0], saved[1]
+        acc.dense.counts = np.frombuffer(saved[2], dtype=np.int64).copy()
+    return acc
 
 
 _SCALARS: Final = (
@@ -691,3 +711,42 @@ class WindowStore:
     def bucket_count(self) -> int:
         """Number of live buckets over all series and tiers (for memory tests and metrics)."""
         return sum(len(tier) for leaf in self._leaves.values() for tier in leaf)
+
+    # ---- snapshots ----------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Everything the store holds, as plain values (ints, floats, strs, bytes, lists
+        and int-keyed dicts): what a snapshot saves. :meth:`from_state` inverts it."""
+        leaves = []
+        for key, leaf in self._leaves.items():
+            buckets = [
+                _acc_state(t, i, acc) for t, tier in enumerate(leaf) for i, acc in tier.items()
+            ]
+            leaves.append([*key, buckets])
+        return {
+            "watermark": self.watermark,
+            "accept_from": self._accept_from,
+            "future_limit": self._future_limit,
+            "folded": list(self._folded),
+            "late_events": self.late_events,
+            "future_events": self.future_events,
+            "leaves": leaves,
+        }
+
+    @classmethod
+    def from_state(cls, config: WindowConfig, state: dict[str, Any]) -> WindowStore:
+        """A store holding exactly what :meth:`state` saved (same ``config`` required)."""
+        store = cls(config)
+        store.watermark = state["watermark"]
+        store._accept_from = state["accept_from"]
+        store._future_limit = state["future_limit"]
+        store._folded = list(state["folded"])
+        store.late_events = state["late_events"]
+        store.future_events = state["future_events"]
+        for prompt, variant, model, buckets in state["leaves"]:
+            key = (prompt, variant, model)
+            leaf = store._new_leaf(key)
+            for tier, idx, *values in buckets:
+                leaf[tier][idx] = _acc_from_state(values)
+                store._schedule(tier, idx, key)
+        return store

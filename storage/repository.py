@@ -284,11 +284,16 @@ class EventRepository:
 
         Works at batch granularity (a batch goes once its newest event is older than
         the cutoff) and in chunks of ids, each its own short transaction, so ingestion
-        never waits long behind retention.
+        never waits long behind retention. The newest row of each table always stays:
+        SQLite hands out ``max(id) + 1``, so an emptied table would give old ids again,
+        and snapshots and batch ranges rely on ids only growing.
         """
         total = 0
         for table in _TABLES:
             floor = await _first_id_since(self.db.reader, table, cutoff_ts)
+            async with self.db.reader.execute(f"SELECT coalesce(max(id), 0) FROM {table}") as cur:
+                row = await cur.fetchone()
+            floor = min(floor, int(row[0]) if row else 0)
             while True:
                 async with self.db.transaction() as conn:
                     cur = await conn.execute(

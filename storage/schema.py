@@ -256,12 +256,28 @@ CREATE TABLE optimization_outcomes (
 );
 """
 
+_V6_SNAPSHOTS: Final = """
+-- Periodic snapshots of in-memory aggregates (the monitor's windows, ...), so that a
+-- restart loads them and replays only the events stored after them. ``metric_id`` and
+-- ``feedback_id``: every event row up to these ids is in the snapshot, none above.
+-- ``config`` names what the data was built with; a snapshot of another config is ignored.
+CREATE TABLE snapshots (
+    name        TEXT PRIMARY KEY,
+    taken_at    REAL    NOT NULL,
+    metric_id   INTEGER NOT NULL,
+    feedback_id INTEGER NOT NULL,
+    config      TEXT    NOT NULL,
+    data        BLOB    NOT NULL
+);
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=1, name="ingestion", sql=_V1_INGESTION),
     Migration(version=2, name="registry", sql=_V2_REGISTRY),
     Migration(version=3, name="alerts", sql=_V3_ALERTS),
     Migration(version=4, name="optimization", sql=_V4_OPTIMIZATION),
     Migration(version=5, name="optimization_search", sql=_V5_OPTIMIZATION_SEARCH),
+    Migration(version=6, name="snapshots", sql=_V6_SNAPSHOTS),
 )
 
 

@@ -117,12 +117,27 @@ async def test_retention_deletes_only_old_events(tmp_path: Path) -> None:
     await repo.store_batch(fresh, [], {})
     # A batch that straddles the cutoff stays whole until its newest event ages out.
     await repo.store_batch([_metric(now - 100_000), _metric(now)], [], {})
-    assert await repo.purge_older_than(now - 50_000, chunk=7) == 26
-    assert await repo.count_events() == (7, 0)
+    # The old feedback is its table's newest row: it stays, so that ids never repeat.
+    assert await repo.purge_older_than(now - 50_000, chunk=7) == 25
+    assert await repo.count_events() == (7, 1)
     floor = await repo.first_id_since("metric_events", now - 50_000)
     async with db.reader.execute("SELECT min(id) FROM metric_events") as cur:
         assert (await cur.fetchone())[0] == floor
     assert await repo.first_id_since("metric_events", now + 10) == 33
+    await db.close()
+
+
+async def test_row_ids_never_repeat_after_retention_empties_a_table(tmp_path: Path) -> None:
+    """Retention keeps each table's newest row, so new rows get ids above every old one."""
+    db = await Database.open(tmp_path / "x.db")
+    repo = EventRepository(db)
+    now = time.time()
+    first = await repo.store_batch([_metric(now - 100_000) for _ in range(5)], [], {})
+    assert first.last_metric_id == 5
+    assert await repo.purge_older_than(now) == 4
+    again = await repo.store_batch([_metric(now)], [], {})
+    assert again.last_metric_id == 6
+    assert again.metrics[0].ts == now
     await db.close()
 
 

@@ -1,0 +1,218 @@
+"""Restart time: from start to ready with 1M events in the last hour, with and without a
+snapshot of the monitor's windows.
+
+    python bench/restart.py [--events 1000000] [--runs 3] [--tail-seconds 60]
+
+Builds one SQLite store holding ``--events`` events spread over the last hour (90 %
+metrics, 10 % feedback, 50 prompts x 2 variants), a snapshot of the windows taken as a
+running daemon takes it, and the events of the ``--tail-seconds`` after that snapshot
+(what a crash leaves to replay with the default 60 s snapshot interval). Each run then
+starts a real daemon (embedded broker, monitoring with its default rule) on a fresh copy of
+that store twice, interleaved:
+
+* **replay** (``snapshot_interval_s = 0``): the windows are rebuilt from every stored event
+  of the last hour, as every start did before snapshots;
+* **snapshot**: the windows are loaded from the snapshot and only the tail is replayed.
+
+It times ``Daemon.run`` from its call to ``started`` (storage open, components built) and to
+ready (``/readyz`` would answer 200: partitions assigned, Kafka reachable). Prints the
+medians, each run's ratio snapshot / replay, and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ingest
+
+from promptd.daemon.app import Daemon
+from promptd.daemon.broker import EmbeddedBroker
+from promptd.daemon.kafka import ensure_topics
+from promptd.daemon.logs import configure_logging
+from promptd.daemon.settings import Settings
+from promptd.daemon.wiring import install_components
+from promptd.monitoring.monitor import rebuild_windows
+from promptd.monitoring.snapshot import take
+from promptd.monitoring.windows import WindowStore
+from promptd.storage.database import Database
+from promptd.storage.repository import EventRepository
+from promptd.storage.rows import FeedbackRow, MetricRow
+from promptd.storage.snapshots import SnapshotStore, last_ids
+
+BATCH = 5_000
+
+
+def rows(n: int, start: float, span: float, seed: int) -> list[MetricRow | FeedbackRow]:
+    """``n`` events evenly over ``[start, start + span)``."""
+    rng = random.Random(seed)
+    out: list[MetricRow | FeedbackRow] = []
+    for i in range(n):
+        ts = start + span * i / n
+        prompt, variant = f"prompt-{i % 50}", f"v{(i // 50) % 2}"
+        eid = f"{seed}-{i}"
+        if i % 10 == 9:
+            out.append(
+                FeedbackRow(eid, ts, prompt, variant, None, eid, rng.random(), "q", None, None)
+            )
+            continue
+        out.append(
+            MetricRow(
+                eid,
+                ts,
+                prompt,
+                variant,
+                "gpt-4o-mini",
+                eid,
+                f"user-{rng.randrange(10_000)}",
+                rng.lognormvariate(6, 0.5),
+                rng.random() > 0.02,
+                None,
+                rng.random(),
+                rng.randrange(50, 2000),
+                rng.randrange(10, 500),
+                rng.random() / 100,
+                None,
+                None,
+                None,
+            )
+        )
+    return out
+
+
+async def store(db: Database, events: list[MetricRow | FeedbackRow]) -> None:
+    repo = EventRepository(db)
+    for i in range(0, len(events), BATCH):
+        part = events[i : i + BATCH]
+        await repo.store_batch(
+            [e for e in part if isinstance(e, MetricRow)],
+            [e for e in part if isinstance(e, FeedbackRow)],
+            {},
+        )
+
+
+async def build(path: Path, n: int, tail_s: float) -> dict[str, float]:
+    """The store: events of the last hour up to ``tail_s`` ago, the snapshot a daemon
+    would have saved then, and the events of the last ``tail_s`` seconds."""
+    db = await Database.open(path)
+    now = time.time()
+    tail_n = int(n * tail_s / 3600)
+    started = time.perf_counter()
+    await store(db, rows(n - tail_n, now - 3600, 3600 - tail_s, seed=1))
+    windows = WindowStore()
+    await rebuild_windows(windows, db, now - tail_s, horizon_s=3600)
+    snap = take(windows, await last_ids(db), now - tail_s)
+    await SnapshotStore(db).save(snap)
+    await store(db, rows(tail_n, now - tail_s, tail_s, seed=2))
+    await db.close()
+    return {
+        "build_s": time.perf_counter() - started,
+        "snapshot_mb": len(snap.data) / 1e6,
+        "tail_events": tail_n,
+    }
+
+
+def settings_for(bootstrap: str, data_dir: Path, snapshots: bool) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    base = ingest.settings_for(bootstrap, data_dir.parent, data_dir.name, 3)
+    data = base.model_dump()
+    data["kafka"]["group_id"] = f"restart-{tag}"
+    data["monitoring"] = {"snapshot_interval_s": 60.0 if snapshots else 0.0}
+    return Settings(**data)
+
+
+async def start(settings: Settings) -> tuple[float, float]:
+    """Seconds from ``Daemon.run`` to started and to ready; then a clean stop."""
+    daemon = Daemon(settings, registry=CollectorRegistry())
+    install_components(daemon)
+    stop = asyncio.Event()
+    t0 = time.perf_counter()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        await asyncio.wait_for(daemon.started.wait(), 120)
+        started = time.perf_counter() - t0
+        while not (daemon.readiness()[0] and daemon.ingestor and daemon.ingestor.state.assigned):
+            if task.done():
+                await task
+            await asyncio.sleep(0.005)
+        return started, time.perf_counter() - t0
+    finally:
+        stop.set()
+        await task
+
+
+async def one_run(broker: EmbeddedBroker, base: Path, tmp: Path, mode: str) -> tuple[float, float]:
+    data_dir = tmp / f"{mode}-{uuid.uuid4().hex[:6]}"
+    data_dir.mkdir()
+    settings = settings_for(broker.bootstrap_servers, data_dir, snapshots=mode == "snapshot")
+    shutil.copy(base, settings.storage.database_path)
+    await ensure_topics(settings.kafka, broker.bootstrap_servers)
+    try:
+        return await start(settings)
+    finally:
+        shutil.rmtree(data_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tail-seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    configure_logging("error", "json")
+    load = [os.getloadavg()]
+    results: dict[str, list[tuple[float, float]]] = {"replay": [], "snapshot": []}
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        base = tmp / "base.db"
+        info = asyncio.run(build(base, args.events, args.tail_seconds))
+        print(
+            f"store: {args.events:,} events in the last hour, "
+            f"snapshot {info['snapshot_mb']:.1f} MB, tail {info['tail_events']:,.0f} events "
+            f"(built in {info['build_s']:.0f} s)"
+        )
+        for run in range(args.runs):
+            for mode in ("replay", "snapshot") if run % 2 == 0 else ("snapshot", "replay"):
+                started, ready = asyncio.run(one_run(broker, base, tmp, mode))
+                results[mode].append((started, ready))
+                print(f"run {run + 1} {mode:>8}: started {started:6.2f} s, ready {ready:6.2f} s")
+            load.append(os.getloadavg())
+    report(results, load)
+
+
+def report(
+    results: dict[str, list[tuple[float, float]]], load: list[tuple[float, float, float]]
+) -> None:
+    print()
+    print(f"{'measure':<44}{'median':>9}{'min':>9}{'max':>9}")
+    for mode in ("replay", "snapshot"):
+        for i, what in enumerate(("started", "ready")):
+            values = [r[i] for r in results[mode]]
+            print(
+                f"{mode + ': start to ' + what + ' (s)':<44}"
+                f"{statistics.median(values):>9.2f}{min(values):>9.2f}{max(values):>9.2f}"
+            )
+    for i, what in enumerate(("started", "ready")):
+        ratios = [s[i] / r[i] for s, r in zip(results["snapshot"], results["replay"], strict=True)]
+        print(
+            f"{'ratio snapshot / replay, ' + what:<44}"
+            f"{statistics.median(ratios):>9.3f}{min(ratios):>9.3f}{max(ratios):>9.3f}"
+        )
+    loads = ", ".join(f"{one:.2f}" for one, _, _ in load)
+    print(f"\n1-minute load average before and after each run (2 cores): {loads}")
+
+
+if __name__ == "__main__":
+    main()

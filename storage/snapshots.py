@@ -1,0 +1,109 @@
+"""Snapshots of in-memory aggregates, and the events stored after them.
+
+A snapshot is a named blob with the row ids it covers: every event row up to
+``(metric_id, feedback_id)`` is in it, none above. At start a component loads its
+snapshot and replays only the *tail*, the rows above those ids, in the order ingestion
+stored them (batch by batch, metrics before feedback within a batch, as the batch
+listeners saw them), so the result is what a daemon that never stopped would hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+from promptd.storage.database import Database
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One stored snapshot."""
+
+    name: str
+    taken_at: float
+    metric_id: int
+    feedback_id: int
+    config: str
+    data: bytes
+
+
+class SnapshotStore:
+    """Reads and writes of the ``snapshots`` table (one row per name, replaced)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def save(self, snapshot: Snapshot) -> None:
+        """Store ``snapshot``, replacing the previous one of its name."""
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO snapshots (name, taken_at, metric_id, feedback_id, config, data) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                "taken_at = excluded.taken_at, metric_id = excluded.metric_id, "
+                "feedback_id = excluded.feedback_id, config = excluded.config, "
+                "data = excluded.data",
+                (
+                    snapshot.name,
+                    snapshot.taken_at,
+                    snapshot.metric_id,
+                    snapshot.feedback_id,
+                    snapshot.config,
+                    snapshot.data,
+                ),
+            )
+
+    async def load(self, name: str) -> Snapshot | None:
+        """The snapshot called ``name``, if one was saved."""
+        async with self.db.reader.execute(
+            "SELECT name, taken_at, metric_id, feedback_id, config, data FROM snapshots "
+            "WHERE name = ?",
+            (name,),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return Snapshot(
+            str(row[0]), float(row[1]), int(row[2]), int(row[3]), str(row[4]), bytes(row[5])
+        )
+
+    async def delete(self, name: str) -> None:
+        """Forget the snapshot called ``name`` (no-op when there is none)."""
+        async with self.db.transaction() as conn:
+            await conn.execute("DELETE FROM snapshots WHERE name = ?", (name,))
+
+
+async def last_ids(db: Database) -> tuple[int, int]:
+    """The highest (metric, feedback) row ids stored now."""
+    async with db.reader.execute(
+        "SELECT (SELECT coalesce(max(id), 0) FROM metric_events), "
+        "(SELECT coalesce(max(id), 0) FROM feedback_events)"
+    ) as cur:
+        row = await cur.fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+# Rows as the monitor's rebuild reads them (see storage.alerts.raw_events), plus the id.
+_TAIL: Final = (
+    "SELECT ts, 0, prompt, variant, model, latency_ms, success, quality, tokens_in, "
+    "tokens_out, cost_usd, NULL, ingested_at, id FROM metric_events WHERE id > :mid "
+    "UNION ALL SELECT ts, 1, prompt, variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+    "score, ingested_at, id FROM feedback_events WHERE id > :fid "
+    "ORDER BY 13, 2, 14"
+)
+
+
+async def tail_events(
+    db: Database, metric_id: int, feedback_id: int, chunk: int = 5_000
+) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """Event rows stored after ``(metric_id, feedback_id)``, in chunks, in the order
+    ingestion handed them to listeners: ``(ts, is_feedback, prompt, variant, model,
+    latency_ms, success, quality, tokens_in, tokens_out, cost_usd, score, ingested_at,
+    id)``. A primary-key range scan on each table; only the tail is sorted."""
+    params = {"mid": metric_id, "fid": feedback_id}
+    cursor = await db.reader.execute(_TAIL, params)
+    try:
+        while rows := await cursor.fetchmany(chunk):
+            yield [tuple(r) for r in rows]
+    finally:
+        await cursor.close()

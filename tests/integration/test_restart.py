@@ -1,0 +1,147 @@
+"""Restarts from a snapshot of the monitor's windows, through the real broker and file."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import structlog
+
+from promptd.events import new_event_id
+from promptd.monitoring.monitor import Monitor
+from promptd.monitoring.snapshot import NAME
+from promptd.storage.snapshots import SnapshotStore
+from tests.conftest import wait_for
+from tests.kafka_helpers import produce
+
+pytestmark = pytest.mark.integration
+
+
+def _metric(i: int, now: float) -> bytes:
+    body = {
+        "event_id": new_event_id(),
+        "type": "metric",
+        "ts": now - 10 + i * 0.001,
+        "prompt": "summarization",
+        "variant": f"v{i % 2}",
+        "model": "m",
+        "request_id": f"req-{i}",
+        "latency_ms": 50.0 + i % 400,
+        "success": i % 7 != 0,
+        "quality": (i % 10) / 10,
+    }
+    return json.dumps(body).encode()
+
+
+def _feedback(i: int, now: float) -> bytes:
+    body = {
+        "event_id": new_event_id(),
+        "type": "feedback",
+        "ts": now - 9 + i * 0.001,
+        "prompt": "summarization",
+        "variant": f"v{i % 2}",
+        "request_id": f"req-{i}",
+        "score": (i % 5) / 4,
+    }
+    return json.dumps(body).encode()
+
+
+def _monitor(running: Any) -> Monitor:
+    monitor: Monitor = running.daemon.components["monitor"]
+    return monitor
+
+
+def _hour(monitor: Monitor) -> dict[str, Any]:
+    """The prompt's 1 h statistics without what depends on the clock (rates)."""
+    stats = monitor.prompt_stats("summarization", 3600)
+    keep = ("request_count", "success_count", "latency_mean", "latency_p95", "feedback_count")
+    keep += ("feedback_mean", "quality_mean")
+    return {
+        name: {k: v for k, v in part.items() if k in keep}
+        for name, part in (("total", stats["total"]), *stats["variants"].items())
+    }
+
+
+async def _windowed(running: Any, metrics: int, feedback: int) -> bool:
+    total = _monitor(running).prompt_stats("summarization", 3600)["total"]
+    return bool(total["request_count"] == metrics and total["feedback_count"] == feedback)
+
+
+@pytest.fixture(autouse=True)
+def _info_logs() -> None:
+    """``windows_restored`` is an info event: let it through to capture_logs."""
+    from promptd.daemon.logs import configure_logging
+
+    configure_logging("info", "json")
+
+
+def _restored(logs: list[dict[str, Any]]) -> dict[str, Any]:
+    found = [e for e in logs if e["event"] == "windows_restored"]
+    assert len(found) == 1, [e["event"] for e in logs]
+    return found[0]
+
+
+async def test_clean_restart_loads_the_snapshot_and_replays_nothing(
+    make_settings, start_daemon
+) -> None:
+    """A stopped daemon leaves a snapshot; the next start restores the same windows from it
+    without replaying a single event."""
+    settings = make_settings()
+    kafka = settings.kafka
+    first = await start_daemon(settings)
+    # Recent events: the windows take events up to 30 s behind the clock (lateness).
+    now = time.time()
+    await produce(
+        kafka.bootstrap_servers, kafka.metrics_topic, [_metric(i, now) for i in range(2000)]
+    )
+    await produce(
+        kafka.bootstrap_servers, kafka.feedback_topic, [_feedback(i, now) for i in range(300)]
+    )
+    await wait_for(lambda: _windowed(first, 2000, 300), timeout=30)
+    before = _hour(_monitor(first))
+    await first.stop()
+
+    with structlog.testing.capture_logs() as logs:
+        second = await start_daemon(settings)
+    restored = _restored(logs)
+    assert restored["tail_events"] == 0
+    assert _hour(_monitor(second)) == before
+    await second.stop()
+
+
+async def test_crash_replays_only_the_events_stored_after_the_last_snapshot(
+    make_settings, start_daemon
+) -> None:
+    """After a hard stop the start loads the last periodic snapshot and replays exactly the
+    events stored after it; the windows then hold every event once."""
+    settings = make_settings(monitoring={"snapshot_interval_s": 0.2})
+    kafka = settings.kafka
+    first = await start_daemon(settings)
+    now = time.time()
+    await produce(
+        kafka.bootstrap_servers, kafka.metrics_topic, [_metric(i, now) for i in range(1000)]
+    )
+    await wait_for(lambda: _windowed(first, 1000, 0), timeout=30)
+    store = SnapshotStore(first.daemon.db)
+    monitor = _monitor(first)
+
+    async def snapshot_covers_all() -> bool:
+        snap = await store.load(NAME)
+        return snap is not None and (snap.metric_id, snap.feedback_id) == monitor.covered
+
+    await wait_for(snapshot_covers_all, timeout=10)
+    monitor.snapshots = None  # no more snapshots: what follows is the tail
+    tail = [_metric(1000 + i, now) for i in range(500)] + [_feedback(i, now) for i in range(200)]
+    await produce(kafka.bootstrap_servers, kafka.metrics_topic, tail[:500])
+    await produce(kafka.bootstrap_servers, kafka.feedback_topic, tail[500:])
+    await wait_for(lambda: _windowed(first, 1500, 200), timeout=30)
+    before = _hour(monitor)
+    await first.kill()
+
+    with structlog.testing.capture_logs() as logs:
+        second = await start_daemon(settings)
+    assert _restored(logs)["tail_events"] == 700
+    assert _hour(_monitor(second)) == before
+    await second.stop()
