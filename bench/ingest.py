@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -191,11 +192,13 @@ def main() -> None:
     configure_logging("error", "json")
     events = make_events(args.events)
     e2e_rates, raw_rates = [], []
+    load = [os.getloadavg()[0]]
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
             e2e, raw = asyncio.run(one_run(broker, events, args.partitions, Path(tmp)))
             e2e_rates.append(e2e)
             raw_rates.append(raw)
+            load.append(os.getloadavg()[0])
             print(f"run {run + 1}: end-to-end {e2e:,.0f} ev/s, raw consume {raw:,.0f} rec/s")
     ratios = [e / r for e, r in zip(e2e_rates, raw_rates, strict=True)]
     print()
@@ -211,6 +214,18 @@ def main() -> None:
     print(
         f"\n{args.events:,} events per run, {args.runs} runs, "
         f"{args.partitions} partitions per topic"
+    )
+    print(noise(raw_rates, load))
+
+
+def noise(reference: list[float], load: list[float]) -> str:
+    """How noisy the machine was: the spread of a reference rate and the load average."""
+    med = statistics.median(reference)
+    spread = (max(reference) - min(reference)) / med if med else 0.0
+    loads = ", ".join(f"{x:.2f}" for x in load)
+    return (
+        f"machine noise: the raw rate spread over {spread:.0%} of its median; 1-minute load "
+        f"average before and after each run (2 cores): {loads}"
     )
 
 

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import random
 import statistics
 import sys
@@ -233,10 +234,12 @@ def main() -> None:
         if "throughput" not in args.skip:
             events = ingest.make_events(args.events)
             off, on = [], []
+            load = [os.getloadavg()[0]]
             for run in range(args.runs):
                 result = asyncio.run(throughput_run(broker, events, Path(tmp)))
                 off.append(result["off"])
                 on.append(result["on"])
+                load.append(os.getloadavg()[0])
                 print(
                     f"run {run + 1}: monitor off {result['off']:,.0f} ev/s, "
                     f"on {result['on']:,.0f} ev/s"
@@ -292,7 +295,8 @@ def main() -> None:
     print(f"{'measure':<44}{'median/value':>16}  range / note")
     for name, value, note in rows:
         print(f"{name:<44}{value:>16}  {note}")
-    print("\n2-core machine shared with other engineers' test runs: expect +-15 % noise.")
+    if "throughput" not in args.skip:
+        print(ingest.noise(off, load).replace("raw rate", "monitoring-off rate"))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Final, TypeVar
 
 import aiosqlite
@@ -33,19 +34,42 @@ from promptd.storage.rows import (
 
 TopicPartitionKey = tuple[str, int]
 R = TypeVar("R", MetricRow, FeedbackRow)
+Row = tuple[object, ...]
 
 _TS = operator.itemgetter(1)
 _CAPTURES = operator.itemgetter(slice(len(METRIC_PLAIN_COLUMNS), len(METRIC_COLUMNS)))
 _NO_CAPTURES: Final = (None,) * (len(METRIC_COLUMNS) - len(METRIC_PLAIN_COLUMNS))
 
 
-def _insert_sql(table: str, cols: Sequence[str], now: float) -> str:
+#: Rows per INSERT statement. One statement of many rows instead of ``executemany`` of
+#: one-row statements: a quarter less time per row (bench/sqlite_rows.py), and the writer
+#: thread gives up and retakes the GIL once per statement instead of once per row.
+ROWS_PER_STATEMENT: Final = 128
+
+
+def _insert_sql(table: str, cols: Sequence[str], now: float, rows: int = 1) -> str:
     # ``now`` is our own float, inlined so that rows need no extra Python tuple work.
     names = ", ".join((*cols, "ingested_at"))
-    marks = ", ".join("?" for _ in cols)
-    return (
-        f"INSERT INTO {table} ({names}) VALUES ({marks}, {now!r}) ON CONFLICT (event_id) DO NOTHING"
-    )
+    one = "(" + ", ".join("?" for _ in cols) + f", {now!r})"
+    values = ", ".join([one] * rows)
+    return f"INSERT INTO {table} ({names}) VALUES {values} ON CONFLICT (event_id) DO NOTHING"
+
+
+def _insert_rows(
+    conn: sqlite3.Connection, table: str, cols: Sequence[str], rows: Sequence[Row], now: float
+) -> int:
+    """Insert ``rows`` (tuples of exactly ``cols``); returns how many were new."""
+    limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    per = max(1, min(ROWS_PER_STATEMENT, limit // len(cols)))
+    cut = len(rows) - len(rows) % per
+    stored = 0
+    if cut:
+        sql = _insert_sql(table, cols, now, per)
+        flat = [tuple(chain.from_iterable(rows[i : i + per])) for i in range(0, cut, per)]
+        stored += conn.executemany(sql, flat).rowcount
+    if cut < len(rows):
+        stored += conn.executemany(_insert_sql(table, cols, now), rows[cut:]).rowcount
+    return int(stored)
 
 
 _UPSERT_OFFSET: Final = """
@@ -90,21 +114,18 @@ class BatchOutcome:
 
 def _insert_metrics(conn: sqlite3.Connection, rows: Sequence[MetricRow], now: float) -> int:
     captures = list(map(_CAPTURES, rows))
+    table, plain_cols = "metric_events", METRIC_PLAIN_COLUMNS
     if captures.count(_NO_CAPTURES) == len(rows):
         # The common case: no payloads, so the narrower statement (no NULLs to bind).
-        sql = _insert_sql("metric_events", METRIC_PLAIN_COLUMNS, now)
-        return int(conn.executemany(sql, map(metric_plain_part, rows)).rowcount)
-    plain = [r for r, c in zip(rows, captures, strict=True) if c == _NO_CAPTURES]
+        return _insert_rows(conn, table, plain_cols, list(map(metric_plain_part, rows)), now)
+    plain = [metric_plain_part(r) for r, c in zip(rows, captures, strict=True) if c == _NO_CAPTURES]
     captured = [r for r, c in zip(rows, captures, strict=True) if c != _NO_CAPTURES]
-    sql = _insert_sql("metric_events", METRIC_PLAIN_COLUMNS, now)
-    stored = conn.executemany(sql, map(metric_plain_part, plain)).rowcount
-    sql = _insert_sql("metric_events", METRIC_COLUMNS, now)
-    return int(stored + conn.executemany(sql, captured).rowcount)
+    stored = _insert_rows(conn, table, plain_cols, plain, now)
+    return stored + _insert_rows(conn, table, METRIC_COLUMNS, captured, now)
 
 
 def _insert_feedback(conn: sqlite3.Connection, rows: Sequence[FeedbackRow], now: float) -> int:
-    sql = _insert_sql("feedback_events", FEEDBACK_COLUMNS, now)
-    return int(conn.executemany(sql, rows).rowcount)
+    return _insert_rows(conn, "feedback_events", FEEDBACK_COLUMNS, rows, now)
 
 
 def _record_batch(

@@ -10,7 +10,8 @@ import pytest
 
 from promptd.events import FeedbackEvent, MetricEvent, new_event_id
 from promptd.storage.database import Database, StorageError
-from promptd.storage.repository import EventRepository
+from promptd.storage.repository import ROWS_PER_STATEMENT, EventRepository
+from promptd.storage.rows import METRIC_COLUMNS, MetricRow, feedback_row, metric_row
 from promptd.storage.schema import latest_version
 
 
@@ -125,6 +126,30 @@ async def test_retention_deletes_only_old_events(tmp_path: Path) -> None:
         assert (await cur.fetchone())[0] == floor
     assert await repo.first_id_since("metric_events", now + 10) == 33
     await db.close()
+
+
+async def test_rows_are_stored_exactly_across_statement_boundaries(tmp_path: Path) -> None:
+    """A batch longer than one multi-row statement, mixing captured and plain rows, with
+    repeats inside a statement and across statements: every new row is stored once, with
+    every column as given; listeners get them in batch order; repeats count as duplicates."""
+    db = await Database.open(tmp_path / "x.db")
+    try:
+        repo = EventRepository(db)
+        now = time.time()
+        rows = [metric_row(_metric(now + i)) for i in range(3 * ROWS_PER_STATEMENT + 7)]
+        rows[5] = rows[5]._replace(input='{"q":"é"}', attributes='{"k":"v"}')
+        rows[200] = rows[200]._replace(output='"answer"', quality=0.25, tokens_in=7)
+        offered = [*rows[:10], rows[3], *rows[10:], rows[0], rows[200]]
+        outcome = await repo.store_batch(offered, [feedback_row(_feedback())] * 2, {})
+        assert (outcome.metrics_stored, outcome.feedback_stored) == (len(rows), 1)
+        assert outcome.duplicates == 4
+        assert list(outcome.metrics) == rows
+        columns = ", ".join(METRIC_COLUMNS)
+        async with db.reader.execute(f"SELECT {columns} FROM metric_events") as cur:
+            stored = [MetricRow(*r[:8], bool(r[8]), *r[9:]) for r in await cur.fetchall()]
+        assert sorted(stored) == sorted(rows)
+    finally:
+        await db.close()
 
 
 async def test_row_ids_never_repeat_after_retention_empties_a_table(tmp_path: Path) -> None:
