@@ -4,9 +4,12 @@
 
 Each run produces N realistic MetricEvents (plus 10 % feedback) to fresh topics on a
 Tansu broker on this machine, then measures (a) a bare aiokafka consumer reading them
-(no decoding, no storage) and (b) the daemon, from partition assignment until every
-event is in SQLite. Prints a table with the median over runs and the ratio (b)/(a),
-which factors out how busy the machine is.
+(no decoding, no storage; the median of three reads, two before and one after (b))
+and (b) the daemon, from partition assignment until every event is in SQLite. Prints
+the median over runs of both and of their ratio (b)/(a), which factors out how busy the
+machine is; the CPU time per event of both (all threads of this process); and the
+machine's noise: how far the raw rate moved between runs, and the load average before
+and after each run.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
@@ -94,7 +97,15 @@ async def produce(
         await producer.stop()
 
 
-async def raw_consume(bootstrap: str, topics: list[str], n: int) -> float:
+class Rate(NamedTuple):
+    """A throughput, and the CPU time this process spent per item meanwhile (all threads;
+    less sensitive to other load on the machine than the rate)."""
+
+    per_s: float
+    cpu_us: float
+
+
+async def raw_consume(bootstrap: str, topics: list[str], n: int) -> Rate:
     """Records/s of a bare consumer (no group), from first fetch to the last record."""
     consumer = AIOKafkaConsumer(
         *topics,
@@ -106,19 +117,20 @@ async def raw_consume(bootstrap: str, topics: list[str], n: int) -> float:
     await consumer.start()
     try:
         seen = 0
-        start = None
+        start = cpu = None
         while seen < n:
             batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
             if start is None and batch:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
             seen += sum(len(v) for v in batch.values())
         assert start is not None
-        return n / (time.perf_counter() - start)
+        assert cpu is not None
+        return Rate(n / (time.perf_counter() - start), (time.process_time() - cpu) / n * 1e6)
     finally:
         await consumer.stop()
 
 
-async def daemon_ingest(settings: Settings, n: int, configure: Any = None) -> float:
+async def daemon_ingest(settings: Settings, n: int, configure: Any = None) -> Rate:
     """Events/s stored by the daemon, from partition assignment to the last event stored."""
     registry = CollectorRegistry()
     daemon = Daemon(settings, registry=registry)
@@ -132,14 +144,15 @@ async def daemon_ingest(settings: Settings, n: int, configure: Any = None) -> fl
             if task.done():
                 await task
             await asyncio.sleep(0.001)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         while True:
             stored = sum(
                 registry.get_sample_value("promptd_events_stored_total", {"type": t}) or 0
                 for t in ("metric", "feedback")
             )
             if stored >= n:
-                return n / (time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                return Rate(n / elapsed, (time.process_time() - cpu) / n * 1e6)
             await asyncio.sleep(0.002)
     finally:
         stop.set()
@@ -170,7 +183,7 @@ def settings_for(bootstrap: str, data_dir: Path, tag: str, partitions: int) -> S
 
 async def one_run(
     broker: EmbeddedBroker, events: list[tuple[str, bytes, bytes]], partitions: int, tmp: Path
-) -> tuple[float, float]:
+) -> tuple[Rate, Rate]:
     from promptd.daemon.kafka import ensure_topics
 
     tag = uuid.uuid4().hex[:8]
@@ -178,9 +191,14 @@ async def one_run(
     await ensure_topics(settings.kafka, broker.bootstrap_servers)
     topics = {"metric": settings.kafka.metrics_topic, "feedback": settings.kafka.feedback_topic}
     await produce(broker.bootstrap_servers, topics, events)
-    raw = await raw_consume(broker.bootstrap_servers, list(topics.values()), len(events))
+    names = list(topics.values())
+    # The reference is short (under a second) and so the noisiest figure: read the topics
+    # twice before the daemon and once after it, and take the median.
+    raws = [await raw_consume(broker.bootstrap_servers, names, len(events)) for _ in range(2)]
     e2e = await daemon_ingest(settings, len(events))
-    return e2e, raw
+    raws.append(await raw_consume(broker.bootstrap_servers, names, len(events)))
+    raws.sort()
+    return e2e, raws[1]
 
 
 def main() -> None:
@@ -191,26 +209,31 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging("error", "json")
     events = make_events(args.events)
-    e2e_rates, raw_rates = [], []
+    e2e_runs, raw_runs = [], []
     load = [os.getloadavg()[0]]
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
             e2e, raw = asyncio.run(one_run(broker, events, args.partitions, Path(tmp)))
-            e2e_rates.append(e2e)
-            raw_rates.append(raw)
+            e2e_runs.append(e2e)
+            raw_runs.append(raw)
             load.append(os.getloadavg()[0])
-            print(f"run {run + 1}: end-to-end {e2e:,.0f} ev/s, raw consume {raw:,.0f} rec/s")
+            print(
+                f"run {run + 1}: end-to-end {e2e.per_s:,.0f} ev/s ({e2e.cpu_us:.1f} CPU us/ev), "
+                f"raw consume {raw.per_s:,.0f} rec/s ({raw.cpu_us:.1f} CPU us/rec)"
+            )
+    e2e_rates, raw_rates = [r.per_s for r in e2e_runs], [r.per_s for r in raw_runs]
     ratios = [e / r for e, r in zip(e2e_rates, raw_rates, strict=True)]
     print()
-    print(f"{'measure':<34}{'median':>12}{'min':>12}{'max':>12}")
-    for name, values in (
-        ("daemon end-to-end (events/s)", e2e_rates),
-        ("raw aiokafka consume (records/s)", raw_rates),
-        ("ratio end-to-end / raw", ratios),
+    print(f"{'measure':<40}{'median':>12}{'min':>12}{'max':>12}")
+    for name, values, fmt in (
+        ("daemon end-to-end (events/s)", e2e_rates, "{:>12,.0f}"),
+        ("raw aiokafka consume (records/s)", raw_rates, "{:>12,.0f}"),
+        ("ratio end-to-end / raw, target >= 0.30", ratios, "{:>12.3f}"),
+        ("daemon CPU per event (us, all threads)", [r.cpu_us for r in e2e_runs], "{:>12.2f}"),
+        ("raw consume CPU per record (us)", [r.cpu_us for r in raw_runs], "{:>12.2f}"),
     ):
-        fmt = "{:>12.3f}" if name.startswith("ratio") else "{:>12,.0f}"
         row = "".join(fmt.format(v) for v in (statistics.median(values), min(values), max(values)))
-        print(f"{name:<34}{row}")
+        print(f"{name:<40}{row}")
     print(
         f"\n{args.events:,} events per run, {args.runs} runs, "
         f"{args.partitions} partitions per topic"

@@ -97,7 +97,7 @@ async def throughput_run(
         await ensure_topics(settings.kafka, broker.bootstrap_servers)
         topics = {"metric": settings.kafka.metrics_topic, "feedback": settings.kafka.feedback_topic}
         await ingest.produce(broker.bootstrap_servers, topics, events)
-        out[mode] = await ingest.daemon_ingest(settings, len(events))
+        out[mode] = (await ingest.daemon_ingest(settings, len(events))).per_s
     return out
 
 

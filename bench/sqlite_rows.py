@@ -44,7 +44,7 @@ from promptd.storage.rows import METRIC_PLAIN_COLUMNS
 from promptd.storage.schema import _V1_INGESTION
 
 BATCH = 5_000
-MULTI = 64
+MULTI = 128
 
 Row = tuple[Any, ...]
 

@@ -9,6 +9,7 @@ rows offered and rows inserted is the duplicate count.
 
 from __future__ import annotations
 
+import functools
 import operator
 import sqlite3
 import time
@@ -41,34 +42,52 @@ _CAPTURES = operator.itemgetter(slice(len(METRIC_PLAIN_COLUMNS), len(METRIC_COLU
 _NO_CAPTURES: Final = (None,) * (len(METRIC_COLUMNS) - len(METRIC_PLAIN_COLUMNS))
 
 
-#: Rows per INSERT statement. One statement of many rows instead of ``executemany`` of
-#: one-row statements: a quarter less time per row (bench/sqlite_rows.py), and the writer
-#: thread gives up and retakes the GIL once per statement instead of once per row.
+#: Most rows per INSERT statement. Statements of many rows instead of ``executemany`` of
+#: one-row ones: less time per row (bench/sqlite_rows.py), and, what matters more in the
+#: daemon, the writer thread gives up and retakes the GIL once per statement instead of
+#: once per row; each retake can wait for the event loop's thread to let go of it.
 ROWS_PER_STATEMENT: Final = 128
 
 
-def _insert_sql(table: str, cols: Sequence[str], now: float, rows: int = 1) -> str:
-    # ``now`` is our own float, inlined so that rows need no extra Python tuple work.
+@functools.cache
+def _insert_sql(table: str, cols: tuple[str, ...], rows: int) -> str:
+    """An INSERT of ``rows`` rows; parameter 1 is ``ingested_at``, shared by all rows.
+
+    The text depends only on the shape, so sqlite3's statement cache compiles each
+    shape once (large statements take a while to compile).
+    """
     names = ", ".join((*cols, "ingested_at"))
-    one = "(" + ", ".join("?" for _ in cols) + f", {now!r})"
-    values = ", ".join([one] * rows)
+    width = len(cols)
+    values = ", ".join(
+        "(" + ", ".join(f"?{2 + r * width + c}" for c in range(width)) + ", ?1)"
+        for r in range(rows)
+    )
     return f"INSERT INTO {table} ({names}) VALUES {values} ON CONFLICT (event_id) DO NOTHING"
 
 
 def _insert_rows(
-    conn: sqlite3.Connection, table: str, cols: Sequence[str], rows: Sequence[Row], now: float
+    conn: sqlite3.Connection,
+    table: str,
+    cols: tuple[str, ...],
+    rows: Sequence[Row],
+    now: float,
 ) -> int:
-    """Insert ``rows`` (tuples of exactly ``cols``); returns how many were new."""
+    """Insert ``rows`` (tuples of exactly ``cols``); returns how many were new.
+
+    Statements have a power-of-two number of rows (the largest that fits first), so a
+    batch of any length takes a few statements of a few cached shapes.
+    """
     limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    per = max(1, min(ROWS_PER_STATEMENT, limit // len(cols)))
-    cut = len(rows) - len(rows) % per
-    stored = 0
-    if cut:
-        sql = _insert_sql(table, cols, now, per)
-        flat = [tuple(chain.from_iterable(rows[i : i + per])) for i in range(0, cut, per)]
-        stored += conn.executemany(sql, flat).rowcount
-    if cut < len(rows):
-        stored += conn.executemany(_insert_sql(table, cols, now), rows[cut:]).rowcount
+    size = 1 << (min(ROWS_PER_STATEMENT, max(1, (limit - 1) // len(cols))).bit_length() - 1)
+    stored = done = 0
+    while done < len(rows):
+        left = len(rows) - done
+        while size > left:
+            size //= 2
+        end = done + left // size * size
+        params = [(now, *chain.from_iterable(rows[i : i + size])) for i in range(done, end, size)]
+        stored += conn.executemany(_insert_sql(table, cols, size), params).rowcount
+        done = end
     return int(stored)
 
 
