@@ -49,27 +49,27 @@ from promptd.monitoring.snapshot import take
 from promptd.monitoring.windows import WindowStore
 from promptd.storage.database import Database
 from promptd.storage.repository import EventRepository
-from promptd.storage.rows import FeedbackRow, MetricRow
+from promptd.storage.rows import FeedbackView, MetricView
 from promptd.storage.snapshots import SnapshotStore, last_ids
 
 BATCH = 5_000
 
 
-def rows(n: int, start: float, span: float, seed: int) -> list[MetricRow | FeedbackRow]:
+def rows(n: int, start: float, span: float, seed: int) -> list[MetricView | FeedbackView]:
     """``n`` events evenly over ``[start, start + span)``."""
     rng = random.Random(seed)
-    out: list[MetricRow | FeedbackRow] = []
+    out: list[MetricView | FeedbackView] = []
     for i in range(n):
         ts = start + span * i / n
         prompt, variant = f"prompt-{i % 50}", f"v{(i // 50) % 2}"
         eid = f"{seed}-{i}"
         if i % 10 == 9:
             out.append(
-                FeedbackRow(eid, ts, prompt, variant, None, eid, rng.random(), "q", None, None)
+                FeedbackView(eid, ts, prompt, variant, None, eid, rng.random(), "q", None, None)
             )
             continue
         out.append(
-            MetricRow(
+            MetricView(
                 eid,
                 ts,
                 prompt,
@@ -92,13 +92,13 @@ def rows(n: int, start: float, span: float, seed: int) -> list[MetricRow | Feedb
     return out
 
 
-async def store(db: Database, events: list[MetricRow | FeedbackRow]) -> None:
+async def store(db: Database, events: list[MetricView | FeedbackView]) -> None:
     repo = EventRepository(db)
     for i in range(0, len(events), BATCH):
         part = events[i : i + BATCH]
         await repo.store_batch(
-            [e for e in part if isinstance(e, MetricRow)],
-            [e for e in part if isinstance(e, FeedbackRow)],
+            [e for e in part if isinstance(e, MetricView)],
+            [e for e in part if isinstance(e, FeedbackView)],
             {},
         )
 

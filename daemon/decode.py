@@ -22,7 +22,7 @@ msgspec stays out of ``import promptd``: only the daemon imports this module.
 from __future__ import annotations
 
 import operator
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, cast
 
 import msgspec
 from msgspec import Meta, Struct
@@ -32,6 +32,7 @@ from promptd.events import MAX_CAPTURE_BYTES, FeedbackEvent, MetricEvent, Reject
 from promptd.storage.rows import (
     FEEDBACK_COLUMNS,
     METRIC_COLUMNS,
+    METRIC_PLAIN_COLUMNS,
     FeedbackRow,
     MetricRow,
     capture_json,
@@ -94,10 +95,10 @@ class _Feedback(Struct, tag_field="type", tag="feedback", forbid_unknown_fields=
     schema: Literal[1] = 1
 
 
-# Rows are read off the Struct in C, in column order.
+# Rows are read off the Struct in C, in column order, as plain tuples (see storage.rows).
 _METRIC_VALUES = operator.attrgetter(*METRIC_COLUMNS)
 _FEEDBACK_VALUES = operator.attrgetter(*FEEDBACK_COLUMNS)
-_new_tuple = tuple.__new__
+_PLAIN = len(METRIC_PLAIN_COLUMNS)
 
 
 class _Fallback(Exception):
@@ -105,9 +106,9 @@ class _Fallback(Exception):
 
 
 class RowDecoder:
-    """Decodes raw record values to :class:`MetricRow`, :class:`FeedbackRow` or
-    :class:`~promptd.events.Rejection`, exactly as :func:`~promptd.events.decode_event`
-    decides (see the module docstring). Not thread-safe; one per consumer."""
+    """Decodes raw record values to a :data:`MetricRow` or :data:`FeedbackRow` (plain
+    tuples, told apart by length) or a :class:`~promptd.events.Rejection`, exactly as
+    :func:`~promptd.events.decode_event` decides (see the module docstring)."""
 
     def __init__(self, max_bytes: int = ev.MAX_RECORD_BYTES) -> None:
         self.max_bytes = max_bytes
@@ -115,48 +116,65 @@ class RowDecoder:
         #: Records the reference decoder decided (rejections, and the rare acceptances).
         self.fallbacks = 0
 
-    def decode(self, raw: bytes | None) -> MetricRow | FeedbackRow | Rejection:
-        """One raw Kafka value: a row, or the reference decoder's rejection."""
+    def decode_into(
+        self, raw: bytes | None, metrics: list[MetricRow], feedback: list[FeedbackRow]
+    ) -> Rejection | None:
+        """Decode one raw Kafka value: append its row to ``metrics`` or ``feedback``, or
+        return the reference decoder's rejection."""
         if raw is None or len(raw) > self.max_bytes:
-            return self._reference(raw)
+            return self._reference(raw, metrics, feedback)
         try:
             event = self._decode(raw)
             if type(event) is _Metric:
-                metric: MetricRow = _new_tuple(MetricRow, _METRIC_VALUES(event))
+                metric: MetricRow = _METRIC_VALUES(event)
                 if not (event.input is None and event.output is None and event.attributes is None):
                     metric = _with_metric_captures(metric)
                 if type(event.ts) is str:
-                    metric = metric._replace(ts=ev.parse_ts(event.ts))
-                return metric
-            feedback: FeedbackRow = _new_tuple(FeedbackRow, _FEEDBACK_VALUES(event))
+                    metric = (metric[0], ev.parse_ts(event.ts), *metric[2:])
+                metrics.append(metric)
+                return None
+            row: FeedbackRow = _FEEDBACK_VALUES(event)
             if event.correction is not None:
-                feedback = feedback._replace(correction=_capture_text(event.correction))
+                row = (*row[:-1], _capture_text(event.correction))
             if type(event.ts) is str:
-                feedback = feedback._replace(ts=ev.parse_ts(event.ts))
+                row = (row[0], ev.parse_ts(event.ts), *row[2:])
         except (msgspec.MsgspecError, ValueError, RecursionError, _Fallback):
             # ValueError: a ts string that does not parse, undecodable UTF-8.
-            return self._reference(raw)
-        return feedback
+            return self._reference(raw, metrics, feedback)
+        feedback.append(row)
+        return None
 
-    def _reference(self, raw: bytes | None) -> MetricRow | FeedbackRow | Rejection:
+    def decode(self, raw: bytes | None) -> MetricRow | FeedbackRow | Rejection:
+        """One raw Kafka value: its row, or the reference decoder's rejection."""
+        metrics: list[MetricRow] = []
+        feedback: list[FeedbackRow] = []
+        rejection = self.decode_into(raw, metrics, feedback)
+        return rejection or (metrics or feedback)[0]
+
+    def _reference(
+        self, raw: bytes | None, metrics: list[MetricRow], feedback: list[FeedbackRow]
+    ) -> Rejection | None:
         self.fallbacks += 1
         result = decode_event(raw, max_bytes=self.max_bytes)
         if isinstance(result, MetricEvent):
-            return metric_row(result)
-        if isinstance(result, FeedbackEvent):
-            return feedback_row(result)
-        return result
+            metrics.append(metric_row(result))
+        elif isinstance(result, FeedbackEvent):
+            feedback.append(feedback_row(result))
+        else:
+            return result
+        return None
 
 
 def _with_metric_captures(row: MetricRow) -> MetricRow:
     # The row still holds the decoded objects here; store their JSON text instead.
-    attributes = row.attributes
-    return row._replace(
-        input=_capture_text(row.input),
-        output=_capture_text(row.output),
+    value_in, value_out, attributes = row[_PLAIN:]
+    captures = (
+        _capture_text(value_in),
+        _capture_text(value_out),
         # An empty object is a valid value: stored as "{}", like the reference does.
-        attributes=capture_json(attributes) if attributes is not None else None,
+        capture_json(attributes),
     )
+    return cast(MetricRow, row[:_PLAIN] + captures)
 
 
 def _capture_text(value: Any) -> str | None:

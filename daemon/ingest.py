@@ -38,12 +38,13 @@ consuming its share but turns unready and logs an error until it has every parti
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import cramjam
 import structlog
@@ -158,20 +159,16 @@ def decode_batch(records: Mapping[Any, Sequence[Any]], decoder: RowDecoder) -> D
     """Decode a ``getmany`` result (partition -> records in offset order) to rows."""
     batch = DecodedBatch()
     metrics, feedback, dead = batch.metrics, batch.feedback, batch.dead
-    decode = decoder.decode
+    decode = decoder.decode_into
     for tp, recs in records.items():
         if not recs:
             continue
         batch.offsets[(tp.topic, tp.partition)] = recs[-1].offset + 1
         batch.consumed[tp.topic] = batch.consumed.get(tp.topic, 0) + len(recs)
         for rec in recs:
-            result = decode(rec.value)
-            if type(result) is MetricRow:
-                metrics.append(result)
-            elif type(result) is FeedbackRow:
-                feedback.append(result)
-            else:
-                dead.append((rec, cast(Rejection, result)))
+            rejection = decode(rec.value, metrics, feedback)
+            if rejection is not None:
+                dead.append((rec, rejection))
     return batch
 
 
@@ -243,6 +240,20 @@ class Ingestor:
         """Consume until ``stop`` is set or ingestion halts, restarting with backoff
         after any failure; raises :class:`GroupConflictError` when it must not run."""
         self._stop = stop
+        # What is alive when consumption starts (modules, settings, rebuilt windows) lives
+        # as long as the daemon. Ingestion allocates fast enough to trigger a full garbage
+        # collection every few hundred milliseconds, and frozen objects are not rescanned
+        # by them: about 1 us less CPU per event (bench/ingest.py). Collect first so that
+        # no garbage is frozen; unfreeze at the end so that a process running several
+        # daemons one after another (the tests) frees each one.
+        gc.collect()
+        gc.freeze()
+        try:
+            await self._consume_until(stop)
+        finally:
+            gc.unfreeze()
+
+    async def _consume_until(self, stop: asyncio.Event) -> None:
         backoff = self.kafka.retry_backoff_initial_s
         while not stop.is_set() and self.state.halted is None:
             try:

@@ -59,12 +59,12 @@ class Batch(Protocol):
     """What a batch listener receives (:class:`~promptd.storage.repository.BatchOutcome`)."""
 
     @property
-    def metrics(self) -> tuple[MetricRow, ...]:
+    def metric_rows(self) -> tuple[MetricRow, ...]:
         """Newly stored metric events."""
         ...
 
     @property
-    def feedback(self) -> tuple[FeedbackRow, ...]:
+    def feedback_rows(self) -> tuple[FeedbackRow, ...]:
         """Newly stored feedback events."""
         ...
 
@@ -131,7 +131,7 @@ class Monitor:
 
     async def on_batch(self, outcome: Batch) -> None:
         """Batch listener: window the newly stored events (never blocks for long)."""
-        metrics, feedback = outcome.metrics, outcome.feedback
+        metrics, feedback = outcome.metric_rows, outcome.feedback_rows
         if metrics or feedback:
             self.export.observe_batch(metrics, feedback)
         if self._frozen:
@@ -142,7 +142,7 @@ class Monitor:
             self._count_feedback(feedback)
 
     def _apply(self, outcome: Batch) -> None:
-        self._window(outcome.metrics, outcome.feedback)
+        self._window(outcome.metric_rows, outcome.feedback_rows)
         covered = self.covered
         self.covered = (
             max(covered[0], outcome.last_metric_id),
@@ -151,34 +151,25 @@ class Monitor:
 
     def _window(self, metrics: Sequence[MetricRow], feedback: Sequence[FeedbackRow]) -> None:
         record = self.store.record_metric
-        for e in metrics:
-            record(
-                e.ts,
-                e.prompt,
-                e.variant,
-                e.model,
-                e.latency_ms,
-                e.success,
-                e.quality,
-                e.tokens_in,
-                e.tokens_out,
-                e.cost_usd,
-            )
+        # Rows unpack in column order (storage.rows): the fastest access CPython has.
+        for _, ts, prompt, variant, model, _, _, lat, ok, _, q, tin, tout, cost, _, _, _ in metrics:
+            record(ts, prompt, variant, model, lat, ok, q, tin, tout, cost)
         record_fb = self.store.record_feedback
-        for f in feedback:
-            record_fb(f.ts, f.prompt, f.variant, f.score)
+        for _, ts, prompt, variant, _, _, score, _, _, _ in feedback:
+            record_fb(ts, prompt, variant, score)
 
     def _count_feedback(self, feedback: Sequence[FeedbackRow]) -> None:
         threshold = self.settings.feedback_volume_threshold
         counts = self._feedback_counts
         now = self.clock()
-        for f in feedback:
-            n = counts.get(f.prompt, 0) + 1
+        for row in feedback:
+            prompt = row[2]
+            n = counts.get(prompt, 0) + 1
             if n >= threshold:
-                counts.pop(f.prompt, None)
+                counts.pop(prompt, None)
                 self._trigger(
                     OptimizationTrigger(
-                        prompt=f.prompt,
+                        prompt=prompt,
                         kind="feedback_volume",
                         at=now,
                         reason=f"{n} new feedback events",
@@ -186,7 +177,7 @@ class Monitor:
                     )
                 )
             else:
-                counts[f.prompt] = n
+                counts[prompt] = n
 
     def _trigger(self, trigger: OptimizationTrigger) -> None:
         self.triggers.put(trigger)

@@ -27,10 +27,14 @@ from promptd.storage.rows import (
     METRIC_COLUMNS,
     METRIC_PLAIN_COLUMNS,
     FeedbackRow,
+    FeedbackView,
     MetricRow,
+    MetricView,
     feedback_row,
+    feedback_views,
     metric_plain_part,
     metric_row,
+    metric_views,
 )
 
 TopicPartitionKey = tuple[str, int]
@@ -120,8 +124,8 @@ class BatchOutcome:
     metrics_stored: int
     feedback_stored: int
     duplicates: int
-    metrics: tuple[MetricRow, ...] = ()
-    feedback: tuple[FeedbackRow, ...] = ()
+    metric_rows: tuple[MetricRow, ...] = ()
+    feedback_rows: tuple[FeedbackRow, ...] = ()
     last_metric_id: int = 0
     last_feedback_id: int = 0
 
@@ -129,6 +133,17 @@ class BatchOutcome:
     def stored(self) -> int:
         """Events newly stored by this batch."""
         return self.metrics_stored + self.feedback_stored
+
+    @property
+    def metrics(self) -> tuple[MetricView, ...]:
+        """The new metric rows with names (built on each access: hot listeners read
+        :attr:`metric_rows`)."""
+        return metric_views(self.metric_rows)
+
+    @property
+    def feedback(self) -> tuple[FeedbackView, ...]:
+        """The new feedback rows with names (built on each access)."""
+        return feedback_views(self.feedback_rows)
 
 
 def _insert_metrics(conn: sqlite3.Connection, rows: Sequence[MetricRow], now: float) -> int:
@@ -201,8 +216,8 @@ def _store_sync(
         m_stored,
         f_stored,
         duplicates,
-        metrics=tuple(new_metrics),
-        feedback=tuple(new_feedback),
+        metric_rows=tuple(new_metrics),
+        feedback_rows=tuple(new_feedback),
         last_metric_id=last_m,
         last_feedback_id=last_f,
     )

@@ -27,7 +27,15 @@ from promptd.events import (
     Rejection,
     decode_event,
 )
-from promptd.storage.rows import FeedbackRow, MetricRow, feedback_row, metric_row
+from promptd.storage.rows import (
+    METRIC_WIDTH,
+    FeedbackRow,
+    FeedbackView,
+    MetricRow,
+    MetricView,
+    feedback_row,
+    metric_row,
+)
 from tests.integration.test_ingest import MALFORMED
 
 Outcome = MetricRow | FeedbackRow | Rejection
@@ -88,10 +96,10 @@ def assert_same(raw: bytes | None, decoder: RowDecoder | None = None) -> Outcome
     if isinstance(ref, Rejection):
         assert fast == ref, raw
     else:
-        assert isinstance(fast, tuple)
-        bad = [
-            name for name, x, y in zip(ref._fields, fast, ref, strict=True) if not _same_value(x, y)
-        ]
+        assert type(fast) is tuple
+        assert len(fast) == len(ref)
+        names = MetricView._fields if len(ref) == METRIC_WIDTH else FeedbackView._fields
+        bad = [name for name, x, y in zip(names, fast, ref, strict=True) if not _same_value(x, y)]
         assert not bad, (raw, bad, fast, ref)
     return fast
 

@@ -64,8 +64,8 @@ def feedback(ts: float, score: float = 0.5, prompt: str = "p") -> FeedbackRow:
 class Outcome:
     """A stand-in for BatchOutcome."""
 
-    metrics: tuple[MetricRow, ...] = ()
-    feedback: tuple[FeedbackRow, ...] = ()
+    metric_rows: tuple[MetricRow, ...] = ()
+    feedback_rows: tuple[FeedbackRow, ...] = ()
     last_metric_id: int = 0
     last_feedback_id: int = 0
 
@@ -166,7 +166,7 @@ async def test_state_is_saved_before_the_notification_leaves() -> None:
     """A firing alert is persisted first, then handed to the sink; the gauge shows it."""
     log: list[str] = []
     monitor, sink, _clock, registry = build(log)
-    await monitor.on_batch(Outcome(metrics=tuple(metric(T0 - i, 5000) for i in range(5))))
+    await monitor.on_batch(Outcome(metric_rows=tuple(metric(T0 - i, 5000) for i in range(5))))
     result = await monitor.evaluate_once()
     assert [n.state for n in result.notifications] == ["firing"]
     await _flush(monitor, sink)
@@ -180,7 +180,7 @@ async def test_state_is_saved_before_the_notification_leaves() -> None:
 async def test_too_few_samples_never_fire() -> None:
     """Below min_samples the rule has no data and nothing is saved or sent."""
     monitor, _, _, _ = build()
-    await monitor.on_batch(Outcome(metrics=(metric(T0, 5000), metric(T0 - 1, 5000))))
+    await monitor.on_batch(Outcome(metric_rows=(metric(T0, 5000), metric(T0 - 1, 5000))))
     result = await monitor.evaluate_once()
     assert result.notifications == []
     assert monitor.states == {}
@@ -192,11 +192,11 @@ async def test_restart_keeps_firing_without_second_notification() -> None:
     persistence = FakePersistence(log)
     first, _, _, _ = build(log, persistence)
     events = tuple(metric(T0 - i, 5000) for i in range(5))
-    await first.on_batch(Outcome(metrics=events))
+    await first.on_batch(Outcome(metric_rows=events))
     await first.evaluate_once()
     second, _sink, clock, _ = build(log, persistence)
     assert await second.restore() == 1
-    await second.on_batch(Outcome(metrics=events))
+    await second.on_batch(Outcome(metric_rows=events))
     clock.now += 10
     result = await second.evaluate_once()
     assert result.notifications == []
@@ -207,7 +207,7 @@ async def test_batches_during_evaluation_are_buffered_then_windowed() -> None:
     """While the windows are frozen for the evaluation thread, batches wait in a backlog."""
     monitor, _, _, _ = build()
     monitor._frozen = True
-    await monitor.on_batch(Outcome(metrics=(metric(T0),)))
+    await monitor.on_batch(Outcome(metric_rows=(metric(T0),)))
     assert monitor.store.series() == []
     monitor._frozen = False
     await monitor.evaluate_once()
@@ -217,11 +217,11 @@ async def test_batches_during_evaluation_are_buffered_then_windowed() -> None:
 async def test_feedback_volume_triggers_and_resets() -> None:
     """Reaching feedback_volume_threshold puts one trigger and restarts the count."""
     monitor, _, _, registry = build(feedback_volume_threshold=3)
-    await monitor.on_batch(Outcome(feedback=tuple(feedback(T0 - i) for i in range(4))))
+    await monitor.on_batch(Outcome(feedback_rows=tuple(feedback(T0 - i) for i in range(4))))
     assert monitor.triggers.qsize() == 1
     trigger = await monitor.triggers.get()
     assert (trigger.prompt, trigger.kind) == ("p", "feedback_volume")
-    await monitor.on_batch(Outcome(feedback=(feedback(T0 + 1),)))
+    await monitor.on_batch(Outcome(feedback_rows=(feedback(T0 + 1),)))
     assert monitor.triggers.qsize() == 0
     assert registry.get_sample_value(
         "promptd_monitor_optimization_triggers_total", {"kind": "feedback_volume"}
@@ -236,7 +236,7 @@ async def test_degradation_alert_puts_an_optimization_trigger() -> None:
     # A good hour, then a bad last minute.
     good = tuple(feedback(T0 - 3600 + i * 10, 0.9) for i in range(300))
     bad = tuple(feedback(T0 - 60 + i, 0.2) for i in range(30))
-    await monitor.on_batch(Outcome(feedback=good + bad))
+    await monitor.on_batch(Outcome(feedback_rows=good + bad))
     clock.now = T0
     result = await monitor.evaluate_once()
     assert [n.rule for n in result.notifications] == ["feedback_degradation"]
@@ -253,7 +253,7 @@ async def test_sink_worker_retries_then_counts_failure() -> None:
     flaky = FakeSink([], failures=2)
     worker = SinkWorker(flaky, export, retries=2, backoff_s=0.001)
     monitor, _, _, _ = build()
-    await monitor.on_batch(Outcome(metrics=tuple(metric(T0 - i, 5000) for i in range(5))))
+    await monitor.on_batch(Outcome(metric_rows=tuple(metric(T0 - i, 5000) for i in range(5))))
     note = (await monitor.evaluate_once()).notifications[0]
     await worker._deliver([note])
     assert flaky.sent == [note]

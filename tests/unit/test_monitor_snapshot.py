@@ -22,7 +22,7 @@ from promptd.monitoring.windows import SeriesKey, WindowConfig, WindowStats, Win
 from promptd.storage.alerts import AlertStore
 from promptd.storage.database import Database
 from promptd.storage.repository import EventRepository
-from promptd.storage.rows import FeedbackRow, MetricRow
+from promptd.storage.rows import FeedbackView, MetricView
 from promptd.storage.snapshots import SnapshotStore
 from tests.conftest import wait_for
 
@@ -32,7 +32,7 @@ WINDOWS = (60.0, 300.0, 3600.0, 86400.0)
 
 def stream(
     seed: int, start: float, seconds: float, n: int, late_s: float = 40.0
-) -> Iterator[MetricRow | FeedbackRow]:
+) -> Iterator[MetricView | FeedbackView]:
     """``n`` events over ``seconds`` from ``start`` over 12 series; one in 20 arrives up to
     ``late_s`` late (past the 30 s lateness, some are too late to window)."""
     rng = random.Random(seed)
@@ -41,11 +41,11 @@ def stream(
         prompt, variant = f"p{rng.randrange(3)}", f"v{rng.randrange(2)}"
         if rng.random() < 0.2:
             score = rng.random()
-            yield FeedbackRow(
+            yield FeedbackView(
                 f"f{seed}-{i}", ts, prompt, variant, None, "r", score, "q", None, None
             )
             continue
-        yield MetricRow(
+        yield MetricView(
             f"m{seed}-{i}",
             ts,
             prompt,
@@ -66,11 +66,11 @@ def stream(
         )
 
 
-def feed(store: WindowStore, events: Iterator[MetricRow | FeedbackRow]) -> None:
+def feed(store: WindowStore, events: Iterator[MetricView | FeedbackView]) -> None:
     """Window events one by one, expiring every 5 s of event time like the tick does."""
     next_expire = -1.0
     for e in events:
-        if isinstance(e, FeedbackRow):
+        if isinstance(e, FeedbackView):
             store.record_feedback(e.ts, e.prompt, e.variant, e.score)
         else:
             store.record_metric(
@@ -141,15 +141,15 @@ def _monitor(db: Database, clock: _Clock, config: WindowConfig | None = None) ->
 async def _ingest(
     repo: EventRepository,
     monitor: Monitor,
-    events: list[MetricRow | FeedbackRow],
+    events: list[MetricView | FeedbackView],
     size: int = 500,
 ) -> None:
     """Store ``events`` in batches of ``size`` and hand each outcome to the monitor, as
     ingestion does (metrics before feedback within a batch)."""
     for n, i in enumerate(range(0, len(events), size)):
         batch = events[i : i + size]
-        metrics = [e for e in batch if isinstance(e, MetricRow)]
-        feedback = [e for e in batch if isinstance(e, FeedbackRow)]
+        metrics = [e for e in batch if isinstance(e, MetricView)]
+        feedback = [e for e in batch if isinstance(e, FeedbackView)]
         # Every third batch repeats some events: duplicates are not new, not windowed.
         if n % 3 == 0 and metrics:
             metrics += metrics[:3]

@@ -11,7 +11,7 @@ import pytest
 from promptd.events import FeedbackEvent, MetricEvent, new_event_id
 from promptd.storage.database import Database, StorageError
 from promptd.storage.repository import ROWS_PER_STATEMENT, EventRepository
-from promptd.storage.rows import METRIC_COLUMNS, MetricRow, feedback_row, metric_row
+from promptd.storage.rows import METRIC_COLUMNS, MetricView, feedback_row, metric_row
 from promptd.storage.schema import latest_version
 
 
@@ -136,17 +136,20 @@ async def test_rows_are_stored_exactly_across_statement_boundaries(tmp_path: Pat
     try:
         repo = EventRepository(db)
         now = time.time()
-        rows = [metric_row(_metric(now + i)) for i in range(3 * ROWS_PER_STATEMENT + 7)]
+        rows = [
+            MetricView(*metric_row(_metric(now + i))) for i in range(3 * ROWS_PER_STATEMENT + 7)
+        ]
         rows[5] = rows[5]._replace(input='{"q":"é"}', attributes='{"k":"v"}')
         rows[200] = rows[200]._replace(output='"answer"', quality=0.25, tokens_in=7)
         offered = [*rows[:10], rows[3], *rows[10:], rows[0], rows[200]]
         outcome = await repo.store_batch(offered, [feedback_row(_feedback())] * 2, {})
         assert (outcome.metrics_stored, outcome.feedback_stored) == (len(rows), 1)
         assert outcome.duplicates == 4
-        assert list(outcome.metrics) == rows
+        assert list(outcome.metric_rows) == rows
+        assert outcome.metrics[5].input == rows[5].input  # the named views
         columns = ", ".join(METRIC_COLUMNS)
         async with db.reader.execute(f"SELECT {columns} FROM metric_events") as cur:
-            stored = [MetricRow(*r[:8], bool(r[8]), *r[9:]) for r in await cur.fetchall()]
+            stored = [(*r[:8], bool(r[8]), *r[9:]) for r in await cur.fetchall()]
         assert sorted(stored) == sorted(rows)
     finally:
         await db.close()
