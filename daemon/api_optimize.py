@@ -3,7 +3,9 @@
 * ``POST /v1/optimize/{prompt}`` (admin) — start a manual run; body ``{"strategies": [...],
   "reason": "..."}`` (both optional). 202 with the run id; 404 for an unknown prompt or one
   without an active version; 409 when the policy refuses (``reason`` says why).
-* ``GET /v1/optimizations[?prompt=&limit=]`` — runs, newest first, with cost and outcome.
+* ``GET /v1/optimizations[?prompt=&limit=]`` — runs, newest first, with cost, outcome, the
+  strategy each used and why (``selection``), the gate's figures; and ``strategies``: what
+  the bandit currently believes of each configured strategy (for ``prompt`` if given).
 * ``GET /v1/optimizations/{run_id}`` — one run with its candidates (progress while running).
 * ``GET /v1/recommendations`` — prompts that need attention, with the suggested action.
 """
@@ -73,8 +75,10 @@ async def list_optimizations(request: web.Request) -> web.Response:
         limit = min(max(int(request.query.get("limit", "50")), 1), 1000)
     except ValueError:
         return json_error(400, "limit must be an integer")
-    runs = await request.app[RUNNER_KEY].list_runs(request.query.get("prompt"), limit)
-    return web.json_response({"runs": runs})
+    runner = request.app[RUNNER_KEY]
+    prompt = request.query.get("prompt")
+    runs = await runner.list_runs(prompt, limit)
+    return web.json_response({"runs": runs, "strategies": await runner.strategy_view(prompt)})
 
 
 async def get_optimization(request: web.Request) -> web.Response:

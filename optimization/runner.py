@@ -21,6 +21,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import structlog
@@ -33,7 +34,7 @@ from promptd.optimization.gate import seed_for
 from promptd.optimization.llm import Budget, LiteLLMClient, LLMClient, close_litellm
 from promptd.optimization.metrics import OptimizationMetrics
 from promptd.optimization.run import RunExecution, RunPlan, RunProgress
-from promptd.optimization.selection import Choice, choose
+from promptd.optimization.selection import Choice, choose, posterior
 from promptd.optimization.store import OptimizationStore
 from promptd.optimization.strategies import available, get_strategy
 from promptd.optimization.tracking import NoTracker, Tracker
@@ -629,6 +630,32 @@ class OptimizationRunner:
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
         """One run, or ``None``."""
         return await self.store.get_run(run_id)
+
+    async def strategy_view(self, prompt: str | None) -> dict[str, dict[str, Any]]:
+        """Each configured strategy: can it run, and the bandit's posterior (for
+        ``prompt``; without one, the evidence of all prompts at full weight)."""
+        outcomes = await self.store.outcomes()
+        sel = self.settings.selection
+        why = available(self.settings.strategies, self.settings)
+        out = {}
+        for name in self.settings.strategies:
+            post = posterior(
+                name,
+                prompt or "",
+                outcomes if prompt else [replace(o, prompt="") for o in outcomes],
+                sel.prior_alpha,
+                sel.prior_beta,
+                sel.shared_weight,
+            )
+            out[name] = {
+                "available": why[name] is None,
+                "unavailable_reason": why[name],
+                "alpha": round(post.alpha, 3),
+                "beta": round(post.beta, 3),
+                "mean": round(post.mean, 4),
+                "runs": post.runs_here + post.runs_elsewhere,
+            }
+        return out
 
 
 def _plan_row(plan: RunPlan) -> dict[str, Any]:
