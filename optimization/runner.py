@@ -33,6 +33,7 @@ from promptd.optimization.examples import ExampleStore, Snapshot
 from promptd.optimization.gate import seed_for
 from promptd.optimization.llm import Budget, LiteLLMClient, LLMClient, close_litellm
 from promptd.optimization.metrics import OptimizationMetrics
+from promptd.optimization.program import Program, seen_key
 from promptd.optimization.run import RunExecution, RunPlan, RunProgress
 from promptd.optimization.selection import Choice, choose, posterior
 from promptd.optimization.store import OptimizationStore
@@ -166,7 +167,7 @@ class OptimizationRunner:
             seed=int(row["seed"]),
             snapshot=Snapshot.from_dict(row["snapshot"]),
             parent_version=parent.version,
-            baseline=parent.template,
+            baseline=program_of(parent),
             started_at=float(row["started_at"]),
             elapsed_s=float(row.get("elapsed_s") or 0.0),
             resumes=int(row.get("resumes") or 0) + 1,
@@ -314,7 +315,7 @@ class OptimizationRunner:
                 seed=seed_for(run_id),
                 snapshot=await self.examples.snapshot(now),
                 parent_version=active.version,
-                baseline=active.template,
+                baseline=program_of(active),
                 started_at=now,
             )
             await self.store.create_run(_plan_row(plan), now)
@@ -367,6 +368,10 @@ class OptimizationRunner:
 
     async def _execute(self, plan: RunPlan) -> None:
         started = time.monotonic()
+        try:
+            known = {seen_key(program_of(v)) for v in await self.registry.versions(plan.prompt)}
+        except RegistryError:
+            known = set()
         execution = RunExecution(
             plan,
             self.settings,
@@ -375,6 +380,7 @@ class OptimizationRunner:
             self.client_factory(),
             checkpoint=lambda progress, budget: self._checkpoint(plan, progress, budget, started),
             notify=lambda event, fields: self._emit(event, plan, **fields),
+            known=known,
         )
         await self._emit(
             "optimization_start" if not plan.resumes else "optimization_resume",
@@ -440,10 +446,14 @@ class OptimizationRunner:
                 f"confidence {g.confidence:.3f} on {g.n} test examples"
             )
         try:
+            program = chosen.program
+            body: dict[str, Any] = (
+                {"config": program.to_config()} if program.chat else {"template": program.template}
+            )
             version = await self.registry.register(
                 plan.prompt,
                 NewVersion(
-                    template=chosen.template,
+                    **body,
                     parent_version=plan.parent_version,
                     origin=f"optimizer:{chosen.strategy}",
                     run_id=plan.run_id,
@@ -656,6 +666,12 @@ class OptimizationRunner:
                 "runs": post.runs_here + post.runs_elsewhere,
             }
         return out
+
+
+def program_of(version: PromptVersion) -> Program:
+    """A registered version as a program (a chat configuration, else its template)."""
+    config = getattr(version, "config", None)
+    return Program.from_config(config) if config else Program.text(version.template)
 
 
 def _plan_row(plan: RunPlan) -> dict[str, Any]:

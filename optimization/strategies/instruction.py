@@ -2,8 +2,9 @@
 
 Round 0 asks the proposer for ``n_candidates`` new instructions, each with a different
 tip, shown the task as the model sees it and training examples with their ratings,
-feedback and correct answers. Every proposal replaces the active template's instruction
-(its input block and demonstrations stay) and is scored on the validation split. Each
+feedback and correct answers. Every proposal replaces the active program's instruction
+(the lines before the input block of a template, the system message of a chat
+configuration; demonstrations and input stay) and is scored on the validation split. Each
 later round shows the proposer every instruction tried so far with its validation score,
 the active one included, and asks for better ones (``depth`` rounds in all).
 
@@ -27,9 +28,7 @@ from promptd.optimization.strategies.base import (
     SearchResult,
     parse_instruction,
     proposal_messages,
-    with_instruction,
 )
-from promptd.optimization.templates import instruction_of
 
 log = structlog.get_logger("promptd.optimizer")
 
@@ -51,7 +50,7 @@ class InstructionSearch:
         """``depth`` rounds of ``n_candidates`` proposals, each scored on validation."""
         result = SearchResult()
         conf = ctx.settings.instruction
-        current = instruction_of(ctx.baseline)
+        current = ctx.baseline.instruction()
         baseline_mean = ctx.baseline_val_mean
         tried: list[tuple[str, float]] = [(current or "(none)", baseline_mean)]
         try:
@@ -78,7 +77,7 @@ class InstructionSearch:
                         result.discarded["malformed"] += 1
                         continue
                     cand = await ctx.evaluate(
-                        with_instruction(ctx.baseline, proposal),
+                        ctx.baseline.with_instruction(proposal),
                         self.name,
                         f"round {depth + 1}, proposal {i + 1}: {proposal}",
                         result,

@@ -28,16 +28,15 @@ import structlog
 from promptd.optimization.config import OptimizationSettings
 from promptd.optimization.examples import Example
 from promptd.optimization.llm import BudgetExceeded, LLMError
+from promptd.optimization.program import Program
 from promptd.optimization.strategies.base import (
     TIPS,
     SearchContext,
     SearchResult,
     parse_instruction,
     proposal_messages,
-    with_instruction,
 )
 from promptd.optimization.strategies.fewshot import diverse
-from promptd.optimization.templates import instruction_of, strip_demos, with_demos
 
 log = structlog.get_logger("promptd.optimizer")
 
@@ -81,7 +80,7 @@ class MiproSearch:
 
     async def _instructions(self, ctx: SearchContext, result: SearchResult) -> list[str]:
         conf = ctx.settings.mipro
-        current = instruction_of(ctx.baseline)
+        current = ctx.baseline.instruction()
         answers = await asyncio.gather(
             *(
                 ctx.propose(
@@ -127,14 +126,14 @@ class MiproSearch:
             sets.append(rng.sample(pool, rng.randint(1, k_max)))
         return sets
 
-    def _template(self, ctx: SearchContext, instruction: str, demos: Sequence[Example]) -> str:
-        base = strip_demos(ctx.baseline)
-        if instruction != instruction_of(base):
-            base = with_instruction(base, instruction)
+    def _template(self, ctx: SearchContext, instruction: str, demos: Sequence[Example]) -> Program:
+        base = ctx.baseline.without_demos()
+        if instruction != base.instruction():
+            base = base.with_instruction(instruction)
         if not demos:
             return base
         conf = ctx.settings.fewshot
-        return with_demos(base, demos, conf.max_demo_chars, conf.min_score)
+        return base.with_demos(demos, conf.max_demo_chars, conf.min_score)
 
     async def _study(
         self,

@@ -295,14 +295,18 @@ async def test_without_an_evaluation_model_the_rollout_is_the_judge(
 ) -> None:
     """No evaluation model: fewshot proposes unscored, a conservative rollout that must
     win decides."""
+    rejecting = _settings(None, without_evaluation="reject")
+    run = await _run(_runner(db, rejecting, FakeRollouts()), ["fewshot"])
+    assert run["outcome"] == "rejected_without_evaluation"
     rollouts = FakeRollouts()
     run = await _run(_runner(db, _settings(None), rollouts), ["fewshot"])
     assert (run["outcome"], run["gate"]) == ("deployed", None)
     assert rollouts.started[0]["profile"] == "conservative"
     assert rollouts.started[0]["require_win"] is True
-    rejecting = _settings(None, without_evaluation="reject")
-    run = await _run(_runner(db, rejecting, FakeRollouts()), ["fewshot"])
-    assert run["outcome"] == "rejected_without_evaluation"
+    # The registered proposal is not proposed again by the next run.
+    again = await _run(_runner(db, _settings(None), FakeRollouts()), ["fewshot"])
+    assert again["outcome"] == "no_candidate"
+    assert again["discarded"] == {"fewshot:duplicate": 1}
 
 
 async def test_online_results_teach_the_bandit_once(
