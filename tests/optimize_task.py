@@ -86,7 +86,7 @@ def is_proposer(body: dict[str, Any]) -> bool:
 def responder(body: dict[str, Any]) -> str:
     """The scripted server: proposer calls and model calls."""
     text = user_text(body)
-    if is_proposer(body) and "expert prompt engineer" in text or "within ``` blocks" in text:
+    if (is_proposer(body) and "expert prompt engineer" in text) or "within ``` blocks" in text:
         return proposer_answer(text)
     if any(m.get("role") == "assistant" for m in body.get("messages", [])):
         return _city(text)  # demonstrations as chat turns
