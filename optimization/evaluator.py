@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
@@ -39,6 +40,23 @@ class Scored:
     reference: str
     score: float
     error: str | None = None
+
+
+class Scorer(Protocol):
+    """What a search scores candidates with: the :class:`Evaluator` on examples, or a
+    pipeline's chain evaluator on episodes (one step's candidate, the others fixed)."""
+
+    def usable(self, example: Any, program: Program) -> bool:
+        """Whether ``example`` can score ``program``."""
+        ...
+
+    async def run(self, program: Program, examples: Sequence[Any]) -> list[Scored]:
+        """Answers and scores of ``program`` on ``examples``."""
+        ...
+
+    async def scores(self, program: Program, examples: Sequence[Any]) -> list[float]:
+        """Per-example scores of ``program``."""
+        ...
 
 
 def messages_for(rendered: str) -> list[Message]:
@@ -106,14 +124,23 @@ class Evaluator:
             self.errors += 1
             log.warning("optimizer_evaluation_refused", error=str(exc))
             return Scored(example.request_id, messages, "", reference, 0.0, str(exc))
-        if self.metric is not None:
-            score = self.metric(answer, reference, example)
-        else:
-            task = "\n\n".join(f"[{m['role']}] {m['content']}" for m in messages)
-            verdict = await self.llm.complete(
-                self.judge,
-                messages_for(JUDGE_PROMPT.format(task=task, reference=reference, answer=answer)),
-                "judge",
-            )
-            score = parse_judge(verdict)
+        score = await self.score_answer(answer, reference, messages, example)
         return Scored(example.request_id, messages, answer, reference, score)
+
+    async def score_answer(
+        self,
+        answer: str,
+        reference: str,
+        messages: list[Message],
+        example: Example | None = None,
+    ) -> float:
+        """The metric's score of ``answer`` (a judge call for ``llm_judge``)."""
+        if self.metric is not None:
+            return self.metric(answer, reference, example)
+        task = "\n\n".join(f"[{m['role']}] {m['content']}" for m in messages)
+        verdict = await self.llm.complete(
+            self.judge,
+            messages_for(JUDGE_PROMPT.format(task=task, reference=reference, answer=answer)),
+            "judge",
+        )
+        return parse_judge(verdict)

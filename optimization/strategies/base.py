@@ -27,7 +27,7 @@ import numpy as np
 import structlog
 
 from promptd.optimization.config import OptimizationSettings
-from promptd.optimization.evaluator import Evaluator
+from promptd.optimization.evaluator import Scorer
 from promptd.optimization.examples import Example, as_text
 from promptd.optimization.llm import CachedLLM, Message
 from promptd.optimization.program import Program, check, seen_key
@@ -86,8 +86,8 @@ class SearchContext:
         seed: int,
         baseline: Program,
         train: Sequence[Example],
-        validation: Sequence[Example],
-        evaluator: Evaluator | None,
+        validation: Sequence[Any],
+        evaluator: Scorer | None,
         llm: CachedLLM | None,
         settings: OptimizationSettings,
         seen: set[str],
@@ -176,7 +176,7 @@ class SearchContext:
             return float("inf")
         return self.llm.budget.remaining_calls()
 
-    async def minibatch_mean(self, program: Program, examples: Sequence[Example]) -> float:
+    async def minibatch_mean(self, program: Program, examples: Sequence[Any]) -> float:
         """Mean validation score of ``program`` on a subset (MIPRO's trials)."""
         assert self.evaluator is not None
         scores = await self.evaluator.scores(program, examples)
