@@ -9,6 +9,7 @@ unexpected exception is logged and answered with a JSON 500 by :func:`error_midd
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import ipaddress
 import json
@@ -207,6 +208,28 @@ async def metrics(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """``/v1/status``: counters, Kafka connection and lag, as JSON."""
     return web.json_response(await request.app[DAEMON_KEY].status())
+
+
+class HttpBindError(RuntimeError):
+    """The HTTP API cannot listen on its address; the message names the settings."""
+
+
+async def start_site(runner: web.AppRunner, host: str, port: int) -> web.TCPSite:
+    """Listen on ``host:port``; :class:`HttpBindError` (one clear line) if that fails."""
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = {
+            errno.EADDRINUSE: "address already in use (another promptd or program has it)",
+            errno.EADDRNOTAVAIL: "no such address on this machine",
+            errno.EACCES: "permission denied (ports below 1024 need privileges)",
+        }.get(exc.errno or 0, exc.strerror or str(exc))
+        raise HttpBindError(
+            f"cannot listen on {host}:{port} (http.host / http.port: PROMPTD_HTTP_HOST, "
+            f"PROMPTD_HTTP_PORT or --http-host, --http-port): {reason}"
+        ) from None
+    return site
 
 
 def build_app(daemon: Daemon) -> web.Application:

@@ -115,17 +115,33 @@ _KAFKA_FIELDS = {
 _NOT_FROM_ENV = {"redact", "registry"}
 
 
-def _lookup(env: Mapping[str, str], name: str) -> str | None:
+def _candidates(name: str) -> list[str]:
+    """The variables that set field ``name``, first found wins."""
     if name in _NOT_FROM_ENV:
-        return None
+        return []
     if name == "daemon_url":
-        candidates = ["PROMPTD_DAEMON_URL"]
-    elif name in _KAFKA_FIELDS:
+        return ["PROMPTD_DAEMON_URL"]
+    if name in _KAFKA_FIELDS:
         upper = name.upper()
-        candidates = [f"PROMPTD_KAFKA_{upper}", f"PROMPTD_KAFKA__{upper}"]
-    else:
-        candidates = [f"PROMPTD_SDK_{name.upper()}"]
-    for key in candidates:
+        return [f"PROMPTD_KAFKA_{upper}", f"PROMPTD_KAFKA__{upper}"]
+    return [f"PROMPTD_SDK_{name.upper()}"]
+
+
+def environment_variables() -> dict[str, str]:
+    """Every variable the SDK reads, mapped to the :class:`SdkConfig` field it sets.
+
+    The daemon uses this list: it accepts these names in a shared environment (and
+    honours the ones that mean the same thing for it, such as the topics).
+    """
+    return {
+        variable: field.name
+        for field in dataclasses.fields(SdkConfig)
+        for variable in _candidates(field.name)
+    }
+
+
+def _lookup(env: Mapping[str, str], name: str) -> str | None:
+    for key in _candidates(name):
         if key in env:
             return env[key]
     return None
