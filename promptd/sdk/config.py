@@ -77,6 +77,13 @@ class SdkConfig:
     #: Prometheus registry for the SDK counters: ``None`` = the global registry,
     #: ``False`` = do not export.
     registry: Any = None
+    #: Prompts whose routing :meth:`Client.start` fetches before the first call, besides
+    #: those of every ``@instrument``-decorated function.
+    prompts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # configure(prompts=["a", "b"]) passes a list; keep the config hashable and frozen.
+        object.__setattr__(self, "prompts", tuple(self.prompts))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SdkConfig:
@@ -112,7 +119,7 @@ _KAFKA_FIELDS = {
     "sasl_username",
     "sasl_password",
 }
-_NOT_FROM_ENV = {"redact", "registry"}
+_NOT_FROM_ENV = {"redact", "registry", "prompts"}
 
 
 def _candidates(name: str) -> list[str]:
