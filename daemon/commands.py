@@ -187,6 +187,8 @@ async def _open_database(settings: Settings) -> None:
 
 
 def _storage_message(settings: Settings, exc: BaseException) -> str:
+    if isinstance(exc, StorageError):  # already names the database
+        return f"{exc} ({_DATA_DIR_SETTING})"
     return f"cannot use the database {settings.storage.database_path} ({_DATA_DIR_SETTING}): {exc}"
 
 

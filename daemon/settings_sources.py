@@ -107,6 +107,7 @@ def translate(given: Mapping[str, str], model: type[BaseModel], where: str = "")
     result = Variables()
     unknown: list[str] = []
     config_file: str | None = None
+    sdk = sdk_variables()
     for raw_name, value in given.items():
         name = raw_name.upper()
         if not name.startswith(PREFIX):
@@ -116,7 +117,7 @@ def translate(given: Mapping[str, str], model: type[BaseModel], where: str = "")
             continue
         path = setting_path(name, model)
         if path is None:
-            if name not in sdk_variables():
+            if name not in sdk:  # an app-only SDK variable: accepted, ignored
                 unknown.append(name)
             continue
         previous = result.origins.get(path)
