@@ -12,7 +12,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from promptd.daemon.http import json_error, require_admin
+from promptd.daemon.http import json_error, read_json_body, require_admin
 from promptd.daemon.wiring import experiment_profile_name
 from promptd.replacement import machine
 from promptd.replacement.controller import RolloutController
@@ -92,11 +92,7 @@ def _admin(handler: Handler) -> Handler:
 
 
 async def _body(request: web.Request, model: type[BaseModel]) -> Any:
-    try:
-        data = await request.json() if request.can_read_body else {}
-    except ValueError:
-        raise RegistryError("the request body is not valid JSON") from None
-    return model.model_validate(data)
+    return model.model_validate(await read_json_body(request))
 
 
 @_errors

@@ -31,6 +31,7 @@ import yaml
 
 from promptd.daemon.broker import free_port
 from promptd.daemon.settings import load_settings
+from tests.conftest import live_tool
 
 pytestmark = pytest.mark.integration
 
@@ -52,10 +53,7 @@ METRIC_SOURCES = ("daemon", "monitoring", "replacement", "storage")
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (Debian: prometheus / prometheus-alertmanager)")
-    return path
+    return live_tool(name)
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
