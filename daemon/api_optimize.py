@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from promptd.daemon.http import json_error, require_admin
+from promptd.daemon.http import json_error, read_json_body, require_admin
 from promptd.monitoring.triggers import OptimizationTrigger
 from promptd.optimization.policy import Decision
 from promptd.optimization.runner import OptimizationRunner, RunError
@@ -49,14 +49,12 @@ async def optimize(request: web.Request) -> web.Response:
     denied = require_admin(request)
     if denied is not None:
         return denied
+    raw = await read_json_body(request)
     try:
-        raw = await request.json() if request.can_read_body else {}
         body = OptimizeRequest.model_validate(raw or {})
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         return json_error(400, f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
-    except ValueError:
-        return json_error(400, "body is not JSON")
     prompt = request.match_info["prompt"]
     runner = request.app[RUNNER_KEY]
     try:

@@ -126,13 +126,9 @@ async def daemon_port(
     return running.daemon.http_port, build_app(running.daemon)
 
 
-#: daemon/api_optimize.py still parses its body with ``request.json()``; it is being moved
-#: by the lead, who switches it to ``promptd.daemon.http.read_json_body``.
-OPEN_ON_OPTIMIZE = {"bogus_charset", "nested_arrays", "nested_objects", "nested_in_field"}
-
-
-def _known_open(method: str, path: str, case: str) -> bool:
-    return method == "POST" and path.startswith("/v1/optimize/") and case in OPEN_ON_OPTIMIZE
+#: The probes answer 503 by design while the daemon is not healthy or ready (here: it has
+#: just started); that is their answer, not a server error.
+PROBES = {"/healthz", "/readyz"}
 
 
 async def _failures(
@@ -144,7 +140,7 @@ async def _failures(
             if not wanted(method, path, name):
                 continue
             status = await _send(port, _raw_request(method, path + suffix, headers, body))
-            if status >= 500:
+            if status >= 500 and not (path in PROBES and status == 503):
                 failures.append((method, path, name, status))
     return failures
 
@@ -153,20 +149,18 @@ async def test_hostile_requests_never_get_a_5xx(daemon_port: tuple[int, web.Appl
     """Non-UTF-8 headers, 100k-deep JSON, wrong content types, NULs, odd queries: on every
     route of the daemon, each gets an answer below 500."""
     port, app = daemon_port
-    failures = await _failures(port, app, lambda m, p, c: not _known_open(m, p, c))
+    failures = await _failures(port, app, lambda m, p, c: True)
     assert failures == [], "\n".join(map(str, failures))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon/api_optimize.py reads its body with request.json(), not read_json_body",
-)
 async def test_optimize_route_reads_hostile_bodies_safely(
     daemon_port: tuple[int, web.Application],
 ) -> None:
     """POST /v1/optimize/{prompt} answers deep and mis-encoded bodies with a 4xx."""
     port, app = daemon_port
-    failures = await _failures(port, app, _known_open)
+    failures = await _failures(
+        port, app, lambda m, p, c: m == "POST" and p.startswith("/v1/optimize/")
+    )
     assert failures == [], "\n".join(map(str, failures))
 
 
