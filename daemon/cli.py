@@ -93,11 +93,20 @@ def _command_modules() -> list[Any]:
         commands_monitoring,
         commands_ops,
         commands_optimize,
+        commands_pipelines,
         commands_prompts,
         demo,
     )
 
-    return [commands, commands_prompts, commands_monitoring, commands_optimize, commands_ops, demo]
+    return [
+        commands,
+        commands_prompts,
+        commands_pipelines,
+        commands_monitoring,
+        commands_optimize,
+        commands_ops,
+        demo,
+    ]
 
 
 def _flag_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:

@@ -13,6 +13,7 @@ import errno
 import hmac
 import ipaddress
 import json
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -169,6 +170,40 @@ def require_admin(request: web.Request) -> web.Response | None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
         return json_error(401, "missing or wrong admin token (Authorization: Bearer …)")
     return None
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def domain_errors(handler: Handler) -> Handler:
+    """Map the registry's errors (their ``status``) and validation errors to JSON 4xx."""
+    from pydantic import ValidationError
+
+    from promptd.replacement.registry import RegistryError
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RegistryError as exc:
+            return json_error(exc.status, str(exc))
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            return json_error(400, f"{loc}: {err['msg']}" if loc else str(err["msg"]))
+
+    return wrapped
+
+
+def admin_only(handler: Handler) -> Handler:
+    """:func:`domain_errors`, behind :func:`require_admin`."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        denied = require_admin(request)
+        if denied is not None:
+            return denied
+        return await handler(request)
+
+    return domain_errors(wrapped)
 
 
 def is_loopback(host: str) -> bool:

@@ -84,9 +84,11 @@ def _experiment(name: str) -> RolloutProfile | None:
 
 def install_rollouts(daemon: Daemon) -> None:
     """The prompt registry, routing and the rollout controller."""
+    from promptd.daemon.api_pipelines import add_routes as add_pipeline_routes
     from promptd.daemon.api_prompts import add_routes
     from promptd.daemon.kafka import KafkaSendError
     from promptd.replacement.controller import RolloutController, RolloutMetrics
+    from promptd.replacement.pipelines import PipelineRegistry
     from promptd.replacement.registry import Registry
 
     settings = daemon.settings
@@ -115,6 +117,8 @@ def install_rollouts(daemon: Daemon) -> None:
         await controller.resume()
         daemon.components["registry"] = registry
         daemon.components["rollouts"] = controller
+        pipelines = PipelineRegistry(daemon.db, registry)
+        daemon.components["pipelines"] = pipelines
         daemon.batch_listeners.append(controller.on_batch)
 
         def routes(app: web.Application) -> None:
@@ -124,6 +128,7 @@ def install_rollouts(daemon: Daemon) -> None:
                 registry,
                 settings.rollout.default_primary_metric,
             )
+            add_pipeline_routes(app, pipelines)
 
         daemon.route_extensions.append(routes)
         daemon.task_factories.append(

@@ -1,8 +1,8 @@
-"""Pipelines of prompts: their wiring, episodes as examples, and the chain evaluator.
+"""Pipelines on the optimizer's side: episodes as examples, and the chain evaluator.
 
-A pipeline is a chain of prompts: each **step** is a prompt, and each of its placeholders
-is bound to a source: an input of the episode (``input.question``) or the output of an
-earlier step (``extract.output``). The last step's output is the pipeline's answer.
+A pipeline (see :mod:`promptd.replacement.pipelines`) is a chain of prompts whose
+placeholders are bound to the episode's inputs or to earlier steps' outputs; the last
+step's output is the pipeline's answer.
 
 An **episode** is one run of the pipeline in production: the calls that share an
 ``episode_id``. As an example it carries the episode's inputs (what the first calls were
@@ -21,113 +21,17 @@ pipeline by the whole pipeline's result.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Any
 
 from promptd.optimization.evaluator import Evaluator, Scored
 from promptd.optimization.examples import Example, as_text
 from promptd.optimization.llm import LLMError, Message
 from promptd.optimization.program import Program
+from promptd.replacement.pipelines import Pipeline, PipelineError, parse_source
 
-_SOURCE_RE: Final = re.compile(r"^(input|[^.\s]+)\.(output|[A-Za-z_][A-Za-z0-9_]*)$")
-
-
-class PipelineError(ValueError):
-    """A pipeline definition that cannot work (unknown source, cycle, missing binding)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One prompt of a pipeline and where each of its placeholders comes from."""
-
-    prompt: str
-    bindings: Mapping[str, str]  # placeholder -> "input.<name>" | "<step prompt>.output"
-
-
-@dataclass(frozen=True, slots=True)
-class Pipeline:
-    """An ordered chain of steps (each reads inputs and earlier outputs only)."""
-
-    name: str
-    steps: tuple[Step, ...]
-
-    def __post_init__(self) -> None:
-        seen: set[str] = set()
-        for step in self.steps:
-            if step.prompt in seen:
-                raise PipelineError(f"prompt {step.prompt!r} appears twice in {self.name!r}")
-            for placeholder, source in step.bindings.items():
-                kind, name = parse_source(source)
-                if kind == "step" and name not in seen:
-                    raise PipelineError(
-                        f"step {step.prompt!r}: {placeholder!r} reads {source!r}, "
-                        "which is not an earlier step"
-                    )
-            seen.add(step.prompt)
-        if len(self.steps) < 2:
-            raise PipelineError(f"pipeline {self.name!r} needs at least two steps")
-
-    @property
-    def prompts(self) -> tuple[str, ...]:
-        """The steps' prompts, in order."""
-        return tuple(s.prompt for s in self.steps)
-
-    def inputs(self) -> set[str]:
-        """Names of the episode inputs the pipeline reads."""
-        out = set()
-        for step in self.steps:
-            for source in step.bindings.values():
-                kind, name = parse_source(source)
-                if kind == "input":
-                    out.add(name)
-        return out
-
-    def depends(self, prompt: str) -> set[str]:
-        """Prompts whose output ``prompt`` reads, directly or not."""
-        by_prompt = {s.prompt: s for s in self.steps}
-        out: set[str] = set()
-        todo = [prompt]
-        while todo:
-            for source in by_prompt[todo.pop()].bindings.values():
-                kind, name = parse_source(source)
-                if kind == "step" and name not in out:
-                    out.add(name)
-                    todo.append(name)
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form."""
-        return {
-            "name": self.name,
-            "steps": [{"prompt": s.prompt, "bindings": dict(s.bindings)} for s in self.steps],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Pipeline:
-        """Inverse of :meth:`to_dict` (``PipelineError`` on a bad definition)."""
-        try:
-            steps = tuple(
-                Step(str(s["prompt"]), {str(k): str(v) for k, v in dict(s["bindings"]).items()})
-                for s in data["steps"]
-            )
-        except (KeyError, TypeError) as exc:
-            raise PipelineError(f"malformed pipeline: {exc}") from None
-        return cls(str(data["name"]), steps)
-
-
-def parse_source(source: str) -> tuple[str, str]:
-    """``("input", name)`` or ``("step", prompt)`` for a binding source."""
-    found = _SOURCE_RE.match(source)
-    if found is None:
-        raise PipelineError(f"source {source!r}: use 'input.<name>' or '<prompt>.output'")
-    head, tail = found.groups()
-    if head == "input":
-        return "input", tail
-    if tail != "output":
-        raise PipelineError(f"source {source!r}: a step is read as '<prompt>.output'")
-    return "step", head
+__all__ = ["ChainEvaluator", "ChainResult", "Episode", "Pipeline", "PipelineError"]
 
 
 @dataclass(frozen=True)

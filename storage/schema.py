@@ -256,12 +256,23 @@ CREATE TABLE optimization_outcomes (
 );
 """
 
+_V6_PIPELINES: Final = """
+-- Pipelines: chains of prompts with the wiring of each step's placeholders (JSON).
+CREATE TABLE pipelines (
+    name       TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=1, name="ingestion", sql=_V1_INGESTION),
     Migration(version=2, name="registry", sql=_V2_REGISTRY),
     Migration(version=3, name="alerts", sql=_V3_ALERTS),
     Migration(version=4, name="optimization", sql=_V4_OPTIMIZATION),
     Migration(version=5, name="optimization_search", sql=_V5_OPTIMIZATION_SEARCH),
+    Migration(version=6, name="pipelines", sql=_V6_PIPELINES),
 )
 
 

@@ -20,8 +20,9 @@ import re
 from typing import Any, Final
 
 from promptd.optimization.examples import Example
-from promptd.optimization.pipeline import Episode, Pipeline, Step
+from promptd.optimization.pipeline import Episode
 from promptd.optimization.program import Program
+from promptd.replacement.pipelines import Pipeline, Step
 from tests.optimize_fake_llm import user_text
 
 COUNTRIES: Final = {

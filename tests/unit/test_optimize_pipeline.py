@@ -12,11 +12,12 @@ import pytest
 from promptd.optimization.config import OptimizationSettings
 from promptd.optimization.evaluator import Evaluator
 from promptd.optimization.llm import Budget, CachedLLM, LiteLLMClient, close_litellm
-from promptd.optimization.pipeline import ChainEvaluator, Pipeline, PipelineError
+from promptd.optimization.pipeline import ChainEvaluator
 from promptd.optimization.program import Program, seen_key
 from promptd.optimization.stackelberg import LeaderFollower, independent
 from promptd.optimization.store import OptimizationStore
 from promptd.optimization.strategies.base import Candidate, SearchContext
+from promptd.replacement.pipelines import Pipeline, PipelineError
 from promptd.storage.database import Database
 from tests.optimize_fake_llm import FakeLLM
 from tests.optimize_pipeline_task import (
