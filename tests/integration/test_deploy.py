@@ -49,7 +49,7 @@ GRAFANA_VARIABLES = {
     "$prompt": ".*",
 }
 #: Python package sources whose metric definitions the dashboard and rules must match.
-METRIC_SOURCES = ("daemon", "monitoring", "replacement", "storage")
+METRIC_SOURCES = ("daemon", "monitoring", "replacement", "storage", "optimization")
 
 
 def _tool(name: str) -> str:
