@@ -380,14 +380,25 @@ async def _finished(runner: OptimizationRunner, run_id: str) -> dict[str, Any] |
     return run if run is not None and run["status"] != "running" else None
 
 
+@pytest.mark.parametrize("store", ["sqlite", "file"])
 async def test_runs_are_tracked_in_mlflow(
-    db: Database, fake_llm: Callable[..., Any], tmp_path: Path
+    db: Database,
+    fake_llm: Callable[..., Any],
+    tmp_path: Path,
+    store: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With a tracking URI every finished run is an MLflow run with parameters,
-    per-candidate metrics, the templates as artifacts and the outcome."""
+    """With a tracking URI (a local SQLite store, or MLflow's file store when allowed) every
+    finished run is an MLflow run with parameters, per-candidate metrics, the templates as
+    artifacts and the outcome."""
     mlflow = pytest.importorskip("mlflow")
     fake = await fake_llm()
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    if store == "file":
+        # MLflow 3 refuses its file store unless told to accept it.
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri = (tmp_path / "mlruns").as_uri()
+    else:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = _settings(fake, tracking={"mlflow_tracking_uri": uri})
     tracker = build_tracker(settings.tracking)
     run = await _run(_runner(db, settings, tracker=tracker), ["fewshot"])
@@ -405,4 +416,5 @@ async def test_runs_are_tracked_in_mlflow(
     assert "baseline.txt" in names
     assert "run.json" in names
     assert any(n.startswith("candidate-000-fewshot") for n in names)
-    assert (tmp_path / "mlflow-artifacts").is_dir(), "artifacts beside the store, not in cwd"
+    artifacts = tmp_path / ("mlflow-artifacts" if store == "sqlite" else "mlruns")
+    assert artifacts.is_dir(), "artifacts beside the store, not in the working directory"
