@@ -208,11 +208,18 @@ CREATE TABLE optimization_policy (
 );
 """
 
+_V5_ROLLOUT_FINAL: Final = """
+-- The statistics of a rollout as it ended (arms, last test statistics, winner), written
+-- in the transaction of its terminal transition: GET /v1/rollouts/{id} keeps showing them.
+ALTER TABLE rollouts ADD COLUMN final TEXT;
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=1, name="ingestion", sql=_V1_INGESTION),
     Migration(version=2, name="registry", sql=_V2_REGISTRY),
     Migration(version=3, name="alerts", sql=_V3_ALERTS),
     Migration(version=4, name="optimization", sql=_V4_OPTIMIZATION),
+    Migration(version=5, name="rollout_final", sql=_V5_ROLLOUT_FINAL),
 )
 
 
