@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -375,7 +376,10 @@ def _tick(
     state: RolloutState, obs: Observation, now: float, profile: RolloutProfile
 ) -> tuple[RolloutState, list[Action]]:
     verdict = evaluate(state, obs, now, profile)
-    details = verdict.details
+    # JSON has no infinities (a test without data has an infinite standard error).
+    details = {
+        k: v for k, v in verdict.details.items() if not isinstance(v, float) or math.isfinite(v)
+    }
     if verdict.kind == "rollback":
         return rollback(state, now, verdict.reason, details)
     if verdict.kind == "promote":

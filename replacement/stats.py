@@ -33,10 +33,11 @@ asymptotic confidence sequences" (2023), eq. 9, as implemented by GrowthBook's `
 Choice of tau
 -------------
 ``tau`` is set in standard-deviation units: ``tau = mde_sd * sigma``, so ``x = mde_sd**2 * W``
-where ``W = sum_k n_b,k n_c,k / (n_b,k + n_c,k)`` is the effective sample size. The mixture
-is tightest (the bound on ``Z`` is smallest) near ``x ≈ 8``; ``mde_sd = 0.2`` (a 10 % relative
-drop of a 0.8 success rate is 0.08 / 0.4 = 0.2 sd) puts that near 200 effective samples,
-i.e. about 2,000 requests at a 10 % canary, where such a drop becomes detectable.
+where ``W = sum_k n_b,k n_c,k / (n_b,k + n_c,k)`` is the effective sample size (with
+clustered data, :mod:`.clustered` uses ``sigma**2 / Var(d)`` for ``W``). The mixture is
+tightest (the bound on ``Z`` is smallest) near ``x ≈ 8``. The rollout profiles use
+``mde_sd = 0.15``, chosen with ``bench/rollout_stats.py`` so that a drop of a 0.8 rate to
+0.72 at a 10 % canary is caught within 6,000 requests in 95 % of rollouts.
 
 Strata and pooled variance
 --------------------------
@@ -50,9 +51,12 @@ estimated under the null of equal means, so a metric with a low event rate (1 % 
 ``Var(d) = sigma**2 / W``. A minimum number of samples per arm is required before any test
 may reject, because the normal approximation is poor for a handful of rare events.
 
-All inputs are sufficient statistics (count, sum, sum of squares per arm per stratum), so
-they come straight from SQL aggregates. The ``*_arrays`` functions are vectorised over any
-leading axes (the last axis is the stratum) for simulations.
+All inputs are sufficient statistics (count, sum, sum of squares per arm per stratum). The
+rollout machine tests means with the cluster-robust form in :mod:`.clustered` (units, not
+requests, are independent) and error rates with the exact test in :mod:`.rates`; the
+functions here are the mixture core, the sample-ratio check and the absolute error test.
+The ``*_arrays`` functions are vectorised over any leading axes (the last axis is the
+stratum) for simulations.
 """
 
 from __future__ import annotations

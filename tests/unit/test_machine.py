@@ -500,3 +500,11 @@ def test_paused_by_starvation_resolves_on_resume() -> None:
     resumed, actions = step(paused, Resume(), T0 + STEP_S + 5, profile)
     assert isinstance(actions[0], ResolveAlert)
     assert resumed.status is Status.RUNNING
+
+
+def test_decision_details_are_strict_json() -> None:
+    """A tick without data records details that strict JSON accepts (no infinities)."""
+    _, actions = step(_running(), Tick(Observation()), T0 + 1, BALANCED)
+    details = [a.details for a in actions if isinstance(a, RecordDecision)]
+    assert details
+    json.dumps(details, allow_nan=False)
