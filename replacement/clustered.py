@@ -189,33 +189,50 @@ def estimate(sample: ClusteredSample, *, ratio: float = 1.0, pooled: bool = Fals
     if big_w <= 0:
         return Estimate(0.0, math.inf, 0.0, n_b, n_c)
     a = np.array(coef) / big_w
+    mu = np.array(centre)
+    am = a * mu
+    yy, ym, mm = sample.yy, sample.ym, sample.mm
     # Σ_gcd a_c a_d e_gc e_gd with e_gc = Y_gc − μ_c M_gc, from the cross products:
     # e_c·e_d = ΣY_c Y_d − μ_d ΣY_c M_d − μ_c ΣM_c Y_d + μ_c μ_d ΣM_c M_d.
-    resid = (
-        sample.yy
-        - sample.ym * np.array(centre)[None, :]
-        - (sample.ym * np.array(centre)[None, :]).T
-        + np.outer(centre, centre) * sample.mm
-    )
+    var = float(a @ yy @ a - 2.0 * (a @ ym @ am) + am @ mm @ am)
     if pooled:
         # Under the null both arms of a stratum share one distribution, so each cell's own
-        # residual sum is replaced by the stratum's pooled rate per observation times the
-        # cell's size: the small arm's variance is then estimated from all of its stratum's
-        # units, not from its own few. A unit is in one arm of a step (routing is sticky),
-        # so the two arms of a step share no unit and their covariance is zero; measured
-        # over hash buckets it would only add noise. Terms across steps stay as measured.
-        diag = np.diag(resid).copy()
-        sizes = np.array([float(m.n) for pair in sample.moments for m in pair])
-        pair = diag.reshape(-1, 2).sum(axis=1) / np.maximum(sizes.reshape(-1, 2).sum(axis=1), 1.0)
-        resid = resid - np.diag(diag) + np.diag(np.repeat(pair, 2) * sizes)
-        cells = np.arange(diag.size)
-        resid[cells[0::2], cells[1::2]] = 0.0
-        resid[cells[1::2], cells[0::2]] = 0.0
-    var = float(a @ resid @ a)
+        # residual sum of squares is replaced by the stratum's pooled rate per observation
+        # times the cell's size: the small arm's variance is then estimated from all of its
+        # stratum's units, not from its own few. A unit is in one arm of a step (routing is
+        # sticky), so the two arms of a step share no unit and their covariance is zero;
+        # measured over hash buckets it would only add noise. Terms across steps stay.
+        var += _pooled_correction(sample, coef, centre, big_w)
     g = sample.clusters
     var *= g / (g - 1) if g > 1 else 1.0
     sigma2 = max(ss, 0.0) / dof if dof > 0 else 0.0
     return Estimate(d / big_w, max(var, _TINY), sigma2, n_b, n_c)
+
+
+def _pooled_correction(
+    sample: ClusteredSample, coef: list[float], centre: list[float], big_w: float
+) -> float:
+    """What the null-pooled form changes in ``aᵀ R a``: per stratum, each arm's own residual
+    sum of squares becomes the pooled rate times its size, and the two arms' covariance
+    goes (plain floats: a handful of strata)."""
+    yy, ym, mm = sample.yy.tolist(), sample.ym.tolist(), sample.mm.tolist()
+    change = 0.0
+    for k, (base, cand) in enumerate(sample.moments):
+        b, c = 2 * k, 2 * k + 1
+        if not base.n + cand.n:
+            continue
+        own = [yy[i][i] - 2.0 * centre[i] * ym[i][i] + centre[i] ** 2 * mm[i][i] for i in (b, c)]
+        rate = (own[0] + own[1]) / (base.n + cand.n)
+        a_b, a_c = coef[b] / big_w, coef[c] / big_w
+        between = (
+            yy[b][c]
+            - centre[c] * ym[b][c]
+            - centre[b] * ym[c][b]
+            + centre[b] * centre[c] * mm[b][c]
+        )
+        change += a_b * a_b * (rate * base.n - own[0]) + a_c * a_c * (rate * cand.n - own[1])
+        change -= 2.0 * a_b * a_c * between
+    return change
 
 
 def compare_clustered(
