@@ -44,6 +44,11 @@ def register(sub: Any) -> dict[str, Any]:
     start.add_argument(
         "--metric", choices=["feedback_score", "success_rate", "quality"], help="primary metric"
     )
+    start.add_argument(
+        "--require-win",
+        action="store_true",
+        help="promote only on a significant win; else end as no_improvement at the horizon",
+    )
     status = rsub.add_parser("status", help="one rollout, or all")
     status.add_argument("rollout_id", nargs="?")
     for action in ("promote", "rollback", "pause", "resume"):
@@ -144,6 +149,7 @@ def rollout_command(args: argparse.Namespace, settings: Settings) -> int:
             "candidate_version": args.candidate_version,
             "profile": args.profile,
             "primary_metric": args.metric,
+            "require_win": True if args.require_win else None,
         }
         body = http_json(
             settings, "POST", "/v1/rollouts", {k: v for k, v in payload.items() if v is not None}
@@ -177,11 +183,20 @@ def rollout_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def _rollout_rows(body: dict[str, Any]) -> list[tuple[str, Any]]:
     last = body["decisions"][-1] if body.get("decisions") else {}
-    return [
+    status = body["status"]
+    if body.get("require_win"):
+        status += "  (promotes only on a significant win)"
+    starvation = body.get("starvation") or {}
+    if starvation.get("starved"):
+        status += f"  STARVED for {starvation['starving_for_s']:.0f}s"
+    rows = [
         ("rollout", body["id"]),
         ("prompt", body["prompt"]),
         ("baseline → candidate", f"{body['baseline_version']} → {body['candidate_version']}"),
-        ("status", body["status"]),
+        ("status", status),
         ("step / weight", f"{body['step']} / {body['weight']}"),
         ("last decision", f"{last.get('kind', '-')}: {last.get('reason', '-')}"),
     ]
+    if body.get("winner") is not None:
+        rows.append(("significantly better", body["winner"]))
+    return rows

@@ -8,8 +8,12 @@ forced. Versions never change after registration; only their status does:
 * ``active`` — served to everyone not in a rollout's candidate arm (one per prompt);
 * ``candidate`` — registered, waiting (e.g. from the optimizer);
 * ``in_rollout`` — the candidate of a running or paused rollout;
-* ``retired`` — formerly active: the backup ``promptd prompts restore`` brings back;
+* ``retired`` — formerly active: the backup ``promptd prompts restore`` brings back; or a
+  candidate whose ``require_win`` rollout ended as ``no_improvement``;
 * ``rolled_back`` — a candidate whose rollout was rolled back.
+
+Prompt and version names follow :func:`name_problem` (1–200 characters, no control
+characters), like the events that carry them.
 """
 
 from __future__ import annotations
@@ -17,15 +21,19 @@ from __future__ import annotations
 import json
 import string
 import time
+import unicodedata
 from collections.abc import Sequence
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from promptd.events import MAX_NAME_CHARS, MAX_PROMPT_CHARS
 from promptd.storage.database import Database
 
 VersionStatus = Literal["active", "candidate", "in_rollout", "retired", "rolled_back"]
 MAX_TEMPLATE_CHARS: Final = 100_000
+# Control characters (NUL, newlines, …), lone surrogates and line/paragraph separators.
+_REFUSED_CATEGORIES: Final = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
 class RegistryError(Exception):
@@ -44,6 +52,57 @@ class Conflict(RegistryError):
     """The operation conflicts with the current state (a live rollout, a duplicate)."""
 
     status = 409
+
+
+class InvalidName(RegistryError):
+    """A prompt or version name breaks the naming rules (see :func:`name_problem`)."""
+
+    status = 422
+
+
+def name_problem(value: str, limit: int) -> str | None:
+    """Why ``value`` cannot be a prompt or version name, or None.
+
+    The rules match the event contract's caps (a prompt name is at most 200 characters, a
+    variant at most 200): names are 1..``limit`` characters, with no control characters
+    (NUL, newline, tab, …), no lone surrogates or line separators, and no leading or
+    trailing whitespace. Anything else — spaces inside, ``/``, any script — is allowed,
+    since apps already send such names in their events.
+    """
+    if not value:
+        return "must not be empty"
+    if len(value) > limit:
+        return f"is {len(value)} characters long, above the {limit}-character limit"
+    if value != value.strip():
+        return "must not start or end with whitespace"
+    for ch in value:
+        if unicodedata.category(ch) in _REFUSED_CATEGORIES:
+            return f"must not contain the control character U+{ord(ch):04X}"
+    return None
+
+
+def check_name(kind: str, value: str, limit: int = MAX_NAME_CHARS) -> str:
+    """``value`` when it is a valid ``kind`` name, else :class:`InvalidName` saying why."""
+    problem = name_problem(value, limit)
+    if problem is not None:
+        raise InvalidName(f"{kind} name {value[:40]!r}{'…' if len(value) > 40 else ''} {problem}")
+    return value
+
+
+def _pydantic_name(limit: int) -> AfterValidator:
+    def check(value: str) -> str:
+        problem = name_problem(value, limit)
+        if problem is not None:
+            raise ValueError(f"name {problem}")
+        return value
+
+    return AfterValidator(check)
+
+
+PromptName = Annotated[str, _pydantic_name(MAX_PROMPT_CHARS)]
+"""A prompt name in a request body (the event contract's ``prompt``)."""
+VersionName = Annotated[str, _pydantic_name(MAX_NAME_CHARS)]
+"""A version name in a request body (the event contract's ``variant``)."""
 
 
 class PlaceholderMismatch(RegistryError):
@@ -118,8 +177,8 @@ class NewVersion(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     template: str = Field(min_length=1, max_length=MAX_TEMPLATE_CHARS)
-    version: str | None = Field(default=None, min_length=1, max_length=200)
-    parent_version: str | None = None
+    version: VersionName | None = None
+    parent_version: VersionName | None = None
     origin: str = Field(default="human", max_length=200)
     run_id: str | None = Field(default=None, max_length=200)
     rationale: str | None = Field(default=None, max_length=10_000)
@@ -199,6 +258,7 @@ class Registry:
 
     async def register(self, name: str, body: NewVersion) -> PromptVersion:
         """Register a new immutable version; the first version of a prompt becomes active."""
+        check_name("prompt", name, MAX_PROMPT_CHARS)
         names = placeholders(body.template)
         now = time.time()
         async with self.db.transaction() as conn:
@@ -265,6 +325,8 @@ class Registry:
 
     async def restore(self, name: str, version: str) -> PromptVersion:
         """Make an earlier version active again (the backup); refused during a rollout."""
+        check_name("prompt", name, MAX_PROMPT_CHARS)
+        check_name("version", version)
         target = await self.get_version(name, version)
         now = time.time()
         async with self.db.transaction() as conn:

@@ -93,6 +93,9 @@ class BatchOutcome:
     duplicates: int
     metrics: tuple[MetricEvent, ...] = ()
     feedback: tuple[FeedbackEvent, ...] = ()
+    # The ``ingested_at`` stored with the batch's rows (the rollouts' feedback join uses
+    # it, so a replay from storage decides exactly as the live feed did).
+    ingested_at: float = 0.0
 
     @property
     def stored(self) -> int:
@@ -184,6 +187,7 @@ def _store_sync(
         duplicates,
         metrics=tuple(new_metrics),
         feedback=tuple(new_feedback),
+        ingested_at=now,
     )
 
 

@@ -264,6 +264,11 @@ CREATE TABLE pipelines (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+
+_V7_ROLLOUT_FINAL: Final = """
+-- The statistics of a rollout as it ended (arms, last test statistics, winner), written
+-- in the transaction of its terminal transition: GET /v1/rollouts/{id} keeps showing them.
+ALTER TABLE rollouts ADD COLUMN final TEXT;
 """
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (
@@ -273,6 +278,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=4, name="optimization", sql=_V4_OPTIMIZATION),
     Migration(version=5, name="optimization_search", sql=_V5_OPTIMIZATION_SEARCH),
     Migration(version=6, name="pipelines", sql=_V6_PIPELINES),
+    Migration(version=7, name="rollout_final", sql=_V7_ROLLOUT_FINAL),
 )
 
 
