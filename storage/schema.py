@@ -264,6 +264,7 @@ CREATE TABLE pipelines (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+"""
 
 _V7_ROLLOUT_FINAL: Final = """
 -- The statistics of a rollout as it ended (arms, last test statistics, winner), written
