@@ -98,6 +98,13 @@ class Evaluator:
                 update[key] = value
             else:
                 extra[key] = value
+        schema = program.extra("output_schema")
+        if schema is not None:
+            # Ask for the answer in the configuration's shape, as the app does.
+            extra["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": schema},
+            }
         if extra != self.model.extra:
             update["extra"] = extra
         return self.model.model_copy(update=update) if update else self.model

@@ -39,12 +39,12 @@ from promptd.optimization.templates import (
 from promptd.optimization.templates import (
     with_demos as text_with_demos,
 )
+from promptd.prompt_config import ROLES, describe
 from promptd.replacement.registry import RegistryError, placeholders
 
 Message = dict[str, str]
-ROLES: Final = ("system", "user", "assistant")
-# Parameters a chat configuration may set; others belong in the app.
-PARAMS: Final = ("temperature", "max_tokens", "top_p", "stop", "seed")
+# Configuration keys the optimizer carries along without editing them.
+EXTRAS: Final = ("output_schema", "tunable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,8 @@ class Program:
     chat: bool = False
     model: str | None = None
     params: tuple[tuple[str, Any], ...] = field(default=())
+    # Other configuration keys (output_schema, tunable), JSON-encoded, carried unchanged.
+    extras: tuple[tuple[str, str], ...] = field(default=())
 
     @classmethod
     def text(cls, template: str) -> Program:
@@ -75,11 +77,17 @@ class Program:
                 raise ValueError(f"message {m!r}: role must be one of {ROLES}, content a string")
             messages.append((role, content))
         params = config.get("params") or {}
+        extras = tuple(
+            (key, json.dumps(config[key], sort_keys=True))
+            for key in EXTRAS
+            if config.get(key) is not None
+        )
         return cls(
             tuple(messages),
             chat=True,
             model=config.get("model"),
             params=tuple(sorted(params.items())),
+            extras=extras,
         )
 
     @property
@@ -87,7 +95,7 @@ class Program:
         """The text template (text mode), or a readable rendering of the messages."""
         if not self.chat:
             return self.messages[0][1]
-        return "\n\n".join(f"[{role}]\n{content}" for role, content in self.messages)
+        return describe(self.to_config())
 
     def to_config(self) -> dict[str, Any]:
         """The chat configuration (JSON form)."""
@@ -96,11 +104,27 @@ class Program:
             out["model"] = self.model
         if self.params:
             out["params"] = dict(self.params)
+        for key, value in self.extras:
+            out[key] = json.loads(value)
         return out
+
+    def extra(self, key: str) -> Any:
+        """An extra configuration key (``output_schema``, ``tunable``), or None."""
+        for name, value in self.extras:
+            if name == key:
+                return json.loads(value)
+        return None
+
+    def with_model(self, model: str | None, params: Mapping[str, Any]) -> Program:
+        """The program calling another model or with other parameters (chat only)."""
+        merged = {**dict(self.params), **params}
+        return Program(self.messages, True, model, tuple(sorted(merged.items())), self.extras)
 
     def key(self) -> str:
         """Identity for de-duplication."""
-        return json.dumps([self.chat, self.messages, self.model, self.params], sort_keys=True)
+        return json.dumps(
+            [self.chat, self.messages, self.model, self.params, self.extras], sort_keys=True
+        )
 
     def placeholders(self) -> list[str]:
         """Placeholders over every message (``RegistryError`` for a malformed one)."""
@@ -143,7 +167,7 @@ class Program:
                 return self
             return Program.text(type(parts)(parts.instruction, "", parts.block).assemble())
         head = [m for m in self.messages[:1] if m[0] == "system"]
-        return Program((*head, self.final), True, self.model, self.params)
+        return Program((*head, self.final), True, self.model, self.params, self.extras)
 
     def with_instruction(self, instruction: str) -> Program:
         """The program with its instruction replaced (demonstrations and input kept)."""
@@ -152,7 +176,7 @@ class Program:
         current = self.system
         content = sanitize(instruction, current) if current else escape(instruction.strip())
         body = self.messages[1:] if current is not None else self.messages
-        return Program((("system", content), *body), True, self.model, self.params)
+        return Program((("system", content), *body), True, self.model, self.params, self.extras)
 
     def with_demos(self, demos: Sequence[Example], max_chars: int, min_score: float) -> Program:
         """The program with its demonstrations replaced by ``demos``."""
@@ -167,7 +191,7 @@ class Program:
                 continue
             turns.append(("user", escape(_fill(final[1], d, max_chars))))
             turns.append(("assistant", escape(clip(answer, max_chars))))
-        return Program((*head, *turns, final), True, self.model, self.params)
+        return Program((*head, *turns, final), True, self.model, self.params, self.extras)
 
 
 def _fill(template: str, example: Example, max_chars: int) -> str:

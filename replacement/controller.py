@@ -454,17 +454,21 @@ class RolloutController:
         rid = self._by_prompt.get(prompt)
         live = self._live.get(rid) if rid else None
         candidate_version = candidate_template = None
+        candidate_config: dict[str, Any] | None = None
         weight, salt = 0.0, ""
         if live is not None and live.state.status in (Status.RUNNING, Status.PAUSED):
             cand = await self.registry.get_version(prompt, live.row.candidate)
             candidate_version, candidate_template = cand.version, cand.template
+            candidate_config = cand.config
             weight, salt = live.state.weight, live.state.salt
         return Routing(
             prompt=prompt,
             active_version=info.active_version,
             active_template=active.template if active else None,
+            active_config=active.config if active else None,
             candidate_version=candidate_version,
             candidate_template=candidate_template,
+            candidate_config=candidate_config,
             weight=weight,
             salt=salt,
             rollout_id=live.row.id if live else None,

@@ -25,9 +25,10 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from promptd.events import MAX_NAME_CHARS, MAX_PROMPT_CHARS
+from promptd.prompt_config import PARAMS, describe
 from promptd.storage.database import Database
 
 VersionStatus = Literal["active", "candidate", "in_rollout", "retired", "rolled_back"]
@@ -157,6 +158,10 @@ class PromptVersion(BaseModel):
     rationale: str | None = None
     status: VersionStatus
     created_at: float
+    # A configuration version (messages, model, parameters); None for a plain template,
+    # whose ``template`` is then the text the app formats. For a configuration,
+    # ``template`` is its canonical text (see promptd.prompt_config.describe).
+    config: dict[str, Any] | None = None
 
 
 class Prompt(BaseModel):
@@ -171,12 +176,76 @@ class Prompt(BaseModel):
     updated_at: float
 
 
+class ChatMessage(BaseModel):
+    """One message of a configuration; ``content`` is a ``str.format`` template."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_TEMPLATE_CHARS)
+
+
+class Tunable(BaseModel):
+    """What the optimizer may change besides the messages (empty: nothing)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=20
+    )
+    temperature: list[Annotated[float, Field(ge=0, le=2)]] = Field(
+        default_factory=list, max_length=20
+    )
+    max_tokens: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, max_length=20)
+
+
+class PromptConfig(BaseModel):
+    """A version as chat messages with (optionally) a model and its parameters.
+
+    See :mod:`promptd.prompt_config` for the format. The last message is the user's turn;
+    placeholders may appear in any message and are checked over all of them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=200)
+    model: str | None = Field(default=None, min_length=1, max_length=200)
+    params: dict[str, float | int | str | list[str]] = Field(default_factory=dict)
+    output_schema: dict[str, Any] | None = None
+    tunable: Tunable | None = None
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> PromptConfig:
+        if self.messages[-1].role != "user":
+            raise ValueError("the last message must be the user's turn (role 'user')")
+        unknown = sorted(set(self.params) - set(PARAMS))
+        if unknown:
+            raise ValueError(f"unknown params {unknown}; allowed: {list(PARAMS)}")
+        if len(json.dumps(self.output_schema or {})) > MAX_TEMPLATE_CHARS:
+            raise ValueError("output_schema is too large")
+        return self
+
+    def placeholders(self) -> list[str]:
+        """Placeholders over every message."""
+        names: set[str] = set()
+        for m in self.messages:
+            names.update(placeholders(m.content))
+        return sorted(names)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form without empty fields."""
+        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True) | {
+            "messages": [m.model_dump() for m in self.messages]
+        }
+
+
 class NewVersion(BaseModel):
-    """Body of ``POST /v1/prompts/{name}/versions``."""
+    """Body of ``POST /v1/prompts/{name}/versions``: a ``template`` or a ``config``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    template: str = Field(min_length=1, max_length=MAX_TEMPLATE_CHARS)
+    template: str | None = Field(default=None, min_length=1, max_length=MAX_TEMPLATE_CHARS)
+    config: PromptConfig | None = None
     version: VersionName | None = None
     parent_version: VersionName | None = None
     origin: str = Field(default="human", max_length=200)
@@ -186,16 +255,38 @@ class NewVersion(BaseModel):
     force: bool = False
     profile: str | None = None
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> NewVersion:
+        if (self.template is None) == (self.config is None):
+            raise ValueError("give either 'template' or 'config'")
+        return self
+
+    @property
+    def text(self) -> str:
+        """The template, or the configuration's canonical text."""
+        if self.config is not None:
+            return describe(self.config.as_dict())
+        assert self.template is not None
+        return self.template
+
+    def names(self) -> list[str]:
+        """Placeholders (over every message of a configuration)."""
+        if self.config is not None:
+            return self.config.placeholders()
+        assert self.template is not None
+        return placeholders(self.template)
+
 
 _VERSION_COLS: Final = (
     "prompt, version, seq, template, placeholders, parent_version, origin, run_id, "
-    "rationale, status, created_at"
+    "rationale, status, created_at, config"
 )
 
 
 def _version(row: Sequence[Any]) -> PromptVersion:
     fields = dict(zip([c.strip() for c in _VERSION_COLS.split(",")], row, strict=True))
     fields["placeholders"] = json.loads(fields["placeholders"])
+    fields["config"] = json.loads(fields["config"]) if fields["config"] else None
     return PromptVersion.model_validate(fields)
 
 
@@ -259,7 +350,8 @@ class Registry:
     async def register(self, name: str, body: NewVersion) -> PromptVersion:
         """Register a new immutable version; the first version of a prompt becomes active."""
         check_name("prompt", name, MAX_PROMPT_CHARS)
-        names = placeholders(body.template)
+        names = body.names()
+        text = body.text
         now = time.time()
         async with self.db.transaction() as conn:
             async with conn.execute(
@@ -285,7 +377,7 @@ class Registry:
                 "(SELECT placeholders FROM prompt_versions WHERE prompt = ? AND version = ?), "
                 "(SELECT count(*) FROM prompt_versions WHERE prompt = ? AND template = ?) "
                 "FROM prompt_versions WHERE prompt = ?",
-                (name, active_version, name, body.template, name),
+                (name, active_version, name, text, name),
             ) as cur:
                 stats = await cur.fetchone()
             assert stats is not None
@@ -300,12 +392,12 @@ class Registry:
             try:
                 await conn.execute(
                     f"INSERT INTO prompt_versions ({_VERSION_COLS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         name,
                         version,
                         seq,
-                        body.template,
+                        text,
                         json.dumps(names),
                         body.parent_version or active_version,
                         body.origin,
@@ -313,6 +405,7 @@ class Registry:
                         body.rationale,
                         status,
                         now,
+                        json.dumps(body.config.as_dict()) if body.config else None,
                     ),
                 )
             except Exception as exc:

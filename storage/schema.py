@@ -272,6 +272,12 @@ _V7_ROLLOUT_FINAL: Final = """
 ALTER TABLE rollouts ADD COLUMN final TEXT;
 """
 
+_V8_PROMPT_CONFIGS: Final = """
+-- A version may be a configuration (chat messages, model, parameters; JSON) instead of a
+-- single template; ``template`` then holds its canonical text.
+ALTER TABLE prompt_versions ADD COLUMN config TEXT;
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=1, name="ingestion", sql=_V1_INGESTION),
     Migration(version=2, name="registry", sql=_V2_REGISTRY),
@@ -280,6 +286,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=5, name="optimization_search", sql=_V5_OPTIMIZATION_SEARCH),
     Migration(version=6, name="pipelines", sql=_V6_PIPELINES),
     Migration(version=7, name="rollout_final", sql=_V7_ROLLOUT_FINAL),
+    Migration(version=8, name="prompt_configs", sql=_V8_PROMPT_CONFIGS),
 )
 
 

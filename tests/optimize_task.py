@@ -90,4 +90,6 @@ def responder(body: dict[str, Any]) -> str:
         return proposer_answer(text)
     if any(m.get("role") == "assistant" for m in body.get("messages", [])):
         return _city(text)  # demonstrations as chat turns
+    if body.get("model") == "good-model":
+        return _city(text)  # a stronger model a configuration may switch to
     return model_answer(text)

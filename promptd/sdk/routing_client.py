@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -30,17 +30,52 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class PromptVariant:
-    """The prompt version chosen for one call."""
+    """The prompt version chosen for one call: a template, or a configuration (chat
+    messages with a model and parameters, see :mod:`promptd.prompt_config`)."""
 
     prompt: str
     version: str
     template: str | None = None
+    config: Mapping[str, Any] | None = None
 
     def format(self, **values: Any) -> str:
-        """Fill the template's ``{placeholders}`` (``str.format``); errors if it has none."""
+        """Fill the template's ``{placeholders}`` (``str.format``).
+
+        A configuration version has no single template: ``ValueError`` says to use
+        :meth:`messages`, rather than sending a partial prompt.
+        """
+        if self.config is not None:
+            raise ValueError(
+                f"prompt {self.prompt!r} version {self.version!r} is a chat configuration: "
+                "send variant.messages(...) with variant.model and variant.params"
+            )
         if self.template is None:
             raise ValueError(f"prompt {self.prompt!r} version {self.version!r} has no template")
         return self.template.format(**values)
+
+    def messages(self, **values: Any) -> list[dict[str, str]]:
+        """The chat messages to send, filled with ``values``: a configuration's messages, or
+        a template as one user message."""
+        if self.config is not None:
+            from promptd.prompt_config import render_messages
+
+            return render_messages(self.config, values)
+        return [{"role": "user", "content": self.format(**values)}]
+
+    @property
+    def model(self) -> str | None:
+        """The configuration's model (None: the app's own choice)."""
+        return None if self.config is None else self.config.get("model")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The configuration's parameters (temperature, max_tokens, ...), to pass along."""
+        return {} if self.config is None else dict(self.config.get("params") or {})
+
+    @property
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer should follow, if the configuration has one."""
+        return None if self.config is None else self.config.get("output_schema")
 
 
 class RouteEntry:
@@ -60,10 +95,15 @@ class RouteEntry:
         if routing is None:
             return
         if routing.active_version:
-            self.active = PromptVariant(prompt, routing.active_version, routing.active_template)
+            self.active = PromptVariant(
+                prompt, routing.active_version, routing.active_template, routing.active_config
+            )
         if routing.candidate_version:
             self.candidate = PromptVariant(
-                prompt, routing.candidate_version, routing.candidate_template
+                prompt,
+                routing.candidate_version,
+                routing.candidate_template,
+                routing.candidate_config,
             )
             self.threshold = threshold(routing.weight)
             self.salt = routing.salt

@@ -418,3 +418,34 @@ async def test_runs_are_tracked_in_mlflow(
     assert any(n.startswith("candidate-000-fewshot") for n in names)
     artifacts = tmp_path / ("mlflow-artifacts" if store == "sqlite" else "mlruns")
     assert artifacts.is_dir(), "artifacts beside the store, not in the working directory"
+
+
+async def test_a_chat_configuration_gets_demonstrations_as_turns(
+    tmp_path: Path, fake_llm: Callable[..., Any]
+) -> None:
+    """A prompt registered as a chat configuration is optimized as one: the winning
+    candidate is a configuration version with user/assistant demonstration turns."""
+    fake = await fake_llm()
+    db = await Database.open(tmp_path / "chat.db")
+    try:
+        config = {
+            "messages": [
+                {"role": "system", "content": "Read the message."},
+                {"role": "user", "content": "Message: {text}\nCity:"},
+            ],
+            "params": {"temperature": 0.0},
+        }
+        await Registry(db).register(PROMPT, NewVersion.model_validate({"config": config}))
+        await seed(db, PROMPT, rows(240))
+        run = await _run(_runner(db, _settings(fake)), ["fewshot"])
+        assert run["outcome"] == "deployed", run["error"]
+        version = await Registry(db).get_version(PROMPT, run["deployed_version"])
+        assert version.config is not None
+        roles = [m["role"] for m in version.config["messages"]]
+        assert roles[0] == "system"
+        assert roles[-1] == "user"
+        assert roles.count("assistant") >= 1
+        assert version.config["params"] == {"temperature": 0.0}
+        assert version.placeholders == ["text"]
+    finally:
+        await db.close()

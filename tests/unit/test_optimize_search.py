@@ -205,6 +205,28 @@ async def test_mipro_runs_a_tpe_study_and_rescores_the_top(db: Database, fake: F
     assert _best(result).val_mean > 0.85  # type: ignore[operator]
 
 
+async def test_mipro_tries_the_models_a_configuration_allows(db: Database, fake: FakeLLM) -> None:
+    """A chat configuration's ``tunable.models`` is a dimension of the TPE study."""
+    chat = Program.from_config(
+        {
+            "messages": [{"role": "user", "content": "Message: {text}\nCity:"}],
+            "tunable": {"models": ["openai/good-model"]},
+        }
+    )
+    settings = _settings(
+        fake,
+        mipro={"num_instructions": 2, "num_demo_sets": 1, "num_trials": 8, "minibatch_size": 4},
+        fewshot={"max_demos": 1},
+    )
+    h = Harness(db, settings, baseline=chat)
+    h.train = []  # no demonstrations: only the instruction and the model can help
+    result, _ = await h.search("mipro")
+    best = _best(result)
+    assert best.program.model == "openai/good-model"
+    assert best.val_mean == pytest.approx(1.0)
+    assert best.program.extra("tunable") == {"models": ["openai/good-model"]}
+
+
 async def test_a_replayed_search_pays_nothing(db: Database, fake: FakeLLM) -> None:
     """The same run searching again (a resume) finds every answer in the cache."""
     settings = _settings(
