@@ -180,7 +180,9 @@ class RunExecution:
             return await self._end("no_improvement_on_validation")
         return await self._gate(best, test, evaluator)
 
-    def _usable(self, evaluator: Evaluator, splits: Splits) -> tuple[list[Example], list[Example]]:
+    def _usable(
+        self, evaluator: Evaluator, splits: Splits[Example]
+    ) -> tuple[list[Example], list[Example]]:
         limits = self.settings.splits
         base = self.plan.baseline
         validation = [e for e in splits.validation if evaluator.usable(e, base)]
@@ -267,7 +269,7 @@ class RunExecution:
         await self.notify("gate_decided", {"candidate": best.index, **result.to_dict()})
         return await self._end("gate_passed" if result.passed else "gate_failed")
 
-    async def _propose_only(self, splits: Splits) -> RunProgress:
+    async def _propose_only(self, splits: Splits[Example]) -> RunProgress:
         """No evaluation model: propose without scoring; the online rollout decides."""
         self.progress.splits = {"train": len(splits.train)}
         await self._phase("search")

@@ -150,3 +150,78 @@ async def test_leader_follower_beats_optimizing_each_prompt_alone(
     assert report["leader"] == "extract"
     assert len(report["pairs"]) == 3
     assert report["pairs"][eq.chosen]["val_mean"] == pytest.approx(1.0)
+
+
+class MemoryEpisodes:
+    """Episodes held in memory (the daemon reads them from the event tables)."""
+
+    def __init__(self, data: list[Any]) -> None:
+        self.data = data
+
+    async def snapshot(self, now: float) -> Any:
+        from promptd.optimization.examples import Snapshot
+
+        return Snapshot(now, 0, 0)
+
+    async def episodes(self, pipeline: Any, snapshot: Any) -> list[Any]:
+        return self.data
+
+
+async def test_a_pipeline_run_searches_gates_and_names_changed_steps(tmp_path: Path) -> None:
+    """A pipeline run: split episodes, leader/follower search, an end-to-end gate on test
+    episodes; both steps change, the gate passes; a replay pays nothing."""
+    from promptd.optimization.examples import Snapshot
+    from promptd.optimization.pipeline_run import PipelinePlan, PipelineRunExecution
+
+    db = await Database.open(tmp_path / "run.db")
+    fake = await FakeLLM(responder).start()
+    try:
+        model = {"model": "openai/test-model", "api_base": fake.api_base, "temperature": 0.0}
+        settings = OptimizationSettings.model_validate(
+            {
+                "proposer": model,
+                "evaluation": {"model": model, "metric": "token_f1", "bootstrap_samples": 500},
+                "instruction": {"n_candidates": 3, "depth": 1},
+                "max_llm_calls": 5000,
+            }
+        )
+        plan = PipelinePlan(
+            run_id="prun-1",
+            pipeline=PIPELINE,
+            active=ACTIVE,
+            versions={"extract": "v1", "answer": "v1"},
+            strategy="instruction",
+            seed=11,
+            snapshot=Snapshot(0.0, 0, 0),
+            started_at=0.0,
+        )
+
+        async def checkpoint(progress: Any, budget: Any) -> None:
+            return None
+
+        async def run() -> Any:
+            execution = PipelineRunExecution(
+                plan,
+                settings,
+                OptimizationStore(db),
+                MemoryEpisodes(episodes(400)),
+                LiteLLMClient(0, 0.0),
+                checkpoint,
+            )
+            return await execution.execute(), execution
+
+        progress, execution = await run()
+        assert progress.outcome == "gate_passed", progress.notes
+        assert set(progress.changed(ACTIVE)) == {"extract", "answer"}
+        assert progress.gate.gain == pytest.approx(1.0)
+        assert progress.equilibrium["stable"] is True
+        assert progress.baseline_val_mean == 0.0
+        paid = len(fake.requests)
+        again, second = await run()
+        assert again.outcome == "gate_passed"
+        assert len(fake.requests) == paid
+        assert second.llm is not None and second.llm.misses == 0
+    finally:
+        await close_litellm()
+        await fake.stop()
+        await db.close()
