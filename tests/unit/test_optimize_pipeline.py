@@ -210,7 +210,7 @@ async def test_a_pipeline_run_searches_gates_and_names_changed_steps(tmp_path: P
             )
             return await execution.execute(), execution
 
-        progress, execution = await run()
+        progress, _first = await run()
         assert progress.outcome == "gate_passed", progress.notes
         assert set(progress.changed(ACTIVE)) == {"extract", "answer"}
         assert progress.gate.gain == pytest.approx(1.0)
@@ -220,7 +220,8 @@ async def test_a_pipeline_run_searches_gates_and_names_changed_steps(tmp_path: P
         again, second = await run()
         assert again.outcome == "gate_passed"
         assert len(fake.requests) == paid
-        assert second.llm is not None and second.llm.misses == 0
+        assert second.llm is not None
+        assert second.llm.misses == 0
     finally:
         await close_litellm()
         await fake.stop()
