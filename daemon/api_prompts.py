@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from promptd.daemon.http import json_error, read_json_body, require_admin
+from promptd.daemon.http import admin_only, domain_errors, read_json_body
 from promptd.daemon.wiring import experiment_profile_name
 from promptd.events import MAX_PROMPT_CHARS
 from promptd.replacement import machine
@@ -75,32 +75,10 @@ class Reason(BaseModel):
     reason: str | None = Field(default=None, max_length=1000)
 
 
-def _errors(handler: Handler) -> Handler:
-    """Map domain and validation errors to JSON responses."""
-
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except RegistryError as exc:
-            return json_error(exc.status, str(exc))
-        except KeyError as exc:  # unknown profile
-            return json_error(400, str(exc.args[0]) if exc.args else "unknown key")
-        except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            return json_error(400, f"{loc}: {err['msg']}" if loc else str(err["msg"]))
-
-    return wrapped
-
-
-def _admin(handler: Handler) -> Handler:
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        denied = require_admin(request)
-        if denied is not None:
-            return denied
-        return await handler(request)
-
-    return _errors(wrapped)
+# Every route maps the registry's errors, validation errors and an unknown profile name
+# (KeyError) to JSON 4xx; mutating routes also need the admin token.
+_errors = domain_errors
+_admin = admin_only
 
 
 async def _body(request: web.Request, model: type[BaseModel]) -> Any:

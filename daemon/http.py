@@ -176,7 +176,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def domain_errors(handler: Handler) -> Handler:
-    """Map the registry's errors (their ``status``) and validation errors to JSON 4xx."""
+    """Map the registry's errors (their ``status``), validation errors and an unknown
+    name looked up in a table of settings (``KeyError``, e.g. a rollout profile) to JSON
+    4xx."""
     from pydantic import ValidationError
 
     from promptd.replacement.registry import RegistryError
@@ -186,6 +188,8 @@ def domain_errors(handler: Handler) -> Handler:
             return await handler(request)
         except RegistryError as exc:
             return json_error(exc.status, str(exc))
+        except KeyError as exc:
+            return json_error(400, str(exc.args[0]) if exc.args else "unknown key")
         except ValidationError as exc:
             err = exc.errors(include_url=False)[0]
             loc = ".".join(str(p) for p in err["loc"])

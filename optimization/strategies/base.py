@@ -191,6 +191,15 @@ class SearchContext:
         )
 
 
+def needs_models(settings: OptimizationSettings) -> str | None:
+    """Why a strategy that proposes and scores cannot run, or ``None`` when it can."""
+    if settings.proposer is None:
+        return "no proposer model configured ([optimization.proposer] model)"
+    if settings.evaluation.model is None:
+        return "no evaluation model configured ([optimization.evaluation.model])"
+    return None
+
+
 class Strategy(Protocol):
     """A search over programs."""
 

@@ -37,7 +37,7 @@ from promptd.optimization.evaluator import Scored
 from promptd.optimization.examples import Example, as_text
 from promptd.optimization.llm import BudgetExceeded, Message
 from promptd.optimization.program import Program
-from promptd.optimization.strategies.base import SearchContext, SearchResult
+from promptd.optimization.strategies.base import SearchContext, SearchResult, needs_models
 from promptd.optimization.templates import clip
 
 log = structlog.get_logger("promptd.optimizer")
@@ -172,11 +172,7 @@ class GepaSearch:
         """Needs the ``gepa`` package, a proposer and an evaluation model."""
         if importlib.util.find_spec("gepa") is None:
             return "the gepa strategy needs the optional package: pip install 'promptd[gepa]'"
-        if settings.proposer is None:
-            return "no proposer model configured ([optimization.proposer] model)"
-        if settings.evaluation.model is None:
-            return "no evaluation model configured ([optimization.evaluation.model])"
-        return None
+        return needs_models(settings)
 
     async def search(self, ctx: SearchContext) -> SearchResult:
         """Run gepa in a worker thread; return its best candidates, scored on validation."""

@@ -26,6 +26,7 @@ from promptd.optimization.strategies.base import (
     Candidate,
     SearchContext,
     SearchResult,
+    needs_models,
     parse_instruction,
     proposal_messages,
 )
@@ -40,11 +41,7 @@ class InstructionSearch:
 
     def unavailable(self, settings: OptimizationSettings) -> str | None:
         """Needs a proposer and an evaluation model."""
-        if settings.proposer is None:
-            return "no proposer model configured ([optimization.proposer] model)"
-        if settings.evaluation.model is None:
-            return "no evaluation model configured ([optimization.evaluation.model])"
-        return None
+        return needs_models(settings)
 
     async def search(self, ctx: SearchContext) -> SearchResult:
         """``depth`` rounds of ``n_candidates`` proposals, each scored on validation."""

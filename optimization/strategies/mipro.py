@@ -37,6 +37,7 @@ from promptd.optimization.strategies.base import (
     TIPS,
     SearchContext,
     SearchResult,
+    needs_models,
     parse_instruction,
     proposal_messages,
 )
@@ -52,11 +53,7 @@ class MiproSearch:
 
     def unavailable(self, settings: OptimizationSettings) -> str | None:
         """Needs a proposer and an evaluation model."""
-        if settings.proposer is None:
-            return "no proposer model configured ([optimization.proposer] model)"
-        if settings.evaluation.model is None:
-            return "no evaluation model configured ([optimization.evaluation.model])"
-        return None
+        return needs_models(settings)
 
     async def search(self, ctx: SearchContext) -> SearchResult:
         """Propose instructions, build demonstration sets, run the TPE study, re-score."""
