@@ -62,11 +62,11 @@ from prometheus_client import CollectorRegistry
 
 from promptd.events import FeedbackEvent, MetricEvent
 from promptd.optimization.config import LLMSettings, OptimizationSettings
-from promptd.optimization.evaluator import messages_for
-from promptd.optimization.examples import split_of
+from promptd.optimization.examples import Example, split_of
 from promptd.optimization.gate import bootstrap_interval, decide
 from promptd.optimization.llm import Budget, CachedLLM, LiteLLMClient, close_litellm
 from promptd.optimization.metrics import OptimizationMetrics
+from promptd.optimization.program import Program
 from promptd.optimization.runner import OptimizationRunner
 from promptd.optimization.scoring import exact_match, token_f1
 from promptd.optimization.store import OptimizationStore
@@ -132,7 +132,7 @@ async def produce(task: Task, url: str, work: Path) -> Path:
     db = await Database.open(path)
     cache = await Database.open(work / f"{task.name}-production-cache.db")
     try:
-        await Registry(db).register(task.name, NewVersion(template=task.baseline))
+        await Registry(db).register(task.name, baseline_version(task))
         llm = CachedLLM(
             LiteLLMClient(3, 1.0), OptimizationStore(cache), Budget(10**9, 1e9), "prod", 1
         )
@@ -141,7 +141,7 @@ async def produce(task: Task, url: str, work: Path) -> Path:
         metrics, feedback = [], []
         for i, item in enumerate(task.items):
             output = await llm.complete(
-                model, messages_for(task.baseline.format(text=item.text)), "production"
+                model, baseline_program(task).render(ex(item)), "production"
             )
             metrics.append(
                 MetricEvent(
@@ -174,6 +174,32 @@ async def produce(task: Task, url: str, work: Path) -> Path:
         await cache.close()
         await db.close()
     return path
+
+
+def baseline_version(task: Task) -> NewVersion:
+    """The plain baseline as the app registers it: a chat configuration with the task's
+    instruction as the system message and the input as the user's turn."""
+    return NewVersion.model_validate({"config": baseline_config(task)})
+
+
+def baseline_config(task: Task) -> dict[str, Any]:
+    """The baseline configuration (see :func:`baseline_version`)."""
+    return {
+        "messages": [
+            {"role": "system", "content": task.instruction},
+            {"role": "user", "content": "{text}"},
+        ]
+    }
+
+
+def baseline_program(task: Task) -> Program:
+    """The baseline as a program."""
+    return Program.from_config(baseline_config(task))
+
+
+def ex(item: Item) -> Example:
+    """An item as an example to render programs on."""
+    return Example(item.request_id, "v1", 0.0, {"text": item.text}, None, 0.0, 0, None, None)
 
 
 def split_items(task: Task) -> dict[str, list[Item]]:
@@ -211,11 +237,15 @@ async def run_promptd(
     finally:
         await db.close()
     selected = (run.get("progress") or {}).get("selected")
-    template = run["candidates"][selected]["template"] if selected is not None else task.baseline
+    program = baseline_program(task)
+    if selected is not None:
+        cand = run["candidates"][selected]
+        program = Program.from_config(cand["config"]) if cand["config"] else program
     return {
         "method": f"promptd {strategy}",
         "calls": run["llm_calls"],
-        "template": template,
+        "program": program,
+        "template": program.template,
         "outcome": run["outcome"],
         "gate": run["gate"],
         "notes": run["error"],
@@ -224,18 +254,17 @@ async def run_promptd(
 
 
 async def answer_test(
-    templates: dict[str, str], test: list[Item], url: str, work: Path
+    programs: dict[str, Program], test: list[Item], url: str, work: Path
 ) -> dict[str, list[str]]:
-    """Each template's answers on the test split (a shared cache, outside any budget)."""
+    """Each program's answers on the test split (a shared cache, outside any budget)."""
     db = await Database.open(work / "test-answers.db")
     try:
         llm = CachedLLM(LiteLLMClient(3, 1.0), OptimizationStore(db), Budget(10**9, 1e9), "test", 1)
         model = model_settings(url, 0.0, MAX_TOKENS)
         out = {}
-        for name, template in templates.items():
+        for name, program in programs.items():
             out[name] = [
-                await llm.complete(model, messages_for(template.format(text=i.text)), "test")
-                for i in test
+                await llm.complete(model, program.render(ex(i)) or [], "test") for i in test
             ]
         return out
     finally:
@@ -447,14 +476,14 @@ async def bench_task(
         print(f"[{task.name}] promptd {strategy} ...", flush=True)
         results.append(await run_promptd(task, strategy, events, url, args.budget, work))
     await close_litellm()
-    templates = {"baseline": task.baseline} | {r["method"]: r["template"] for r in results}
-    answers = await answer_test(templates, test, url, work)
+    programs = {"baseline": baseline_program(task)} | {r["method"]: r["program"] for r in results}
+    answers = await answer_test(programs, test, url, work)
     await close_litellm()
     rows = [
         {
             "method": "baseline",
             "calls": 0,
-            "template": task.baseline,
+            "template": baseline_program(task).template,
             "outcome": "-",
             "gate": None,
             "notes": None,

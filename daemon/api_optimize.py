@@ -3,7 +3,9 @@
 * ``POST /v1/optimize/{prompt}`` (admin) — start a manual run; body ``{"strategies": [...],
   "reason": "..."}`` (both optional). 202 with the run id; 404 for an unknown prompt or one
   without an active version; 409 when the policy refuses (``reason`` says why).
-* ``GET /v1/optimizations[?prompt=&limit=]`` — runs, newest first, with cost and outcome.
+* ``GET /v1/optimizations[?prompt=&limit=]`` — runs, newest first, with cost, outcome, the
+  strategy each used and why (``selection``), the gate's figures; and ``strategies``: what
+  the bandit currently believes of each configured strategy (for ``prompt`` if given).
 * ``GET /v1/optimizations/{run_id}`` — one run with its candidates (progress while running).
 * ``GET /v1/recommendations`` — prompts that need attention, with the suggested action.
 """
@@ -17,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from promptd.daemon.http import json_error, require_admin
+from promptd.daemon.http import json_error, read_json_body, require_admin
 from promptd.monitoring.triggers import OptimizationTrigger
 from promptd.optimization.policy import Decision
 from promptd.optimization.runner import OptimizationRunner, RunError
@@ -47,14 +49,12 @@ async def optimize(request: web.Request) -> web.Response:
     denied = require_admin(request)
     if denied is not None:
         return denied
+    raw = await read_json_body(request)
     try:
-        raw = await request.json() if request.can_read_body else {}
         body = OptimizeRequest.model_validate(raw or {})
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         return json_error(400, f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
-    except ValueError:
-        return json_error(400, "body is not JSON")
     prompt = request.match_info["prompt"]
     runner = request.app[RUNNER_KEY]
     try:
@@ -73,8 +73,10 @@ async def list_optimizations(request: web.Request) -> web.Response:
         limit = min(max(int(request.query.get("limit", "50")), 1), 1000)
     except ValueError:
         return json_error(400, "limit must be an integer")
-    runs = await request.app[RUNNER_KEY].list_runs(request.query.get("prompt"), limit)
-    return web.json_response({"runs": runs})
+    runner = request.app[RUNNER_KEY]
+    prompt = request.query.get("prompt")
+    runs = await runner.list_runs(prompt, limit)
+    return web.json_response({"runs": runs, "strategies": await runner.strategy_view(prompt)})
 
 
 async def get_optimization(request: web.Request) -> web.Response:

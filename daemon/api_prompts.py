@@ -1,7 +1,9 @@
 """HTTP routes of the registry, routing and rollouts (``/v1/prompts``, ``/v1/rollouts``).
 
 Mutating routes need the admin bearer token (see :func:`require_admin`). Errors are JSON
-``{"error": …}`` with 400 (bad body), 401, 404, 409 (conflicting state) or 422.
+``{"error": …}`` with 400 (bad body, including a bad name in it), 401, 404, 409
+(conflicting state, e.g. a command on a rollout another command just ended) or 422 (a bad
+prompt name in the path, changed placeholders).
 """
 
 from __future__ import annotations
@@ -10,13 +12,21 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from promptd.daemon.http import json_error, require_admin
+from promptd.daemon.http import admin_only, domain_errors, read_json_body
 from promptd.daemon.wiring import experiment_profile_name
+from promptd.events import MAX_PROMPT_CHARS
 from promptd.replacement import machine
 from promptd.replacement.controller import RolloutController
-from promptd.replacement.registry import NewVersion, Registry, RegistryError
+from promptd.replacement.registry import (
+    NewVersion,
+    PromptName,
+    Registry,
+    RegistryError,
+    VersionName,
+    check_name,
+)
 
 CONTROLLER_KEY: web.AppKey[RolloutController] = web.AppKey("rollout_controller")
 REGISTRY_KEY: web.AppKey[Registry] = web.AppKey("registry")
@@ -40,11 +50,13 @@ class StartRollout(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=200)
-    candidate_version: str = Field(min_length=1, max_length=200)
-    profile: str | None = None
+    prompt: PromptName
+    candidate_version: VersionName
+    profile: str | None = Field(default=None, max_length=200)
     experiment: Experiment | None = None
     primary_metric: Literal["feedback_score", "success_rate", "quality"] | None = None
+    # Promote only on a significant win; else end as no_improvement at the horizon.
+    require_win: bool = False
 
 
 class Restore(BaseModel):
@@ -52,7 +64,7 @@ class Restore(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: str = Field(min_length=1, max_length=200)
+    version: VersionName
 
 
 class Reason(BaseModel):
@@ -63,40 +75,14 @@ class Reason(BaseModel):
     reason: str | None = Field(default=None, max_length=1000)
 
 
-def _errors(handler: Handler) -> Handler:
-    """Map domain and validation errors to JSON responses."""
-
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except RegistryError as exc:
-            return json_error(exc.status, str(exc))
-        except KeyError as exc:  # unknown profile
-            return json_error(400, str(exc.args[0]) if exc.args else "unknown key")
-        except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            return json_error(400, f"{loc}: {err['msg']}" if loc else str(err["msg"]))
-
-    return wrapped
-
-
-def _admin(handler: Handler) -> Handler:
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        denied = require_admin(request)
-        if denied is not None:
-            return denied
-        return await handler(request)
-
-    return _errors(wrapped)
+# Every route maps the registry's errors, validation errors and an unknown profile name
+# (KeyError) to JSON 4xx; mutating routes also need the admin token.
+_errors = domain_errors
+_admin = admin_only
 
 
 async def _body(request: web.Request, model: type[BaseModel]) -> Any:
-    try:
-        data = await request.json() if request.can_read_body else {}
-    except ValueError:
-        raise RegistryError("the request body is not valid JSON") from None
-    return model.model_validate(data)
+    return model.model_validate(await read_json_body(request))
 
 
 @_errors
@@ -134,10 +120,15 @@ async def list_versions(request: web.Request) -> web.StreamResponse:
     return web.json_response({"versions": [v.model_dump() for v in versions]})
 
 
+def _prompt_name(request: web.Request) -> str:
+    """The ``{name}`` of the path, validated like every prompt name (422 otherwise)."""
+    return check_name("prompt", request.match_info["name"], MAX_PROMPT_CHARS)
+
+
 @_admin
 async def register_version(request: web.Request) -> web.StreamResponse:
     """``POST /v1/prompts/{name}/versions``."""
-    name = request.match_info["name"]
+    name = _prompt_name(request)
     body = await _body(request, NewVersion)
     version = await request.app[REGISTRY_KEY].register(name, body)
     controller = request.app[CONTROLLER_KEY]
@@ -149,7 +140,7 @@ async def register_version(request: web.Request) -> web.StreamResponse:
 @_admin
 async def restore_version(request: web.Request) -> web.StreamResponse:
     """``POST /v1/prompts/{name}/restore``: make an earlier version active (the backup)."""
-    name = request.match_info["name"]
+    name = _prompt_name(request)
     body = await _body(request, Restore)
     version = await request.app[REGISTRY_KEY].restore(name, body.version)
     controller = request.app[CONTROLLER_KEY]
@@ -197,6 +188,7 @@ def _start_handler(default_metric: str) -> Handler:
             body.candidate_version,
             profile,
             body.primary_metric or default_metric,
+            require_win=body.require_win,
         )
         return web.json_response(await controller.describe(row.id), status=201)
 

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from promptd import __version__
 from promptd._aio import wait_event
 from promptd.daemon.broker import EmbeddedBroker
-from promptd.daemon.http import build_app, is_loopback
+from promptd.daemon.http import build_app, is_loopback, start_site
 from promptd.daemon.ingest import BatchListener, GroupConflictError, IngestAlert, Ingestor
 from promptd.daemon.kafka import Producer, ensure_topics
 from promptd.daemon.lock import DataDirLock, DataDirLockedError
@@ -301,8 +301,7 @@ class Daemon:
     async def _start_http(self) -> web.AppRunner:
         runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.http.host, self.settings.http.port)
-        await site.start()
+        site = await start_site(runner, self.settings.http.host, self.settings.http.port)
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.http_port = int(sockets[0].getsockname()[1]) if sockets else self.settings.http.port

@@ -1,6 +1,7 @@
 """The ``promptd`` command: parse arguments, build settings, configure logging, call one function.
 
 Every command's errors are one line on stderr and a non-zero exit, never a traceback.
+The global flags (``--config``, ``--json``) are accepted before and after the subcommand.
 """
 
 from __future__ import annotations
@@ -8,26 +9,79 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from promptd import __version__
 from promptd.daemon import commands
 from promptd.daemon.logs import configure_logging
 from promptd.daemon.settings import Settings, SettingsError, load_settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
+#: Flags of ``run`` and ``init`` that set a setting (the README's configuration table);
+#: they win over every other source. flag -> (setting, type, help).
+SETTING_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "--data-dir": ("storage.data_dir", str, "where the SQLite file lives (PROMPTD_DATA_DIR)"),
+    "--http-host": ("http.host", str, "HTTP API bind address (PROMPTD_HTTP_HOST)"),
+    "--http-port": ("http.port", int, "HTTP API port, 0 picks a free one (PROMPTD_HTTP_PORT)"),
+    "--kafka-bootstrap-servers": (
+        "kafka.bootstrap_servers",
+        str,
+        "host:port,… of the Kafka cluster; unset starts the embedded broker",
+    ),
+    "--log-level": ("log_level", str, "debug, info, warning or error (PROMPTD_LOG_LEVEL)"),
+    "--log-format": ("log_format", str, "auto, json or console (PROMPTD_LOG_FORMAT)"),
+}
+SETTING_COMMANDS = ("run", "init")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="promptd", description="Continuous prompt improvement for production LLM apps."
     )
-    parser.add_argument("--config", help="TOML config file (also PROMPTD_CONFIG)")
+    parser.add_argument("--version", action="version", version=f"promptd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     for module in _command_modules():
         _HANDLERS.update(module.register(sub))
+    for name in SETTING_COMMANDS:
+        _add_setting_flags(sub.choices[name])
+    for each in _all_parsers(parser):
+        _add_global_flags(each)
     return parser
+
+
+def _add_global_flags(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS as the default everywhere, so a subcommand's default never overwrites a
+    # value given before it; main() fills in the real defaults.
+    existing = parser._option_string_actions
+    if "--config" not in existing:
+        parser.add_argument(
+            "--config", default=argparse.SUPPRESS, help="TOML config file (also PROMPTD_CONFIG)"
+        )
+    if "--json" in existing:
+        existing["--json"].default = argparse.SUPPRESS
+    else:
+        parser.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="print raw JSON"
+        )
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, (setting, kind, help_text) in SETTING_FLAGS.items():
+        parser.add_argument(flag, type=kind, dest=_dest(setting), help=help_text)
+
+
+def _dest(setting: str) -> str:
+    return "setting:" + setting
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _all_parsers(child)
 
 
 _HANDLERS: dict[str, Handler] = {}
@@ -39,26 +93,51 @@ def _command_modules() -> list[Any]:
         commands_monitoring,
         commands_ops,
         commands_optimize,
+        commands_pipelines,
         commands_prompts,
         demo,
     )
 
-    return [commands, commands_prompts, commands_monitoring, commands_optimize, commands_ops, demo]
+    return [
+        commands,
+        commands_prompts,
+        commands_pipelines,
+        commands_monitoring,
+        commands_optimize,
+        commands_ops,
+        demo,
+    ]
+
+
+def _flag_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    overrides: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for flag, (setting, _, _) in SETTING_FLAGS.items():
+        value = getattr(args, _dest(setting), None)
+        if value is not None:
+            overrides[setting] = value
+            origins[setting] = flag
+    return overrides, origins
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     args = _parser().parse_args(argv)
+    args.config = getattr(args, "config", None)
+    args.json = getattr(args, "json", False)
     try:
-        overrides: dict[str, Any] = {}
-        if getattr(args, "http_port", None) is not None:
-            overrides["http_port"] = args.http_port
-        settings = load_settings(args.config, **overrides)
+        overrides, origins = _flag_overrides(args)
+        settings = load_settings(args.config, overrides, origins)
     except SettingsError as exc:
         print(f"promptd: {exc}", file=sys.stderr)
         return 2
-    quiet = args.command not in {"run"}
-    configure_logging("warning" if quiet else settings.log_level, settings.log_format)
+    if args.command == "run":
+        configure_logging(settings.log_level, settings.log_format, capture_warnings=True)
+    else:
+        # Other commands print their own one-line errors: the libraries stay quiet.
+        configure_logging(
+            "warning", settings.log_format, third_party_level="critical", capture_warnings=True
+        )
     try:
         return _HANDLERS[args.command](args, settings)
     except commands.CommandError as exc:

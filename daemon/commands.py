@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import signal
+import sqlite3
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,6 +17,7 @@ import structlog
 
 from promptd.daemon.app import ConfigurationError, Daemon
 from promptd.daemon.broker import EmbeddedBrokerError
+from promptd.daemon.http import HttpBindError
 from promptd.daemon.kafka import KafkaSendError, Producer, ensure_topics
 from promptd.daemon.settings import Settings
 from promptd.events import FeedbackEvent, MetricEvent, new_event_id, now_ts
@@ -35,12 +38,10 @@ class CommandError(Exception):
 
 def register(sub: Any) -> dict[str, Any]:
     """Add the core subcommands to the CLI's subparsers."""
+    # run and init also take the common settings as flags (cli.SETTING_FLAGS).
     sub.add_parser("init", help="create the data dir, the database and the Kafka topics")
-    run_p = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
-    run_p.add_argument("--http-port", type=int, help="override http.port (0 picks a free one)")
-
-    status_p = sub.add_parser("status", help="show the running daemon's status")
-    status_p.add_argument("--json", action="store_true", help="print the raw JSON")
+    sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    sub.add_parser("status", help="show the running daemon's status")
 
     metrics = sub.add_parser("metrics", help="publish one MetricEvent")
     metrics.add_argument("variant")
@@ -130,32 +131,74 @@ def http_json(
 
 def init(args: argparse.Namespace, settings: Settings) -> int:
     """``promptd init``: data dir, database (migrated), and topics when Kafka is set."""
+    check_data_dir(settings)
 
     async def _init() -> None:
-        db = await Database.open(settings.storage.database_path, settings.storage.busy_timeout_ms)
-        await db.close()
+        await _open_database(settings)
         if settings.kafka.bootstrap_servers:
-            created = await ensure_topics(settings.kafka, settings.kafka.bootstrap_servers)
+            try:
+                created = await ensure_topics(settings.kafka, settings.kafka.bootstrap_servers)
+            except Exception as exc:
+                raise CommandError(
+                    f"cannot create topics on {settings.kafka.bootstrap_servers}: {exc!r}"
+                ) from None
             print(f"topics created: {', '.join(created) or 'none (all exist)'}")
         else:
             print("no Kafka configured: topics are created by `promptd run` on its broker")
 
-    try:
-        asyncio.run(_init())
-    except (StorageError, OSError) as exc:
-        raise CommandError(str(exc)) from None
-    except Exception as exc:
-        raise CommandError(f"cannot create topics: {exc!r}") from None
+    asyncio.run(_init())
     print(f"database ready: {settings.storage.database_path}")
     return 0
 
 
+_DATA_DIR_SETTING = "storage.data_dir: PROMPTD_DATA_DIR or --data-dir"
+
+
+def check_data_dir(settings: Settings) -> None:
+    """Fail with one line unless the data directory (and database file) can be written.
+
+    Checked by writing, not by permission bits, so a read-only mount is caught too.
+    """
+    data_dir = settings.storage.data_dir
+    database = settings.storage.database_path
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=data_dir):
+            pass
+        if database.exists():
+            with database.open("r+b"):
+                pass
+    except OSError as exc:
+        what = database if exc.filename == str(database) else data_dir
+        raise CommandError(
+            f"cannot write to {what} (the data directory, {_DATA_DIR_SETTING}): "
+            f"{exc.strerror or exc}"
+        ) from None
+
+
+async def _open_database(settings: Settings) -> None:
+    try:
+        db = await Database.open(settings.storage.database_path, settings.storage.busy_timeout_ms)
+    except (StorageError, sqlite3.Error, OSError) as exc:
+        raise CommandError(_storage_message(settings, exc)) from None
+    await db.close()
+
+
+def _storage_message(settings: Settings, exc: BaseException) -> str:
+    if isinstance(exc, StorageError):  # already names the database
+        return f"{exc} ({_DATA_DIR_SETTING})"
+    return f"cannot use the database {settings.storage.database_path} ({_DATA_DIR_SETTING}): {exc}"
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """``promptd run``: the daemon until SIGTERM/SIGINT."""
+    check_data_dir(settings)
     try:
         asyncio.run(_run_daemon(settings))
-    except (ConfigurationError, EmbeddedBrokerError, StorageError) as exc:
+    except (ConfigurationError, EmbeddedBrokerError, HttpBindError) as exc:
         raise CommandError(str(exc)) from None
+    except (StorageError, sqlite3.Error) as exc:
+        raise CommandError(_storage_message(settings, exc)) from None
     return 0
 
 
@@ -203,12 +246,13 @@ def _publish(settings: Settings, topic: str, event: MetricEvent | FeedbackEvent)
     async def _send() -> None:
         producer = Producer(settings.kafka, bootstrap)
         try:
-            await producer.start()
-        except Exception as exc:
-            raise CommandError(f"Kafka not reachable at {bootstrap}: {exc!r}") from None
-        try:
+            try:
+                await producer.start()
+            except Exception as exc:
+                raise CommandError(f"Kafka not reachable at {bootstrap}: {exc!r}") from None
             await producer.send(topic, event.to_json(), key=event.prompt.encode())
         finally:
+            # Also after a failed start, or aiokafka warns about an unclosed producer.
             await producer.stop()
 
     try:

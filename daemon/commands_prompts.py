@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -27,6 +28,12 @@ def register(sub: Any) -> dict[str, Any]:
     source = reg.add_mutually_exclusive_group(required=True)
     source.add_argument("--template", help="the template text")
     source.add_argument("--file", type=Path, help="read the template from a file ('-': stdin)")
+    source.add_argument(
+        "--config",
+        dest="config_file",
+        type=Path,
+        help="a chat configuration (messages, model, params) as JSON or TOML",
+    )
     reg.add_argument("--version", help="version name (default v<N>)")
     reg.add_argument("--activate", action="store_true", help="make it active at once")
     reg.add_argument("--force", action="store_true", help="accept changed placeholders")
@@ -44,6 +51,11 @@ def register(sub: Any) -> dict[str, Any]:
     start.add_argument(
         "--metric", choices=["feedback_score", "success_rate", "quality"], help="primary metric"
     )
+    start.add_argument(
+        "--require-win",
+        action="store_true",
+        help="promote only on a significant win; else end as no_improvement at the horizon",
+    )
     status = rsub.add_parser("status", help="one rollout, or all")
     status.add_argument("rollout_id", nargs="?")
     for action in ("promote", "rollback", "pause", "resume"):
@@ -53,6 +65,18 @@ def register(sub: Any) -> dict[str, Any]:
     for p in (prompts, rollout):
         p.add_argument("--json", action="store_true", help="print raw JSON")
     return {"prompts": prompts_command, "rollout": rollout_command}
+
+
+def _config(path: Path) -> dict[str, Any]:
+    text = sys.stdin.read() if str(path) == "-" else _read(path)
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise CommandError(f"{path}: not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CommandError(f"{path}: expected an object with 'messages'")
+    return data
 
 
 def _out(args: argparse.Namespace, body: Any, table: list[tuple[str, Any]] | None = None) -> None:
@@ -103,8 +127,10 @@ def prompts_command(args: argparse.Namespace, settings: Settings) -> int:
         template = args.template
         if args.file is not None:
             template = sys.stdin.read() if str(args.file) == "-" else _read(args.file)
+        config = _config(args.config_file) if args.config_file is not None else None
         payload = {
             "template": template,
+            "config": config,
             "version": args.version,
             "activate": args.activate,
             "force": args.force,
@@ -144,6 +170,7 @@ def rollout_command(args: argparse.Namespace, settings: Settings) -> int:
             "candidate_version": args.candidate_version,
             "profile": args.profile,
             "primary_metric": args.metric,
+            "require_win": True if args.require_win else None,
         }
         body = http_json(
             settings, "POST", "/v1/rollouts", {k: v for k, v in payload.items() if v is not None}
@@ -177,11 +204,20 @@ def rollout_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def _rollout_rows(body: dict[str, Any]) -> list[tuple[str, Any]]:
     last = body["decisions"][-1] if body.get("decisions") else {}
-    return [
+    status = body["status"]
+    if body.get("require_win"):
+        status += "  (promotes only on a significant win)"
+    starvation = body.get("starvation") or {}
+    if starvation.get("starved"):
+        status += f"  STARVED for {starvation['starving_for_s']:.0f}s"
+    rows = [
         ("rollout", body["id"]),
         ("prompt", body["prompt"]),
         ("baseline → candidate", f"{body['baseline_version']} → {body['candidate_version']}"),
-        ("status", body["status"]),
+        ("status", status),
         ("step / weight", f"{body['step']} / {body['weight']}"),
         ("last decision", f"{last.get('kind', '-')}: {last.get('reason', '-')}"),
     ]
+    if body.get("winner") is not None:
+        rows.append(("significantly better", body["winner"]))
+    return rows

@@ -449,15 +449,15 @@ async def _report(
 ) -> dict[str, Any]:
     import promptd
 
+    stats = promptd.sdk_stats()
     async with aiohttp.ClientSession() as http:
-        status = await _get(http, f"{base}/v1/status")
+        status = await wait_stored(http, base, stats.delivered)
         routing = await _get(http, f"{base}/v1/prompts/{PROMPT}/routing")
         versions = await _get(http, f"{base}/v1/prompts/{PROMPT}/versions")
         rollout = (
             await _get(http, f"{base}/v1/rollouts/{state.rollout_id}") if state.rollout_id else None
         )
     expected = "promoted" if args.scenario == "improve" else "rolled_back"
-    stats = promptd.sdk_stats()
     return {
         "scenario": args.scenario,
         "expected_outcome": expected,
@@ -480,6 +480,35 @@ async def _report(
     }
 
 
+async def wait_stored(
+    http: aiohttp.ClientSession,
+    base: str,
+    delivered: int,
+    timeout_s: float = 15.0,
+    settle_s: float = 2.0,
+) -> Any:
+    """The daemon's status once it has stored what the app delivered.
+
+    Waits until stored plus dead-lettered events reach ``delivered``, or the count has
+    not moved for ``settle_s``, at most ``timeout_s``, so the summary reports the final
+    count rather than one taken while the last batches are still being ingested.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last, changed_at = -1, loop.time()
+    status = None
+    while True:
+        status = await _get(http, f"{base}/v1/status") or status
+        events = (status or {}).get("events") or {}
+        done = int(events.get("stored", 0)) + int(events.get("dead_lettered", 0))
+        now = loop.time()
+        if done != last:
+            last, changed_at = done, now
+        if done >= delivered or now - changed_at >= settle_s or now >= deadline:
+            return status
+        await asyncio.sleep(0.1)
+
+
 def print_summary(report: dict[str, Any]) -> None:
     """The closing table."""
     rows = [
@@ -490,7 +519,11 @@ def print_summary(report: dict[str, Any]) -> None:
         ("thumbs-up rate", ", ".join(f"{k}: {v:.0%}" for k, v in report["thumbs_up_rate"].items())),
         ("candidate", report["candidate_version"] or "-"),
         ("active version now", (report["routing"] or {}).get("active_version")),
-        ("events stored", ((report["daemon_status"] or {}).get("events") or {}).get("stored")),
+        (
+            "events stored",
+            f"{((report['daemon_status'] or {}).get('events') or {}).get('stored')} "
+            f"of {report['sdk']['delivered']} delivered by the app",
+        ),
         ("database", report["database"]),
         ("report", report.get("report_path", "-")),
     ]

@@ -2,36 +2,42 @@
 
 Sources, highest priority first: constructor arguments (tests, CLI flags), environment
 variables ``PROMPTD_…`` (nested sections with ``__``, e.g. ``PROMPTD_KAFKA__GROUP_ID``;
-the common ones also have flat aliases such as ``PROMPTD_KAFKA_BOOTSTRAP_SERVERS``), a
-``.env`` file, then the TOML file named by ``PROMPTD_CONFIG`` or ``--config``.
+the common ones also have flat names such as ``PROMPTD_KAFKA_BOOTSTRAP_SERVERS``), a
+``.env`` file, then the TOML file named by ``--config`` or ``PROMPTD_CONFIG``. Unknown
+``PROMPTD_`` variables and TOML keys are errors (see :mod:`promptd.daemon.settings_sources`).
 See ``promptd.example.toml`` at the repository root for every setting with its default.
 """
 
 from __future__ import annotations
 
-import os
+import difflib
+import re
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from promptd.daemon.settings_sources import (
+    DataSource,
+    SettingsError,
+    Sources,
+    VariablesSource,
+    model_of,
+    read_sources,
+)
 from promptd.monitoring.config import MonitoringSettings
 from promptd.optimization.config import OptimizationSettings
-from promptd.replacement.profiles import RolloutProfile
+from promptd.replacement.profiles import PROFILES, RolloutProfile
+
+__all__ = ["Settings", "SettingsError", "load_settings"]
 
 # The --config file, passed to the TOML source without touching os.environ.
 _CONFIG_FILE: ContextVar[str | None] = ContextVar("promptd_config_file", default=None)
-
-
-class SettingsError(Exception):
-    """Invalid configuration; the message names the setting and what is wrong."""
+# The sources read by the last Settings() in this context, for naming bad settings.
+_LAST_SOURCES: ContextVar[Sources | None] = ContextVar("promptd_settings_sources", default=None)
 
 
 class _Section(BaseModel):
@@ -81,6 +87,12 @@ class KafkaSettings(_Section):
     sasl_username: str | None = None
     sasl_password: str | None = None
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        # PROMPTD_KAFKA_BOOTSTRAP_SERVERS= (empty) means the embedded broker, as unset does.
+        return value or None
+
     @property
     def embedded(self) -> bool:
         """True when no bootstrap address is configured (development broker)."""
@@ -122,19 +134,31 @@ class RolloutSettings(_Section):
     """Rollout controller: tick, default profile and metric, custom profiles."""
 
     tick_interval_s: float = Field(default=10.0, gt=0)
+    # Extra or overriding profiles by name: {name = {steps = [...], alpha_worse = ...}}.
+    # Declared before default_profile, which is checked against them.
+    profiles: dict[str, RolloutProfile] = Field(default_factory=dict)
     default_profile: str = "balanced"
     default_primary_metric: Literal["feedback_score", "success_rate", "quality"] = "feedback_score"
     # Multiplies every step's minimum duration and the starvation grace period; the demo
     # and tests use a small value to see a whole rollout in seconds.
     time_scale: float = Field(default=1.0, gt=0)
-    # Extra or overriding profiles by name: {name = {steps = [...], alpha_worse = ...}}.
-    profiles: dict[str, RolloutProfile] = Field(default_factory=dict)
 
     @field_validator("profiles", mode="before")
     @classmethod
     def _name_profiles(cls, value: Any) -> Any:
         if isinstance(value, dict):
             return {k: {"name": k, **v} if isinstance(v, dict) else v for k, v in value.items()}
+        return value
+
+    @field_validator("default_profile")
+    @classmethod
+    def _known_profile(cls, value: str, info: ValidationInfo) -> str:
+        configured = info.data.get("profiles")
+        if configured is None:  # the profiles are invalid themselves; that error is shown
+            return value
+        known = sorted({*PROFILES, *configured})
+        if value not in known:
+            raise ValueError(f"unknown profile {value!r}; known profiles: {', '.join(known)}")
         return value
 
 
@@ -144,11 +168,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PROMPTD_",
         env_nested_delimiter="__",
-        env_file=".env",
-        env_file_encoding="utf-8",
         extra="forbid",
         frozen=True,
-        populate_by_name=True,
     )
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -160,16 +181,6 @@ class Settings(BaseSettings):
     rollout: RolloutSettings = RolloutSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
     optimization: OptimizationSettings = OptimizationSettings()
-
-    # Flat aliases the operator guide promises (PROMPTD_KAFKA_BOOTSTRAP_SERVERS, ...);
-    # folded into the sections by ``_fold_flat``.
-    kafka_bootstrap_servers: str | None = Field(default=None, exclude=True)
-    data_dir: Path | None = Field(default=None, exclude=True)
-    http_host: str | None = Field(default=None, exclude=True)
-    http_port: int | None = Field(default=None, exclude=True, ge=0, le=65535)
-    admin_token: str | None = Field(
-        default=None, exclude=True, validation_alias=AliasChoices("admin_token")
-    )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -185,71 +196,86 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Order: arguments, environment, ``.env``, then the TOML file if one is named."""
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
-        toml_path = _CONFIG_FILE.get() or os.environ.get("PROMPTD_CONFIG")
-        if toml_path:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
-        return tuple(sources)
+        """Order: arguments, environment, ``.env``, then the TOML file if one is named.
 
-    def model_post_init(self, context: Any, /) -> None:
-        """Fold the flat aliases into their sections (the flat form wins)."""
-        kafka_update: dict[str, Any] = {}
-        if self.kafka_bootstrap_servers is not None:
-            kafka_update["bootstrap_servers"] = self.kafka_bootstrap_servers or None
-        http_update: dict[str, Any] = {}
-        if self.http_host is not None:
-            http_update["host"] = self.http_host
-        if self.http_port is not None:
-            http_update["port"] = self.http_port
-        if self.admin_token is not None:
-            http_update["admin_token"] = self.admin_token
-        storage_update: dict[str, Any] = {}
-        if self.data_dir is not None:
-            storage_update["data_dir"] = self.data_dir
-        for name, update in (
-            ("kafka", kafka_update),
-            ("http", http_update),
-            ("storage", storage_update),
-        ):
-            if update:
-                section = getattr(self, name)
-                merged = type(section).model_validate({**section.model_dump(), **update})
-                object.__setattr__(self, name, merged)
+        The environment and ``.env`` are checked and translated by
+        :func:`~promptd.daemon.settings_sources.read_sources` (unknown names are errors).
+        """
+        sources = read_sources(cls, _CONFIG_FILE.get())
+        _LAST_SOURCES.set(sources)
+        return (
+            init_settings,
+            VariablesSource(settings_cls, sources.environment),
+            VariablesSource(settings_cls, sources.dotenv),
+            DataSource(settings_cls, sources.toml),
+        )
 
 
-def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build settings from all sources; raise :class:`SettingsError` naming the bad setting."""
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise SettingsError(f"config file {str(path)!r} does not exist")
-        token = _CONFIG_FILE.set(str(path))
-        try:
-            return _build(**overrides)
-        finally:
-            _CONFIG_FILE.reset(token)
-    elif (named := os.environ.get("PROMPTD_CONFIG")) and not Path(named).is_file():
-        raise SettingsError(f"PROMPTD_CONFIG names {named!r}, which does not exist")
-    return _build(**overrides)
+def load_settings(
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    origins: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build settings from all sources; raise :class:`SettingsError` naming the bad setting.
 
-
-def _build(**overrides: Any) -> Settings:
+    ``overrides`` maps dotted setting names (``"http.port"``) to values that win over
+    every other source (the CLI's flags); ``origins`` names where each came from
+    (``{"http.port": "--http-port"}``) for error messages.
+    """
+    if config_file is not None and not Path(config_file).is_file():
+        raise SettingsError(f"config file {str(config_file)!r} does not exist")
+    token = _CONFIG_FILE.set(None if config_file is None else str(config_file))
     try:
-        return Settings(**overrides)
+        return Settings(**_nest(overrides or {}))
     except ValidationError as exc:
-        raise SettingsError(describe_validation_error(exc)) from None
-    except ValueError as exc:  # a malformed TOML file
-        raise SettingsError(f"cannot read the configuration: {exc}") from None
+        raise SettingsError(describe_validation_error(exc, origins)) from None
+    finally:
+        _CONFIG_FILE.reset(token)
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per bad setting, each naming the setting as an operator would write it."""
-    lines = []
+def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for name, value in dotted.items():
+        *head, last = name.split(".")
+        target = nested
+        for part in head:
+            target = target.setdefault(part, {})
+        target[last] = value
+    return nested
+
+
+def _did_you_mean(loc: tuple[str, ...]) -> str:
+    model: type[BaseModel] | None = Settings
+    for part in loc[:-1]:
+        info = model.model_fields.get(part) if model is not None else None
+        model = model_of(info.annotation) if info is not None else None
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {'.'.join((*loc[:-1], close[0]))}?)" if close else ""
+
+
+#: Settings whose values are never printed, not even when invalid.
+_SECRET = re.compile(r"(token|password|secret|api_key|credentials?)$", re.IGNORECASE)
+
+
+def describe_validation_error(
+    exc: ValidationError, origins: Mapping[str, str] | None = None
+) -> str:
+    """One line naming each bad setting as the operator set it, never showing a secret."""
+    sources = _LAST_SOURCES.get()
+    parts = []
     for err in exc.errors(include_url=False):
-        dotted = ".".join(str(p) for p in err["loc"])
-        env = "PROMPTD_" + "__".join(str(p) for p in err["loc"]).upper()
+        loc = tuple(str(p) for p in err["loc"])
+        dotted = ".".join(loc)
+        origin = (origins or {}).get(dotted) or (sources.origin(loc) if sources else None)
+        origin = origin or "PROMPTD_" + "__".join(loc).upper()
         given = err.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
-        lines.append(f"invalid setting {dotted} [{env}]: {err['msg']}{shown}")
-    return "; ".join(lines)
+        secret = any(_SECRET.search(part) for part in loc)
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "no such setting" + _did_you_mean(loc)
+        hidden = secret or isinstance(given, dict) or repr(given) in message
+        shown = "" if hidden else f" (got {given!r})"
+        parts.append(f"invalid setting {dotted} [{origin}]: {message}{shown}")
+    return "; ".join(parts)

@@ -8,14 +8,19 @@ the part's batch listener, HTTP routes and background task. The core lifecycle i
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from promptd.daemon.app import Daemon
 from promptd.daemon.settings import RolloutSettings
+from promptd.monitoring.rules import Notification, fingerprint
 from promptd.monitoring.triggers import TriggerQueue
 from promptd.replacement.profiles import RolloutProfile, fixed_split_experiment, get_profile
 from promptd.routing import Routing
+
+if TYPE_CHECKING:
+    from promptd.replacement.controller import StarvationAlert
 
 
 def install_components(daemon: Daemon) -> None:
@@ -34,7 +39,8 @@ def install_components(daemon: Daemon) -> None:
 
 def profile_lookup(settings: RolloutSettings) -> RolloutProfile | object:
     """A function name -> profile: configured profiles first, then the built-in ones,
-    with every duration multiplied by ``time_scale``."""
+    with every step duration, the starvation grace period and the ``require_win`` horizon
+    multiplied by ``time_scale``."""
 
     @cache
     def lookup(name: str) -> RolloutProfile:
@@ -49,6 +55,7 @@ def profile_lookup(settings: RolloutSettings) -> RolloutProfile | object:
                     for s in base.steps
                 ),
                 "starvation_grace_s": base.starvation_grace_s * scale,
+                "win_max_duration_s": base.win_max_duration_s * scale,
             }
         )
 
@@ -82,11 +89,43 @@ def _experiment(name: str) -> RolloutProfile | None:
         raise KeyError(f"malformed experiment profile {name!r}: {exc}") from None
 
 
+STARVATION_RULE = "rollout_starved"
+
+
+def starvation_notification(alert: StarvationAlert) -> Notification:
+    """The ``rollout_starved`` alert as a notification for the monitor's sinks."""
+    labels = {
+        "alertname": STARVATION_RULE,
+        "prompt": alert.prompt,
+        "rollout_id": alert.rollout_id,
+        "severity": "warning",
+    }
+    return Notification(
+        rule=STARVATION_RULE,
+        fingerprint=fingerprint(labels),
+        labels=labels,
+        state="firing" if alert.firing else "resolved",
+        reason=alert.reason,
+        metric="rollout_samples",
+        value=None,
+        threshold=None,
+        baseline=None,
+        severity="warning",
+        started_at=alert.started_at,
+        resolved_at=None if alert.firing else alert.at,
+        degradation=False,
+        window_seconds=0.0,
+    )
+
+
 def install_rollouts(daemon: Daemon) -> None:
     """The prompt registry, routing and the rollout controller."""
+    from promptd.daemon.api_pipelines import add_routes as add_pipeline_routes
     from promptd.daemon.api_prompts import add_routes
     from promptd.daemon.kafka import KafkaSendError
-    from promptd.replacement.controller import RolloutController, RolloutMetrics
+    from promptd.replacement.controller import RolloutController
+    from promptd.replacement.metrics import RolloutMetrics
+    from promptd.replacement.pipelines import PipelineRegistry
     from promptd.replacement.registry import Registry
 
     settings = daemon.settings
@@ -101,6 +140,13 @@ def install_rollouts(daemon: Daemon) -> None:
             key=routing.prompt.encode(),
         )
 
+    async def alert(starved: StarvationAlert) -> None:
+        # Through the monitor's sinks (log, Kafka, webhook, Alertmanager) when it runs;
+        # the controller has logged it either way.
+        monitor = daemon.components.get("monitor")
+        if monitor is not None:
+            monitor.notify(starvation_notification(starved))
+
     async def setup() -> None:
         assert daemon.db is not None
         registry = Registry(daemon.db, settings.rollout.default_profile)
@@ -110,11 +156,14 @@ def install_rollouts(daemon: Daemon) -> None:
             profile_lookup(settings.rollout),  # type: ignore[arg-type]
             metrics,
             publish=publish,
+            alert=alert,
             routing_ttl_s=settings.http.routing_ttl_s,
         )
         await controller.resume()
         daemon.components["registry"] = registry
         daemon.components["rollouts"] = controller
+        pipelines = PipelineRegistry(daemon.db, registry)
+        daemon.components["pipelines"] = pipelines
         daemon.batch_listeners.append(controller.on_batch)
 
         def routes(app: web.Application) -> None:
@@ -124,6 +173,7 @@ def install_rollouts(daemon: Daemon) -> None:
                 registry,
                 settings.rollout.default_primary_metric,
             )
+            add_pipeline_routes(app, pipelines)
 
         daemon.route_extensions.append(routes)
         daemon.task_factories.append(

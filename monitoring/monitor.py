@@ -246,6 +246,10 @@ class Monitor:
                 )
         return evaluation, windows
 
+    def notify(self, note: Notification) -> None:
+        """Send an alert raised outside the rules (a starved rollout) to the log and sinks."""
+        self._dispatch([note])
+
     def _dispatch(self, notes: Sequence[Notification]) -> None:
         for note in notes:
             log_notification(note)

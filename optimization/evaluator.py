@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
 from promptd.optimization.config import EvaluationSettings, LLMSettings
 from promptd.optimization.examples import Example
 from promptd.optimization.llm import CachedLLM, LLMError, Message
+from promptd.optimization.program import Program
 from promptd.optimization.scoring import JUDGE_PROMPT, MetricFn, load_metric, parse_judge
-from promptd.optimization.templates import render
 
 log = structlog.get_logger("promptd.optimizer")
 
@@ -34,11 +35,28 @@ class Scored:
     """One template's answer on one example, with its score."""
 
     request_id: str
-    prompt: str
+    prompt: list[Message]
     output: str
     reference: str
     score: float
     error: str | None = None
+
+
+class Scorer(Protocol):
+    """What a search scores candidates with: the :class:`Evaluator` on examples, or a
+    pipeline's chain evaluator on episodes (one step's candidate, the others fixed)."""
+
+    def usable(self, example: Any, program: Program) -> bool:
+        """Whether ``example`` can score ``program``."""
+        ...
+
+    async def run(self, program: Program, examples: Sequence[Any]) -> list[Scored]:
+        """Answers and scores of ``program`` on ``examples``."""
+        ...
+
+    async def scores(self, program: Program, examples: Sequence[Any]) -> list[float]:
+        """Per-example scores of ``program``."""
+        ...
 
 
 def messages_for(rendered: str) -> list[Message]:
@@ -62,43 +80,74 @@ class Evaluator:
         self.min_score = settings.reference_min_score
         self.errors = 0
 
-    def usable(self, example: Example, template: str) -> bool:
-        """Whether ``example`` can score ``template`` (renders, and has a reference
+    def usable(self, example: Example, program: Program) -> bool:
+        """Whether ``example`` can score ``program`` (renders, and has a reference
         when the metric needs one)."""
         if self.metric is not None and example.reference(self.min_score) is None:
             return False
-        return render(template, example) is not None
+        return program.render(example) is not None
 
-    async def run(self, template: str, examples: Sequence[Example]) -> list[Scored]:
-        """Answers and scores of ``template`` on ``examples`` (in their order)."""
-        return list(await asyncio.gather(*(self._one(template, e) for e in examples)))
+    def settings_for(self, program: Program) -> LLMSettings:
+        """The evaluation model, with a chat configuration's model and parameters."""
+        update: dict[str, object] = {}
+        if program.model:
+            update["model"] = program.model
+        extra = dict(self.model.extra)
+        for key, value in program.params:
+            if key in ("temperature", "max_tokens"):
+                update[key] = value
+            else:
+                extra[key] = value
+        schema = program.extra("output_schema")
+        if schema is not None:
+            # Ask for the answer in the configuration's shape, as the app does.
+            extra["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": schema},
+            }
+        if extra != self.model.extra:
+            update["extra"] = extra
+        return self.model.model_copy(update=update) if update else self.model
 
-    async def scores(self, template: str, examples: Sequence[Example]) -> list[float]:
-        """Per-example scores of ``template`` (in the order of ``examples``)."""
-        return [s.score for s in await self.run(template, examples)]
+    async def run(self, program: Program, examples: Sequence[Example]) -> list[Scored]:
+        """Answers and scores of ``program`` on ``examples`` (in their order)."""
+        model = self.settings_for(program)
+        return list(await asyncio.gather(*(self._one(program, model, e) for e in examples)))
 
-    async def _one(self, template: str, example: Example) -> Scored:
-        rendered = render(template, example)
+    async def scores(self, program: Program, examples: Sequence[Example]) -> list[float]:
+        """Per-example scores of ``program`` (in the order of ``examples``)."""
+        return [s.score for s in await self.run(program, examples)]
+
+    async def _one(self, program: Program, model: LLMSettings, example: Example) -> Scored:
+        messages = program.render(example)
         reference = example.reference(self.min_score) or ""
-        if rendered is None:
-            return Scored(example.request_id, "", "", reference, 0.0, "template does not render")
+        if messages is None:
+            return Scored(example.request_id, [], "", reference, 0.0, "template does not render")
         try:
-            answer = await self.llm.complete(self.model, messages_for(rendered), "evaluation")
+            answer = await self.llm.complete(model, messages, "evaluation")
         except LLMError as exc:
             if exc.retriable:
                 raise
             self.errors += 1
             log.warning("optimizer_evaluation_refused", error=str(exc))
-            return Scored(example.request_id, rendered, "", reference, 0.0, str(exc))
+            return Scored(example.request_id, messages, "", reference, 0.0, str(exc))
+        score = await self.score_answer(answer, reference, messages, example)
+        return Scored(example.request_id, messages, answer, reference, score)
+
+    async def score_answer(
+        self,
+        answer: str,
+        reference: str,
+        messages: list[Message],
+        example: Example | None = None,
+    ) -> float:
+        """The metric's score of ``answer`` (a judge call for ``llm_judge``)."""
         if self.metric is not None:
-            score = self.metric(answer, reference, example)
-        else:
-            verdict = await self.llm.complete(
-                self.judge,
-                messages_for(
-                    JUDGE_PROMPT.format(task=rendered, reference=reference, answer=answer)
-                ),
-                "judge",
-            )
-            score = parse_judge(verdict)
-        return Scored(example.request_id, rendered, answer, reference, score)
+            return self.metric(answer, reference, example)
+        task = "\n\n".join(f"[{m['role']}] {m['content']}" for m in messages)
+        verdict = await self.llm.complete(
+            self.judge,
+            messages_for(JUDGE_PROMPT.format(task=task, reference=reference, answer=answer)),
+            "judge",
+        )
+        return parse_judge(verdict)

@@ -22,7 +22,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
 from promptd.storage.database import Database
 from promptd.storage.repository import EventRepository
@@ -96,13 +96,25 @@ class Snapshot:
         return cls(float(data["now"]), int(data["max_feedback_id"]), int(data["max_metric_id"]))
 
 
-@dataclass(frozen=True, slots=True)
-class Splits:
-    """A run's examples by split."""
+class HasRequestId(Protocol):
+    """What splits hash: a call's ``request_id`` (an episode's id for episodes)."""
 
-    train: list[Example]
-    validation: list[Example]
-    test: list[Example]
+    @property
+    def request_id(self) -> str:
+        """The id the split hashes."""
+        ...
+
+
+T = TypeVar("T", bound=HasRequestId)
+
+
+@dataclass(frozen=True, slots=True)
+class Splits(Generic[T]):
+    """A run's examples (or episodes) by split."""
+
+    train: list[T]
+    validation: list[T]
+    test: list[T]
 
     def sizes(self) -> dict[str, int]:
         """Counts per split, for logs and the run row."""
@@ -194,17 +206,17 @@ def split_of(request_id: str, salt: str, train: float, validation: float) -> Spl
     return "test"
 
 
-def split(examples: Sequence[Example], salt: str, train: float, validation: float) -> Splits:
+def split(examples: Sequence[T], salt: str, train: float, validation: float) -> Splits[T]:
     """Examples by split, each in a hash order that does not depend on the query.
 
     Callers cap a split by taking a prefix (after filtering what they can score), so a
     capped split is stable too: the same pool always keeps the same examples.
     """
-    parts: dict[SplitName, list[Example]] = {"train": [], "validation": [], "test": []}
+    parts: dict[SplitName, list[T]] = {"train": [], "validation": [], "test": []}
     for e in examples:
         parts[split_of(e.request_id, salt, train, validation)].append(e)
 
-    def rank(e: Example) -> bytes:
+    def rank(e: T) -> bytes:
         return hashlib.sha256(f"{salt}\x01{e.request_id}".encode()).digest()
 
     return Splits(

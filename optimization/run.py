@@ -38,6 +38,7 @@ from promptd.optimization.evaluator import Evaluator
 from promptd.optimization.examples import Example, ExampleStore, Snapshot, Splits, split
 from promptd.optimization.gate import GateResult, decide
 from promptd.optimization.llm import Budget, BudgetExceeded, CachedLLM, LLMClient
+from promptd.optimization.program import Program, seen_key
 from promptd.optimization.store import OptimizationStore
 from promptd.optimization.strategies import get_strategy
 from promptd.optimization.strategies.base import Candidate, SearchContext, SearchResult
@@ -58,7 +59,7 @@ class RunPlan:
     seed: int
     snapshot: Snapshot
     parent_version: str
-    baseline: str
+    baseline: Program
     started_at: float
     elapsed_s: float = 0.0
     resumes: int = 0
@@ -83,13 +84,13 @@ class RunProgress:
         """The selected candidate."""
         return None if self.selected is None else self.candidates[self.selected]
 
-    def progress_json(self, baseline: str) -> dict[str, Any]:
+    def progress_json(self, baseline: Program) -> dict[str, Any]:
         """The ``progress`` column."""
         return {
             "phase": self.phase,
             "splits": self.splits,
             "baseline_val_mean": self.baseline_val_mean,
-            "baseline_template": baseline,
+            "baseline_template": baseline.template,
             "selected": self.selected,
             "notes": self.notes,
         }
@@ -111,8 +112,11 @@ class RunExecution:
         client: LLMClient,
         checkpoint: Checkpoint,
         notify: Notify,
+        known: set[str] | None = None,
     ) -> None:
         self.plan = plan
+        # Programs registered before (any status): not proposed again.
+        self.known = known or set()
         self.settings = settings
         self.store = store
         self.examples = examples
@@ -176,7 +180,9 @@ class RunExecution:
             return await self._end("no_improvement_on_validation")
         return await self._gate(best, test, evaluator)
 
-    def _usable(self, evaluator: Evaluator, splits: Splits) -> tuple[list[Example], list[Example]]:
+    def _usable(
+        self, evaluator: Evaluator, splits: Splits[Example]
+    ) -> tuple[list[Example], list[Example]]:
         limits = self.settings.splits
         base = self.plan.baseline
         validation = [e for e in splits.validation if evaluator.usable(e, base)]
@@ -191,7 +197,7 @@ class RunExecution:
     async def _search(
         self, train: list[Example], validation: list[Example], evaluator: Evaluator
     ) -> None:
-        seen = {self.plan.baseline.strip()}
+        seen = {seen_key(self.plan.baseline), *self.known}
         ctx = SearchContext(
             run_id=self.plan.run_id,
             prompt=self.plan.prompt,
@@ -245,7 +251,7 @@ class RunExecution:
         await self._phase("gate")
         self.budget.release()
         try:
-            candidate = await evaluator.scores(best.template, test)
+            candidate = await evaluator.scores(best.program, test)
             baseline = await evaluator.scores(self.plan.baseline, test)
         except BudgetExceeded as exc:
             self.progress.notes.append(f"gate: {exc}")
@@ -263,7 +269,7 @@ class RunExecution:
         await self.notify("gate_decided", {"candidate": best.index, **result.to_dict()})
         return await self._end("gate_passed" if result.passed else "gate_failed")
 
-    async def _propose_only(self, splits: Splits) -> RunProgress:
+    async def _propose_only(self, splits: Splits[Example]) -> RunProgress:
         """No evaluation model: propose without scoring; the online rollout decides."""
         self.progress.splits = {"train": len(splits.train)}
         await self._phase("search")
@@ -277,7 +283,7 @@ class RunExecution:
             evaluator=None,
             llm=None,
             settings=self.settings,
-            seen={self.plan.baseline.strip()},
+            seen={seen_key(self.plan.baseline), *self.known},
             on_candidate=self._candidate,
         )
         for name in self.plan.strategies:

@@ -21,6 +21,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import structlog
@@ -32,8 +33,9 @@ from promptd.optimization.examples import ExampleStore, Snapshot
 from promptd.optimization.gate import seed_for
 from promptd.optimization.llm import Budget, LiteLLMClient, LLMClient, close_litellm
 from promptd.optimization.metrics import OptimizationMetrics
+from promptd.optimization.program import Program, seen_key
 from promptd.optimization.run import RunExecution, RunPlan, RunProgress
-from promptd.optimization.selection import Choice, choose
+from promptd.optimization.selection import Choice, choose, posterior
 from promptd.optimization.store import OptimizationStore
 from promptd.optimization.strategies import available, get_strategy
 from promptd.optimization.tracking import NoTracker, Tracker
@@ -165,7 +167,7 @@ class OptimizationRunner:
             seed=int(row["seed"]),
             snapshot=Snapshot.from_dict(row["snapshot"]),
             parent_version=parent.version,
-            baseline=parent.template,
+            baseline=program_of(parent),
             started_at=float(row["started_at"]),
             elapsed_s=float(row.get("elapsed_s") or 0.0),
             resumes=int(row.get("resumes") or 0) + 1,
@@ -313,7 +315,7 @@ class OptimizationRunner:
                 seed=seed_for(run_id),
                 snapshot=await self.examples.snapshot(now),
                 parent_version=active.version,
-                baseline=active.template,
+                baseline=program_of(active),
                 started_at=now,
             )
             await self.store.create_run(_plan_row(plan), now)
@@ -366,6 +368,10 @@ class OptimizationRunner:
 
     async def _execute(self, plan: RunPlan) -> None:
         started = time.monotonic()
+        try:
+            known = {seen_key(program_of(v)) for v in await self.registry.versions(plan.prompt)}
+        except RegistryError:
+            known = set()
         execution = RunExecution(
             plan,
             self.settings,
@@ -374,6 +380,7 @@ class OptimizationRunner:
             self.client_factory(),
             checkpoint=lambda progress, budget: self._checkpoint(plan, progress, budget, started),
             notify=lambda event, fields: self._emit(event, plan, **fields),
+            known=known,
         )
         await self._emit(
             "optimization_start" if not plan.resumes else "optimization_resume",
@@ -439,10 +446,14 @@ class OptimizationRunner:
                 f"confidence {g.confidence:.3f} on {g.n} test examples"
             )
         try:
+            program = chosen.program
+            body: dict[str, Any] = (
+                {"config": program.to_config()} if program.chat else {"template": program.template}
+            )
             version = await self.registry.register(
                 plan.prompt,
                 NewVersion(
-                    template=chosen.template,
+                    **body,
                     parent_version=plan.parent_version,
                     origin=f"optimizer:{chosen.strategy}",
                     run_id=plan.run_id,
@@ -629,6 +640,38 @@ class OptimizationRunner:
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
         """One run, or ``None``."""
         return await self.store.get_run(run_id)
+
+    async def strategy_view(self, prompt: str | None) -> dict[str, dict[str, Any]]:
+        """Each configured strategy: can it run, and the bandit's posterior (for
+        ``prompt``; without one, the evidence of all prompts at full weight)."""
+        outcomes = await self.store.outcomes()
+        sel = self.settings.selection
+        why = available(self.settings.strategies, self.settings)
+        out = {}
+        for name in self.settings.strategies:
+            post = posterior(
+                name,
+                prompt or "",
+                outcomes if prompt else [replace(o, prompt="") for o in outcomes],
+                sel.prior_alpha,
+                sel.prior_beta,
+                sel.shared_weight,
+            )
+            out[name] = {
+                "available": why[name] is None,
+                "unavailable_reason": why[name],
+                "alpha": round(post.alpha, 3),
+                "beta": round(post.beta, 3),
+                "mean": round(post.mean, 4),
+                "runs": post.runs_here + post.runs_elsewhere,
+            }
+        return out
+
+
+def program_of(version: PromptVersion) -> Program:
+    """A registered version as a program (a chat configuration, else its template)."""
+    config = getattr(version, "config", None)
+    return Program.from_config(config) if config else Program.text(version.template)
 
 
 def _plan_row(plan: RunPlan) -> dict[str, Any]:

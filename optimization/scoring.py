@@ -17,7 +17,8 @@ from typing import Final
 
 from promptd.optimization.examples import Example
 
-MetricFn = Callable[[str, str, Example], float]
+# (prediction, reference, example); the example is None when scoring a pipeline end to end.
+MetricFn = Callable[[str, str, Example | None], float]
 
 
 def _tokens(text: str) -> list[str]:

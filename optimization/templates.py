@@ -183,3 +183,11 @@ def with_demos(template: str, demos: Sequence[Example], max_chars: int, min_scor
         return Parts(parts.instruction, "", parts.block).assemble()
     block = "\n\n".join([DEMO_HEADING, *shots])
     return Parts(parts.instruction, block, parts.block).assemble()
+
+
+def with_instruction(base: str, instruction: str) -> str:
+    """``base`` with its instruction replaced (its demonstrations and input block kept)."""
+    parts = parse(base)
+    core = Parts(instruction, "", parts.block).assemble()
+    fixed = parse(sanitize(core, Parts(parts.instruction, "", parts.block).assemble()))
+    return Parts(fixed.instruction, parts.demos, fixed.block).assemble()

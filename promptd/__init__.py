@@ -15,6 +15,7 @@ from promptd.sdk import (
     SdkStats,
     afeedback,
     aflush,
+    astart,
     configure,
     current_request_id,
     current_variant,
@@ -25,6 +26,7 @@ from promptd.sdk import (
     sdk_stats,
     set_unit_id,
     shutdown,
+    start,
     unit_scope,
 )
 
@@ -58,6 +60,7 @@ __all__ = [
     "__version__",
     "afeedback",
     "aflush",
+    "astart",
     "configure",
     "current_request_id",
     "current_variant",
@@ -68,5 +71,6 @@ __all__ = [
     "sdk_stats",
     "set_unit_id",
     "shutdown",
+    "start",
     "unit_scope",
 ]

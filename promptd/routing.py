@@ -13,7 +13,7 @@ sends everyone to the active version at once.
 from __future__ import annotations
 
 import hashlib
-from typing import Final
+from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,8 +44,12 @@ class Routing(BaseModel):
     prompt: str
     active_version: str | None = None
     active_template: str | None = None
+    # A configuration version's messages, model and parameters (see
+    # promptd.prompt_config); its template is then its canonical text, not for formatting.
+    active_config: dict[str, Any] | None = None
     candidate_version: str | None = None
     candidate_template: str | None = None
+    candidate_config: dict[str, Any] | None = None
     weight: float = Field(default=0.0, ge=0.0, le=1.0)
     salt: str = ""
     rollout_id: str | None = None

@@ -7,7 +7,14 @@ transaction, and only then executes the effects: routing served over HTTP change
 the transaction, routing on the ``promptd.routing`` topic follows (retried every tick
 until it goes through), metrics and one canonical ``rollout_decision`` log line per
 decision. Manual commands take the same path under the same lock, so they always win
-over a tick in flight and no transition is ever applied twice.
+over a tick in flight and no transition is ever applied twice; a command that arrives
+after another one ended the rollout gets a :class:`Conflict` (HTTP 409), never a silent
+success.
+
+An ending transition stores the rollout's final statistics with it (``final``), so the
+API keeps showing them. A rollout starved past its grace period raises the
+``rollout_starved`` alert through the alert hook (the monitor's sinks), sets
+``promptd_rollout_starved`` and shows ``starvation.starved`` in its view.
 """
 
 from __future__ import annotations
@@ -20,57 +27,38 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from promptd._aio import wait_event
-from promptd.replacement import machine
-from promptd.replacement.machine import RolloutState, Status
+from promptd.replacement import machine, views
+from promptd.replacement.machine import TERMINAL, RolloutState, Status
+from promptd.replacement.metrics import DECISION_KINDS, FEEDBACK_OUTCOMES, RolloutMetrics
 from promptd.replacement.observations import PrimaryMetric, RolloutAccumulator
 from promptd.replacement.profiles import RolloutProfile
 from promptd.replacement.registry import Conflict, NotFound, Registry, RegistryError
+from promptd.replacement.replay import replay
 from promptd.routing import Routing
 from promptd.storage.database import Database
-from promptd.storage.repository import BatchOutcome, EventRepository
+from promptd.storage.repository import BatchOutcome
 from promptd.storage.rollouts import Decision, RolloutStore, StoredRollout
 
 log = structlog.get_logger("promptd.rollout")
 
+
+@dataclass(frozen=True, slots=True)
+class StarvationAlert:
+    """The ``rollout_starved`` alert of one rollout, firing or resolved."""
+
+    prompt: str
+    rollout_id: str
+    reason: str
+    firing: bool
+    started_at: float
+    at: float
+
+
 RoutingPublisher = Callable[[Routing], Awaitable[None]]
-AlertHook = Callable[[str, str, str], Awaitable[None]]
+AlertHook = Callable[[StarvationAlert], Awaitable[None]]
 ProfileLookup = Callable[[str], RolloutProfile]
-
-
-DECISION_KINDS = ("start", "advance", "hold", "promote", "rollback", "pause", "resume")
-
-
-class RolloutMetrics:
-    """Prometheus metrics of rollouts."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.weight = Gauge(
-            "promptd_rollout_candidate_weight",
-            "Share of traffic (0..1) routed to the candidate of the prompt's live rollout.",
-            ["prompt"],
-            registry=registry,
-        )
-        self.step = Gauge(
-            "promptd_rollout_step",
-            "Index of the current step of the prompt's live rollout.",
-            ["prompt"],
-            registry=registry,
-        )
-        self.decisions = Counter(
-            "promptd_rollout_decisions_total",
-            "Rollout decisions by kind (start, advance, promote, rollback, pause, …).",
-            ["prompt", "kind"],
-            registry=registry,
-        )
-        self.live = Gauge("promptd_rollouts_live", "Rollouts running or paused.", registry=registry)
-        self.routing_publish_failures = Counter(
-            "promptd_routing_publish_failures_total",
-            "Failed publications to the routing topic (retried next tick).",
-            registry=registry,
-        )
 
 
 @dataclass(slots=True)
@@ -80,6 +68,7 @@ class _Live:
     acc: RolloutAccumulator
     last_hold: str | None = None
     last_stats: dict[str, Any] = field(default_factory=dict)
+    feedback_seen: dict[str, int] = field(default_factory=dict)
 
 
 class RolloutController:
@@ -118,15 +107,13 @@ class RolloutController:
         """Load live rollouts and replay their stored events (before ingestion starts)."""
         for row in await self.store.live():
             state = RolloutState.from_dict(row.state)
-            acc = RolloutAccumulator(
-                row.baseline,
-                row.candidate,
-                _primary(state.primary_metric),
-                step_starts=list(row.step_starts),
-                srm_settle_s=self.srm_settle_s,
-            )
-            await self._replay(row, acc)
-            self._add_live(_Live(row, state, acc))
+            acc = self._accumulator(row.baseline, row.candidate, state, list(row.step_starts))
+            calls = feedback = 0
+            if row.step_starts:
+                calls, feedback = await replay(self.db, acc, row.prompt, row.step_starts[0])
+            live = _Live(row, state, acc)
+            self._add_live(live)
+            self._count_feedback(live)
             log.info(
                 "rollout_resumed",
                 rollout_id=row.id,
@@ -134,33 +121,24 @@ class RolloutController:
                 step=state.step_index,
                 weight=state.weight,
                 status=state.status.value,
+                replayed_calls=calls,
+                replayed_feedback=feedback,
             )
         for prompt in await self._all_prompts():
             self._dirty_routing.add(prompt)
 
-    async def _replay(self, row: StoredRollout, acc: RolloutAccumulator) -> None:
-        if not row.step_starts:
-            return
-        since = row.step_starts[0]
-        variants = (row.baseline, row.candidate)
-        events = EventRepository(self.db)
-        floor = await events.first_id_since("metric_events", since)
-        async with self.db.reader.execute(
-            "SELECT ts, variant, coalesce(unit_id, request_id), latency_ms, success, quality, "
-            "cost_usd FROM metric_events "
-            "WHERE id >= ? AND ts >= ? AND prompt = ? AND variant IN (?, ?)",
-            (floor, since, row.prompt, *variants),
-        ) as cur:
-            async for r in cur:
-                acc.add_metric(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6])
-        floor = await events.first_id_since("feedback_events", since)
-        async with self.db.reader.execute(
-            "SELECT ts, variant, score FROM feedback_events "
-            "WHERE id >= ? AND ts >= ? AND prompt = ? AND variant IN (?, ?)",
-            (floor, since, row.prompt, *variants),
-        ) as cur:
-            async for r in cur:
-                acc.add_feedback(r[0], r[1], r[2])
+    def _accumulator(
+        self, baseline: str, candidate: str, state: RolloutState, step_starts: list[float]
+    ) -> RolloutAccumulator:
+        profile = self.profiles(state.profile)
+        return RolloutAccumulator(
+            baseline,
+            candidate,
+            _primary(state.primary_metric),
+            step_starts=step_starts,
+            srm_settle_s=self.srm_settle_s,
+            feedback_max_delay_s=profile.feedback_max_delay_s,
+        )
 
     async def _all_prompts(self) -> list[str]:
         return [p.name for p in await self.registry.list_prompts()]
@@ -168,9 +146,15 @@ class RolloutController:
     # -- event feed ----------------------------------------------------------------
 
     async def on_batch(self, outcome: BatchOutcome) -> None:
-        """Ingestion listener: add newly stored events of live rollouts' prompts."""
+        """Ingestion listener: add newly stored events of live rollouts' prompts.
+
+        Calls before feedback, as the replay orders them; feedback is joined to its call
+        by ``request_id`` (see :mod:`.observations`).
+        """
         if not self._by_prompt:
             return
+        at = outcome.ingested_at or self.clock()
+        touched: set[str] = set()
         for m in outcome.metrics:
             rid = self._by_prompt.get(m.prompt)
             if rid is not None:
@@ -182,11 +166,25 @@ class RolloutController:
                     m.success,
                     m.quality,
                     m.cost_usd,
+                    m.request_id,
+                    at,
                 )
         for f in outcome.feedback:
             rid = self._by_prompt.get(f.prompt)
             if rid is not None:
-                self._live[rid].acc.add_feedback(f.ts, f.variant, f.score)
+                self._live[rid].acc.add_feedback(f.request_id, f.score, at)
+                touched.add(rid)
+        for rid in touched:
+            self._count_feedback(self._live[rid])
+
+    def _count_feedback(self, live: _Live) -> None:
+        counts = live.acc.feedback
+        for outcome in FEEDBACK_OUTCOMES:
+            value = getattr(counts, outcome)
+            delta = value - live.feedback_seen.get(outcome, 0)
+            if delta > 0:
+                self.metrics.feedback.labels(prompt=live.row.prompt, outcome=outcome).inc(delta)
+                live.feedback_seen[outcome] = value
 
     # -- the loop ------------------------------------------------------------------
 
@@ -217,8 +215,15 @@ class RolloutController:
         candidate: str,
         profile: str | None = None,
         primary_metric: str = "feedback_score",
+        *,
+        require_win: bool = False,
     ) -> StoredRollout:
-        """Start a rollout of ``candidate`` against the active version of ``prompt``."""
+        """Start a rollout of ``candidate`` against the active version of ``prompt``.
+
+        ``require_win`` (the optimizer's candidates): promote only on a significant online
+        win; without one by the profile's horizon the rollout ends as ``no_improvement``,
+        the candidate is retired and the active version stays. Stored with the rollout.
+        """
         async with self._lock:
             info = await self.registry.get_prompt(prompt)
             version = await self.registry.get_version(prompt, candidate)
@@ -242,6 +247,7 @@ class RolloutController:
                 salt=uuid.uuid4().hex,
                 profile=chosen.name,
                 primary_metric=_primary(primary_metric),
+                require_win=require_win,
             )
             new_state, actions = machine.step(state, machine.Start(), now, chosen)
             decisions = self._decisions(new_state, actions, now)
@@ -262,25 +268,21 @@ class RolloutController:
                 raise
             row = await self.store.get(state.rollout_id)
             assert row is not None
-            acc = RolloutAccumulator(
-                info.active_version,
-                candidate,
-                _primary(primary_metric),
-                step_starts=[now],
-                srm_settle_s=self.srm_settle_s,
-            )
+            acc = self._accumulator(info.active_version, candidate, new_state, [now])
             self._add_live(_Live(row, new_state, acc))
             self._after(row, state, new_state, decisions)
         await self.flush_routing()
         return row
 
     async def command(self, rollout_id: str, event: machine.Event) -> StoredRollout:
-        """Apply a manual command (pause, resume, promote, rollback)."""
+        """Apply a manual command (pause, resume, promote, rollback).
+
+        Raises :class:`Conflict` when the rollout has ended — also when another command or
+        a tick ended it while this one waited for the lock: of two conflicting commands one
+        wins and the other is refused, never silently dropped.
+        """
         if rollout_id not in self._live:
-            row = await self.store.get(rollout_id)
-            if row is None:
-                raise NotFound(f"rollout {rollout_id!r} does not exist")
-            raise Conflict(f"rollout {rollout_id!r} is {row.status}: it takes no more commands")
+            await self._refuse(rollout_id)
         try:
             await self._apply(rollout_id, event)
         except machine.IllegalTransition as exc:
@@ -292,10 +294,18 @@ class RolloutController:
 
     # -- the transition ------------------------------------------------------------
 
+    async def _refuse(self, rollout_id: str) -> None:
+        row = await self.store.get(rollout_id)
+        if row is None:
+            raise NotFound(f"rollout {rollout_id!r} does not exist")
+        raise Conflict(f"rollout {rollout_id!r} is {row.status}: it takes no more commands")
+
     async def _apply(self, rollout_id: str, event: machine.Event | None) -> None:
         async with self._lock:
             live = self._live.get(rollout_id)
             if live is None:
+                if event is not None:
+                    await self._refuse(rollout_id)  # ended while this command waited
                 return
             now = self.clock()
             profile = self.profiles(live.state.profile)
@@ -306,23 +316,56 @@ class RolloutController:
             decisions = self._decisions(new, actions, now, live)
             if new.step_index > old.step_index:
                 live.acc.start_step(new.step_index, now)
+            self._starvation_gauges(live.row.prompt, new, now)
             if new == old and not decisions:
                 return
-            outcome = None
-            if any(isinstance(a, machine.PromoteCandidate) for a in actions):
-                outcome = "promoted"
-            elif any(isinstance(a, machine.RollbackCandidate) for a in actions):
-                outcome = "rolled_back"
+            outcome = _outcome(actions)
+            final = None
+            if new.status in TERMINAL:
+                final = views.snapshot(new, live.acc, profile, live.last_stats)
             await self.store.transition(
-                live.row, new.to_dict(), live.acc.step_starts, decisions, outcome
+                live.row, new.to_dict(), live.acc.step_starts, decisions, outcome, final
             )
             live.state = new
             self._after(live.row, old, new, decisions)
-            for action in actions:
-                if isinstance(action, machine.RaiseAlert) and self.alert is not None:
-                    await self.alert(live.row.prompt, live.row.id, action.reason)
-            if new.status in (Status.PROMOTED, Status.ROLLED_BACK):
+            await self._alerts(live.row, old, actions, now)
+            if new.status in TERMINAL:
                 self._drop_live(rollout_id)
+
+    def _starvation_gauges(self, prompt: str, state: RolloutState, now: float) -> None:
+        since = state.starving_since
+        live = state.status not in TERMINAL
+        self.metrics.starving_seconds.labels(prompt=prompt).set(
+            now - since if since is not None and live else 0.0
+        )
+        self.metrics.starved.labels(prompt=prompt).set(
+            1.0 if state.starvation_acted_at is not None and live else 0.0
+        )
+
+    async def _alerts(
+        self, row: StoredRollout, old: RolloutState, actions: list[machine.Action], now: float
+    ) -> None:
+        for action in actions:
+            if isinstance(action, machine.RaiseAlert):
+                alert = StarvationAlert(row.prompt, row.id, action.reason, True, now, now)
+            elif isinstance(action, machine.ResolveAlert):
+                started = old.starvation_acted_at if old.starvation_acted_at is not None else now
+                alert = StarvationAlert(row.prompt, row.id, action.reason, False, started, now)
+            else:
+                continue
+            log.warning(
+                "rollout_starved" if alert.firing else "rollout_starvation_resolved",
+                rollout_id=row.id,
+                prompt=row.prompt,
+                reason=alert.reason,
+            )
+            if self.alert is None:
+                continue
+            try:
+                await self.alert(alert)
+            except Exception:
+                # The transition is stored; a failing alert path must not undo or repeat it.
+                log.exception("rollout_alert_failed", rollout_id=row.id)
 
     def _decisions(
         self,
@@ -343,7 +386,8 @@ class RolloutController:
                 live.last_hold = action.reason
             elif live is not None:
                 live.last_hold = None
-            if live is not None:
+            if live is not None and action.details:
+                # A manual command carries no statistics: keep the last tick's.
                 live.last_stats = dict(action.details)
             out.append(
                 Decision(
@@ -376,6 +420,8 @@ class RolloutController:
         self.metrics.weight.labels(prompt=row.prompt).set(
             new.weight if new.status in (Status.RUNNING, Status.PAUSED) else 0.0
         )
+        if new.status in TERMINAL:
+            self._starvation_gauges(row.prompt, new, 0.0)
         self.metrics.step.labels(prompt=row.prompt).set(new.step_index)
         if old.weight != new.weight or old.status != new.status:
             self._dirty_routing.add(row.prompt)
@@ -385,6 +431,9 @@ class RolloutController:
         # sees the first rollback as an increase rather than a new series.
         for kind in DECISION_KINDS:
             self.metrics.decisions.labels(prompt=live.row.prompt, kind=kind)
+        for outcome in FEEDBACK_OUTCOMES:
+            self.metrics.feedback.labels(prompt=live.row.prompt, outcome=outcome)
+        self._starvation_gauges(live.row.prompt, live.state, self.clock())
         self._live[live.row.id] = live
         self._by_prompt[live.row.prompt] = live.row.id
         self.metrics.live.set(len(self._live))
@@ -405,17 +454,21 @@ class RolloutController:
         rid = self._by_prompt.get(prompt)
         live = self._live.get(rid) if rid else None
         candidate_version = candidate_template = None
+        candidate_config: dict[str, Any] | None = None
         weight, salt = 0.0, ""
         if live is not None and live.state.status in (Status.RUNNING, Status.PAUSED):
             cand = await self.registry.get_version(prompt, live.row.candidate)
             candidate_version, candidate_template = cand.version, cand.template
+            candidate_config = cand.config
             weight, salt = live.state.weight, live.state.salt
         return Routing(
             prompt=prompt,
             active_version=info.active_version,
             active_template=active.template if active else None,
+            active_config=active.config if active else None,
             candidate_version=candidate_version,
             candidate_template=candidate_template,
+            candidate_config=candidate_config,
             weight=weight,
             salt=salt,
             rollout_id=live.row.id if live else None,
@@ -447,64 +500,63 @@ class RolloutController:
     # -- views ---------------------------------------------------------------------
 
     async def describe(self, rollout_id: str) -> dict[str, Any]:
-        """Everything about one rollout: state, arms, last statistics and the decision log."""
+        """Everything about one rollout: state, arms, statistics, starvation, decision log.
+
+        ``arms``, ``statistics``, ``winner`` and ``has_significant_result`` are always
+        there: from the live aggregates, or from the snapshot stored when it ended.
+        """
         row = await self.store.get(rollout_id)
         if row is None:
             raise NotFound(f"rollout {rollout_id!r} does not exist")
         live = self._live.get(rollout_id)
         state = live.state.to_dict() if live else row.state
-        body: dict[str, Any] = {
-            "id": row.id,
-            "prompt": row.prompt,
-            "baseline_version": row.baseline,
-            "candidate_version": row.candidate,
-            "status": state["status"],
-            "step": state["step_index"],
-            "weight": state["weight"] if state["status"] in ("running", "paused") else 0.0,
+        profile = self._profile_or_none(state["profile"])
+        body: dict[str, Any] = views.summary(row, state) | {
             "salt": state["salt"],
             "profile": state["profile"],
             "primary_metric": state["primary_metric"],
             "state": state,
             "step_starts": live.acc.step_starts if live else row.step_starts,
-            "created_at": row.created_at,
-            "updated_at": row.updated_at,
+            "starvation": views.starvation(state, profile, self.clock()),
+            "profile_settings": views.profile_view(profile),
             "decisions": [d.model_dump() for d in await self.store.decisions(rollout_id)],
         }
-        if live is not None:
-            body["arms"] = live.acc.arm_summary()
-            body["statistics"] = live.last_stats
-            profile = self.profiles(live.state.profile)
-            obs = live.acc.observation(live.state)
-            higher = live.state.higher_is_better
-            # The experiment view (a fixed split is a one-step rollout): always valid.
-            body["winner"] = machine.winner(obs, profile, higher_is_better=higher)
-            body["has_significant_result"] = body["winner"] is not None
+        if live is not None and profile is not None:
+            body |= views.snapshot(live.state, live.acc, profile, live.last_stats)
+        else:
+            body |= {**views.EMPTY_FINAL, **(row.final or {})}
         return body
+
+    def _profile_or_none(self, name: str) -> RolloutProfile | None:
+        """The profile, or None when it is no longer configured (an ended rollout's view)."""
+        try:
+            return self.profiles(name)
+        except KeyError:
+            return None
 
     async def list(self) -> list[dict[str, Any]]:
         """Summaries of recent rollouts, newest first."""
         out = []
         for row in await self.store.all():
             live = self._live.get(row.id)
-            state = live.state.to_dict() if live else row.state
-            out.append(
-                {
-                    "id": row.id,
-                    "prompt": row.prompt,
-                    "baseline_version": row.baseline,
-                    "candidate_version": row.candidate,
-                    "status": state["status"],
-                    "step": state["step_index"],
-                    "weight": state["weight"] if state["status"] in ("running", "paused") else 0.0,
-                    "created_at": row.created_at,
-                    "updated_at": row.updated_at,
-                }
-            )
+            out.append(views.summary(row, live.state.to_dict() if live else row.state))
         return out
 
     def live_prompts(self) -> set[str]:
         """Prompts with a live rollout (the optimizer does not run on them)."""
         return set(self._by_prompt)
+
+
+def _outcome(actions: list[machine.Action]) -> str | None:
+    """The registry change a transition carries, if any."""
+    for action in actions:
+        if isinstance(action, machine.PromoteCandidate):
+            return "promoted"
+        if isinstance(action, machine.RollbackCandidate):
+            return "rolled_back"
+        if isinstance(action, machine.RetireCandidate):
+            return "no_improvement"
+    return None
 
 
 def _primary(name: str) -> PrimaryMetric:

@@ -5,18 +5,19 @@
 computed from SQLite, and the manual commands :class:`Pause`, :class:`Resume`,
 :class:`Promote`, :class:`Rollback` — and executes the returned actions in order
 (:class:`SetWeight`, :class:`RecordDecision`, :class:`PromoteCandidate`,
-:class:`RollbackCandidate`, :class:`RaiseAlert`).
+:class:`RollbackCandidate`, :class:`RetireCandidate`, :class:`RaiseAlert`,
+:class:`ResolveAlert`).
 
 Which event is legal in which status is data (:data:`TRANSITIONS`); an illegal event raises
 :class:`IllegalTransition` naming the status and the event, and since states are immutable the
 caller's state is untouched. Manual commands are legal in every live status and are applied
 before anything the data says, so they always win.
 
-Tick decision order (first match wins): sample ratio mismatch → rollback; primary metric
-significantly worse → rollback; guardrail breached → rollback; too few samples in an arm →
-hold (after the starvation grace period, the profile's starvation action); step time not in
-→ hold; last step of an experiment without a significant win → hold; otherwise advance, or
-promote when the next step has weight 1.0 or this is the last step.
+What a tick decides is :func:`.decision.evaluate` (SRM, primary metric, guardrails, samples,
+time, completion); this module applies it: rollback, promotion, the end of a ``require_win``
+rollout without a win (``no_improvement``), advance, or hold — and, while holding without
+enough samples past the starvation grace period, the starvation alert (raised once per
+episode, resolved when data returns or the rollout ends) and the profile's starvation action.
 """
 
 from __future__ import annotations
@@ -26,19 +27,21 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from .profiles import RolloutProfile
-from .stats import (
-    Alternative,
-    Moments,
-    SequentialResult,
-    Stratum,
-    compare_means,
-    srm_test,
+from .decision import (
+    ArmCounts,
+    Details,
+    Observation,
+    evaluate,
+    has_significant_result,
+    winner,
 )
+from .profiles import RolloutProfile
+from .stats import Moments, Stratum
 
 __all__ = [
+    "TERMINAL",
     "TRANSITIONS",
     "Action",
     "ArmCounts",
@@ -51,7 +54,9 @@ __all__ = [
     "PromoteCandidate",
     "RaiseAlert",
     "RecordDecision",
+    "ResolveAlert",
     "Resume",
+    "RetireCandidate",
     "Rollback",
     "RollbackCandidate",
     "RolloutState",
@@ -62,6 +67,7 @@ __all__ = [
     "Tick",
     "evaluate",
     "has_significant_result",
+    "no_improvement",
     "promote",
     "rollback",
     "step",
@@ -70,48 +76,16 @@ __all__ = [
 
 
 class Status(enum.StrEnum):
-    """Lifecycle of a rollout; ``PROMOTED`` and ``ROLLED_BACK`` are terminal."""
+    """Lifecycle of a rollout; ``PROMOTED``, ``ROLLED_BACK`` and ``NO_IMPROVEMENT`` are
+    terminal. ``NO_IMPROVEMENT``: a ``require_win`` rollout reached its horizon without a
+    significant win; the candidate is retired and the active version stays."""
 
     PENDING = "pending"
     RUNNING = "running"
     PAUSED = "paused"
     PROMOTED = "promoted"
     ROLLED_BACK = "rolled_back"
-
-
-@dataclass(frozen=True, slots=True)
-class ArmCounts:
-    """Distinct units (or requests) per arm in the current step, for the SRM check."""
-
-    baseline: int = 0
-    candidate: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Observation:
-    """What the controller measured, stratified by rollout step (see ``stats.Stratum``).
-
-    Every field but ``units``/``requests`` is a tuple of strata, one per step the rollout has
-    been through (``Stratum.step`` = step index; steps without data may be omitted), each
-    holding per-arm sufficient statistics over that step's time range only:
-
-    - ``primary``: the rollout's primary metric per sample (feedback score, success 0/1 or
-      quality); higher is better unless ``RolloutState.higher_is_better`` is false;
-    - ``log_latency``: ``n``, ``sum(ln latency)``, ``sum(ln latency ** 2)`` per request;
-    - ``errors``: per request 1 for an error, else 0 (so ``total_sq == total``);
-    - ``cost``: cost per request.
-
-    ``units`` and ``requests`` count the current step only (distinct ``unit_id`` and requests
-    per arm); the SRM check uses ``units``. The number of samples per arm of the current
-    step is read from the current step's ``primary`` stratum.
-    """
-
-    primary: tuple[Stratum, ...] = ()
-    log_latency: tuple[Stratum, ...] = ()
-    errors: tuple[Stratum, ...] = ()
-    cost: tuple[Stratum, ...] = ()
-    units: ArmCounts = ArmCounts()
-    requests: ArmCounts = ArmCounts()
+    NO_IMPROVEMENT = "no_improvement"
 
 
 # --- events -------------------------------------------------------------------------------
@@ -171,7 +145,8 @@ class SetWeight:
 
 @dataclass(frozen=True, slots=True)
 class RecordDecision:
-    """Append to the audit log: ``kind`` is hold/advance/promote/rollback/pause/resume/start."""
+    """Append to the audit log: ``kind`` is start, advance, hold, promote, rollback,
+    no_improvement, pause or resume."""
 
     kind: str
     reason: str
@@ -189,13 +164,33 @@ class RollbackCandidate:
 
 
 @dataclass(frozen=True, slots=True)
+class RetireCandidate:
+    """The candidate did not prove a win: retire it; the baseline stays active."""
+
+
+@dataclass(frozen=True, slots=True)
 class RaiseAlert:
-    """Notify operators (e.g. the rollout is starved of traffic)."""
+    """Notify operators that the rollout is starved of traffic or feedback."""
 
     reason: str
 
 
-Action = SetWeight | RecordDecision | PromoteCandidate | RollbackCandidate | RaiseAlert
+@dataclass(frozen=True, slots=True)
+class ResolveAlert:
+    """The starvation alert raised earlier is over (data returned, or the rollout ended)."""
+
+    reason: str
+
+
+Action = (
+    SetWeight
+    | RecordDecision
+    | PromoteCandidate
+    | RollbackCandidate
+    | RetireCandidate
+    | RaiseAlert
+    | ResolveAlert
+)
 
 # --- state --------------------------------------------------------------------------------
 
@@ -212,6 +207,9 @@ class RolloutState:
     profile: str
     primary_metric: str = "feedback_score"
     higher_is_better: bool = True
+    # Promote only on a significant win, else end as no_improvement at the horizon (the
+    # optimizer's candidates); stored so a restart keeps it.
+    require_win: bool = False
     status: Status = Status.PENDING
     step_index: int = 0
     weight: float = 0.0
@@ -244,7 +242,7 @@ class IllegalTransition(Exception):
         super().__init__(f"event {type(event).__name__} is illegal in rollout status {status}")
 
 
-_LIVE = (Status.PENDING, Status.RUNNING, Status.PAUSED)
+TERMINAL = frozenset({Status.PROMOTED, Status.ROLLED_BACK, Status.NO_IMPROVEMENT})
 
 TRANSITIONS: Mapping[Status, Mapping[type[Any], frozenset[Status]]] = {
     Status.PENDING: {
@@ -253,7 +251,15 @@ TRANSITIONS: Mapping[Status, Mapping[type[Any], frozenset[Status]]] = {
         Rollback: frozenset({Status.ROLLED_BACK}),
     },
     Status.RUNNING: {
-        Tick: frozenset({Status.RUNNING, Status.PAUSED, Status.PROMOTED, Status.ROLLED_BACK}),
+        Tick: frozenset(
+            {
+                Status.RUNNING,
+                Status.PAUSED,
+                Status.PROMOTED,
+                Status.ROLLED_BACK,
+                Status.NO_IMPROVEMENT,
+            }
+        ),
         Pause: frozenset({Status.PAUSED}),
         Promote: frozenset({Status.PROMOTED}),
         Rollback: frozenset({Status.ROLLED_BACK}),
@@ -266,6 +272,7 @@ TRANSITIONS: Mapping[Status, Mapping[type[Any], frozenset[Status]]] = {
     },
     Status.PROMOTED: {},
     Status.ROLLED_BACK: {},
+    Status.NO_IMPROVEMENT: {},
 }
 """Legal events per status, with the statuses each may lead to (checked after every step)."""
 
@@ -303,10 +310,8 @@ def _dispatch(
             new = dataclasses.replace(state, status=Status.PAUSED)
             return new, [RecordDecision("pause", reason)]
         case Resume(reason=reason):
-            new = dataclasses.replace(
-                state, status=Status.RUNNING, step_started_at=now, starving_since=None
-            )
-            return new, [RecordDecision("resume", reason)]
+            new = dataclasses.replace(state, status=Status.RUNNING, step_started_at=now)
+            return _fed(new, [RecordDecision("resume", reason)])
         case Promote(reason=reason):
             return promote(state, now, reason, {})
         case Rollback(reason=reason):
@@ -318,261 +323,110 @@ def _dispatch(
     raise IllegalTransition(state.status, event)  # pragma: no cover - exhaustive match
 
 
+def _end(state: RolloutState, now: float, **changes: Any) -> tuple[RolloutState, list[Action]]:
+    """A terminal state; a starvation alert still firing is resolved with it."""
+    new = dataclasses.replace(
+        state, finished_at=now, starving_since=None, starvation_acted_at=None, **changes
+    )
+    if state.starvation_acted_at is None:
+        return new, []
+    return new, [ResolveAlert(f"rollout ended ({new.status})")]
+
+
 def promote(
     state: RolloutState, now: float, reason: str, details: Mapping[str, float | int | str]
 ) -> tuple[RolloutState, list[Action]]:
     """Terminal promotion: full weight, then the version switch, then the audit record."""
-    new = dataclasses.replace(state, status=Status.PROMOTED, weight=1.0, finished_at=now)
-    return new, [SetWeight(1.0), PromoteCandidate(), RecordDecision("promote", reason, details)]
+    new, resolved = _end(state, now, status=Status.PROMOTED, weight=1.0)
+    return new, [
+        SetWeight(1.0),
+        PromoteCandidate(),
+        RecordDecision("promote", reason, details),
+        *resolved,
+    ]
 
 
 def rollback(
     state: RolloutState, now: float, reason: str, details: Mapping[str, float | int | str]
 ) -> tuple[RolloutState, list[Action]]:
     """Terminal rollback: weight 0 first (users leave the candidate at once), then record."""
-    new = dataclasses.replace(state, status=Status.ROLLED_BACK, weight=0.0, finished_at=now)
-    return new, [SetWeight(0.0), RollbackCandidate(), RecordDecision("rollback", reason, details)]
+    new, resolved = _end(state, now, status=Status.ROLLED_BACK, weight=0.0)
+    return new, [
+        SetWeight(0.0),
+        RollbackCandidate(),
+        RecordDecision("rollback", reason, details),
+        *resolved,
+    ]
+
+
+def no_improvement(
+    state: RolloutState, now: float, reason: str, details: Mapping[str, float | int | str]
+) -> tuple[RolloutState, list[Action]]:
+    """Terminal end without a win: weight 0, the candidate retired, the baseline stays."""
+    new, resolved = _end(state, now, status=Status.NO_IMPROVEMENT, weight=0.0)
+    return new, [
+        SetWeight(0.0),
+        RetireCandidate(),
+        RecordDecision("no_improvement", reason, details),
+        *resolved,
+    ]
 
 
 def _tick(
     state: RolloutState, obs: Observation, now: float, profile: RolloutProfile
 ) -> tuple[RolloutState, list[Action]]:
     verdict = evaluate(state, obs, now, profile)
-    details = verdict.details
+    # JSON has no infinities (a test without data has an infinite standard error).
+    details = {
+        k: v for k, v in verdict.details.items() if not isinstance(v, float) or math.isfinite(v)
+    }
     if verdict.kind == "rollback":
         return rollback(state, now, verdict.reason, details)
     if verdict.kind == "promote":
         return promote(state, now, verdict.reason, details)
+    if verdict.kind == "no_improvement":
+        return no_improvement(state, now, verdict.reason, details)
     if verdict.kind == "advance":
         index = state.step_index + 1
         weight = profile.steps[index].weight
-        new = dataclasses.replace(
-            state, step_index=index, weight=weight, step_started_at=now, starving_since=None
-        )
-        return new, [SetWeight(weight), RecordDecision("advance", verdict.reason, details)]
+        new = dataclasses.replace(state, step_index=index, weight=weight, step_started_at=now)
+        return _fed(new, [SetWeight(weight), RecordDecision("advance", verdict.reason, details)])
     return _hold(state, verdict.reason, verdict.starving, details, now, profile)
+
+
+def _fed(state: RolloutState, actions: list[Action]) -> tuple[RolloutState, list[Action]]:
+    """Not starving (any more): clear the episode and resolve its alert if one was raised."""
+    new = dataclasses.replace(state, starving_since=None, starvation_acted_at=None)
+    if state.starvation_acted_at is not None:
+        actions = [ResolveAlert("the rollout has enough samples again"), *actions]
+    return new, actions
 
 
 def _hold(
     state: RolloutState,
     reason: str,
     starving: bool,
-    details: Mapping[str, float | int | str],
+    details: Details,
     now: float,
     profile: RolloutProfile,
 ) -> tuple[RolloutState, list[Action]]:
-    """Hold; when starved past the grace period, apply the profile's starvation action."""
+    """Hold; when starved past the grace period, alert once and apply the starvation action."""
     if not starving:
-        new = dataclasses.replace(state, starving_since=None, starvation_acted_at=None)
-        return new, [RecordDecision("hold", reason, details)]
+        return _fed(state, [RecordDecision("hold", reason, details)])
     since = state.starving_since if state.starving_since is not None else now
     new = dataclasses.replace(state, starving_since=since)
-    action = profile.starvation_action
-    if now - since < profile.starvation_grace_s or action == "hold":
+    if now - since < profile.starvation_grace_s:
         return new, [RecordDecision("hold", reason, details)]
     starved = f"starved for {now - since:.0f}s (grace {profile.starvation_grace_s:.0f}s): {reason}"
+    action = profile.starvation_action
     if action == "rollback":
+        # The rollback is the signal (and alerted as a rollback): no alert to resolve later.
         return rollback(new, now, starved, details)
-    if action == "pause":
-        paused = dataclasses.replace(new, status=Status.PAUSED)
-        return paused, [RaiseAlert(starved), RecordDecision("pause", starved, details)]
-    # "alert": keep holding, alert once per starvation episode.
-    actions: list[Action] = [RecordDecision("hold", starved, details)]
+    alert: list[Action] = []
     if state.starvation_acted_at is None:
         new = dataclasses.replace(new, starvation_acted_at=now)
-        actions.insert(0, RaiseAlert(starved))
-    return new, actions
-
-
-# --- evaluation of a tick -----------------------------------------------------------------
-
-Details = dict[str, float | int | str]
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What the data says on one tick, before starvation handling."""
-
-    kind: str  # hold | advance | promote | rollback
-    reason: str
-    details: Details
-    starving: bool = False
-
-
-def _primary_alternatives(state: RolloutState) -> tuple[Alternative, Alternative]:
-    """(alternative meaning "worse", alternative meaning "better") for the primary metric."""
-    return ("less", "greater") if state.higher_is_better else ("greater", "less")
-
-
-def _check_srm(state: RolloutState, obs: Observation, profile: RolloutProfile) -> Verdict | None:
-    units = obs.units
-    srm = srm_test(
-        units.baseline,
-        units.candidate,
-        state.weight,
-        alpha=profile.srm_alpha,
-        min_expected=profile.srm_min_expected,
-    )
-    if not srm.mismatch:
-        return None
-    total = units.baseline + units.candidate
-    reason = (
-        f"sample ratio mismatch: {units.candidate} of {total} units in the candidate, "
-        f"intended {state.weight:.0%} (chi2 {srm.chi2:.1f})"
-    )
-    return Verdict("rollback", reason, {"srm_chi2": srm.chi2, "srm_fixed_p": srm.fixed_p_value})
-
-
-def _check_primary(
-    state: RolloutState, obs: Observation, profile: RolloutProfile, details: Details
-) -> Verdict | None:
-    worse_alt, _ = _primary_alternatives(state)
-    res = compare_means(
-        obs.primary,
-        alpha=profile.alpha_worse,
-        min_samples=profile.min_samples_for_test,
-        mde_sd=profile.mde_sd,
-        alternative=worse_alt,
-    )
-    details.update(primary_diff=res.estimate, primary_p_worse=res.p_value)
-    details.update(n_baseline=res.n_baseline, n_candidate=res.n_candidate)
-    if not res.reject:
-        return None
-    reason = (
-        f"{state.primary_metric} significantly worse: candidate − baseline "
-        f"{res.estimate:+.4f} (always-valid p {res.p_value:.4f} < {profile.alpha_worse})"
-    )
-    return Verdict("rollback", reason, details)
-
-
-def _guard(
-    strata: tuple[Stratum, ...], margin: float, pooled: bool, profile: RolloutProfile
-) -> SequentialResult:
-    """One-sided guardrail test: H0 "candidate − baseline ≤ margin"."""
-    return compare_means(
-        strata,
-        alpha=profile.guardrail_alpha,
-        min_samples=profile.min_samples_for_test,
-        mde_sd=profile.mde_sd,
-        margin=margin,
-        alternative="greater",
-        pooled=pooled,
-    )
-
-
-def _check_guardrails(obs: Observation, profile: RolloutProfile, details: Details) -> str | None:
-    """Reason of the first breached guardrail (latency, errors, cost), or None."""
-    latency = _guard(obs.log_latency, math.log(profile.max_latency_ratio), False, profile)
-    details["latency_ratio"] = math.exp(latency.estimate)
-    if latency.reject:
-        return (
-            f"latency guardrail: candidate/baseline geometric-mean latency "
-            f"{math.exp(latency.estimate):.3f}, significantly above {profile.max_latency_ratio} "
-            f"(p {latency.p_value:.4f})"
-        )
-    # Errors are Bernoulli: pooled (null) variance, see stats.py.
-    errors = _guard(obs.errors, profile.max_error_rate_increase, True, profile)
-    details["error_rate_diff"] = errors.estimate
-    if errors.reject:
-        return (
-            f"error-rate guardrail: candidate − baseline {errors.estimate:+.4f}, "
-            f"significantly above {profile.max_error_rate_increase} (p {errors.p_value:.4f})"
-        )
-    n_base = sum(s.baseline.n for s in obs.cost)
-    base_mean = sum(s.baseline.total for s in obs.cost) / n_base if n_base else 0.0
-    cost = _guard(obs.cost, (profile.max_cost_ratio - 1.0) * base_mean, False, profile)
-    details["cost_diff"] = cost.estimate
-    if cost.reject:
-        return (
-            f"cost guardrail: candidate − baseline cost per request {cost.estimate:+.6f}, "
-            f"significantly above {profile.max_cost_ratio - 1.0:.0%} of baseline "
-            f"(p {cost.p_value:.4f})"
-        )
-    return None
-
-
-def _current_samples(state: RolloutState, obs: Observation) -> tuple[int, int]:
-    """Primary-metric samples per arm (baseline, candidate) in the current step."""
-    current = [s for s in obs.primary if s.step == state.step_index]
-    return sum(s.baseline.n for s in current), sum(s.candidate.n for s in current)
-
-
-def _completion(
-    state: RolloutState, obs: Observation, profile: RolloutProfile, details: Details
-) -> Verdict:
-    """The step's time and samples are in and nothing argued against it: move on."""
-    last = len(profile.steps) - 1
-    if profile.promote_requires_win:
-        if has_significant_result(obs, profile, higher_is_better=state.higher_is_better):
-            return Verdict("promote", "candidate significantly better (experiment won)", details)
-        return Verdict("hold", "experiment: no significant result yet", details)
-    nxt = state.step_index + 1
-    if state.step_index == last or (nxt == last and profile.steps[nxt].weight >= 1.0):
-        return Verdict("promote", "last step completed without regression", details)
-    return Verdict(
-        "advance",
-        f"step {state.step_index} ({state.weight:.0%}) completed; "
-        f"advancing to {profile.steps[nxt].weight:.0%}",
-        details,
-    )
-
-
-def evaluate(state: RolloutState, obs: Observation, now: float, profile: RolloutProfile) -> Verdict:
-    """Decide on one tick of a running rollout (see the module docstring for the order)."""
-    srm = _check_srm(state, obs, profile)
-    if srm is not None:
-        return srm
-    details: Details = {}
-    primary = _check_primary(state, obs, profile, details)
-    if primary is not None:
-        return primary
-    breach = _check_guardrails(obs, profile, details)
-    if breach is not None:
-        return Verdict("rollback", breach, details)
-    plan = profile.steps[state.step_index]
-    started = state.step_started_at if state.step_started_at is not None else now
-    elapsed = now - started
-    n_b, n_c = _current_samples(state, obs)
-    details.update(step_elapsed_s=elapsed, step_n_baseline=n_b, step_n_candidate=n_c)
-    if min(n_b, n_c) < plan.min_samples_per_arm:
-        reason = (
-            f"too few samples in step {state.step_index}: baseline {n_b}, candidate {n_c}, "
-            f"need {plan.min_samples_per_arm} per arm"
-        )
-        return Verdict("hold", reason, details, starving=elapsed >= plan.min_duration_s)
-    if elapsed < plan.min_duration_s:
-        reason = f"step time not in: {elapsed:.0f}s of {plan.min_duration_s:.0f}s"
-        return Verdict("hold", reason, details)
-    return _completion(state, obs, profile, details)
-
-
-def _primary_test(
-    obs: Observation, profile: RolloutProfile, alternative: Alternative, alpha: float
-) -> SequentialResult:
-    return compare_means(
-        obs.primary,
-        alpha=alpha,
-        min_samples=profile.min_samples_for_test,
-        mde_sd=profile.mde_sd,
-        alternative=alternative,
-    )
-
-
-def winner(
-    obs: Observation, profile: RolloutProfile, *, higher_is_better: bool = True
-) -> Literal["candidate", "baseline"] | None:
-    """The arm that is significantly better on the primary metric, if any (always valid)."""
-    better: Alternative = "greater" if higher_is_better else "less"
-    worse: Alternative = "less" if higher_is_better else "greater"
-    if _primary_test(obs, profile, better, profile.alpha_better).reject:
-        return "candidate"
-    if _primary_test(obs, profile, worse, profile.alpha_worse).reject:
-        return "baseline"
-    return None
-
-
-def has_significant_result(
-    obs: Observation, profile: RolloutProfile, *, higher_is_better: bool = True
-) -> bool:
-    """True when the candidate is significantly better (``winner`` is the candidate)."""
-    return winner(obs, profile, higher_is_better=higher_is_better) == "candidate"
+        alert = [RaiseAlert(starved)]
+    if action == "pause":
+        paused = dataclasses.replace(new, status=Status.PAUSED)
+        return paused, [*alert, RecordDecision("pause", starved, details)]
+    return new, [*alert, RecordDecision("hold", starved, details)]

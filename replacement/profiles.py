@@ -12,12 +12,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 StarvationAction = Literal["hold", "rollback", "alert", "pause"]
+"""What a rollout starved past its grace period does. Every action raises the starvation
+alert (metric, API state and the alert sinks); ``hold`` and ``alert`` then keep holding,
+``pause`` pauses the rollout and ``rollback`` rolls it back."""
 
 
 class StepPlan(BaseModel):
     """One traffic step: candidate ``weight`` and what it needs before it may complete."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     weight: float = Field(gt=0.0, le=1.0)
     min_duration_s: float = Field(default=600.0, ge=0.0)
@@ -25,31 +28,73 @@ class StepPlan(BaseModel):
 
 
 class RolloutProfile(BaseModel):
-    """Step plan and thresholds of a rollout or fixed-split experiment.
+    """Step plan, error budget, guardrail margins and thresholds of a rollout or experiment.
 
-    Alphas: the primary metric is tested one-sided in both directions with
-    ``alpha_worse`` (rollback) and ``alpha_better`` (a significant win), so the chance of any
-    wrong decision on an A/A rollout is at most their sum. Each guardrail is one-sided at
-    ``guardrail_alpha``. A final step of weight 1.0 is not a test step: reaching it promotes.
+    **One error budget.** An equal candidate can be rolled back by the primary metric
+    (``alpha_worse``), by any of the three guardrails (``latency_alpha``, ``error_alpha``,
+    ``cost_alpha``) or by the sample-ratio check (``srm_alpha``, split evenly over the test
+    steps because each step's split is checked on its own). Every one of these tests is
+    always valid at its alpha, so by the union bound the chance that an equal candidate is
+    rolled back for *any* reason is at most their sum, which must not exceed
+    ``alpha_total``. ``alpha_better`` is a separate budget: the chance of declaring a
+    significant win for an equal candidate (it promotes experiments and optimizer
+    candidates, see ``require_win``).
+
+    **Guardrails are non-inferiority tests.** A guardrail rolls back only when the
+    candidate is significantly worse than the baseline *by more than its margin*:
+    geometric-mean latency above ``max_latency_ratio`` times the baseline's; an error rate
+    above ``max_error_rate_ratio`` times the baseline's **and** more than
+    ``max_error_rate_increase`` above it (both must be shown, each at ``error_alpha``: an
+    intersection–union test, level ``error_alpha``); cost per request above
+    ``max_cost_ratio`` times the baseline's. An equal candidate is inside every margin, not
+    on its boundary.
+
+    **Errors are rare events.** The error ratio is tested with the exact conditional
+    binomial mixture of :mod:`.rates`, and only once ``min_expected_errors`` candidate errors
+    are expected under equal rates.
+
+    **Feedback belongs to its call.** Feedback counts in its call's step and arm when the
+    daemon stores it at most ``feedback_max_delay_s`` after the call (or up to ten minutes
+    before it, when the topics are read out of order).
+
+    **A final step of weight 1.0 is not a test step**: completing the step before it
+    promotes. With ``require_win`` (a rollout property, set by the optimizer) or
+    ``promote_requires_win`` (a profile property, e.g. experiments), the last test step
+    promotes only on a significant win; a ``require_win`` rollout that reaches the horizon
+    (``win_max_duration_s`` in that step, or ``win_max_samples_per_arm`` primary samples in
+    each arm of it) without one ends as ``no_improvement``.
     """
 
-    model_config = ConfigDict(frozen=True)
+    # A misspelt threshold in a config file must fail at start, not be ignored.
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     steps: tuple[StepPlan, ...] = Field(min_length=1)
+    # The error budget (false rollbacks of an equal candidate) and its allocation.
+    alpha_total: float = Field(default=0.05, gt=0.0, lt=0.5)
     alpha_worse: float = Field(default=0.04, gt=0.0, lt=0.5)
+    latency_alpha: float = Field(default=0.003, gt=0.0, lt=0.5)
+    error_alpha: float = Field(default=0.003, gt=0.0, lt=0.5)
+    cost_alpha: float = Field(default=0.002, gt=0.0, lt=0.5)
+    srm_alpha: float = Field(default=0.002, gt=0.0, lt=0.5)
+    # The chance of a false significant win (promotion), a budget of its own.
     alpha_better: float = Field(default=0.01, gt=0.0, lt=0.5)
-    mde_sd: float = Field(default=0.2, gt=0.0)
+    # The mixture scale τ in standard deviations of the metric (see stats.py).
+    mde_sd: float = Field(default=0.15, gt=0.0)
     min_samples_for_test: int = Field(default=100, ge=1)
-    guardrail_alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
-    max_latency_ratio: float = Field(default=1.0, ge=1.0)
-    max_error_rate_increase: float = Field(default=0.0, ge=0.0)
+    # Non-inferiority margins of the guardrails.
+    max_latency_ratio: float = Field(default=1.05, ge=1.0)
+    max_error_rate_ratio: float = Field(default=1.1, ge=1.0)
+    max_error_rate_increase: float = Field(default=0.001, ge=0.0, le=1.0)
     max_cost_ratio: float = Field(default=1.1, ge=1.0)
-    srm_alpha: float = Field(default=0.001, gt=0.0, lt=0.5)
+    min_expected_errors: float = Field(default=5.0, ge=0.0)
     srm_min_expected: int = Field(default=50, ge=1)
+    feedback_max_delay_s: float = Field(default=3600.0, gt=0.0)
     starvation_grace_s: float = Field(default=3600.0, ge=0.0)
     starvation_action: StarvationAction = "hold"
     promote_requires_win: bool = False
+    win_max_duration_s: float = Field(default=3600.0, ge=0.0)
+    win_max_samples_per_arm: int = Field(default=5000, ge=1)
 
     @model_validator(mode="after")
     def _weights_increase(self) -> RolloutProfile:
@@ -57,6 +102,63 @@ class RolloutProfile(BaseModel):
         if weights != sorted(set(weights)):
             raise ValueError(f"step weights must strictly increase, got {weights}")
         return self
+
+    @model_validator(mode="after")
+    def _within_budget(self) -> RolloutProfile:
+        spent = self.rollback_alpha
+        # A rounding tolerance: 0.03 + 4 × 0.005 is 0.05000000000000001 in floats.
+        if spent > self.alpha_total * (1 + 1e-9):
+            raise ValueError(
+                f"the rollback alphas sum to {spent:g}, above alpha_total {self.alpha_total:g}: "
+                f"{self.budget()}"
+            )
+        return self
+
+    @property
+    def rollback_alpha(self) -> float:
+        """The bound on false rollbacks of an equal candidate: the sum of the allocations."""
+        return (
+            self.alpha_worse + self.latency_alpha + self.error_alpha + self.cost_alpha
+        ) + self.srm_alpha
+
+    @property
+    def test_steps(self) -> int:
+        """Steps that are tested (a final step of weight 1.0 is not)."""
+        return sum(1 for s in self.steps if s.weight < 1.0) or 1
+
+    @property
+    def last_test_step(self) -> int:
+        """Index of the last tested step (the one before a final 100 % step)."""
+        return self.test_steps - 1
+
+    @property
+    def srm_step_alpha(self) -> float:
+        """The sample-ratio check's alpha in each step (``srm_alpha`` split evenly)."""
+        return self.srm_alpha / self.test_steps
+
+    def budget(self) -> dict[str, float]:
+        """The error budget as documented in the API: allocation per test and totals."""
+        return {
+            "alpha_total": self.alpha_total,
+            "primary_worse": self.alpha_worse,
+            "latency": self.latency_alpha,
+            "errors": self.error_alpha,
+            "cost": self.cost_alpha,
+            "sample_ratio": self.srm_alpha,
+            "sample_ratio_per_step": self.srm_step_alpha,
+            "rollback_total": self.rollback_alpha,
+            "primary_better": self.alpha_better,
+        }
+
+    def margins(self) -> dict[str, float]:
+        """The guardrails' non-inferiority margins as documented in the API."""
+        return {
+            "max_latency_ratio": self.max_latency_ratio,
+            "max_error_rate_ratio": self.max_error_rate_ratio,
+            "max_error_rate_increase": self.max_error_rate_increase,
+            "max_cost_ratio": self.max_cost_ratio,
+            "min_expected_errors": self.min_expected_errors,
+        }
 
 
 def _plan(weights: tuple[float, ...], duration_s: float, samples: int) -> tuple[StepPlan, ...]:
@@ -70,14 +172,15 @@ DEFAULT_WEIGHTS = (0.10, 0.25, 0.50, 0.75, 1.00)
 CONSERVATIVE = RolloutProfile(
     name="conservative",
     steps=_plan((0.05, 0.10, 0.25, 0.50, 0.75, 1.00), 3600.0, 500),
-    alpha_worse=0.04,
-    alpha_better=0.01,
     min_samples_for_test=200,
-    max_latency_ratio=1.0,
-    max_error_rate_increase=0.0,
+    max_latency_ratio=1.05,
+    max_error_rate_ratio=1.1,
+    max_error_rate_increase=0.0005,
     max_cost_ratio=1.05,
     starvation_grace_s=6 * 3600.0,
     starvation_action="alert",
+    win_max_duration_s=6 * 3600.0,
+    win_max_samples_per_arm=20_000,
 )
 
 BALANCED = RolloutProfile(
@@ -88,11 +191,14 @@ BALANCED = RolloutProfile(
 AGGRESSIVE = RolloutProfile(
     name="aggressive",
     steps=_plan((0.25, 0.50, 1.00), 300.0, 100),
-    max_latency_ratio=1.05,
-    max_error_rate_increase=0.005,
+    max_latency_ratio=1.10,
+    max_error_rate_ratio=1.25,
+    max_error_rate_increase=0.002,
     max_cost_ratio=1.25,
     starvation_grace_s=1800.0,
     starvation_action="rollback",
+    win_max_duration_s=1800.0,
+    win_max_samples_per_arm=2_000,
 )
 
 PROFILES: dict[str, RolloutProfile] = {p.name: p for p in (CONSERVATIVE, BALANCED, AGGRESSIVE)}
@@ -119,10 +225,13 @@ def fixed_split_experiment(
 
     The single step holds until the primary metric shows a significant difference: a
     significant loss rolls back, a significant win promotes (``promote_requires_win``).
-    ``alpha`` is split evenly between the two directions.
+    ``alpha`` is split evenly between the two directions; the guardrails and the
+    sample-ratio check keep ``base``'s allocations, and the budget is their sum.
     """
+    spent_elsewhere = base.rollback_alpha - base.alpha_worse
     return base.model_copy(
         update={
+            "alpha_total": alpha / 2 + spent_elsewhere,
             "name": name or f"experiment-{round(candidate_share * 100)}",
             "steps": (
                 StepPlan(

@@ -8,8 +8,12 @@ forced. Versions never change after registration; only their status does:
 * ``active`` — served to everyone not in a rollout's candidate arm (one per prompt);
 * ``candidate`` — registered, waiting (e.g. from the optimizer);
 * ``in_rollout`` — the candidate of a running or paused rollout;
-* ``retired`` — formerly active: the backup ``promptd prompts restore`` brings back;
+* ``retired`` — formerly active: the backup ``promptd prompts restore`` brings back; or a
+  candidate whose ``require_win`` rollout ended as ``no_improvement``;
 * ``rolled_back`` — a candidate whose rollout was rolled back.
+
+Prompt and version names follow :func:`name_problem` (1–200 characters, no control
+characters), like the events that carry them.
 """
 
 from __future__ import annotations
@@ -17,15 +21,20 @@ from __future__ import annotations
 import json
 import string
 import time
+import unicodedata
 from collections.abc import Sequence
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from promptd.events import MAX_NAME_CHARS, MAX_PROMPT_CHARS
+from promptd.prompt_config import PARAMS, describe
 from promptd.storage.database import Database
 
 VersionStatus = Literal["active", "candidate", "in_rollout", "retired", "rolled_back"]
 MAX_TEMPLATE_CHARS: Final = 100_000
+# Control characters (NUL, newlines, …), lone surrogates and line/paragraph separators.
+_REFUSED_CATEGORIES: Final = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
 class RegistryError(Exception):
@@ -44,6 +53,57 @@ class Conflict(RegistryError):
     """The operation conflicts with the current state (a live rollout, a duplicate)."""
 
     status = 409
+
+
+class InvalidName(RegistryError):
+    """A prompt or version name breaks the naming rules (see :func:`name_problem`)."""
+
+    status = 422
+
+
+def name_problem(value: str, limit: int) -> str | None:
+    """Why ``value`` cannot be a prompt or version name, or None.
+
+    The rules match the event contract's caps (a prompt name is at most 200 characters, a
+    variant at most 200): names are 1..``limit`` characters, with no control characters
+    (NUL, newline, tab, …), no lone surrogates or line separators, and no leading or
+    trailing whitespace. Anything else — spaces inside, ``/``, any script — is allowed,
+    since apps already send such names in their events.
+    """
+    if not value:
+        return "must not be empty"
+    if len(value) > limit:
+        return f"is {len(value)} characters long, above the {limit}-character limit"
+    if value != value.strip():
+        return "must not start or end with whitespace"
+    for ch in value:
+        if unicodedata.category(ch) in _REFUSED_CATEGORIES:
+            return f"must not contain the control character U+{ord(ch):04X}"
+    return None
+
+
+def check_name(kind: str, value: str, limit: int = MAX_NAME_CHARS) -> str:
+    """``value`` when it is a valid ``kind`` name, else :class:`InvalidName` saying why."""
+    problem = name_problem(value, limit)
+    if problem is not None:
+        raise InvalidName(f"{kind} name {value[:40]!r}{'…' if len(value) > 40 else ''} {problem}")
+    return value
+
+
+def _pydantic_name(limit: int) -> AfterValidator:
+    def check(value: str) -> str:
+        problem = name_problem(value, limit)
+        if problem is not None:
+            raise ValueError(f"name {problem}")
+        return value
+
+    return AfterValidator(check)
+
+
+PromptName = Annotated[str, _pydantic_name(MAX_PROMPT_CHARS)]
+"""A prompt name in a request body (the event contract's ``prompt``)."""
+VersionName = Annotated[str, _pydantic_name(MAX_NAME_CHARS)]
+"""A version name in a request body (the event contract's ``variant``)."""
 
 
 class PlaceholderMismatch(RegistryError):
@@ -98,6 +158,10 @@ class PromptVersion(BaseModel):
     rationale: str | None = None
     status: VersionStatus
     created_at: float
+    # A configuration version (messages, model, parameters); None for a plain template,
+    # whose ``template`` is then the text the app formats. For a configuration,
+    # ``template`` is its canonical text (see promptd.prompt_config.describe).
+    config: dict[str, Any] | None = None
 
 
 class Prompt(BaseModel):
@@ -112,14 +176,78 @@ class Prompt(BaseModel):
     updated_at: float
 
 
+class ChatMessage(BaseModel):
+    """One message of a configuration; ``content`` is a ``str.format`` template."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_TEMPLATE_CHARS)
+
+
+class Tunable(BaseModel):
+    """What the optimizer may change besides the messages (empty: nothing)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=20
+    )
+    temperature: list[Annotated[float, Field(ge=0, le=2)]] = Field(
+        default_factory=list, max_length=20
+    )
+    max_tokens: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, max_length=20)
+
+
+class PromptConfig(BaseModel):
+    """A version as chat messages with (optionally) a model and its parameters.
+
+    See :mod:`promptd.prompt_config` for the format. The last message is the user's turn;
+    placeholders may appear in any message and are checked over all of them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=200)
+    model: str | None = Field(default=None, min_length=1, max_length=200)
+    params: dict[str, float | int | str | list[str]] = Field(default_factory=dict)
+    output_schema: dict[str, Any] | None = None
+    tunable: Tunable | None = None
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> PromptConfig:
+        if self.messages[-1].role != "user":
+            raise ValueError("the last message must be the user's turn (role 'user')")
+        unknown = sorted(set(self.params) - set(PARAMS))
+        if unknown:
+            raise ValueError(f"unknown params {unknown}; allowed: {list(PARAMS)}")
+        if len(json.dumps(self.output_schema or {})) > MAX_TEMPLATE_CHARS:
+            raise ValueError("output_schema is too large")
+        return self
+
+    def placeholders(self) -> list[str]:
+        """Placeholders over every message."""
+        names: set[str] = set()
+        for m in self.messages:
+            names.update(placeholders(m.content))
+        return sorted(names)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form without empty fields."""
+        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True) | {
+            "messages": [m.model_dump() for m in self.messages]
+        }
+
+
 class NewVersion(BaseModel):
-    """Body of ``POST /v1/prompts/{name}/versions``."""
+    """Body of ``POST /v1/prompts/{name}/versions``: a ``template`` or a ``config``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    template: str = Field(min_length=1, max_length=MAX_TEMPLATE_CHARS)
-    version: str | None = Field(default=None, min_length=1, max_length=200)
-    parent_version: str | None = None
+    template: str | None = Field(default=None, min_length=1, max_length=MAX_TEMPLATE_CHARS)
+    config: PromptConfig | None = None
+    version: VersionName | None = None
+    parent_version: VersionName | None = None
     origin: str = Field(default="human", max_length=200)
     run_id: str | None = Field(default=None, max_length=200)
     rationale: str | None = Field(default=None, max_length=10_000)
@@ -127,16 +255,38 @@ class NewVersion(BaseModel):
     force: bool = False
     profile: str | None = None
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> NewVersion:
+        if (self.template is None) == (self.config is None):
+            raise ValueError("give either 'template' or 'config'")
+        return self
+
+    @property
+    def text(self) -> str:
+        """The template, or the configuration's canonical text."""
+        if self.config is not None:
+            return describe(self.config.as_dict())
+        assert self.template is not None
+        return self.template
+
+    def names(self) -> list[str]:
+        """Placeholders (over every message of a configuration)."""
+        if self.config is not None:
+            return self.config.placeholders()
+        assert self.template is not None
+        return placeholders(self.template)
+
 
 _VERSION_COLS: Final = (
     "prompt, version, seq, template, placeholders, parent_version, origin, run_id, "
-    "rationale, status, created_at"
+    "rationale, status, created_at, config"
 )
 
 
 def _version(row: Sequence[Any]) -> PromptVersion:
     fields = dict(zip([c.strip() for c in _VERSION_COLS.split(",")], row, strict=True))
     fields["placeholders"] = json.loads(fields["placeholders"])
+    fields["config"] = json.loads(fields["config"]) if fields["config"] else None
     return PromptVersion.model_validate(fields)
 
 
@@ -199,7 +349,9 @@ class Registry:
 
     async def register(self, name: str, body: NewVersion) -> PromptVersion:
         """Register a new immutable version; the first version of a prompt becomes active."""
-        names = placeholders(body.template)
+        check_name("prompt", name, MAX_PROMPT_CHARS)
+        names = body.names()
+        text = body.text
         now = time.time()
         async with self.db.transaction() as conn:
             async with conn.execute(
@@ -225,7 +377,7 @@ class Registry:
                 "(SELECT placeholders FROM prompt_versions WHERE prompt = ? AND version = ?), "
                 "(SELECT count(*) FROM prompt_versions WHERE prompt = ? AND template = ?) "
                 "FROM prompt_versions WHERE prompt = ?",
-                (name, active_version, name, body.template, name),
+                (name, active_version, name, text, name),
             ) as cur:
                 stats = await cur.fetchone()
             assert stats is not None
@@ -240,12 +392,12 @@ class Registry:
             try:
                 await conn.execute(
                     f"INSERT INTO prompt_versions ({_VERSION_COLS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         name,
                         version,
                         seq,
-                        body.template,
+                        text,
                         json.dumps(names),
                         body.parent_version or active_version,
                         body.origin,
@@ -253,6 +405,7 @@ class Registry:
                         body.rationale,
                         status,
                         now,
+                        json.dumps(body.config.as_dict()) if body.config else None,
                     ),
                 )
             except Exception as exc:
@@ -265,6 +418,8 @@ class Registry:
 
     async def restore(self, name: str, version: str) -> PromptVersion:
         """Make an earlier version active again (the backup); refused during a rollout."""
+        check_name("prompt", name, MAX_PROMPT_CHARS)
+        check_name("version", version)
         target = await self.get_version(name, version)
         now = time.time()
         async with self.db.transaction() as conn:

@@ -128,6 +128,9 @@ class BatchOutcome:
     feedback_rows: tuple[FeedbackRow, ...] = ()
     last_metric_id: int = 0
     last_feedback_id: int = 0
+    # The ``ingested_at`` stored with the batch's rows (the rollouts' feedback join uses
+    # it, so a replay from storage decides exactly as the live feed did).
+    ingested_at: float = 0.0
 
     @property
     def stored(self) -> int:
@@ -220,6 +223,7 @@ def _store_sync(
         feedback_rows=tuple(new_feedback),
         last_metric_id=last_m,
         last_feedback_id=last_f,
+        ingested_at=now,
     )
 
 

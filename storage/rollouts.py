@@ -35,6 +35,7 @@ class StoredRollout(BaseModel):
     step_starts: list[float]
     created_at: float
     updated_at: float
+    final: dict[str, Any] | None = None
 
 
 class Decision(BaseModel):
@@ -51,6 +52,7 @@ class Decision(BaseModel):
 
 
 _COLS = "id, prompt, candidate, baseline, status, state, step_starts, created_at, updated_at"
+_READ_COLS = f"{_COLS}, final"
 
 
 def _row(row: Sequence[Any]) -> StoredRollout:
@@ -64,6 +66,7 @@ def _row(row: Sequence[Any]) -> StoredRollout:
         step_starts=json.loads(row[6]),
         created_at=row[7],
         updated_at=row[8],
+        final=json.loads(row[9]) if row[9] else None,
     )
 
 
@@ -77,7 +80,8 @@ class RolloutStore:
         """Rollouts that are running or paused (resumed at start)."""
         placeholders = ", ".join("?" for _ in LIVE_STATUSES)
         async with self.db.reader.execute(
-            f"SELECT {_COLS} FROM rollouts WHERE status IN ({placeholders}) ORDER BY created_at",
+            f"SELECT {_READ_COLS} FROM rollouts WHERE status IN ({placeholders}) "
+            "ORDER BY created_at",
             LIVE_STATUSES,
         ) as cur:
             return [_row(r) for r in await cur.fetchall()]
@@ -85,7 +89,7 @@ class RolloutStore:
     async def all(self, limit: int = 200) -> list[StoredRollout]:
         """The most recent rollouts, newest first."""
         async with self.db.reader.execute(
-            f"SELECT {_COLS} FROM rollouts ORDER BY created_at DESC LIMIT ?",
+            f"SELECT {_READ_COLS} FROM rollouts ORDER BY created_at DESC LIMIT ?",
             (limit,),
         ) as cur:
             return [_row(r) for r in await cur.fetchall()]
@@ -93,7 +97,7 @@ class RolloutStore:
     async def get(self, rollout_id: str) -> StoredRollout | None:
         """One rollout by id."""
         async with self.db.reader.execute(
-            f"SELECT {_COLS} FROM rollouts WHERE id = ?",
+            f"SELECT {_READ_COLS} FROM rollouts WHERE id = ?",
             (rollout_id,),
         ) as cur:
             row = await cur.fetchone()
@@ -171,18 +175,21 @@ class RolloutStore:
         step_starts: Sequence[float],
         decisions: Sequence[Decision],
         outcome: str | None = None,
+        final: Mapping[str, Any] | None = None,
     ) -> None:
-        """Persist a transition; ``outcome`` ``promoted``/``rolled_back`` updates the registry."""
+        """Persist a transition; ``outcome`` (``promoted``, ``rolled_back`` or
+        ``no_improvement``) updates the registry, ``final`` is the ended rollout's snapshot."""
         now = time.time()
         async with self.db.transaction() as conn:
             await conn.execute(
-                "UPDATE rollouts SET status = ?, state = ?, step_starts = ?, updated_at = ? "
-                "WHERE id = ?",
+                "UPDATE rollouts SET status = ?, state = ?, step_starts = ?, updated_at = ?, "
+                "final = coalesce(?, final) WHERE id = ?",
                 (
                     str(state["status"]),
                     json.dumps(dict(state)),
                     json.dumps(list(step_starts)),
                     now,
+                    json.dumps(dict(final)) if final is not None else None,
                     rollout.id,
                 ),
             )
@@ -201,11 +208,13 @@ class RolloutStore:
                     "UPDATE prompts SET active_version = ?, updated_at = ? WHERE name = ?",
                     (rollout.candidate, now, rollout.prompt),
                 )
-            elif outcome == "rolled_back":
+            elif outcome in ("rolled_back", "no_improvement"):
+                # A candidate that lost is rolled_back; one that did not prove a win is
+                # retired (it was never active, so it is no backup; history says which).
+                status = "rolled_back" if outcome == "rolled_back" else "retired"
                 await conn.execute(
-                    "UPDATE prompt_versions SET status = 'rolled_back' "
-                    "WHERE prompt = ? AND version = ?",
-                    (rollout.prompt, rollout.candidate),
+                    "UPDATE prompt_versions SET status = ? WHERE prompt = ? AND version = ?",
+                    (status, rollout.prompt, rollout.candidate),
                 )
 
 

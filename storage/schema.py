@@ -256,7 +256,30 @@ CREATE TABLE optimization_outcomes (
 );
 """
 
-_V6_SNAPSHOTS: Final = """
+_V6_PIPELINES: Final = """
+-- Pipelines: chains of prompts with the wiring of each step's placeholders (JSON).
+CREATE TABLE pipelines (
+    name       TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+_V7_ROLLOUT_FINAL: Final = """
+-- The statistics of a rollout as it ended (arms, last test statistics, winner), written
+-- in the transaction of its terminal transition: GET /v1/rollouts/{id} keeps showing them.
+ALTER TABLE rollouts ADD COLUMN final TEXT;
+"""
+
+_V8_PROMPT_CONFIGS: Final = """
+-- A version may be a configuration (chat messages, model, parameters; JSON) instead of a
+-- single template; ``template`` then holds its canonical text.
+ALTER TABLE prompt_versions ADD COLUMN config TEXT;
+"""
+
+
+_V9_SNAPSHOTS: Final = """
 -- Periodic snapshots of in-memory aggregates (the monitor's windows, ...), so that a
 -- restart loads them and replays only the events stored after them. ``metric_id`` and
 -- ``feedback_id``: every event row up to these ids is in the snapshot, none above.
@@ -277,7 +300,10 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=3, name="alerts", sql=_V3_ALERTS),
     Migration(version=4, name="optimization", sql=_V4_OPTIMIZATION),
     Migration(version=5, name="optimization_search", sql=_V5_OPTIMIZATION_SEARCH),
-    Migration(version=6, name="snapshots", sql=_V6_SNAPSHOTS),
+    Migration(version=6, name="pipelines", sql=_V6_PIPELINES),
+    Migration(version=7, name="rollout_final", sql=_V7_ROLLOUT_FINAL),
+    Migration(version=8, name="prompt_configs", sql=_V8_PROMPT_CONFIGS),
+    Migration(version=9, name="snapshots", sql=_V9_SNAPSHOTS),
 )
 
 

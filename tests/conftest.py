@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -14,6 +16,30 @@ import structlog
 from promptd.daemon.app import Daemon
 from promptd.daemon.broker import EmbeddedBroker
 from promptd.daemon.settings import Settings
+
+#: Set to 1 by .ci/run: a missing Prometheus or Alertmanager binary then fails the live
+#: tests instead of skipping them. (Not PROMPTD_-prefixed: the daemon refuses unknown
+#: PROMPTD_ variables.)
+REQUIRE_LIVE_TOOLS = "REQUIRE_LIVE_TOOLS"
+#: The binaries of the live Prometheus/Alertmanager tests and their Debian packages.
+LIVE_TOOLS = {
+    "prometheus": "prometheus",
+    "promtool": "prometheus",
+    "amtool": "prometheus-alertmanager",
+    "prometheus-alertmanager": "prometheus-alertmanager",
+}
+
+
+def live_tool(name: str) -> str:
+    """Path of a Prometheus/Alertmanager binary. Without it the test is skipped with the
+    package to install, or fails when ``REQUIRE_LIVE_TOOLS=1`` (CI)."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    reason = f"{name} is not installed (Debian package {LIVE_TOOLS[name]})"
+    if os.environ.get(REQUIRE_LIVE_TOOLS) == "1":
+        pytest.fail(f"{reason}, and {REQUIRE_LIVE_TOOLS}=1 requires it")
+    pytest.skip(f"{reason}; .ci/run installs it")
 
 
 @pytest.fixture(autouse=True)

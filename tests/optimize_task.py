@@ -4,7 +4,8 @@ The scripted model (served over HTTP by :class:`~tests.optimize_fake_llm.FakeLLM
 litellm's real request path runs) answers a prompt by what the prompt contains, the way
 a weak model responds to instructions and demonstrations:
 
-* with demonstrations (``Examples of good answers:``): the city alone (token F1 1.0);
+* with demonstrations (``Examples of good answers:``, or earlier assistant turns in a
+  chat): the city alone (token F1 1.0);
 * with an instruction asking for the city name only: the city alone, except on inputs
   whose hash is in the lowest fifth, where it adds words (token F1 0.5);
 * otherwise: a chatty sentence around the city (token F1 0.2).
@@ -85,6 +86,10 @@ def is_proposer(body: dict[str, Any]) -> bool:
 def responder(body: dict[str, Any]) -> str:
     """The scripted server: proposer calls and model calls."""
     text = user_text(body)
-    if is_proposer(body) or "within ``` blocks" in text:
+    if (is_proposer(body) and "expert prompt engineer" in text) or "within ``` blocks" in text:
         return proposer_answer(text)
+    if any(m.get("role") == "assistant" for m in body.get("messages", [])):
+        return _city(text)  # demonstrations as chat turns
+    if body.get("model") == "good-model":
+        return _city(text)  # a stronger model a configuration may switch to
     return model_answer(text)

@@ -1,8 +1,10 @@
 """What every search strategy gets and returns.
 
-A strategy proposes templates and scores each on the validation split through the run's
-one :class:`~promptd.optimization.evaluator.Evaluator` (via :meth:`SearchContext.evaluate`,
-which also checks the template, de-duplicates it and checkpoints it). It never sees the
+A strategy proposes programs (templates or chat configurations, see
+:mod:`~promptd.optimization.program`) and scores each on the validation split through the
+run's one :class:`~promptd.optimization.evaluator.Evaluator` (via
+:meth:`SearchContext.evaluate`, which also checks the candidate, de-duplicates it and
+checkpoints it). It never sees the
 test split. It returns every candidate it scored; the runner selects the one with the
 best validation mean, and only that one meets the gate.
 
@@ -25,26 +27,20 @@ import numpy as np
 import structlog
 
 from promptd.optimization.config import OptimizationSettings
-from promptd.optimization.evaluator import Evaluator
+from promptd.optimization.evaluator import Scorer
 from promptd.optimization.examples import Example, as_text
 from promptd.optimization.llm import CachedLLM, Message
-from promptd.optimization.templates import (
-    Parts,
-    check,
-    clip,
-    parse,
-    sanitize,
-    strip_demos,
-)
+from promptd.optimization.program import Program, check, seen_key
+from promptd.optimization.templates import clip
 
 log = structlog.get_logger("promptd.optimizer")
 
 
 @dataclass
 class Candidate:
-    """A proposed template, its provenance and its validation score."""
+    """A proposed program, its provenance and its validation score."""
 
-    template: str
+    program: Program
     strategy: str
     rationale: str
     val_mean: float | None = None
@@ -58,7 +54,8 @@ class Candidate:
             "index": self.index,
             "strategy": self.strategy,
             "rationale": self.rationale[:2_000],
-            "template": self.template,
+            "template": self.program.template,
+            "config": self.program.to_config() if self.program.chat else None,
             "val_mean": None if self.val_mean is None else round(self.val_mean, 6),
             "val_n": self.val_n,
             "details": self.details,
@@ -87,10 +84,10 @@ class SearchContext:
         run_id: str,
         prompt: str,
         seed: int,
-        baseline: str,
+        baseline: Program,
         train: Sequence[Example],
-        validation: Sequence[Example],
-        evaluator: Evaluator | None,
+        validation: Sequence[Any],
+        evaluator: Scorer | None,
         llm: CachedLLM | None,
         settings: OptimizationSettings,
         seen: set[str],
@@ -139,19 +136,19 @@ class SearchContext:
 
     async def evaluate(
         self,
-        template: str,
+        program: Program,
         strategy: str,
         rationale: str,
         result: SearchResult,
         details: dict[str, Any] | None = None,
     ) -> Candidate | None:
-        """Check ``template``, score it on the validation split, checkpoint it.
+        """Check ``program``, score it on the validation split, checkpoint it.
 
-        Returns ``None`` (counting the reason) for a template that is invalid or was
+        Returns ``None`` (counting the reason) for a candidate that is invalid or was
         tried before; raises :class:`BudgetExceeded` when the budget runs out first.
         Without an evaluation model the candidate is kept unscored.
         """
-        reason = check(template, self.baseline, self.seen, self.settings.max_template_chars)
+        reason = check(program, self.baseline, self.seen, self.settings.max_template_chars)
         if reason is not None:
             result.discarded[reason] += 1
             log.info(
@@ -161,11 +158,12 @@ class SearchContext:
                 reason=reason,
             )
             return None
-        text = template.strip()
-        self.seen.add(text)
-        cand = Candidate(text, strategy, rationale, details=details or {})
+        if not program.chat:
+            program = Program.text(program.template.strip())
+        self.seen.add(seen_key(program))
+        cand = Candidate(program, strategy, rationale, details=details or {})
         if self.evaluator is not None:
-            scores = await self.evaluator.scores(text, self.validation)
+            scores = await self.evaluator.scores(program, self.validation)
             cand.val_mean = float(np.mean(scores)) if scores else 0.0
             cand.val_n = len(scores)
         await self.on_candidate(cand)
@@ -178,10 +176,10 @@ class SearchContext:
             return float("inf")
         return self.llm.budget.remaining_calls()
 
-    async def minibatch_mean(self, template: str, examples: Sequence[Example]) -> float:
-        """Mean validation score of ``template`` on a subset (MIPRO's trials)."""
+    async def minibatch_mean(self, program: Program, examples: Sequence[Any]) -> float:
+        """Mean validation score of ``program`` on a subset (MIPRO's trials)."""
         assert self.evaluator is not None
-        scores = await self.evaluator.scores(template, examples)
+        scores = await self.evaluator.scores(program, examples)
         return float(np.mean(scores)) if scores else 0.0
 
     async def propose(self, messages: list[Message], nonce: str) -> str:
@@ -193,8 +191,17 @@ class SearchContext:
         )
 
 
+def needs_models(settings: OptimizationSettings) -> str | None:
+    """Why a strategy that proposes and scores cannot run, or ``None`` when it can."""
+    if settings.proposer is None:
+        return "no proposer model configured ([optimization.proposer] model)"
+    if settings.evaluation.model is None:
+        return "no evaluation model configured ([optimization.evaluation.model])"
+    return None
+
+
 class Strategy(Protocol):
-    """A search over templates."""
+    """A search over programs."""
 
     name: str
 
@@ -260,7 +267,7 @@ def proposal_messages(
     blocks = [
         "The model receives this prompt (instruction first, then the input):",
         "---",
-        strip_demos(ctx.baseline),
+        ctx.baseline.without_demos().template,
         "---",
         "",
         f"Current instruction: {current or '(none)'}",
@@ -297,11 +304,3 @@ def parse_instruction(answer: str) -> str | None:
         text = opened.group(1) if opened else answer
     text = _PREFIX_RE.sub("", text.strip().strip("`").strip()).strip()
     return text or None
-
-
-def with_instruction(base: str, instruction: str) -> str:
-    """``base`` with its instruction replaced (its demonstrations and input block kept)."""
-    parts = parse(base)
-    core = Parts(instruction, "", parts.block).assemble()
-    fixed = parse(sanitize(core, Parts(parts.instruction, "", parts.block).assemble()))
-    return Parts(fixed.instruction, parts.demos, fixed.block).assemble()

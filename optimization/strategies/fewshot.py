@@ -4,8 +4,9 @@ Demonstrations come from the train split only: examples with a trusted answer â€
 correction (the best demonstrations there are, and what lets a bad prompt bootstrap),
 else their own output when it was rated at least ``fewshot.min_score``. The first
 candidate takes ``max_demos`` examples spread over the inputs (greedy max-min diversity);
-the others take random subsets of random size. Every candidate is the active template
-(its old demonstrations removed) followed by the set, scored on the validation split.
+the others take random subsets of random size. Every candidate is the active program
+with its demonstrations replaced by the set (a block of the template in text mode,
+user/assistant turns in chat mode), scored on the validation split.
 
 Without an evaluation model there is nothing to search with: the diverse set is proposed
 unscored, and the online rollout decides.
@@ -20,7 +21,6 @@ from promptd.optimization.config import OptimizationSettings
 from promptd.optimization.examples import Example, as_text
 from promptd.optimization.llm import BudgetExceeded
 from promptd.optimization.strategies.base import SearchContext, SearchResult
-from promptd.optimization.templates import strip_demos, with_demos
 
 
 def _tokens(text: str) -> set[str]:
@@ -71,7 +71,6 @@ class FewShotSearch:
                 f">= {conf.min_score}: nothing to demonstrate"
             )
             return result
-        base = strip_demos(ctx.baseline)
         rng = ctx.rng(self.name)
         sets = [diverse(pool, conf.max_demos)]
         if ctx.evaluator is not None:
@@ -80,9 +79,9 @@ class FewShotSearch:
                 sets.append(rng.sample(pool, k))
         try:
             for i, demos in enumerate(sets):
-                template = with_demos(base, demos, conf.max_demo_chars, conf.min_score)
+                program = ctx.baseline.with_demos(demos, conf.max_demo_chars, conf.min_score)
                 await ctx.evaluate(
-                    template,
+                    program,
                     self.name,
                     f"{len(demos)} demonstrations from the train split"
                     + (" (spread over the inputs)" if i == 0 else " (random set)"),

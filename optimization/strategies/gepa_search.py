@@ -5,7 +5,7 @@ active template's instruction (its input block and demonstrations stay, see
 :func:`~promptd.optimization.strategies.base.with_instruction`). Our side of gepa's
 ``GEPAAdapter`` boundary:
 
-* ``evaluate`` renders the template with the component's text on each example and
+* ``evaluate`` renders the program with the component's text on each example and
   scores it through the run's evaluator: promptd's model settings (``api_base``, key
   variable), metric, budget and call cache;
 * ``make_reflective_dataset`` shows the reflection model each example's input, the
@@ -36,8 +36,9 @@ from promptd.optimization.config import OptimizationSettings
 from promptd.optimization.evaluator import Scored
 from promptd.optimization.examples import Example, as_text
 from promptd.optimization.llm import BudgetExceeded, Message
-from promptd.optimization.strategies.base import SearchContext, SearchResult, with_instruction
-from promptd.optimization.templates import clip, instruction_of
+from promptd.optimization.program import Program
+from promptd.optimization.strategies.base import SearchContext, SearchResult, needs_models
+from promptd.optimization.templates import clip
 
 log = structlog.get_logger("promptd.optimizer")
 
@@ -102,9 +103,9 @@ class PromptdGepaAdapter:
 
     # -- GEPAAdapter ------------------------------------------------------------------------
 
-    def template(self, candidate: Mapping[str, str]) -> str:
-        """The full template for a gepa candidate."""
-        return with_instruction(self.ctx.baseline, candidate[COMPONENT])
+    def program(self, candidate: Mapping[str, str]) -> Program:
+        """The full program for a gepa candidate."""
+        return self.ctx.baseline.with_instruction(candidate[COMPONENT])
 
     def evaluate(
         self, batch: list[Example], candidate: dict[str, str], capture_traces: bool = False
@@ -113,7 +114,7 @@ class PromptdGepaAdapter:
         from gepa.core.adapter import EvaluationBatch
 
         assert self.ctx.evaluator is not None
-        scored = self._call(self.ctx.evaluator.run(self.template(candidate), batch))
+        scored = self._call(self.ctx.evaluator.run(self.program(candidate), batch))
         return EvaluationBatch(
             outputs=[s.output for s in scored],
             scores=[s.score for s in scored],
@@ -171,11 +172,7 @@ class GepaSearch:
         """Needs the ``gepa`` package, a proposer and an evaluation model."""
         if importlib.util.find_spec("gepa") is None:
             return "the gepa strategy needs the optional package: pip install 'promptd[gepa]'"
-        if settings.proposer is None:
-            return "no proposer model configured ([optimization.proposer] model)"
-        if settings.evaluation.model is None:
-            return "no evaluation model configured ([optimization.evaluation.model])"
-        return None
+        return needs_models(settings)
 
     async def search(self, ctx: SearchContext) -> SearchResult:
         """Run gepa in a worker thread; return its best candidates, scored on validation."""
@@ -188,7 +185,7 @@ class GepaSearch:
         loop = asyncio.get_running_loop()
         adapter = PromptdGepaAdapter(ctx, loop)
         calls = ctx.settings.gepa.max_metric_calls or max(1, int(ctx.remaining_calls()))
-        seed = {COMPONENT: instruction_of(ctx.baseline) or "Answer the input."}
+        seed = {COMPONENT: ctx.baseline.instruction() or "Answer the input."}
         job = loop.run_in_executor(None, self._run, adapter, seed, train, ctx, calls)
         try:
             outcome = await asyncio.shield(job)
@@ -234,7 +231,7 @@ class GepaSearch:
         for candidate, score in found[:3]:
             try:
                 await ctx.evaluate(
-                    adapter.template(candidate),
+                    adapter.program(candidate),
                     self.name,
                     f"GEPA reflective search (gepa validation mean {score:.3f})",
                     result,

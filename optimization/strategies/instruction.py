@@ -2,8 +2,9 @@
 
 Round 0 asks the proposer for ``n_candidates`` new instructions, each with a different
 tip, shown the task as the model sees it and training examples with their ratings,
-feedback and correct answers. Every proposal replaces the active template's instruction
-(its input block and demonstrations stay) and is scored on the validation split. Each
+feedback and correct answers. Every proposal replaces the active program's instruction
+(the lines before the input block of a template, the system message of a chat
+configuration; demonstrations and input stay) and is scored on the validation split. Each
 later round shows the proposer every instruction tried so far with its validation score,
 the active one included, and asks for better ones (``depth`` rounds in all).
 
@@ -25,11 +26,10 @@ from promptd.optimization.strategies.base import (
     Candidate,
     SearchContext,
     SearchResult,
+    needs_models,
     parse_instruction,
     proposal_messages,
-    with_instruction,
 )
-from promptd.optimization.templates import instruction_of
 
 log = structlog.get_logger("promptd.optimizer")
 
@@ -41,17 +41,13 @@ class InstructionSearch:
 
     def unavailable(self, settings: OptimizationSettings) -> str | None:
         """Needs a proposer and an evaluation model."""
-        if settings.proposer is None:
-            return "no proposer model configured ([optimization.proposer] model)"
-        if settings.evaluation.model is None:
-            return "no evaluation model configured ([optimization.evaluation.model])"
-        return None
+        return needs_models(settings)
 
     async def search(self, ctx: SearchContext) -> SearchResult:
         """``depth`` rounds of ``n_candidates`` proposals, each scored on validation."""
         result = SearchResult()
         conf = ctx.settings.instruction
-        current = instruction_of(ctx.baseline)
+        current = ctx.baseline.instruction()
         baseline_mean = ctx.baseline_val_mean
         tried: list[tuple[str, float]] = [(current or "(none)", baseline_mean)]
         try:
@@ -78,7 +74,7 @@ class InstructionSearch:
                         result.discarded["malformed"] += 1
                         continue
                     cand = await ctx.evaluate(
-                        with_instruction(ctx.baseline, proposal),
+                        ctx.baseline.with_instruction(proposal),
                         self.name,
                         f"round {depth + 1}, proposal {i + 1}: {proposal}",
                         result,

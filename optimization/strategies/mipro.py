@@ -4,9 +4,12 @@
    with a different tip and grounded in training examples.
 2. **Demonstration sets**: none, the diverse set, and random subsets of the train split's
    demonstrations (``num_demo_sets`` in all; only "none" when there are no demonstrations).
-3. **Search**: ``num_trials`` trials of optuna's TPE sampler (seeded by the run) over the
-   pair (instruction, demonstration set), through optuna's ask-and-tell interface; each
-   trial scores its template on a random validation minibatch.
+   For a chat configuration whose ``tunable`` lists models or temperatures, those are two
+   more dimensions (the configuration's own model and temperature among them).
+3. **Search**: ``num_trials`` trials of optuna's TPE sampler (seeded by the run) over
+   (instruction, demonstration set[, model, temperature]), through optuna's
+   ask-and-tell interface; each trial scores its program on a random validation
+   minibatch.
 4. **Re-scoring**: the ``top_k_full_eval`` pairs with the best minibatch means are
    scored on the whole validation split; those are the strategy's candidates.
 
@@ -20,24 +23,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import structlog
 
 from promptd.optimization.config import OptimizationSettings
 from promptd.optimization.examples import Example
 from promptd.optimization.llm import BudgetExceeded, LLMError
+from promptd.optimization.program import Program
 from promptd.optimization.strategies.base import (
     TIPS,
     SearchContext,
     SearchResult,
+    needs_models,
     parse_instruction,
     proposal_messages,
-    with_instruction,
 )
 from promptd.optimization.strategies.fewshot import diverse
-from promptd.optimization.templates import instruction_of, strip_demos, with_demos
 
 log = structlog.get_logger("promptd.optimizer")
 
@@ -49,11 +53,7 @@ class MiproSearch:
 
     def unavailable(self, settings: OptimizationSettings) -> str | None:
         """Needs a proposer and an evaluation model."""
-        if settings.proposer is None:
-            return "no proposer model configured ([optimization.proposer] model)"
-        if settings.evaluation.model is None:
-            return "no evaluation model configured ([optimization.evaluation.model])"
-        return None
+        return needs_models(settings)
 
     async def search(self, ctx: SearchContext) -> SearchResult:
         """Propose instructions, build demonstration sets, run the TPE study, re-score."""
@@ -61,17 +61,24 @@ class MiproSearch:
         try:
             instructions = await self._instructions(ctx, result)
             demo_sets = self._demo_sets(ctx)
-            ranked = await self._study(ctx, instructions, demo_sets)
+            space = Space(instructions, demo_sets, *_tunable(ctx.baseline))
+            ranked = await self._study(ctx, space)
             conf = ctx.settings.mipro
-            for (i, j), mean in ranked[: conf.top_k_full_eval]:
+            for choice, mean in ranked[: conf.top_k_full_eval]:
+                i, j, m, t = choice
                 await ctx.evaluate(
-                    self._template(ctx, instructions[i], demo_sets[j]),
+                    self._build(ctx, space, choice),
                     self.name,
-                    f"instruction {i} x demonstration set {j} (minibatch mean {mean:.3f})",
+                    f"instruction {i} x demonstration set {j}"
+                    + (f" x model {space.models[m]}" if m else "")
+                    + (f" x temperature {space.temperatures[t]}" if t else "")
+                    + f" (minibatch mean {mean:.3f})",
                     result,
                     {
                         "instruction": instructions[i],
                         "demos": [d.request_id for d in demo_sets[j]],
+                        "model": space.models[m],
+                        "temperature": space.temperatures[t],
                         "minibatch_mean": round(mean, 6),
                     },
                 )
@@ -81,7 +88,7 @@ class MiproSearch:
 
     async def _instructions(self, ctx: SearchContext, result: SearchResult) -> list[str]:
         conf = ctx.settings.mipro
-        current = instruction_of(ctx.baseline)
+        current = ctx.baseline.instruction()
         answers = await asyncio.gather(
             *(
                 ctx.propose(
@@ -127,22 +134,21 @@ class MiproSearch:
             sets.append(rng.sample(pool, rng.randint(1, k_max)))
         return sets
 
-    def _template(self, ctx: SearchContext, instruction: str, demos: Sequence[Example]) -> str:
-        base = strip_demos(ctx.baseline)
-        if instruction != instruction_of(base):
-            base = with_instruction(base, instruction)
-        if not demos:
-            return base
-        conf = ctx.settings.fewshot
-        return with_demos(base, demos, conf.max_demo_chars, conf.min_score)
+    def _build(self, ctx: SearchContext, space: Space, choice: Choice) -> Program:
+        i, j, m, t = choice
+        base = ctx.baseline.without_demos()
+        if i:
+            base = base.with_instruction(space.instructions[i])
+        if space.demo_sets[j]:
+            conf = ctx.settings.fewshot
+            base = base.with_demos(space.demo_sets[j], conf.max_demo_chars, conf.min_score)
+        if m or t:
+            params = {"temperature": space.temperatures[t]} if t else {}
+            base = base.with_model(space.models[m], params)
+        return base
 
-    async def _study(
-        self,
-        ctx: SearchContext,
-        instructions: list[str],
-        demo_sets: list[list[Example]],
-    ) -> list[tuple[tuple[int, int], float]]:
-        """The TPE study; pairs ranked by mean minibatch score (best first)."""
+    async def _study(self, ctx: SearchContext, space: Space) -> list[tuple[Choice, float]]:
+        """The TPE study; choices ranked by mean minibatch score (best first)."""
         optuna = _optuna()
         conf = ctx.settings.mipro
         sampler = optuna.samplers.TPESampler(
@@ -151,24 +157,56 @@ class MiproSearch:
         study = optuna.create_study(direction="maximize", sampler=sampler)
         rng = ctx.rng(self.name, "minibatch")
         size = min(conf.minibatch_size, len(ctx.validation))
-        sums: dict[tuple[int, int], list[float]] = defaultdict(list)
+        sums: dict[Choice, list[float]] = defaultdict(list)
         for _ in range(conf.num_trials):
             trial = study.ask()
-            i = int(trial.suggest_categorical("instruction", list(range(len(instructions)))))
-            j = int(trial.suggest_categorical("demos", list(range(len(demo_sets)))))
+            choice: Choice = (
+                _pick(trial, "instruction", len(space.instructions)),
+                _pick(trial, "demos", len(space.demo_sets)),
+                _pick(trial, "model", len(space.models)),
+                _pick(trial, "temperature", len(space.temperatures)),
+            )
             batch = rng.sample(ctx.validation, size)
-            template = self._template(ctx, instructions[i], demo_sets[j])
             try:
-                value = await ctx.minibatch_mean(template, batch)
+                value = await ctx.minibatch_mean(self._build(ctx, space, choice), batch)
             except BudgetExceeded:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 break
             study.tell(trial, value)
-            sums[(i, j)].append(value)
-        means = {pair: sum(v) / len(v) for pair, v in sums.items()}
-        # The active instruction without demonstrations is the baseline itself.
-        means.pop((0, 0), None)
+            sums[choice].append(value)
+        means = {choice: sum(v) / len(v) for choice, v in sums.items()}
+        # Index 0 everywhere is the active program itself.
+        means.pop((0, 0, 0, 0), None)
         return sorted(means.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+Choice = tuple[int, int, int, int]  # instruction, demonstration set, model, temperature
+
+
+@dataclass(frozen=True)
+class Space:
+    """What the study searches; index 0 of each dimension is the active program's."""
+
+    instructions: list[str]
+    demo_sets: list[list[Example]]
+    models: list[str | None]
+    temperatures: list[float | None]
+
+
+def _tunable(baseline: Program) -> tuple[list[str | None], list[float | None]]:
+    """Models and temperatures a chat configuration allows the optimizer to try."""
+    models: list[str | None] = [baseline.model]
+    temperatures: list[float | None] = [None]
+    tunable = baseline.extra("tunable") if baseline.chat else None
+    if tunable:
+        models += [m for m in tunable.get("models", []) if m != baseline.model]
+        temperatures += [float(t) for t in tunable.get("temperature", [])]
+    return models, temperatures
+
+
+def _pick(trial: Any, name: str, size: int) -> int:
+    """A categorical index (a one-value dimension asks optuna nothing)."""
+    return int(trial.suggest_categorical(name, list(range(size)))) if size > 1 else 0
 
 
 _optuna_module: ModuleType | None = None

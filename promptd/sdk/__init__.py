@@ -12,11 +12,13 @@ from typing import Any
 from promptd.sdk.client import (
     Client,
     aflush,
+    astart,
     configure,
     flush,
     get_client,
     sdk_stats,
     shutdown,
+    start,
 )
 from promptd.sdk.config import SdkConfig
 from promptd.sdk.context import (
@@ -93,6 +95,7 @@ __all__ = [
     "SdkStats",
     "afeedback",
     "aflush",
+    "astart",
     "configure",
     "current_request_id",
     "current_variant",
@@ -104,5 +107,6 @@ __all__ = [
     "sdk_stats",
     "set_unit_id",
     "shutdown",
+    "start",
     "unit_scope",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,9 @@ class Client:
             background.append(self.routing.refresh_loop)
         if config.routing_from_kafka and config.bootstrap_servers:
             background.append(self.routing.kafka_loop)
+        if self.routing.enabled:
+            for prompt in (*config.prompts, *sorted(_declared)):
+                self.routing.want(prompt)
         self.publisher = Publisher(config, self.counters, background)
         self._prefix = _prefix()
         self._ids = itertools.count(1)
@@ -60,9 +64,36 @@ class Client:
         """A fresh request id: ``<16 random hex>-<counter in hex>``."""
         return f"{self._prefix}{next(self._ids):x}"
 
-    def start(self) -> None:
-        """Start the background thread now (it otherwise starts on first use)."""
+    def start(self, timeout_s: float | None = None) -> bool:
+        """Start the background thread now and warm the routing before the first call.
+
+        Fetches the routing of every prompt in ``config.prompts`` and of every
+        ``@instrument``-decorated function, waiting at most ``timeout_s`` (default
+        ``routing_timeout_s``); returns True when all of them are known. Called inside a
+        running event loop it does not block that loop: it starts the fetches and returns
+        False at once (use ``await promptd.astart()`` there).
+        """
         self.publisher.ensure_started()
+        prompts = self.prompts()
+        if _in_event_loop():
+            return self.routing.attempted_all(prompts) and self._known(prompts)
+        wait = self.config.routing_timeout_s if timeout_s is None else timeout_s
+        return self.routing.warm(prompts, wait)
+
+    async def astart(self, timeout_s: float | None = None) -> bool:
+        """:meth:`start` for async code: waits for the routing without blocking the loop."""
+        import asyncio
+
+        self.publisher.ensure_started()
+        wait = self.config.routing_timeout_s if timeout_s is None else timeout_s
+        return await asyncio.to_thread(self.routing.warm, self.prompts(), wait)
+
+    def prompts(self) -> list[str]:
+        """The prompts this client warms: configured and decorated ones."""
+        return list(dict.fromkeys((*self.config.prompts, *sorted(_declared))))
+
+    def _known(self, prompts: list[str]) -> bool:
+        return all(p in self.routing.entries for p in prompts)
 
     def stats(self) -> SdkStats:
         """A consistent snapshot of the counters (``emitted == delivered+dropped+buffered``)."""
@@ -129,6 +160,30 @@ class Client:
 
 _client: Client | None = None
 _client_lock = threading.Lock()
+# Prompts of every @instrument-decorated function (without an explicit client), so a
+# client can fetch their routing at start, before their first call.
+_declared: set[str] = set()
+
+
+def declare(prompt: str, client: Client | None = None) -> None:
+    """Called by ``@instrument`` at decoration: ``prompt`` will be used (cheap, no I/O)."""
+    if client is None:
+        _declared.add(prompt)
+    target = client or _client
+    if target is not None and target.routing.enabled:
+        target.routing.want(prompt)
+
+
+def _in_event_loop() -> bool:
+    # Only asks asyncio when the app has imported it: importing promptd stays light.
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def get_client() -> Client:
@@ -153,7 +208,10 @@ def configure(config: SdkConfig | None = None, **settings: Any) -> Client:
 
     Settings not given come from the ``PROMPTD_`` environment (see
     :mod:`promptd.sdk.config`). The previous default client is flushed (1 s at most) and
-    closed.
+    closed. With ``prompts=[...]`` the new client starts at once and fetches their routing
+    (and that of every decorated function) before returning, at most
+    ``routing_timeout_s``, so the first calls already use the routed versions (see
+    :meth:`Client.start`).
     """
     new = Client(config.replace(**settings) if config else SdkConfig.from_env(**settings))
     with _client_lock:
@@ -161,7 +219,19 @@ def configure(config: SdkConfig | None = None, **settings: Any) -> Client:
         _set(new)
     if old is not None:
         old.close(timeout_s=1.0)
+    if new.config.prompts:
+        new.start()
     return new
+
+
+def start(timeout_s: float | None = None) -> bool:
+    """Start the default client and warm its routing (see :meth:`Client.start`)."""
+    return get_client().start(timeout_s)
+
+
+async def astart(timeout_s: float | None = None) -> bool:
+    """Start the default client and warm its routing without blocking the event loop."""
+    return await get_client().astart(timeout_s)
 
 
 def shutdown(timeout_s: float | None = None) -> None:

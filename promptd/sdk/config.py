@@ -77,6 +77,13 @@ class SdkConfig:
     #: Prometheus registry for the SDK counters: ``None`` = the global registry,
     #: ``False`` = do not export.
     registry: Any = None
+    #: Prompts whose routing :meth:`Client.start` fetches before the first call, besides
+    #: those of every ``@instrument``-decorated function.
+    prompts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # configure(prompts=["a", "b"]) passes a list; keep the config hashable and frozen.
+        object.__setattr__(self, "prompts", tuple(self.prompts))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SdkConfig:
@@ -112,20 +119,36 @@ _KAFKA_FIELDS = {
     "sasl_username",
     "sasl_password",
 }
-_NOT_FROM_ENV = {"redact", "registry"}
+_NOT_FROM_ENV = {"redact", "registry", "prompts"}
+
+
+def _candidates(name: str) -> list[str]:
+    """The variables that set field ``name``, first found wins."""
+    if name in _NOT_FROM_ENV:
+        return []
+    if name == "daemon_url":
+        return ["PROMPTD_DAEMON_URL"]
+    if name in _KAFKA_FIELDS:
+        upper = name.upper()
+        return [f"PROMPTD_KAFKA_{upper}", f"PROMPTD_KAFKA__{upper}"]
+    return [f"PROMPTD_SDK_{name.upper()}"]
+
+
+def environment_variables() -> dict[str, str]:
+    """Every variable the SDK reads, mapped to the :class:`SdkConfig` field it sets.
+
+    The daemon uses this list: it accepts these names in a shared environment (and
+    honours the ones that mean the same thing for it, such as the topics).
+    """
+    return {
+        variable: field.name
+        for field in dataclasses.fields(SdkConfig)
+        for variable in _candidates(field.name)
+    }
 
 
 def _lookup(env: Mapping[str, str], name: str) -> str | None:
-    if name in _NOT_FROM_ENV:
-        return None
-    if name == "daemon_url":
-        candidates = ["PROMPTD_DAEMON_URL"]
-    elif name in _KAFKA_FIELDS:
-        upper = name.upper()
-        candidates = [f"PROMPTD_KAFKA_{upper}", f"PROMPTD_KAFKA__{upper}"]
-    else:
-        candidates = [f"PROMPTD_SDK_{name.upper()}"]
-    for key in candidates:
+    for key in _candidates(name):
         if key in env:
             return env[key]
     return None

@@ -214,6 +214,7 @@ def instrument(
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         spec = _Spec(fn, prompt, model, default, unit_id, inject, capture, attributes, client)
+        _client_mod.declare(prompt, client)
         if inspect.iscoroutinefunction(fn):
             return cast(Callable[P, R], _wrap_async(fn, spec))
         return _wrap_sync(fn, spec)

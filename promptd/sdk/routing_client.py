@@ -6,7 +6,8 @@ time is served by the decorator's default variant until the background refresh (
 ``GET {daemon_url}/v1/prompts/{name}/routing`` every ``ttl_seconds``, and optionally reading
 the ``promptd.routing`` topic) has installed its routing. When the daemon is unreachable the
 last known routing keeps serving; a prompt the daemon does not know (404) is served by the
-default variant.
+default variant. ``Client.start()`` (or ``configure(prompts=...)``) fetches the routing of
+every known prompt before the first call, so that first call is routed too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -29,17 +30,52 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class PromptVariant:
-    """The prompt version chosen for one call."""
+    """The prompt version chosen for one call: a template, or a configuration (chat
+    messages with a model and parameters, see :mod:`promptd.prompt_config`)."""
 
     prompt: str
     version: str
     template: str | None = None
+    config: Mapping[str, Any] | None = None
 
     def format(self, **values: Any) -> str:
-        """Fill the template's ``{placeholders}`` (``str.format``); errors if it has none."""
+        """Fill the template's ``{placeholders}`` (``str.format``).
+
+        A configuration version has no single template: ``ValueError`` says to use
+        :meth:`messages`, rather than sending a partial prompt.
+        """
+        if self.config is not None:
+            raise ValueError(
+                f"prompt {self.prompt!r} version {self.version!r} is a chat configuration: "
+                "send variant.messages(...) with variant.model and variant.params"
+            )
         if self.template is None:
             raise ValueError(f"prompt {self.prompt!r} version {self.version!r} has no template")
         return self.template.format(**values)
+
+    def messages(self, **values: Any) -> list[dict[str, str]]:
+        """The chat messages to send, filled with ``values``: a configuration's messages, or
+        a template as one user message."""
+        if self.config is not None:
+            from promptd.prompt_config import render_messages
+
+            return render_messages(self.config, values)
+        return [{"role": "user", "content": self.format(**values)}]
+
+    @property
+    def model(self) -> str | None:
+        """The configuration's model (None: the app's own choice)."""
+        return None if self.config is None else self.config.get("model")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The configuration's parameters (temperature, max_tokens, ...), to pass along."""
+        return {} if self.config is None else dict(self.config.get("params") or {})
+
+    @property
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer should follow, if the configuration has one."""
+        return None if self.config is None else self.config.get("output_schema")
 
 
 class RouteEntry:
@@ -59,10 +95,15 @@ class RouteEntry:
         if routing is None:
             return
         if routing.active_version:
-            self.active = PromptVariant(prompt, routing.active_version, routing.active_template)
+            self.active = PromptVariant(
+                prompt, routing.active_version, routing.active_template, routing.active_config
+            )
         if routing.candidate_version:
             self.candidate = PromptVariant(
-                prompt, routing.candidate_version, routing.candidate_template
+                prompt,
+                routing.candidate_version,
+                routing.candidate_template,
+                routing.candidate_config,
             )
             self.threshold = threshold(routing.weight)
             self.salt = routing.salt
@@ -83,7 +124,26 @@ class RoutingCache:
         self.entries: dict[str, RouteEntry] = {}
         # Prompts the app has used; the refresher keeps each one fresh.
         self.wanted: dict[str, float] = {}
+        # Prompts fetched at least once, whatever the outcome (for warm-up waits).
+        self.attempted: set[str] = set()
         self.enabled = bool(config.daemon_url) or config.routing_from_kafka
+
+    def warm(self, prompts: Iterable[str], timeout_s: float) -> bool:
+        """Wait until each of ``prompts`` has been fetched once (or ``timeout_s`` passed);
+        True when all their routings are known. Blocks the calling thread only."""
+        wanted = list(prompts)
+        for prompt in wanted:
+            self.want(prompt)
+        if not self.config.daemon_url:
+            return all(p in self.entries for p in wanted)
+        deadline = time.monotonic() + timeout_s
+        while any(p not in self.attempted for p in wanted) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return all(p in self.entries for p in wanted)
+
+    def attempted_all(self, prompts: Iterable[str]) -> bool:
+        """True once each of ``prompts`` has been fetched at least once."""
+        return not self.config.daemon_url or all(p in self.attempted for p in prompts)
 
     def want(self, prompt: str) -> None:
         """Register a prompt seen for the first time (refreshed from the next tick)."""
@@ -126,6 +186,7 @@ class RoutingCache:
             async with session.get(url) as response:
                 if response.status == 404:
                     self.install(prompt, None, self._ttl(None))
+                    self.attempted.add(prompt)
                     return
                 response.raise_for_status()
                 routing = Routing.model_validate_json(await response.read())
@@ -134,8 +195,10 @@ class RoutingCache:
                 self.counters.routing_failures += 1
             # Keep serving the last known routing; try again a little later.
             self.wanted[prompt] = time.monotonic() + self.config.routing_retry_s
+            self.attempted.add(prompt)
             return
         self.install(prompt, routing, self._ttl(routing))
+        self.attempted.add(prompt)
 
     async def kafka_loop(self, sender: Sender) -> None:
         """Background task: apply routing records from the routing topic as they arrive.

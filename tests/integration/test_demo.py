@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 )
 def test_demo_scenario_reaches_its_outcome(tmp_path: Path, scenario: str, outcome: str) -> None:
     """The demo runs the whole loop (traffic, degradation alert, optimization, rollout) and
-    its JSON report records the scenario's outcome; the SQLite file is left behind."""
+    its JSON report records the scenario's outcome and the final stored count; the SQLite
+    file is left behind."""
     report_path = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTD_")}
     result = subprocess.run(
@@ -62,3 +63,9 @@ def test_demo_scenario_reaches_its_outcome(tmp_path: Path, scenario: str, outcom
     assert report["routing"]["weight"] == 0.0
     assert "ALERT firing" in result.stdout
     assert "outcome" in result.stdout
+    # The summary's count is final: everything the app delivered is stored (or
+    # dead-lettered), not a count taken while the last batches were in flight.
+    events = report["daemon_status"]["events"]
+    assert report["sdk"]["delivered"] > 0
+    assert events["stored"] + events["dead_lettered"] == report["sdk"]["delivered"]
+    assert f"of {report['sdk']['delivered']} delivered" in result.stdout

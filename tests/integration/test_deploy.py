@@ -31,6 +31,7 @@ import yaml
 
 from promptd.daemon.broker import free_port
 from promptd.daemon.settings import load_settings
+from tests.conftest import live_tool
 
 pytestmark = pytest.mark.integration
 
@@ -48,14 +49,11 @@ GRAFANA_VARIABLES = {
     "$prompt": ".*",
 }
 #: Python package sources whose metric definitions the dashboard and rules must match.
-METRIC_SOURCES = ("daemon", "monitoring", "replacement", "storage")
+METRIC_SOURCES = ("daemon", "monitoring", "replacement", "storage", "optimization")
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (Debian: prometheus / prometheus-alertmanager)")
-    return path
+    return live_tool(name)
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from promptd.events import new_event_id
-from tests.conftest import wait_for
+from tests.conftest import live_tool, wait_for
 from tests.kafka_helpers import produce, read_all
 
 pytestmark = pytest.mark.integration
@@ -172,7 +172,7 @@ async def alertmanager(tmp_path: Path) -> AsyncIterator[str]:
         "route:\n  receiver: blackhole\n  group_wait: 1s\nreceivers:\n  - name: blackhole\n"
     )
     args = [
-        "prometheus-alertmanager",
+        live_tool("prometheus-alertmanager"),
         f"--config.file={config}",
         f"--storage.path={tmp_path / 'am-data'}",
         f"--web.listen-address=127.0.0.1:{port}",
@@ -296,6 +296,7 @@ async def test_prometheus_scrapes_and_promtool_accepts_metrics(
     make_settings: Callable[..., Any], start_daemon: Callable[..., Any], tmp_path: Path
 ) -> None:
     """A real Prometheus scrapes /metrics (up == 1) and promtool check metrics passes."""
+    promtool, prometheus = live_tool("promtool"), live_tool("prometheus")
     settings = make_settings(monitoring=_monitoring())
     running = await start_daemon(settings)
     await _send(settings, 20, healthy=True)
@@ -312,7 +313,7 @@ async def test_prometheus_scrapes_and_promtool_accepts_metrics(
         assert "promptd_feedback_score_count{" in text
         check = await asyncio.to_thread(
             subprocess.run,
-            ["promtool", "check", "metrics"],
+            [promtool, "check", "metrics"],
             input=text.encode(),
             capture_output=True,
             timeout=30,
@@ -326,7 +327,7 @@ async def test_prometheus_scrapes_and_promtool_accepts_metrics(
             f"    static_configs:\n      - targets: ['127.0.0.1:{running.daemon.http_port}']\n"
         )
         args = [
-            "prometheus",
+            prometheus,
             f"--config.file={config}",
             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{port}",

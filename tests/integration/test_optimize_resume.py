@@ -74,10 +74,14 @@ num_trials = 6
 
 def _start(config: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTD_")}
-    log = (tmp_path / f"daemon-{time.monotonic_ns()}.log").open("wb")
-    return subprocess.Popen(
-        [*PROMPTD, "--config", str(config), "run"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    # The child keeps its own copy of the descriptor; ours is closed at once.
+    with (tmp_path / f"daemon-{time.monotonic_ns()}.log").open("wb") as log:
+        return subprocess.Popen(
+            [*PROMPTD, "--config", str(config), "run"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 async def _ready(http: aiohttp.ClientSession, proc: subprocess.Popen[bytes]) -> None:

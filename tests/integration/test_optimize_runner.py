@@ -295,14 +295,18 @@ async def test_without_an_evaluation_model_the_rollout_is_the_judge(
 ) -> None:
     """No evaluation model: fewshot proposes unscored, a conservative rollout that must
     win decides."""
+    rejecting = _settings(None, without_evaluation="reject")
+    run = await _run(_runner(db, rejecting, FakeRollouts()), ["fewshot"])
+    assert run["outcome"] == "rejected_without_evaluation"
     rollouts = FakeRollouts()
     run = await _run(_runner(db, _settings(None), rollouts), ["fewshot"])
     assert (run["outcome"], run["gate"]) == ("deployed", None)
     assert rollouts.started[0]["profile"] == "conservative"
     assert rollouts.started[0]["require_win"] is True
-    rejecting = _settings(None, without_evaluation="reject")
-    run = await _run(_runner(db, rejecting, FakeRollouts()), ["fewshot"])
-    assert run["outcome"] == "rejected_without_evaluation"
+    # The registered proposal is not proposed again by the next run.
+    again = await _run(_runner(db, _settings(None), FakeRollouts()), ["fewshot"])
+    assert again["outcome"] == "no_candidate"
+    assert again["discarded"] == {"fewshot:duplicate": 1}
 
 
 async def test_online_results_teach_the_bandit_once(
@@ -376,14 +380,25 @@ async def _finished(runner: OptimizationRunner, run_id: str) -> dict[str, Any] |
     return run if run is not None and run["status"] != "running" else None
 
 
+@pytest.mark.parametrize("store", ["sqlite", "file"])
 async def test_runs_are_tracked_in_mlflow(
-    db: Database, fake_llm: Callable[..., Any], tmp_path: Path
+    db: Database,
+    fake_llm: Callable[..., Any],
+    tmp_path: Path,
+    store: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With a tracking URI every finished run is an MLflow run with parameters,
-    per-candidate metrics, the templates as artifacts and the outcome."""
+    """With a tracking URI (a local SQLite store, or MLflow's file store when allowed) every
+    finished run is an MLflow run with parameters, per-candidate metrics, the templates as
+    artifacts and the outcome."""
     mlflow = pytest.importorskip("mlflow")
     fake = await fake_llm()
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    if store == "file":
+        # MLflow 3 refuses its file store unless told to accept it.
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri = (tmp_path / "mlruns").as_uri()
+    else:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = _settings(fake, tracking={"mlflow_tracking_uri": uri})
     tracker = build_tracker(settings.tracking)
     run = await _run(_runner(db, settings, tracker=tracker), ["fewshot"])
@@ -401,4 +416,36 @@ async def test_runs_are_tracked_in_mlflow(
     assert "baseline.txt" in names
     assert "run.json" in names
     assert any(n.startswith("candidate-000-fewshot") for n in names)
-    assert (tmp_path / "mlflow-artifacts").is_dir(), "artifacts beside the store, not in cwd"
+    artifacts = tmp_path / ("mlflow-artifacts" if store == "sqlite" else "mlruns")
+    assert artifacts.is_dir(), "artifacts beside the store, not in the working directory"
+
+
+async def test_a_chat_configuration_gets_demonstrations_as_turns(
+    tmp_path: Path, fake_llm: Callable[..., Any]
+) -> None:
+    """A prompt registered as a chat configuration is optimized as one: the winning
+    candidate is a configuration version with user/assistant demonstration turns."""
+    fake = await fake_llm()
+    db = await Database.open(tmp_path / "chat.db")
+    try:
+        config = {
+            "messages": [
+                {"role": "system", "content": "Read the message."},
+                {"role": "user", "content": "Message: {text}\nCity:"},
+            ],
+            "params": {"temperature": 0.0},
+        }
+        await Registry(db).register(PROMPT, NewVersion.model_validate({"config": config}))
+        await seed(db, PROMPT, rows(240))
+        run = await _run(_runner(db, _settings(fake)), ["fewshot"])
+        assert run["outcome"] == "deployed", run["error"]
+        version = await Registry(db).get_version(PROMPT, run["deployed_version"])
+        assert version.config is not None
+        roles = [m["role"] for m in version.config["messages"]]
+        assert roles[0] == "system"
+        assert roles[-1] == "user"
+        assert roles.count("assistant") >= 1
+        assert version.config["params"] == {"temperature": 0.0}
+        assert version.placeholders == ["text"]
+    finally:
+        await db.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -19,7 +20,9 @@ from promptd.replacement.machine import (
     PromoteCandidate,
     RaiseAlert,
     RecordDecision,
+    ResolveAlert,
     Resume,
+    RetireCandidate,
     Rollback,
     RollbackCandidate,
     RolloutState,
@@ -338,3 +341,170 @@ def test_profiles() -> None:
         get_profile("yolo")
     with pytest.raises(ValueError, match="strictly increase"):
         RolloutProfile(name="bad", steps=(BALANCED.steps[1], BALANCED.steps[0]))
+
+
+# --- statistics v2: non-inferiority guardrails, the error budget, require_win, starvation --
+
+
+def _with(obs: Observation, **changes: object) -> Observation:
+    return dataclasses.replace(obs, **changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("log_shift", "rolled_back"),
+    [(math.log(1.03), False), (math.log(1.25), True)],
+)
+def test_latency_guardrail_has_a_margin(log_shift: float, rolled_back: bool) -> None:
+    """3 % slower is inside the 5 % margin even with 100,000 requests; 25 % is a breach."""
+    obs = _obs(n=100_000, cand_latency=log_shift)
+    state, actions = step(_running(), Tick(obs), T0 + 1, BALANCED)
+    assert (state.status is Status.ROLLED_BACK) is rolled_back
+    if rolled_back:
+        assert "latency guardrail" in actions[-1].reason  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("n", "base_rate", "cand_rate", "rolled_back"),
+    [
+        (1_000_000, 0.0001, 0.0004, False),  # 4× the rate, but +0.03 pt: inside the margin
+        (20_000, 0.01, 0.03, True),  # 3× and +2 pt
+        (5_000, 0.01, 0.0105, False),  # +5 %: inside the 10 % relative margin
+    ],
+)
+def test_error_guardrail_needs_both_relative_and_absolute_breach(
+    n: int, base_rate: float, cand_rate: float, rolled_back: bool
+) -> None:
+    """The error guardrail rolls back only when the rate is shown above both its relative
+    (×1.1) and its absolute (+0.1 pt) margin."""
+    obs = _with(
+        _obs(n=n),
+        errors=(Stratum(_bern(round(n * 0.9), base_rate), _bern(round(n * 0.1), cand_rate)),),
+    )
+    state, actions = step(_running(), Tick(obs), T0 + 1, BALANCED)
+    assert (state.status is Status.ROLLED_BACK) is rolled_back
+    if rolled_back:
+        assert "error-rate guardrail" in actions[-1].reason  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("ratio", "rolled_back"), [(1.05, False), (1.4, True)])
+def test_cost_guardrail_is_a_ratio_margin(ratio: float, rolled_back: bool) -> None:
+    """Cost 5 % higher is inside the 10 % margin; 40 % higher is a breach."""
+    n_b, n_c = 45_000, 5_000
+    cost = (
+        Stratum(
+            Moments(n_b, n_b * 1.0, n_b * 1.25),
+            Moments(n_c, n_c * ratio, n_c * (0.25 + ratio**2)),
+        ),
+    )
+    state, _ = step(_running(), Tick(_with(_obs(n=50_000), cost=cost)), T0 + 1, BALANCED)
+    assert (state.status is Status.ROLLED_BACK) is rolled_back
+
+
+def test_profiles_stay_within_their_error_budget() -> None:
+    """Every built-in profile's rollback alphas sum to at most alpha_total, the SRM alpha is
+    split over the test steps, and a profile over budget is refused with the allocation."""
+    for profile in (CONSERVATIVE, BALANCED, AGGRESSIVE):
+        assert profile.rollback_alpha <= profile.alpha_total + 1e-12
+        budget = profile.budget()
+        parts = ("primary_worse", "latency", "errors", "cost", "sample_ratio")
+        assert sum(budget[k] for k in parts) == pytest.approx(budget["rollback_total"])
+        assert profile.srm_step_alpha == pytest.approx(profile.srm_alpha / profile.test_steps)
+    assert BALANCED.test_steps == 4
+    with pytest.raises(ValueError, match="above alpha_total"):
+        RolloutProfile(name="greedy", steps=BALANCED.steps, alpha_worse=0.049)
+    experiment = fixed_split_experiment(0.2, alpha=0.05)
+    assert experiment.rollback_alpha == pytest.approx(experiment.alpha_total)
+
+
+def _last(require_win: bool, profile: RolloutProfile = BALANCED) -> RolloutState:
+    index = profile.last_test_step
+    return _state(
+        status=Status.RUNNING,
+        step_index=index,
+        weight=profile.steps[index].weight,
+        step_started_at=T0,
+        require_win=require_win,
+    )
+
+
+def test_require_win_promotes_on_a_significant_win() -> None:
+    """At the last test step a require_win rollout holds while the candidate is merely not
+    worse, and promotes once it is significantly better."""
+    flat = _obs(step_index=3, weight=0.75, n=4000)
+    state, actions = step(_last(True), Tick(flat), T0 + STEP_S, BALANCED)
+    assert state.status is Status.RUNNING
+    assert actions[-1].reason == "waiting for a significant win"  # type: ignore[union-attr]
+    better = _obs(step_index=3, weight=0.75, n=4000, cand_rate=0.86)
+    state, actions = step(state, Tick(better), T0 + STEP_S + 10, BALANCED)
+    assert state.status is Status.PROMOTED
+    assert "significantly better" in actions[2].reason  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("by", ["time", "samples"])
+def test_require_win_ends_as_no_improvement_at_the_horizon(by: str) -> None:
+    """Without a win by the horizon (time in the last step, or samples per arm), the rollout
+    ends as no_improvement: weight 0, candidate retired, baseline kept."""
+    if by == "time":
+        obs, now = _obs(step_index=3, weight=0.75, n=4000), T0 + BALANCED.win_max_duration_s
+    else:
+        n = round(BALANCED.win_max_samples_per_arm / 0.25) + 10
+        obs, now = _obs(step_index=3, weight=0.75, n=n), T0 + STEP_S
+    state, actions = step(_last(True), Tick(obs), now, BALANCED)
+    assert state.status is Status.NO_IMPROVEMENT
+    assert state.weight == 0.0
+    assert actions[:2] == [SetWeight(0.0), RetireCandidate()]
+    assert _kinds(actions) == ["no_improvement"]
+    assert "no significant win" in actions[2].reason  # type: ignore[union-attr]
+    assert TRANSITIONS[Status.NO_IMPROVEMENT] == {}
+    with pytest.raises(IllegalTransition):
+        step(state, Promote(), now + 1, BALANCED)
+
+
+def test_manual_rollouts_keep_their_profile_behaviour() -> None:
+    """Without require_win the last step promotes on no regression; an experiment profile
+    (promote_requires_win) holds for a win however long it takes, never no_improvement."""
+    flat = _obs(step_index=3, weight=0.75, n=4000)
+    state, _ = step(_last(False), Tick(flat), T0 + STEP_S, BALANCED)
+    assert state.status is Status.PROMOTED
+    experiment = fixed_split_experiment(0.2, min_duration_s=0, min_samples_per_arm=100)
+    running = _state(status=Status.RUNNING, weight=0.2, step_started_at=T0)
+    later = T0 + 100 * experiment.win_max_duration_s
+    state, actions = step(running, Tick(_obs(n=5000, weight=0.2)), later, experiment)
+    assert state.status is Status.RUNNING
+    assert _kinds(actions) == ["hold"]
+
+
+def test_starvation_alert_is_raised_once_and_resolved() -> None:
+    """The hold action also alerts (once per episode) past the grace period; samples coming
+    back resolve the alert, and so does the end of the rollout."""
+    starved, late = _obs(n=100), T0 + STEP_S
+    state, _ = step(_running(), Tick(starved), late, BALANCED)
+    grace_over = late + BALANCED.starvation_grace_s
+    state, actions = step(state, Tick(starved), grace_over, BALANCED)
+    assert isinstance(actions[0], RaiseAlert)
+    assert state.starvation_acted_at == grace_over
+    state, actions = step(state, Tick(starved), grace_over + 10, BALANCED)
+    assert not any(isinstance(a, RaiseAlert | ResolveAlert) for a in actions)
+    fed, actions = step(state, Tick(_obs(n=10_000)), grace_over + 20, BALANCED)
+    assert isinstance(actions[0], ResolveAlert)
+    assert (fed.starving_since, fed.starvation_acted_at) == (None, None)
+    ended, actions = step(state, Rollback("ops"), grace_over + 30, BALANCED)
+    assert isinstance(actions[-1], ResolveAlert)
+    assert ended.starvation_acted_at is None
+
+
+def test_paused_by_starvation_resolves_on_resume() -> None:
+    """The pause action alerts and pauses; resuming resolves the alert."""
+    profile = BALANCED.model_copy(update={"starvation_action": "pause", "starvation_grace_s": 0})
+    paused, _ = step(_running(), Tick(_obs(n=10)), T0 + STEP_S, profile)
+    resumed, actions = step(paused, Resume(), T0 + STEP_S + 5, profile)
+    assert isinstance(actions[0], ResolveAlert)
+    assert resumed.status is Status.RUNNING
+
+
+def test_decision_details_are_strict_json() -> None:
+    """A tick without data records details that strict JSON accepts (no infinities)."""
+    _, actions = step(_running(), Tick(Observation()), T0 + 1, BALANCED)
+    details = [a.details for a in actions if isinstance(a, RecordDecision)]
+    assert details
+    json.dumps(details, allow_nan=False)

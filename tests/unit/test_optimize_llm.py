@@ -20,6 +20,7 @@ from promptd.optimization.llm import (
     LiteLLMClient,
     close_litellm,
 )
+from promptd.optimization.program import Program
 from promptd.optimization.store import OptimizationStore
 from promptd.storage.database import Database
 from tests.optimize_fake_llm import RATE_LIMITED, FakeLLM, user_text
@@ -179,9 +180,9 @@ async def test_evaluator_renders_calls_and_scores(
     settings = EvaluationSettings(model=_model(fake, temperature=0.0), metric="exact_match")
     evaluator = Evaluator(_llm(db, Budget(10, 1.0)), settings)
     ok, wrong = _example("a", "in Paris", "Paris"), _example("b", "in Rome", "Rome")
-    assert not evaluator.usable(_example("c", "x", None), "City of {text}")
-    assert not evaluator.usable(ok, "City of {missing}")
-    assert await evaluator.scores("City of {text}", [ok, wrong]) == [1.0, 0.0]
+    assert not evaluator.usable(_example("c", "x", None), Program.text("City of {text}"))
+    assert not evaluator.usable(ok, Program.text("City of {missing}"))
+    assert await evaluator.scores(Program.text("City of {text}"), [ok, wrong]) == [1.0, 0.0]
     assert fake.requests[0]["messages"] == [{"role": "user", "content": "City of in Paris"}]
     assert fake.requests[0]["temperature"] == 0.0
 
@@ -195,7 +196,7 @@ async def test_evaluator_scores_a_refused_request_zero(
     evaluator = Evaluator(
         _llm(db, Budget(10, 1.0)), EvaluationSettings(model=_model(fake), metric="exact_match")
     )
-    scored = await evaluator.run("{text}", [_example("a", "long", "Paris")])
+    scored = await evaluator.run(Program.text("{text}"), [_example("a", "long", "Paris")])
     assert scored[0].score == 0.0
     assert scored[0].error is not None
     assert "context too long" in scored[0].error
@@ -214,6 +215,6 @@ async def test_llm_judge_scores_with_the_judge_model(
     settings = EvaluationSettings(model=_model(fake), metric="llm_judge")
     evaluator = Evaluator(_llm(db, Budget(10, 1.0)), settings)
     example = _example("a", "hi", None)
-    assert evaluator.usable(example, "{text}")
-    assert await evaluator.scores("{text}", [example]) == [pytest.approx(0.7)]
+    assert evaluator.usable(example, Program.text("{text}"))
+    assert await evaluator.scores(Program.text("{text}"), [example]) == [pytest.approx(0.7)]
     assert len(fake.requests) == 2

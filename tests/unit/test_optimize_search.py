@@ -17,6 +17,7 @@ from promptd.optimization.config import OptimizationSettings
 from promptd.optimization.evaluator import Evaluator
 from promptd.optimization.examples import Example, split
 from promptd.optimization.llm import Budget, CachedLLM, LiteLLMClient, close_litellm
+from promptd.optimization.program import Program
 from promptd.optimization.store import OptimizationStore
 from promptd.optimization.strategies import get_strategy, known_strategies, register_strategy
 from promptd.optimization.strategies.base import Candidate, SearchContext, SearchResult
@@ -66,26 +67,33 @@ def _settings(fake: FakeLLM, **over: Any) -> OptimizationSettings:
 class Harness:
     """A SearchContext on the synthetic task, recording checkpointed candidates."""
 
-    def __init__(self, db: Database, settings: OptimizationSettings, max_calls: int = 1000):
+    def __init__(
+        self,
+        db: Database,
+        settings: OptimizationSettings,
+        max_calls: int = 1000,
+        baseline: Program | None = None,
+    ):
         self.settings = settings
         self.budget = Budget(max_calls, 100.0)
         self.llm = CachedLLM(LiteLLMClient(0, 0.0), OptimizationStore(db), self.budget, "run-1", 4)
         self.evaluator = Evaluator(self.llm, settings.evaluation)
         parts = split(_examples(), "promptd", 0.4, 0.3)
         self.train = parts.train
-        self.validation = [e for e in parts.validation if self.evaluator.usable(e, TEMPLATE)]
+        self.baseline = baseline or Program.text(TEMPLATE)
+        self.validation = [e for e in parts.validation if self.evaluator.usable(e, self.baseline)]
         self.checkpointed: list[Candidate] = []
 
     async def context(self) -> SearchContext:
         async def hook(cand: Candidate) -> None:
             self.checkpointed.append(cand)
 
-        baseline = await self.evaluator.scores(TEMPLATE, self.validation)
+        baseline = await self.evaluator.scores(self.baseline, self.validation)
         return SearchContext(
             run_id="run-1",
             prompt="city",
             seed=1234,
-            baseline=TEMPLATE,
+            baseline=self.baseline,
             train=self.train,
             validation=self.validation,
             evaluator=self.evaluator,
@@ -115,12 +123,36 @@ async def test_fewshot_random_search_scores_demo_sets_from_train_only(
     train_ids = {e.request_id for e in h.train}
     for cand in result.candidates:
         assert set(cand.details["demos"]) <= train_ids
-        assert DEMO_HEADING in cand.template
-        assert placeholders(cand.template) == ["text"]
+        assert DEMO_HEADING in cand.program.template
+        assert placeholders(cand.program.template) == ["text"]
         assert cand.val_n == len(h.validation)
     assert _best(result).val_mean == pytest.approx(1.0)
     assert ctx.baseline_val_mean == pytest.approx(2 / 11)  # token F1 of the chatty answer
     assert h.checkpointed == result.candidates
+
+
+async def test_fewshot_gives_a_chat_prompt_demonstrations_as_turns(
+    db: Database, fake: FakeLLM
+) -> None:
+    """A chat configuration gets its demonstrations as user/assistant turns."""
+    chat = Program.from_config(
+        {
+            "messages": [
+                {"role": "system", "content": "Read the message."},
+                {"role": "user", "content": "Message: {text}\nCity:"},
+            ]
+        }
+    )
+    h = Harness(db, _settings(fake, fewshot={"num_candidates": 2}), baseline=chat)
+    result, _ = await h.search("fewshot")
+    best = _best(result)
+    assert best.program.chat
+    roles = [r for r, _ in best.program.messages]
+    assert roles[0] == "system"
+    assert roles[-1] == "user"
+    assert "assistant" in roles
+    assert best.val_mean == pytest.approx(1.0)
+    assert best.summary()["config"]["messages"][1]["role"] == "user"
 
 
 async def test_fewshot_without_trusted_answers_says_so(db: Database, fake: FakeLLM) -> None:
@@ -147,10 +179,10 @@ async def test_instruction_search_feeds_scores_back_to_the_proposer(
     assert all("with their scores" in p for p in proposer_prompts[3:])
     assert "Score 0.18: Read the message." in proposer_prompts[3]
     best = _best(result)
-    assert best.template.startswith(GOOD_INSTRUCTION)
+    assert best.program.template.startswith(GOOD_INSTRUCTION)
     assert best.val_mean is not None
     assert best.val_mean > 0.85
-    assert all(placeholders(c.template) == ["text"] for c in result.candidates)
+    assert all(placeholders(c.program.template) == ["text"] for c in result.candidates)
 
 
 async def test_mipro_runs_a_tpe_study_and_rescores_the_top(db: Database, fake: FakeLLM) -> None:
@@ -173,6 +205,28 @@ async def test_mipro_runs_a_tpe_study_and_rescores_the_top(db: Database, fake: F
     assert _best(result).val_mean > 0.85  # type: ignore[operator]
 
 
+async def test_mipro_tries_the_models_a_configuration_allows(db: Database, fake: FakeLLM) -> None:
+    """A chat configuration's ``tunable.models`` is a dimension of the TPE study."""
+    chat = Program.from_config(
+        {
+            "messages": [{"role": "user", "content": "Message: {text}\nCity:"}],
+            "tunable": {"models": ["openai/good-model"]},
+        }
+    )
+    settings = _settings(
+        fake,
+        mipro={"num_instructions": 2, "num_demo_sets": 1, "num_trials": 8, "minibatch_size": 4},
+        fewshot={"max_demos": 1},
+    )
+    h = Harness(db, settings, baseline=chat)
+    h.train = []  # no demonstrations: only the instruction and the model can help
+    result, _ = await h.search("mipro")
+    best = _best(result)
+    assert best.program.model == "openai/good-model"
+    assert best.val_mean == pytest.approx(1.0)
+    assert best.program.extra("tunable") == {"models": ["openai/good-model"]}
+
+
 async def test_a_replayed_search_pays_nothing(db: Database, fake: FakeLLM) -> None:
     """The same run searching again (a resume) finds every answer in the cache."""
     settings = _settings(
@@ -191,7 +245,7 @@ async def test_a_replayed_search_pays_nothing(db: Database, fake: FakeLLM) -> No
     second, _ = await again.search("mipro")
     assert len(fake.requests) == paid
     assert again.llm.misses == 0
-    assert [c.template for c in second.candidates] == [c.template for c in first.candidates]
+    assert [c.program for c in second.candidates] == [c.program for c in first.candidates]
 
 
 async def test_search_stops_at_the_budget_keeping_scored_candidates(
@@ -222,8 +276,8 @@ async def test_gepa_adapter_uses_promptd_evaluator_proposer_and_budget(
     assert "The correct answer is:" in reflections[0]
     assert h.budget.calls <= 150
     best = _best(result)
-    assert best.template.startswith(GOOD_INSTRUCTION)
-    assert placeholders(best.template) == ["text"]
+    assert best.program.template.startswith(GOOD_INSTRUCTION)
+    assert placeholders(best.program.template) == ["text"]
 
 
 async def test_gepa_stops_when_the_run_is_cancelled(db: Database) -> None:
@@ -263,7 +317,7 @@ class Constant:
     async def search(self, ctx: SearchContext) -> SearchResult:
         """Score one template."""
         result = SearchResult()
-        await ctx.evaluate(f"{GOOD_INSTRUCTION}\n{{text}}", self.name, "fixed", result)
+        await ctx.evaluate(Program.text(f"{GOOD_INSTRUCTION}\n{{text}}"), self.name, "x", result)
         return result
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from promptd.optimization.examples import Example
-from promptd.optimization.strategies.base import parse_instruction, with_instruction
+from promptd.optimization.strategies.base import parse_instruction
 from promptd.optimization.templates import (
     DEMO_HEADING,
     check,
@@ -15,6 +15,7 @@ from promptd.optimization.templates import (
     sanitize,
     strip_demos,
     with_demos,
+    with_instruction,
 )
 from promptd.replacement.registry import placeholders
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from promptd.replacement.registry import (
     Conflict,
+    InvalidName,
     NewVersion,
     NotFound,
     PlaceholderMismatch,
     Registry,
     RegistryError,
+    name_problem,
     placeholders,
 )
 from promptd.storage.database import Database
@@ -93,3 +97,39 @@ async def test_unknown_prompt_or_version_is_not_found(registry: Registry) -> Non
     await registry.register("s", NewVersion(template="A"))
     with pytest.raises(NotFound):
         await registry.restore("s", "v9")
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("", "must not be empty"),
+        ("a\x00b", "U+0000"),
+        ("line\nbreak", "U+000A"),
+        ("tab\there", "U+0009"),
+        ("sep\u2028x", "U+2028"),
+        (" padded", "whitespace"),
+        ("x" * 201, "above the 200-character limit"),
+    ],
+)
+async def test_bad_names_are_refused_with_the_reason(
+    registry: Registry, name: str, problem: str
+) -> None:
+    """Names the event contract could not carry sensibly (empty, NUL and other control
+    characters, edge whitespace, over 200 characters) are refused (422) saying why, in the
+    prompt name, in a version name and in a restore; nothing is stored."""
+    assert name_problem(name, 200) is not None
+    with pytest.raises(InvalidName, match=re.escape(problem)) as info:
+        await registry.register(name, NewVersion(template="x"))
+    assert info.value.status == 422
+    with pytest.raises(ValidationError, match="name "):
+        NewVersion(template="x", version=name)
+    with pytest.raises(InvalidName):
+        await registry.restore("p", name)
+    assert await registry.list_prompts() == []
+
+
+@pytest.mark.parametrize("name", ["summarize", "support/summarize v2", "résumé·日本語", "x" * 200])
+async def test_good_names_are_kept_verbatim(registry: Registry, name: str) -> None:
+    """Spaces, slashes and any script inside a name are fine, up to 200 characters."""
+    version = await registry.register(name, NewVersion(template="x", version=name))
+    assert (version.prompt, version.version) == (name, name)

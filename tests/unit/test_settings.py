@@ -88,3 +88,142 @@ def test_missing_config_file_is_reported(tmp_path: Path) -> None:
     """Naming a config file that does not exist is a clear error."""
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_sdk_variables_are_honoured_or_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's flat topic and security variables set the daemon's settings; its daemon
+    URL, client id and PROMPTD_SDK_* variables are accepted and ignored."""
+    monkeypatch.setenv("PROMPTD_KAFKA_METRICS_TOPIC", "app.metrics")
+    monkeypatch.setenv("PROMPTD_KAFKA_FEEDBACK_TOPIC", "app.feedback")
+    monkeypatch.setenv("PROMPTD_KAFKA_ROUTING_TOPIC", "app.routing")
+    monkeypatch.setenv("PROMPTD_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("PROMPTD_KAFKA_CLIENT_ID", "my-app")
+    monkeypatch.setenv("PROMPTD_DAEMON_URL", "http://daemon:8787")
+    monkeypatch.setenv("PROMPTD_SDK_QUEUE_SIZE", "10")
+    kafka = load_settings().kafka
+    assert (kafka.metrics_topic, kafka.feedback_topic, kafka.routing_topic) == (
+        "app.metrics",
+        "app.feedback",
+        "app.routing",
+    )
+    assert kafka.security_protocol == "SASL_SSL"
+    assert kafka.client_id == "promptd"
+
+
+def test_every_sdk_variable_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No variable the SDK reads is refused by the daemon (one environment serves both)."""
+    import dataclasses
+
+    from promptd.sdk.config import SdkConfig, environment_variables
+
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(SdkConfig)}
+    samples = {"bool": "true", "int": "10", "float": "1.0"}
+    for name, field in environment_variables().items():
+        kind = kinds[field]
+        value = next((v for k, v in samples.items() if kind.startswith(k)), "PLAINTEXT")
+        monkeypatch.setenv(name, "k:9092" if field == "bootstrap_servers" else value)
+    assert load_settings().kafka.bootstrap_servers == "k:9092"
+
+
+@pytest.mark.parametrize(
+    ("name", "suggestion"),
+    [
+        ("PROMPTD_HTTP_PROT", "PROMPTD_HTTP_PORT"),
+        ("PROMPTD_KAFKA_GROUP_ID", "PROMPTD_KAFKA__GROUP_ID"),
+        ("PROMPTD_KAFKA__GROUPID", "PROMPTD_KAFKA__GROUP_ID"),
+        ("PROMPTD_DAEMON_UR", "PROMPTD_DAEMON_URL"),
+    ],
+)
+def test_unknown_variable_names_the_closest(
+    monkeypatch: pytest.MonkeyPatch, name: str, suggestion: str
+) -> None:
+    """A PROMPTD_ variable that sets nothing is an error naming it and the closest name."""
+    monkeypatch.setenv(name, "1")
+    with pytest.raises(SettingsError, match=f"unknown variable {name} .did you mean {suggestion}"):
+        load_settings()
+
+
+def test_nested_names_below_dict_settings_are_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Variables below a model or dict setting are known (deep nesting, optional models)."""
+    monkeypatch.setenv("PROMPTD_OPTIMIZATION__PROPOSER__MODEL", "openai/gpt-4o-mini")
+    settings = load_settings()
+    assert settings.optimization.proposer is not None
+
+
+def test_unprefixed_variables_are_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ADMIN_TOKEN and DATA_DIR without the prefix set nothing."""
+    monkeypatch.setenv("ADMIN_TOKEN", "x" * 20)
+    monkeypatch.setenv("DATA_DIR", "/elsewhere")
+    settings = load_settings()
+    assert settings.http.admin_token is None
+    assert str(settings.storage.data_dir) == "data"
+
+
+def test_flat_and_nested_names_must_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting one setting through two names with different values is an error."""
+    monkeypatch.setenv("PROMPTD_HTTP_PORT", "1000")
+    monkeypatch.setenv("PROMPTD_HTTP__PORT", "2000")
+    with pytest.raises(SettingsError, match="PROMPTD_HTTP_PORT and PROMPTD_HTTP__PORT"):
+        load_settings()
+
+
+def test_flags_win_and_are_named_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLI overrides win over the environment, and a bad one is named by its flag."""
+    monkeypatch.setenv("PROMPTD_HTTP_PORT", "1000")
+    assert load_settings(overrides={"http.port": 2000}).http.port == 2000
+    with pytest.raises(SettingsError, match=r"http\.port \[--http-port\]"):
+        load_settings(overrides={"http.port": 99999}, origins={"http.port": "--http-port"})
+
+
+def test_secrets_are_never_printed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An invalid secret (admin token, SASL password) is reported by name only."""
+    monkeypatch.setenv("PROMPTD_ADMIN_TOKEN", "short-secret")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "PROMPTD_ADMIN_TOKEN" in str(info.value)
+    assert "short-secret" not in str(info.value)
+    monkeypatch.delenv("PROMPTD_ADMIN_TOKEN")
+    config = tmp_path / "c.toml"
+    config.write_text('[kafka]\nsasl_password = ["hunter2"]\n')
+    with pytest.raises(SettingsError) as info:
+        load_settings(config)
+    assert "kafka.sasl_password" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_unknown_default_profile(tmp_path: Path) -> None:
+    """rollout.default_profile must name a built-in or configured profile."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[rollout]\ndefault_profile = "careful"\n'
+        "[rollout.profiles.careful]\nsteps = [{weight = 1.0}]\n"
+    )
+    assert load_settings(config).rollout.default_profile == "careful"
+    config.write_text('[rollout]\ndefault_profile = "carefull"\n')
+    with pytest.raises(SettingsError, match=r"rollout\.default_profile .in .*c\.toml.: unknown"):
+        load_settings(config)
+
+
+def test_toml_errors_name_the_file(tmp_path: Path) -> None:
+    """Invalid TOML, non-UTF-8 bytes and a directory are each reported with the path."""
+    config = tmp_path / "c.toml"
+    config.write_text("[kafka\n")
+    with pytest.raises(SettingsError, match=r"c\.toml' is not valid TOML: .*line 1"):
+        load_settings(config)
+    config.write_bytes(b'log_level = "\xff"\n')
+    with pytest.raises(SettingsError, match=r"c\.toml' is not UTF-8"):
+        load_settings(config)
+
+
+def test_typo_in_toml_suggests_the_key(tmp_path: Path) -> None:
+    """An unknown TOML key names the closest known key of its section."""
+    config = tmp_path / "c.toml"
+    config.write_text("[storage]\nretention_day = 3\n")
+    with pytest.raises(SettingsError, match=r"did you mean storage\.retention_days"):
+        load_settings(config)
+
+
+def test_empty_bootstrap_means_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PROMPTD_KAFKA_BOOTSTRAP_SERVERS= (empty) selects the embedded broker, as unset does."""
+    monkeypatch.setenv("PROMPTD_KAFKA_BOOTSTRAP_SERVERS", "")
+    assert load_settings().kafka.embedded

@@ -1,0 +1,74 @@
+"""Rebuilding a live rollout's aggregates from storage at start-up.
+
+The stored calls and feedback of the rollout's prompt are fed to the
+:class:`~promptd.replacement.observations.RolloutAccumulator` in the order they were
+stored (merged on ``ingested_at``, calls first within a batch, as the live feed does), so
+the feedback joins — which depend on the stored ingestion times — come out exactly as they
+did before the restart, however late the feedback was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from promptd.replacement.observations import PENDING_WINDOW_S, RolloutAccumulator
+from promptd.storage.database import Database
+from promptd.storage.repository import EventRepository
+
+_CHUNK = 2000
+
+
+async def _rows(db: Database, sql: str, params: tuple[Any, ...]) -> AsyncIterator[Any]:
+    async with db.reader.execute(sql, params) as cur:
+        while rows := await cur.fetchmany(_CHUNK):
+            for row in rows:
+                yield row
+
+
+async def replay(
+    db: Database,
+    acc: RolloutAccumulator,
+    prompt: str,
+    since: float,
+) -> tuple[int, int]:
+    """Feed the rollout's stored events since ``since`` to ``acc``; returns (calls, feedback).
+
+    Only events stored at or after ``since`` (the rollout's start) were fed live, so only
+    those are replayed.
+    """
+    events = EventRepository(db)
+    variants = (acc.baseline_version, acc.candidate_version)
+    metric_floor = await events.first_id_since("metric_events", since)
+    # Feedback carries the app's timestamp, normally after its call's; the scan floor
+    # leaves room for feedback stamped up to the join window before the rollout.
+    fb_since = since - max(acc.feedback_max_delay_s, PENDING_WINDOW_S)
+    feedback_floor = await events.first_id_since("feedback_events", fb_since)
+    calls = _rows(
+        db,
+        "SELECT ingested_at, ts, variant, coalesce(unit_id, request_id), latency_ms, success, "
+        "quality, cost_usd, request_id FROM metric_events "
+        "WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND prompt = ? AND variant IN (?, ?) "
+        "ORDER BY id",
+        (metric_floor, since, since, prompt, *variants),
+    )
+    feedback = _rows(
+        db,
+        "SELECT ingested_at, request_id, score FROM feedback_events "
+        "WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND prompt = ? ORDER BY id",
+        (feedback_floor, fb_since, since, prompt),
+    )
+    n_calls = n_feedback = 0
+    call = await anext(calls, None)
+    fb = await anext(feedback, None)
+    while call is not None or fb is not None:
+        if call is not None and (fb is None or call[0] <= fb[0]):
+            at, ts, variant, unit, latency, success, quality, cost, request_id = call
+            acc.add_metric(ts, variant, unit, latency, bool(success), quality, cost, request_id, at)
+            n_calls += 1
+            call = await anext(calls, None)
+        elif fb is not None:
+            acc.add_feedback(fb[1], fb[2], fb[0])
+            n_feedback += 1
+            fb = await anext(feedback, None)
+    return n_calls, n_feedback

@@ -1,0 +1,101 @@
+"""Pipelines through the real daemon's HTTP API and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from promptd.daemon.commands import CommandError
+from promptd.daemon.commands_pipelines import pipelines_command
+from promptd.replacement.registry import NewVersion
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "pipeline-admin-token-01"
+GEO = {
+    "name": "geo",
+    "steps": [
+        {"prompt": "extract", "bindings": {"text": "input.text"}},
+        {"prompt": "answer", "bindings": {"notes": "extract.output"}},
+    ],
+}
+
+
+async def test_pipelines_are_checked_registered_and_listed(
+    make_settings: Any, start_daemon: Any
+) -> None:
+    """Registration needs the token, refuses definitions that do not fit the registry
+    (422, naming why) and prompts already in another pipeline (409); GET shows them."""
+    running = await start_daemon(make_settings(http={"admin_token": TOKEN}), ready=False)
+    registry = running.daemon.components["registry"]
+    await registry.register("extract", NewVersion(template="Read.\nMessage: {text}"))
+    await registry.register("answer", NewVersion(template="Answer.\nNotes: {notes}"))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    wrong_binding = {**GEO, "steps": [GEO["steps"][0], {"prompt": "answer", "bindings": {}}]}
+    unknown = {**GEO, "steps": [*GEO["steps"], {"prompt": "nope", "bindings": {}}]}
+    backwards = {**GEO, "steps": list(reversed(GEO["steps"]))}
+    async with aiohttp.ClientSession(running.url) as http:
+        async with http.post("/v1/pipelines", json=GEO) as resp:
+            assert resp.status == 401
+        for body, fragment in (
+            (wrong_binding, "must name exactly the placeholders"),
+            (unknown, "no such prompt"),
+            (backwards, "not an earlier step"),
+        ):
+            async with http.post("/v1/pipelines", json=body, headers=auth) as resp:
+                assert resp.status == 422, await resp.text()
+                assert fragment in (await resp.json())["error"]
+        async with http.post("/v1/pipelines", json=GEO, headers=auth) as resp:
+            assert resp.status == 201
+            assert await resp.json() == GEO
+        other = {**GEO, "name": "other"}
+        async with http.post("/v1/pipelines", json=other, headers=auth) as resp:
+            assert resp.status == 409
+            assert "already belongs to pipeline 'geo'" in (await resp.json())["error"]
+        async with http.get("/v1/pipelines") as resp:
+            assert (await resp.json())["pipelines"] == [GEO]
+        async with http.get("/v1/pipelines/geo") as resp:
+            assert await resp.json() == GEO
+        async with http.get("/v1/pipelines/nope") as resp:
+            assert resp.status == 404
+    pipelines = running.daemon.components["pipelines"]
+    assert await pipelines.related("extract") == {"answer"}
+    assert await pipelines.related("answer") == {"extract"}
+
+
+async def test_cli_registers_a_pipeline_from_toml(
+    make_settings: Any, start_daemon: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`promptd pipelines register FILE.toml` registers it; `list` and `show` print it; a
+    broken file is one clear error."""
+    settings = make_settings(http={"admin_token": TOKEN})
+    running = await start_daemon(settings, ready=False)
+    registry = running.daemon.components["registry"]
+    await registry.register("extract", NewVersion(template="Read.\nMessage: {text}"))
+    await registry.register("answer", NewVersion(template="Answer.\nNotes: {notes}"))
+    path = tmp_path / "geo.toml"
+    path.write_text(
+        'name = "geo"\n'
+        '[[steps]]\nprompt = "extract"\nbindings = { text = "input.text" }\n'
+        '[[steps]]\nprompt = "answer"\nbindings = { notes = "extract.output" }\n'
+    )
+
+    def run(**kw: Any) -> int:
+        args = argparse.Namespace(json=False, **kw)
+        return pipelines_command(args, settings)
+
+    assert await asyncio.to_thread(run, pipelines_command="register", file=path) == 0
+    assert await asyncio.to_thread(run, pipelines_command="list") == 0
+    assert await asyncio.to_thread(run, pipelines_command="show", name="geo") == 0
+    out = capsys.readouterr().out
+    assert "geo: extract -> answer" in out
+    assert "notes <- extract.output" in out
+    broken = tmp_path / "broken.toml"
+    broken.write_text("name = ")
+    with pytest.raises(CommandError, match=r"broken\.toml: not valid TOML"):
+        await asyncio.to_thread(run, pipelines_command="register", file=broken)
