@@ -142,6 +142,9 @@ class RolloutSettings(_Section):
     # Multiplies every step's minimum duration and the starvation grace period; the demo
     # and tests use a small value to see a whole rollout in seconds.
     time_scale: float = Field(default=1.0, gt=0)
+    # Save live rollouts' aggregates this often (and at a clean stop), so that a start
+    # replays only the events stored since instead of all since the rollout began. 0: never.
+    snapshot_interval_s: float = Field(default=60.0, ge=0)
 
     @field_validator("profiles", mode="before")
     @classmethod

@@ -158,6 +158,7 @@ def install_rollouts(daemon: Daemon) -> None:
             publish=publish,
             alert=alert,
             routing_ttl_s=settings.http.routing_ttl_s,
+            snapshot_interval_s=settings.rollout.snapshot_interval_s,
         )
         await controller.resume()
         daemon.components["registry"] = registry

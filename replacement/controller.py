@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 
 from promptd._aio import wait_event
-from promptd.replacement import machine, views
+from promptd.replacement import machine, snapshots, views
 from promptd.replacement.machine import TERMINAL, RolloutState, Status
 from promptd.replacement.metrics import DECISION_KINDS, FEEDBACK_OUTCOMES, RolloutMetrics
 from promptd.replacement.observations import PrimaryMetric, RolloutAccumulator
@@ -40,6 +40,7 @@ from promptd.routing import Routing
 from promptd.storage.database import Database
 from promptd.storage.repository import BatchOutcome
 from promptd.storage.rollouts import Decision, RolloutStore, StoredRollout
+from promptd.storage.snapshots import SnapshotStore, last_ids
 
 log = structlog.get_logger("promptd.rollout")
 
@@ -84,6 +85,7 @@ class RolloutController:
         alert: AlertHook | None = None,
         routing_ttl_s: float = 30.0,
         clock: Callable[[], float] = time.time,
+        snapshot_interval_s: float = 0.0,
     ) -> None:
         self.db = db
         self.registry = registry
@@ -100,17 +102,26 @@ class RolloutController:
         self._by_prompt: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._dirty_routing: set[str] = set()
+        # Snapshots of the live rollouts' accumulators (see .snapshots): every event row
+        # up to ``covered`` has been fed to them.
+        self.snapshot_interval_s = snapshot_interval_s
+        self._snapshots = SnapshotStore(db) if snapshot_interval_s > 0 else None
+        self.covered: tuple[int, int] = (0, 0)
+        self._ended: set[str] = set()
 
     # -- start-up ------------------------------------------------------------------
 
     async def resume(self) -> None:
-        """Load live rollouts and replay their stored events (before ingestion starts)."""
+        """Load live rollouts and replay their stored events (before ingestion starts):
+        from their snapshot on when there is a usable one, else since they started."""
+        self.covered = await last_ids(self.db)
         for row in await self.store.live():
             state = RolloutState.from_dict(row.state)
             acc = self._accumulator(row.baseline, row.candidate, state, list(row.step_starts))
             calls = feedback = 0
             if row.step_starts:
-                calls, feedback = await replay(self.db, acc, row.prompt, row.step_starts[0])
+                after = await self._load_snapshot(row.id, acc)
+                calls, feedback = await replay(self.db, acc, row.prompt, row.step_starts[0], after)
             live = _Live(row, state, acc)
             self._add_live(live)
             self._count_feedback(live)
@@ -126,6 +137,22 @@ class RolloutController:
             )
         for prompt in await self._all_prompts():
             self._dirty_routing.add(prompt)
+
+    async def _load_snapshot(self, rollout_id: str, acc: RolloutAccumulator) -> tuple[int, int]:
+        """Load the rollout's snapshot into ``acc``; the row ids it covers ((0, 0): none)."""
+        if self._snapshots is None:
+            return (0, 0)
+        snap = await self._snapshots.load(snapshots.name(rollout_id))
+        if snap is None:
+            return (0, 0)
+        stored = self.covered
+        if stored[0] < snap.metric_id or stored[1] < snap.feedback_id:
+            log.warning("rollout_snapshot_ignored", rollout_id=rollout_id, reason="ids went back")
+            return (0, 0)
+        if not snapshots.load(acc, snap):
+            log.warning("rollout_snapshot_ignored", rollout_id=rollout_id, reason="other config")
+            return (0, 0)
+        return (snap.metric_id, snap.feedback_id)
 
     def _accumulator(
         self, baseline: str, candidate: str, state: RolloutState, step_starts: list[float]
@@ -151,6 +178,11 @@ class RolloutController:
         Calls before feedback, as the replay orders them; feedback is joined to its call
         by ``request_id`` (see :mod:`.observations`).
         """
+        covered = self.covered
+        self.covered = (
+            max(covered[0], outcome.last_metric_id),
+            max(covered[1], outcome.last_feedback_id),
+        )
         if not self._by_prompt:
             return
         at = outcome.ingested_at or self.clock()
@@ -189,10 +221,40 @@ class RolloutController:
     # -- the loop ------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
-        """Tick every ``interval_s`` until ``stop``."""
+        """Tick every ``interval_s`` until ``stop``, snapshotting the live rollouts every
+        ``snapshot_interval_s`` and once more at the end."""
+        last_snapshot = time.monotonic()
         while not stop.is_set():
             await self.tick()
+            if time.monotonic() - last_snapshot >= self.snapshot_interval_s:
+                await self.snapshot_once()
+                last_snapshot = time.monotonic()
             await wait_event(stop, interval_s)
+        await self.snapshot_once()
+
+    async def snapshot_once(self) -> int:
+        """Save every live rollout's accumulator; returns how many (never raises).
+
+        The state is copied on the loop (where the batch listener mutates it), encoded in
+        a worker thread and saved; snapshots of ended rollouts are deleted.
+        """
+        store = self._snapshots
+        if store is None:
+            return 0
+        saved = 0
+        try:
+            for rid in list(self._ended):
+                await store.delete(snapshots.name(rid))
+                self._ended.discard(rid)
+            for rid, live in list(self._live.items()):
+                header, state = snapshots.take(rid, live.acc, self.covered, self.clock())
+                snap = await asyncio.to_thread(snapshots.finish, header, state)
+                await store.save(snap)
+                saved += 1
+        except Exception:
+            # The next interval retries; a restart without one only replays more events.
+            log.exception("rollout_snapshot_failed")
+        return saved
 
     async def tick(self) -> None:
         """Evaluate every running rollout once; publish pending routing."""
@@ -441,6 +503,7 @@ class RolloutController:
         self.metrics.step.labels(prompt=live.row.prompt).set(live.state.step_index)
 
     def _drop_live(self, rollout_id: str) -> None:
+        self._ended.add(rollout_id)
         live = self._live.pop(rollout_id)
         self._by_prompt.pop(live.row.prompt, None)
         self.metrics.live.set(len(self._live))

@@ -43,7 +43,7 @@ import math
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -262,6 +262,37 @@ class RolloutAccumulator:
             else:
                 del pending[rid]
 
+    # -- snapshots -----------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Everything the accumulator holds beyond its configuration, as plain values
+        (what a snapshot saves; :meth:`load_state` puts it back)."""
+        return {
+            "step_starts": list(self.step_starts),
+            "feedback": [self.feedback.joined, self.feedback.unmatched, self.feedback.waiting],
+            "cells": [[step, arm, *_cell_state(cell)] for (step, arm), cell in self._cells.items()],
+            "calls": [
+                [rid, call.cell[0], call.cell[1], call.bucket, call.ingested_at]
+                for rid, call in self._calls.items()
+            ],
+            "call_order": [list(item) for item in self._call_order],
+            "pending": [
+                [rid, [list(e) for e in entries]] for rid, entries in self._pending.items()
+            ],
+            "pending_order": [list(item) for item in self._pending_order],
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Replace what the accumulator holds by a :meth:`state` of the same rollout."""
+        self.feedback = FeedbackCounts(*state["feedback"])
+        self._cells = {(step, arm): _cell_from_state(rest) for step, arm, *rest in state["cells"]}
+        self._calls = {
+            rid: _Call((step, arm), bucket, at) for rid, step, arm, bucket, at in state["calls"]
+        }
+        self._call_order = deque((at, rid) for at, rid in state["call_order"])
+        self._pending = {rid: [(a, b) for a, b in entries] for rid, entries in state["pending"]}
+        self._pending_order = deque((at, rid) for at, rid in state["pending_order"])
+
     # -- views ---------------------------------------------------------------------
 
     def _steps_with(self, attr: str) -> list[int]:
@@ -340,6 +371,35 @@ class RolloutAccumulator:
                 "cost_per_request": cost.mean if cost.n else None,
             }
         return out
+
+
+def _metric_state(metric: _Metric) -> list[Any]:
+    y = None if metric.y is None else metric.y.tobytes()
+    m = None if metric.m is None else metric.m.tobytes()
+    return [metric.n, metric.total, metric.total_sq, y, m]
+
+
+def _metric_from_state(values: list[Any]) -> _Metric:
+    n, total, total_sq, y, m = values
+    metric = _Metric(n, total, total_sq)
+    if y is not None and m is not None:
+        metric.y = np.frombuffer(y, dtype=np.float64).copy()
+        metric.m = np.frombuffer(m, dtype=np.float64).copy()
+    return metric
+
+
+def _cell_state(cell: _Cell) -> list[Any]:
+    metrics = [_metric_state(getattr(cell, name)) for name in _CELL_METRICS]
+    return [*metrics, cell.requests, sorted(cell.units)]
+
+
+def _cell_from_state(values: list[Any]) -> _Cell:
+    *metrics, requests, units = values
+    parts = dict(zip(_CELL_METRICS, map(_metric_from_state, metrics), strict=True))
+    return _Cell(**parts, requests=requests, units=set(units))
+
+
+_CELL_METRICS: Final = ("primary", "log_latency", "errors", "cost")
 
 
 def _merge(parts: list[_Metric]) -> Moments:

@@ -31,11 +31,13 @@ async def replay(
     acc: RolloutAccumulator,
     prompt: str,
     since: float,
+    after: tuple[int, int] = (0, 0),
 ) -> tuple[int, int]:
     """Feed the rollout's stored events since ``since`` to ``acc``; returns (calls, feedback).
 
     Only events stored at or after ``since`` (the rollout's start) were fed live, so only
-    those are replayed.
+    those are replayed; with ``after`` (metric and feedback row ids a snapshot of ``acc``
+    covers), only the rows stored after those.
     """
     events = EventRepository(db)
     variants = (acc.baseline_version, acc.candidate_version)
@@ -44,6 +46,10 @@ async def replay(
     # leaves room for feedback stamped up to the join window before the rollout.
     fb_since = since - max(acc.feedback_max_delay_s, PENDING_WINDOW_S)
     feedback_floor = await events.first_id_since("feedback_events", fb_since)
+    metric_floor, feedback_floor = (
+        max(metric_floor, after[0] + 1),
+        max(feedback_floor, after[1] + 1),
+    )
     calls = _rows(
         db,
         "SELECT ingested_at, ts, variant, coalesce(unit_id, request_id), latency_ms, success, "

@@ -1,0 +1,84 @@
+"""Snapshots of live rollouts' aggregates, so that a restart replays only recent events.
+
+Without a snapshot, resuming a rollout replays every stored event of its prompt since the
+rollout started (:func:`~.replay.replay`): days of traffic for a slow rollout. With one,
+the accumulator is loaded as it was and only the events stored after the snapshot are
+replayed, in the same storage order, so the aggregates (cells, unit buckets, the calls
+feedback may still join) are what they would be after the full replay.
+
+One snapshot per live rollout, named ``rollout:<id>`` in the ``snapshots`` table; it is
+ignored when it was built for another configuration of the accumulator (versions, primary
+metric, buckets, join window) or another encoding (:data:`FORMAT`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+import msgspec
+
+from promptd.replacement.observations import RolloutAccumulator
+from promptd.storage.snapshots import Snapshot
+
+#: Version of the encoding; a snapshot of another format is ignored.
+FORMAT: Final = 1
+
+
+def name(rollout_id: str) -> str:
+    """The snapshot's name for a rollout."""
+    return f"rollout:{rollout_id}"
+
+
+def config_key(acc: RolloutAccumulator) -> str:
+    """What a snapshot must have been built with to be loaded into ``acc``."""
+    return json.dumps(
+        {
+            "format": FORMAT,
+            "baseline": acc.baseline_version,
+            "candidate": acc.candidate_version,
+            "primary": acc.primary_metric,
+            "buckets": acc.buckets,
+            "feedback_max_delay_s": acc.feedback_max_delay_s,
+            "srm_settle_s": acc.srm_settle_s,
+        },
+        sort_keys=True,
+    )
+
+
+def encode(state: dict[str, Any]) -> bytes:
+    """Snapshot bytes of an accumulator's :meth:`~RolloutAccumulator.state`."""
+    return msgspec.msgpack.encode(state)
+
+
+def take(
+    rollout_id: str, acc: RolloutAccumulator, covered: tuple[int, int], taken_at: float
+) -> tuple[Snapshot, dict[str, Any]]:
+    """The snapshot of ``acc`` (holding every event row up to ``covered``), unencoded:
+    call :func:`finish` (off the event loop) for the bytes."""
+    header = Snapshot(name(rollout_id), taken_at, covered[0], covered[1], config_key(acc), b"")
+    return header, acc.state()
+
+
+def finish(header: Snapshot, state: dict[str, Any]) -> Snapshot:
+    """The snapshot with its data encoded."""
+    return Snapshot(
+        header.name,
+        header.taken_at,
+        header.metric_id,
+        header.feedback_id,
+        header.config,
+        encode(state),
+    )
+
+
+def load(acc: RolloutAccumulator, snap: Snapshot) -> bool:
+    """Load ``snap`` into ``acc``; ``False`` (and ``acc`` untouched) when it does not fit."""
+    if snap.config != config_key(acc):
+        return False
+    state: dict[str, Any] = msgspec.msgpack.decode(snap.data)
+    steps = state["step_starts"]
+    if acc.step_starts[: len(steps)] != steps:
+        return False  # not this rollout's history
+    acc.load_state(state)
+    return True
