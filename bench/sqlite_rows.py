@@ -5,15 +5,16 @@
 Writes the same prebuilt metric rows (as the ingest path hands them to the writer) into a
 fresh WAL-mode file, in transactions of 5,000 rows with ``synchronous=NORMAL``, the way
 the daemon's writer does, once per variant and run (variants interleaved), and prints
-microseconds per row: the median over runs and its ratio to the daemon's statement.
+microseconds per row: the median over runs and its ratio to one-row statements.
 
 Variants:
 
-* **daemon**: ``INSERT ... ON CONFLICT (event_id) DO NOTHING`` of the 14 plain columns,
-  unique index on the ``event_id`` text (what promptd runs);
+* **one-row statements**: ``executemany`` of ``INSERT ... ON CONFLICT (event_id) DO
+  NOTHING`` of the 14 plain columns, unique index on the ``event_id`` text (what promptd
+  ran before);
 * **17 columns**: the same with the three capture columns bound as NULL (one statement
   for every row instead of two shapes);
-* **multi-row VALUES**: 64 rows per statement instead of ``executemany`` of one-row ones;
+* **multi-row VALUES**: 128 rows per statement (what promptd runs now);
 * **OR IGNORE**: ``INSERT OR IGNORE`` (not an option: it also hides CHECK violations);
 * **WITHOUT ROWID**: the table keyed by ``event_id`` itself (no second B-tree, but no
   integer id, which retention, time-range scans and snapshots rely on);
@@ -125,9 +126,9 @@ def variants() -> dict[str, tuple[str, Writer, bool]]:
         + " WITHOUT ROWID"
     )
     return {
-        "daemon (14 columns, unique text index)": (table, executemany(_insert(plain)), False),
+        "one-row statements (14 columns, before)": (table, executemany(_insert(plain)), False),
         "17 columns (captures bound as NULL)": (table, executemany(_insert(wide), 3), False),
-        f"multi-row VALUES ({MULTI} rows/statement)": (table, multi_row(plain), False),
+        f"multi-row VALUES, {MULTI} rows (promptd)": (table, multi_row(plain), False),
         "INSERT OR IGNORE": (table, executemany(_insert(plain, verb="INSERT OR IGNORE")), False),
         "WITHOUT ROWID keyed by event_id": (without_rowid, executemany(_insert(plain)), False),
         "random UUIDv4 event ids": (table, executemany(_insert(plain)), True),
@@ -175,7 +176,7 @@ def main() -> None:
             times[name].append(run_once(table, write, shuffled if random_ids else ordered))
         load.append(os.getloadavg()[0])
     base = statistics.median(next(iter(times.values())))
-    print(f"{'variant':<44}{'us/row':>8}{'min':>7}{'max':>7}{'vs daemon':>11}")
+    print(f"{'variant':<44}{'us/row':>8}{'min':>7}{'max':>7}{'vs one-row':>11}")
     for name, values in times.items():
         med = statistics.median(values)
         print(f"{name:<44}{med:>8.2f}{min(values):>7.2f}{max(values):>7.2f}{med / base:>11.2f}")

@@ -6,6 +6,7 @@ import json
 import time
 from typing import Any
 
+import aiohttp
 import pytest
 import structlog
 
@@ -144,4 +145,42 @@ async def test_crash_replays_only_the_events_stored_after_the_last_snapshot(
         second = await start_daemon(settings)
     assert _restored(logs)["tail_events"] == 700
     assert _hour(_monitor(second)) == before
+    await second.stop()
+
+
+async def test_live_rollout_resumes_from_its_snapshot_after_a_clean_stop(
+    make_settings, start_daemon
+) -> None:
+    """A stopped daemon leaves a snapshot of each live rollout: the next start resumes it
+    without replaying its events, and its arms and feedback joins are as they were."""
+    from tests.integration.test_rollouts import TOKEN, _call, _routing, _setup_prompt, _traffic
+
+    settings = make_settings(http={"admin_token": TOKEN}, rollout={"tick_interval_s": 0.1})
+    first = await start_daemon(settings)
+    async with aiohttp.ClientSession() as http:
+        await _setup_prompt(http, first.url)
+        body = {"prompt": "summarize", "candidate_version": "v2", "profile": "conservative"}
+        status, started = await _call(http, "POST", f"{first.url}/v1/rollouts", body)
+        assert status == 201
+        rid = started["id"]
+        routing = await _routing(http, first.url)
+        await _traffic(settings, routing, range(600), 0.7, 0.7, seed=1)
+
+        async def fed() -> Any:
+            _, view = await _call(http, "GET", f"{first.url}/v1/rollouts/{rid}", auth=False)
+            arms = view["arms"]
+            done = arms["baseline"]["requests"] + arms["candidate"]["requests"] == 600
+            return view if done and view["feedback"]["joined"] == 600 else None
+
+        before = await wait_for(fed, timeout=30)
+    await first.stop()
+
+    with structlog.testing.capture_logs() as logs:
+        second = await start_daemon(settings)
+    resumed = [e for e in logs if e["event"] == "rollout_resumed"]
+    assert [(e["rollout_id"], e["replayed_calls"]) for e in resumed] == [(rid, 0)]
+    async with aiohttp.ClientSession() as http:
+        _, after = await _call(http, "GET", f"{second.url}/v1/rollouts/{rid}", auth=False)
+    assert after["arms"] == before["arms"]
+    assert after["feedback"] == before["feedback"]
     await second.stop()
