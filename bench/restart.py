@@ -4,15 +4,18 @@ snapshot of the monitor's windows.
     python bench/restart.py [--events 1000000] [--runs 3] [--tail-seconds 60]
 
 Builds one SQLite store holding ``--events`` events spread over the last hour (90 %
-metrics, 10 % feedback, 50 prompts x 2 variants), a snapshot of the windows taken as a
-running daemon takes it, and the events of the ``--tail-seconds`` after that snapshot
-(what a crash leaves to replay with the default 60 s snapshot interval). Each run then
-starts a real daemon (embedded broker, monitoring with its default rule) on a fresh copy of
-that store twice, interleaved:
+metrics, 10 % feedback, 50 prompts x 2 variants; half of the traffic on ``prompt-0``,
+whose candidate ``v2`` is in a live rollout that started an hour ago), the snapshots of
+the windows and of the rollout taken as a running daemon takes them, and the events of the
+``--tail-seconds`` after those snapshots (what a crash leaves to replay with the default
+60 s snapshot interval). Each run then starts a real daemon (embedded broker, monitoring
+with its default rule, the rollout controller) on a fresh copy of that store twice,
+interleaved:
 
 * **replay** (``snapshot_interval_s = 0``): the windows are rebuilt from every stored event
-  of the last hour, as every start did before snapshots;
-* **snapshot**: the windows are loaded from the snapshot and only the tail is replayed.
+  of the last hour and the rollout from every event since it started, as every start did
+  before snapshots;
+* **snapshot**: both are loaded from their snapshots and only the tail is replayed.
 
 It times ``Daemon.run`` from its call to ``started`` (storage open, components built) and to
 ready (``/readyz`` would answer 200: partitions assigned, Kafka reachable). Prints the
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -42,17 +46,21 @@ from promptd.daemon.app import Daemon
 from promptd.daemon.broker import EmbeddedBroker
 from promptd.daemon.kafka import ensure_topics
 from promptd.daemon.logs import configure_logging
-from promptd.daemon.settings import Settings
-from promptd.daemon.wiring import install_components
+from promptd.daemon.settings import RolloutSettings, Settings
+from promptd.daemon.wiring import install_components, profile_lookup
 from promptd.monitoring.monitor import rebuild_windows
 from promptd.monitoring.snapshot import take
 from promptd.monitoring.windows import WindowStore
+from promptd.replacement.controller import RolloutController
+from promptd.replacement.metrics import RolloutMetrics
+from promptd.replacement.registry import NewVersion, Registry
 from promptd.storage.database import Database
 from promptd.storage.repository import EventRepository
 from promptd.storage.rows import FeedbackView, MetricView
 from promptd.storage.snapshots import SnapshotStore, last_ids
 
 BATCH = 5_000
+ROLLOUT_PROMPT = "prompt-0"
 
 
 def rows(n: int, start: float, span: float, seed: int) -> list[MetricView | FeedbackView]:
@@ -61,7 +69,8 @@ def rows(n: int, start: float, span: float, seed: int) -> list[MetricView | Feed
     out: list[MetricView | FeedbackView] = []
     for i in range(n):
         ts = start + span * i / n
-        prompt, variant = f"prompt-{i % 50}", f"v{(i // 50) % 2}"
+        prompt = ROLLOUT_PROMPT if i % 2 == 0 else f"prompt-{1 + i % 49}"
+        variant = f"v{1 + (i // 2) % 2}"
         eid = f"{seed}-{i}"
         if i % 10 == 9:
             out.append(
@@ -103,14 +112,37 @@ async def store(db: Database, events: list[MetricView | FeedbackView]) -> None:
         )
 
 
+def controller(db: Database) -> RolloutController:
+    registry = Registry(db, "balanced")
+    profiles = profile_lookup(RolloutSettings())
+    metrics = RolloutMetrics(CollectorRegistry())
+    return RolloutController(db, registry, profiles, metrics, snapshot_interval_s=60.0)
+
+
+async def start_rollout(db: Database, since: float) -> None:
+    """A live rollout of ``v2`` on :data:`ROLLOUT_PROMPT` whose first step began at ``since``."""
+    rollouts = controller(db)
+    for template in ("Summarize {text}.", "Summarize {text} in one line."):
+        await rollouts.registry.register(ROLLOUT_PROMPT, NewVersion(template=template))
+    row = await rollouts.start_rollout(ROLLOUT_PROMPT, "v2", profile="conservative")
+    async with db.transaction() as conn:
+        await conn.execute(
+            "UPDATE rollouts SET step_starts = ? WHERE id = ?", (json.dumps([since]), row.id)
+        )
+
+
 async def build(path: Path, n: int, tail_s: float) -> dict[str, float]:
-    """The store: events of the last hour up to ``tail_s`` ago, the snapshot a daemon
+    """The store: events of the last hour up to ``tail_s`` ago, the snapshots a daemon
     would have saved then, and the events of the last ``tail_s`` seconds."""
     db = await Database.open(path)
     now = time.time()
     tail_n = int(n * tail_s / 3600)
     started = time.perf_counter()
+    await start_rollout(db, now - 3600)
     await store(db, rows(n - tail_n, now - 3600, 3600 - tail_s, seed=1))
+    rollouts = controller(db)
+    await rollouts.resume()
+    assert await rollouts.snapshot_once() == 1
     windows = WindowStore()
     await rebuild_windows(windows, db, now - tail_s, horizon_s=3600)
     snap = take(windows, await last_ids(db), now - tail_s)
@@ -130,6 +162,7 @@ def settings_for(bootstrap: str, data_dir: Path, snapshots: bool) -> Settings:
     data = base.model_dump()
     data["kafka"]["group_id"] = f"restart-{tag}"
     data["monitoring"] = {"snapshot_interval_s": 60.0 if snapshots else 0.0}
+    data["rollout"] = {"snapshot_interval_s": 60.0 if snapshots else 0.0}
     return Settings(**data)
 
 

@@ -43,7 +43,7 @@ import math
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -110,8 +110,9 @@ class _Cell:
     units: set[str] = field(default_factory=set)
 
 
-@dataclass(frozen=True, slots=True)
-class _Call:
+class _Call(NamedTuple):
+    # A named tuple, not a dataclass: one is made per call (and per call of the join
+    # window when a snapshot is loaded), and a tuple is several times cheaper to build.
     cell: tuple[int, Arm]
     bucket: int
     ingested_at: float
@@ -271,11 +272,15 @@ class RolloutAccumulator:
             "step_starts": list(self.step_starts),
             "feedback": [self.feedback.joined, self.feedback.unmatched, self.feedback.waiting],
             "cells": [[step, arm, *_cell_state(cell)] for (step, arm), cell in self._cells.items()],
+            # Columns rather than rows: a rollout keeps every call of its join window.
             "calls": [
-                [rid, call.cell[0], call.cell[1], call.bucket, call.ingested_at]
-                for rid, call in self._calls.items()
+                list(self._calls),
+                [c.cell[0] for c in self._calls.values()],
+                [c.cell[1] for c in self._calls.values()],
+                [c.bucket for c in self._calls.values()],
+                [c.ingested_at for c in self._calls.values()],
             ],
-            "call_order": [list(item) for item in self._call_order],
+            "call_order": [[at for at, _ in self._call_order], [r for _, r in self._call_order]],
             "pending": [
                 [rid, [list(e) for e in entries]] for rid, entries in self._pending.items()
             ],
@@ -287,9 +292,10 @@ class RolloutAccumulator:
         self.feedback = FeedbackCounts(*state["feedback"])
         self._cells = {(step, arm): _cell_from_state(rest) for step, arm, *rest in state["cells"]}
         self._calls = {
-            rid: _Call((step, arm), bucket, at) for rid, step, arm, bucket, at in state["calls"]
+            rid: _Call((step, arm), bucket, at)
+            for rid, step, arm, bucket, at in zip(*state["calls"], strict=True)
         }
-        self._call_order = deque((at, rid) for at, rid in state["call_order"])
+        self._call_order = deque(zip(*state["call_order"], strict=True))
         self._pending = {rid: [(a, b) for a, b in entries] for rid, entries in state["pending"]}
         self._pending_order = deque((at, rid) for at, rid in state["pending_order"])
 
