@@ -39,6 +39,7 @@ rollbacks and cost power). The sample-ratio check counts distinct units of the c
 from __future__ import annotations
 
 import bisect
+import gc
 import math
 import zlib
 from collections import deque
@@ -289,6 +290,17 @@ class RolloutAccumulator:
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Replace what the accumulator holds by a :meth:`state` of the same rollout."""
+        # Hundreds of thousands of calls are built at once: without the collector's
+        # passes over the growing heap this takes a quarter of the time (measured).
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._load_state(state)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         self.feedback = FeedbackCounts(*state["feedback"])
         self._cells = {(step, arm): _cell_from_state(rest) for step, arm, *rest in state["cells"]}
         self._calls = {
