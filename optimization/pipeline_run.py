@@ -63,6 +63,12 @@ class PipelinePlan:
     snapshot: Snapshot
     started_at: float
     elapsed_s: float = 0.0
+    resumes: int = 0
+
+    @property
+    def prompt(self) -> str:
+        """The run's target name (the pipeline's), as the policy and events name it."""
+        return self.pipeline.name
 
 
 @dataclass
@@ -227,7 +233,8 @@ class PipelineRunExecution:
             return SearchContext(
                 run_id=f"{plan.run_id}/{prompt}/{tag}",
                 prompt=prompt,
-                seed=plan.seed,
+                # The stability check re-optimizes with fresh draws, not a replay.
+                seed=plan.seed + (1 if tag == "stability" else 0),
                 baseline=base,
                 train=[e.as_example(prompt) for e in train if prompt in e.calls],
                 validation=list(validation),

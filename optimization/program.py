@@ -40,7 +40,7 @@ from promptd.optimization.templates import (
     with_demos as text_with_demos,
 )
 from promptd.prompt_config import ROLES, describe
-from promptd.replacement.registry import RegistryError, placeholders
+from promptd.replacement.registry import PromptVersion, RegistryError, placeholders
 
 Message = dict[str, str]
 # Configuration keys the optimizer carries along without editing them.
@@ -230,3 +230,9 @@ def seen_key(program: Program) -> str:
     """What :func:`check` compares against ``seen`` (the text of a text program, so
     registered versions and candidates de-duplicate alike)."""
     return program.template.strip() if not program.chat else program.key()
+
+
+def program_of(version: PromptVersion) -> Program:
+    """A registered version as a program (a chat configuration, else its template)."""
+    config = getattr(version, "config", None)
+    return Program.from_config(config) if config else Program.text(version.template)

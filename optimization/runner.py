@@ -33,12 +33,15 @@ from promptd.optimization.examples import ExampleStore, Snapshot
 from promptd.optimization.gate import seed_for
 from promptd.optimization.llm import Budget, LiteLLMClient, LLMClient, close_litellm
 from promptd.optimization.metrics import OptimizationMetrics
-from promptd.optimization.program import Program, seen_key
+from promptd.optimization.pipeline_run import EpisodeSource, PipelinePlan
+from promptd.optimization.pipeline_runner import PIPELINE_STRATEGIES, PipelineRuns
+from promptd.optimization.program import program_of, seen_key
 from promptd.optimization.run import RunExecution, RunPlan, RunProgress
 from promptd.optimization.selection import Choice, choose, posterior
 from promptd.optimization.store import OptimizationStore
 from promptd.optimization.strategies import available, get_strategy
 from promptd.optimization.tracking import NoTracker, Tracker
+from promptd.replacement.pipelines import Pipeline, PipelineRegistry
 from promptd.replacement.registry import NewVersion, PromptVersion, Registry, RegistryError
 from promptd.storage.database import Database
 
@@ -99,6 +102,8 @@ class OptimizationRunner:
         client_factory: Callable[[], LLMClient] | None = None,
         clock: Callable[[], float] = time.time,
         tracker: Tracker | None = None,
+        pipelines: PipelineRegistry | None = None,
+        episodes: EpisodeSource | None = None,
     ) -> None:
         self.db = db
         self.registry = registry
@@ -126,7 +131,12 @@ class OptimizationRunner:
         self.last_triggers: dict[str, tuple[OptimizationTrigger, policy.Decision]] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._to_resume: list[RunPlan] = []
+        self._to_resume: list[RunPlan | PipelinePlan] = []
+        self.pipeline_runs = (
+            PipelineRuns(self, pipelines, episodes)
+            if pipelines is not None and episodes is not None
+            else None
+        )
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -135,7 +145,11 @@ class OptimizationRunner:
         rows = await self.store.policy_rows()
         self.state = policy.PolicyState({r[0]: policy.PromptRunState(r[1], r[2]) for r in rows})
         for row in await self.store.running():
-            plan = await self._plan_from_row(row)
+            plan: RunPlan | PipelinePlan | None
+            if (row.get("target") or {}).get("kind") == "pipeline" and self.pipeline_runs:
+                plan = await self.pipeline_runs.plan_from_row(row)
+            else:
+                plan = await self._plan_from_row(row)
             if plan is None:
                 await self.store.finish_run(
                     row["id"],
@@ -277,22 +291,22 @@ class OptimizationRunner:
     async def _submit(
         self, trigger: OptimizationTrigger, strategies: Sequence[str] | None
     ) -> tuple[policy.Decision, str | None]:
+        pipeline = None
+        if self.pipeline_runs is not None:
+            pipeline = await self.pipeline_runs.pipeline_of(trigger.prompt)
+            if pipeline is not None:
+                # A prompt of a pipeline is optimized with its pipeline.
+                trigger = replace(trigger, prompt=pipeline.name)
         async with self._lock:
             now = self.clock()
-            decision = policy.decide(
-                self.state, trigger, now, self.limits, self.rollouts.live_prompts()
-            )
-            active = await self._active(trigger.prompt) if decision.run else None
-            if decision.run and active is None:
-                decision = policy.Decision(
-                    False, "no_active_version", f"{trigger.prompt!r} has no active version"
-                )
+            live = self.rollouts.live_prompts()
+            if pipeline is not None and live & set(pipeline.prompts):
+                live = live | {pipeline.name}
+            decision = policy.decide(self.state, trigger, now, self.limits, live)
             run_id = f"opt-{uuid.uuid4().hex[:12]}"
-            choice = None
+            prepared = None
             if decision.run:
-                choice, why_not = await self._choose(trigger.prompt, run_id, strategies)
-                if choice is None:
-                    decision = policy.Decision(False, "no_strategy_available", why_not)
+                decision, prepared = await self._prepare(trigger, strategies, pipeline, run_id, now)
             self.metrics.triggers.labels(trigger.kind, decision.reason).inc()
             self.last_triggers[trigger.prompt] = (trigger, decision)
             log.info(
@@ -303,33 +317,78 @@ class OptimizationRunner:
                 reason=decision.reason,
                 detail=decision.detail,
             )
-            if not decision.run or active is None or choice is None:
+            if prepared is None:
                 return decision, None
-            plan = RunPlan(
-                run_id=run_id,
-                prompt=trigger.prompt,
-                trigger_kind=trigger.kind,
-                trigger_reason=trigger.reason,
-                strategies=tuple(strategies) if strategies else (choice.strategy,),
-                selection=choice.to_dict(),
-                seed=seed_for(run_id),
-                snapshot=await self.examples.snapshot(now),
-                parent_version=active.version,
-                baseline=program_of(active),
-                started_at=now,
-            )
-            await self.store.create_run(_plan_row(plan), now)
+            plan, row, choice = prepared
+            base = {
+                "id": run_id,
+                "prompt": trigger.prompt,
+                "trigger_kind": trigger.kind,
+                "trigger_reason": trigger.reason,
+                "status": "running",
+                "started_at": now,
+                "phase": "examples",
+            }
+            await self.store.create_run({**base, **row}, now)
             self.state = policy.started(self.state, trigger.prompt, now)
             self.metrics.running.inc()
             self.metrics.selected.labels(choice.strategy, choice.method).inc()
         self._spawn(plan)
         return decision, run_id
 
+    async def _prepare(
+        self,
+        trigger: OptimizationTrigger,
+        strategies: Sequence[str] | None,
+        pipeline: Pipeline | None,
+        run_id: str,
+        now: float,
+    ) -> tuple[policy.Decision, Prepared | None]:
+        """The plan, the row and the strategy choice of a run the policy accepted."""
+        accepted = policy.Decision(True, trigger.kind, trigger.reason)
+        choice, why_not = await self._choose(trigger.prompt, run_id, strategies, pipeline)
+        if choice is None:
+            return policy.Decision(False, "no_strategy_available", why_not), None
+        if pipeline is not None:
+            assert self.pipeline_runs is not None
+            made = await self.pipeline_runs.plan(
+                pipeline, run_id, choice.strategy, choice.to_dict(), now
+            )
+            if isinstance(made, str):
+                return policy.Decision(False, "no_active_version", made), None
+            return accepted, (made[0], made[1], choice)
+        active = await self._active(trigger.prompt)
+        if active is None:
+            reason = f"{trigger.prompt!r} has no active version"
+            return policy.Decision(False, "no_active_version", reason), None
+        plan = RunPlan(
+            run_id=run_id,
+            prompt=trigger.prompt,
+            trigger_kind=trigger.kind,
+            trigger_reason=trigger.reason,
+            strategies=tuple(strategies) if strategies else (choice.strategy,),
+            selection=choice.to_dict(),
+            seed=seed_for(run_id),
+            snapshot=await self.examples.snapshot(now),
+            parent_version=active.version,
+            baseline=program_of(active),
+            started_at=now,
+        )
+        return accepted, (plan, _plan_row(plan), choice)
+
     async def _choose(
-        self, prompt: str, run_id: str, strategies: Sequence[str] | None
+        self,
+        prompt: str,
+        run_id: str,
+        strategies: Sequence[str] | None,
+        pipeline: Pipeline | None = None,
     ) -> tuple[Choice | None, str]:
         names = tuple(strategies) if strategies else self.settings.strategies
         why = available(names, self.settings)
+        if pipeline is not None:
+            for name in names:
+                if name not in PIPELINE_STRATEGIES and why[name] is None:
+                    why[name] = "not for pipelines (its search reads one prompt's examples)"
         usable = [n for n in names if why[n] is None]
         if not usable:
             detail = "; ".join(f"{n}: {reason}" for n, reason in why.items())
@@ -359,8 +418,13 @@ class OptimizationRunner:
         except RegistryError:
             return None
 
-    def _spawn(self, plan: RunPlan) -> None:
-        task = asyncio.create_task(self._execute(plan), name=f"promptd:optimize:{plan.run_id}")
+    def _spawn(self, plan: RunPlan | PipelinePlan) -> None:
+        if isinstance(plan, PipelinePlan):
+            assert self.pipeline_runs is not None
+            job = self.pipeline_runs.run(plan)
+        else:
+            job = self._execute(plan)
+        task = asyncio.create_task(job, name=f"promptd:optimize:{plan.run_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -379,10 +443,10 @@ class OptimizationRunner:
             self.examples,
             self.client_factory(),
             checkpoint=lambda progress, budget: self._checkpoint(plan, progress, budget, started),
-            notify=lambda event, fields: self._emit(event, plan, **fields),
+            notify=lambda event, fields: self.emit(event, plan, **fields),
             known=known,
         )
-        await self._emit(
+        await self.emit(
             "optimization_start" if not plan.resumes else "optimization_resume",
             plan,
             trigger=plan.trigger_kind,
@@ -529,11 +593,7 @@ class OptimizationRunner:
             await self._learn_gate(plan, progress)
         except Exception:
             log.exception("optimization_record_failed", run_id=plan.run_id)
-        self.state = policy.finished(self.state, plan.prompt, now)
-        self.metrics.running.dec()
-        self.metrics.runs.labels(status, outcome).inc()
-        self.metrics.llm_calls.inc(budget.calls)
-        self.metrics.cost.inc(budget.cost_usd)
+        self.run_ended(plan.prompt, now, status, outcome, budget)
         if execution.llm is not None:
             self.metrics.cache.labels("hit").inc(execution.llm.hits)
             self.metrics.cache.labels("miss").inc(execution.llm.misses)
@@ -543,7 +603,7 @@ class OptimizationRunner:
             self.metrics.candidates.labels(key.split(":", 1)[0], "discarded").inc(count)
         if progress.gate is not None and progress.chosen is not None:
             self.metrics.gate.labels(progress.chosen.strategy, progress.gate.reason).inc()
-        await self._emit(
+        await self.emit(
             "optimization_complete",
             plan,
             status=status,
@@ -562,6 +622,14 @@ class OptimizationRunner:
         row = await self.store.get_run(plan.run_id)
         if row is not None:
             await self.tracker.run_finished(row)
+
+    def run_ended(self, target: str, now: float, status: str, outcome: str, budget: Budget) -> None:
+        """The policy and metrics after any run of ``target`` ended."""
+        self.state = policy.finished(self.state, target, now)
+        self.metrics.running.dec()
+        self.metrics.runs.labels(status, outcome).inc()
+        self.metrics.llm_calls.inc(budget.calls)
+        self.metrics.cost.inc(budget.cost_usd)
 
     # -- the bandit's evidence -----------------------------------------------------
 
@@ -618,7 +686,7 @@ class OptimizationRunner:
 
     # -- events and views ----------------------------------------------------------
 
-    async def _emit(self, event: str, plan: RunPlan, **fields: Any) -> None:
+    async def emit(self, event: str, plan: RunPlan | PipelinePlan, **fields: Any) -> None:
         """One optimization event: to the log (without template text) and to the topic."""
         log.info(
             event,
@@ -668,24 +736,14 @@ class OptimizationRunner:
         return out
 
 
-def program_of(version: PromptVersion) -> Program:
-    """A registered version as a program (a chat configuration, else its template)."""
-    config = getattr(version, "config", None)
-    return Program.from_config(config) if config else Program.text(version.template)
-
-
 def _plan_row(plan: RunPlan) -> dict[str, Any]:
     return {
-        "id": plan.run_id,
-        "prompt": plan.prompt,
-        "trigger_kind": plan.trigger_kind,
-        "trigger_reason": plan.trigger_reason,
         "strategies": list(plan.strategies),
-        "status": "running",
         "parent_version": plan.parent_version,
-        "started_at": plan.started_at,
         "seed": plan.seed,
         "snapshot": plan.snapshot.to_dict(),
         "selection": plan.selection,
-        "phase": "examples",
     }
+
+
+Prepared = tuple["RunPlan | PipelinePlan", dict[str, Any], Choice]

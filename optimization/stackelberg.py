@@ -146,7 +146,9 @@ class LeaderFollower:
     ) -> dict[str, Program]:
         programs = {**self.active, self.pipeline.prompts[0]: leader_program}
         for follower in self.pipeline.prompts[1:]:
-            found = await self._search(follower, programs, f"{tag}:{leader_program.key()}", notes)
+            # One tag for every leader: a follower's proposals do not depend on the leader
+            # (they come back from the cache); each is scored under this leader.
+            found = await self._search(follower, programs, tag, notes)
             best = max(
                 (c for c in found.candidates if c.val_mean is not None),
                 key=lambda c: (c.val_mean or 0.0, -c.index),

@@ -44,6 +44,7 @@ RUN_COLUMNS: Final = (
     "gate",
     "elapsed_s",
     "resumes",
+    "target",
 )
 _JSON_COLUMNS: Final = (
     "strategies",
@@ -53,6 +54,7 @@ _JSON_COLUMNS: Final = (
     "selection",
     "progress",
     "gate",
+    "target",
 )
 
 

@@ -294,6 +294,12 @@ CREATE TABLE snapshots (
 );
 """
 
+_V10_OPTIMIZATION_TARGETS: Final = """
+-- What a run optimizes when it is not one prompt: {"kind": "pipeline", "pipeline": {...},
+-- "versions": {prompt: active version at the start}} (NULL: the prompt named by prompt).
+ALTER TABLE optimization_runs ADD COLUMN target TEXT;
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=1, name="ingestion", sql=_V1_INGESTION),
     Migration(version=2, name="registry", sql=_V2_REGISTRY),
@@ -304,6 +310,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=7, name="rollout_final", sql=_V7_ROLLOUT_FINAL),
     Migration(version=8, name="prompt_configs", sql=_V8_PROMPT_CONFIGS),
     Migration(version=9, name="snapshots", sql=_V9_SNAPSHOTS),
+    Migration(version=10, name="optimization_targets", sql=_V10_OPTIMIZATION_TARGETS),
 )
 
 

@@ -449,3 +449,173 @@ async def test_a_chat_configuration_gets_demonstrations_as_turns(
         assert version.placeholders == ["text"]
     finally:
         await db.close()
+
+
+class PipelineRollouts(FakeRollouts):
+    """Also records coordinated pipeline rollouts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pipelines: list[dict[str, Any]] = []
+
+    async def start_pipeline_rollout(
+        self,
+        pipeline: str,
+        candidates: dict[str, str],
+        profile: str | None = None,
+        primary_metric: str = "feedback_score",
+        require_win: bool = False,
+    ) -> Any:
+        """Remember the start."""
+        rid = f"pro-{len(self.pipelines) + 1}"
+        self.pipelines.append(
+            {"id": rid, "pipeline": pipeline, "candidates": candidates, "require_win": require_win}
+        )
+        self.status[rid] = "running"
+        return type("Rollout", (), {"id": rid})()
+
+
+async def test_a_trigger_for_a_pipeline_step_optimizes_the_pipeline(tmp_path: Path) -> None:
+    """A trigger for one step of a pipeline runs leader/follower on the whole pipeline, the
+    gate passes end to end, both steps get versions and one coordinated rollout starts."""
+    from promptd.optimization.examples import Snapshot
+    from promptd.replacement.pipelines import PipelineRegistry
+    from tests.optimize_pipeline_task import ANSWER, EXTRACT, PIPELINE, episodes
+    from tests.optimize_pipeline_task import responder as pipeline_responder
+
+    class Episodes:
+        async def snapshot(self, now: float) -> Snapshot:
+            return Snapshot(now, 0, 0)
+
+        async def episodes(self, pipeline: Any, snapshot: Any) -> list[Any]:
+            return episodes(400)
+
+    fake = await FakeLLM(pipeline_responder).start()
+    db = await Database.open(tmp_path / "pipe.db")
+    try:
+        registry = Registry(db)
+        await registry.register("extract", NewVersion(template=EXTRACT))
+        await registry.register("answer", NewVersion(template=ANSWER))
+        pipelines = PipelineRegistry(db, registry)
+        await pipelines.register(PIPELINE.to_dict())
+        rollouts = PipelineRollouts()
+        settings = _settings(fake, strategies=["instruction", "gepa"], max_llm_calls=5000)
+        runner = OptimizationRunner(
+            db,
+            registry,
+            rollouts,
+            settings,
+            OptimizationMetrics(CollectorRegistry()),
+            publish=_no_publish,
+            pipelines=pipelines,
+            episodes=Episodes(),
+        )
+        decision, run_id = await runner.submit(
+            OptimizationTrigger("answer", "degradation", 0.0, "answers got worse")
+        )
+        assert decision.run
+        await runner.wait_idle()
+        run = await runner.get_run(run_id or "")
+        assert run is not None
+        assert run["prompt"] == "geo"
+        assert (run["status"], run["outcome"]) == ("completed", "deployed"), run["error"]
+        assert run["selection"]["strategy"] == "instruction"  # gepa is not for pipelines
+        assert run["target"]["kind"] == "pipeline"
+        assert run["progress"]["equilibrium"]["stable"] is True
+        assert run["gate"]["passed"]
+        [rollout] = rollouts.pipelines
+        assert set(rollout["candidates"]) == {"extract", "answer"}
+        assert rollout["require_win"] is True
+        version = await registry.get_version("answer", rollout["candidates"]["answer"])
+        assert version.origin == "optimizer:pipeline:instruction"
+        again, _ = await runner.submit(OptimizationTrigger("extract", "degradation", 0.0, "x"))
+        assert again.reason in ("cooldown", "rollout_in_progress")
+    finally:
+        await close_litellm()
+        await fake.stop()
+        await db.close()
+
+
+async def test_a_stopped_pipeline_run_resumes_from_its_row(tmp_path: Path) -> None:
+    """A pipeline run cut short resumes from its plan (pipeline, versions, strategy,
+    seed): it asks exactly what an uninterrupted run asks, plus at most the call that was
+    in flight at the stop."""
+    from promptd.optimization.examples import Snapshot
+    from promptd.replacement.pipelines import PipelineRegistry
+    from tests.optimize_pipeline_task import ANSWER, EXTRACT, PIPELINE, episodes
+    from tests.optimize_pipeline_task import responder as pipeline_responder
+
+    class Episodes:
+        async def snapshot(self, now: float) -> Snapshot:
+            return Snapshot(now, 0, 0)
+
+        async def episodes(self, pipeline: Any, snapshot: Any) -> list[Any]:
+            return episodes(400)
+
+    async def one_run(name: str, stop_after: int | None) -> tuple[dict[str, Any], Counter[str]]:
+        gate_open = asyncio.Event()
+        calls: list[str] = []
+
+        async def answer(body: dict[str, Any]) -> str:
+            calls.append(json.dumps(body["messages"], sort_keys=True))
+            if stop_after is not None and len(calls) > stop_after:
+                await gate_open.wait()
+            return pipeline_responder(body)
+
+        fake = await FakeLLM(answer).start()
+        db = await Database.open(tmp_path / f"{name}.db")
+        try:
+            registry = Registry(db)
+            await registry.register("extract", NewVersion(template=EXTRACT))
+            await registry.register("answer", NewVersion(template=ANSWER))
+            pipelines = PipelineRegistry(db, registry)
+            await pipelines.register(PIPELINE.to_dict())
+            settings = _settings(
+                fake, strategies=["instruction"], max_llm_calls=5000, max_concurrency=1
+            )
+
+            def make() -> OptimizationRunner:
+                return OptimizationRunner(
+                    db,
+                    registry,
+                    PipelineRollouts(),
+                    settings,
+                    OptimizationMetrics(CollectorRegistry()),
+                    publish=_no_publish,
+                    pipelines=pipelines,
+                    episodes=Episodes(),
+                )
+
+            runner = make()
+            stop = asyncio.Event()
+            task = asyncio.create_task(runner.run(stop, asyncio.Queue()))
+            _d, run_id = await runner.start_manual("geo", None, "test")
+            if stop_after is not None:
+                await wait_for(lambda: len(calls) > stop_after, timeout=30)
+                stop.set()
+                await asyncio.wait_for(task, 10)
+                gate_open.set()
+                runner = make()
+                await runner.resume()
+                stop = asyncio.Event()
+                task = asyncio.create_task(runner.run(stop, asyncio.Queue()))
+            done = await wait_for(lambda: _finished(runner, run_id), timeout=60)
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            return done, Counter(calls)
+        finally:
+            await close_litellm()
+            await fake.stop()
+            await db.close()
+
+    reference, asked = await one_run("reference", None)
+    resumed, asked_resumed = await one_run("resumed", 150)
+    assert (resumed["status"], resumed["outcome"], resumed["resumes"]) == (
+        "completed",
+        "deployed",
+        1,
+    )
+    assert reference["outcome"] == "deployed"
+    extra = asked_resumed - asked
+    assert sum(extra.values()) <= 1, "only the call in flight at the stop may be asked again"
+    assert asked - asked_resumed == Counter()
