@@ -15,9 +15,9 @@ a broken answer would; transient errors that outlast the retries end the search.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -28,6 +28,8 @@ from promptd.optimization.program import Program
 from promptd.optimization.scoring import JUDGE_PROMPT, MetricFn, load_metric, parse_judge
 
 log = structlog.get_logger("promptd.optimizer")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,23 @@ class Scorer(Protocol):
     async def scores(self, program: Program, examples: Sequence[Any]) -> list[float]:
         """Per-example scores of ``program``."""
         ...
+
+
+async def gather_all(jobs: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every job's result, in order; when one fails, the others are cancelled first.
+
+    Plain ``asyncio.gather`` leaves the other jobs running after the first exception:
+    calls that queued behind a spent budget would then run as soon as the gate's reserve
+    is released, and spend it.
+    """
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def messages_for(rendered: str) -> list[Message]:
@@ -112,7 +131,7 @@ class Evaluator:
     async def run(self, program: Program, examples: Sequence[Example]) -> list[Scored]:
         """Answers and scores of ``program`` on ``examples`` (in their order)."""
         model = self.settings_for(program)
-        return list(await asyncio.gather(*(self._one(program, model, e) for e in examples)))
+        return await gather_all([self._one(program, model, e) for e in examples])
 
     async def scores(self, program: Program, examples: Sequence[Example]) -> list[float]:
         """Per-example scores of ``program`` (in the order of ``examples``)."""

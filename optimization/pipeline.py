@@ -20,12 +20,11 @@ pipeline by the whole pipeline's result.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from promptd.optimization.evaluator import Evaluator, Scored
+from promptd.optimization.evaluator import Evaluator, Scored, gather_all
 from promptd.optimization.examples import Example, as_text
 from promptd.optimization.llm import LLMError, Message
 from promptd.optimization.program import Program
@@ -132,7 +131,7 @@ class ChainEvaluator:
         self, programs: Mapping[str, Program], episodes: Sequence[Episode]
     ) -> list[ChainResult]:
         """Every episode through every step (episodes in parallel, steps in order)."""
-        return list(await asyncio.gather(*(self._chain(programs, e) for e in episodes)))
+        return await gather_all([self._chain(programs, e) for e in episodes])
 
     async def _chain(self, programs: Mapping[str, Program], episode: Episode) -> ChainResult:
         result = ChainResult()

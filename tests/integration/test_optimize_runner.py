@@ -220,14 +220,19 @@ async def test_a_no_better_search_ends_without_gate_or_registration(
     ]
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
 async def test_a_budget_stops_the_search_but_keeps_the_gate(
-    db: Database, fake_llm: Callable[..., Any]
+    db: Database, fake_llm: Callable[..., Any], concurrency: int
 ) -> None:
-    """A small call budget ends the search early; the reserve still pays for the gate."""
+    """A small call budget ends the search early, mid-candidate; the calls queued behind
+    the spent budget are cancelled, so the reserve still pays for the whole gate."""
     fake = await fake_llm()
-    settings = _settings(fake, max_llm_calls=200, fewshot={"num_candidates": 20})
+    settings = _settings(
+        fake, max_llm_calls=200, fewshot={"num_candidates": 20}, max_concurrency=concurrency
+    )
     run = await _run(_runner(db, settings), ["fewshot"])
-    assert run["outcome"] == "deployed"
+    assert run["outcome"] == "deployed", run["error"]
+    assert run["gate"] is not None
     assert "llm_calls budget spent" in run["error"]
     assert run["llm_calls"] <= 200
     assert len(fake.requests) <= 200

@@ -218,3 +218,22 @@ async def test_llm_judge_scores_with_the_judge_model(
     assert evaluator.usable(example, Program.text("{text}"))
     assert await evaluator.scores(Program.text("{text}"), [example]) == [pytest.approx(0.7)]
     assert len(fake.requests) == 2
+
+
+async def test_calls_queued_behind_a_spent_budget_are_cancelled(
+    db: Database, fake_llm: Callable[..., Any]
+) -> None:
+    """When the budget runs out mid-evaluation, the example calls still queued are
+    cancelled: releasing the reserve for the gate right after does not let them spend it."""
+    fake = await fake_llm(lambda body: "Paris")
+    budget = Budget(40, 100.0)
+    budget.hold_back(0.75, 0.0)  # the search may spend 10 calls
+    llm = CachedLLM(LiteLLMClient(0, 0.0), OptimizationStore(db), budget, "run-q", 1)
+    evaluator = Evaluator(llm, EvaluationSettings(model=_model(fake), metric="exact_match"))
+    examples = [_example(f"e{i}", f"city {i}", "Paris") for i in range(30)]
+    with pytest.raises(BudgetExceeded):
+        await evaluator.scores(Program.text("{text}"), examples)
+    budget.release()
+    await asyncio.sleep(0.5)
+    assert len(fake.requests) == 10
+    assert budget.calls == 10
