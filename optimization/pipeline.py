@@ -59,11 +59,15 @@ class Episode:
             return self.final_output
         return None
 
-    def as_example(self, prompt: str) -> Example:
+    def as_example(self, prompt: str, final: bool = False) -> Example:
         """One step's call with the episode's feedback credited to it (for demonstrations
-        and proposers)."""
+        and proposers). The episode's correction is the right answer of the ``final``
+        step only: an intermediate step's right output is not known."""
         call = self.calls[prompt]
-        return replace(call, score=self.score, comments=self.comments or call.comments)
+        correction = self.correction if final and self.correction is not None else call.correction
+        return replace(
+            call, score=self.score, comments=self.comments or call.comments, correction=correction
+        )
 
 
 @dataclass

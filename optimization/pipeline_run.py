@@ -236,7 +236,11 @@ class PipelineRunExecution:
                 # The stability check re-optimizes with fresh draws, not a replay.
                 seed=plan.seed + (1 if tag == "stability" else 0),
                 baseline=base,
-                train=[e.as_example(prompt) for e in train if prompt in e.calls],
+                train=[
+                    e.as_example(prompt, final=prompt == plan.pipeline.prompts[-1])
+                    for e in train
+                    if prompt in e.calls
+                ],
                 validation=list(validation),
                 evaluator=step_chain,
                 llm=self.llm,
