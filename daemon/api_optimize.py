@@ -1,7 +1,8 @@
 """HTTP routes of the optimizer.
 
 * ``POST /v1/optimize/{prompt}`` (admin) — start a manual run; body ``{"strategies": [...],
-  "reason": "..."}`` (both optional). 202 with the run id; 404 for an unknown prompt or one
+  "reason": "..."}`` (both optional). ``{prompt}`` may name a pipeline, and a prompt that
+  belongs to a pipeline is optimized with its pipeline (leader/follower). 202 with the run id; 404 for an unknown prompt or one
   without an active version; 409 when the policy refuses (``reason`` says why).
 * ``GET /v1/optimizations[?prompt=&limit=]`` — runs, newest first, with cost, outcome, the
   strategy each used and why (``selection``), the gate's figures; and ``strategies``: what
