@@ -2,8 +2,9 @@
 
 * ``POST /v1/optimize/{prompt}`` (admin) — start a manual run; body ``{"strategies": [...],
   "reason": "..."}`` (both optional). ``{prompt}`` may name a pipeline, and a prompt that
-  belongs to a pipeline is optimized with its pipeline (leader/follower). 202 with the run id; 404 for an unknown prompt or one
-  without an active version; 409 when the policy refuses (``reason`` says why).
+  belongs to a pipeline is optimized with its pipeline (leader/follower). 202 with the run
+  id; 404 for an unknown prompt or one without an active version; 409 when the policy
+  refuses (``reason`` says why).
 * ``GET /v1/optimizations[?prompt=&limit=]`` — runs, newest first, with cost, outcome, the
   strategy each used and why (``selection``), the gate's figures; and ``strategies``: what
   the bandit currently believes of each configured strategy (for ``prompt`` if given).
