@@ -74,7 +74,9 @@ def rows(n: int, start: float, span: float, seed: int) -> list[MetricView | Feed
         eid = f"{seed}-{i}"
         if i % 10 == 9:
             out.append(
-                FeedbackView(eid, ts, prompt, variant, None, eid, rng.random(), "q", None, None)
+                FeedbackView(
+                    eid, ts, prompt, variant, None, eid, rng.random(), "q", None, None, None
+                )
             )
             continue
         out.append(
@@ -93,6 +95,7 @@ def rows(n: int, start: float, span: float, seed: int) -> list[MetricView | Feed
                 rng.randrange(50, 2000),
                 rng.randrange(10, 500),
                 rng.random() / 100,
+                None,
                 None,
                 None,
                 None,

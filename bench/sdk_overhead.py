@@ -7,7 +7,8 @@ Every call is timed on its own with ``perf_counter_ns`` after a warm-up; the tab
 the median and p99 of those times minus the bare function's median and p99 measured the
 same way in the same run (so the timer's own cost cancels), and the slowest single call.
 Scenarios: a healthy broker (the sender thread is busy delivering meanwhile, so this row
-includes its GIL contention) and a broker that is down (a closed port).
+includes its GIL contention), the same for calls made inside an open ``promptd.episode()``,
+and a broker that is down (a closed port).
 """
 
 from __future__ import annotations
@@ -144,9 +145,13 @@ def main() -> None:
 
     with EmbeddedBroker() as broker:
         # A buffer big enough that the healthy rows never drop: every event is delivered.
-        sync_fn, async_fn = instrumented(broker.bootstrap_servers, 2 * (calls + warmup))
+        sync_fn, async_fn = instrumented(broker.bootstrap_servers, 4 * (calls + warmup))
         rows.append(("promptd, broker healthy", "sync", time_sync(sync_fn, calls, warmup)))
         rows.append(("promptd, broker healthy", "async", time_async(async_fn, calls, warmup)))
+        with promptd.episode():
+            # asyncio.run copies this context: the async calls are in the episode too.
+            rows.append(("promptd, in an episode", "sync", time_sync(sync_fn, calls, warmup)))
+            rows.append(("promptd, in an episode", "async", time_async(async_fn, calls, warmup)))
         delivered_ok = promptd.flush(60)
         healthy = promptd.sdk_stats()
         promptd.shutdown(5.0)

@@ -250,7 +250,7 @@ def _publish(settings: Settings, topic: str, event: MetricEvent | FeedbackEvent)
                 await producer.start()
             except Exception as exc:
                 raise CommandError(f"Kafka not reachable at {bootstrap}: {exc!r}") from None
-            await producer.send(topic, event.to_json(), key=event.prompt.encode())
+            await producer.send(topic, event.to_json(), key=(event.prompt or "").encode())
         finally:
             # Also after a failed start, or aiokafka warns about an unclosed producer.
             await producer.stop()

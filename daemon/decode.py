@@ -31,8 +31,8 @@ from promptd import events as ev
 from promptd.events import MAX_CAPTURE_BYTES, FeedbackEvent, MetricEvent, Rejection, decode_event
 from promptd.storage.rows import (
     FEEDBACK_COLUMNS,
+    METRIC_CAPTURES_AT,
     METRIC_COLUMNS,
-    METRIC_PLAIN_COLUMNS,
     FeedbackRow,
     MetricRow,
     capture_json,
@@ -70,6 +70,7 @@ class _Metric(Struct, tag_field="type", tag="metric", forbid_unknown_fields=True
     latency_ms: Annotated[float, Meta(ge=0.0, le=86_400_000.0)]
     success: bool
     unit_id: _Id | None = None
+    episode_id: _Id | None = None
     error: Annotated[str, Meta(max_length=ev.MAX_ERROR_CHARS)] | None = None
     quality: _Score | None = None
     tokens_in: _Count | None = None
@@ -82,12 +83,15 @@ class _Metric(Struct, tag_field="type", tag="metric", forbid_unknown_fields=True
 
 
 class _Feedback(Struct, tag_field="type", tag="feedback", forbid_unknown_fields=True, gc=False):
+    # Which of request_id / episode_id / prompt / variant must be there is a rule across
+    # fields: checked after decoding, and a record that breaks it goes to the reference.
     event_id: _Id
     ts: _Ts
-    prompt: _Prompt
-    variant: _Name
-    request_id: _Id
     score: _Score
+    prompt: _Prompt | None = None
+    variant: _Name | None = None
+    request_id: _Id | None = None
+    episode_id: _Id | None = None
     model: _Name | None = None
     kind: Annotated[str, Meta(min_length=1, max_length=ev.MAX_KIND_CHARS)] = "quality"
     comment: Annotated[str, Meta(max_length=ev.MAX_COMMENT_CHARS)] | None = None
@@ -98,7 +102,8 @@ class _Feedback(Struct, tag_field="type", tag="feedback", forbid_unknown_fields=
 # Rows are read off the Struct in C, in column order, as plain tuples (see storage.rows).
 _METRIC_VALUES = operator.attrgetter(*METRIC_COLUMNS)
 _FEEDBACK_VALUES = operator.attrgetter(*FEEDBACK_COLUMNS)
-_PLAIN = len(METRIC_PLAIN_COLUMNS)
+_CORRECTION = FEEDBACK_COLUMNS.index("correction")
+_CAPTURES_AT = METRIC_CAPTURES_AT
 
 
 class _Fallback(Exception):
@@ -133,9 +138,15 @@ class RowDecoder:
                     metric = (metric[0], ev.parse_ts(event.ts), *metric[2:])
                 metrics.append(metric)
                 return None
+            if event.request_id is None:
+                if event.episode_id is None:
+                    raise _Fallback
+            elif event.prompt is None or event.variant is None:
+                raise _Fallback
             row: FeedbackRow = _FEEDBACK_VALUES(event)
             if event.correction is not None:
-                row = (*row[:-1], _capture_text(event.correction))
+                text = _capture_text(event.correction)
+                row = cast(FeedbackRow, (*row[:_CORRECTION], text, *row[_CORRECTION + 1 :]))
             if type(event.ts) is str:
                 row = (row[0], ev.parse_ts(event.ts), *row[2:])
         except (msgspec.MsgspecError, ValueError, RecursionError, _Fallback):
@@ -167,14 +178,14 @@ class RowDecoder:
 
 def _with_metric_captures(row: MetricRow) -> MetricRow:
     # The row still holds the decoded objects here; store their JSON text instead.
-    value_in, value_out, attributes = row[_PLAIN:]
+    value_in, value_out, attributes = row[_CAPTURES_AT:]
     captures = (
         _capture_text(value_in),
         _capture_text(value_out),
         # An empty object is a valid value: stored as "{}", like the reference does.
         capture_json(attributes),
     )
-    return cast(MetricRow, row[:_PLAIN] + captures)
+    return cast(MetricRow, row[:_CAPTURES_AT] + captures)
 
 
 def _capture_text(value: Any) -> str | None:

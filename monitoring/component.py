@@ -67,6 +67,7 @@ def install(daemon: Daemon) -> None:
     from promptd.daemon.api_monitoring import add_routes
     from promptd.daemon.app import ConfigurationError
     from promptd.storage.alerts import AlertStore
+    from promptd.storage.repository import EventRepository
     from promptd.storage.snapshots import SnapshotStore, last_ids
 
     from .monitor import Monitor, rebuild_windows
@@ -104,6 +105,7 @@ def install(daemon: Daemon) -> None:
             triggers,
             build_sinks(daemon, export),
             snapshots=snapshots,
+            episodes=EventRepository(db),
         )
         monitor.covered = covered
         await monitor.restore()

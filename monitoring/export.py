@@ -318,14 +318,20 @@ class MonitorExport:
         """Future events counted so far."""
         return self._future
 
-    def observe_batch(self, metrics: Sequence[MetricRow], feedback: Sequence[FeedbackRow]) -> None:
-        """Add one stored batch to the per-series counters."""
+    def observe_batch(
+        self,
+        metrics: Sequence[MetricRow],
+        feedback: Sequence[FeedbackRow],
+        credits: Sequence[tuple[float, str, str, float]] = (),
+    ) -> None:
+        """Add one stored batch to the per-series counters; feedback on a whole episode
+        counts once per call it is ``credits``-ed to, as ``(ts, prompt, variant, score)``."""
         traffic = self.traffic
         triple = self.labels.triple
         bounds = _LATENCY_BUCKETS_MS
         # Rows unpack in column order (storage.rows): the fastest access CPython has.
-        for _, _, prompt, variant, model, _, _, lat, ok, _, _, tin, tout, cost, _, _, _ in metrics:
-            key = triple(prompt, variant, model)
+        for _, _, p, v, m, _, _, lat, ok, _, _, tin, tout, cost, _, _, _, _ in metrics:
+            key = triple(p, v, m)
             t = traffic.get(key)
             if t is None:
                 t = traffic[key] = _Traffic()
@@ -339,8 +345,10 @@ class MonitorExport:
             t.cost += cost or 0.0
         fb = self.feedback
         value = self.labels.value
-        for _, _, prompt, variant, _, _, score, _, _, _ in feedback:
-            pair = (value("prompt", prompt), value("variant", variant))
+        scored = [(row[2], row[3], row[6]) for row in feedback if row[5] is not None]
+        scored += [(prompt, variant, score) for _, prompt, variant, score in credits]
+        for prompt, variant, score in scored:
+            pair = (value("prompt", prompt or ""), value("variant", variant or ""))
             n, total = fb.get(pair, (0, 0.0))
             fb[pair] = (n + 1, total + score)
 

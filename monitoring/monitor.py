@@ -1,7 +1,12 @@
 """The monitor's asyncio shell around the pure windows (:mod:`.windows`) and rules (:mod:`.rules`).
 
 * :meth:`Monitor.on_batch` (a batch listener) windows every newly stored event, updates the
-  Prometheus counters and counts feedback per prompt for the volume trigger.
+  Prometheus counters and counts feedback per prompt for the volume trigger. Feedback on a
+  whole episode is credited to every call of the episode stored with it or before it
+  (looked up in storage, :class:`EpisodeCalls`): each such call's prompt and variant get
+  the score, at the feedback's time. A call stored *after* its episode's feedback is not
+  credited in the windows (the example store and rollouts still credit it: they join in
+  storage, and within the late-feedback window).
 * :meth:`Monitor.evaluate_once` runs on an interval: ``expire`` on the loop, then the pure
   :func:`~.rules.evaluate` in a worker thread so that a big rule set never blocks the event
   loop. While a round runs in the thread, the windows are *frozen*: batches are buffered
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -55,6 +60,21 @@ class AlertPersistence(Protocol):
         ...
 
 
+class EpisodeCalls(Protocol):
+    """Where the calls of episodes are looked up
+    (:class:`~promptd.storage.repository.EventRepository` fits)."""
+
+    async def episode_calls(
+        self, episode_ids: Collection[str], stored_by: float
+    ) -> dict[str, list[tuple[str, str]]]:
+        """``(prompt, variant)`` of each episode's calls stored at or before ``stored_by``."""
+        ...
+
+
+#: Feedback on an episode credited to one of its calls: (ts, prompt, variant, score).
+Credit = tuple[float, str, str, float]
+
+
 class Batch(Protocol):
     """What a batch listener receives (:class:`~promptd.storage.repository.BatchOutcome`)."""
 
@@ -76,6 +96,11 @@ class Batch(Protocol):
     @property
     def last_feedback_id(self) -> int:
         """Highest stored feedback row id once the batch is in."""
+        ...
+
+    @property
+    def ingested_at(self) -> float:
+        """When the batch was stored (its rows' ``ingested_at``)."""
         ...
 
 
@@ -103,6 +128,7 @@ class Monitor:
         sinks: Iterable[SinkWorker] = (),
         clock: Clock = time.time,
         snapshots: SnapshotStore | None = None,
+        episodes: EpisodeCalls | None = None,
     ) -> None:
         self.settings = settings
         self.rules = tuple(rules)
@@ -114,7 +140,9 @@ class Monitor:
         self.sinks = list(sinks)
         self.clock = clock
         self.states: dict[str, AlertState] = {}
-        self._backlog: list[Batch] = []
+        self._backlog: list[tuple[Batch, Sequence[Credit]]] = []
+        #: Where episode feedback finds its calls (``None``: it is not windowed).
+        self.episodes = episodes
         #: Highest (metric, feedback) row ids whose batches are in the windows: a snapshot
         #: of the windows covers every stored row up to these.
         self.covered: tuple[int, int] = (0, 0)
@@ -132,38 +160,66 @@ class Monitor:
     async def on_batch(self, outcome: Batch) -> None:
         """Batch listener: window the newly stored events (never blocks for long)."""
         metrics, feedback = outcome.metric_rows, outcome.feedback_rows
+        credits = await self._credits(outcome) if feedback else ()
         if metrics or feedback:
-            self.export.observe_batch(metrics, feedback)
+            self.export.observe_batch(metrics, feedback, credits)
         if self._frozen:
-            self._backlog.append(outcome)
+            self._backlog.append((outcome, credits))
         else:
-            self._apply(outcome)
+            self._apply(outcome, credits)
         if feedback:
-            self._count_feedback(feedback)
+            self._count_feedback(feedback, credits)
 
-    def _apply(self, outcome: Batch) -> None:
-        self._window(outcome.metric_rows, outcome.feedback_rows)
+    async def _credits(self, outcome: Batch) -> list[Credit]:
+        """The batch's episode feedback, credited to each call of its episode."""
+        # Rows unpack in column order (storage.rows); request_id None: a whole episode.
+        episodic = [row for row in outcome.feedback_rows if row[5] is None]
+        if not episodic or self.episodes is None:
+            return []
+        calls = await self.episodes.episode_calls(
+            {row[10] for row in episodic if row[10] is not None}, outcome.ingested_at
+        )
+        return [
+            (row[1], prompt, variant, row[6])
+            for row in episodic
+            for prompt, variant in calls.get(row[10] or "", ())
+        ]
+
+    def _apply(self, outcome: Batch, credits: Sequence[Credit]) -> None:
+        self._window(outcome.metric_rows, outcome.feedback_rows, credits)
         covered = self.covered
         self.covered = (
             max(covered[0], outcome.last_metric_id),
             max(covered[1], outcome.last_feedback_id),
         )
 
-    def _window(self, metrics: Sequence[MetricRow], feedback: Sequence[FeedbackRow]) -> None:
+    def _window(
+        self,
+        metrics: Sequence[MetricRow],
+        feedback: Sequence[FeedbackRow],
+        credits: Sequence[Credit] = (),
+    ) -> None:
         record = self.store.record_metric
         # Rows unpack in column order (storage.rows): the fastest access CPython has.
-        for _, ts, prompt, variant, model, _, _, lat, ok, _, q, tin, tout, cost, _, _, _ in metrics:
-            record(ts, prompt, variant, model, lat, ok, q, tin, tout, cost)
+        for _, t, p, v, m, _, _, lat, ok, _, q, tin, tout, c, _, _, _, _ in metrics:
+            record(t, p, v, m, lat, ok, q, tin, tout, c)
         record_fb = self.store.record_feedback
-        for _, ts, prompt, variant, _, _, score, _, _, _ in feedback:
+        for _, ts, prompt, variant, _, request_id, score, _, _, _, _ in feedback:
+            # Feedback on a whole episode (no request id) counts through its credits; call
+            # feedback always names its prompt and variant.
+            if request_id is not None and prompt is not None and variant is not None:
+                record_fb(ts, prompt, variant, score)
+        for ts, prompt, variant, score in credits:
             record_fb(ts, prompt, variant, score)
 
-    def _count_feedback(self, feedback: Sequence[FeedbackRow]) -> None:
+    def _count_feedback(self, feedback: Sequence[FeedbackRow], credits: Sequence[Credit]) -> None:
         threshold = self.settings.feedback_volume_threshold
         counts = self._feedback_counts
         now = self.clock()
-        for row in feedback:
-            prompt = row[2]
+        prompts = [row[2] for row in feedback if row[5] is not None]
+        prompts += [credit[1] for credit in credits]
+        for prompt in prompts:
+            assert prompt is not None  # call feedback always names its prompt
             n = counts.get(prompt, 0) + 1
             if n >= threshold:
                 counts.pop(prompt, None)
@@ -226,8 +282,8 @@ class Monitor:
         """Unfreeze the windows and apply the batches that arrived meanwhile."""
         self._frozen = False
         backlog, self._backlog = self._backlog, []
-        for outcome in backlog:
-            self._apply(outcome)
+        for outcome, credits in backlog:
+            self._apply(outcome, credits)
 
     def _compute(
         self, now: float, previous: dict[str, AlertState]

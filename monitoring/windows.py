@@ -432,7 +432,10 @@ class WindowStore:
         return True
 
     def add_feedback(self, event: FeedbackEvent) -> bool:
-        """Window one feedback event (at prompt/variant level); ``False`` when too late."""
+        """Window one feedback event (at prompt/variant level); ``False`` when too late, or
+        when it is on a whole episode (the monitor windows that through its calls)."""
+        if event.request_id is None or event.prompt is None or event.variant is None:
+            return False
         return self.record_feedback(event.ts, event.prompt, event.variant, event.score)
 
     def record_feedback(self, ts: float, prompt: str, variant: str, score: float) -> bool:

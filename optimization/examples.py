@@ -2,8 +2,9 @@
 
 An example is a :class:`~promptd.events.MetricEvent` that carries ``input`` (and usually
 ``output``) plus every :class:`~promptd.events.FeedbackEvent` with the same
-``request_id``: mean score, the comments, the latest correction. Nothing is copied: the
-query joins the two event tables, so retention of raw events
+``request_id`` and every one on the call's whole episode (``episode_id``, no
+``request_id``): mean score, the comments, the latest correction (the call's own).
+Nothing is copied: the query joins the two event tables, so retention of raw events
 (``storage.retention_days``) is also the store's retention.
 
 A run reads its examples through a :class:`Snapshot`: the time and the highest event row
@@ -31,22 +32,35 @@ SplitName = Literal["train", "validation", "test"]
 
 # Feedback is aggregated per request first, then joined to the request's latest captured
 # call (a retried call stores two metric events; it must not count the feedback twice).
+# A call's feedback is its own plus its episode's: feedback on a whole episode (no
+# request_id) counts for every captured call of the prompt in that episode. The
+# correction stays the call's own: an episode's correction is of the final answer.
 _SELECT: Final = """
+WITH fb (request_id, fid, score, comment, ts) AS (
+    SELECT f.request_id, f.id, f.score, f.comment, f.ts
+      FROM feedback_events f
+     WHERE f.id >= :floor AND f.id <= :max_f AND f.ts >= :since AND f.prompt = :prompt
+       AND f.request_id IS NOT NULL
+    UNION
+    SELECT m.request_id, f.id, f.score, f.comment, f.ts
+      FROM feedback_events f
+      JOIN metric_events m ON m.episode_id = f.episode_id AND m.episode_id IS NOT NULL
+     WHERE f.id >= :floor AND f.id <= :max_f AND f.ts >= :since AND f.request_id IS NULL
+       AND m.prompt = :prompt AND m.input IS NOT NULL AND m.id <= :max_m
+)
 SELECT m.request_id, m.variant, m.ts, m.input, m.output, agg.score, agg.n, agg.comments,
        (SELECT f2.correction FROM feedback_events f2
-         WHERE f2.request_id = agg.request_id AND f2.correction IS NOT NULL AND f2.id <= ?
+         WHERE f2.request_id = agg.request_id AND f2.correction IS NOT NULL AND f2.id <= :max_f
          ORDER BY f2.ts DESC, f2.id DESC LIMIT 1)
-  FROM (SELECT f.request_id, avg(f.score) AS score, count(f.id) AS n,
-               group_concat(f.comment, ' | ') AS comments, max(f.ts) AS last_ts
-          FROM feedback_events f
-         WHERE f.id >= ? AND f.id <= ? AND f.ts >= ? AND f.prompt = ?
-         GROUP BY f.request_id) agg
+  FROM (SELECT request_id, avg(score) AS score, count(*) AS n,
+               group_concat(comment, ' | ') AS comments, max(ts) AS last_ts
+          FROM fb GROUP BY request_id) agg
   JOIN metric_events m ON m.id = (
         SELECT max(m2.id) FROM metric_events m2
          WHERE m2.request_id = agg.request_id AND m2.input IS NOT NULL
-           AND m2.id <= ? AND m2.prompt = ?)
+           AND m2.id <= :max_m AND m2.prompt = :prompt)
  ORDER BY agg.last_ts DESC, m.request_id
- LIMIT ?
+ LIMIT :limit
 """
 
 
@@ -157,6 +171,16 @@ def _example(row: Sequence[Any]) -> Example:
     )
 
 
+async def read_snapshot(db: Database, now: float) -> Snapshot:
+    """The bounds of the event tables now: what a run started now may read."""
+    out = []
+    for table in ("feedback_events", "metric_events"):
+        async with db.reader.execute(f"SELECT coalesce(max(id), 0) FROM {table}") as cur:
+            row = await cur.fetchone()
+        out.append(int(row[0]) if row else 0)
+    return Snapshot(now, out[0], out[1])
+
+
 class ExampleStore:
     """Read-only queries over the event tables (on the reader connection)."""
 
@@ -167,12 +191,7 @@ class ExampleStore:
 
     async def snapshot(self, now: float) -> Snapshot:
         """The current bounds: what a run started now may read."""
-        out = []
-        for table in ("feedback_events", "metric_events"):
-            async with self.db.reader.execute(f"SELECT coalesce(max(id), 0) FROM {table}") as cur:
-                row = await cur.fetchone()
-            out.append(int(row[0]) if row else 0)
-        return Snapshot(now, out[0], out[1])
+        return await read_snapshot(self.db, now)
 
     async def examples(self, prompt: str, snapshot: Snapshot) -> list[Example]:
         """The prompt's examples within ``snapshot``, newest feedback first, capped."""
@@ -180,16 +199,14 @@ class ExampleStore:
         # feedback_events has no ts index: start the scan at the first row id that can
         # be recent enough (see storage/schema.py, ingest_batches).
         floor = await EventRepository(self.db).first_id_since("feedback_events", since)
-        params = (
-            snapshot.max_feedback_id,
-            floor,
-            snapshot.max_feedback_id,
-            since,
-            prompt,
-            snapshot.max_metric_id,
-            prompt,
-            self.limit,
-        )
+        params = {
+            "floor": floor,
+            "max_f": snapshot.max_feedback_id,
+            "max_m": snapshot.max_metric_id,
+            "since": since,
+            "prompt": prompt,
+            "limit": self.limit,
+        }
         async with self.db.reader.execute(_SELECT, params) as cur:
             rows = await cur.fetchall()
         return [_example(r) for r in rows]

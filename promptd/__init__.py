@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from promptd.sdk import (
+    Episode,
     PromptVariant,
     SdkConfig,
     SdkStats,
@@ -17,8 +18,10 @@ from promptd.sdk import (
     aflush,
     astart,
     configure,
+    current_episode_id,
     current_request_id,
     current_variant,
+    episode,
     feedback,
     flush,
     instrument,
@@ -52,6 +55,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Episode",
     "FeedbackEvent",
     "MetricEvent",
     "PromptVariant",
@@ -62,8 +66,10 @@ __all__ = [
     "aflush",
     "astart",
     "configure",
+    "current_episode_id",
     "current_request_id",
     "current_variant",
+    "episode",
     "feedback",
     "flush",
     "instrument",

@@ -30,6 +30,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 SCHEMA_VERSION: Final = 1
@@ -122,6 +123,14 @@ def _check_attributes(value: dict[str, str] | None) -> dict[str, str] | None:
     return value
 
 
+#: Why a feedback event without a target is invalid (also the decoders' detail).
+FEEDBACK_NEEDS_TARGET: Final = "feedback needs a request_id or an episode_id"
+#: Why call feedback without its prompt or variant is invalid.
+CALL_FEEDBACK_NEEDS_PROMPT: Final = (
+    "feedback on a call (request_id) needs the call's prompt and variant"
+)
+
+
 class _EventBase(BaseModel):
     model_config = ConfigDict(
         # strict: "12" is not a number and "true" is not a boolean on the wire.
@@ -134,9 +143,6 @@ class _EventBase(BaseModel):
     schema_version: Literal[1] = Field(default=1, alias="schema")
     event_id: EventId
     ts: Timestamp
-    prompt: PromptName
-    variant: Name
-    request_id: EventId
 
     def to_json(self) -> bytes:
         """Serialize for the wire (``schema`` alias, no ``None`` fields)."""
@@ -147,8 +153,13 @@ class MetricEvent(_EventBase):
     """One LLM call, published by the app on ``promptd.metrics``."""
 
     type: Literal["metric"] = "metric"
+    prompt: PromptName
+    variant: Name
+    request_id: EventId
     model: Name
     unit_id: EventId | None = None
+    # The unit of work (one run of a pipeline, one agent turn) the call belongs to.
+    episode_id: EventId | None = None
     latency_ms: Annotated[float, Field(ge=0.0, le=86_400_000.0, allow_inf_nan=False)]
     success: StrictBool
     error: Annotated[str, Field(max_length=MAX_ERROR_CHARS)] | None = None
@@ -172,9 +183,19 @@ class MetricEvent(_EventBase):
 
 
 class FeedbackEvent(_EventBase):
-    """One piece of user or automatic feedback on a call, on ``promptd.feedback``."""
+    """One piece of user or automatic feedback, on ``promptd.feedback``.
+
+    It judges one call (``request_id``, with that call's ``prompt`` and ``variant``) or,
+    with only an ``episode_id``, a whole episode: every call of the episode is credited
+    with it (``prompt`` and ``variant`` are then optional and only informative). With
+    both ids it judges the call, and names the episode the call belongs to.
+    """
 
     type: Literal["feedback"] = "feedback"
+    prompt: PromptName | None = None
+    variant: Name | None = None
+    request_id: EventId | None = None
+    episode_id: EventId | None = None
     model: Name | None = None
     score: Score
     kind: Annotated[str, Field(min_length=1, max_length=MAX_KIND_CHARS)] = "quality"
@@ -185,6 +206,20 @@ class FeedbackEvent(_EventBase):
     @classmethod
     def _cap_correction(cls, value: Any) -> Any:
         return _capped_json(value, "correction")
+
+    @model_validator(mode="after")
+    def _target(self) -> FeedbackEvent:
+        if self.request_id is None:
+            if self.episode_id is None:
+                raise ValueError(FEEDBACK_NEEDS_TARGET)
+        elif self.prompt is None or self.variant is None:
+            raise ValueError(CALL_FEEDBACK_NEEDS_PROMPT)
+        return self
+
+    @property
+    def targets_episode(self) -> bool:
+        """Feedback on a whole episode (no ``request_id``)."""
+        return self.request_id is None
 
 
 Event = Annotated[MetricEvent | FeedbackEvent, Discriminator("type")]

@@ -193,16 +193,23 @@ class RolloutController:
                 self._live[rid].acc.add_metric(
                     m.ts,
                     m.variant,
-                    m.unit_id or m.request_id,
+                    m.unit_id or m.episode_id or m.request_id,
                     m.latency_ms,
                     m.success,
                     m.quality,
                     m.cost_usd,
                     m.request_id,
                     at,
+                    m.episode_id,
                 )
         for f in outcome.feedback:
-            rid = self._by_prompt.get(f.prompt)
+            if f.request_id is None:
+                # On a whole episode: every rollout may hold calls of it.
+                for rid, live in self._live.items():
+                    live.acc.add_feedback(None, f.score, at, f.episode_id)
+                    touched.add(rid)
+                continue
+            rid = self._by_prompt.get(f.prompt or "")
             if rid is not None:
                 self._live[rid].acc.add_feedback(f.request_id, f.score, at)
                 touched.add(rid)

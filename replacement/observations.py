@@ -20,6 +20,13 @@ with the baseline's feedback on older ones (Simpson's paradox under drift; issue
 Feedback on calls outside the rollout (another variant, before the start, unknown) is
 ignored and counted as ``unmatched``.
 
+Feedback on a whole episode (an ``episode_id`` and no ``request_id``) joins *each* call of
+the rollout's prompt in that episode, in that call's cell, under the same window as call
+feedback: it counts for the calls stored up to ``feedback_max_delay_s`` before it and up
+to :data:`PENDING_WINDOW_S` after it (it is kept that long for late calls). It counts as
+``joined`` once it has joined a call; episode feedback that joins none of the rollout's
+calls is another prompt's and is not counted.
+
 How late: feedback counts when the daemon stores it at most ``feedback_max_delay_s``
 after the call (or up to :data:`PENDING_WINDOW_S` before it, when the two topics are read
 out of order). The rule uses the stored ingestion times of both events, so the replay after
@@ -28,7 +35,8 @@ the last ``feedback_max_delay_s`` (about 200 bytes each).
 
 Clusters
 --------
-Units (``unit_id``, else ``request_id``) are what routing randomises, so the variance is
+Units (``unit_id``, else ``episode_id``, else ``request_id``: the routing key of the SDK)
+are what routing randomises, so the variance is
 cluster-robust by unit (:mod:`.clustered`). Units are grouped into :data:`DEFAULT_BUCKETS`
 hash buckets, a fixed memory whatever the number of users; a bucket is a sum of independent
 units, hence itself an independent cluster. The variance estimate's relative noise is about
@@ -117,6 +125,19 @@ class _Call(NamedTuple):
     cell: tuple[int, Arm]
     bucket: int
     ingested_at: float
+    episode: str | None = None
+
+
+class _EpisodeFeedback:
+    """Feedback on a whole episode, kept for the calls that may still join it."""
+
+    __slots__ = ("at", "episode", "joined", "score")
+
+    def __init__(self, episode: str, score: float, at: float, joined: bool = False) -> None:
+        self.episode = episode
+        self.score = score
+        self.at = at
+        self.joined = joined
 
 
 @dataclass(slots=True)
@@ -150,6 +171,11 @@ class RolloutAccumulator:
     _call_order: deque[tuple[float, str]] = field(default_factory=deque)
     _pending: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     _pending_order: deque[tuple[float, str]] = field(default_factory=deque)
+    # Request ids of each episode's calls in the join window, in storage order.
+    _episodes: dict[str, list[str]] = field(default_factory=dict)
+    # Episode feedback kept for late calls, by episode and in storage order.
+    _episode_fb: dict[str, list[_EpisodeFeedback]] = field(default_factory=dict)
+    _episode_fb_order: deque[_EpisodeFeedback] = field(default_factory=deque)
 
     def arm_of(self, variant: str) -> Arm | None:
         """Which arm a variant belongs to, if any."""
@@ -188,8 +214,10 @@ class RolloutAccumulator:
         cost_usd: float | None,
         request_id: str | None = None,
         ingested_at: float | None = None,
+        episode_id: str | None = None,
     ) -> None:
-        """Add one LLM call (``ingested_at`` defaults to ``ts``)."""
+        """Add one LLM call (``ingested_at`` defaults to ``ts``); ``unit`` is its routing
+        key (``unit_id``, else ``episode_id``, else ``request_id``)."""
         stored = ts if ingested_at is None else ingested_at
         self._evict(stored)
         arm = self.arm_of(variant)
@@ -212,16 +240,32 @@ class RolloutAccumulator:
             cell.primary.add(quality, bucket, self.buckets)
         if request_id is None or request_id in self._calls:
             return  # a repeated request id keeps its first call
-        call = _Call(key, bucket, stored)
+        call = _Call(key, bucket, stored, episode_id)
         self._calls[request_id] = call
         self._call_order.append((stored, request_id))
         for score, at in self._pending.pop(request_id, ()):
             self.feedback.waiting -= 1
             self._join(call, score, at)
+        if episode_id is not None:
+            self._episodes.setdefault(episode_id, []).append(request_id)
+            for entry in self._episode_fb.get(episode_id, ()):
+                self._join_episode(call, entry)
 
-    def add_feedback(self, request_id: str, score: float, ingested_at: float) -> None:
-        """Add one feedback score; it counts in its call's cell (see module doc)."""
+    def add_feedback(
+        self,
+        request_id: str | None,
+        score: float,
+        ingested_at: float,
+        episode_id: str | None = None,
+    ) -> None:
+        """Add one feedback score: on a call (``request_id``) it counts in that call's
+        cell; on a whole episode (``episode_id`` only) in the cell of each of the
+        episode's calls (see module doc)."""
         self._evict(ingested_at)
+        if request_id is None:
+            if episode_id is not None:
+                self._add_episode_feedback(episode_id, score, ingested_at)
+            return
         call = self._calls.get(request_id)
         if call is not None:
             self._join(call, score, ingested_at)
@@ -229,6 +273,24 @@ class RolloutAccumulator:
         self._pending.setdefault(request_id, []).append((score, ingested_at))
         self._pending_order.append((ingested_at, request_id))
         self.feedback.waiting += 1
+
+    def _add_episode_feedback(self, episode: str, score: float, at: float) -> None:
+        entry = _EpisodeFeedback(episode, score, at)
+        for request_id in self._episodes.get(episode, ()):
+            self._join_episode(self._calls[request_id], entry)
+        self._episode_fb.setdefault(episode, []).append(entry)
+        self._episode_fb_order.append(entry)
+
+    def _join_episode(self, call: _Call, entry: _EpisodeFeedback) -> None:
+        """One call of an episode with one feedback on it, within the join window."""
+        lag = entry.at - call.ingested_at
+        if lag > self.feedback_max_delay_s or -lag > PENDING_WINDOW_S:
+            return
+        if not entry.joined:
+            entry.joined = True
+            self.feedback.joined += 1
+        if self.primary_metric == "feedback_score":
+            self._cell(call.cell).primary.add(entry.score, call.bucket, self.buckets)
 
     def _join(self, call: _Call, score: float, at: float) -> None:
         # Eviction already enforces the window when events come in storage order; the
@@ -247,8 +309,17 @@ class RolloutAccumulator:
         calls, order = self._calls, self._call_order
         while order and order[0][0] < horizon:
             _, rid = order.popleft()
-            calls.pop(rid, None)
+            call = calls.pop(rid, None)
+            if call is not None and call.episode is not None:
+                self._forget_episode_call(call.episode, rid)
         horizon = now - PENDING_WINDOW_S
+        episodic = self._episode_fb_order
+        while episodic and episodic[0].at < horizon:
+            entry = episodic.popleft()
+            same = self._episode_fb[entry.episode]
+            same.remove(entry)  # the oldest: entries leave in storage order
+            if not same:
+                del self._episode_fb[entry.episode]
         pending, waiting = self._pending, self._pending_order
         while waiting and waiting[0][0] < horizon:
             at, rid = waiting.popleft()
@@ -263,6 +334,14 @@ class RolloutAccumulator:
                 pending[rid] = kept
             else:
                 del pending[rid]
+
+    def _forget_episode_call(self, episode: str, request_id: str) -> None:
+        members = self._episodes.get(episode)
+        if members is None:
+            return
+        members.remove(request_id)  # the oldest: calls leave in storage order
+        if not members:
+            del self._episodes[episode]
 
     # -- snapshots -----------------------------------------------------------------
 
@@ -280,12 +359,16 @@ class RolloutAccumulator:
                 [c.cell[1] for c in self._calls.values()],
                 [c.bucket for c in self._calls.values()],
                 [c.ingested_at for c in self._calls.values()],
+                [c.episode for c in self._calls.values()],
             ],
             "call_order": [[at for at, _ in self._call_order], [r for _, r in self._call_order]],
             "pending": [
                 [rid, [list(e) for e in entries]] for rid, entries in self._pending.items()
             ],
             "pending_order": [list(item) for item in self._pending_order],
+            "episode_feedback": [
+                [e.episode, e.score, e.at, e.joined] for e in self._episode_fb_order
+            ],
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -303,13 +386,27 @@ class RolloutAccumulator:
     def _load_state(self, state: dict[str, Any]) -> None:
         self.feedback = FeedbackCounts(*state["feedback"])
         self._cells = {(step, arm): _cell_from_state(rest) for step, arm, *rest in state["cells"]}
+        columns = state["calls"]
+        if len(columns) == 5:
+            # A snapshot from before episodes: no call had one.
+            columns = [*columns, [None] * len(columns[0])]
         self._calls = {
-            rid: _Call((step, arm), bucket, at)
-            for rid, step, arm, bucket, at in zip(*state["calls"], strict=True)
+            rid: _Call((step, arm), bucket, at, episode)
+            for rid, step, arm, bucket, at, episode in zip(*columns, strict=True)
         }
         self._call_order = deque(zip(*state["call_order"], strict=True))
         self._pending = {rid: [(a, b) for a, b in entries] for rid, entries in state["pending"]}
         self._pending_order = deque((at, rid) for at, rid in state["pending_order"])
+        self._episodes = {}
+        for _, rid in self._call_order:
+            call = self._calls.get(rid)
+            if call is not None and call.episode is not None:
+                self._episodes.setdefault(call.episode, []).append(rid)
+        self._episode_fb, self._episode_fb_order = {}, deque()
+        for episode, score, at, joined in state.get("episode_feedback", ()):
+            entry = _EpisodeFeedback(episode, score, at, joined)
+            self._episode_fb.setdefault(episode, []).append(entry)
+            self._episode_fb_order.append(entry)
 
     # -- views ---------------------------------------------------------------------
 

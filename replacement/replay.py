@@ -52,16 +52,19 @@ async def replay(
     )
     calls = _rows(
         db,
-        "SELECT ingested_at, ts, variant, coalesce(unit_id, request_id), latency_ms, success, "
-        "quality, cost_usd, request_id FROM metric_events "
+        "SELECT ingested_at, ts, variant, coalesce(unit_id, episode_id, request_id), "
+        "latency_ms, success, quality, cost_usd, request_id, episode_id FROM metric_events "
         "WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND prompt = ? AND variant IN (?, ?) "
         "ORDER BY id",
         (metric_floor, since, since, prompt, *variants),
     )
+    # Call feedback names its prompt. Feedback on a whole episode is all read, as the live
+    # feed offers it all: a call of the episode may still come (within the join window).
     feedback = _rows(
         db,
-        "SELECT ingested_at, request_id, score FROM feedback_events "
-        "WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND prompt = ? ORDER BY id",
+        "SELECT ingested_at, request_id, score, episode_id FROM feedback_events "
+        "WHERE id >= ? AND ts >= ? AND ingested_at >= ? "
+        "AND ((prompt = ? AND request_id IS NOT NULL) OR request_id IS NULL) ORDER BY id",
         (feedback_floor, fb_since, since, prompt),
     )
     n_calls = n_feedback = 0
@@ -69,12 +72,13 @@ async def replay(
     fb = await anext(feedback, None)
     while call is not None or fb is not None:
         if call is not None and (fb is None or call[0] <= fb[0]):
-            at, ts, variant, unit, latency, success, quality, cost, request_id = call
-            acc.add_metric(ts, variant, unit, latency, bool(success), quality, cost, request_id, at)
+            at, ts, variant, unit, latency, success, quality, cost, request_id, episode = call
+            ok = bool(success)
+            acc.add_metric(ts, variant, unit, latency, ok, quality, cost, request_id, at, episode)
             n_calls += 1
             call = await anext(calls, None)
         elif fb is not None:
-            acc.add_feedback(fb[1], fb[2], fb[0])
+            acc.add_feedback(fb[1], fb[2], fb[0], fb[3])
             n_feedback += 1
             fb = await anext(feedback, None)
     return n_calls, n_feedback

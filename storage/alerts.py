@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from promptd.storage.database import Database
-from promptd.storage.repository import EventRepository
+from promptd.storage.repository import EPISODE_CREDITS, EventRepository
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,13 +143,24 @@ _AGG_METRICS = (
 _AGG_FEEDBACK = (
     "SELECT CAST(ts / :w AS INTEGER) AS b, prompt, variant, COUNT(*), TOTAL(score) "
     "FROM feedback_events WHERE id >= :fid AND ts >= :lo AND ts < :hi "
-    "GROUP BY b, prompt, variant"
+    "AND request_id IS NOT NULL GROUP BY b, prompt, variant"
+)
+# Feedback on a whole episode is credited to every call of the episode stored with it or
+# before it (EPISODE_CREDITS, as the live monitor does); sums of the two add up.
+_AGG_EPISODE_FEEDBACK = (
+    "SELECT CAST(f.ts / :w AS INTEGER) AS b, m.prompt, m.variant, COUNT(*), TOTAL(f.score) "
+    f"{EPISODE_CREDITS} WHERE f.id >= :fid AND f.ts >= :lo AND f.ts < :hi "
+    "AND f.request_id IS NULL GROUP BY b, m.prompt, m.variant"
 )
 _RAW_EVENTS = (
     "SELECT ts, 0, prompt, variant, model, latency_ms, success, quality, tokens_in, "
     "tokens_out, cost_usd, NULL FROM metric_events WHERE id >= :mid AND ts >= :lo AND ts <= :hi "
     "UNION ALL SELECT ts, 1, prompt, variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, score "
-    "FROM feedback_events WHERE id >= :fid AND ts >= :lo AND ts <= :hi ORDER BY 1"
+    "FROM feedback_events WHERE id >= :fid AND ts >= :lo AND ts <= :hi "
+    "AND request_id IS NOT NULL "
+    "UNION ALL SELECT f.ts, 1, m.prompt, m.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+    f"f.score {EPISODE_CREDITS} WHERE f.id >= :fid AND f.ts >= :lo AND f.ts <= :hi "
+    "AND f.request_id IS NULL ORDER BY 1"
 )
 
 
@@ -210,11 +221,12 @@ async def history_aggregates(
         }
         out.append(Aggregate(b * bucket_seconds, prompt, variant, model, values))
     await cursor.close()
-    cursor = await db.reader.execute(_AGG_FEEDBACK, params)
-    for b, prompt, variant, n, total in await cursor.fetchall():
-        values = {"fb_n": n, "fb_sum": total}
-        out.append(Aggregate(b * bucket_seconds, prompt, variant, None, values))
-    await cursor.close()
+    for sql in (_AGG_FEEDBACK, _AGG_EPISODE_FEEDBACK):
+        cursor = await db.reader.execute(sql, params)
+        for b, prompt, variant, n, total in await cursor.fetchall():
+            values = {"fb_n": n, "fb_sum": total}
+            out.append(Aggregate(b * bucket_seconds, prompt, variant, None, values))
+        await cursor.close()
     out.sort(key=lambda a: a.start)
     return out
 

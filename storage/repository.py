@@ -13,7 +13,7 @@ import functools
 import operator
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Final, TypeVar
@@ -24,7 +24,9 @@ from promptd.events import FeedbackEvent, MetricEvent
 from promptd.storage.database import Database
 from promptd.storage.rows import (
     FEEDBACK_COLUMNS,
+    METRIC_CAPTURES_AT,
     METRIC_COLUMNS,
+    METRIC_EPISODE_COLUMNS,
     METRIC_PLAIN_COLUMNS,
     FeedbackRow,
     FeedbackView,
@@ -32,6 +34,7 @@ from promptd.storage.rows import (
     MetricView,
     feedback_row,
     feedback_views,
+    metric_episode_part,
     metric_plain_part,
     metric_row,
     metric_views,
@@ -42,8 +45,11 @@ R = TypeVar("R", MetricRow, FeedbackRow)
 Row = tuple[object, ...]
 
 _TS = operator.itemgetter(1)
-_CAPTURES = operator.itemgetter(slice(len(METRIC_PLAIN_COLUMNS), len(METRIC_COLUMNS)))
-_NO_CAPTURES: Final = (None,) * (len(METRIC_COLUMNS) - len(METRIC_PLAIN_COLUMNS))
+# The optional tail of a metric row: the episode id, then the captured payloads.
+_TAIL = operator.itemgetter(slice(len(METRIC_PLAIN_COLUMNS), len(METRIC_COLUMNS)))
+_NO_TAIL: Final = (None,) * (len(METRIC_COLUMNS) - len(METRIC_PLAIN_COLUMNS))
+_CAPTURES = operator.itemgetter(slice(METRIC_CAPTURES_AT, len(METRIC_COLUMNS)))
+_NO_CAPTURES: Final = (None,) * (len(METRIC_COLUMNS) - METRIC_CAPTURES_AT)
 
 
 #: Most rows per INSERT statement. Statements of many rows instead of ``executemany`` of
@@ -105,6 +111,17 @@ INSERT INTO counters (name, value) VALUES (?, ?)
 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value
 """
 
+#: ``FROM`` clause pairing feedback rows ``f`` with the calls ``m`` of their episode that
+#: were stored with them or before them. Feedback on a whole episode (no ``request_id``)
+#: is credited to exactly these calls, live and when windows or rollouts are rebuilt from
+#: storage (``ingested_at`` is the storage order the batch listeners saw).
+EPISODE_CREDITS: Final = (
+    "FROM feedback_events f JOIN metric_events m ON m.episode_id = f.episode_id "
+    "AND m.episode_id IS NOT NULL AND m.ingested_at <= f.ingested_at"
+)
+#: Most episode ids per lookup statement (well below SQLite's variable limit).
+_EPISODES_PER_QUERY: Final = 500
+
 #: Counter names kept in the ``counters`` table (dead letters add ``dead_lettered.<reason>``).
 STORED_METRICS: Final = "stored.metric"
 STORED_FEEDBACK: Final = "stored.feedback"
@@ -149,16 +166,31 @@ class BatchOutcome:
         return feedback_views(self.feedback_rows)
 
 
-def _insert_metrics(conn: sqlite3.Connection, rows: Sequence[MetricRow], now: float) -> int:
-    captures = list(map(_CAPTURES, rows))
-    table, plain_cols = "metric_events", METRIC_PLAIN_COLUMNS
-    if captures.count(_NO_CAPTURES) == len(rows):
-        # The common case: no payloads, so the narrower statement (no NULLs to bind).
-        return _insert_rows(conn, table, plain_cols, list(map(metric_plain_part, rows)), now)
-    plain = [metric_plain_part(r) for r, c in zip(rows, captures, strict=True) if c == _NO_CAPTURES]
-    captured = [r for r, c in zip(rows, captures, strict=True) if c != _NO_CAPTURES]
-    stored = _insert_rows(conn, table, plain_cols, plain, now)
-    return stored + _insert_rows(conn, table, METRIC_COLUMNS, captured, now)
+def _insert_metrics(
+    conn: sqlite3.Connection, rows: Sequence[MetricRow], now: float
+) -> tuple[int, Sequence[MetricRow]]:
+    """Insert ``rows``; returns how many were new and the rows in the order they were
+    stored (row ids), which is the order listeners and replays see them in."""
+    tails = list(map(_TAIL, rows))
+    table = "metric_events"
+    if tails.count(_NO_TAIL) == len(rows):
+        # The common case: no episode, no payloads, so the narrowest statement (no NULLs
+        # to bind).
+        plain_rows = list(map(metric_plain_part, rows))
+        return _insert_rows(conn, table, METRIC_PLAIN_COLUMNS, plain_rows, now), rows
+    # One statement shape at a time: rows without the optional tail, rows with an
+    # episode only, rows with captured payloads.
+    shapes: tuple[list[MetricRow], list[MetricRow], list[MetricRow]] = ([], [], [])
+    for row, tail in zip(rows, tails, strict=True):
+        shape = 0 if tail == _NO_TAIL else 1 if _CAPTURES(row) == _NO_CAPTURES else 2
+        shapes[shape].append(row)
+    plain, episode, full = shapes
+    stored = _insert_rows(conn, table, METRIC_PLAIN_COLUMNS, [*map(metric_plain_part, plain)], now)
+    stored += _insert_rows(
+        conn, table, METRIC_EPISODE_COLUMNS, [*map(metric_episode_part, episode)], now
+    )
+    stored += _insert_rows(conn, table, METRIC_COLUMNS, full, now)
+    return stored, [*plain, *episode, *full]
 
 
 def _insert_feedback(conn: sqlite3.Connection, rows: Sequence[FeedbackRow], now: float) -> int:
@@ -194,10 +226,10 @@ def _store_sync(
     m_stored = f_stored = 0
     last_m = mark = _max_id(conn, "metric_events")
     if metrics:
-        m_stored = _insert_metrics(conn, metrics, now)
+        m_stored, new_metrics = _insert_metrics(conn, metrics, now)
         last_m = _record_batch(conn, "metric_events", mark, metrics)
         if m_stored != len(metrics):
-            new_metrics = _only_new(conn, "metric_events", mark, metrics)
+            new_metrics = _only_new(conn, "metric_events", mark, new_metrics)
     last_f = mark = _max_id(conn, "feedback_events")
     if feedback:
         f_stored = _insert_feedback(conn, feedback, now)
@@ -329,6 +361,26 @@ class EventRepository:
             row = await cur.fetchone()
         assert row is not None
         return int(row[0]), int(row[1])
+
+    async def episode_calls(
+        self, episode_ids: Collection[str], stored_by: float
+    ) -> dict[str, list[tuple[str, str]]]:
+        """``(prompt, variant)`` of every call of each episode stored at or before
+        ``stored_by`` (an ``ingested_at``), in storage order: what feedback on those
+        episodes stored at ``stored_by`` is credited to (see :data:`EPISODE_CREDITS`)."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        ids = sorted(episode_ids)
+        for start in range(0, len(ids), _EPISODES_PER_QUERY):
+            part = ids[start : start + _EPISODES_PER_QUERY]
+            marks = ",".join("?" * len(part))
+            async with self.db.reader.execute(
+                "SELECT episode_id, prompt, variant FROM metric_events "
+                f"WHERE episode_id IN ({marks}) AND ingested_at <= ? ORDER BY id",
+                (*part, stored_by),
+            ) as cur:
+                for episode, prompt, variant in await cur.fetchall():
+                    out.setdefault(str(episode), []).append((str(prompt), str(variant)))
+        return out
 
     async def first_id_since(self, table: str, since_ts: float) -> int:
         """A row id below which every row of ``table`` has ``ts < since_ts``.

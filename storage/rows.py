@@ -42,11 +42,22 @@ MetricRow: TypeAlias = tuple[
     str | None,
     str | None,
     str | None,
+    str | None,
 ]
 #: One stored piece of feedback, in ``feedback_events`` column order (see
 #: :class:`FeedbackView`).
 FeedbackRow: TypeAlias = tuple[
-    str, float, str, str, str | None, str, float, str, str | None, str | None
+    str,
+    float,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    float,
+    str,
+    str | None,
+    str | None,
+    str | None,
 ]
 
 
@@ -67,35 +78,45 @@ class MetricView(NamedTuple):
     tokens_in: int | None
     tokens_out: int | None
     cost_usd: float | None
+    episode_id: str | None
     input: str | None
     output: str | None
     attributes: str | None
 
 
 class FeedbackView(NamedTuple):
-    """A :data:`FeedbackRow` with names."""
+    """A :data:`FeedbackRow` with names. Feedback on a whole episode has no
+    ``request_id`` (and may have no ``prompt`` or ``variant``)."""
 
     event_id: str
     ts: float
-    prompt: str
-    variant: str
+    prompt: str | None
+    variant: str | None
     model: str | None
-    request_id: str
+    request_id: str | None
     score: float
     kind: str
     comment: str | None
     correction: str | None
+    episode_id: str | None
 
 
 METRIC_COLUMNS: Final = MetricView._fields
 FEEDBACK_COLUMNS: Final = FeedbackView._fields
 METRIC_WIDTH: Final = len(METRIC_COLUMNS)
 FEEDBACK_WIDTH: Final = len(FEEDBACK_COLUMNS)
-#: Metric columns without the captured payloads: most calls have none, and binding three
-#: NULLs per row measured about 25 % of the insert cost (see bench/sqlite_rows.py).
+#: Metric columns without the optional tail (episode id, captured payloads): most calls
+#: have none of them, and binding three NULLs per row measured about 25 % of the insert
+#: cost (see bench/sqlite_rows.py).
 METRIC_PLAIN_COLUMNS: Final = METRIC_COLUMNS[:14]
+#: The plain columns and the episode id: calls in an episode, without captures.
+METRIC_EPISODE_COLUMNS: Final = METRIC_COLUMNS[:15]
+#: Where the captured payloads (input, output, attributes) start in a row.
+METRIC_CAPTURES_AT: Final = len(METRIC_EPISODE_COLUMNS)
 #: A row's plain part, sliced in C.
 metric_plain_part: Final = operator.itemgetter(slice(0, len(METRIC_PLAIN_COLUMNS)))
+#: A row's plain part and episode id, sliced in C.
+metric_episode_part: Final = operator.itemgetter(slice(0, len(METRIC_EPISODE_COLUMNS)))
 
 
 def capture_json(value: Any) -> str | None:
@@ -122,6 +143,7 @@ def metric_row(event: MetricEvent) -> MetricRow:
         event.tokens_in,
         event.tokens_out,
         event.cost_usd,
+        event.episode_id,
         capture_json(event.input),
         capture_json(event.output),
         capture_json(event.attributes),
@@ -141,6 +163,7 @@ def feedback_row(event: FeedbackEvent) -> FeedbackRow:
         event.kind,
         event.comment,
         capture_json(event.correction),
+        event.episode_id,
     )
 
 

@@ -300,6 +300,44 @@ _V10_OPTIMIZATION_TARGETS: Final = """
 ALTER TABLE optimization_runs ADD COLUMN target TEXT;
 """
 
+_V11_EPISODES: Final = """
+-- Episodes: calls that share an episode_id (one run of a pipeline, one agent turn), and
+-- feedback on a whole episode. Only calls in an episode are indexed (most are not).
+ALTER TABLE metric_events ADD COLUMN episode_id TEXT;
+CREATE INDEX metric_events_episode ON metric_events (episode_id) WHERE episode_id IS NOT NULL;
+
+-- Feedback may now name an episode instead of a call: request_id, prompt and variant
+-- become optional. SQLite cannot drop NOT NULL in place, so the table is rebuilt with
+-- the same row ids (snapshots and ingest_batches refer to them).
+CREATE TABLE feedback_events_v11 (
+    id          INTEGER PRIMARY KEY,
+    event_id    TEXT    NOT NULL UNIQUE,
+    ts          REAL    NOT NULL,
+    prompt      TEXT,
+    variant     TEXT,
+    model       TEXT,
+    request_id  TEXT,
+    score       REAL    NOT NULL CHECK (score BETWEEN 0 AND 1),
+    kind        TEXT    NOT NULL,
+    comment     TEXT,
+    correction  TEXT,
+    ingested_at REAL    NOT NULL,
+    episode_id  TEXT,
+    CHECK (request_id IS NOT NULL OR episode_id IS NOT NULL),
+    CHECK (request_id IS NULL OR (prompt IS NOT NULL AND variant IS NOT NULL))
+);
+INSERT INTO feedback_events_v11 (id, event_id, ts, prompt, variant, model, request_id, score,
+                                 kind, comment, correction, ingested_at)
+    SELECT id, event_id, ts, prompt, variant, model, request_id, score, kind, comment,
+           correction, ingested_at
+      FROM feedback_events ORDER BY id;
+DROP TABLE feedback_events;
+ALTER TABLE feedback_events_v11 RENAME TO feedback_events;
+CREATE INDEX feedback_events_request ON feedback_events (request_id);
+CREATE INDEX feedback_events_episode ON feedback_events (episode_id)
+    WHERE episode_id IS NOT NULL;
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=1, name="ingestion", sql=_V1_INGESTION),
     Migration(version=2, name="registry", sql=_V2_REGISTRY),
@@ -311,6 +349,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=8, name="prompt_configs", sql=_V8_PROMPT_CONFIGS),
     Migration(version=9, name="snapshots", sql=_V9_SNAPSHOTS),
     Migration(version=10, name="optimization_targets", sql=_V10_OPTIMIZATION_TARGETS),
+    Migration(version=11, name="episodes", sql=_V11_EPISODES),
 )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from promptd.storage.database import Database
+from promptd.storage.repository import EPISODE_CREDITS
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +85,14 @@ async def last_ids(db: Database) -> tuple[int, int]:
 
 
 # Rows as the monitor's rebuild reads them (see storage.alerts.raw_events), plus the id.
+# Feedback on a whole episode comes once per call of the episode it is credited to.
 _TAIL: Final = (
     "SELECT ts, 0, prompt, variant, model, latency_ms, success, quality, tokens_in, "
     "tokens_out, cost_usd, NULL, ingested_at, id FROM metric_events WHERE id > :mid "
     "UNION ALL SELECT ts, 1, prompt, variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-    "score, ingested_at, id FROM feedback_events WHERE id > :fid "
+    "score, ingested_at, id FROM feedback_events WHERE id > :fid AND request_id IS NOT NULL "
+    "UNION ALL SELECT f.ts, 1, m.prompt, m.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+    f"f.score, f.ingested_at, f.id {EPISODE_CREDITS} WHERE f.id > :fid AND f.request_id IS NULL "
     "ORDER BY 13, 2, 14"
 )
 

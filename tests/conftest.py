@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 import structlog
+from prometheus_client import CollectorRegistry
 
+import promptd
 from promptd.daemon.app import Daemon
 from promptd.daemon.broker import EmbeddedBroker
 from promptd.daemon.settings import Settings
@@ -153,6 +155,24 @@ async def start_daemon() -> AsyncIterator[Callable[..., Any]]:
     for handle in running:
         if not handle.task.done():
             await handle.stop()
+
+
+@pytest.fixture
+def sdk_for() -> Iterator[Callable[[Settings], Any]]:
+    """Factory: configure the default SDK client on a daemon's topics; shut down after."""
+
+    def factory(settings: Settings) -> promptd.sdk.Client:
+        kafka = settings.kafka
+        return promptd.configure(
+            bootstrap_servers=kafka.bootstrap_servers,
+            metrics_topic=kafka.metrics_topic,
+            feedback_topic=kafka.feedback_topic,
+            registry=CollectorRegistry(),
+            poll_interval_s=0.01,
+        )
+
+    yield factory
+    promptd.shutdown(5.0)
 
 
 async def wait_for(

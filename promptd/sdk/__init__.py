@@ -22,8 +22,11 @@ from promptd.sdk.client import (
 )
 from promptd.sdk.config import SdkConfig
 from promptd.sdk.context import (
+    Episode,
+    current_episode_id,
     current_request_id,
     current_variant,
+    episode,
     last_request_id,
     set_unit_id,
     unit_scope,
@@ -34,22 +37,28 @@ from promptd.sdk.stats import SdkStats
 
 
 def feedback(
-    request_id: str,
-    score: float | bool,
+    request_id: str | None = None,
+    score: float | bool | None = None,
     kind: str = "quality",
     comment: str | None = None,
     correction: Any = None,
     *,
+    episode_id: str | None = None,
     prompt: str | None = None,
     variant: str | PromptVariant | None = None,
     model: str | None = None,
 ) -> None:
-    """Report feedback on the call ``request_id``: ``score`` in 0..1 (``True`` = 1.0).
+    """Report feedback: ``score`` in 0..1 (``True`` = 1.0) on the call ``request_id``, or,
+    with only ``episode_id``, on a whole episode (credited to every call in it).
 
-    Never blocks and never raises. ``prompt`` and ``variant`` may be omitted when the
-    call was made by this process (the SDK remembers the last ``feedback_lru_size``
-    calls); feedback that cannot be joined is dropped as ``unknown_request``.
+    Never blocks, and never raises but for a missing ``score`` (like a missing argument).
+    For a call, ``prompt`` and ``variant`` may be omitted when this process made it (the
+    SDK remembers the last ``feedback_lru_size`` calls); call feedback that cannot be
+    joined is dropped as ``unknown_request``. Episode feedback needs neither. Feedback
+    naming neither a request nor an episode is dropped as ``invalid``.
     """
+    if score is None:
+        raise TypeError("promptd.feedback() needs a score (0..1, or True/False)")
     # Client.feedback counts its own errors; this guards building the client.
     with contextlib.suppress(Exception):
         get_client().feedback(
@@ -61,16 +70,18 @@ def feedback(
             prompt=prompt,
             variant=variant,
             model=model,
+            episode_id=episode_id,
         )
 
 
 async def afeedback(
-    request_id: str,
-    score: float | bool,
+    request_id: str | None = None,
+    score: float | bool | None = None,
     kind: str = "quality",
     comment: str | None = None,
     correction: Any = None,
     *,
+    episode_id: str | None = None,
     prompt: str | None = None,
     variant: str | PromptVariant | None = None,
     model: str | None = None,
@@ -82,6 +93,7 @@ async def afeedback(
         kind,
         comment,
         correction,
+        episode_id=episode_id,
         prompt=prompt,
         variant=variant,
         model=model,
@@ -90,6 +102,7 @@ async def afeedback(
 
 __all__ = [
     "Client",
+    "Episode",
     "PromptVariant",
     "SdkConfig",
     "SdkStats",
@@ -97,8 +110,10 @@ __all__ = [
     "aflush",
     "astart",
     "configure",
+    "current_episode_id",
     "current_request_id",
     "current_variant",
+    "episode",
     "feedback",
     "flush",
     "get_client",

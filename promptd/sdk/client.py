@@ -102,7 +102,7 @@ class Client:
 
     def feedback(
         self,
-        request_id: str,
+        request_id: str | None,
         score: float | bool,
         kind: str = "quality",
         comment: str | None = None,
@@ -111,6 +111,7 @@ class Client:
         prompt: str | None = None,
         variant: str | PromptVariant | None = None,
         model: str | None = None,
+        episode_id: str | None = None,
     ) -> None:
         """Buffer one FeedbackEvent (see :func:`promptd.feedback`)."""
         try:
@@ -118,7 +119,7 @@ class Client:
                 prompt = prompt or variant.prompt
                 variant = variant.version
             item = (FEEDBACK, time.time(), request_id, score, kind, comment, correction)
-            self.publisher.put((*item, prompt, variant, model))
+            self.publisher.put((*item, prompt, variant, model, episode_id))
         except Exception:
             self.counters.error("feedback")
 

@@ -24,9 +24,10 @@ FEEDBACK: Final = "f"
 
 # Positions in a metric tuple:
 # (METRIC, ts, prompt, variant, model, request_id, unit_id, latency_ms, success, error,
-#  tokens_in, tokens_out, cost_usd, input, output, attributes)
+#  tokens_in, tokens_out, cost_usd, input, output, attributes, episode_id)
 # Positions in a feedback tuple:
-# (FEEDBACK, ts, request_id, score, kind, comment, correction, prompt, variant, model)
+# (FEEDBACK, ts, request_id, score, kind, comment, correction, prompt, variant, model,
+#  episode_id)
 
 
 class Encoder:
@@ -56,7 +57,9 @@ class Encoder:
 
     def _encode_metric(self, item: tuple[Any, ...]) -> Record:
         (_, ts, prompt, variant, model, request_id, unit_id, latency_ms, success, error) = item[:10]
-        tokens_in, tokens_out, cost_usd, captured_in, captured_out, attributes = item[10:16]
+        tokens_in, tokens_out, cost_usd, captured_in, captured_out, attributes, episode_id = item[
+            10:17
+        ]
         event = self._metric(
             event_id=self._new_id(),
             ts=ts,
@@ -65,6 +68,7 @@ class Encoder:
             model=model,
             request_id=request_id,
             unit_id=unit_id,
+            episode_id=episode_id,
             latency_ms=latency_ms,
             success=success,
             error=error,
@@ -79,8 +83,13 @@ class Encoder:
         return (self.config.metrics_topic, prompt.encode(), event.to_json())
 
     def _encode_feedback(self, item: tuple[Any, ...]) -> Record | str:
-        (_, ts, request_id, score, kind, comment, correction, prompt, variant, model) = item
-        if prompt is None or variant is None:
+        (_, ts, request_id, score, kind, comment, correction, prompt, variant, model) = item[:10]
+        episode_id = item[10]
+        if request_id is None:
+            # On a whole episode: prompt and variant are optional (only informative).
+            if episode_id is None:
+                return "invalid"
+        elif prompt is None or variant is None:
             known = self._calls.get(request_id)
             if known is None:
                 return "unknown_request"
@@ -96,12 +105,15 @@ class Encoder:
             variant=variant,
             model=model,
             request_id=request_id,
+            episode_id=episode_id,
             score=score,
             kind=kind,
             comment=comment,
             correction=self._capture("correction", correction),
         )
-        return (self.config.feedback_topic, prompt.encode(), event.to_json())
+        # Keyed by prompt like every event; feedback on an episode without one by its id.
+        key = prompt if prompt is not None else episode_id
+        return (self.config.feedback_topic, key.encode(), event.to_json())
 
     def _remember(self, request_id: str, call: tuple[str, str, str]) -> None:
         calls = self._calls

@@ -1,7 +1,8 @@
 """``@promptd.instrument``: route, time and report one LLM call per invocation.
 
-Per call, on the app's thread: take a request id (a counter, no UUID), find the unit id,
-pick the variant from the cached routing, hand it to the function, time the call, read
+Per call, on the app's thread: take a request id (a counter, no UUID), find the unit id
+and the episode (see :mod:`.context`), pick the variant from the cached routing (by unit
+id, else episode id, else request id), hand it to the function, time the call, read
 token usage from the result, and buffer one plain tuple. Everything costly (event id,
 validation, JSON, capture caps, redaction) happens later in the sender thread. The
 function's result and exceptions pass through unchanged; an SDK failure is counted in
@@ -20,7 +21,14 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 from promptd.sdk import client as _client_mod
 from promptd.sdk.client import Client
-from promptd.sdk.context import last_request_id_var, request_id_var, unit_id_var, variant_var
+from promptd.sdk.context import (
+    Episode,
+    episode_var,
+    last_request_id_var,
+    request_id_var,
+    unit_id_var,
+    variant_var,
+)
 from promptd.sdk.encode import METRIC
 from promptd.sdk.routing_client import PromptVariant
 from promptd.sdk.usage import NO_USAGE, PLAIN_TYPES, usage_of
@@ -36,11 +44,25 @@ UnitIdSource = str | Callable[..., str | None] | None
 class _Call:
     """What ``begin`` hands to ``finish`` (slots: cheaper than a dict)."""
 
-    __slots__ = ("client", "request_id", "t0", "tokens", "ts", "unit_id", "variant")
+    __slots__ = (
+        "client",
+        "episode_id",
+        "episode_token",
+        "request_id",
+        "t0",
+        "tokens",
+        "ts",
+        "unit_id",
+        "variant",
+    )
 
     client: Client
     request_id: str
     unit_id: str | None
+    # Inherited from the scope; for an outermost call, set by its first nested call.
+    episode_id: str | None
+    # Set for an outermost call: it is the scope of the calls nested in it.
+    episode_token: Token[Any] | None
     variant: PromptVariant
     tokens: tuple[Token[PromptVariant | None], Token[str | None]]
     ts: float
@@ -98,10 +120,24 @@ class _Spec:
         call.client = client
         call.request_id = request_id = client.next_request_id()
         call.unit_id = unit = self._unit(args, kwargs)
+        scope = episode_var.get()
+        if scope is None:
+            # The outermost call: calls nested in it join its implicit episode, whose id
+            # is this request id (so routing by either lands in the same arm).
+            episode = None
+            call.episode_token = episode_var.set(call)
+        else:
+            call.episode_token = None
+            if isinstance(scope, Episode):
+                episode = scope.id
+            else:
+                episode = scope.episode_id or scope.request_id
+                scope.episode_id = episode
+        call.episode_id = episode
         entry = client.routing.entries.get(self.prompt)
         variant = None
         if entry is not None:
-            variant = entry.choose(unit or request_id)
+            variant = entry.choose(unit or episode or request_id)
         elif client.routing.enabled:
             client.routing.want(self.prompt)
         if variant is None:
@@ -133,6 +169,8 @@ class _Spec:
         try:
             variant_var.reset(variant_token)
             request_id_var.reset(request_token)
+            if call.episode_token is not None:
+                episode_var.reset(call.episode_token)
         except ValueError:  # finished in another context (e.g. a generator); harmless
             pass
         usage = NO_USAGE if type(result) in PLAIN_TYPES else usage_of(result)
@@ -157,6 +195,7 @@ class _Spec:
             captured_in,
             captured_out,
             self.attributes,
+            call.episode_id,
         )
         call.client.publisher.put(item)
 

@@ -3,35 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 import promptd
 from promptd.daemon.settings import Settings
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def sdk_for() -> Iterator[Callable[[Settings], promptd.sdk.Client]]:
-    """Factory: configure the default SDK client on a daemon's topics; shut down after."""
-
-    def factory(settings: Settings) -> promptd.sdk.Client:
-        kafka = settings.kafka
-        return promptd.configure(
-            bootstrap_servers=kafka.bootstrap_servers,
-            metrics_topic=kafka.metrics_topic,
-            feedback_topic=kafka.feedback_topic,
-            registry=CollectorRegistry(),
-            poll_interval_s=0.01,
-        )
-
-    yield factory
-    promptd.shutdown(5.0)
 
 
 async def test_sync_and_async_calls_are_stored(

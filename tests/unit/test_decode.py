@@ -67,6 +67,15 @@ FEEDBACK: dict[str, Any] = {
     "kind": "thumbs",
 }
 
+#: Feedback on a whole episode: no request, prompt or variant needed.
+EPISODE_FEEDBACK: dict[str, Any] = {
+    "event_id": "e-3",
+    "type": "feedback",
+    "ts": 1_795_000_100.0,
+    "episode_id": "ep-1",
+    "score": 0.5,
+}
+
 
 def reference(raw: bytes | None, max_bytes: int = 256 * 1024) -> Outcome:
     """What the pydantic decoder decides, as a row or a rejection."""
@@ -240,6 +249,29 @@ HOSTILE: list[bytes | None] = [
     _raw({**FEEDBACK, "latency_ms": 5}),
     _raw(METRIC),
     _raw(FEEDBACK),
+    # Episodes: ids on calls, feedback on a call, on an episode, on both, on neither.
+    _raw({**METRIC, "episode_id": "ep-1"}),
+    _raw({**METRIC, "episode_id": "ep-1", "input": {"q": "x"}}),
+    _raw({**METRIC, "episode_id": ""}),
+    _raw({**METRIC, "episode_id": None}),
+    _raw({**METRIC, "episode_id": 7}),
+    _raw({**METRIC, "episode_id": "e" * MAX_ID_CHARS}),
+    _raw({**METRIC, "episode_id": "e" * (MAX_ID_CHARS + 1)}),
+    _raw(EPISODE_FEEDBACK),
+    _raw({**EPISODE_FEEDBACK, "prompt": "answer", "variant": "v2", "model": "m"}),
+    _raw({**EPISODE_FEEDBACK, "prompt": "answer"}),
+    _raw({**EPISODE_FEEDBACK, "correction": {"answer": "42"}, "comment": "wrong"}),
+    _raw({**EPISODE_FEEDBACK, "request_id": None}),
+    _raw({**EPISODE_FEEDBACK, "episode_id": None}),
+    _raw({**EPISODE_FEEDBACK, "episode_id": ""}),
+    _raw({**EPISODE_FEEDBACK, "episode_id": "e" * (MAX_ID_CHARS + 1)}),
+    _raw({**FEEDBACK, "episode_id": "ep-1"}),
+    _raw({**FEEDBACK, "episode_id": "ep-1", "prompt": None}),
+    _raw({k: v for k, v in FEEDBACK.items() if k != "prompt"}),
+    _raw({k: v for k, v in FEEDBACK.items() if k != "variant"}),
+    _raw({k: v for k, v in FEEDBACK.items() if k != "request_id"}),
+    _raw({**FEEDBACK, "request_id": None, "episode_id": None}),
+    _raw({**FEEDBACK, "request_id": ""}),
     *(_raw({**METRIC, "input": _nested(d)}) for d in (1, 2, 60, 62, 63, 64, 65, 190, 198, 199)),
     *(_raw({**METRIC, "input": _nested(d)}) for d in (200, 201, 250)),
     *(raw for raw, _ in MALFORMED),
@@ -268,6 +300,9 @@ def test_valid_events_take_the_fast_path() -> None:
         for i in range(50)
     ]
     corpus += [_raw({**FEEDBACK, "event_id": f"f{i}"}) for i in range(50)]
+    corpus += [_raw({**METRIC, "event_id": f"me{i}", "episode_id": f"ep{i}"}) for i in range(9)]
+    corpus += [_raw({**EPISODE_FEEDBACK, "event_id": f"fe{i}"}) for i in range(9)]
+    corpus += [_raw({**FEEDBACK, "event_id": f"fb{i}", "episode_id": "ep"}) for i in range(9)]
     for raw in corpus:
         assert not isinstance(assert_same(raw, decoder), Rejection)
     assert decoder.fallbacks == 0
@@ -394,9 +429,10 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "schema": st.sampled_from([1, 2, Num("1.0"), True, "1"]),
 }
 OPTIONAL = {
-    "metric": ["unit_id", "error", "quality", "tokens_in", "tokens_out", "cost_usd",
-               "input", "output", "attributes"],
-    "feedback": ["model", "kind", "comment", "correction"],
+    "metric": ["unit_id", "episode_id", "error", "quality", "tokens_in", "tokens_out",
+               "cost_usd", "input", "output", "attributes"],
+    "feedback": ["model", "kind", "comment", "correction", "episode_id", "request_id",
+                 "prompt", "variant"],
 }  # fmt: skip
 
 
@@ -409,8 +445,9 @@ def records(draw: Callable[..., Any]) -> bytes:
     """A record close to a valid event: fields set to edge values, sometimes replaced by
     any JSON, dropped, added or repeated, and sometimes its bytes damaged (about half of
     the records are valid events)."""
-    kind = draw(st.sampled_from(["metric", "feedback"]))
-    body = dict(METRIC if kind == "metric" else FEEDBACK)
+    kind = draw(st.sampled_from(["metric", "feedback", "episode_feedback"]))
+    body = dict({"metric": METRIC, "feedback": FEEDBACK}.get(kind, EPISODE_FEEDBACK))
+    kind = "metric" if kind == "metric" else "feedback"
     if _sometimes(draw, 8):
         body["schema"] = draw(FIELD_VALUES["schema"])
     for name in draw(st.lists(st.sampled_from(OPTIONAL[kind]), max_size=4, unique=True)):

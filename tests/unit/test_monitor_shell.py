@@ -68,6 +68,7 @@ class Outcome:
     feedback_rows: tuple[FeedbackRow, ...] = ()
     last_metric_id: int = 0
     last_feedback_id: int = 0
+    ingested_at: float = 0.0
 
 
 class FakePersistence:

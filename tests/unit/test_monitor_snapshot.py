@@ -42,7 +42,7 @@ def stream(
         if rng.random() < 0.2:
             score = rng.random()
             yield FeedbackView(
-                f"f{seed}-{i}", ts, prompt, variant, None, "r", score, "q", None, None
+                f"f{seed}-{i}", ts, prompt, variant, None, "r", score, "q", None, None, None
             )
             continue
         yield MetricView(
@@ -60,6 +60,7 @@ def stream(
             rng.randrange(100),
             rng.randrange(100),
             rng.random() / 100,
+            None,
             None,
             None,
             None,

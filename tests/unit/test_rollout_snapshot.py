@@ -39,7 +39,9 @@ def accumulator(**over: Any) -> RolloutAccumulator:
 
 def batches(seed: int, n: int) -> list[tuple[list[MetricRow], list[FeedbackRow]]]:
     """``n`` batches of calls on v1/v2 (and another variant), each with feedback on some
-    calls of this or earlier batches, and some feedback before its call."""
+    calls of this or earlier batches, and some feedback before its call. Some calls are
+    in episodes (of two or three calls, some without a unit id); feedback on episodes
+    comes after their calls, before some of them, or on episodes of no call here."""
     rng = random.Random(seed)
     out: list[tuple[list[MetricRow], list[FeedbackRow]]] = []
     calls: list[str] = []
@@ -49,18 +51,25 @@ def batches(seed: int, n: int) -> list[tuple[list[MetricRow], list[FeedbackRow]]
             rid = f"r{b}-{i}"
             variant = rng.choice(["v1", "v2", "v2", "v3"])
             ts = T0 + b * 10 + i * 0.1
-            unit = f"u{rng.randrange(30)}"
+            unit: str | None = f"u{rng.randrange(30)}"
+            episode = f"e{b}-{i // 3}" if i % 4 else None
+            if episode is not None and i % 2:
+                unit = None  # routed by its episode
             latency, ok = rng.lognormvariate(5, 1), rng.random() > 0.1
             row: MetricRow = (f"m{rid}", ts, "p", variant, "m", rid, unit, latency, ok)
-            row += (None, rng.random(), None, None, rng.random() / 100, None, None, None)
+            row += (None, rng.random(), None, None, rng.random() / 100, episode, None, None, None)
             metrics.append(row)
             calls.append(rid)
         feedback: list[FeedbackRow] = []
         for j, rid in enumerate([*rng.sample(calls, 15), f"r{b + 1}-3"]):
             score = rng.random()
             feedback.append(
-                (f"f{b}-{j}", T0 + b * 10, "p", "v2", None, rid, score, "q", None, None)
+                (f"f{b}-{j}", T0 + b * 10, "p", "v2", None, rid, score, "q", None, None, None)
             )
+        episodes = [f"e{rng.randrange(b + 1)}-{rng.randrange(14)}" for _ in range(6)]
+        for j, episode in enumerate([*episodes, f"e{b + 1}-2", f"other-{b}"]):
+            row_fb: FeedbackRow = (f"g{b}-{j}", T0 + b * 10, None, None, None, None)
+            feedback.append((*row_fb, rng.random(), "q", None, None, episode))
         out.append((metrics, feedback))
     return out
 
@@ -68,11 +77,11 @@ def batches(seed: int, n: int) -> list[tuple[list[MetricRow], list[FeedbackRow]]
 def feed(acc: RolloutAccumulator, outcome: BatchOutcome) -> None:
     """What the controller's batch listener does with one stored batch."""
     for m in outcome.metrics:
-        unit = m.unit_id or m.request_id
+        unit = m.unit_id or m.episode_id or m.request_id
         args = (m.latency_ms, m.success, m.quality, m.cost_usd, m.request_id)
-        acc.add_metric(m.ts, m.variant, unit, *args, outcome.ingested_at)
+        acc.add_metric(m.ts, m.variant, unit, *args, outcome.ingested_at, m.episode_id)
     for f in outcome.feedback:
-        acc.add_feedback(f.request_id, f.score, outcome.ingested_at)
+        acc.add_feedback(f.request_id, f.score, outcome.ingested_at, f.episode_id)
 
 
 @pytest.fixture
@@ -115,6 +124,8 @@ async def test_snapshot_and_tail_equal_the_live_accumulator_and_the_full_replay(
     assert full.state() == live.state()
     assert live.feedback.joined > 0
     assert live.feedback.waiting + live.feedback.unmatched > 0
+    assert any(episode for episode in live.state()["calls"][5])
+    assert any(joined for *_, joined in live.state()["episode_feedback"])
 
 
 async def test_snapshot_of_another_configuration_is_not_loaded(db: Database) -> None:

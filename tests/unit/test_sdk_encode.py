@@ -34,6 +34,7 @@ def _metric(request_id: str = "r1", **over: Any) -> tuple[Any, ...]:
         "input": None,
         "output": None,
         "attributes": None,
+        "episode_id": None,
     }
     fields.update(over)
     return (METRIC, *fields.values())
@@ -50,6 +51,7 @@ def _feedback(request_id: str, score: Any = 0.8, **over: Any) -> tuple[Any, ...]
         "prompt": None,
         "variant": None,
         "model": None,
+        "episode_id": None,
     }
     fields.update(over)
     return (FEEDBACK, *fields.values())

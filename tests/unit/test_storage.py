@@ -131,7 +131,9 @@ async def test_retention_deletes_only_old_events(tmp_path: Path) -> None:
 async def test_rows_are_stored_exactly_across_statement_boundaries(tmp_path: Path) -> None:
     """A batch longer than one multi-row statement, mixing captured and plain rows, with
     repeats inside a statement and across statements: every new row is stored once, with
-    every column as given; listeners get them in batch order; repeats count as duplicates."""
+    every column as given; listeners get them in the order they were stored (row ids: the
+    plain rows, then the captured ones), as replays from storage read them; repeats count
+    as duplicates."""
     db = await Database.open(tmp_path / "x.db")
     try:
         repo = EventRepository(db)
@@ -145,12 +147,13 @@ async def test_rows_are_stored_exactly_across_statement_boundaries(tmp_path: Pat
         outcome = await repo.store_batch(offered, [feedback_row(_feedback())] * 2, {})
         assert (outcome.metrics_stored, outcome.feedback_stored) == (len(rows), 1)
         assert outcome.duplicates == 4
-        assert list(outcome.metric_rows) == rows
-        assert outcome.metrics[5].input == rows[5].input  # the named views
+        captured = [rows[5], rows[200]]
+        assert list(outcome.metric_rows) == [r for r in rows if r not in captured] + captured
+        assert outcome.metrics[-2].input == rows[5].input  # the named views
         columns = ", ".join(METRIC_COLUMNS)
-        async with db.reader.execute(f"SELECT {columns} FROM metric_events") as cur:
+        async with db.reader.execute(f"SELECT {columns} FROM metric_events ORDER BY id") as cur:
             stored = [(*r[:8], bool(r[8]), *r[9:]) for r in await cur.fetchall()]
-        assert sorted(stored) == sorted(rows)
+        assert stored == list(outcome.metric_rows)
     finally:
         await db.close()
 
