@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -353,10 +354,20 @@ def test_every_log_line_is_json_including_aiokafka(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [*PROMPTD, "run"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
     )
-    time.sleep(4)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    # Read in a thread so the wait is bounded by a deadline, not by a fixed sleep (a loaded
+    # machine may take seconds to start the daemon).
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr or ()), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any('"logger": "aiokafka' in x for x in lines):
+        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=20)
-    lines = stderr.strip().splitlines()
+    proc.wait(timeout=20)
+    reader.join(timeout=5)
+    proc.stderr.close()
+    lines = [line for line in lines if line.strip()]
     records = [json.loads(line) for line in lines]  # every line parses
     assert all({"event", "level", "timestamp"} <= set(r) for r in records), lines
     assert any(r.get("logger", "").startswith("aiokafka") for r in records), lines

@@ -87,9 +87,9 @@ async def _publish(bootstrap: str, settings: Any, n: int) -> None:
     await produce(bootstrap, settings.kafka.feedback_topic, feedback, key=PROMPT.encode())
 
 
-async def _feedback_stored(daemon: Any) -> int:
+async def _count(daemon: Any, table: str) -> int:
     async with daemon.db.reader.execute(
-        "SELECT count(*) FROM feedback_events WHERE prompt = ?", (PROMPT,)
+        f"SELECT count(*) FROM {table} WHERE prompt = ?", (PROMPT,)
     ) as cur:
         row = await cur.fetchone()
     return int(row[0])
@@ -145,7 +145,10 @@ async def test_degradation_trigger_gates_and_rolls_out_requiring_a_win(
 
 
 async def _stored(daemon: Any, n: int) -> bool:
-    return await _feedback_stored(daemon) >= n
+    # Both topics: they are consumed independently, and an example needs its call.
+    return (
+        await _count(daemon, "metric_events") >= n and await _count(daemon, "feedback_events") >= n
+    )
 
 
 async def test_manual_route_validates_strategies_and_lists_runs(
