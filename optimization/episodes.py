@@ -30,10 +30,9 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from promptd.optimization.examples import Example, Snapshot, as_text, read_snapshot
+from promptd.optimization.examples import EventReader, Example, Snapshot, as_text
 from promptd.optimization.pipeline import Episode
 from promptd.replacement.pipelines import Pipeline, parse_source
-from promptd.storage.database import Database
 from promptd.storage.repository import EventRepository
 
 # Episodes with feedback on the whole episode and a captured call of every step, newest
@@ -92,17 +91,8 @@ def episode_inputs(pipeline: Pipeline, calls: Mapping[str, Example]) -> dict[str
     return out
 
 
-class EpisodeStore:
-    """Read-only queries for episodes over the event tables (on the reader connection)."""
-
-    def __init__(self, db: Database, max_age_s: float, limit: int) -> None:
-        self.db = db
-        self.max_age_s = max_age_s
-        self.limit = limit
-
-    async def snapshot(self, now: float) -> Snapshot:
-        """The current bounds: what a run started now may read."""
-        return await read_snapshot(self.db, now)
+class EpisodeStore(EventReader):
+    """A pipeline's episodes: its steps' calls with the episode's feedback."""
 
     async def episodes(self, pipeline: Pipeline, snapshot: Snapshot) -> list[Episode]:
         """The pipeline's episodes within ``snapshot``, newest feedback first, capped."""

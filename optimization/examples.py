@@ -181,8 +181,9 @@ async def read_snapshot(db: Database, now: float) -> Snapshot:
     return Snapshot(now, out[0], out[1])
 
 
-class ExampleStore:
-    """Read-only queries over the event tables (on the reader connection)."""
+class EventReader:
+    """Read-only queries over the event tables (on the reader connection), bounded by a
+    :class:`Snapshot`, feedback at most ``max_age_s`` old, at most ``limit`` results."""
 
     def __init__(self, db: Database, max_age_s: float, limit: int) -> None:
         self.db = db
@@ -192,6 +193,10 @@ class ExampleStore:
     async def snapshot(self, now: float) -> Snapshot:
         """The current bounds: what a run started now may read."""
         return await read_snapshot(self.db, now)
+
+
+class ExampleStore(EventReader):
+    """A prompt's examples: its calls with their feedback."""
 
     async def examples(self, prompt: str, snapshot: Snapshot) -> list[Example]:
         """The prompt's examples within ``snapshot``, newest feedback first, capped."""
