@@ -296,7 +296,14 @@ def run_dspy(
         cache=False,
         num_retries=2,
     )
-    dspy.configure(lm=lm)
+    # Without the JSON fallback: when the small model breaks ChatAdapter's format, the
+    # fallback's grammar-constrained retry is slow here and parsed nothing better ("{}"),
+    # so a broken answer simply scores 0, as it does in promptd's evaluator. And no
+    # early halt: DSPy stops an evaluation after 10 errors by default, which would end
+    # the whole bench on a model that breaks the format often.
+    dspy.configure(
+        lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False), max_errors=10**6
+    )
     signature = dspy.Signature(f"text -> {field}", instructions=task.instruction)
     student = dspy.Predict(signature)
 
@@ -308,36 +315,11 @@ def run_dspy(
 
     trainset, valset = [example(i) for i in train], [example(i) for i in val]
     started = time.monotonic()
-    if kind == "bootstrap_rs":
-        per_program = len(valset)
-        n = max(1, (budget - len(trainset)) // max(per_program, 1) - 3)
-        optimizer = dspy.BootstrapFewShotWithRandomSearch(
-            metric=metric,
-            max_bootstrapped_demos=4,
-            max_labeled_demos=4,
-            num_candidate_programs=n,
-            num_threads=1,
-        )
-        compiled = optimizer.compile(student, trainset=trainset, valset=valset)
-    else:
-        optimizer = dspy.MIPROv2(
-            metric=metric,
-            auto=None,
-            num_candidates=4,
-            num_threads=1,
-            max_bootstrapped_demos=2,
-            max_labeled_demos=2,
-            verbose=False,
-        )
-        trials = max(2, (budget - 4 * len(trainset) // 2 - 2 * len(valset)) // 8)
-        compiled = optimizer.compile(
-            student,
-            trainset=trainset,
-            valset=valset,
-            num_trials=trials,
-            minibatch_size=8,
-            minibatch_full_eval_steps=max(2, trials // 3),
-        )
+    try:
+        compiled = _compile_dspy(dspy, kind, student, metric, trainset, valset, budget)
+        notes = None
+    except Exception as exc:  # a failed comparison point is reported, not fatal
+        compiled, notes = student, f"compile failed ({type(exc).__name__}: {exc}); uncompiled"
     calls = len(lm.history)
     seconds = round(time.monotonic() - started, 1)
     answers = []
@@ -354,8 +336,49 @@ def run_dspy(
         "template": None,
         "outcome": "-",
         "gate": None,
-        "notes": None,
+        "notes": notes,
     }
+
+
+def _compile_dspy(
+    dspy: Any,
+    kind: str,
+    student: Any,
+    metric: Any,
+    trainset: list[Any],
+    valset: list[Any],
+    budget: int,
+) -> Any:
+    """``kind``'s optimizer compiled on about ``budget`` calls."""
+    if kind == "bootstrap_rs":
+        per_program = len(valset)
+        n = max(1, (budget - len(trainset)) // max(per_program, 1) - 3)
+        optimizer = dspy.BootstrapFewShotWithRandomSearch(
+            metric=metric,
+            max_bootstrapped_demos=4,
+            max_labeled_demos=4,
+            num_candidate_programs=n,
+            num_threads=1,
+        )
+        return optimizer.compile(student, trainset=trainset, valset=valset)
+    optimizer = dspy.MIPROv2(
+        metric=metric,
+        auto=None,
+        num_candidates=4,
+        num_threads=1,
+        max_bootstrapped_demos=2,
+        max_labeled_demos=2,
+        verbose=False,
+    )
+    trials = max(2, (budget - 4 * len(trainset) // 2 - 2 * len(valset)) // 8)
+    return optimizer.compile(
+        student,
+        trainset=trainset,
+        valset=valset,
+        num_trials=trials,
+        minibatch_size=8,
+        minibatch_full_eval_steps=max(2, trials // 3),
+    )
 
 
 # -- report ----------------------------------------------------------------------------
