@@ -182,7 +182,8 @@ def rollout_command(args: argparse.Namespace, settings: Settings) -> int:
             rows = [
                 (
                     r["id"],
-                    f"{r['prompt']} {r['candidate_version']} {r['status']} "
+                    (f"pipeline {r['pipeline']} " if r.get("pipeline") else "")
+                    + f"{r['prompt']} {r['candidate_version']} {r['status']} "
                     f"step={r['step']} weight={r['weight']}",
                 )
                 for r in body["rollouts"]
@@ -218,6 +219,12 @@ def _rollout_rows(body: dict[str, Any]) -> list[tuple[str, Any]]:
         ("step / weight", f"{body['step']} / {body['weight']}"),
         ("last decision", f"{last.get('kind', '-')}: {last.get('reason', '-')}"),
     ]
+    if body.get("pipeline"):
+        rows[1] = ("pipeline", body["pipeline"])
+        rows[2:3] = [
+            (f"  {m['prompt']}", f"{m['baseline']} → {m['candidate'] or '(unchanged)'}")
+            for m in body["members"]
+        ]
     if body.get("winner") is not None:
         rows.append(("significantly better", body["winner"]))
     return rows
