@@ -170,22 +170,18 @@ class RolloutController:
     ) -> RolloutAccumulator:
         profile = self.profiles(state.profile)
         primary = _primary(state.primary_metric)
+        common: dict[str, Any] = {
+            "step_starts": step_starts,
+            "srm_settle_s": self.srm_settle_s,
+            "feedback_max_delay_s": profile.feedback_max_delay_s,
+        }
         if not row.members:
-            return RolloutAccumulator(
-                row.baseline,
-                row.candidate,
-                primary,
-                step_starts=step_starts,
-                srm_settle_s=self.srm_settle_s,
-                feedback_max_delay_s=profile.feedback_max_delay_s,
-            )
+            return RolloutAccumulator(row.baseline, row.candidate, primary, **common)
         return PipelineAccumulator(
             row.baseline,
             row.candidate,
             primary,
-            step_starts=step_starts,
-            srm_settle_s=self.srm_settle_s,
-            feedback_max_delay_s=profile.feedback_max_delay_s,
+            **common,
             members={m.prompt: (m.baseline, m.candidate) for m in row.members},
             salt=state.salt,
             weights=tuple(s.weight for s in profile.steps),

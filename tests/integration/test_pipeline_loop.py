@@ -22,19 +22,20 @@ from promptd.optimization.llm import close_litellm
 from promptd.sdk import PromptVariant
 from tests.conftest import wait_for
 from tests.optimize_fake_llm import FakeLLM
-from tests.optimize_pipeline_task import ANSWER, COUNTRIES, EXTRACT, model_answer, responder
+from tests.optimize_pipeline_task import (
+    ANSWER,
+    COUNTRIES,
+    EXTRACT,
+    PIPELINE,
+    model_answer,
+    responder,
+)
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "pipeline-loop-token-01234"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-GEO = {
-    "name": "geo",
-    "steps": [
-        {"prompt": "extract", "bindings": {"text": "input.text"}},
-        {"prompt": "answer", "bindings": {"notes": "extract.output"}},
-    ],
-}
+GEO = PIPELINE.to_dict()
 # One tested step at 50 %: promotes on a significant win once 40 episodes per arm are in.
 QUICK = {
     "steps": [{"weight": 0.5, "min_duration_s": 1.0, "min_samples_per_arm": 40}],

@@ -20,18 +20,13 @@ from promptd.daemon.commands_pipelines import pipelines_command
 from promptd.events import new_event_id
 from promptd.routing import Routing
 from tests.kafka_helpers import produce, read_all
+from tests.optimize_pipeline_task import PIPELINE
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "pipeline-rollout-token-0123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-GEO = {
-    "name": "geo",
-    "steps": [
-        {"prompt": "extract", "bindings": {"text": "input.text"}},
-        {"prompt": "answer", "bindings": {"notes": "extract.output"}},
-    ],
-}
+GEO = PIPELINE.to_dict()
 
 
 def _settings(make_settings: Any) -> Any:
