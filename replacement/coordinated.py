@@ -5,13 +5,15 @@ and the **active pipeline**. Every member prompt's routing carries the rollout's
 weight, so a unit (or, without one, an episode) is in the candidate arm for all prompts
 together. What is counted, pure and incremental like :mod:`.observations`:
 
-* **Arms.** A call of a changed step is in the arm its variant says (the candidate or
-  the baseline version). A call of an unchanged step has the same version in both arms:
-  its arm is the routing rule itself, ``bucket(salt, unit) < weight × 10000`` at the
-  weight of the call's step. Right after a step starts (``srm_settle_s``, while SDKs may
-  still route some prompts with the previous weight), a unit whose bucket lies between
-  the previous and the new threshold could be in either arm, or in different arms for
-  different steps of one episode: its calls, of every step, are left out until then.
+* **Arms.** A unit is in the arm the routing rule puts it in, ``bucket(salt, unit) <
+  weight × 10000`` at the weight of the call's step. A call of an unchanged step (the
+  same version in both arms) counts in that arm. A call of a changed step counts when its
+  version is the one of that arm; a call served the other version (an SDK still on stale
+  routing, a pinned version) is left out, and so is the feedback on its episode, which
+  mixed both pipelines (remembered for the join window). Right after a step starts
+  (``srm_settle_s``, while SDKs may still route some prompts with the previous weight), a
+  unit whose bucket lies between the previous and the new threshold could be in either
+  arm: its calls, of every step, are left out until then.
 * **Guardrails** (latency, errors, cost) count every member call with an arm.
 * **The primary metric**, for ``feedback_score``, is the feedback on whole episodes (see
   ``promptd.episode()``), counted **once per episode**: in the step and arm of the
@@ -24,11 +26,18 @@ together. What is counted, pure and incremental like :mod:`.observations`:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-from promptd.replacement.observations import Arm, RolloutAccumulator
+from promptd.replacement.observations import (
+    PENDING_WINDOW_S,
+    Arm,
+    RolloutAccumulator,
+    _Call,
+    _EpisodeFeedback,
+)
 from promptd.replacement.pipelines import Pipeline
 from promptd.replacement.registry import Conflict, Registry, RegistryError
 from promptd.routing import bucket, threshold
@@ -48,6 +57,9 @@ class PipelineAccumulator(RolloutAccumulator):
     members: Mapping[str, tuple[str, str | None]] = field(default_factory=dict)
     salt: str = ""
     weights: Sequence[float] = ()
+    # Episodes with a call served against its routing, by when that call was stored.
+    _mixed: dict[str, float] = field(default_factory=dict)
+    _mixed_order: deque[tuple[float, str]] = field(default_factory=deque)
 
     def served(self) -> dict[str, tuple[str, ...]]:
         """The versions each member prompt serves in the rollout (what a replay reads)."""
@@ -56,19 +68,36 @@ class PipelineAccumulator(RolloutAccumulator):
             for prompt, (base, cand) in self.members.items()
         }
 
-    def _arm(self, variant: str, prompt: str | None, unit: str, ts: float, step: int) -> Arm | None:
+    def _arm(
+        self,
+        variant: str,
+        prompt: str | None,
+        unit: str,
+        ts: float,
+        step: int,
+        episode: str | None,
+        stored: float,
+    ) -> Arm | None:
         member = self.members.get(prompt or "")
         if member is None:
+            return None
+        baseline, candidate = member
+        if variant not in (baseline, candidate):
             return None
         routed = self.routed(unit, ts, step)
         if routed is None:
             return None  # settling: the unit may be in either arm (see module doc)
-        baseline, candidate = member
         if candidate is None:
-            return routed if variant == baseline else None
-        if variant == candidate:
-            return "candidate"
-        return "baseline" if variant == baseline else None
+            return routed  # the same version in both arms
+        served: Arm = "candidate" if variant == candidate else "baseline"
+        if served != routed:
+            # Served from stale routing (or a pinned version): the call is not in the
+            # experiment, and its episode mixes the arms.
+            if episode is not None:
+                self._mixed[episode] = stored
+                self._mixed_order.append((stored, episode))
+            return None
+        return served
 
     def routed(self, unit: str, ts: float, step: int) -> Arm | None:
         """The arm routing puts ``unit`` in at ``ts`` in ``step``; None while the step
@@ -90,6 +119,21 @@ class PipelineAccumulator(RolloutAccumulator):
         # The episode's first call with an arm stands for the episode.
         return episode not in self._episodes
 
+    def _join_episode(self, call: _Call, entry: _EpisodeFeedback) -> None:
+        if entry.episode in self._mixed:
+            return  # an episode that mixed the arms judges neither
+        RolloutAccumulator._join_episode(self, call, entry)
+
+    def _evict(self, now: float) -> None:
+        RolloutAccumulator._evict(self, now)
+        # Kept while feedback may still join a call of the episode.
+        horizon = now - self.feedback_max_delay_s - PENDING_WINDOW_S
+        order = self._mixed_order
+        while order and order[0][0] < horizon:
+            at, episode = order.popleft()
+            if self._mixed.get(episode) == at:
+                del self._mixed[episode]
+
     def add_feedback(
         self,
         request_id: str | None,
@@ -101,6 +145,15 @@ class PipelineAccumulator(RolloutAccumulator):
         RolloutAccumulator.add_feedback(
             self, None, score, ingested_at, episode_id if request_id is None else None
         )
+
+    def state(self) -> dict[str, Any]:
+        """The single rollout's state plus the episodes that mixed the arms."""
+        return RolloutAccumulator.state(self) | {"mixed": [list(e) for e in self._mixed_order]}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        RolloutAccumulator._load_state(self, state)
+        self._mixed_order = deque((at, episode) for at, episode in state.get("mixed", ()))
+        self._mixed = {episode: at for at, episode in self._mixed_order}
 
     def config(self) -> dict[str, Any]:
         """The single rollout's configuration plus the members, salt and step weights."""

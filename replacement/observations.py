@@ -225,7 +225,7 @@ class RolloutAccumulator:
         step = self.step_of(ts)
         if step is None:
             return
-        arm = self._arm(variant, prompt, unit, ts, step)
+        arm = self._arm(variant, prompt, unit, ts, step, episode_id, stored)
         if arm is None:
             return
         key = (step, arm)
@@ -257,7 +257,16 @@ class RolloutAccumulator:
             for entry in self._episode_fb.get(episode_id, ()):
                 self._join_episode(call, entry)
 
-    def _arm(self, variant: str, prompt: str | None, unit: str, ts: float, step: int) -> Arm | None:
+    def _arm(
+        self,
+        variant: str,
+        prompt: str | None,
+        unit: str,
+        ts: float,
+        step: int,
+        episode: str | None,
+        stored: float,
+    ) -> Arm | None:
         """The arm of a call (by its variant here; see the pipeline rollouts')."""
         return self.arm_of(variant)
 

@@ -15,7 +15,7 @@ import pytest
 from promptd.replacement.clustered import ClusteredSample
 from promptd.replacement.coordinated import LiveRollout, PipelineAccumulator, exclusion
 from promptd.replacement.machine import RolloutState
-from promptd.replacement.observations import RolloutAccumulator
+from promptd.replacement.observations import PENDING_WINDOW_S, RolloutAccumulator
 from promptd.replacement.replay import replay
 from promptd.routing import in_candidate
 from promptd.storage.database import Database
@@ -73,22 +73,50 @@ def test_an_unchanged_step_is_in_the_arm_its_unit_is_routed_to() -> None:
     assert _requests(acc) == (len(units) - expected, expected)
 
 
+def _unit(arm: str, tag: str, weight: float = WEIGHTS[0]) -> str:
+    """A unit the routing rule puts in ``arm`` at ``weight``."""
+    units = (f"{tag}-{k}" for k in range(10_000))
+    return next(u for u in units if in_candidate(SALT, u, weight) == (arm == "candidate"))
+
+
 def test_a_changed_step_is_in_the_arm_of_its_variant_and_others_are_ignored() -> None:
-    """extract's calls count by version; other versions, prompts and calls before the
-    rollout are not the rollout's."""
+    """extract's calls count in the arm of their version (which routing also chose);
+    other versions, prompts and calls before the rollout are not the rollout's."""
     acc = accumulator()
     calls = [
-        ("extract", "e2", 20.0),
-        ("extract", "e1", 21.0),
-        ("extract", "e1", 22.0),
-        ("extract", "e9", 23.0),
-        ("other", "e1", 24.0),
-        ("answer", "a9", 25.0),
-        ("extract", "e2", -5.0),
+        ("extract", "e2", 20.0, "candidate"),
+        ("extract", "e1", 21.0, "baseline"),
+        ("extract", "e1", 22.0, "baseline"),
+        ("extract", "e9", 23.0, "baseline"),
+        ("other", "e1", 24.0, "baseline"),
+        ("answer", "a9", 25.0, "baseline"),
+        ("extract", "e2", -5.0, "candidate"),
     ]
-    for i, (prompt, variant, ts) in enumerate(calls):
-        acc.add_metric(ts, variant, f"u{i}", 5.0, True, None, None, f"r{i}", ts, None, prompt)
+    for i, (prompt, variant, ts, arm) in enumerate(calls):
+        unit = _unit(arm, f"u{i}")
+        acc.add_metric(ts, variant, unit, 5.0, True, None, None, f"r{i}", ts, None, prompt)
     assert _requests(acc) == (2, 1)
+
+
+def test_a_call_served_against_its_routing_leaves_its_episode_out() -> None:
+    """An SDK still on stale routing serves a unit of the candidate arm the old version of
+    one step: that call is left out, and its episode, which mixed both pipelines, is
+    judged in neither arm; a consistent episode of the same unit counts."""
+    acc = accumulator()
+    unit = _unit("candidate", "stale")
+    _episode(acc, "mixed", "e1", 20.0, unit)  # extract from stale routing, answer routed
+    acc.add_feedback(None, 0.0, 30.0, "mixed")
+    _episode(acc, "whole", "e2", 40.0, unit)
+    acc.add_feedback(None, 1.0, 50.0, "whole")
+    assert _primary(acc) == ((0, 0.0), (1, 1.0))
+    assert _requests(acc) == (0, 3)  # the mixed episode's answer call still counts
+    assert acc.state()["mixed"] == [[20.0, "mixed"]]
+    later = accumulator()
+    later.load_state(acc.state())
+    assert later.state() == acc.state()
+    # Kept while feedback could still join a call of the episode, then forgotten.
+    acc.add_feedback(None, 0.5, 20.0 + acc.feedback_max_delay_s + PENDING_WINDOW_S + 1, "x")
+    assert acc.state()["mixed"] == []
 
 
 def test_after_a_step_starts_units_between_the_two_thresholds_wait_for_it_to_settle() -> None:
@@ -113,12 +141,13 @@ def test_after_a_step_starts_units_between_the_two_thresholds_wait_for_it_to_set
     assert _requests(acc) == (len(high) + len(units) - mid, len(low) + mid)
 
 
-def _episode(acc: RolloutAccumulator, episode: str, extract: str, at: float) -> None:
-    """One run of the pipeline, routed by its episode: extract then answer."""
-    acc.add_metric(
-        at, extract, episode, 5.0, True, None, None, f"{episode}-1", at, episode, "extract"
-    )
-    acc.add_metric(at, "a1", episode, 5.0, True, None, None, f"{episode}-2", at, episode, "answer")
+def _episode(
+    acc: RolloutAccumulator, episode: str, extract: str, at: float, unit: str | None = None
+) -> None:
+    """One run of the pipeline, routed by ``unit`` (else its episode): extract, answer."""
+    key = unit or episode
+    acc.add_metric(at, extract, key, 5.0, True, None, None, f"{episode}-1", at, episode, "extract")
+    acc.add_metric(at, "a1", key, 5.0, True, None, None, f"{episode}-2", at, episode, "answer")
 
 
 def test_episode_feedback_counts_once_per_episode_and_call_feedback_not_at_all() -> None:
@@ -171,8 +200,9 @@ T0 = time.time() - 3600
 
 
 def _stream(seed: int, n: int) -> list[tuple[list[MetricRow], list[FeedbackRow]]]:
-    """Batches of pipeline episodes (some with a unit), stray calls of other versions
-    and prompts, feedback on episodes and on calls."""
+    """Batches of pipeline episodes (some with a unit; a few served against their
+    routing), stray calls of other versions and prompts, feedback on episodes and on
+    calls."""
     rng = random.Random(seed)
     out = []
     for b in range(n):
@@ -182,7 +212,9 @@ def _stream(seed: int, n: int) -> list[tuple[list[MetricRow], list[FeedbackRow]]
             episode = f"ep{b}-{i}"
             unit = f"u{rng.randrange(40)}" if i % 3 == 0 else None
             ts = T0 + b * 10 + i * 0.1
-            extract = rng.choice(["e1", "e2", "e3"])
+            # Routed at 50 %, but now and then from stale routing or another version.
+            routed = "e2" if in_candidate(SALT, unit or episode, 0.5) else "e1"
+            extract = rng.choice([routed] * 6 + ["e1", "e2", "e3"])
             for k, (prompt, variant) in enumerate(
                 [("extract", extract), ("answer", rng.choice(["a1", "a1", "a2"])), ("x", "e1")]
             ):
@@ -232,6 +264,7 @@ async def test_a_replay_rebuilds_what_the_live_feed_built(db: Database) -> None:
     base, cand = _primary(live)
     assert base[0] > 10
     assert cand[0] > 10
+    assert live.state()["mixed"]
 
 
 _SERVED = {("extract", "e1"), ("extract", "e2"), ("answer", "a1")}
