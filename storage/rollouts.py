@@ -135,13 +135,6 @@ class RolloutStore:
             row = await cur.fetchone()
         return _row(row) if row else None
 
-    async def live_for(self, prompt: str) -> StoredRollout | None:
-        """The live rollout that sets ``prompt``'s routing (its own or its pipeline's)."""
-        for rollout in await self.live():
-            if prompt in rollout.prompts:
-                return rollout
-        return None
-
     async def decisions(self, rollout_id: str, limit: int = 500) -> list[Decision]:
         """The audit log of a rollout, oldest first (the last ``limit`` entries)."""
         async with self.db.reader.execute(

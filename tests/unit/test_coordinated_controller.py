@@ -61,7 +61,8 @@ async def _active(registry: Registry) -> dict[str, str | None]:
 
 async def test_every_step_routes_with_the_rollouts_salt_and_weight(parts: Any) -> None:
     """Changed steps carry their candidate, the unchanged one none, all with the same
-    salt, weight and rollout id; the view lists the pipeline and its members."""
+    salt, weight and rollout id; the view lists the pipeline and its members; no step's
+    active version can be restored meanwhile."""
     db, registry, pipelines = parts
     controller = _controller(db, registry, pipelines)
     active = await _active(registry)
@@ -86,6 +87,8 @@ async def test_every_step_routes_with_the_rollouts_salt_and_weight(parts: Any) -
     ]
     assert (view["prompt"], view["candidate_version"]) == ("extract", "v2")
     assert controller.live_prompts() == {"extract", "answer", "polish"}
+    with pytest.raises(Conflict, match="'answer' has a live rollout"):
+        await registry.restore("answer", "v2")  # a member, though not the rollout's prompt
 
 
 async def test_refusals_name_what_is_wrong(parts: Any) -> None:
