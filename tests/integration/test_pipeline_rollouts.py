@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from promptd.daemon.commands_pipelines import pipelines_command
+from promptd.daemon.commands_prompts import rollout_command
 from promptd.events import new_event_id
 from promptd.routing import Routing
 from tests.kafka_helpers import produce, read_all
@@ -196,11 +197,12 @@ async def test_a_pipeline_whose_second_step_is_worse_is_rolled_back_as_a_whole(
 
 
 async def test_the_route_checks_its_body_and_promote_moves_every_step(
-    make_settings: Any, start_daemon: Any
+    make_settings: Any, start_daemon: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """POST /v1/pipelines/{name}/rollouts: 401 without the token, 400 for a malformed
     body, 404 for an unknown pipeline or version, 422 for a prompt that is not a step;
-    201 starts it; a manual promote of the rollout makes every candidate active."""
+    201 starts it; `promptd rollout status` shows the pipeline and its steps; a manual
+    promote of the rollout makes every candidate active."""
     settings = _settings(make_settings)
     running = await start_daemon(settings, ready=False)
     async with aiohttp.ClientSession(running.url) as http:
@@ -227,6 +229,19 @@ async def test_the_route_checks_its_body_and_promote_moves_every_step(
         status, started = await _call(http, "POST", "/v1/pipelines/geo/rollouts", body)
         assert status == 201, started
         assert (started["pipeline"], started["require_win"]) == ("geo", True)
+        capsys.readouterr()
+        args = argparse.Namespace(json=False, rollout_command="status", rollout_id=None)
+        assert await asyncio.to_thread(rollout_command, args, settings) == 0
+        args = argparse.Namespace(json=False, rollout_command="status", rollout_id=started["id"])
+        assert await asyncio.to_thread(rollout_command, args, settings) == 0
+        out = capsys.readouterr().out
+        assert f"{started['id']}  pipeline geo extract v2 running" in out
+        rows = [line.split() for line in out.splitlines()[1:]]
+        assert ["pipeline", "geo"] in rows
+        assert [r for r in rows if r[0] in ("extract", "answer")] == [
+            ["extract", "v1", "→", "v2"],
+            ["answer", "v1", "→", "v2"],
+        ]
         status, promoted = await _call(http, "POST", f"/v1/rollouts/{started['id']}/promote", {})
         assert status == 200, promoted
         assert promoted["status"] == "promoted"
