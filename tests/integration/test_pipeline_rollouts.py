@@ -20,6 +20,7 @@ from promptd.daemon.commands_pipelines import pipelines_command
 from promptd.daemon.commands_prompts import rollout_command
 from promptd.events import new_event_id
 from promptd.routing import Routing
+from tests.conftest import wait_for
 from tests.kafka_helpers import produce, read_all
 from tests.optimize_pipeline_task import PIPELINE
 
@@ -249,3 +250,48 @@ async def test_the_route_checks_its_body_and_promote_moves_every_step(
             status, info = await _call(http, "GET", f"/v1/prompts/{prompt}", auth=False)
             assert info["active_version"] == "v2"
             assert info["routing"]["rollout_id"] is None
+
+
+async def test_a_pipeline_rollout_resumes_after_a_hard_stop(
+    make_settings: Any, start_daemon: Any
+) -> None:
+    """A daemon killed during a pipeline rollout (one step changed, one unchanged) resumes
+    it with the same salt, step and weight on every step's routing, and rebuilds the same
+    aggregates from the stored episodes."""
+    settings = make_settings(
+        http={"admin_token": TOKEN, "routing_ttl_s": 0.1},
+        # Slow steps: the rollout stays in its first step through the restart.
+        rollout={"tick_interval_s": 0.1, "snapshot_interval_s": 0.0},
+    )
+    first = await start_daemon(settings)
+    async with aiohttp.ClientSession(first.url) as http:
+        await _setup(http)
+        body = {"candidates": {"answer": "v2"}, "profile": "aggressive"}
+        status, started = await _call(http, "POST", "/v1/pipelines/geo/rollouts", body)
+        assert status == 201, started
+        rid = started["id"]
+        routings = await _routings(http)
+        assert routings["extract"].candidate_version is None
+        assert routings["extract"].weight == routings["answer"].weight == 0.25
+        await asyncio.sleep(1.5)  # past the settle window (2 × 0.1 s + 1 s)
+        await _episodes(settings, routings, range(400), {"v1": 0.6, "v2": 0.6}, 1)
+
+        async def all_in() -> Any:
+            _, view = await _call(http, "GET", f"/v1/rollouts/{rid}", auth=False)
+            arms = view["arms"]
+            done = arms["baseline"]["primary_samples"] + arms["candidate"]["primary_samples"]
+            return view if done == 400 else None
+
+        before = await wait_for(all_in, timeout=20)
+    await first.kill()
+
+    second = await start_daemon(settings)
+    async with aiohttp.ClientSession(second.url) as http:
+        _, after = await _call(http, "GET", f"/v1/rollouts/{rid}", auth=False)
+        routings = await _routings(http)
+    assert (after["status"], after["step"], after["salt"]) == ("running", 0, before["salt"])
+    assert after["arms"] == before["arms"]
+    assert after["arms"]["candidate"]["requests"] > 100  # both steps' calls of the arm
+    for routing in routings.values():
+        assert (routing.rollout_id, routing.salt, routing.weight) == (rid, before["salt"], 0.25)
+    assert routings["answer"].candidate_version == "v2"
