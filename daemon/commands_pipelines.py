@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from promptd.daemon.commands import CommandError, http_json
+from promptd.daemon.commands_prompts import rollout_options
 from promptd.daemon.settings import Settings
 
 
@@ -41,15 +42,7 @@ def register(sub: Any) -> dict[str, Any]:
         metavar="PROMPT=VERSION",
         help="a changed step and its candidate version (repeat for each changed step)",
     )
-    roll.add_argument("--profile", help="conservative, balanced, aggressive or a custom one")
-    roll.add_argument(
-        "--metric", choices=["feedback_score", "success_rate", "quality"], help="primary metric"
-    )
-    roll.add_argument(
-        "--require-win",
-        action="store_true",
-        help="promote only on a significant win; else end as no_improvement at the horizon",
-    )
+    rollout_options(roll)
     pipelines.add_argument("--json", action="store_true", help="print raw JSON")
     return {"pipelines": pipelines_command}
 

@@ -47,15 +47,7 @@ def register(sub: Any) -> dict[str, Any]:
     start = rsub.add_parser("start", help="start a rollout")
     start.add_argument("prompt")
     start.add_argument("candidate_version")
-    start.add_argument("--profile", help="conservative, balanced, aggressive or a custom one")
-    start.add_argument(
-        "--metric", choices=["feedback_score", "success_rate", "quality"], help="primary metric"
-    )
-    start.add_argument(
-        "--require-win",
-        action="store_true",
-        help="promote only on a significant win; else end as no_improvement at the horizon",
-    )
+    rollout_options(start)
     status = rsub.add_parser("status", help="one rollout, or all")
     status.add_argument("rollout_id", nargs="?")
     for action in ("promote", "rollback", "pause", "resume"):
@@ -65,6 +57,19 @@ def register(sub: Any) -> dict[str, Any]:
     for p in (prompts, rollout):
         p.add_argument("--json", action="store_true", help="print raw JSON")
     return {"prompts": prompts_command, "rollout": rollout_command}
+
+
+def rollout_options(parser: argparse.ArgumentParser) -> None:
+    """``--profile``, ``--metric`` and ``--require-win`` of the commands that start one."""
+    parser.add_argument("--profile", help="conservative, balanced, aggressive or a custom one")
+    parser.add_argument(
+        "--metric", choices=["feedback_score", "success_rate", "quality"], help="primary metric"
+    )
+    parser.add_argument(
+        "--require-win",
+        action="store_true",
+        help="promote only on a significant win; else end as no_improvement at the horizon",
+    )
 
 
 def _config(path: Path) -> dict[str, Any]:
