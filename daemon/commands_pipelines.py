@@ -1,4 +1,9 @@
-"""CLI: ``promptd pipelines list|show|register`` (through the daemon's HTTP API)."""
+"""CLI: ``promptd pipelines list|show|register|rollout`` (through the daemon's HTTP API).
+
+``promptd pipelines rollout NAME --candidate PROMPT=VERSION ...`` starts one coordinated
+rollout of the pipeline; follow and command it with ``promptd rollout status|promote|
+rollback|pause|resume ID`` like any rollout (its commands act on every step at once).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from promptd.daemon.commands import CommandError, http_json
+from promptd.daemon.commands_prompts import rollout_options
 from promptd.daemon.settings import Settings
 
 
@@ -27,6 +33,16 @@ def register(sub: Any) -> dict[str, Any]:
         type=Path,
         help="JSON or TOML: name, and steps with prompt and bindings ('-': stdin)",
     )
+    roll = psub.add_parser("rollout", help="start one coordinated rollout of a pipeline")
+    roll.add_argument("name")
+    roll.add_argument(
+        "--candidate",
+        action="append",
+        required=True,
+        metavar="PROMPT=VERSION",
+        help="a changed step and its candidate version (repeat for each changed step)",
+    )
+    rollout_options(roll)
     pipelines.add_argument("--json", action="store_true", help="print raw JSON")
     return {"pipelines": pipelines_command}
 
@@ -40,11 +56,50 @@ def pipelines_command(args: argparse.Namespace, settings: Settings) -> int:
     elif action == "show":
         body = http_json(settings, "GET", f"/v1/pipelines/{quote(args.name, safe='')}")
         text = _detail(body)
+    elif action == "rollout":
+        body = http_json(
+            settings,
+            "POST",
+            f"/v1/pipelines/{quote(args.name, safe='')}/rollouts",
+            _rollout_body(args),
+        )
+        text = _rollout_text(body)
     else:
         body = http_json(settings, "POST", "/v1/pipelines", _read(args.file))
         text = f"registered pipeline {body['name']}\n{_detail(body)}"
     print(json.dumps(body, indent=2, sort_keys=True) if args.json else text)
     return 0
+
+
+def _rollout_body(args: argparse.Namespace) -> dict[str, Any]:
+    candidates: dict[str, str] = {}
+    for item in args.candidate:
+        prompt, sep, version = item.partition("=")
+        if not sep or not prompt or not version:
+            raise CommandError(f"--candidate {item!r}: use PROMPT=VERSION")
+        if prompt in candidates:
+            raise CommandError(f"--candidate: step {prompt!r} is named twice")
+        candidates[prompt] = version
+    body: dict[str, Any] = {"candidates": candidates}
+    if args.profile:
+        body["profile"] = args.profile
+    if args.metric:
+        body["primary_metric"] = args.metric
+    if args.require_win:
+        body["require_win"] = True
+    return body
+
+
+def _rollout_text(body: dict[str, Any]) -> str:
+    lines = [
+        f"rollout {body['id']} of pipeline {body['pipeline']}: {body['status']}, "
+        f"step {body['step']}, weight {body['weight']}"
+    ]
+    for m in body["members"]:
+        change = f" -> {m['candidate']}" if m["candidate"] else " (unchanged)"
+        lines.append(f"  {m['prompt']}: {m['baseline']}{change}")
+    lines.append(f"follow it with: promptd rollout status {body['id']}")
+    return "\n".join(lines)
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -47,15 +47,7 @@ def register(sub: Any) -> dict[str, Any]:
     start = rsub.add_parser("start", help="start a rollout")
     start.add_argument("prompt")
     start.add_argument("candidate_version")
-    start.add_argument("--profile", help="conservative, balanced, aggressive or a custom one")
-    start.add_argument(
-        "--metric", choices=["feedback_score", "success_rate", "quality"], help="primary metric"
-    )
-    start.add_argument(
-        "--require-win",
-        action="store_true",
-        help="promote only on a significant win; else end as no_improvement at the horizon",
-    )
+    rollout_options(start)
     status = rsub.add_parser("status", help="one rollout, or all")
     status.add_argument("rollout_id", nargs="?")
     for action in ("promote", "rollback", "pause", "resume"):
@@ -65,6 +57,19 @@ def register(sub: Any) -> dict[str, Any]:
     for p in (prompts, rollout):
         p.add_argument("--json", action="store_true", help="print raw JSON")
     return {"prompts": prompts_command, "rollout": rollout_command}
+
+
+def rollout_options(parser: argparse.ArgumentParser) -> None:
+    """``--profile``, ``--metric`` and ``--require-win`` of the commands that start one."""
+    parser.add_argument("--profile", help="conservative, balanced, aggressive or a custom one")
+    parser.add_argument(
+        "--metric", choices=["feedback_score", "success_rate", "quality"], help="primary metric"
+    )
+    parser.add_argument(
+        "--require-win",
+        action="store_true",
+        help="promote only on a significant win; else end as no_improvement at the horizon",
+    )
 
 
 def _config(path: Path) -> dict[str, Any]:
@@ -182,7 +187,8 @@ def rollout_command(args: argparse.Namespace, settings: Settings) -> int:
             rows = [
                 (
                     r["id"],
-                    f"{r['prompt']} {r['candidate_version']} {r['status']} "
+                    (f"pipeline {r['pipeline']} " if r.get("pipeline") else "")
+                    + f"{r['prompt']} {r['candidate_version']} {r['status']} "
                     f"step={r['step']} weight={r['weight']}",
                 )
                 for r in body["rollouts"]
@@ -218,6 +224,12 @@ def _rollout_rows(body: dict[str, Any]) -> list[tuple[str, Any]]:
         ("step / weight", f"{body['step']} / {body['weight']}"),
         ("last decision", f"{last.get('kind', '-')}: {last.get('reason', '-')}"),
     ]
+    if body.get("pipeline"):
+        rows[1] = ("pipeline", body["pipeline"])
+        rows[2:3] = [
+            (f"  {m['prompt']}", f"{m['baseline']} → {m['candidate'] or '(unchanged)'}")
+            for m in body["members"]
+        ]
     if body.get("winner") is not None:
         rows.append(("significantly better", body["winner"]))
     return rows

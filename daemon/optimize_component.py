@@ -24,6 +24,7 @@ def install(daemon: Daemon) -> None:
 
     from promptd.daemon.api_optimize import add_routes
     from promptd.daemon.app import ConfigurationError
+    from promptd.optimization.episodes import EpisodeStore
     from promptd.optimization.metrics import OptimizationMetrics
     from promptd.optimization.runner import OptimizationRunner
     from promptd.optimization.strategies import known_strategies
@@ -64,6 +65,14 @@ def install(daemon: Daemon) -> None:
             publish,
             primary_metric=settings.rollout.default_primary_metric,
             tracker=tracker,
+            # A trigger for a pipeline's prompt optimizes the pipeline on its episodes
+            # and hands the result to one coordinated rollout.
+            pipelines=daemon.components["pipelines"],
+            episodes=EpisodeStore(
+                daemon.db,
+                settings.optimization.example_max_age_days * 86_400,
+                settings.optimization.max_examples,
+            ),
         )
         await runner.resume()
         daemon.components["optimizer"] = runner

@@ -150,6 +150,7 @@ def install_rollouts(daemon: Daemon) -> None:
     async def setup() -> None:
         assert daemon.db is not None
         registry = Registry(daemon.db, settings.rollout.default_profile)
+        pipelines = PipelineRegistry(daemon.db, registry)
         controller = RolloutController(
             daemon.db,
             registry,
@@ -159,11 +160,11 @@ def install_rollouts(daemon: Daemon) -> None:
             alert=alert,
             routing_ttl_s=settings.http.routing_ttl_s,
             snapshot_interval_s=settings.rollout.snapshot_interval_s,
+            pipelines=pipelines,
         )
         await controller.resume()
         daemon.components["registry"] = registry
         daemon.components["rollouts"] = controller
-        pipelines = PipelineRegistry(daemon.db, registry)
         daemon.components["pipelines"] = pipelines
         daemon.batch_listeners.append(controller.on_batch)
 
@@ -174,7 +175,7 @@ def install_rollouts(daemon: Daemon) -> None:
                 registry,
                 settings.rollout.default_primary_metric,
             )
-            add_pipeline_routes(app, pipelines)
+            add_pipeline_routes(app, pipelines, controller, settings.rollout.default_primary_metric)
 
         daemon.route_extensions.append(routes)
         daemon.task_factories.append(

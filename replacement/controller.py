@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,16 +30,23 @@ import structlog
 
 from promptd._aio import wait_event
 from promptd.replacement import machine, snapshots, views
+from promptd.replacement.coordinated import (
+    LiveRollout,
+    PipelineAccumulator,
+    exclusion,
+    plan_members,
+)
 from promptd.replacement.machine import TERMINAL, RolloutState, Status
 from promptd.replacement.metrics import DECISION_KINDS, FEEDBACK_OUTCOMES, RolloutMetrics
 from promptd.replacement.observations import PrimaryMetric, RolloutAccumulator
+from promptd.replacement.pipelines import PipelineRegistry
 from promptd.replacement.profiles import RolloutProfile
 from promptd.replacement.registry import Conflict, NotFound, Registry, RegistryError
 from promptd.replacement.replay import replay
 from promptd.routing import Routing
 from promptd.storage.database import Database
 from promptd.storage.repository import BatchOutcome
-from promptd.storage.rollouts import Decision, RolloutStore, StoredRollout
+from promptd.storage.rollouts import Decision, Member, RolloutStore, StoredRollout
 from promptd.storage.snapshots import SnapshotStore, last_ids
 
 log = structlog.get_logger("promptd.rollout")
@@ -86,9 +93,12 @@ class RolloutController:
         routing_ttl_s: float = 30.0,
         clock: Callable[[], float] = time.time,
         snapshot_interval_s: float = 0.0,
+        pipelines: PipelineRegistry | None = None,
     ) -> None:
         self.db = db
         self.registry = registry
+        #: Pipelines: what a pipeline rollout moves, and which rollouts exclude each other.
+        self.pipelines = pipelines
         self.store = RolloutStore(db)
         self.profiles = profiles
         self.metrics = metrics
@@ -117,11 +127,12 @@ class RolloutController:
         self.covered = await last_ids(self.db)
         for row in await self.store.live():
             state = RolloutState.from_dict(row.state)
-            acc = self._accumulator(row.baseline, row.candidate, state, list(row.step_starts))
+            acc = self._accumulator(row, state, list(row.step_starts))
             calls = feedback = 0
             if row.step_starts:
                 after = await self._load_snapshot(row.id, acc)
-                calls, feedback = await replay(self.db, acc, row.prompt, row.step_starts[0], after)
+                served = _served(row, acc)
+                calls, feedback = await replay(self.db, acc, served, row.step_starts[0], after)
             live = _Live(row, state, acc)
             self._add_live(live)
             self._count_feedback(live)
@@ -155,16 +166,25 @@ class RolloutController:
         return (snap.metric_id, snap.feedback_id)
 
     def _accumulator(
-        self, baseline: str, candidate: str, state: RolloutState, step_starts: list[float]
+        self, row: StoredRollout, state: RolloutState, step_starts: list[float]
     ) -> RolloutAccumulator:
         profile = self.profiles(state.profile)
-        return RolloutAccumulator(
-            baseline,
-            candidate,
-            _primary(state.primary_metric),
-            step_starts=step_starts,
-            srm_settle_s=self.srm_settle_s,
-            feedback_max_delay_s=profile.feedback_max_delay_s,
+        primary = _primary(state.primary_metric)
+        common: dict[str, Any] = {
+            "step_starts": step_starts,
+            "srm_settle_s": self.srm_settle_s,
+            "feedback_max_delay_s": profile.feedback_max_delay_s,
+        }
+        if not row.members:
+            return RolloutAccumulator(row.baseline, row.candidate, primary, **common)
+        return PipelineAccumulator(
+            row.baseline,
+            row.candidate,
+            primary,
+            **common,
+            members={m.prompt: (m.baseline, m.candidate) for m in row.members},
+            salt=state.salt,
+            weights=tuple(s.weight for s in profile.steps),
         )
 
     async def _all_prompts(self) -> list[str]:
@@ -201,6 +221,7 @@ class RolloutController:
                     m.request_id,
                     at,
                     m.episode_id,
+                    m.prompt,
                 )
         for f in outcome.feedback:
             if f.request_id is None:
@@ -292,6 +313,10 @@ class RolloutController:
         ``require_win`` (the optimizer's candidates): promote only on a significant online
         win; without one by the profile's horizon the rollout ends as ``no_improvement``,
         the candidate is retired and the active version stays. Stored with the rollout.
+
+        Refused (:class:`Conflict`, naming the other rollout) while a rollout is live for
+        ``prompt``, or for a prompt of its pipeline that it depends on or that depends on
+        it: their effects would confound each other.
         """
         async with self._lock:
             info = await self.registry.get_prompt(prompt)
@@ -300,47 +325,119 @@ class RolloutController:
                 raise Conflict(f"prompt {prompt!r} has no active version to compare against")
             if version.version == info.active_version:
                 raise Conflict(f"{candidate!r} is already the active version of {prompt!r}")
-            if prompt in self._by_prompt or await self.store.live_for(prompt):
-                raise Conflict(
-                    f"prompt {prompt!r} already has a live rollout "
-                    f"({self._by_prompt.get(prompt, '?')}); finish it first"
-                )
-            profile_name = profile or info.profile
-            chosen = self.profiles(profile_name)
-            now = self.clock()
-            state = RolloutState(
-                rollout_id=f"ro-{uuid.uuid4().hex[:12]}",
-                prompt=prompt,
-                baseline_version=info.active_version,
-                candidate_version=candidate,
-                salt=uuid.uuid4().hex,
-                profile=chosen.name,
-                primary_metric=_primary(primary_metric),
-                require_win=require_win,
+            await self._exclusive([prompt])
+            member = Member(prompt=prompt, baseline=info.active_version, candidate=candidate)
+            row = await self._create(
+                member, (), None, profile or info.profile, primary_metric, require_win
             )
-            new_state, actions = machine.step(state, machine.Start(), now, chosen)
-            decisions = self._decisions(new_state, actions, now)
-            row_state = new_state.to_dict()
-            try:
-                await self.store.create(
-                    state.rollout_id,
-                    prompt,
-                    candidate,
-                    info.active_version,
-                    row_state,
-                    [now],
-                    decisions,
-                )
-            except Exception as exc:
-                if "UNIQUE" in str(exc):
-                    raise Conflict(f"prompt {prompt!r} already has a live rollout") from None
-                raise
-            row = await self.store.get(state.rollout_id)
-            assert row is not None
-            acc = self._accumulator(info.active_version, candidate, new_state, [now])
-            self._add_live(_Live(row, new_state, acc))
-            self._after(row, state, new_state, decisions)
         await self.flush_routing()
+        return row
+
+    async def start_pipeline_rollout(
+        self,
+        pipeline: str,
+        candidates: Mapping[str, str],
+        *,
+        profile: str | None = None,
+        primary_metric: str | None = None,
+        require_win: bool = False,
+    ) -> StoredRollout:
+        """Start one coordinated rollout of ``pipeline``: the pipeline variant (each
+        changed step's candidate, ``candidates`` maps prompt -> version) against the
+        active pipeline, with one state machine and one A/B test (see :mod:`.coordinated`).
+
+        Every step's routing carries the rollout's salt, weight and id, so a unit (or an
+        episode) is in the candidate arm for all steps together; unchanged steps keep
+        serving their active version in both arms. Promotion and rollback change every
+        changed step in one transaction. The profile defaults to the first changed step's,
+        the primary metric to ``feedback_score`` (feedback on whole episodes).
+        ``require_win`` as for :meth:`start_rollout`. Refused with :class:`Conflict` while
+        any step has a live rollout (its own or another pipeline's).
+        """
+        if self.pipelines is None:
+            raise RegistryError("pipelines are not available in this daemon")
+        async with self._lock:
+            chain = await self.pipelines.get(pipeline)
+            members = await plan_members(self.registry, chain, candidates)
+            await self._exclusive([m.prompt for m in members])
+            lead = next(m for m in members if m.candidate is not None)
+            info = await self.registry.get_prompt(lead.prompt)
+            row = await self._create(
+                lead,
+                members,
+                chain.name,
+                profile or info.profile,
+                primary_metric or "feedback_score",
+                require_win,
+            )
+        await self.flush_routing()
+        return row
+
+    async def _exclusive(self, prompts: Sequence[str]) -> None:
+        """Refuse (409, naming the other rollout) a rollout of ``prompts`` while one of
+        them, or a prompt one of them depends on or that depends on it, is in a live
+        rollout (see :func:`.coordinated.exclusion`)."""
+        live = {
+            prompt: LiveRollout(rid, self._live[rid].row.pipeline)
+            for prompt, rid in self._by_prompt.items()
+        }
+        for row in await self.store.live():
+            # Not loaded in memory (never the case after resume(), but the rows decide).
+            for prompt in row.prompts:
+                live.setdefault(prompt, LiveRollout(row.id, row.pipeline))
+        related = {}
+        if self.pipelines is not None:
+            related = {p: await self.pipelines.related(p) for p in prompts}
+        why = exclusion(prompts, related, live)
+        if why is not None:
+            raise Conflict(why)
+
+    async def _create(
+        self,
+        lead: Member,
+        members: Sequence[Member],
+        pipeline: str | None,
+        profile_name: str,
+        primary_metric: str,
+        require_win: bool,
+    ) -> StoredRollout:
+        """Store a new rollout at its first step and make it live (under the lock)."""
+        assert lead.candidate is not None
+        chosen = self.profiles(profile_name)
+        now = self.clock()
+        state = RolloutState(
+            rollout_id=f"ro-{uuid.uuid4().hex[:12]}",
+            prompt=lead.prompt,
+            baseline_version=lead.baseline,
+            candidate_version=lead.candidate,
+            salt=uuid.uuid4().hex,
+            profile=chosen.name,
+            primary_metric=_primary(primary_metric),
+            require_win=require_win,
+        )
+        new_state, actions = machine.step(state, machine.Start(), now, chosen)
+        decisions = self._decisions(new_state, actions, now)
+        try:
+            await self.store.create(
+                state.rollout_id,
+                lead.prompt,
+                lead.candidate,
+                lead.baseline,
+                new_state.to_dict(),
+                [now],
+                decisions,
+                pipeline=pipeline,
+                members=members,
+            )
+        except Exception as exc:
+            if "UNIQUE" in str(exc):
+                raise Conflict(f"prompt {lead.prompt!r} already has a live rollout") from None
+            raise
+        row = await self.store.get(state.rollout_id)
+        assert row is not None
+        acc = self._accumulator(row, new_state, [now])
+        self._add_live(_Live(row, new_state, acc))
+        self._after(row, state, new_state, decisions)
         return row
 
     async def command(self, rollout_id: str, event: machine.Event) -> StoredRollout:
@@ -385,7 +482,7 @@ class RolloutController:
             decisions = self._decisions(new, actions, now, live)
             if new.step_index > old.step_index:
                 live.acc.start_step(new.step_index, now)
-            self._starvation_gauges(live.row.prompt, new, now)
+            self._starvation_gauges(live.row, new, now)
             if new == old and not decisions:
                 return
             outcome = _outcome(actions)
@@ -401,15 +498,16 @@ class RolloutController:
             if new.status in TERMINAL:
                 self._drop_live(rollout_id)
 
-    def _starvation_gauges(self, prompt: str, state: RolloutState, now: float) -> None:
+    def _starvation_gauges(self, row: StoredRollout, state: RolloutState, now: float) -> None:
         since = state.starving_since
         live = state.status not in TERMINAL
-        self.metrics.starving_seconds.labels(prompt=prompt).set(
-            now - since if since is not None and live else 0.0
-        )
-        self.metrics.starved.labels(prompt=prompt).set(
-            1.0 if state.starvation_acted_at is not None and live else 0.0
-        )
+        for prompt in row.prompts:
+            self.metrics.starving_seconds.labels(prompt=prompt).set(
+                now - since if since is not None and live else 0.0
+            )
+            self.metrics.starved.labels(prompt=prompt).set(
+                1.0 if state.starvation_acted_at is not None and live else 0.0
+            )
 
     async def _alerts(
         self, row: StoredRollout, old: RolloutState, actions: list[machine.Action], now: float
@@ -486,14 +584,17 @@ class RolloutController:
                 status=new.status.value,
                 **{k: v for k, v in (d.details or {}).items() if isinstance(v, int | float | str)},
             )
-        self.metrics.weight.labels(prompt=row.prompt).set(
-            new.weight if new.status in (Status.RUNNING, Status.PAUSED) else 0.0
-        )
+        # Gauges and routing for every prompt the rollout routes (a pipeline's steps);
+        # counters under the rollout's prompt (a pipeline's first changed step).
+        for prompt in row.prompts:
+            self.metrics.weight.labels(prompt=prompt).set(
+                new.weight if new.status in (Status.RUNNING, Status.PAUSED) else 0.0
+            )
+            self.metrics.step.labels(prompt=prompt).set(new.step_index)
+            if old.weight != new.weight or old.status != new.status:
+                self._dirty_routing.add(prompt)
         if new.status in TERMINAL:
-            self._starvation_gauges(row.prompt, new, 0.0)
-        self.metrics.step.labels(prompt=row.prompt).set(new.step_index)
-        if old.weight != new.weight or old.status != new.status:
-            self._dirty_routing.add(row.prompt)
+            self._starvation_gauges(row, new, 0.0)
 
     def _add_live(self, live: _Live) -> None:
         # Every decision series exists from the start at 0, so Prometheus' increase()
@@ -502,17 +603,19 @@ class RolloutController:
             self.metrics.decisions.labels(prompt=live.row.prompt, kind=kind)
         for outcome in FEEDBACK_OUTCOMES:
             self.metrics.feedback.labels(prompt=live.row.prompt, outcome=outcome)
-        self._starvation_gauges(live.row.prompt, live.state, self.clock())
+        self._starvation_gauges(live.row, live.state, self.clock())
         self._live[live.row.id] = live
-        self._by_prompt[live.row.prompt] = live.row.id
+        for prompt in live.row.prompts:
+            self._by_prompt[prompt] = live.row.id
+            self.metrics.weight.labels(prompt=prompt).set(live.state.weight)
+            self.metrics.step.labels(prompt=prompt).set(live.state.step_index)
         self.metrics.live.set(len(self._live))
-        self.metrics.weight.labels(prompt=live.row.prompt).set(live.state.weight)
-        self.metrics.step.labels(prompt=live.row.prompt).set(live.state.step_index)
 
     def _drop_live(self, rollout_id: str) -> None:
         self._ended.add(rollout_id)
         live = self._live.pop(rollout_id)
-        self._by_prompt.pop(live.row.prompt, None)
+        for prompt in live.row.prompts:
+            self._by_prompt.pop(prompt, None)
         self.metrics.live.set(len(self._live))
 
     # -- routing -------------------------------------------------------------------
@@ -527,9 +630,12 @@ class RolloutController:
         candidate_config: dict[str, Any] | None = None
         weight, salt = 0.0, ""
         if live is not None and live.state.status in (Status.RUNNING, Status.PAUSED):
-            cand = await self.registry.get_version(prompt, live.row.candidate)
-            candidate_version, candidate_template = cand.version, cand.template
-            candidate_config = cand.config
+            # A pipeline's unchanged step carries the salt and weight without a candidate.
+            change = next((c.candidate for c in live.row.changes if c.prompt == prompt), None)
+            if change is not None:
+                cand = await self.registry.get_version(prompt, change)
+                candidate_version, candidate_template = cand.version, cand.template
+                candidate_config = cand.config
             weight, salt = live.state.weight, live.state.salt
         return Routing(
             prompt=prompt,
@@ -615,6 +721,13 @@ class RolloutController:
     def live_prompts(self) -> set[str]:
         """Prompts with a live rollout (the optimizer does not run on them)."""
         return set(self._by_prompt)
+
+
+def _served(row: StoredRollout, acc: RolloutAccumulator) -> dict[str, tuple[str, ...]]:
+    """The versions each prompt of the rollout serves (what its replay reads)."""
+    if isinstance(acc, PipelineAccumulator):
+        return acc.served()
+    return {row.prompt: (row.baseline, row.candidate)}
 
 
 def _outcome(actions: list[machine.Action]) -> str | None:

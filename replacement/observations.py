@@ -215,14 +215,18 @@ class RolloutAccumulator:
         request_id: str | None = None,
         ingested_at: float | None = None,
         episode_id: str | None = None,
+        prompt: str | None = None,
     ) -> None:
         """Add one LLM call (``ingested_at`` defaults to ``ts``); ``unit`` is its routing
-        key (``unit_id``, else ``episode_id``, else ``request_id``)."""
+        key (``unit_id``, else ``episode_id``, else ``request_id``). ``prompt`` matters
+        only to rollouts of several prompts."""
         stored = ts if ingested_at is None else ingested_at
         self._evict(stored)
-        arm = self.arm_of(variant)
         step = self.step_of(ts)
-        if arm is None or step is None:
+        if step is None:
+            return
+        arm = self._arm(variant, prompt, unit, ts, step, episode_id, stored)
+        if arm is None:
             return
         key = (step, arm)
         cell = self._cell(key)
@@ -240,6 +244,8 @@ class RolloutAccumulator:
             cell.primary.add(quality, bucket, self.buckets)
         if request_id is None or request_id in self._calls:
             return  # a repeated request id keeps its first call
+        if episode_id is not None and not self._joins_episode(episode_id):
+            episode_id = None
         call = _Call(key, bucket, stored, episode_id)
         self._calls[request_id] = call
         self._call_order.append((stored, request_id))
@@ -250,6 +256,34 @@ class RolloutAccumulator:
             self._episodes.setdefault(episode_id, []).append(request_id)
             for entry in self._episode_fb.get(episode_id, ()):
                 self._join_episode(call, entry)
+
+    def _arm(
+        self,
+        variant: str,
+        prompt: str | None,
+        unit: str,
+        ts: float,
+        step: int,
+        episode: str | None,
+        stored: float,
+    ) -> Arm | None:
+        """The arm of a call (by its variant here; see the pipeline rollouts')."""
+        return self.arm_of(variant)
+
+    def _joins_episode(self, episode: str) -> bool:
+        """Whether this call joins its episode's feedback: every call does here."""
+        return True
+
+    def config(self) -> dict[str, Any]:
+        """What the aggregates depend on besides the events (a snapshot must match it)."""
+        return {
+            "baseline": self.baseline_version,
+            "candidate": self.candidate_version,
+            "primary": self.primary_metric,
+            "buckets": self.buckets,
+            "feedback_max_delay_s": self.feedback_max_delay_s,
+            "srm_settle_s": self.srm_settle_s,
+        }
 
     def add_feedback(
         self,

@@ -423,10 +423,13 @@ class Registry:
         target = await self.get_version(name, version)
         now = time.time()
         async with self.db.transaction() as conn:
+            # The prompt's own rollout, or a pipeline rollout it is a member of.
             async with conn.execute(
                 "SELECT count(*) FROM rollouts "
-                "WHERE prompt = ? AND status IN ('running', 'paused', 'pending')",
-                (name,),
+                "WHERE status IN ('running', 'paused', 'pending') AND (prompt = ? OR EXISTS "
+                "(SELECT 1 FROM json_each(coalesce(members, '[]')) "
+                "WHERE json_extract(value, '$.prompt') = ?))",
+                (name, name),
             ) as cur:
                 row = await cur.fetchone()
             if row is not None and int(row[0]) > 0:

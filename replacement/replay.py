@@ -9,7 +9,8 @@ did before the restart, however late the feedback was.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 from promptd.replacement.observations import PENDING_WINDOW_S, RolloutAccumulator
@@ -29,18 +30,21 @@ async def _rows(db: Database, sql: str, params: tuple[Any, ...]) -> AsyncIterato
 async def replay(
     db: Database,
     acc: RolloutAccumulator,
-    prompt: str,
+    served: str | Mapping[str, Sequence[str]],
     since: float,
     after: tuple[int, int] = (0, 0),
 ) -> tuple[int, int]:
     """Feed the rollout's stored events since ``since`` to ``acc``; returns (calls, feedback).
 
-    Only events stored at or after ``since`` (the rollout's start) were fed live, so only
-    those are replayed; with ``after`` (metric and feedback row ids a snapshot of ``acc``
-    covers), only the rows stored after those.
+    ``served``: the rollout's prompt (its baseline and candidate versions are read), or
+    each prompt of a pipeline rollout with the versions it serves. Only events stored at
+    or after ``since`` (the rollout's start) were fed live, so only those are replayed;
+    with ``after`` (metric and feedback row ids a snapshot of ``acc`` covers), only the
+    rows stored after those.
     """
+    if isinstance(served, str):
+        served = {served: (acc.baseline_version, acc.candidate_version)}
     events = EventRepository(db)
-    variants = (acc.baseline_version, acc.candidate_version)
     metric_floor = await events.first_id_since("metric_events", since)
     # Feedback carries the app's timestamp, normally after its call's; the scan floor
     # leaves room for feedback stamped up to the join window before the rollout.
@@ -50,31 +54,38 @@ async def replay(
         max(metric_floor, after[0] + 1),
         max(feedback_floor, after[1] + 1),
     )
+    pairs = " OR ".join(
+        f"(prompt = ? AND variant IN ({', '.join('?' * len(v))}))" for v in served.values()
+    )
     calls = _rows(
         db,
         "SELECT ingested_at, ts, variant, coalesce(unit_id, episode_id, request_id), "
-        "latency_ms, success, quality, cost_usd, request_id, episode_id FROM metric_events "
-        "WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND prompt = ? AND variant IN (?, ?) "
+        "latency_ms, success, quality, cost_usd, request_id, episode_id, prompt "
+        f"FROM metric_events WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND ({pairs}) "
         "ORDER BY id",
-        (metric_floor, since, since, prompt, *variants),
+        (metric_floor, since, since, *chain.from_iterable((p, *v) for p, v in served.items())),
     )
     # Call feedback names its prompt. Feedback on a whole episode is all read, as the live
     # feed offers it all: a call of the episode may still come (within the join window).
+    prompts = list(served)
     feedback = _rows(
         db,
         "SELECT ingested_at, request_id, score, episode_id FROM feedback_events "
-        "WHERE id >= ? AND ts >= ? AND ingested_at >= ? "
-        "AND ((prompt = ? AND request_id IS NOT NULL) OR request_id IS NULL) ORDER BY id",
-        (feedback_floor, fb_since, since, prompt),
+        "WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND ("
+        f"(prompt IN ({', '.join('?' * len(prompts))}) AND request_id IS NOT NULL) "
+        "OR request_id IS NULL) ORDER BY id",
+        (feedback_floor, fb_since, since, *prompts),
     )
     n_calls = n_feedback = 0
     call = await anext(calls, None)
     fb = await anext(feedback, None)
     while call is not None or fb is not None:
         if call is not None and (fb is None or call[0] <= fb[0]):
-            at, ts, variant, unit, latency, success, quality, cost, request_id, episode = call
-            ok = bool(success)
-            acc.add_metric(ts, variant, unit, latency, ok, quality, cost, request_id, at, episode)
+            at, ts, variant, unit, latency, success, quality, cost, request_id, episode = call[:10]
+            ok, prompt = bool(success), call[10]
+            acc.add_metric(
+                ts, variant, unit, latency, ok, quality, cost, request_id, at, episode, prompt
+            )
             n_calls += 1
             call = await anext(calls, None)
         elif fb is not None:

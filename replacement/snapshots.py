@@ -8,7 +8,8 @@ feedback may still join) are what they would be after the full replay.
 
 One snapshot per live rollout, named ``rollout:<id>`` in the ``snapshots`` table; it is
 ignored when it was built for another configuration of the accumulator (versions, primary
-metric, buckets, join window) or another encoding (:data:`FORMAT`).
+metric, buckets, join window; a pipeline rollout's members, salt and step weights) or
+another encoding (:data:`FORMAT`).
 """
 
 from __future__ import annotations
@@ -32,18 +33,7 @@ def name(rollout_id: str) -> str:
 
 def config_key(acc: RolloutAccumulator) -> str:
     """What a snapshot must have been built with to be loaded into ``acc``."""
-    return json.dumps(
-        {
-            "format": FORMAT,
-            "baseline": acc.baseline_version,
-            "candidate": acc.candidate_version,
-            "primary": acc.primary_metric,
-            "buckets": acc.buckets,
-            "feedback_max_delay_s": acc.feedback_max_delay_s,
-            "srm_settle_s": acc.srm_settle_s,
-        },
-        sort_keys=True,
-    )
+    return json.dumps({"format": FORMAT, **acc.config()}, sort_keys=True)
 
 
 def encode(state: dict[str, Any]) -> bytes:

@@ -58,9 +58,13 @@ def starvation(
 
 
 def summary(row: StoredRollout, state: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields every rollout view has."""
+    """The fields every rollout view has. A pipeline rollout names its ``pipeline`` and
+    lists its ``members`` (every step with its baseline and candidate, ``null`` for an
+    unchanged step); ``prompt`` and the versions are then its first changed step's."""
     return {
         "id": row.id,
+        "pipeline": row.pipeline,
+        "members": [m.model_dump() for m in row.members],
         "prompt": row.prompt,
         "baseline_version": row.baseline,
         "candidate_version": row.candidate,

@@ -21,8 +21,21 @@ from promptd.storage.database import Database
 LIVE_STATUSES = ("running", "paused", "pending")
 
 
+class Member(BaseModel):
+    """One prompt of a pipeline rollout: its active version when the rollout started and
+    its candidate (``None``: the step is unchanged and keeps serving its active version)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    baseline: str
+    candidate: str | None = None
+
+
 class StoredRollout(BaseModel):
-    """A rollout row as stored."""
+    """A rollout row as stored. A pipeline rollout also names its ``pipeline`` and lists
+    every member prompt; ``prompt``, ``candidate`` and ``baseline`` are its first changed
+    step's."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -36,6 +49,20 @@ class StoredRollout(BaseModel):
     created_at: float
     updated_at: float
     final: dict[str, Any] | None = None
+    pipeline: str | None = None
+    members: tuple[Member, ...] = ()
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """Every prompt whose routing the rollout sets."""
+        return tuple(m.prompt for m in self.members) if self.members else (self.prompt,)
+
+    @property
+    def changes(self) -> tuple[Member, ...]:
+        """The prompts that get a candidate, with their versions."""
+        if not self.members:
+            return (Member(prompt=self.prompt, baseline=self.baseline, candidate=self.candidate),)
+        return tuple(m for m in self.members if m.candidate is not None)
 
 
 class Decision(BaseModel):
@@ -51,7 +78,10 @@ class Decision(BaseModel):
     weight: float | None = None
 
 
-_COLS = "id, prompt, candidate, baseline, status, state, step_starts, created_at, updated_at"
+_COLS = (
+    "id, prompt, candidate, baseline, status, state, step_starts, created_at, updated_at, "
+    "pipeline, members"
+)
 _READ_COLS = f"{_COLS}, final"
 
 
@@ -66,7 +96,9 @@ def _row(row: Sequence[Any]) -> StoredRollout:
         step_starts=json.loads(row[6]),
         created_at=row[7],
         updated_at=row[8],
-        final=json.loads(row[9]) if row[9] else None,
+        pipeline=row[9],
+        members=tuple(Member.model_validate(m) for m in json.loads(row[10] or "[]")),
+        final=json.loads(row[11]) if row[11] else None,
     )
 
 
@@ -103,13 +135,6 @@ class RolloutStore:
             row = await cur.fetchone()
         return _row(row) if row else None
 
-    async def live_for(self, prompt: str) -> StoredRollout | None:
-        """The live rollout of ``prompt``, if any."""
-        for rollout in await self.live():
-            if rollout.prompt == prompt:
-                return rollout
-        return None
-
     async def decisions(self, rollout_id: str, limit: int = 500) -> list[Decision]:
         """The audit log of a rollout, oldest first (the last ``limit`` entries)."""
         async with self.db.reader.execute(
@@ -140,8 +165,10 @@ class RolloutStore:
         state: Mapping[str, Any],
         step_starts: Sequence[float],
         decisions: Sequence[Decision],
+        pipeline: str | None = None,
+        members: Sequence[Member] = (),
     ) -> None:
-        """Insert a new rollout and mark the candidate ``in_rollout`` (one transaction).
+        """Insert a new rollout and mark its candidates ``in_rollout`` (one transaction).
 
         The partial unique index refuses a second live rollout of the same prompt even if
         two requests race; that surfaces as ``sqlite3.IntegrityError``.
@@ -149,7 +176,7 @@ class RolloutStore:
         now = time.time()
         async with self.db.transaction() as conn:
             await conn.execute(
-                f"INSERT INTO rollouts ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO rollouts ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rollout_id,
                     prompt,
@@ -160,11 +187,16 @@ class RolloutStore:
                     json.dumps(list(step_starts)),
                     now,
                     now,
+                    pipeline,
+                    json.dumps([m.model_dump() for m in members]) if members else None,
                 ),
             )
-            await conn.execute(
+            changed = [m for m in members if m.candidate is not None] or [
+                Member(prompt=prompt, baseline=baseline, candidate=candidate)
+            ]
+            await conn.executemany(
                 "UPDATE prompt_versions SET status = 'in_rollout' WHERE prompt = ? AND version = ?",
-                (prompt, candidate),
+                [(m.prompt, m.candidate) for m in changed],
             )
             await _insert_decisions(conn, rollout_id, decisions)
 
@@ -178,7 +210,8 @@ class RolloutStore:
         final: Mapping[str, Any] | None = None,
     ) -> None:
         """Persist a transition; ``outcome`` (``promoted``, ``rolled_back`` or
-        ``no_improvement``) updates the registry, ``final`` is the ended rollout's snapshot."""
+        ``no_improvement``) updates the registry for every changed prompt (all of a
+        pipeline's at once), ``final`` is the ended rollout's snapshot."""
         now = time.time()
         async with self.db.transaction() as conn:
             await conn.execute(
@@ -194,28 +227,36 @@ class RolloutStore:
                 ),
             )
             await _insert_decisions(conn, rollout.id, decisions)
-            if outcome == "promoted":
-                await conn.execute(
-                    "UPDATE prompt_versions SET status = 'retired' "
-                    "WHERE prompt = ? AND version = ? AND status = 'active'",
-                    (rollout.prompt, rollout.baseline),
-                )
-                await conn.execute(
-                    "UPDATE prompt_versions SET status = 'active' WHERE prompt = ? AND version = ?",
-                    (rollout.prompt, rollout.candidate),
-                )
-                await conn.execute(
-                    "UPDATE prompts SET active_version = ?, updated_at = ? WHERE name = ?",
-                    (rollout.candidate, now, rollout.prompt),
-                )
-            elif outcome in ("rolled_back", "no_improvement"):
-                # A candidate that lost is rolled_back; one that did not prove a win is
-                # retired (it was never active, so it is no backup; history says which).
-                status = "rolled_back" if outcome == "rolled_back" else "retired"
-                await conn.execute(
-                    "UPDATE prompt_versions SET status = ? WHERE prompt = ? AND version = ?",
-                    (status, rollout.prompt, rollout.candidate),
-                )
+            for change in rollout.changes if outcome else ():
+                await _apply_outcome(conn, outcome or "", change, now)
+
+
+async def _apply_outcome(
+    conn: aiosqlite.Connection, outcome: str, change: Member, now: float
+) -> None:
+    """Within a transition's transaction: the registry change of one changed prompt."""
+    if outcome == "promoted":
+        await conn.execute(
+            "UPDATE prompt_versions SET status = 'retired' "
+            "WHERE prompt = ? AND version = ? AND status = 'active'",
+            (change.prompt, change.baseline),
+        )
+        await conn.execute(
+            "UPDATE prompt_versions SET status = 'active' WHERE prompt = ? AND version = ?",
+            (change.prompt, change.candidate),
+        )
+        await conn.execute(
+            "UPDATE prompts SET active_version = ?, updated_at = ? WHERE name = ?",
+            (change.candidate, now, change.prompt),
+        )
+    elif outcome in ("rolled_back", "no_improvement"):
+        # A candidate that lost is rolled_back; one that did not prove a win is retired
+        # (it was never active, so it is no backup; history says which).
+        status = "rolled_back" if outcome == "rolled_back" else "retired"
+        await conn.execute(
+            "UPDATE prompt_versions SET status = ? WHERE prompt = ? AND version = ?",
+            (status, change.prompt, change.candidate),
+        )
 
 
 async def _insert_decisions(

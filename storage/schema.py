@@ -338,6 +338,14 @@ CREATE INDEX feedback_events_episode ON feedback_events (episode_id)
     WHERE episode_id IS NOT NULL;
 """
 
+_V12_PIPELINE_ROLLOUTS: Final = """
+-- A coordinated rollout of a pipeline: one row (``prompt``, ``candidate`` and
+-- ``baseline`` name its first changed step) with the pipeline's name and every member
+-- prompt as JSON: [{"prompt", "baseline", "candidate" (null when the step is unchanged)}].
+ALTER TABLE rollouts ADD COLUMN pipeline TEXT;
+ALTER TABLE rollouts ADD COLUMN members TEXT;
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=1, name="ingestion", sql=_V1_INGESTION),
     Migration(version=2, name="registry", sql=_V2_REGISTRY),
@@ -350,6 +358,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=9, name="snapshots", sql=_V9_SNAPSHOTS),
     Migration(version=10, name="optimization_targets", sql=_V10_OPTIMIZATION_TARGETS),
     Migration(version=11, name="episodes", sql=_V11_EPISODES),
+    Migration(version=12, name="pipeline_rollouts", sql=_V12_PIPELINE_ROLLOUTS),
 )
 
 
