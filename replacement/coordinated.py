@@ -10,7 +10,8 @@ together. What is counted, pure and incremental like :mod:`.observations`:
   same version in both arms) counts in that arm. A call of a changed step counts when its
   version is the one of that arm; a call served the other version (an SDK still on stale
   routing, a pinned version) is left out, and so is the feedback on its episode, which
-  mixed both pipelines (remembered for the join window). Right after a step starts
+  mixed both pipelines (remembered for the join window; feedback already counted when
+  the call is stored later is taken back). Right after a step starts
   (``srm_settle_s``, while SDKs may still route some prompts with the previous weight), a
   unit whose bucket lies between the previous and the new threshold could be in either
   arm: its calls, of every step, are left out until then.
@@ -94,6 +95,8 @@ class PipelineAccumulator(RolloutAccumulator):
             # Served from stale routing (or a pinned version): the call is not in the
             # experiment, and its episode mixes the arms.
             if episode is not None:
+                if episode not in self._mixed:
+                    self._retract(episode)
                 self._mixed[episode] = stored
                 self._mixed_order.append((stored, episode))
             return None
@@ -118,6 +121,20 @@ class PipelineAccumulator(RolloutAccumulator):
     def _joins_episode(self, episode: str) -> bool:
         # The episode's first call with an arm stands for the episode.
         return episode not in self._episodes
+
+    def _retract(self, episode: str) -> None:
+        """Take back the feedback already counted for ``episode``: a call that mixed the
+        arms can be stored after its episode's feedback (the two topics are read
+        independently), and the episode then judges neither arm after all."""
+        if self.primary_metric != "feedback_score":
+            return
+        for request_id in self._episodes.get(episode, ()):
+            call = self._calls[request_id]
+            for entry in self._episode_fb.get(episode, ()):
+                lag = entry.at - call.ingested_at
+                if lag > self.feedback_max_delay_s or -lag > PENDING_WINDOW_S:
+                    continue  # never joined (see _join_episode)
+                self._cell(call.cell).primary.remove(entry.score, call.bucket)
 
     def _join_episode(self, call: _Call, entry: _EpisodeFeedback) -> None:
         if entry.episode in self._mixed:

@@ -105,6 +105,15 @@ class _Metric:
         self.y[bucket] += value
         self.m[bucket] += 1.0
 
+    def remove(self, value: float, bucket: int | None = None) -> None:
+        """Take back one observation added with the same ``value`` and ``bucket``."""
+        self.n -= 1
+        self.total -= value
+        self.total_sq -= value * value
+        if bucket is not None and self.y is not None and self.m is not None:
+            self.y[bucket] -= value
+            self.m[bucket] -= 1.0
+
     def moments(self) -> Moments:
         return Moments(self.n, self.total, self.total_sq)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
@@ -85,6 +86,20 @@ RATE_LIMITED: tuple[int, dict[str, Any]] = (
     429,
     {"error": {"message": "rate limited", "type": "rate_limit_error", "code": "rate_limit"}},
 )
+
+
+@asynccontextmanager
+async def serving(answer: Any) -> AsyncIterator[FakeLLM]:
+    """A started :class:`FakeLLM` answering with ``answer``; litellm's clients are closed
+    before it stops (they hold connections to it)."""
+    from promptd.optimization.llm import close_litellm
+
+    server = await FakeLLM(answer).start()
+    try:
+        yield server
+    finally:
+        await close_litellm()
+        await server.stop()
 
 
 def user_text(body: dict[str, Any]) -> str:

@@ -13,11 +13,10 @@ import pytest
 
 from promptd.events import FeedbackEvent, MetricEvent, new_event_id
 from promptd.monitoring.triggers import OptimizationTrigger
-from promptd.optimization.llm import close_litellm
 from promptd.replacement.registry import NewVersion
 from tests.conftest import wait_for
 from tests.kafka_helpers import produce, read_all
-from tests.optimize_fake_llm import FakeLLM
+from tests.optimize_fake_llm import FakeLLM, serving
 from tests.optimize_task import TEMPLATE, responder, rows
 
 pytestmark = pytest.mark.integration
@@ -29,16 +28,17 @@ TOKEN = "test-admin-token-0123"
 @pytest.fixture
 async def fake_llm() -> AsyncIterator[FakeLLM]:
     """The scripted model and proposer."""
-    server = await FakeLLM(responder).start()
-    yield server
-    await close_litellm()
-    await server.stop()
+    async with serving(responder) as server:
+        yield server
 
 
 def _settings(make_settings: Any, fake: FakeLLM, **optimization: Any) -> Any:
     model = {"model": "openai/test-model", "api_base": fake.api_base, "temperature": 0.0}
     return make_settings(
         http={"admin_token": TOKEN},
+        # The test sends the trigger itself once every example is stored: a feedback-volume
+        # trigger half-way through ingestion would start a run on a part of them.
+        monitoring={"feedback_volume_threshold": 1_000_000_000},
         optimization={
             "strategies": ["fewshot", "instruction"],
             "proposer": model,

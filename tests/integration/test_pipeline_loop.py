@@ -18,10 +18,9 @@ from prometheus_client import CollectorRegistry
 
 import promptd
 from promptd.monitoring.triggers import OptimizationTrigger
-from promptd.optimization.llm import close_litellm
 from promptd.sdk import PromptVariant
 from tests.conftest import wait_for
-from tests.optimize_fake_llm import FakeLLM
+from tests.optimize_fake_llm import FakeLLM, serving
 from tests.optimize_pipeline_task import (
     ANSWER,
     COUNTRIES,
@@ -47,10 +46,8 @@ QUICK = {
 @pytest.fixture
 async def fake_llm() -> AsyncIterator[FakeLLM]:
     """The scripted model and proposer of the two-step task."""
-    server = await FakeLLM(responder).start()
-    yield server
-    await close_litellm()
-    await server.stop()
+    async with serving(responder) as server:
+        yield server
 
 
 def _settings(make_settings: Any, fake: FakeLLM) -> Any:

@@ -119,6 +119,35 @@ def test_a_call_served_against_its_routing_leaves_its_episode_out() -> None:
     assert acc.state()["mixed"] == []
 
 
+def test_a_stale_call_stored_after_its_episodes_feedback_takes_the_feedback_back() -> None:
+    """The topics are read independently: an episode's feedback can be counted before
+    the call that mixed the arms is stored. Once it is, the episode judges neither arm,
+    as if the call had come first; a consistent episode's feedback stays."""
+    acc = accumulator()
+    unit = _unit("candidate", "late")
+    acc.add_metric(20.0, "a1", unit, 5.0, True, None, None, "m-2", 20.0, "mixed", "answer")
+    acc.add_feedback(None, 0.25, 21.0, "mixed")
+    acc.add_feedback(None, 0.75, 22.0, "mixed")
+    _episode(acc, "whole", "e2", 23.0, unit)
+    acc.add_feedback(None, 1.0, 24.0, "whole")
+    assert _primary(acc) == ((0, 0.0), (3, 2.0))
+    acc.add_metric(20.0, "e1", unit, 5.0, True, None, None, "m-1", 25.0, "mixed", "extract")
+    assert _primary(acc) == ((0, 0.0), (1, 1.0))
+    acc.add_metric(20.0, "e1", unit, 5.0, True, None, None, "m-3", 26.0, "mixed", "extract")
+    assert _primary(acc) == ((0, 0.0), (1, 1.0))  # taken back once
+    first = accumulator()
+    _episode(first, "mixed", "e1", 20.0, unit)
+    first.add_feedback(None, 0.25, 21.0, "mixed")
+    _episode(first, "whole", "e2", 23.0, unit)
+    first.add_feedback(None, 1.0, 24.0, "whole")
+    sample, same = acc.observation(_state()).primary, first.observation(_state()).primary
+    assert isinstance(sample, ClusteredSample)
+    assert isinstance(same, ClusteredSample)
+    for name in ("yy", "ym", "mm"):
+        assert getattr(sample, name) == pytest.approx(getattr(same, name))
+    assert sample.clusters == same.clusters
+
+
 def test_after_a_step_starts_units_between_the_two_thresholds_wait_for_it_to_settle() -> None:
     """Right after 10 % -> 50 %, a unit whose bucket lies between the thresholds may still
     be routed with either weight: its calls (of every step) are left out until the step
