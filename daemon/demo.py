@@ -327,11 +327,11 @@ async def _watch_optimizations(http: aiohttp.ClientSession, base: str, state: De
                 run_id=rid,
             )
         if status != "running":
-            made = [c["version"] for c in run["candidates"] if c.get("version")]
+            made = run.get("deployed_version")
             state.note(
                 "optimization_finished",
-                f"optimization run {rid} {status}: {len(run['candidates'])} "
-                f"candidate(s), registered {made or 'none'}",
+                f"optimization run {rid} {status} ({run.get('outcome')}): "
+                f"{len(run['candidates'])} candidate(s), registered {made or 'none'}",
                 run_id=rid,
                 status=status,
             )
