@@ -131,10 +131,8 @@ class PipelineAccumulator(RolloutAccumulator):
         for request_id in self._episodes.get(episode, ()):
             call = self._calls[request_id]
             for entry in self._episode_fb.get(episode, ()):
-                lag = entry.at - call.ingested_at
-                if lag > self.feedback_max_delay_s or -lag > PENDING_WINDOW_S:
-                    continue  # never joined (see _join_episode)
-                self._cell(call.cell).primary.remove(entry.score, call.bucket)
+                if self._joinable(call, entry.at):  # as _join_episode counted it
+                    self._cell(call.cell).primary.remove(entry.score, call.bucket)
 
     def _join_episode(self, call: _Call, entry: _EpisodeFeedback) -> None:
         if entry.episode in self._mixed:

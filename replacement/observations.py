@@ -326,8 +326,7 @@ class RolloutAccumulator:
 
     def _join_episode(self, call: _Call, entry: _EpisodeFeedback) -> None:
         """One call of an episode with one feedback on it, within the join window."""
-        lag = entry.at - call.ingested_at
-        if lag > self.feedback_max_delay_s or -lag > PENDING_WINDOW_S:
+        if not self._joinable(call, entry.at):
             return
         if not entry.joined:
             entry.joined = True
@@ -335,11 +334,15 @@ class RolloutAccumulator:
         if self.primary_metric == "feedback_score":
             self._cell(call.cell).primary.add(entry.score, call.bucket, self.buckets)
 
+    def _joinable(self, call: _Call, at: float) -> bool:
+        """Whether feedback stored at ``at`` is within the join window of ``call``."""
+        lag = at - call.ingested_at
+        return -PENDING_WINDOW_S <= lag <= self.feedback_max_delay_s
+
     def _join(self, call: _Call, score: float, at: float) -> None:
         # Eviction already enforces the window when events come in storage order; the
         # explicit check keeps the rule exact when they do not.
-        lag = at - call.ingested_at
-        if lag > self.feedback_max_delay_s or -lag > PENDING_WINDOW_S:
+        if not self._joinable(call, at):
             self.feedback.unmatched += 1
             return
         self.feedback.joined += 1
