@@ -46,8 +46,9 @@ from promptd.daemon.app import Daemon
 from promptd.daemon.broker import EmbeddedBroker
 from promptd.daemon.kafka import ensure_topics
 from promptd.daemon.logs import configure_logging
+from promptd.daemon.rollout_profiles import profile_lookup
 from promptd.daemon.settings import RolloutSettings, Settings
-from promptd.daemon.wiring import install_components, profile_lookup
+from promptd.daemon.wiring import install_components
 from promptd.monitoring.monitor import rebuild_windows
 from promptd.monitoring.snapshot import take
 from promptd.monitoring.windows import WindowStore

@@ -5,8 +5,8 @@ Run: ``python bench/rollout_stats.py`` (``--runs N`` per scenario, ``--jobs J`` 
 
 What is simulated, through the real pure code: every tick (10 s) of every run calls
 :func:`promptd.replacement.machine.step` with the ``balanced`` profile exactly as the daemon
-builds it (``promptd.daemon.wiring.profile_lookup``), so the primary test, every guardrail,
-the sample-ratio check, the step plan and the starvation rules all act. The observation a
+builds it (``promptd.daemon.rollout_profiles.profile_lookup``), so the primary test, every
+guardrail, the sample-ratio check, the step plan and the starvation rules all act. The observation a
 run's machine sees is what the controller's accumulator
 (:class:`~promptd.replacement.observations.RolloutAccumulator`) would compute from the same
 events — calls filed by their step and arm, feedback joined to its call, units hashed into
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from promptd.daemon.rollout_profiles import profile_lookup
 from promptd.daemon.settings import RolloutSettings
-from promptd.daemon.wiring import profile_lookup
 from promptd.replacement.clustered import ClusteredSample
 from promptd.replacement.machine import (
     ArmCounts,

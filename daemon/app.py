@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from promptd import __version__
 from promptd._aio import wait_event
 from promptd.daemon.broker import EmbeddedBroker
-from promptd.daemon.http import build_app, is_loopback, start_site
+from promptd.daemon.http import RouteExtension, build_app, is_loopback, start_site
 from promptd.daemon.ingest import BatchListener, GroupConflictError, IngestAlert, Ingestor
 from promptd.daemon.kafka import Producer, ensure_topics
 from promptd.daemon.lock import DataDirLock, DataDirLockedError
@@ -44,7 +44,6 @@ from promptd.storage.repository import DUPLICATES, STORED_FEEDBACK, STORED_METRI
 
 log = structlog.get_logger("promptd.daemon")
 
-RouteExtension = Callable[[web.Application], None]
 TaskFactory = Callable[[asyncio.Event], Awaitable[None]]
 
 

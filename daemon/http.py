@@ -14,18 +14,34 @@ import hmac
 import ipaddress
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-if TYPE_CHECKING:
-    from promptd.daemon.app import Daemon
+from promptd.daemon.settings import Settings
 
 log = structlog.get_logger("promptd.http")
 
-DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
+RouteExtension = Callable[[web.Application], None]
+
+
+class Served(Protocol):
+    """What the HTTP API needs of the daemon (``app.Daemon`` is the one implementation)."""
+
+    settings: Settings
+    registry: CollectorRegistry
+    route_extensions: list[RouteExtension]
+
+    def health(self) -> tuple[bool, str]: ...
+
+    def readiness(self) -> tuple[bool, str]: ...
+
+    async def status(self) -> dict[str, Any]: ...
+
+
+DAEMON_KEY: web.AppKey[Served] = web.AppKey("daemon")
 
 #: Largest request body accepted (413 above it).
 MAX_BODY_BYTES = 1024 * 1024
@@ -271,7 +287,7 @@ async def start_site(runner: web.AppRunner, host: str, port: int) -> web.TCPSite
     return site
 
 
-def build_app(daemon: Daemon) -> web.Application:
+def build_app(daemon: Served) -> web.Application:
     """The aiohttp application with the core routes and every registered extension."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
     app[DAEMON_KEY] = daemon

@@ -22,7 +22,7 @@ def install(daemon: Daemon) -> None:
     """Attach the optimizer to ``daemon`` (startup hook, routes, task)."""
     from aiohttp import web
 
-    from promptd.daemon.api_optimize import add_routes
+    from promptd.daemon.api.optimize import add_routes
     from promptd.daemon.app import ConfigurationError
     from promptd.optimization.episodes import EpisodeStore
     from promptd.optimization.metrics import OptimizationMetrics

@@ -64,7 +64,7 @@ def build_sinks(daemon: Daemon, export: MonitorExport) -> list[SinkWorker]:
 
 def install(daemon: Daemon) -> None:
     """Attach the monitor to ``daemon`` (startup hook, batch listener, routes, task)."""
-    from promptd.daemon.api_monitoring import add_routes
+    from promptd.daemon.api.monitoring import add_routes
     from promptd.daemon.app import ConfigurationError
     from promptd.storage.alerts import AlertStore
     from promptd.storage.repository import EventRepository

@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from promptd.daemon.commands_pipelines import pipelines_command
-from promptd.daemon.commands_prompts import rollout_command
+from promptd.daemon.cli.pipelines import pipelines_command
+from promptd.daemon.cli.prompts import rollout_command
 from promptd.events import new_event_id
 from promptd.routing import Routing
 from tests.conftest import wait_for

@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from promptd.daemon.commands import CommandError
-from promptd.daemon.commands_pipelines import pipelines_command
+from promptd.daemon.cli.common import CommandError
+from promptd.daemon.cli.pipelines import pipelines_command
 from promptd.replacement.registry import NewVersion
 
 pytestmark = pytest.mark.integration

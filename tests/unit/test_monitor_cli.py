@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from promptd.daemon import commands_monitoring
-from promptd.daemon.commands import CommandError
+from promptd.daemon.cli import monitoring as commands_monitoring
+from promptd.daemon.cli.common import CommandError
 from promptd.daemon.settings import Settings
 
 STATS = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from promptd.daemon import commands_optimize
-from promptd.daemon.api_optimize import recommend
+from promptd.daemon.api.optimize import recommend
+from promptd.daemon.cli import optimize as commands_optimize
 from promptd.monitoring.triggers import OptimizationTrigger
 from promptd.optimization.policy import Decision
 

@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from promptd.daemon import commands_pipelines
-from promptd.daemon.commands import CommandError
+from promptd.daemon.cli import pipelines as commands_pipelines
+from promptd.daemon.cli.common import CommandError
 
 
 def _parse(*argv: str) -> argparse.Namespace:

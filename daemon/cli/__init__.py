@@ -7,13 +7,12 @@ The global flags (``--config``, ``--json``) are accepted before and after the su
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from promptd import __version__
-from promptd.daemon import commands
+from promptd.daemon.cli.common import CommandError
 from promptd.daemon.logs import configure_logging
 from promptd.daemon.settings import Settings, SettingsError, load_settings
 
@@ -89,24 +88,10 @@ _HANDLERS: dict[str, Handler] = {}
 
 def _command_modules() -> list[Any]:
     """Modules that add subcommands: each has ``register(subparsers) -> {name: handler}``."""
-    from promptd.daemon import (
-        commands_monitoring,
-        commands_ops,
-        commands_optimize,
-        commands_pipelines,
-        commands_prompts,
-        demo,
-    )
+    from promptd.daemon import demo
+    from promptd.daemon.cli import monitoring, ops, optimize, pipelines, process, prompts
 
-    return [
-        commands,
-        commands_prompts,
-        commands_pipelines,
-        commands_monitoring,
-        commands_optimize,
-        commands_ops,
-        demo,
-    ]
+    return [process, prompts, pipelines, monitoring, optimize, ops, demo]
 
 
 def _flag_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
@@ -140,17 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         return _HANDLERS[args.command](args, settings)
-    except commands.CommandError as exc:
+    except CommandError as exc:
         print(f"promptd {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-
-
-def print_json(value: Any) -> None:
-    """Pretty JSON on stdout."""
-    print(json.dumps(value, indent=2, sort_keys=True))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -8,7 +8,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-from promptd.daemon.commands import CommandError, http_json
+from promptd.daemon.cli.common import CommandError, http_json
 from promptd.daemon.settings import Settings
 
 FINAL = ("completed", "failed", "timed_out", "interrupted")

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from promptd.daemon.commands import CommandError, base_url, read_runtime
+from promptd.daemon.cli.common import CommandError, base_url, read_runtime
 from promptd.daemon.settings import Settings
 from promptd.storage.schema import latest_version
 

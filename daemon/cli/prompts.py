@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from promptd.daemon.commands import CommandError, http_json
+from promptd.daemon.cli.common import CommandError, http_json
 from promptd.daemon.settings import Settings
 
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from promptd.daemon.http import admin_only, domain_errors, read_json_body
-from promptd.daemon.wiring import experiment_profile_name
+from promptd.daemon.rollout_profiles import experiment_profile_name
 from promptd.events import MAX_PROMPT_CHARS
 from promptd.replacement import machine
 from promptd.replacement.controller import RolloutController

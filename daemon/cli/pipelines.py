@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from promptd.daemon.commands import CommandError, http_json
-from promptd.daemon.commands_prompts import rollout_options
+from promptd.daemon.cli.common import CommandError, http_json
+from promptd.daemon.cli.prompts import rollout_options
 from promptd.daemon.settings import Settings
 
 

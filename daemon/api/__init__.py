@@ -1,0 +1,1 @@
+"""The HTTP routes of each part: prompts and rollouts, pipelines, monitoring, optimization."""
