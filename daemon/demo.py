@@ -92,6 +92,9 @@ def demo_settings(data_dir: Path, http_port: int, time_scale: float) -> Settings
         storage={"data_dir": data_dir},
         http={"host": "127.0.0.1", "port": http_port, "routing_ttl_s": 1.0},
         kafka={
+            # A free port: the demo's app is told the address, and the demo can run
+            # beside a `promptd run` that holds 9092.
+            "embedded_port": 0,
             "session_timeout_ms": 2_000,
             "heartbeat_interval_ms": 500,
             "fetch_max_wait_ms": 50,

@@ -9,7 +9,6 @@ unexpected exception is logged and answered with a JSON 500 by :func:`error_midd
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import ipaddress
 import json
@@ -20,6 +19,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from promptd.daemon.ports import bind_reason, check_bindable
 from promptd.daemon.settings import Settings
 
 log = structlog.get_logger("promptd.http")
@@ -269,21 +269,28 @@ class HttpBindError(RuntimeError):
     """The HTTP API cannot listen on its address; the message names the settings."""
 
 
+def _http_bind_error(host: str, port: int, exc: OSError) -> HttpBindError:
+    return HttpBindError(
+        f"cannot listen on {host}:{port} (http.host / http.port: PROMPTD_HTTP_HOST, "
+        f"PROMPTD_HTTP_PORT or --http-host, --http-port): {bind_reason(exc)}"
+    )
+
+
+def check_http_port(host: str, port: int) -> None:
+    """:func:`check_bindable` for the HTTP API: :class:`HttpBindError` naming the settings."""
+    try:
+        check_bindable(host, port)
+    except OSError as exc:
+        raise _http_bind_error(host, port, exc) from None
+
+
 async def start_site(runner: web.AppRunner, host: str, port: int) -> web.TCPSite:
     """Listen on ``host:port``; :class:`HttpBindError` (one clear line) if that fails."""
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()
     except OSError as exc:
-        reason = {
-            errno.EADDRINUSE: "address already in use (another promptd or program has it)",
-            errno.EADDRNOTAVAIL: "no such address on this machine",
-            errno.EACCES: "permission denied (ports below 1024 need privileges)",
-        }.get(exc.errno or 0, exc.strerror or str(exc))
-        raise HttpBindError(
-            f"cannot listen on {host}:{port} (http.host / http.port: PROMPTD_HTTP_HOST, "
-            f"PROMPTD_HTTP_PORT or --http-host, --http-port): {reason}"
-        ) from None
+        raise _http_bind_error(host, port, exc) from None
     return site
 
 
