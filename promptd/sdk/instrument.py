@@ -113,6 +113,17 @@ class _Spec:
             return None if value is None else str(value)
         return unit_id_var.get()
 
+    def routing_pending(self) -> bool:
+        """True while the prompt's routing is wanted but not known yet (cheap check)."""
+        client = self.client or _client_mod._client or _client_mod.get_client()
+        return client.routing.enabled and self.prompt not in client.routing.entries
+
+    async def await_routing(self) -> None:
+        """Before an async call: wait for the prompt's first routing without blocking the
+        loop (``begin`` does not wait inside a running loop)."""
+        client = self.client or _client_mod._client or _client_mod.get_client()
+        await client.aroute_first_call(self.prompt)
+
     def begin(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         """Choose the variant and set the context; mutates ``kwargs`` to inject it."""
         client = self.client or _client_mod._client or _client_mod.get_client()
@@ -135,11 +146,15 @@ class _Spec:
                 scope.episode_id = episode
         call.episode_id = episode
         entry = client.routing.entries.get(self.prompt)
+        if entry is None and client.routing.enabled:
+            client.routing.want(self.prompt)
+            # The first call of a prompt waits for its routing (once, bounded), so it is
+            # not served the decorator's default while the daemon has an active version.
+            client.route_first_call(self.prompt)
+            entry = client.routing.entries.get(self.prompt)
         variant = None
         if entry is not None:
             variant = entry.choose(unit or episode or request_id)
-        elif client.routing.enabled:
-            client.routing.want(self.prompt)
         if variant is None:
             variant = self.default
         if self.inject is not None:
@@ -286,6 +301,8 @@ def _wrap_async(
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            if spec.routing_pending():
+                await spec.await_routing()
             call = spec.begin(args, kwargs)
         except Exception:
             _count_error(spec, "instrument")
