@@ -540,7 +540,12 @@ def print_summary(report: dict[str, Any]) -> None:
 def register(sub: Any) -> dict[str, Any]:
     """Add ``promptd demo`` to the CLI."""
     demo = sub.add_parser("demo", help="watch the whole loop run in about two minutes")
-    demo.add_argument("--scenario", choices=["improve", "regress"], default="improve")
+    demo.add_argument(
+        "--scenario",
+        choices=["improve", "regress"],
+        default="improve",
+        help="improve: the candidate wins and is promoted (default); regress: rolled back",
+    )
     demo.add_argument(
         "--time-scale",
         type=float,
