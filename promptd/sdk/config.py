@@ -17,7 +17,11 @@ Environment variables (all optional):
 ``PROMPTD_KAFKA_SASL_MECHANISM``            with ``..._SASL_USERNAME`` / ``..._SASL_PASSWORD``
 ``PROMPTD_SDK_QUEUE_SIZE``                  events buffered in memory before dropping (10000)
 ``PROMPTD_SDK_ROUTING_TTL_S``               overrides the routing's own ``ttl_seconds``
+``PROMPTD_SDK_ROUTE_FIRST_CALL``            ``false``: a prompt's first call never waits for routing
 ==========================================  =====================================================
+
+A ``PROMPTD_`` variable nothing reads and a value that does not parse are warned about
+once (:mod:`promptd.sdk.environment`), never silently ignored.
 
 The nested daemon form (``PROMPTD_KAFKA__BOOTSTRAP_SERVERS``) is accepted too, so one
 environment can serve both the daemon and the apps.

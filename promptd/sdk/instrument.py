@@ -2,7 +2,8 @@
 
 Per call, on the app's thread: take a request id (a counter, no UUID), find the unit id
 and the episode (see :mod:`.context`), pick the variant from the cached routing (by unit
-id, else episode id, else request id), hand it to the function, time the call, read
+id, else episode id, else request id; the first call of a prompt may wait once for its
+routing, see ``Client.route_first_call``), hand it to the function, time the call, read
 token usage from the result, and buffer one plain tuple. Everything costly (event id,
 validation, JSON, capture caps, redaction) happens later in the sender thread. The
 function's result and exceptions pass through unchanged; an SDK failure is counted in
