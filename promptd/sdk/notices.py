@@ -49,6 +49,8 @@ def warn(message: str) -> None:
 
 def warn_once(cause: str, message: str) -> None:
     """:func:`warn` the first time ``cause`` is seen in this process."""
+    if cause in _warned:  # the common case, on the hot path of dropping: no lock
+        return
     with _lock:
         if cause in _warned:
             return
@@ -58,6 +60,8 @@ def warn_once(cause: str, message: str) -> None:
 
 def drop_notice(reason: str, detail: str | None = None) -> None:
     """Warn once per reason the first time an event is dropped for it."""
+    if f"drop:{reason}" in _warned:
+        return
     explanation = DROP_EXPLANATIONS.get(reason, reason)
     if detail:
         explanation = f"{explanation}: {detail}"
