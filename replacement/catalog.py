@@ -152,8 +152,8 @@ class Limits:
 
 Check = Callable[[Observation, Limits, Details], "str | None"]
 """A test: adds its figures to the details; returns why it rolls back, or None."""
-Observe = Callable[[CallFacts, str], "float | None"]
-"""The value of one call given the primary metric's name (None: nothing observed)."""
+Observe = Callable[[CallFacts], "float | None"]
+"""The value of one call (None: nothing observed)."""
 Show = Callable[[Moments], "dict[str, float | int | None]"]
 """An arm's totals of the metric as ``GET /v1/rollouts/{id}`` shows them."""
 
@@ -165,9 +165,10 @@ class MetricSpec:
     ``alpha``, ``margins`` and ``settings`` name :class:`~.profiles.RolloutProfile` fields:
     its share of the rollback budget (split evenly over the test steps when ``per_step``),
     the non-inferiority margins the API lists, and other thresholds the check reads.
-    A spec with ``observe`` or ``feedback`` has cells in the accumulator: ``observe`` gives
-    a call's value, ``feedback(primary_metric)`` says whether the feedback joined to a
-    call counts as a value of the call's cell.
+    A spec with ``observe`` or ``feedback`` has cells in the accumulator:
+    ``observe(primary_metric)`` gives the function of a call's value (None when no call
+    is a value of it for that primary metric), ``feedback(primary_metric)`` says whether
+    the feedback joined to a call counts as a value of the call's cell.
     """
 
     name: str
@@ -178,7 +179,7 @@ class MetricSpec:
     margins: tuple[str, ...] = ()
     settings: tuple[str, ...] = ()
     per_step: bool = False
-    observe: Observe | None = None
+    observe: Callable[[str], Observe | None] | None = None
     feedback: Callable[[str], bool] | None = None
     clustered: bool = True
     show: Show | None = None
@@ -359,23 +360,23 @@ def _check_cost(obs: Observation, limits: Limits, details: Details) -> str | Non
 # --- how each metric is observed and shown ------------------------------------------------
 
 
-def _primary_of_call(call: CallFacts, primary_metric: str) -> float | None:
+def _primary_of_call(primary_metric: str) -> Observe | None:
     if primary_metric == "success_rate":
-        return 1.0 if call.success else 0.0
+        return lambda call: 1.0 if call.success else 0.0
     if primary_metric == "quality":
-        return call.quality
+        return lambda call: call.quality
     return None  # feedback_score: the joined feedback is the value
 
 
-def _log_latency(call: CallFacts, primary_metric: str) -> float:
+def _log_latency(call: CallFacts) -> float:
     return math.log(max(call.latency_ms, _MIN_LATENCY_MS))
 
 
-def _error(call: CallFacts, primary_metric: str) -> float:
+def _error(call: CallFacts) -> float:
     return 0.0 if call.success else 1.0
 
 
-def _cost(call: CallFacts, primary_metric: str) -> float | None:
+def _cost(call: CallFacts) -> float | None:
     return call.cost_usd
 
 
@@ -411,7 +412,7 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
         alpha="latency_alpha",
         margins=("max_latency_ratio",),
         check=_check_latency,
-        observe=_log_latency,
+        observe=lambda primary_metric: _log_latency,
         show=lambda m: {"latency_geomean_ms": math.exp(m.mean) if m.n else None},
     ),
     MetricSpec(
@@ -421,7 +422,7 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
         alpha="error_alpha",
         margins=("max_error_rate_ratio", "max_error_rate_increase", "min_expected_errors"),
         check=_check_errors,
-        observe=_error,
+        observe=lambda primary_metric: _error,
         clustered=False,
         show=lambda m: {"error_rate": _mean(m)},
     ),
@@ -432,7 +433,7 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
         alpha="cost_alpha",
         margins=("max_cost_ratio",),
         check=_check_cost,
-        observe=_cost,
+        observe=lambda primary_metric: _cost,
         show=lambda m: {"cost_per_request": _mean(m)},
     ),
 )

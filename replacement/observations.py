@@ -169,9 +169,9 @@ class RolloutAccumulator:
     def __post_init__(self) -> None:
         primary = self.primary_metric
         self._per_call = tuple(
-            (spec.name, spec.observe, spec.clustered)
+            (spec.name, observe, spec.clustered)
             for spec in CATALOG
-            if spec.observe is not None
+            if spec.observe is not None and (observe := spec.observe(primary)) is not None
         )
         self._per_feedback = tuple(
             (spec.name, spec.clustered)
@@ -191,14 +191,6 @@ class RolloutAccumulator:
         """Index of the step whose time range holds ``ts`` (None before the rollout)."""
         index = bisect.bisect_right(self.step_starts, ts) - 1
         return index if index >= 0 else None
-
-    def event_time(self, ts: float, stored: float) -> float | None:
-        """When a call stamped ``ts`` and stored at ``stored`` counts: its timestamp, or
-        the time it was stored when it is stamped later; None (left out) when stamped
-        more than ``max_future_s`` after it was stored (see module doc)."""
-        if ts - stored > self.max_future_s:
-            return None
-        return min(ts, stored)
 
     @property
     def feedback_floor(self) -> float:
@@ -249,12 +241,12 @@ class RolloutAccumulator:
         module doc)."""
         stored = ts if ingested_at is None else ingested_at
         self._evict(stored)
-        at = self.event_time(ts, stored)
-        if at is None:
-            # Counted when the replay reads it too: stored since the rollout began.
-            if self.step_of(stored) is not None and self._serves(variant, prompt):
-                self.future_calls += 1
+        # Event time (see module doc): a timestamp after the call was stored is taken as
+        # its storage time; stamped more than max_future_s after it, the call is left out.
+        if ts - stored > self.max_future_s:
+            self._left_out_future(stored, variant, prompt)
             return
+        at = ts if ts <= stored else stored
         step = self.step_of(at)
         if step is None:
             return
@@ -262,28 +254,27 @@ class RolloutAccumulator:
         if arm is None:
             return
         key = (step, arm)
+        cell = self._cells.get(key) or self._cell(key)
         bucket = unit_bucket(unit, self.buckets)
-        self._count(key, at, unit, bucket, CallFacts(latency_ms, success, quality, cost_usd))
+        cell.requests += 1
+        if step == len(self.step_starts) - 1 and at >= self.step_starts[step] + self.srm_settle_s:
+            cell.units.add(unit)
+        facts = CallFacts(latency_ms, success, quality, cost_usd)
+        for name, observe, clustered in self._per_call:
+            value = observe(facts)
+            if value is not None:
+                cell.metrics[name].add(value, bucket if clustered else None, self.buckets)
         if request_id is None or request_id in self._calls:
             return  # a repeated request id keeps its first call
         if episode_id is not None and not self._joins_episode(episode_id):
             episode_id = None
         self._remember(request_id, _Call(key, bucket, stored, episode_id))
 
-    def _count(
-        self, key: tuple[int, Arm], at: float, unit: str, bucket: int, facts: CallFacts
-    ) -> None:
-        """A call's values in its cell, and its unit for the current step's SRM check."""
-        cell = self._cell(key)
-        step = key[0]
-        cell.requests += 1
-        if step == len(self.step_starts) - 1 and at >= self.step_starts[step] + self.srm_settle_s:
-            cell.units.add(unit)
-        metrics, buckets = cell.metrics, self.buckets
-        for name, observe, clustered in self._per_call:
-            value = observe(facts, self.primary_metric)
-            if value is not None:
-                metrics[name].add(value, bucket if clustered else None, buckets)
+    def _left_out_future(self, stored: float, variant: str, prompt: str | None) -> None:
+        """A call stamped too far ahead: counted when the replay reads it too (stored
+        since the rollout began)."""
+        if self.step_of(stored) is not None and self._serves(variant, prompt):
+            self.future_calls += 1
 
     def _remember(self, request_id: str, call: _Call) -> None:
         """Keep a call for the feedback that may join it, and join what waited for it."""
