@@ -27,6 +27,7 @@ from promptd.daemon.settings_sources import (
     VariablesSource,
     model_of,
     read_sources,
+    sdk_names_module,
 )
 from promptd.monitoring.config import MonitoringSettings
 from promptd.optimization.config import OptimizationSettings
@@ -285,3 +286,10 @@ def describe_validation_error(
         shown = "" if hidden else f" (got {given!r})"
         parts.append(f"invalid setting {dotted} [{origin}]: {message}{shown}")
     return "; ".join(parts)
+
+
+if __name__ == "__main__":
+    # Regenerates the SDK's copy of the daemon's variable names (see sdk_names_module).
+    import sys
+
+    sys.stdout.write(sdk_names_module(Settings))

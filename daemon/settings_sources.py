@@ -211,7 +211,7 @@ def sdk_names_module(model: type[BaseModel]) -> str:
         '"""Every ``PROMPTD_`` variable the daemon accepts besides the SDK\'s own.',
         "",
         "Generated from the daemon's settings; regenerate with",
-        "``python -m promptd.daemon.settings_sources > promptd/sdk/daemon_variables.py``",
+        "``python -m promptd.daemon.settings > promptd/sdk/daemon_variables.py``",
         "(tests/unit/test_sdk_environment.py fails when it is stale). The SDK reads it to",
         "warn about a misspelled variable without importing the daemon.",
         '"""',
@@ -322,11 +322,3 @@ class DataSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(self._data)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from promptd.daemon.settings import Settings
-
-    sys.stdout.write(sdk_names_module(Settings))

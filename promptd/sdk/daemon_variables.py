@@ -1,7 +1,7 @@
 """Every ``PROMPTD_`` variable the daemon accepts besides the SDK's own.
 
 Generated from the daemon's settings; regenerate with
-``python -m promptd.daemon.settings_sources > promptd/sdk/daemon_variables.py``
+``python -m promptd.daemon.settings > promptd/sdk/daemon_variables.py``
 (tests/unit/test_sdk_environment.py fails when it is stale). The SDK reads it to
 warn about a misspelled variable without importing the daemon.
 """
