@@ -346,6 +346,13 @@ ALTER TABLE rollouts ADD COLUMN pipeline TEXT;
 ALTER TABLE rollouts ADD COLUMN members TEXT;
 """
 
+_V13_INPUT_CHARS: Final = """
+-- The size of a call's input without the prompt template (characters of what the app
+-- passed in): a covariate the variant cannot change, for the rollouts' regression
+-- adjustment (replacement/adjustment.py).
+ALTER TABLE metric_events ADD COLUMN input_chars INTEGER CHECK (input_chars >= 0);
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=1, name="ingestion", sql=_V1_INGESTION),
     Migration(version=2, name="registry", sql=_V2_REGISTRY),
@@ -359,6 +366,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=10, name="optimization_targets", sql=_V10_OPTIMIZATION_TARGETS),
     Migration(version=11, name="episodes", sql=_V11_EPISODES),
     Migration(version=12, name="pipeline_rollouts", sql=_V12_PIPELINE_ROLLOUTS),
+    Migration(version=13, name="input_chars", sql=_V13_INPUT_CHARS),
 )
 
 

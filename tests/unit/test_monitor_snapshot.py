@@ -64,6 +64,7 @@ def stream(
             None,
             None,
             None,
+            None,
         )
 
 
