@@ -5,7 +5,9 @@ its snapshots encode, and how they are read as the input of the statistics.
 A metric in a cell keeps moments over its observations and, when its spec is clustered,
 sums per unit bucket: units (users, sessions) are grouped into :data:`DEFAULT_BUCKETS`
 hash buckets, a fixed memory whatever the number of users; a bucket is a sum of
-independent units, hence itself an independent cluster (see :mod:`.clustered`).
+independent units, hence itself an independent cluster (see :mod:`.clustered`). A metric
+adjusted on ``k`` covariates (:mod:`.adjustment`) also keeps their sums, squares and
+products with the value in the cell, and their sums per bucket.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from promptd.replacement.catalog import CELL_METRICS
-from promptd.replacement.clustered import ClusteredSample
+from promptd.replacement.clustered import ClusteredSample, Covariates
 from promptd.replacement.stats import Moments, Stratum
 
 Arm = Literal["baseline", "candidate"]
@@ -36,34 +38,67 @@ def unit_bucket(unit: str, buckets: int = DEFAULT_BUCKETS) -> int:
 
 @dataclass(slots=True)
 class RunningMetric:
-    """One metric in one cell: moments over observations and sums per unit bucket."""
+    """One metric in one cell: moments over observations and sums per unit bucket, and
+    the same for its ``k`` covariates: ``sx`` (``Σx_j``), ``sxx`` (``Σx_i x_j``, row-major
+    ``k×k``), ``sxy`` (``Σx_j y``) and ``x`` (per bucket ``Σx_j``)."""
 
     n: int = 0
     total: float = 0.0
     total_sq: float = 0.0
     y: npt.NDArray[np.float64] | None = None
     m: npt.NDArray[np.float64] | None = None
+    k: int = 0
+    sx: list[float] = field(default_factory=list)
+    sxx: list[float] = field(default_factory=list)
+    sxy: list[float] = field(default_factory=list)
+    x: npt.NDArray[np.float64] | None = None
 
-    def add(self, value: float, bucket: int | None = None, buckets: int = 0) -> None:
-        """Add one observation; with a ``bucket``, also to its unit bucket's sums."""
-        self.n += 1
-        self.total += value
-        self.total_sq += value * value
+    def __post_init__(self) -> None:
+        if self.k and not self.sx:
+            self.sx, self.sxx, self.sxy = [0.0] * self.k, [0.0] * self.k**2, [0.0] * self.k
+
+    def add(
+        self,
+        value: float,
+        bucket: int | None = None,
+        buckets: int = 0,
+        covariates: tuple[float, ...] = (),
+        sign: float = 1.0,
+    ) -> None:
+        """Add one observation (``sign`` -1: take it back); with a ``bucket``, also to its
+        unit bucket's sums; ``covariates`` are its ``k`` covariate values."""
+        self.n += 1 if sign > 0 else -1
+        self.total += sign * value
+        self.total_sq += sign * value * value
+        if covariates:
+            self._add_covariates(value, covariates, sign)
         if bucket is None:
             return
         if self.y is None or self.m is None:
             self.y, self.m = np.zeros(buckets), np.zeros(buckets)
-        self.y[bucket] += value
-        self.m[bucket] += 1.0
+        self.y[bucket] += sign * value
+        self.m[bucket] += sign
+        if covariates:
+            if self.x is None:
+                self.x = np.zeros((buckets, self.k))
+            row = self.x[bucket]
+            for j, xj in enumerate(covariates):
+                row[j] += sign * xj
 
-    def remove(self, value: float, bucket: int | None = None) -> None:
-        """Take back one observation added with the same ``value`` and ``bucket``."""
-        self.n -= 1
-        self.total -= value
-        self.total_sq -= value * value
-        if bucket is not None and self.y is not None and self.m is not None:
-            self.y[bucket] -= value
-            self.m[bucket] -= 1.0
+    def _add_covariates(self, value: float, covariates: tuple[float, ...], sign: float) -> None:
+        sx, sxx, sxy, k = self.sx, self.sxx, self.sxy, self.k
+        for j, xj in enumerate(covariates):
+            sx[j] += sign * xj
+            sxy[j] += sign * xj * value
+            for i, xi in enumerate(covariates):
+                sxx[j * k + i] += sign * xj * xi
+
+    def remove(
+        self, value: float, bucket: int | None = None, covariates: tuple[float, ...] = ()
+    ) -> None:
+        """Take back one observation added with the same ``value``, ``bucket`` and
+        ``covariates``."""
+        self.add(value, bucket, 0, covariates, sign=-1.0)
 
     def moments(self) -> Moments:
         """The moments over every observation."""
@@ -73,21 +108,28 @@ class RunningMetric:
         """As plain values (a snapshot's)."""
         y = None if self.y is None else self.y.tobytes()
         m = None if self.m is None else self.m.tobytes()
-        return [self.n, self.total, self.total_sq, y, m]
+        x = None if self.x is None else self.x.tobytes()
+        return [self.n, self.total, self.total_sq, y, m, self.k, self.sx, self.sxx, self.sxy, x]
 
     @classmethod
     def from_state(cls, values: list[Any]) -> RunningMetric:
         """Inverse of :meth:`state`."""
-        n, total, total_sq, y, m = values
-        metric = cls(n, total, total_sq)
+        n, total, total_sq, y, m, k, sx, sxx, sxy, x = values
+        metric = cls(n, total, total_sq, k=k, sx=list(sx), sxx=list(sxx), sxy=list(sxy))
         if y is not None and m is not None:
             metric.y = np.frombuffer(y, dtype=np.float64).copy()
             metric.m = np.frombuffer(m, dtype=np.float64).copy()
+        if x is not None:
+            metric.x = np.frombuffer(x, dtype=np.float64).reshape(-1, k).copy()
         return metric
 
 
-def _metrics() -> dict[str, RunningMetric]:
-    return {name: RunningMetric() for name in CELL_METRICS}
+Layout = Mapping[str, tuple[str, ...]]
+"""The covariates each metric with cells is adjusted on (by metric name; none: ``()``)."""
+
+
+def _metrics(layout: Layout) -> dict[str, RunningMetric]:
+    return {name: RunningMetric(k=len(layout.get(name, ()))) for name in CELL_METRICS}
 
 
 @dataclass(slots=True)
@@ -95,9 +137,14 @@ class Cell:
     """One (step, arm): a running aggregate per metric, its requests and its units (the
     distinct units of the current step, for the sample-ratio check)."""
 
-    metrics: dict[str, RunningMetric] = field(default_factory=_metrics)
+    metrics: dict[str, RunningMetric] = field(default_factory=lambda: _metrics({}))
     requests: int = 0
     units: set[str] = field(default_factory=set)
+
+    @classmethod
+    def new(cls, layout: Layout) -> Cell:
+        """An empty cell whose metrics keep the covariates ``layout`` names."""
+        return cls(_metrics(layout))
 
     def state(self) -> list[Any]:
         """As plain values: the metrics in catalog order (the snapshot's configuration
@@ -107,7 +154,7 @@ class Cell:
 
     @classmethod
     def from_state(cls, values: list[Any]) -> Cell:
-        """Inverse of :meth:`state`."""
+        """Inverse of :meth:`state` (the layout is the snapshot's own)."""
         *metrics, requests, units = values
         parts = dict(zip(CELL_METRICS, map(RunningMetric.from_state, metrics), strict=True))
         return cls(parts, requests=requests, units=set(units))
@@ -123,9 +170,9 @@ def merge(parts: list[RunningMetric]) -> Moments:
     )
 
 
-def _metric(cells: Cells, step: int, arm: Arm, name: str) -> RunningMetric:
+def _metric(cells: Cells, step: int, arm: Arm, name: str, k: int = 0) -> RunningMetric:
     cell = cells.get((step, arm))
-    return cell.metrics[name] if cell is not None else RunningMetric()
+    return cell.metrics[name] if cell is not None else RunningMetric(k=k)
 
 
 def _steps_with(cells: Cells, steps: int, name: str) -> list[int]:
@@ -133,17 +180,33 @@ def _steps_with(cells: Cells, steps: int, name: str) -> list[int]:
     return [step for step in range(steps) if any(_metric(cells, step, arm, name).n for arm in ARMS)]
 
 
-def clustered(cells: Cells, steps: int, name: str, buckets: int) -> ClusteredSample:
-    """The metric ``name`` over the first ``steps`` steps, clustered by unit bucket."""
+def clustered(
+    cells: Cells, steps: int, name: str, buckets: int, covariates: tuple[str, ...] = ()
+) -> ClusteredSample:
+    """The metric ``name`` over the first ``steps`` steps, clustered by unit bucket, with
+    the sums of its ``covariates`` (the names its cells keep)."""
     used = _steps_with(cells, steps, name)
     if not used:
         return ClusteredSample.empty()
-    metrics = [_metric(cells, s, arm, name) for s in used for arm in ARMS]
+    k = len(covariates)
+    metrics = [_metric(cells, s, arm, name, k) for s in used for arm in ARMS]
     zeros = np.zeros(buckets)
     values = np.stack([m.y if m.y is not None else zeros for m in metrics], axis=1)
     counts = np.stack([m.m if m.m is not None else zeros for m in metrics], axis=1)
     moments = [(metrics[2 * i].moments(), metrics[2 * i + 1].moments()) for i in range(len(used))]
-    return ClusteredSample.from_clusters(used, moments, values, counts)
+    extra = None
+    if k:
+        no_x = np.zeros((buckets, k))
+        extra = Covariates.from_clusters(
+            covariates,
+            np.array([m.sx for m in metrics], dtype=np.float64).reshape(-1, k),
+            np.array([m.sxx for m in metrics], dtype=np.float64).reshape(-1, k, k),
+            np.array([m.sxy for m in metrics], dtype=np.float64).reshape(-1, k),
+            np.stack([m.x if m.x is not None else no_x for m in metrics], axis=1),
+            values,
+            counts,
+        )
+    return ClusteredSample.from_clusters(used, moments, values, counts, extra)
 
 
 def strata(cells: Cells, steps: int, name: str) -> tuple[Stratum, ...]:

@@ -56,6 +56,16 @@ hash buckets, a fixed memory whatever the number of users; a bucket is a sum of 
 units, hence itself an independent cluster. The variance estimate's relative noise is about
 ``sqrt(2 / buckets)`` (4 % with 1,024; with 128 buckets the noise measurably raised false
 rollbacks and cost power). The sample-ratio check counts distinct units of the current step.
+
+Covariates
+----------
+Each metric carries the covariates its spec is adjusted on (``adjust`` in
+:data:`.catalog.CATALOG`; none when the accumulator is built with ``adjust=False``): the
+unit's pre-period figure from :attr:`RolloutAccumulator.history` (a :class:`.history.History`,
+given before any event; the ``history`` covariate is left out when no unit has history)
+and the call's own pre-treatment fields (its input size), centred on the history's
+pre-period means. A feedback score carries its call's covariates. Their sums go into the
+metric's cells next to its values (see :mod:`.cells` and :mod:`.adjustment`).
 """
 
 from __future__ import annotations
@@ -64,6 +74,7 @@ import bisect
 import gc
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
@@ -71,13 +82,16 @@ from promptd.replacement import cells
 from promptd.replacement.catalog import (
     CATALOG,
     CELL_METRICS,
+    COVARIATES,
     ArmCounts,
     CallFacts,
     Metric,
+    MetricSpec,
     Observation,
     Observe,
 )
-from promptd.replacement.cells import DEFAULT_BUCKETS, Arm, Cell, merge, unit_bucket
+from promptd.replacement.cells import DEFAULT_BUCKETS, Arm, Cell, Layout, merge, unit_bucket
+from promptd.replacement.history import History
 from promptd.replacement.state import RolloutState
 
 __all__ = [
@@ -101,6 +115,11 @@ DEFAULT_MAX_FUTURE_S: Final = 300.0
 
 _CLUSTERED: Final = frozenset(spec.name for spec in CATALOG if spec.clustered)
 
+Covariates = tuple[float, ...]
+#: How one covariate value is read: (history column, None, 0.0) for the unit's figure,
+#: (-1, function of the call, centre) for a field of the call.
+_Source = tuple[int, "Callable[[CallFacts], float | None] | None", float]
+
 
 class _Call(NamedTuple):
     # A named tuple, not a dataclass: one is made per call (and per call of the join
@@ -109,6 +128,8 @@ class _Call(NamedTuple):
     bucket: int
     ingested_at: float
     episode: str | None = None
+    # The call's covariates for each metric fed by feedback (feedback carries them).
+    covariates: tuple[Covariates, ...] = ()
 
 
 class _EpisodeFeedback:
@@ -149,6 +170,10 @@ class RolloutAccumulator:
     feedback_max_delay_s: float = 3600.0
     buckets: int = DEFAULT_BUCKETS
     max_future_s: float = DEFAULT_MAX_FUTURE_S
+    #: The units' pre-period figures (None: no history, e.g. while it loads).
+    history: History | None = None
+    #: Whether metrics carry the covariates of their regression adjustment.
+    adjust: bool = True
     feedback: FeedbackCounts = field(default_factory=FeedbackCounts)
     #: Calls of the rollout left out for a timestamp too far ahead (see module doc).
     future_calls: int = 0
@@ -162,22 +187,69 @@ class RolloutAccumulator:
     # Episode feedback kept for late calls, by episode and in storage order.
     _episode_fb: dict[str, list[_EpisodeFeedback]] = field(default_factory=dict)
     _episode_fb_order: deque[_EpisodeFeedback] = field(default_factory=deque)
-    # What each call and each joined feedback adds to, from the catalog (see __post_init__).
-    _per_call: tuple[tuple[str, Observe, bool], ...] = ()
-    _per_feedback: tuple[tuple[str, bool], ...] = ()
+    # What each call and each joined feedback adds to, from the catalog (see _plan()):
+    # the metric, how a call gives its value, whether it is clustered, its covariates.
+    _per_call: tuple[tuple[str, Observe, bool, tuple[_Source, ...]], ...] = ()
+    _per_feedback: tuple[tuple[str, bool, tuple[_Source, ...]], ...] = ()
+    _layout: Layout = field(default_factory=dict)
+    _units: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._plan()
+
+    def _plan(self) -> None:
         primary = self.primary_metric
+        history = self.history
+        self._units = dict(history.units) if history is not None else {}
+        layout: dict[str, tuple[str, ...]] = {}
+        sources: dict[str, tuple[_Source, ...]] = {}
+        for spec in CATALOG:
+            if spec.has_cells:
+                layout[spec.name], sources[spec.name] = self._covariates(spec)
+        self._layout = layout
         self._per_call = tuple(
-            (spec.name, observe, spec.clustered)
+            (spec.name, observe, spec.clustered, sources[spec.name])
             for spec in CATALOG
             if spec.observe is not None and (observe := spec.observe(primary)) is not None
         )
         self._per_feedback = tuple(
-            (spec.name, spec.clustered)
+            (spec.name, spec.clustered, sources[spec.name])
             for spec in CATALOG
             if spec.feedback is not None and spec.feedback(primary)
         )
+
+    def _covariates(self, spec: MetricSpec) -> tuple[tuple[str, ...], tuple[_Source, ...]]:
+        """The covariates ``spec``'s cells keep here, and how each value is read."""
+        if not self.adjust:
+            return (), ()
+        history = self.history
+        names: list[str] = []
+        sources: list[_Source] = []
+        for name in spec.adjust:
+            covariate = COVARIATES[name]
+            if covariate.of_call is not None:
+                centre = history.centre(name) if history is not None else 0.0
+                names.append(name)
+                sources.append((-1, covariate.of_call, centre))
+            elif history is not None and history.units and spec.history is not None:
+                figure = spec.history(self.primary_metric)
+                if figure is not None:
+                    names.append(name)
+                    sources.append((history.figure(figure), None, 0.0))
+        return tuple(names), tuple(sources)
+
+    def set_history(self, history: History) -> None:
+        """Give the units' pre-period figures (before any event: a value's covariates are
+        fixed when it is added)."""
+        if self._cells or self._calls or self._pending:
+            raise RuntimeError("a rollout's history must be set before its events")
+        self.history = history
+        self._plan()
+
+    @property
+    def layout(self) -> Layout:
+        """The covariates each metric's cells keep."""
+        return self._layout
 
     def arm_of(self, variant: str) -> Arm | None:
         """Which arm a variant belongs to, if any."""
@@ -216,7 +288,7 @@ class RolloutAccumulator:
     def _cell(self, key: tuple[int, Arm]) -> Cell:
         cell = self._cells.get(key)
         if cell is None:
-            cell = self._cells[key] = Cell()
+            cell = self._cells[key] = Cell.new(self._layout)
         return cell
 
     # -- events --------------------------------------------------------------------
@@ -234,11 +306,12 @@ class RolloutAccumulator:
         ingested_at: float | None = None,
         episode_id: str | None = None,
         prompt: str | None = None,
+        input_chars: int | None = None,
     ) -> None:
         """Add one LLM call (``ingested_at`` defaults to ``ts``); ``unit`` is its routing
         key (``unit_id``, else ``episode_id``, else ``request_id``). ``prompt`` matters
-        only to rollouts of several prompts. The call counts at its event time (see
-        module doc)."""
+        only to rollouts of several prompts; ``input_chars`` is the call's input size
+        (a covariate). The call counts at its event time (see module doc)."""
         stored = ts if ingested_at is None else ingested_at
         self._evict(stored)
         # Event time (see module doc): a timestamp after the call was stored is taken as
@@ -259,16 +332,19 @@ class RolloutAccumulator:
         cell.requests += 1
         if step == len(self.step_starts) - 1 and at >= self.step_starts[step] + self.srm_settle_s:
             cell.units.add(unit)
-        facts = CallFacts(latency_ms, success, quality, cost_usd)
-        for name, observe, clustered in self._per_call:
+        facts = CallFacts(latency_ms, success, quality, cost_usd, input_chars)
+        past = self._units.get(unit)
+        for name, observe, clustered, sources in self._per_call:
             value = observe(facts)
             if value is not None:
-                cell.metrics[name].add(value, bucket if clustered else None, self.buckets)
+                xs = _values(sources, facts, past) if sources else ()
+                cell.metrics[name].add(value, bucket if clustered else None, self.buckets, xs)
         if request_id is None or request_id in self._calls:
             return  # a repeated request id keeps its first call
         if episode_id is not None and not self._joins_episode(episode_id):
             episode_id = None
-        self._remember(request_id, _Call(key, bucket, stored, episode_id))
+        carried = tuple(_values(sources, facts, past) for _, _, sources in self._per_feedback)
+        self._remember(request_id, _Call(key, bucket, stored, episode_id, carried))
 
     def _left_out_future(self, stored: float, variant: str, prompt: str | None) -> None:
         """A call stamped too far ahead: counted when the replay reads it too (stored
@@ -320,6 +396,8 @@ class RolloutAccumulator:
             "srm_settle_s": self.srm_settle_s,
             "max_future_s": self.max_future_s,
             "metrics": list(CELL_METRICS),
+            "covariates": {name: list(names) for name, names in self._layout.items()},
+            "history": self.history.digest() if self.history is not None else None,
         }
 
     def add_feedback(
@@ -366,16 +444,19 @@ class RolloutAccumulator:
         self._add_feedback_score(call, entry.score)
 
     def _add_feedback_score(self, call: _Call, score: float) -> None:
-        """A feedback score joined to ``call``: a value of every metric fed by feedback."""
+        """A feedback score joined to ``call``: a value of every metric fed by feedback,
+        with the call's covariates."""
         metrics = self._cell(call.cell).metrics
-        for name, clustered in self._per_feedback:
-            metrics[name].add(score, call.bucket if clustered else None, self.buckets)
+        for i, (name, clustered, _) in enumerate(self._per_feedback):
+            xs = call.covariates[i] if call.covariates else ()
+            metrics[name].add(score, call.bucket if clustered else None, self.buckets, xs)
 
     def _remove_feedback_score(self, call: _Call, score: float) -> None:
         """Take back what :meth:`_add_feedback_score` added."""
         metrics = self._cell(call.cell).metrics
-        for name, clustered in self._per_feedback:
-            metrics[name].remove(score, call.bucket if clustered else None)
+        for i, (name, clustered, _) in enumerate(self._per_feedback):
+            xs = call.covariates[i] if call.covariates else ()
+            metrics[name].remove(score, call.bucket if clustered else None, xs)
 
     def _joinable(self, call: _Call, at: float) -> bool:
         """Whether feedback stored at ``at`` is within the join window of ``call``."""
@@ -449,6 +530,7 @@ class RolloutAccumulator:
                 [c.bucket for c in self._calls.values()],
                 [c.ingested_at for c in self._calls.values()],
                 [c.episode for c in self._calls.values()],
+                [[list(x) for x in c.covariates] for c in self._calls.values()],
             ],
             "call_order": [[at for at, _ in self._call_order], [r for _, r in self._call_order]],
             "pending": [
@@ -479,11 +561,14 @@ class RolloutAccumulator:
         self._drop_old_units()  # the snapshot may predate the start of a later step
         columns = state["calls"]
         if len(columns) == 5:
-            # A snapshot from before episodes: no call had one.
+            # A state from before episodes: no call had one.
             columns = [*columns, [None] * len(columns[0])]
+        if len(columns) == 6:
+            # From before covariates: no call carried any.
+            columns = [*columns, [()] * len(columns[0])]
         self._calls = {
-            rid: _Call((step, arm), bucket, at, episode)
-            for rid, step, arm, bucket, at, episode in zip(*columns, strict=True)
+            rid: _Call((step, arm), bucket, at, episode, tuple(map(tuple, covariates)))
+            for rid, step, arm, bucket, at, episode, covariates in zip(*columns, strict=True)
         }
         self._call_order = deque(zip(*state["call_order"], strict=True))
         self._pending = {rid: [(a, b) for a, b in entries] for rid, entries in state["pending"]}
@@ -521,7 +606,9 @@ class RolloutAccumulator:
     def _data(self, name: str) -> Metric:
         steps = len(self.step_starts)
         if name in _CLUSTERED:
-            return cells.clustered(self._cells, steps, name, self.buckets)
+            return cells.clustered(
+                self._cells, steps, name, self.buckets, self._layout.get(name, ())
+            )
         return cells.strata(self._cells, steps, name)
 
     def arm_summary(self) -> dict[str, dict[str, float | int | None]]:
@@ -536,3 +623,18 @@ class RolloutAccumulator:
                     shown |= spec.show(merge([c.metrics[spec.name] for c in chosen]))
             out[arm] = shown
         return out
+
+
+def _values(
+    sources: tuple[_Source, ...], facts: CallFacts, past: tuple[float, ...] | None
+) -> Covariates:
+    """A call's covariate values: the unit's centred figure (0 without history), or the
+    call's field less its centre (0 when the call does not report it)."""
+    out = []
+    for column, of_call, centre in sources:
+        if of_call is None:
+            out.append(past[column] if past is not None else 0.0)
+        else:
+            value = of_call(facts)
+            out.append(0.0 if value is None else value - centre)
+    return tuple(out)

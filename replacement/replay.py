@@ -61,7 +61,7 @@ async def replay(
     calls = _rows(
         db,
         "SELECT ingested_at, ts, variant, coalesce(unit_id, episode_id, request_id), "
-        "latency_ms, success, quality, cost_usd, request_id, episode_id, prompt "
+        "latency_ms, success, quality, cost_usd, request_id, episode_id, prompt, input_chars "
         f"FROM metric_events WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND ({pairs}) "
         "ORDER BY id",
         (metric_floor, since, since, *chain.from_iterable((p, *v) for p, v in served.items())),
@@ -83,9 +83,9 @@ async def replay(
     while call is not None or fb is not None:
         if call is not None and (fb is None or call[0] <= fb[0]):
             at, ts, variant, unit, latency, success, quality, cost, request_id, episode = call[:10]
-            ok, prompt = bool(success), call[10]
+            ok, prompt, size = bool(success), call[10], call[11]
             acc.add_metric(
-                ts, variant, unit, latency, ok, quality, cost, request_id, at, episode, prompt
+                ts, variant, unit, latency, ok, quality, cost, request_id, at, episode, prompt, size
             )
             n_calls += 1
             call = await anext(calls, None)
