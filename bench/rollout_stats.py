@@ -255,7 +255,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "clustered errors (5 % of users at 20 %) and history: A/A, 10 req/s",
         10.0,
-        **CLUSTERED_ERRORS,
+        **{**CLUSTERED_ERRORS, "runs_factor": 2},
         history=0.9,
         seed=25,
     ),
