@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from promptd.replacement.catalog import CELL_METRICS
 from promptd.replacement.clustered import ClusteredSample, Covariates
-from promptd.replacement.stats import Moments, Stratum
+from promptd.replacement.stats import FloatArray, Moments, Stratum
 
 Arm = Literal["baseline", "candidate"]
 ARMS: Final[tuple[Arm, Arm]] = ("baseline", "candidate")
@@ -36,11 +36,100 @@ def unit_bucket(unit: str, buckets: int = DEFAULT_BUCKETS) -> int:
     return zlib.crc32(unit.encode()) % buckets
 
 
+COVARIATE_FOLD: Final = 256
+"""Covariate values kept as they came before they are folded into the sums with numpy."""
+
+_Pending = tuple[float, int, tuple[float, ...], float]
+
+
+@dataclass(slots=True)
+class CovariateSums:
+    """A metric's ``k`` covariates in one cell: ``sx`` (``Σx``), ``sxx`` (``Σx xᵀ``),
+    ``sxy`` (``Σx y``) and ``x`` (per bucket ``Σx``).
+
+    Adding is once per call and metric on the ingest path, so an observation is only
+    appended to :attr:`pending` (value, bucket or -1, covariates, sign); every
+    :data:`COVARIATE_FOLD` of them are folded into the sums with numpy. Folding after a
+    fixed count, never at a read, makes the sums the same floats however often they are
+    read: the replay after a restart gives exactly what the live feed gave.
+    """
+
+    k: int
+    sx: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    sxx: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros((0, 0)))
+    sxy: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    x: npt.NDArray[np.float64] | None = None
+    pending: list[_Pending] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.sx.size != self.k:
+            self.sx, self.sxx, self.sxy = (
+                np.zeros(self.k),
+                np.zeros((self.k, self.k)),
+                np.zeros(self.k),
+            )
+
+    def add(
+        self, value: float, bucket: int | None, buckets: int, xs: tuple[float, ...], sign: float
+    ) -> None:
+        """One observation's covariates (``sign`` -1: take it back)."""
+        self.pending.append((value, -1 if bucket is None else bucket, xs, sign))
+        if bucket is not None and self.x is None:
+            self.x = np.zeros((buckets, self.k))
+        if len(self.pending) >= COVARIATE_FOLD:
+            sx, sxx, sxy, x = self._sums(self.pending)
+            self.sx, self.sxx, self.sxy = self.sx + sx, self.sxx + sxx, self.sxy + sxy
+            if x is not None and self.x is not None:
+                self.x += x
+            self.pending = []
+
+    def _sums(
+        self, pending: list[_Pending]
+    ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray | None]:
+        value = np.array([p[0] for p in pending])
+        bucket = np.array([p[1] for p in pending], dtype=np.int64)
+        xs = np.array([p[2] for p in pending], dtype=np.float64).reshape(-1, self.k)
+        signed = xs * np.array([p[3] for p in pending])[:, None]
+        x = None
+        if self.x is not None:
+            x = np.zeros_like(self.x)
+            used = bucket >= 0
+            np.add.at(x, bucket[used], signed[used])
+        return signed.sum(axis=0), signed.T @ xs, signed.T @ value, x
+
+    def totals(self, buckets: int) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+        """``(Σx, Σx xᵀ, Σx y, per-bucket Σx)`` over every observation (nothing folded)."""
+        x = self.x if self.x is not None else np.zeros((buckets, self.k))
+        if not self.pending:
+            return self.sx, self.sxx, self.sxy, x
+        sx, sxx, sxy, px = self._sums(self.pending)
+        return self.sx + sx, self.sxx + sxx, self.sxy + sxy, x + px if px is not None else x
+
+    def state(self) -> list[Any]:
+        """As plain values (a snapshot's)."""
+        x = None if self.x is None else self.x.tobytes()
+        arrays = (self.sx.tobytes(), self.sxx.tobytes(), self.sxy.tobytes(), x)
+        return [self.k, *arrays, [[v, b, list(xs), s] for v, b, xs, s in self.pending]]
+
+    @classmethod
+    def from_state(cls, values: list[Any]) -> CovariateSums:
+        """Inverse of :meth:`state`."""
+        k, sx, sxx, sxy, x, pending = values
+        out = cls(
+            k,
+            np.frombuffer(sx, dtype=np.float64).copy(),
+            np.frombuffer(sxx, dtype=np.float64).reshape(k, k).copy(),
+            np.frombuffer(sxy, dtype=np.float64).copy(),
+            None if x is None else np.frombuffer(x, dtype=np.float64).reshape(-1, k).copy(),
+            [(v, b, tuple(xs), s) for v, b, xs, s in pending],
+        )
+        return out
+
+
 @dataclass(slots=True)
 class RunningMetric:
     """One metric in one cell: moments over observations and sums per unit bucket, and
-    the same for its ``k`` covariates: ``sx`` (``Σx_j``), ``sxx`` (``Σx_i x_j``, row-major
-    ``k×k``), ``sxy`` (``Σx_j y``) and ``x`` (per bucket ``Σx_j``)."""
+    the sums of its ``k`` covariates (:class:`CovariateSums`, none when ``k`` is 0)."""
 
     n: int = 0
     total: float = 0.0
@@ -48,14 +137,11 @@ class RunningMetric:
     y: npt.NDArray[np.float64] | None = None
     m: npt.NDArray[np.float64] | None = None
     k: int = 0
-    sx: list[float] = field(default_factory=list)
-    sxx: list[float] = field(default_factory=list)
-    sxy: list[float] = field(default_factory=list)
-    x: npt.NDArray[np.float64] | None = None
+    covariates: CovariateSums | None = None
 
     def __post_init__(self) -> None:
-        if self.k and not self.sx:
-            self.sx, self.sxx, self.sxy = [0.0] * self.k, [0.0] * self.k**2, [0.0] * self.k
+        if self.k and self.covariates is None:
+            self.covariates = CovariateSums(self.k)
 
     def add(
         self,
@@ -70,28 +156,14 @@ class RunningMetric:
         self.n += 1 if sign > 0 else -1
         self.total += sign * value
         self.total_sq += sign * value * value
-        if covariates:
-            self._add_covariates(value, covariates, sign)
+        if covariates and self.covariates is not None:
+            self.covariates.add(value, bucket, buckets, covariates, sign)
         if bucket is None:
             return
         if self.y is None or self.m is None:
             self.y, self.m = np.zeros(buckets), np.zeros(buckets)
         self.y[bucket] += sign * value
         self.m[bucket] += sign
-        if covariates:
-            if self.x is None:
-                self.x = np.zeros((buckets, self.k))
-            row = self.x[bucket]
-            for j, xj in enumerate(covariates):
-                row[j] += sign * xj
-
-    def _add_covariates(self, value: float, covariates: tuple[float, ...], sign: float) -> None:
-        sx, sxx, sxy, k = self.sx, self.sxx, self.sxy, self.k
-        for j, xj in enumerate(covariates):
-            sx[j] += sign * xj
-            sxy[j] += sign * xj * value
-            for i, xi in enumerate(covariates):
-                sxx[j * k + i] += sign * xj * xi
 
     def remove(
         self, value: float, bucket: int | None = None, covariates: tuple[float, ...] = ()
@@ -108,19 +180,18 @@ class RunningMetric:
         """As plain values (a snapshot's)."""
         y = None if self.y is None else self.y.tobytes()
         m = None if self.m is None else self.m.tobytes()
-        x = None if self.x is None else self.x.tobytes()
-        return [self.n, self.total, self.total_sq, y, m, self.k, self.sx, self.sxx, self.sxy, x]
+        cov = None if self.covariates is None else self.covariates.state()
+        return [self.n, self.total, self.total_sq, y, m, cov]
 
     @classmethod
     def from_state(cls, values: list[Any]) -> RunningMetric:
         """Inverse of :meth:`state`."""
-        n, total, total_sq, y, m, k, sx, sxx, sxy, x = values
-        metric = cls(n, total, total_sq, k=k, sx=list(sx), sxx=list(sxx), sxy=list(sxy))
+        n, total, total_sq, y, m, cov = values
+        sums = None if cov is None else CovariateSums.from_state(cov)
+        metric = cls(n, total, total_sq, k=0 if sums is None else sums.k, covariates=sums)
         if y is not None and m is not None:
             metric.y = np.frombuffer(y, dtype=np.float64).copy()
             metric.m = np.frombuffer(m, dtype=np.float64).copy()
-        if x is not None:
-            metric.x = np.frombuffer(x, dtype=np.float64).reshape(-1, k).copy()
         return metric
 
 
@@ -180,6 +251,10 @@ def _steps_with(cells: Cells, steps: int, name: str) -> list[int]:
     return [step for step in range(steps) if any(_metric(cells, step, arm, name).n for arm in ARMS)]
 
 
+def _no_covariates(k: int, buckets: int) -> tuple[FloatArray, ...]:
+    return np.zeros(k), np.zeros((k, k)), np.zeros(k), np.zeros((buckets, k))
+
+
 def clustered(
     cells: Cells, steps: int, name: str, buckets: int, covariates: tuple[str, ...] = ()
 ) -> ClusteredSample:
@@ -196,13 +271,16 @@ def clustered(
     moments = [(metrics[2 * i].moments(), metrics[2 * i + 1].moments()) for i in range(len(used))]
     extra = None
     if k:
-        no_x = np.zeros((buckets, k))
+        sums = [
+            m.covariates.totals(buckets) if m.covariates is not None else _no_covariates(k, buckets)
+            for m in metrics
+        ]
         extra = Covariates.from_clusters(
             covariates,
-            np.array([m.sx for m in metrics], dtype=np.float64).reshape(-1, k),
-            np.array([m.sxx for m in metrics], dtype=np.float64).reshape(-1, k, k),
-            np.array([m.sxy for m in metrics], dtype=np.float64).reshape(-1, k),
-            np.stack([m.x if m.x is not None else no_x for m in metrics], axis=1),
+            np.array([t[0] for t in sums]),
+            np.array([t[1] for t in sums]),
+            np.array([t[2] for t in sums]),
+            np.stack([t[3] for t in sums], axis=1),
             values,
             counts,
         )

@@ -73,6 +73,7 @@ from __future__ import annotations
 import bisect
 import gc
 import math
+import operator
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ from promptd.replacement.catalog import (
     Observe,
 )
 from promptd.replacement.cells import DEFAULT_BUCKETS, Arm, Cell, Layout, merge, unit_bucket
-from promptd.replacement.history import History
+from promptd.replacement.history import FIGURES, History
 from promptd.replacement.state import RolloutState
 
 __all__ = [
@@ -114,11 +115,13 @@ DEFAULT_MAX_FUTURE_S: Final = 300.0
 """A call stamped further than this after it was stored is left out (see module doc)."""
 
 _CLUSTERED: Final = frozenset(spec.name for spec in CATALOG if spec.clustered)
+_NO_PAST: Final = (0.0,) * len(FIGURES)
 
 Covariates = tuple[float, ...]
-#: How one covariate value is read: (history column, None, 0.0) for the unit's figure,
-#: (-1, function of the call, centre) for a field of the call.
-_Source = tuple[int, "Callable[[CallFacts], float | None] | None", float]
+#: A metric's covariate values from a call's *atoms*: the unit's centred figures
+#: (:data:`.history.FIGURES` order, zeros without history) followed by the call's own
+#: covariates less their centres (see ``RolloutAccumulator._plan``).
+_Pick = Callable[[tuple[float, ...]], Covariates]
 
 
 class _Call(NamedTuple):
@@ -189,10 +192,13 @@ class RolloutAccumulator:
     _episode_fb_order: deque[_EpisodeFeedback] = field(default_factory=deque)
     # What each call and each joined feedback adds to, from the catalog (see _plan()):
     # the metric, how a call gives its value, whether it is clustered, its covariates.
-    _per_call: tuple[tuple[str, Observe, bool, tuple[_Source, ...]], ...] = ()
-    _per_feedback: tuple[tuple[str, bool, tuple[_Source, ...]], ...] = ()
+    _per_call: tuple[tuple[str, Observe, bool, _Pick | None], ...] = ()
+    _per_feedback: tuple[tuple[str, bool, _Pick | None], ...] = ()
     _layout: Layout = field(default_factory=dict)
     _units: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    # The call's own covariates (function, centre), and whether any metric has one.
+    _of_call: tuple[tuple[Callable[[CallFacts], float | None], float], ...] = ()
+    _covaried: bool = False
 
     def __post_init__(self) -> None:
         self._plan()
@@ -202,11 +208,17 @@ class RolloutAccumulator:
         history = self.history
         self._units = dict(history.units) if history is not None else {}
         layout: dict[str, tuple[str, ...]] = {}
-        sources: dict[str, tuple[_Source, ...]] = {}
+        sources: dict[str, _Pick | None] = {}
+        self._of_call = tuple(
+            (c.of_call, history.centre(c.name) if history is not None else 0.0)
+            for c in COVARIATES.values()
+            if c.of_call is not None
+        )
         for spec in CATALOG:
             if spec.has_cells:
                 layout[spec.name], sources[spec.name] = self._covariates(spec)
         self._layout = layout
+        self._covaried = any(layout.values())
         self._per_call = tuple(
             (spec.name, observe, spec.clustered, sources[spec.name])
             for spec in CATALOG
@@ -218,25 +230,30 @@ class RolloutAccumulator:
             if spec.feedback is not None and spec.feedback(primary)
         )
 
-    def _covariates(self, spec: MetricSpec) -> tuple[tuple[str, ...], tuple[_Source, ...]]:
-        """The covariates ``spec``'s cells keep here, and how each value is read."""
+    def _covariates(self, spec: MetricSpec) -> tuple[tuple[str, ...], _Pick | None]:
+        """The covariates ``spec``'s cells keep here, and how they are picked from a
+        call's atoms."""
         if not self.adjust:
-            return (), ()
+            return (), None
         history = self.history
+        of_call = [name for name, c in COVARIATES.items() if c.of_call is not None]
         names: list[str] = []
-        sources: list[_Source] = []
+        at: list[int] = []
         for name in spec.adjust:
-            covariate = COVARIATES[name]
-            if covariate.of_call is not None:
-                centre = history.centre(name) if history is not None else 0.0
+            if name in of_call:
                 names.append(name)
-                sources.append((-1, covariate.of_call, centre))
+                at.append(len(FIGURES) + of_call.index(name))
             elif history is not None and history.units and spec.history is not None:
                 figure = spec.history(self.primary_metric)
                 if figure is not None:
                     names.append(name)
-                    sources.append((history.figure(figure), None, 0.0))
-        return tuple(names), tuple(sources)
+                    at.append(FIGURES.index(figure))
+        if not at:
+            return (), None
+        if len(at) == 1:
+            (only,) = at
+            return tuple(names), lambda atoms: (atoms[only],)
+        return tuple(names), operator.itemgetter(*at)
 
     def set_history(self, history: History) -> None:
         """Give the units' pre-period figures (before any event: a value's covariates are
@@ -333,18 +350,28 @@ class RolloutAccumulator:
         if step == len(self.step_starts) - 1 and at >= self.step_starts[step] + self.srm_settle_s:
             cell.units.add(unit)
         facts = CallFacts(latency_ms, success, quality, cost_usd, input_chars)
-        past = self._units.get(unit)
-        for name, observe, clustered, sources in self._per_call:
+        atoms = self._atoms(unit, facts) if self._covaried else ()
+        for name, observe, clustered, pick in self._per_call:
             value = observe(facts)
             if value is not None:
-                xs = _values(sources, facts, past) if sources else ()
+                xs = pick(atoms) if pick is not None else ()
                 cell.metrics[name].add(value, bucket if clustered else None, self.buckets, xs)
         if request_id is None or request_id in self._calls:
             return  # a repeated request id keeps its first call
         if episode_id is not None and not self._joins_episode(episode_id):
             episode_id = None
-        carried = tuple(_values(sources, facts, past) for _, _, sources in self._per_feedback)
+        carried = tuple(pick(atoms) if pick else () for _, _, pick in self._per_feedback)
         self._remember(request_id, _Call(key, bucket, stored, episode_id, carried))
+
+    def _atoms(self, unit: str, facts: CallFacts) -> tuple[float, ...]:
+        """The unit's centred figures (zeros without history) and the call's covariates
+        less their centres (0 when the call does not report one)."""
+        past = self._units.get(unit) or _NO_PAST
+        own = []
+        for of_call, centre in self._of_call:
+            value = of_call(facts)
+            own.append(0.0 if value is None else value - centre)
+        return (*past, *own)
 
     def _left_out_future(self, stored: float, variant: str, prompt: str | None) -> None:
         """A call stamped too far ahead: counted when the replay reads it too (stored
@@ -623,18 +650,3 @@ class RolloutAccumulator:
                     shown |= spec.show(merge([c.metrics[spec.name] for c in chosen]))
             out[arm] = shown
         return out
-
-
-def _values(
-    sources: tuple[_Source, ...], facts: CallFacts, past: tuple[float, ...] | None
-) -> Covariates:
-    """A call's covariate values: the unit's centred figure (0 without history), or the
-    call's field less its centre (0 when the call does not report it)."""
-    out = []
-    for column, of_call, centre in sources:
-        if of_call is None:
-            out.append(past[column] if past is not None else 0.0)
-        else:
-            value = of_call(facts)
-            out.append(0.0 if value is None else value - centre)
-    return tuple(out)
