@@ -115,7 +115,7 @@ class CovariateSums:
     def from_state(cls, values: list[Any]) -> CovariateSums:
         """Inverse of :meth:`state`."""
         k, sx, sxx, sxy, x, pending = values
-        out = cls(
+        return cls(
             k,
             np.frombuffer(sx, dtype=np.float64).copy(),
             np.frombuffer(sxx, dtype=np.float64).reshape(k, k).copy(),
@@ -123,7 +123,6 @@ class CovariateSums:
             None if x is None else np.frombuffer(x, dtype=np.float64).reshape(-1, k).copy(),
             [(v, b, tuple(xs), s) for v, b, xs, s in pending],
         )
-        return out
 
 
 @dataclass(slots=True)
