@@ -12,7 +12,7 @@ import pytest
 
 from promptd.replacement.adjustment import adjusted, compare, theta
 from promptd.replacement.clustered import ClusteredSample, Covariates, compare_clustered, estimate
-from promptd.replacement.stats import Alternative, Moments
+from promptd.replacement.stats import Alternative, Moments, Stratum
 
 
 def _moments(values: np.ndarray) -> Moments:
@@ -220,6 +220,46 @@ def test_ratio_margin_keeps_alpha_at_its_boundary() -> None:
 
     (rate,) = _ever_rejects(400, 20, 2000, 22, tests, world)
     assert rate <= alpha
+
+
+def test_a_guardrail_keeps_its_allocation_with_clustered_units() -> None:
+    """Units of about 8 observations sharing a strong unit effect (half the variance),
+    their history as the covariate, at a guardrail's non-inferiority margin (candidate
+    exactly 0.05 above the baseline): the adjusted cluster-robust test, looked at 20
+    times, rejects at most α; ignoring the clusters (every observation its own unit)
+    does not."""
+    alpha, units, n = 0.05, 250, 2000
+
+    def world(rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        effect = rng.normal(0.0, 1.0, units)
+        history = effect + rng.normal(0.0, 1.0, units)
+        arm = (rng.random(units) < 0.2).astype(int)
+        unit = rng.integers(0, units, n)
+        y = effect[unit] + rng.normal(0.0, 1.0, n) + 0.05 * arm[unit]
+        return unit, arm[unit], y, history[unit][:, None]
+
+    def rejects(sample: ClusteredSample) -> bool:
+        res, _ = compare(sample, alpha=alpha, min_samples=20, mde_sd=0.15, margin=0.05,
+                         alternative="greater")  # fmt: skip
+        return res.reject
+
+    def tests(sample: ClusteredSample) -> tuple[bool, bool]:
+        # Every observation its own cluster (and so no covariates either).
+        flat = ClusteredSample.from_strata([Stratum(*sample.moments[0])])
+        return rejects(sample), rejects(flat)
+
+    rng = np.random.default_rng(24)
+    hits = np.zeros(2)
+    runs = 300
+    for _ in range(runs):
+        unit, cell, y, x = world(rng)
+        ever = np.zeros(2, dtype=bool)
+        for m in np.linspace(n / 20, n, 20).astype(int):
+            ever |= np.array(tests(sample_of(unit[:m], cell[:m], y[:m], x[:m], units, 2)))
+        hits += ever
+    clustered, naive = hits / runs
+    assert clustered <= alpha
+    assert naive > 2 * alpha
 
 
 def test_a_real_drop_is_found_sooner() -> None:
