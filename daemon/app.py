@@ -78,6 +78,9 @@ class Daemon:
         # build themselves here (and e.g. replay stored events) without racing ingestion.
         self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
         self.components: dict[str, Any] = {}
+        # Parts that can be degraded without making the daemon unready (an evaluator
+        # down): each returns lines that /readyz shows as "degraded".
+        self.readiness_details: list[Callable[[], list[str]]] = []
         self.db: Database | None = None
         self.repo: EventRepository | None = None
         self.producer: Producer | None = None
@@ -331,6 +334,16 @@ class Daemon:
         if self.ingestor is None or not self._kafka_ready:
             return False, "kafka not reachable yet"
         return self.ingestor.readiness()
+
+    def degraded(self) -> list[str]:
+        """What works only in part right now (never a reason to be unready)."""
+        out: list[str] = []
+        for detail in self.readiness_details:
+            try:
+                out.extend(detail())
+            except Exception:
+                log.exception("readiness_detail_failed")
+        return out
 
     async def status(self) -> dict[str, Any]:
         """The body of ``/v1/status``."""

@@ -28,6 +28,7 @@ from promptd.daemon.settings_sources import (
     model_of,
     read_sources,
 )
+from promptd.evaluation.config import EvaluationSettings
 from promptd.monitoring.config import MonitoringSettings
 from promptd.optimization.config import OptimizationSettings
 from promptd.replacement.profiles import PROFILES, RolloutProfile
@@ -184,6 +185,7 @@ class Settings(BaseSettings):
     rollout: RolloutSettings = RolloutSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
     optimization: OptimizationSettings = OptimizationSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -362,7 +362,6 @@ CREATE TABLE evaluation_results (
     prompt       TEXT    NOT NULL,
     variant      TEXT    NOT NULL,
     model        TEXT,
-    call_id      INTEGER NOT NULL,
     call_ts      REAL    NOT NULL,
     kind         TEXT    NOT NULL,
     status       TEXT    NOT NULL CHECK (status IN ('scored', 'invalid')),

@@ -1,0 +1,148 @@
+"""The shell around :mod:`.calibration`: it collects human/evaluator pairs as they meet,
+recomputes agreement on a tick, sets the gauges and raises the ``judge_agreement_low``
+alert.
+
+Pairs meet from two sides. When the engine stores an evaluator's result it asks storage
+for people's feedback on that call (:meth:`Calibrator.results_stored`); when people's
+feedback on a sampled call is stored, the batch listener queues it
+(:meth:`Calibrator.feedback_stored`, bounded, never blocking) and the tick asks storage
+for the evaluators' results on it. Either way a pair is kept once. At start the pairs of
+the window are read back from storage (:meth:`Calibrator.rebuild`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+import structlog
+
+from promptd._aio import wait_event
+
+from .calibration import Pair, Pairs, Report, below_floor, report
+from .config import EvaluationSettings
+from .metrics import EvaluationMetrics
+from .store import EvaluationStore
+
+log = structlog.get_logger("promptd.evaluation")
+
+#: People's feedback on sampled calls waiting for the tick (beyond it: counted, dropped).
+MAX_WAITING: Final = 100_000
+#: Periods of the window shown as history by the API.
+HISTORY_PERIODS: Final = 7
+ALERT_RULE: Final = "judge_agreement_low"
+
+#: Called with (prompt, evaluator, firing, reason) when the agreement alert changes.
+AgreementHook = Callable[[str, str, bool, str], None]
+
+
+class Calibrator:
+    """Agreement per (prompt, evaluator) between people and evaluators."""
+
+    def __init__(
+        self,
+        settings: EvaluationSettings,
+        store: EvaluationStore,
+        metrics: EvaluationMetrics,
+        on_alert: AgreementHook,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings.agreement
+        self.judges = {e.name for e in settings.evaluators if e.is_judge}
+        self.store = store
+        self.metrics = metrics
+        self.on_alert = on_alert
+        self.clock = clock
+        self.pairs = Pairs(self.settings.window_s, self.settings.max_pairs)
+        self.reports: dict[tuple[str, str], Report] = {}
+        self.firing: dict[tuple[str, str], str] = {}
+        self.dropped = 0
+        # (request_id, prompt, feedback event id, score) of people's feedback to pair.
+        self._waiting: deque[tuple[str, str, str, float]] = deque()
+
+    async def rebuild(self) -> int:
+        """Read the window's pairs back from storage; returns how many."""
+        since = self.clock() - self.settings.window_s
+        n = 0
+        for prompt, evaluator, fid, human, judge, ts in await self.store.pairs_since(since):
+            n += self.pairs.add(prompt, evaluator, Pair(ts, human, judge, fid))
+        return n
+
+    def feedback_stored(self, request_id: str, prompt: str, event_id: str, score: float) -> None:
+        """People's feedback on a sampled call was stored (from the batch listener)."""
+        if len(self._waiting) >= MAX_WAITING:
+            self.dropped += 1
+            return
+        self._waiting.append((request_id, prompt, event_id, score))
+
+    async def results_stored(
+        self, request_id: str, scores: dict[str, float], prompt: str, ts: float
+    ) -> None:
+        """Evaluators scored a call: pair the scores with people's feedback on it."""
+        for _rid, fid, human, _ts in await self.store.human_scores([request_id]):
+            for evaluator, judge in scores.items():
+                self.pairs.add(prompt, evaluator, Pair(ts, human, judge, fid))
+
+    async def _pair_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, deque()
+        if not waiting:
+            return
+        by_request: dict[str, list[tuple[str, float]]] = {}
+        for rid, _prompt, fid, score in waiting:
+            by_request.setdefault(rid, []).append((fid, score))
+        for rid, evaluator, prompt, judge, ts in await self.store.scores_of(list(by_request)):
+            for fid, human in by_request[rid]:
+                self.pairs.add(prompt, evaluator, Pair(ts, human, judge, fid))
+
+    async def tick(self) -> None:
+        """Pair what waits, forget old pairs, recompute, export, alert."""
+        await self._pair_waiting()
+        now = self.clock()
+        self.pairs.prune(now)
+        s = self.settings
+        for prompt, evaluator in list(self.pairs.keys()):
+            rep = report(
+                prompt, evaluator, self.pairs.get(prompt, evaluator), s.confidence,
+                s.binary_threshold, s.min_pairs, HISTORY_PERIODS, now, s.window_s,
+            )  # fmt: skip
+            self.reports[(prompt, evaluator)] = rep
+            self._export(rep)
+            if evaluator in self.judges:
+                self._alert(rep)
+
+    def _export(self, rep: Report) -> None:
+        m, prompt = self.metrics, self.metrics.prompt(rep.prompt)
+        m.agreement_pairs.labels(evaluator=rep.evaluator, prompt=prompt).set(rep.pairs)
+        for name, est in (("spearman", rep.spearman), ("kappa", rep.kappa)):
+            if est is None:
+                continue
+            for bound, value in (("estimate", est.value), ("low", est.low), ("high", est.high)):
+                m.agreement.labels(
+                    evaluator=rep.evaluator, prompt=prompt, statistic=name, bound=bound
+                ).set(value)
+
+    def _alert(self, rep: Report) -> None:
+        key = (rep.prompt, rep.evaluator)
+        reason = below_floor(rep, self.settings.spearman_floor, self.settings.kappa_floor)
+        prompt = self.metrics.prompt(rep.prompt)
+        self.metrics.agreement_low.labels(evaluator=rep.evaluator, prompt=prompt).set(
+            1 if reason else 0
+        )
+        if reason is not None and key not in self.firing:
+            self.firing[key] = reason
+            log.warning(ALERT_RULE, prompt=rep.prompt, evaluator=rep.evaluator, reason=reason)
+            self.on_alert(rep.prompt, rep.evaluator, True, reason)
+        elif reason is None and key in self.firing:
+            del self.firing[key]
+            self.on_alert(rep.prompt, rep.evaluator, False, "agreement is back above the floor")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick every ``interval_s`` until ``stop``."""
+        while not await wait_event(stop, self.settings.interval_s):
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("evaluation_calibration_failed")

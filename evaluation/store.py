@@ -1,0 +1,276 @@
+"""The evaluation engine's SQL: results (the outbox), the cursor, and the reads it needs.
+
+Standard SQL with ``?`` parameters and ``ON CONFLICT ... DO NOTHING``/``DO UPDATE``, all
+here, so that a second storage backend ports one module. Tables: ``evaluation_results``
+and ``evaluation_cursor`` (migration 13, ``storage/schema.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from promptd.storage.database import Database
+
+from .calls import Call, Verdict
+
+CURSOR_NAME: Final = "engine"
+#: Most ids per ``IN (...)`` lookup (well below SQLite's variable limit).
+_CHUNK: Final = 400
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One stored evaluation result, as the outbox publishes it."""
+
+    event_id: str
+    request_id: str
+    evaluator: str
+    prompt: str
+    variant: str
+    model: str | None
+    call_ts: float
+    kind: str
+    score: float
+    detail: str | None
+
+
+_INSERT: Final = (
+    "INSERT INTO evaluation_results (request_id, evaluator, event_id, prompt, variant, model, "
+    "call_ts, kind, status, score, detail, cost_usd, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (request_id, evaluator) DO NOTHING"
+)
+_CALL_COLUMNS: Final = "id, ts, prompt, variant, model, request_id, input, output"
+
+
+class EvaluationStore:
+    """Reads and writes of the engine (writes on the writer, reads on the reader)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- cursor ---------------------------------------------------------------------
+
+    async def load_cursor(self) -> int | None:
+        """The saved cursor (``None`` before the first save)."""
+        async with self.db.reader.execute(
+            "SELECT call_id FROM evaluation_cursor WHERE name = ?", (CURSOR_NAME,)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else int(row[0])
+
+    async def save_cursor(self, call_id: int, now: float) -> None:
+        """Save the cursor (it only moves forward)."""
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO evaluation_cursor (name, call_id, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET call_id = excluded.call_id, "
+                "updated_at = excluded.updated_at "
+                "WHERE excluded.call_id > evaluation_cursor.call_id",
+                (CURSOR_NAME, call_id, now),
+            )
+
+    async def last_call_id(self) -> int:
+        """The highest stored call id."""
+        async with self.db.reader.execute("SELECT coalesce(max(id), 0) FROM metric_events") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def calls_between(self, after: int, upto: int, limit: int) -> list[tuple[int, Call]]:
+        """Stored calls with ``after < id <= upto`` and their ids, in id order, at most
+        ``limit``."""
+        async with self.db.reader.execute(
+            f"SELECT {_CALL_COLUMNS} FROM metric_events WHERE id > ? AND id <= ? "
+            "ORDER BY id LIMIT ?",
+            (after, upto, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [(int(row[0]), _call(row)) for row in rows]
+
+    # -- results --------------------------------------------------------------------
+
+    async def decided(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which ``(request_id, evaluator)`` already have a stored result."""
+        out: set[tuple[str, str]] = set()
+        ids = sorted({rid for rid, _ in keys})
+        for start in range(0, len(ids), _CHUNK):
+            part = ids[start : start + _CHUNK]
+            async with self.db.reader.execute(
+                "SELECT request_id, evaluator FROM evaluation_results "
+                f"WHERE request_id IN ({', '.join('?' * len(part))})",
+                part,
+            ) as cur:
+                out.update((str(r), str(e)) for r, e in await cur.fetchall())
+        return out & set(keys)
+
+    async def save(self, call: Call, verdicts: Iterable[tuple[Verdict, str]], now: float) -> int:
+        """Store the verdicts (with their event ids) of one call in one transaction;
+        returns how many were new (a verdict already stored is kept as it was)."""
+        rows = [
+            (
+                call.request_id,
+                v.evaluator,
+                event_id,
+                call.prompt,
+                call.variant,
+                call.model,
+                call.ts,
+                v.kind,
+                v.status,
+                v.score,
+                v.detail,
+                v.cost_usd,
+                now,
+            )
+            for v, event_id in verdicts
+        ]
+        if not rows:
+            return 0
+        async with self.db.transaction() as conn:
+            cur = await conn.executemany(_INSERT, rows)
+            return int(cur.rowcount)
+
+    async def unpublished(self, limit: int) -> list[Result]:
+        """Scored results the broker has not acknowledged yet, oldest first."""
+        async with self.db.reader.execute(
+            "SELECT event_id, request_id, evaluator, prompt, variant, model, call_ts, kind, "
+            "score, detail FROM evaluation_results "
+            "WHERE published_at IS NULL AND status = 'scored' ORDER BY created_at LIMIT ?",
+            (limit,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            Result(
+                str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), r[5], float(r[6]),
+                str(r[7]), float(r[8]), r[9],
+            )
+            for r in rows
+        ]  # fmt: skip
+
+    async def mark_published(self, event_ids: Sequence[str], now: float) -> None:
+        """The broker acknowledged these results."""
+        async with self.db.transaction() as conn:
+            await conn.executemany(
+                "UPDATE evaluation_results SET published_at = ? WHERE event_id = ?",
+                [(now, e) for e in event_ids],
+            )
+
+    async def spent_since(self, since: float) -> dict[str, float]:
+        """Dollars spent per evaluator on results stored since ``since``."""
+        async with self.db.reader.execute(
+            "SELECT evaluator, coalesce(sum(cost_usd), 0) FROM evaluation_results "
+            "WHERE created_at >= ? GROUP BY evaluator",
+            (since,),
+        ) as cur:
+            return {str(e): float(c) for e, c in await cur.fetchall()}
+
+    async def totals(self, day_start: float) -> dict[str, dict[str, Any]]:
+        """Per evaluator: results by status, their mean score, cost in all and today,
+        unpublished results."""
+        async with self.db.reader.execute(
+            "SELECT evaluator, sum(status = 'scored'), sum(status = 'invalid'), avg(score), "
+            "coalesce(sum(cost_usd), 0), "
+            "coalesce(sum(CASE WHEN created_at >= ? THEN cost_usd ELSE 0 END), 0), "
+            "sum(published_at IS NULL AND status = 'scored'), max(created_at) "
+            "FROM evaluation_results GROUP BY evaluator",
+            (day_start,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return {
+            str(r[0]): {
+                "scored": int(r[1] or 0),
+                "invalid": int(r[2] or 0),
+                "mean_score": None if r[3] is None else round(float(r[3]), 6),
+                "cost_usd": float(r[4]),
+                "cost_usd_today": float(r[5]),
+                "unpublished": int(r[6] or 0),
+                "last_result_at": r[7],
+            }
+            for r in rows
+        }
+
+    async def recent(self, evaluator: str, limit: int) -> list[dict[str, Any]]:
+        """The evaluator's newest results."""
+        async with self.db.reader.execute(
+            "SELECT request_id, prompt, variant, status, score, detail, cost_usd, call_ts, "
+            "created_at, published_at FROM evaluation_results WHERE evaluator = ? "
+            "ORDER BY created_at DESC LIMIT ?",
+            (evaluator, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        names = ("request_id", "prompt", "variant", "status", "score", "detail", "cost_usd",
+                 "call_ts", "created_at", "published_at")  # fmt: skip
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    # -- what judges and calibration read ---------------------------------------------
+
+    async def correction(self, request_id: str) -> str | None:
+        """The latest correction people gave the call (JSON text)."""
+        async with self.db.reader.execute(
+            "SELECT correction FROM feedback_events WHERE request_id = ? AND source IS NULL "
+            "AND correction IS NOT NULL ORDER BY ts DESC, id DESC LIMIT 1",
+            (request_id,),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def human_scores(self, request_ids: Sequence[str]) -> list[tuple[str, str, float, float]]:
+        """People's feedback on these calls: ``(request_id, event_id, score, ts)``."""
+        out: list[tuple[str, str, float, float]] = []
+        ids = sorted(set(request_ids))
+        for start in range(0, len(ids), _CHUNK):
+            part = ids[start : start + _CHUNK]
+            async with self.db.reader.execute(
+                "SELECT request_id, event_id, score, ts FROM feedback_events "
+                f"WHERE request_id IN ({', '.join('?' * len(part))}) AND source IS NULL",
+                part,
+            ) as cur:
+                out.extend(
+                    (str(r), str(e), float(s), float(t)) for r, e, s, t in await cur.fetchall()
+                )
+        return out
+
+    async def scores_of(
+        self, request_ids: Sequence[str]
+    ) -> list[tuple[str, str, str, float, float]]:
+        """Evaluators' scored results on these calls:
+        ``(request_id, evaluator, prompt, score, call_ts)``."""
+        out: list[tuple[str, str, str, float, float]] = []
+        ids = sorted(set(request_ids))
+        for start in range(0, len(ids), _CHUNK):
+            part = ids[start : start + _CHUNK]
+            async with self.db.reader.execute(
+                "SELECT request_id, evaluator, prompt, score, call_ts FROM evaluation_results "
+                f"WHERE request_id IN ({', '.join('?' * len(part))}) AND status = 'scored'",
+                part,
+            ) as cur:
+                out.extend(
+                    (str(r), str(e), str(p), float(s), float(t))
+                    for r, e, p, s, t in await cur.fetchall()
+                )
+        return out
+
+    async def pairs_since(self, since: float) -> list[tuple[str, str, str, float, float, float]]:
+        """Every (human feedback, evaluator result) pair with results stored since ``since``:
+        ``(prompt, evaluator, feedback event_id, human score, evaluator score, call_ts)``
+        (what calibration starts from after a restart)."""
+        async with self.db.reader.execute(
+            "SELECT r.prompt, r.evaluator, f.event_id, f.score, r.score, r.call_ts "
+            "FROM evaluation_results r JOIN feedback_events f ON f.request_id = r.request_id "
+            "WHERE r.created_at >= ? AND r.status = 'scored' AND f.source IS NULL "
+            "ORDER BY r.call_ts",
+            (since,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            (str(p), str(e), str(fid), float(h), float(j), float(t)) for p, e, fid, h, j, t in rows
+        ]
+
+
+def _call(row: Any) -> Call:
+    _id, ts, prompt, variant, model, request_id, input_json, output_json = row
+    return Call.stored(
+        str(request_id), str(prompt), str(variant), str(model), float(ts), input_json, output_json
+    )
