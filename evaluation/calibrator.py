@@ -3,18 +3,16 @@ recomputes agreement on a tick, sets the gauges and raises the ``judge_agreement
 alert.
 
 Pairs meet from two sides. When the engine stores an evaluator's result it asks storage
-for people's feedback on that call (:meth:`Calibrator.results_stored`); when people's
-feedback on a sampled call is stored, the batch listener queues it
-(:meth:`Calibrator.feedback_stored`, bounded, never blocking) and the tick asks storage
-for the evaluators' results on it. Either way a pair is kept once. At start the pairs of
-the window are read back from storage (:meth:`Calibrator.rebuild`).
+for people's feedback on that call (:meth:`Calibrator.results_stored`); people's feedback
+stored later is joined to the results on the tick, from the feedback rows stored since the
+previous tick (a primary-key range, nothing on the ingest path). Either way a pair is kept
+once. At start the pairs of the window are read back from storage (:meth:`Calibrator.rebuild`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Final
 
@@ -29,8 +27,6 @@ from .store import EvaluationStore
 
 log = structlog.get_logger("promptd.evaluation")
 
-#: People's feedback on sampled calls waiting for the tick (beyond it: counted, dropped).
-MAX_WAITING: Final = 100_000
 #: Periods of the window shown as history by the API.
 HISTORY_PERIODS: Final = 7
 ALERT_RULE: Final = "judge_agreement_low"
@@ -59,24 +55,17 @@ class Calibrator:
         self.pairs = Pairs(self.settings.window_s, self.settings.max_pairs)
         self.reports: dict[tuple[str, str], Report] = {}
         self.firing: dict[tuple[str, str], str] = {}
-        self.dropped = 0
-        # (request_id, prompt, feedback event id, score) of people's feedback to pair.
-        self._waiting: deque[tuple[str, str, str, float]] = deque()
+        # Feedback rows up to this id have been joined to the results.
+        self.feedback_seen = 0
 
     async def rebuild(self) -> int:
         """Read the window's pairs back from storage; returns how many."""
         since = self.clock() - self.settings.window_s
+        self.feedback_seen = await self.store.last_feedback_id()
         n = 0
         for prompt, evaluator, fid, human, judge, ts in await self.store.pairs_since(since):
             n += self.pairs.add(prompt, evaluator, Pair(ts, human, judge, fid))
         return n
-
-    def feedback_stored(self, request_id: str, prompt: str, event_id: str, score: float) -> None:
-        """People's feedback on a sampled call was stored (from the batch listener)."""
-        if len(self._waiting) >= MAX_WAITING:
-            self.dropped += 1
-            return
-        self._waiting.append((request_id, prompt, event_id, score))
 
     async def results_stored(
         self, request_id: str, scores: dict[str, float], prompt: str, ts: float
@@ -86,20 +75,18 @@ class Calibrator:
             for evaluator, judge in scores.items():
                 self.pairs.add(prompt, evaluator, Pair(ts, human, judge, fid))
 
-    async def _pair_waiting(self) -> None:
-        waiting, self._waiting = self._waiting, deque()
-        if not waiting:
+    async def _pair_new_feedback(self) -> None:
+        upto = await self.store.last_feedback_id()
+        if upto <= self.feedback_seen:
             return
-        by_request: dict[str, list[tuple[str, float]]] = {}
-        for rid, _prompt, fid, score in waiting:
-            by_request.setdefault(rid, []).append((fid, score))
-        for rid, evaluator, prompt, judge, ts in await self.store.scores_of(list(by_request)):
-            for fid, human in by_request[rid]:
-                self.pairs.add(prompt, evaluator, Pair(ts, human, judge, fid))
+        new = await self.store.pairs_after(self.feedback_seen, upto)
+        for prompt, evaluator, fid, human, judge, ts in new:
+            self.pairs.add(prompt, evaluator, Pair(ts, human, judge, fid))
+        self.feedback_seen = upto
 
     async def tick(self) -> None:
         """Pair what waits, forget old pairs, recompute, export, alert."""
-        await self._pair_waiting()
+        await self._pair_new_feedback()
         now = self.clock()
         self.pairs.prune(now)
         s = self.settings

@@ -70,11 +70,8 @@ log = structlog.get_logger("promptd.evaluation")
 
 #: Calls read per chunk when a start re-reads the calls above the cursor.
 REREAD_CHUNK = 1000
-# Where rows hold what the engine reads (storage.rows column order).
-_OUTPUT: Final = 16  # a metric row's captured output
-_PROMPT: Final = 2  # a feedback row's prompt, request id and score
-_REQUEST: Final = 5
-_SCORE: Final = 6
+#: Where a metric row holds its captured output (storage.rows column order).
+_OUTPUT: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +146,8 @@ class Engine:
     # -- ingest path ------------------------------------------------------------------------
 
     async def on_batch(self, outcome: BatchOutcome) -> None:
-        """Batch listener: take the sampled calls, never wait (a full queue is counted)."""
+        """Batch listener: take the sampled calls, never wait (a full queue is counted).
+        People's feedback is paired with results by the calibrator's tick, from storage."""
         rows = outcome.metric_rows
         if rows:
             key = self.cursor.open(outcome.last_metric_id, 0, held=True)
@@ -158,10 +156,6 @@ class Engine:
                 for row, evaluators in sampled:
                     self._offer(row, evaluators, key)
                 self.cursor.release(key)
-        for fb in outcome.feedback_rows:
-            rid, prompt = fb[_REQUEST], fb[_PROMPT]
-            if rid is not None and prompt is not None and self.sampler.sampled_by(prompt, rid):
-                self.calibrator.feedback_stored(rid, prompt, fb[0], fb[_SCORE])
 
     def _offer(self, row: MetricRow, evaluators: tuple[Evaluator, ...], key: int) -> None:
         for e in evaluators:

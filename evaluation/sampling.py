@@ -88,21 +88,26 @@ class Sampler:
 
     def sample(self, rows: Sequence[MetricRow]) -> list[Sampled]:
         """The rows some evaluator takes, each with those evaluators (config order)."""
-        out: list[Sampled] = []
+        hits: list[tuple[MetricRow, Evaluator]] = []
         plans = self._plans
         crc = zlib.crc32
+        # The ingest path: plain loops, no generator or tuple per call.
         for row in rows:
             prompt = row[_PROMPT]
             plan = plans.get(prompt)
             if plan is None:
                 plan = self.plan(prompt)
-            if not plan:
-                continue
-            h = crc(row[_REQUEST].encode())
-            chosen = tuple(e for a, t, e in plan if (a * h) & _MASK < t)
-            if chosen:
-                out.append((row, chosen))
-        return out
+            if plan:
+                h = crc(row[_REQUEST].encode())
+                for a, t, e in plan:
+                    if (a * h) & _MASK < t:
+                        hits.append((row, e))
+        if not hits:
+            return []
+        grouped: dict[int, tuple[MetricRow, list[Evaluator]]] = {}
+        for row, e in hits:
+            grouped.setdefault(id(row), (row, []))[1].append(e)
+        return [(row, tuple(evaluators)) for row, evaluators in grouped.values()]
 
     def sampled_by(self, prompt: str, request_id: str) -> tuple[Evaluator, ...]:
         """The evaluators that take the call ``request_id`` of ``prompt``."""

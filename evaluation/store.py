@@ -16,6 +16,8 @@ from promptd.storage.database import Database
 from .calls import Call, Verdict
 
 CURSOR_NAME: Final = "engine"
+#: ``(prompt, evaluator, feedback event_id, human score, evaluator score, call_ts)``.
+PairRow = tuple[str, str, str, float, float, float]
 #: Most ids per ``IN (...)`` lookup (well below SQLite's variable limit).
 _CHUNK: Final = 400
 
@@ -232,36 +234,31 @@ class EvaluationStore:
                 )
         return out
 
-    async def scores_of(
-        self, request_ids: Sequence[str]
-    ) -> list[tuple[str, str, str, float, float]]:
-        """Evaluators' scored results on these calls:
-        ``(request_id, evaluator, prompt, score, call_ts)``."""
-        out: list[tuple[str, str, str, float, float]] = []
-        ids = sorted(set(request_ids))
-        for start in range(0, len(ids), _CHUNK):
-            part = ids[start : start + _CHUNK]
-            async with self.db.reader.execute(
-                "SELECT request_id, evaluator, prompt, score, call_ts FROM evaluation_results "
-                f"WHERE request_id IN ({', '.join('?' * len(part))}) AND status = 'scored'",
-                part,
-            ) as cur:
-                out.extend(
-                    (str(r), str(e), str(p), float(s), float(t))
-                    for r, e, p, s, t in await cur.fetchall()
-                )
-        return out
+    async def last_feedback_id(self) -> int:
+        """The highest stored feedback row id."""
+        async with self.db.reader.execute(
+            "SELECT coalesce(max(id), 0) FROM feedback_events"
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
-    async def pairs_since(self, since: float) -> list[tuple[str, str, str, float, float, float]]:
-        """Every (human feedback, evaluator result) pair with results stored since ``since``:
-        ``(prompt, evaluator, feedback event_id, human score, evaluator score, call_ts)``
-        (what calibration starts from after a restart)."""
+    async def pairs_since(self, since: float) -> list[PairRow]:
+        """Every (human feedback, evaluator result) pair with results stored since
+        ``since`` (what calibration starts from after a restart)."""
+        return await self._pairs("r.created_at >= ?", (since,))
+
+    async def pairs_after(self, after_id: int, upto_id: int) -> list[PairRow]:
+        """The pairs of people's feedback rows with ``after_id < id <= upto_id`` (stored
+        since the previous look) and the results stored for their calls."""
+        return await self._pairs("f.id > ? AND f.id <= ?", (after_id, upto_id))
+
+    async def _pairs(self, where: str, params: tuple[Any, ...]) -> list[PairRow]:
         async with self.db.reader.execute(
             "SELECT r.prompt, r.evaluator, f.event_id, f.score, r.score, r.call_ts "
-            "FROM evaluation_results r JOIN feedback_events f ON f.request_id = r.request_id "
-            "WHERE r.created_at >= ? AND r.status = 'scored' AND f.source IS NULL "
-            "ORDER BY r.call_ts",
-            (since,),
+            "FROM feedback_events f JOIN evaluation_results r ON r.request_id = f.request_id "
+            f"WHERE {where} AND r.status = 'scored' AND f.source IS NULL "
+            "AND f.request_id IS NOT NULL ORDER BY r.call_ts",
+            params,
         ) as cur:
             rows = await cur.fetchall()
         return [
