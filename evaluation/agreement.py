@@ -99,7 +99,7 @@ def kappa_from_table(p: np.ndarray, n: int) -> tuple[float, float] | None:
 def cohen_kappa(a: Sequence[bool], b: Sequence[bool], confidence: float = 0.95) -> Estimate | None:
     """Cohen's kappa of two binary ratings of the same items, with a normal interval."""
     n = len(a)
-    if n < 4:
+    if n < 4 or len(set(a)) < 2 or len(set(b)) < 2:
         return None
     found = kappa_from_table(kappa_table(a, b), n)
     if found is None:

@@ -75,7 +75,18 @@ def install(daemon: Daemon) -> None:
             add_routes(app, engine)
 
         daemon.route_extensions.append(routes)
-        daemon.task_factories.append(("evaluation", engine.run))
+
+        async def run(stop: Any) -> None:
+            try:
+                await engine.run(stop)
+            finally:
+                if any(isinstance(e, JudgeEvaluator) for e in settings.evaluators):
+                    from promptd.optimization.llm import close_litellm
+
+                    # Judges' calls leave litellm's logging worker behind (see there).
+                    await close_litellm()
+
+        daemon.task_factories.append(("evaluation", run))
 
     daemon.startup_hooks.append(setup)
 

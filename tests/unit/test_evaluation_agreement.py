@@ -85,6 +85,7 @@ def test_undefined_statistics_are_none() -> None:
     assert spearman([1, 2, 3], [1, 2, 3]) is None
     assert spearman([1, 1, 1, 1, 1], [1, 2, 3, 4, 5]) is None
     assert cohen_kappa([True] * 10, [True] * 10) is None
+    assert cohen_kappa([True] * 10, [True, False] * 5) is None
     assert cohen_kappa([True, False, True], [True, False, False]) is None
 
 

@@ -227,3 +227,22 @@ def test_empty_bootstrap_means_embedded(monkeypatch: pytest.MonkeyPatch) -> None
     """PROMPTD_KAFKA_BOOTSTRAP_SERVERS= (empty) selects the embedded broker, as unset does."""
     monkeypatch.setenv("PROMPTD_KAFKA_BOOTSTRAP_SERVERS", "")
     assert load_settings().kafka.embedded
+
+
+def test_example_evaluators_are_valid() -> None:
+    """The commented evaluators of the example config, uncommented, are valid settings."""
+    import re
+    import tomllib
+
+    from promptd.evaluation.config import EvaluationSettings
+
+    text = EXAMPLE.read_text(encoding="utf-8")
+    blocks = text.split("# [[evaluation.evaluators]]")[1:]
+    assert len(blocks) == 3
+    evaluators = []
+    for block in blocks:
+        lines = [re.sub(r"^# ", "", line) for line in block.splitlines() if line.startswith("# ")]
+        lines = [line for line in lines if not line.startswith("#") and line.strip()]
+        evaluators.append(tomllib.loads("\n".join(lines)))
+    settings = EvaluationSettings.model_validate({"evaluators": evaluators})
+    assert [e.type for e in settings.evaluators] == ["json_schema", "regex", "judge"]
