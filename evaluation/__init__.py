@@ -14,6 +14,8 @@ The modules, by concept (pure logic unless said otherwise):
 - :mod:`.health`: an evaluator's outage state (consecutive failures, probes).
 - :mod:`.agreement`: Spearman's rank correlation and Cohen's kappa with confidence
   intervals; :mod:`.calibration`: the human/judge pairs per prompt and the agreement alert.
+- :mod:`.signals`: quality signals by name (``"human"``, ``"eval:<name>"``) as SQL and row
+  filters.
 - :mod:`.store` (SQL), :mod:`.metrics` (Prometheus), :mod:`.engine` (the asyncio shell),
   :mod:`.component` (wiring into the daemon).
 """

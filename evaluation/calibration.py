@@ -29,6 +29,8 @@ class Pair:
     judge: float
     # The human feedback event's id: one pair per (feedback event, evaluator).
     feedback_id: str
+    # The variant that served the call (what a per-arm comparison splits on).
+    variant: str = ""
 
 
 @dataclass(frozen=True, slots=True)

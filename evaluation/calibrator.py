@@ -21,6 +21,7 @@ import structlog
 from promptd._aio import wait_event
 
 from .calibration import Pair, Pairs, Report, below_floor, report
+from .calls import Call
 from .config import EvaluationSettings
 from .metrics import EvaluationMetrics
 from .store import EvaluationStore
@@ -63,25 +64,26 @@ class Calibrator:
         since = self.clock() - self.settings.window_s
         self.feedback_seen = await self.store.last_feedback_id()
         n = 0
-        for prompt, evaluator, fid, human, judge, ts in await self.store.pairs_since(since):
-            n += self.pairs.add(prompt, evaluator, Pair(ts, human, judge, fid))
+        for prompt, variant, evaluator, fid, human, judge, ts in await self.store.pairs_since(
+            since
+        ):
+            n += self.pairs.add(prompt, evaluator, Pair(ts, human, judge, fid, variant))
         return n
 
-    async def results_stored(
-        self, request_id: str, scores: dict[str, float], prompt: str, ts: float
-    ) -> None:
-        """Evaluators scored a call: pair the scores with people's feedback on it."""
-        for _rid, fid, human, _ts in await self.store.human_scores([request_id]):
+    async def results_stored(self, call: Call, scores: dict[str, float]) -> None:
+        """Evaluators scored ``call``: pair the scores with people's feedback on it."""
+        for _rid, fid, human, _ts in await self.store.human_scores([call.request_id]):
             for evaluator, judge in scores.items():
-                self.pairs.add(prompt, evaluator, Pair(ts, human, judge, fid))
+                pair = Pair(call.ts, human, judge, fid, call.variant)
+                self.pairs.add(call.prompt, evaluator, pair)
 
     async def _pair_new_feedback(self) -> None:
         upto = await self.store.last_feedback_id()
         if upto <= self.feedback_seen:
             return
         new = await self.store.pairs_after(self.feedback_seen, upto)
-        for prompt, evaluator, fid, human, judge, ts in new:
-            self.pairs.add(prompt, evaluator, Pair(ts, human, judge, fid))
+        for prompt, variant, evaluator, fid, human, judge, ts in new:
+            self.pairs.add(prompt, evaluator, Pair(ts, human, judge, fid, variant))
         self.feedback_seen = upto
 
     async def tick(self) -> None:

@@ -229,7 +229,7 @@ class Engine:
         self._count(verdicts)
         scores = {v.evaluator: v.score for v in verdicts if v.score is not None}
         if scores:
-            await self.calibrator.results_stored(call.request_id, scores, call.prompt, call.ts)
+            await self.calibrator.results_stored(call, scores)
 
     def _count(self, verdicts: Sequence[Verdict]) -> None:
         for v in verdicts:

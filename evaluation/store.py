@@ -16,8 +16,8 @@ from promptd.storage.database import Database
 from .calls import Call, Verdict
 
 CURSOR_NAME: Final = "engine"
-#: ``(prompt, evaluator, feedback event_id, human score, evaluator score, call_ts)``.
-PairRow = tuple[str, str, str, float, float, float]
+#: ``(prompt, variant, evaluator, feedback event_id, human score, evaluator score, call_ts)``.
+PairRow = tuple[str, str, str, str, float, float, float]
 #: Most ids per ``IN (...)`` lookup (well below SQLite's variable limit).
 _CHUNK: Final = 400
 
@@ -254,7 +254,7 @@ class EvaluationStore:
 
     async def _pairs(self, where: str, params: tuple[Any, ...]) -> list[PairRow]:
         async with self.db.reader.execute(
-            "SELECT r.prompt, r.evaluator, f.event_id, f.score, r.score, r.call_ts "
+            "SELECT r.prompt, r.variant, r.evaluator, f.event_id, f.score, r.score, r.call_ts "
             "FROM feedback_events f JOIN evaluation_results r ON r.request_id = f.request_id "
             f"WHERE {where} AND r.status = 'scored' AND f.source IS NULL "
             "AND f.request_id IS NOT NULL ORDER BY r.call_ts",
@@ -262,7 +262,8 @@ class EvaluationStore:
         ) as cur:
             rows = await cur.fetchall()
         return [
-            (str(p), str(e), str(fid), float(h), float(j), float(t)) for p, e, fid, h, j, t in rows
+            (str(p), str(v), str(e), str(fid), float(h), float(j), float(t))
+            for p, v, e, fid, h, j, t in rows
         ]
 
 

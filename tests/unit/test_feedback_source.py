@@ -177,3 +177,21 @@ def test_other_sources_are_clear_errors(source: str) -> None:
     """Anything else is refused, saying what the form is."""
     with pytest.raises(ValueError, match=r"eval:<evaluator>|at most"):
         score("e", 0.5, source, episode_id="ep")
+
+
+async def test_signals_select_their_rows(db: Database) -> None:
+    """A signal by name selects its feedback in SQL and in a stored batch alike."""
+    from promptd.evaluation.signals import parse_signal, rows_of, sql_condition
+
+    repo = EventRepository(db)
+    outcome = await repo.store_batch([], [*human(), *evaluations()], {})
+    for signal in ("human", "eval:judge", "eval:judge-0", "eval:none"):
+        where, params = sql_condition(signal)
+        found = await db.reader.execute_fetchall(
+            f"SELECT event_id FROM feedback_events WHERE {where} ORDER BY id", params
+        )
+        rows = rows_of(signal, outcome.feedback_rows, outcome.evaluation_rows)
+        assert [r[0] for r in rows] == [str(r[0]) for r in found], signal
+    assert len(rows_of("human", outcome.feedback_rows, outcome.evaluation_rows)) == 5
+    with pytest.raises(ValueError, match="use 'human' or 'eval:"):
+        parse_signal("people")
