@@ -12,10 +12,11 @@ when there is one; never the variant), litellm over HTTP, the answer read as a 0
 Ground truth per call: whether the app's answer is right (it names the right label, the
 city or positive/negative, and no other one; SmolLM2 rarely answers with the bare word),
 and its token F1 against the right answer. Per judge configuration the table shows the
-share of answers with a readable score, Spearman's rho between the judge's score and the
-token F1 with its 95 % interval, Cohen's kappa between the judge's pass (score >= 0.5) and
-the answer being right with its interval, the plain accuracy of that pass, and the judge's
-time per call (this machine: 2 shared cores).
+share of answers with a readable score, the share the judge passes, Spearman's rho between
+the judge's score and the token F1 with its 95 % interval, Cohen's kappa between the
+judge's pass (score >= 0.5) and the answer being right with its interval, the plain
+accuracy of that pass, and the judge's time per call (this machine: 2 shared cores). A
+statistic is "-" where it is undefined: a judge that gives every call the same verdict.
 
 Configurations: the default 1..5 rubric without a reference (what a judge sees on calls
 nobody corrected), the same with the right answer as the reference (a correction), and a
@@ -31,6 +32,7 @@ import json
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,10 @@ def _fmt(est: Estimate | None) -> str:
     return f"{est.value:+.2f} [{est.low:+.2f}, {est.high:+.2f}]"
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def row(
     label: str, scores: list[float | None], f1: list[float], correct: list[bool], s_per_call: float
 ) -> dict[str, Any]:
@@ -123,17 +129,18 @@ def row(
     rho = spearman([s for s, _, _ in valid], [f for _, f, _ in valid])
     kappa = cohen_kappa([s >= 0.5 for s, _, _ in valid], [c for _, _, c in valid])
     accuracy = sum((s >= 0.5) == c for s, _, c in valid) / len(valid) if valid else None
+    passes = sum(s >= 0.5 for s, _, _ in valid) / len(valid) if valid else None
     return {
         "judge": label,
         "readable": len(valid) / len(scores),
         "spearman": rho.as_dict() if rho else None,
         "kappa": kappa.as_dict() if kappa else None,
         "accuracy": accuracy,
-        "pass_rate": sum(s >= 0.5 for s, _, _ in valid) / len(valid) if valid else None,
+        "pass_rate": passes,
         "s_per_call": s_per_call,
         "_table": (
-            f"{label:<28}{len(valid) / len(scores):>9.0%}{_fmt(rho):>24}{_fmt(kappa):>24}"
-            f"{'-' if accuracy is None else f'{accuracy:.0%}':>9}{s_per_call:>8.2f}"
+            f"{label:<28}{len(valid) / len(scores):>9.0%}{_pct(passes):>8}{_fmt(rho):>24}"
+            f"{_fmt(kappa):>24}{_pct(accuracy):>9}{s_per_call:>8.2f}"
         ),
     }
 
@@ -160,7 +167,8 @@ def print_table(result: dict[str, Any]) -> None:
         f"{result['app_right']:.0%}"
     )
     print(
-        f"{'judge':<28}{'readable':>9}{'Spearman vs F1 [95%]':>24}{'kappa vs right [95%]':>24}"
+        f"{'judge':<28}{'readable':>9}{'passes':>8}{'Spearman vs F1 [95%]':>24}"
+        f"{'kappa vs right [95%]':>24}"
         f"{'accuracy':>9}{'s/call':>8}"
     )
     for r in result["rows"]:
@@ -203,6 +211,8 @@ def main() -> None:
     parser.add_argument("--tasks", default="city,sentiment")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
+    # litellm's response objects trip pydantic's serializer warnings on every call.
+    warnings.filterwarnings("ignore", message="Pydantic serializer warnings")
     started = time.monotonic()
     with server(args) as url:
         results = asyncio.run(main_async(args, url))
