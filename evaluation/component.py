@@ -138,7 +138,15 @@ def build_engine(daemon: Daemon, settings: EvaluationSettings) -> Engine:
     runner = Runner(settings, metrics, clients, _schema_lookup(daemon), store.correction, on_outage)
     outbox = Outbox(store, publish, metrics, settings.outbox_interval_s)
     calibrator = Calibrator(settings, store, metrics, on_agreement)
-    return Engine(settings, store, metrics, runner, outbox, calibrator)
+    return Engine(
+        settings,
+        store,
+        metrics,
+        runner,
+        outbox,
+        calibrator,
+        retention_days=daemon.settings.storage.retention_days,
+    )
 
 
 def _schema_lookup(daemon: Daemon) -> Any:

@@ -68,6 +68,8 @@ from .store import EvaluationStore
 
 log = structlog.get_logger("promptd.evaluation")
 
+#: How often stored results older than the retention are deleted.
+PURGE_INTERVAL_S = 3600.0
 #: Calls read per chunk when a start re-reads the calls above the cursor.
 REREAD_CHUNK = 1000
 #: Where a metric row holds its captured output (storage.rows column order).
@@ -99,6 +101,7 @@ class Engine:
         outbox: Outbox,
         calibrator: Calibrator,
         clock: Callable[[], float] = time.time,
+        retention_days: float = 30.0,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -107,6 +110,8 @@ class Engine:
         self.outbox = outbox
         self.calibrator = calibrator
         self.clock = clock
+        # Results are kept as long as raw events (storage.retention_days).
+        self.retention_days = retention_days
         self.sampler = Sampler(settings)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(settings.queue_size)
         self.cursor = Cursor(0)
@@ -264,11 +269,22 @@ class Engine:
         log.info("evaluation_reread_done", calls=taken, upto=upto)
 
     async def _save_cursor_loop(self, stop: asyncio.Event) -> None:
+        purged_at = self.clock()
         while not await wait_event(stop, self.settings.cursor_interval_s):
             try:
                 await self._save_cursor()
+                if self.clock() - purged_at >= PURGE_INTERVAL_S:
+                    purged_at = self.clock()
+                    await self._purge()
             except Exception:
                 log.exception("evaluation_cursor_save_failed")
+
+    async def _purge(self) -> None:
+        """Results older than the raw events' retention (their calls are gone too)."""
+        cutoff = self.clock() - self.retention_days * DAY_S
+        deleted = await self.store.purge_older_than(cutoff)
+        if deleted:
+            log.info("evaluation_results_purged", deleted=deleted)
 
     async def _save_cursor(self) -> None:
         position = self.cursor.position
@@ -291,7 +307,8 @@ class Engine:
         """Every evaluator: configuration, counts since start, stored totals, health,
         agreement (what ``GET /v1/evaluators`` answers)."""
         now = self.clock()
-        totals = await self.store.totals(utc_day(now) * DAY_S)
+        day_start = utc_day(now) * DAY_S
+        totals = await self.store.totals(min(now - DAY_S, day_start), day_start)
         out = []
         for e in self.settings.evaluators:
             state = self.runner.state[e.name]

@@ -168,30 +168,52 @@ class EvaluationStore:
         ) as cur:
             return {str(e): float(c) for e, c in await cur.fetchall()}
 
-    async def totals(self, day_start: float) -> dict[str, dict[str, Any]]:
-        """Per evaluator: results by status, their mean score, cost in all and today,
-        unpublished results."""
+    async def totals(self, since: float, day_start: float) -> dict[str, dict[str, Any]]:
+        """Per evaluator, over results stored since ``since`` (an index range, not the
+        whole table): count by status and mean score; dollars since ``day_start``
+        (which must not be before ``since``); results not yet acknowledged."""
         async with self.db.reader.execute(
             "SELECT evaluator, sum(status = 'scored'), sum(status = 'invalid'), avg(score), "
-            "coalesce(sum(cost_usd), 0), "
             "coalesce(sum(CASE WHEN created_at >= ? THEN cost_usd ELSE 0 END), 0), "
-            "sum(published_at IS NULL AND status = 'scored'), max(created_at) "
-            "FROM evaluation_results GROUP BY evaluator",
-            (day_start,),
+            "max(created_at) FROM evaluation_results WHERE created_at >= ? GROUP BY evaluator",
+            (day_start, since),
         ) as cur:
             rows = await cur.fetchall()
-        return {
+        out: dict[str, dict[str, Any]] = {
             str(r[0]): {
                 "scored": int(r[1] or 0),
                 "invalid": int(r[2] or 0),
                 "mean_score": None if r[3] is None else round(float(r[3]), 6),
-                "cost_usd": float(r[4]),
-                "cost_usd_today": float(r[5]),
-                "unpublished": int(r[6] or 0),
-                "last_result_at": r[7],
+                "cost_usd_today": float(r[4]),
+                "last_result_at": r[5],
+                "unpublished": 0,
             }
             for r in rows
         }
+        async with self.db.reader.execute(
+            "SELECT evaluator, count(*) FROM evaluation_results "
+            "WHERE published_at IS NULL AND status = 'scored' GROUP BY evaluator"
+        ) as cur:
+            for name, n in await cur.fetchall():
+                out.setdefault(str(name), {"scored": 0, "invalid": 0})["unpublished"] = int(n)
+        return out
+
+    async def purge_older_than(self, cutoff: float, chunk: int = 5000) -> int:
+        """Delete results stored before ``cutoff`` that need nothing more (published, or
+        invalid), in short transactions; returns how many."""
+        total = 0
+        while True:
+            async with self.db.transaction() as conn:
+                cur = await conn.execute(
+                    "DELETE FROM evaluation_results WHERE rowid IN (SELECT rowid FROM "
+                    "evaluation_results WHERE created_at < ? AND "
+                    "(published_at IS NOT NULL OR status = 'invalid') LIMIT ?)",
+                    (cutoff, chunk),
+                )
+                deleted = int(cur.rowcount)
+            total += deleted
+            if deleted < chunk:
+                return total
 
     async def recent(self, evaluator: str, limit: int) -> list[dict[str, Any]]:
         """The evaluator's newest results."""
