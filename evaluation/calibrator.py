@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import structlog
@@ -70,9 +70,12 @@ class Calibrator:
             n += self.pairs.add(prompt, evaluator, Pair(ts, human, judge, fid, variant))
         return n
 
-    async def results_stored(self, call: Call, scores: dict[str, float]) -> None:
-        """Evaluators scored ``call``: pair the scores with people's feedback on it."""
-        for _rid, fid, human, _ts in await self.store.human_scores([call.request_id]):
+    async def results_stored(self, scored: Sequence[tuple[Call, dict[str, float]]]) -> None:
+        """Evaluators scored these calls: pair the scores with people's feedback on them
+        (one lookup for all)."""
+        by_request = {call.request_id: (call, scores) for call, scores in scored}
+        for rid, fid, human, _ts in await self.store.human_scores(list(by_request)):
+            call, scores = by_request[rid]
             for evaluator, judge in scores.items():
                 pair = Pair(call.ts, human, judge, fid, call.variant)
                 self.pairs.add(call.prompt, evaluator, pair)

@@ -51,7 +51,7 @@ from typing import Any, Final
 
 import structlog
 
-from promptd._aio import wait_event
+from promptd._aio import wait_any, wait_event
 from promptd.storage.repository import BatchOutcome
 from promptd.storage.rows import MetricRow
 
@@ -68,6 +68,8 @@ from .store import EvaluationStore
 
 log = structlog.get_logger("promptd.evaluation")
 
+#: After the first verdict arrives, the writer waits this long for more (one transaction).
+WRITE_COALESCE_S = 0.05
 #: How often stored results older than the retention are deleted.
 PURGE_INTERVAL_S = 3600.0
 #: Calls read per chunk when a start re-reads the calls above the cursor.
@@ -117,6 +119,9 @@ class Engine:
         self.cursor = Cursor(0)
         self.saved_cursor = 0
         self._reread: tuple[int, int, int] | None = None  # (after, upto, cursor key)
+        # Evaluated calls waiting for the writer: (call, verdicts, cursor key).
+        self._unwritten: list[tuple[Call, list[Verdict], int]] = []
+        self._write_wake = asyncio.Event()
 
     # -- start ----------------------------------------------------------------------------
 
@@ -185,8 +190,11 @@ class Engine:
         ``stop``; the cursor is saved on the way out."""
         try:
             async with asyncio.TaskGroup() as group:
-                for i in range(self.settings.concurrency):
+                workers = [
                     group.create_task(self._worker(stop), name=f"promptd:evaluation-worker-{i}")
+                    for i in range(self.settings.concurrency)
+                ]
+                group.create_task(self._writer(stop, workers), name="promptd:evaluation-writer")
                 group.create_task(self._reread_calls(stop), name="promptd:evaluation-reread")
                 group.create_task(self.outbox.run(stop), name="promptd:evaluation-outbox")
                 group.create_task(self.calibrator.run(stop), name="promptd:evaluation-agreement")
@@ -209,32 +217,68 @@ class Engine:
             item = getter.result()
             self.metrics.queue.set(self.queue.qsize())
             try:
-                await self._evaluate(item)
+                call, verdicts = await self._evaluate(item)
             except Exception:
                 # Decided as failed: logged and counted, the loop goes on.
                 log.exception("evaluation_failed", request_id=item.call().request_id)
                 for e in item.evaluators:
                     self.runner.skip(e.name, "error")
-            self.cursor.settle(item.key)
-            self.metrics.pending.set(self.cursor.outstanding)
+                verdicts = []
+            if verdicts:
+                # Decided once written: the writer settles it.
+                self._unwritten.append((call, verdicts, item.key))
+                self._write_wake.set()
+            else:
+                self.cursor.settle(item.key)
 
-    async def _evaluate(self, item: _Item) -> None:
+    async def _evaluate(self, item: _Item) -> tuple[Call, list[Verdict]]:
         call = item.call()
         evaluators: Sequence[Evaluator] = item.evaluators
         if item.reread:
             done = await self.store.decided([(call.request_id, e.name) for e in evaluators])
             evaluators = [e for e in evaluators if (call.request_id, e.name) not in done]
-        verdicts = await self.runner.evaluate(call, evaluators)
-        if not verdicts:
-            return
-        await self.store.save(
-            call, [(v, event_id(call.request_id, v.evaluator)) for v in verdicts], self.clock()
-        )
+        return call, await self.runner.evaluate(call, evaluators)
+
+    async def _writer(self, stop: asyncio.Event, workers: Sequence[asyncio.Task[None]]) -> None:
+        """Write the verdicts of many calls in one transaction (every ``WRITE_COALESCE_S``
+        while they come), then settle them, publish and pair them; after ``stop``, until
+        the workers have handed over their last verdicts."""
+        while True:
+            stopping = stop.is_set() and all(w.done() for w in workers)
+            if not self._unwritten:
+                if stopping:
+                    return
+                self._write_wake.clear()
+                await wait_any(self._write_wake, stop, 1.0)
+                if not stop.is_set():
+                    await wait_event(stop, WRITE_COALESCE_S)
+                continue
+            batch, self._unwritten = self._unwritten, []
+            try:
+                await self._write(batch)
+            except Exception:
+                log.exception("evaluation_write_failed", calls=len(batch))
+                if stopping:
+                    return  # left undecided: evaluated again after the restart
+                self._unwritten[:0] = batch
+                await wait_event(stop, 1.0)
+
+    async def _write(self, batch: list[tuple[Call, list[Verdict], int]]) -> None:
+        rows = [
+            (call, [(v, event_id(call.request_id, v.evaluator)) for v in verdicts])
+            for call, verdicts, _ in batch
+        ]
+        await self.store.save(rows, self.clock())
+        for _call, verdicts, key in batch:
+            self.cursor.settle(key)
+            self._count(verdicts)
+        self.metrics.pending.set(self.cursor.outstanding)
         self.outbox.wake()
-        self._count(verdicts)
-        scores = {v.evaluator: v.score for v in verdicts if v.score is not None}
-        if scores:
-            await self.calibrator.results_stored(call, scores)
+        scored = [
+            (call, {v.evaluator: v.score for v in verdicts if v.score is not None})
+            for call, verdicts, _ in batch
+        ]
+        await self.calibrator.results_stored([(c, s) for c, s in scored if s])
 
     def _count(self, verdicts: Sequence[Verdict]) -> None:
         for v in verdicts:

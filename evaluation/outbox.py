@@ -16,7 +16,7 @@ from typing import Final
 
 import structlog
 
-from promptd._aio import wait_event
+from promptd._aio import wait_any, wait_event
 from promptd.events import MAX_COMMENT_CHARS, SOURCE_PREFIX, FeedbackEvent
 
 from .metrics import EvaluationMetrics
@@ -28,6 +28,8 @@ log = structlog.get_logger("promptd.evaluation")
 EVENT_NAMESPACE: Final = uuid.UUID("6f1b7c1e-3c55-5b9e-9d55-2f1c0e7a6a01")
 #: Results per publish round.
 BATCH: Final = 500
+#: After a wake-up, wait this long for more results before publishing.
+COALESCE_S: Final = 0.05
 
 Record = tuple[bytes, bytes]  # (key, value)
 Publish = Callable[[Sequence[Record]], Awaitable[None]]
@@ -98,7 +100,9 @@ class Outbox:
             if more:
                 continue
             self._wake.clear()
-            await _first(stop, self._wake, self.interval_s)
+            await wait_any(stop, self._wake, self.interval_s)
+            # Let results written together go out together (one send, one update).
+            await wait_event(stop, COALESCE_S)
 
     async def round(self) -> bool:
         """Publish one batch of unacknowledged results; True when more may be waiting."""
@@ -112,13 +116,3 @@ class Outbox:
         self.metrics.published.inc(len(results))
         self.metrics.unpublished.set(0)
         return len(results) == BATCH
-
-
-async def _first(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
-    """Wait until ``stop`` or ``wake`` is set, at most ``seconds``."""
-    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()

@@ -107,8 +107,10 @@ class EvaluationStore:
                 out.update((str(r), str(e)) for r, e in await cur.fetchall())
         return out & set(keys)
 
-    async def save(self, call: Call, verdicts: Iterable[tuple[Verdict, str]], now: float) -> int:
-        """Store the verdicts (with their event ids) of one call in one transaction;
+    async def save(
+        self, decided: Iterable[tuple[Call, Sequence[tuple[Verdict, str]]]], now: float
+    ) -> int:
+        """Store the verdicts (with their event ids) of calls, all in one transaction;
         returns how many were new (a verdict already stored is kept as it was)."""
         rows = [
             (
@@ -126,6 +128,7 @@ class EvaluationStore:
                 v.cost_usd,
                 now,
             )
+            for call, verdicts in decided
             for v, event_id in verdicts
         ]
         if not rows:

@@ -36,7 +36,7 @@ def verdict(name: str, score: float | None, cost: float = 0.0) -> Verdict:
 
 async def save(store: EvaluationStore, i: int, *verdicts: Verdict, at: float) -> int:
     rows = [(v, event_id(f"r{i}", v.evaluator)) for v in verdicts]
-    return await store.save(call(i), rows, at)
+    return await store.save([(call(i), rows)], at)
 
 
 async def test_results_are_kept_once_and_published_through_the_outbox(
