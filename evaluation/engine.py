@@ -26,8 +26,8 @@ the last call stored before ingestion starts), samples them again (the decision 
 function of request id and evaluator name), skips the (request, evaluator) pairs that
 already have a result and evaluates the rest; live batches continue above. The one
 repeat that can happen: the process dies between a judge's answer and the write of its
-result (a few milliseconds); the judge is then asked again after the restart, and one
-result is stored.
+result (verdicts are written together, within about 50 ms); the judge is then asked again
+after the restart, and one result is stored.
 
 Calls stored before evaluation was first switched on are not evaluated (the first start
 saves the cursor at the last stored call).
