@@ -189,11 +189,7 @@ def input_of(span: SpanView) -> dict[str, Any] | str | None:
         variables = _json_value(attrs.get(key))
         if isinstance(variables, dict):
             return variables
-    messages = (
-        _messages(attrs.get(c.INPUT_MESSAGES))
-        or _indexed_messages(attrs, c.OI_INPUT_MESSAGES, ".message.")
-        or _indexed_messages(attrs, c.OLL_PROMPT, ".")
-    )
+    messages = _chat(attrs, c.INPUT_MESSAGES, c.OI_INPUT_MESSAGES, c.OLL_PROMPT)
     if messages:
         return {"messages": messages}
     return _text_value(attrs.get(c.INPUT_VALUE)) or _event_text(span, c.LEGACY_PROMPT_EVENT)
@@ -205,14 +201,20 @@ def output_of(span: SpanView) -> dict[str, Any] | str | None:
     given = _json_value(attrs.get(c.OUTPUT))
     if isinstance(given, dict | str):
         return given
-    messages = (
-        _messages(attrs.get(c.OUTPUT_MESSAGES))
-        or _indexed_messages(attrs, c.OI_OUTPUT_MESSAGES, ".message.")
-        or _indexed_messages(attrs, c.OLL_COMPLETION, ".")
-    )
+    messages = _chat(attrs, c.OUTPUT_MESSAGES, c.OI_OUTPUT_MESSAGES, c.OLL_COMPLETION)
     if messages:
         return _answer(messages[0])
     return _text_value(attrs.get(c.OUTPUT_VALUE)) or _event_text(span, c.LEGACY_COMPLETION_EVENT)
+
+
+def _chat(attrs: Attributes, semconv: str, openinference: str, openllmetry: str) -> list[Any]:
+    """Messages from the first style that has them: semconv 1.37+ (one attribute), then
+    OpenInference's and OpenLLMetry's flattened ``<prefix>.<i>...`` attributes."""
+    return (
+        _messages(attrs.get(semconv))
+        or _indexed_messages(attrs, openinference, ".message.")
+        or _indexed_messages(attrs, openllmetry, ".")
+    )
 
 
 def _answer(message: dict[str, Any]) -> dict[str, Any] | str:
