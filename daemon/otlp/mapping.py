@@ -39,6 +39,8 @@ DEFAULT_VARIANT: Final = "default"
 
 Attributes = Mapping[str, Any]
 
+_HEAD = re.compile(r"(.+?)\.\d+\.")
+
 
 @dataclass(frozen=True, slots=True)
 class EventView:
@@ -62,6 +64,14 @@ class SpanView:
     attributes: Attributes
     resource: Attributes = field(default_factory=dict)
     events: Sequence[EventView] = ()
+    #: The prefixes of the span's indexed attributes (``llm.input_messages`` of
+    #: ``llm.input_messages.0.message.role``), so a style the span does not use costs a
+    #: set lookup rather than a scan of its attributes.
+    indexed: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        heads = {m.group(1) for key in self.attributes if (m := _HEAD.match(key))}
+        object.__setattr__(self, "indexed", frozenset(heads))
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +199,7 @@ def input_of(span: SpanView) -> dict[str, Any] | str | None:
         variables = _json_value(attrs.get(key))
         if isinstance(variables, dict):
             return variables
-    messages = _chat(attrs, c.INPUT_MESSAGES, c.OI_INPUT_MESSAGES, c.OLL_PROMPT)
+    messages = _chat(span, c.INPUT_MESSAGES, c.OI_INPUT_MESSAGES, c.OLL_PROMPT)
     if messages:
         return {"messages": messages}
     return _text_value(attrs.get(c.INPUT_VALUE)) or _event_text(span, c.LEGACY_PROMPT_EVENT)
@@ -201,19 +211,19 @@ def output_of(span: SpanView) -> dict[str, Any] | str | None:
     given = _json_value(attrs.get(c.OUTPUT))
     if isinstance(given, dict | str):
         return given
-    messages = _chat(attrs, c.OUTPUT_MESSAGES, c.OI_OUTPUT_MESSAGES, c.OLL_COMPLETION)
+    messages = _chat(span, c.OUTPUT_MESSAGES, c.OI_OUTPUT_MESSAGES, c.OLL_COMPLETION)
     if messages:
         return _answer(messages[0])
     return _text_value(attrs.get(c.OUTPUT_VALUE)) or _event_text(span, c.LEGACY_COMPLETION_EVENT)
 
 
-def _chat(attrs: Attributes, semconv: str, openinference: str, openllmetry: str) -> list[Any]:
+def _chat(span: SpanView, semconv: str, openinference: str, openllmetry: str) -> list[Any]:
     """Messages from the first style that has them: semconv 1.37+ (one attribute), then
     OpenInference's and OpenLLMetry's flattened ``<prefix>.<i>...`` attributes."""
     return (
-        _messages(attrs.get(semconv))
-        or _indexed_messages(attrs, openinference, ".message.")
-        or _indexed_messages(attrs, openllmetry, ".")
+        _messages(span.attributes.get(semconv))
+        or _indexed_messages(span, openinference, ".message.")
+        or _indexed_messages(span, openllmetry, ".")
     )
 
 
@@ -240,16 +250,18 @@ def _messages(value: Any) -> list[dict[str, Any]] | None:
 _INDEX = re.compile(r"(\d+)(.+)")
 
 
-def _indexed_messages(attrs: Attributes, prefix: str, middle: str) -> list[dict[str, Any]]:
+def _indexed_messages(span: SpanView, prefix: str, middle: str) -> list[dict[str, Any]]:
     """``<prefix>.<i><middle><field>`` attributes as a list of ``{field: value}``."""
-    fields = _indexed(attrs, prefix, middle)
+    fields = _indexed(span, prefix, middle)
     return [fields[i] for i in sorted(fields) if "content" in fields[i]]
 
 
-def _indexed(attrs: Attributes, prefix: str, middle: str) -> dict[int, dict[str, Any]]:
+def _indexed(span: SpanView, prefix: str, middle: str) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
+    if prefix not in span.indexed:
+        return out
     start = prefix + "."
-    for key, value in attrs.items():
+    for key, value in span.attributes.items():
         if not key.startswith(start):
             continue
         found = _INDEX.fullmatch(key[len(start) :])
@@ -307,7 +319,7 @@ def _feedback(span: SpanView, call: dict[str, str], request_id: str, result: Spa
             extra = {"event_id": f"{base}:eval:{i}", "ts": when / 1e9}
             _add(result, found, {**on_call, **extra}, a.get(c.EVALUATION_EXPLANATION))
     for prefix, kind, whole_trace in c.OI_FEEDBACK:
-        for i, f in sorted(_indexed(span.attributes, prefix, f".{kind}.").items()):
+        for i, f in sorted(_indexed(span, prefix, f".{kind}.").items()):
             found = _verdict(f.get("name"), f.get("score"), f.get("label"))
             extra = {"event_id": f"{base}:{prefix}:{i}", "ts": span.end_ns / 1e9}
             target = on_trace if whole_trace else on_call
