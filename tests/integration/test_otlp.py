@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer
+from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
@@ -43,8 +44,10 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _export(url: str, spans: Sequence[ReadableSpan], headers: dict[str, str]) -> SpanExportResult:
-    """The real OTLP/HTTP exporter (protobuf) posting to the daemon (blocking)."""
-    exporter = OTLPSpanExporter(endpoint=f"{url}/v1/traces", headers=headers, timeout=10)
+    """The real OTLP/HTTP exporter (protobuf, gzip) posting to the daemon (blocking)."""
+    exporter = OTLPSpanExporter(
+        endpoint=f"{url}/v1/traces", headers=headers, timeout=10, compression=Compression.Gzip
+    )
     try:
         return exporter.export(spans)
     finally:
@@ -153,18 +156,31 @@ async def test_collector_framed_records_are_stored_once_and_bad_ones_dead_letter
     headers = dict(dead.headers)
     assert headers["promptd-reason"] == b"not_json"
     assert headers["promptd-source-topic"] == topic.encode()
+    genai_call(rec.tracer, start_ns=now)
+    [(_, body)] = collector_records(rec.request(), "otlp_json")
     async with aiohttp.ClientSession(running.url) as http:
-        status = await wait_for(lambda: _status_with(http, 8), timeout=20)
-    assert status["events"]["stored_metrics"] == 5
+        # OTLP JSON over HTTP too: published to the topic, then stored like the rest.
+        json_type = {"Content-Type": "application/json"}
+        async with http.post("/v1/traces", data=body, headers=json_type) as resp:
+            assert (resp.status, await resp.json()) == (200, {})
+        async with http.post("/v1/traces", data=b'{"resourceSpans": 1}', headers=json_type) as resp:
+            assert resp.status == 400
+        async with http.post(
+            "/v1/traces", data=body, headers={"Content-Type": "text/plain"}
+        ) as resp:
+            assert resp.status == 415
+        status = await wait_for(lambda: _status_with(http), timeout=20)
+    assert status["events"]["stored_metrics"] == 6
     assert status["events"]["stored_feedback"] == 5
     assert status["events"]["duplicates"] == 10
     assert status["otlp"]["spans.not_llm"] == 6
     assert status["events"]["dead_lettered_by_reason"] == {"not_json": 1}
 
 
-async def _status_with(http: aiohttp.ClientSession, dead_and_skipped: int) -> Any:
+async def _status_with(http: aiohttp.ClientSession) -> Any:
     status = await _get(http, "/v1/status")
-    done = status["events"]["duplicates"] >= 10 and status["events"]["dead_lettered"] >= 1
+    events = status["events"]
+    done = events["duplicates"] >= 10 and events["stored_metrics"] >= 6
     return status if done else None
 
 
