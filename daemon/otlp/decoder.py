@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
@@ -50,7 +50,16 @@ def any_value(value: AnyValue) -> Any:
 
 def attributes(pairs: Iterable[KeyValue]) -> dict[str, Any]:
     """OTLP key-values as a dict (a repeated key keeps its last value)."""
-    return {kv.key: any_value(kv.value) for kv in pairs}
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        value = kv.value
+        kind = value.WhichOneof("value")
+        # Scalars (nearly every attribute) without the call to any_value.
+        out[kv.key] = getattr(value, kind) if kind in _SCALARS else any_value(value)
+    return out
+
+
+_SCALARS: Final = frozenset({"string_value", "int_value", "double_value", "bool_value"})
 
 
 def span_view(span: Span, resource: Mapping[str, Any]) -> SpanView:

@@ -39,7 +39,7 @@ DEFAULT_VARIANT: Final = "default"
 
 Attributes = Mapping[str, Any]
 
-_HEAD = re.compile(r"(.+?)\.\d+\.")
+_HEADS = re.compile(r"^(.+?)\.\d+\.", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +70,8 @@ class SpanView:
     indexed: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        heads = {m.group(1) for key in self.attributes if (m := _HEAD.match(key))}
+        # One regex pass over all keys (one per line) rather than one match per key.
+        heads = _HEADS.findall("\n".join(self.attributes))
         object.__setattr__(self, "indexed", frozenset(heads))
 
 
