@@ -43,6 +43,9 @@ OPENINFERENCE_LLM: Final = "LLM"
 #: OpenLLMetry: ``chat`` or ``completion`` for a model call.
 OPENLLMETRY_REQUEST_TYPE: Final = "llm.request.type"
 OPENLLMETRY_LLM: Final = frozenset({"chat", "completion"})
+#: Langfuse: a model call is an observation of type ``generation``.
+LANGFUSE_TYPE: Final = "langfuse.observation.type"
+LANGFUSE_LLM: Final = "generation"
 
 # -- what identifies the call ------------------------------------------------------
 

@@ -6,7 +6,8 @@ rules, documented for operators in ``docs/opentelemetry.md``:
 - a span is a call when it is an LLM operation (``gen_ai.operation.name`` ``chat``,
   ``text_completion`` or ``generate_content``; without an operation name, a
   ``gen_ai.provider.name`` or ``gen_ai.system``; OpenInference kind ``LLM``; OpenLLMetry
-  request type ``chat`` or ``completion``); every other span is skipped (``not_llm``);
+  request type ``chat`` or ``completion``; a Langfuse ``generation``); every other span is
+  skipped (``not_llm``);
 - its prompt is the first of ``otlp.prompt_attributes`` on the span, then on its resource,
   then ``otlp.default_prompt``; without one it is skipped (``no_prompt``);
 - its variant is ``promptd.variant``, else the prompt's active version, else ``default``;
@@ -108,6 +109,8 @@ def is_llm_call(attrs: Attributes) -> bool:
     if attrs.get(c.OPENINFERENCE_KIND) is not None:
         return attrs.get(c.OPENINFERENCE_KIND) == c.OPENINFERENCE_LLM
     if attrs.get(c.OPENLLMETRY_REQUEST_TYPE) in c.OPENLLMETRY_LLM:
+        return True
+    if attrs.get(c.LANGFUSE_TYPE) == c.LANGFUSE_LLM:
         return True
     return any(attrs.get(marker) for marker in c.GENAI_MARKERS)
 

@@ -12,7 +12,7 @@ from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as se
 
 from promptd.daemon.otlp import conventions as c
 from promptd.daemon.otlp.decoder import ActiveVersions, OtlpDecoder
-from promptd.daemon.otlp.mapping import MappingConfig
+from promptd.daemon.otlp.mapping import MappingConfig, is_llm_call
 from promptd.daemon.otlp.wire import Encoding, parse
 from promptd.storage.rows import (
     FeedbackRow,
@@ -135,6 +135,26 @@ def test_non_llm_spans_are_skipped_and_counted() -> None:
     defaulted = _decoder(default_prompt="chat")
     metrics, _, _ = _decode(defaulted, [raw])
     assert sorted(m.prompt for m in metrics) == ["chat", "summarize"]
+
+
+@pytest.mark.parametrize(
+    ("attrs", "is_call"),
+    [
+        ({"gen_ai.operation.name": "chat"}, True),
+        ({"gen_ai.operation.name": "generate_content"}, True),
+        ({"gen_ai.operation.name": "embeddings", "gen_ai.system": "openai"}, False),
+        ({"gen_ai.system": "openai"}, True),
+        ({"openinference.span.kind": "LLM"}, True),
+        ({"openinference.span.kind": "CHAIN", "gen_ai.system": "openai"}, False),
+        ({"llm.request.type": "completion"}, True),
+        ({"langfuse.observation.type": "generation"}, True),
+        ({"langfuse.observation.type": "span"}, False),
+        ({"http.request.method": "GET"}, False),
+    ],
+)
+def test_which_spans_are_llm_calls(attrs: dict[str, Any], is_call: bool) -> None:
+    """Each style's marker of a model call, and the operations that are not calls."""
+    assert is_llm_call(attrs) is is_call
 
 
 def test_span_without_variant_takes_the_active_version() -> None:
