@@ -20,11 +20,13 @@ load average before and after each run.
 
 With ``--evaluation RATE`` each run stores the events twice instead, without and with an
 evaluator on every prompt (a length check sampling RATE of the calls), and reports what
-evaluation costs the ingest path: the CPU per event and the rate with evaluation against without, both measured
-in the same run, alternating which goes first. The events capture no output by default, so
-the sampled calls are counted (``no_output``) and nothing is evaluated: the figure is the
-sampling on the hot path alone. ``--outputs`` gives every call a captured output, so the
-sampled calls are also checked, stored and published as feedback (and ingested again).
+evaluation costs the ingest path: the CPU per event and the rate with evaluation against
+without, both measured in the same run, alternating which goes first, and the batch
+listener's CPU per event alone. The events capture no output by default, so the sampled
+calls are counted (``no_output``) and nothing is evaluated: the figure is the sampling on
+the hot path alone. ``--outputs`` gives every call a captured output, so the sampled calls
+are also checked, stored and published as feedback (and ingested again, which the run
+waits for).
 """
 
 from __future__ import annotations
