@@ -246,3 +246,19 @@ def test_example_evaluators_are_valid() -> None:
         evaluators.append(tomllib.loads("\n".join(lines)))
     settings = EvaluationSettings.model_validate({"evaluators": evaluators})
     assert [e.type for e in settings.evaluators] == ["json_schema", "regex", "judge"]
+
+
+def test_bad_evaluators_are_named_in_the_config_file(tmp_path: Path) -> None:
+    """A misspelled or missing key of an evaluator is one line naming the evaluator's
+    place, the key and the file it comes from."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[[evaluation.evaluators]]\nname = "ok"\ntype = "length"\nmax_chars = 3\n'
+        '[[evaluation.evaluators]]\nname = "helpful"\ntype = "judge"\nmodel = "m"\n'
+        'rubrik = "x"\n'
+    )
+    with pytest.raises(SettingsError) as err:
+        load_settings(config)
+    message = str(err.value)
+    assert f"evaluation.evaluators.1.judge.rubric [in {config}]: Field required" in message
+    assert f"evaluation.evaluators.1.judge.rubrik [in {config}]: no such setting" in message
