@@ -50,6 +50,7 @@ from promptd.storage.database import Database
 from promptd.storage.repository import (
     DUPLICATES,
     OTLP_COUNTERS,
+    STORED_EVALUATIONS,
     STORED_FEEDBACK,
     STORED_METRICS,
     EventRepository,
@@ -398,6 +399,8 @@ class Daemon:
                 "stored": counters.get(STORED_METRICS, 0) + counters.get(STORED_FEEDBACK, 0),
                 "stored_metrics": counters.get(STORED_METRICS, 0),
                 "stored_feedback": counters.get(STORED_FEEDBACK, 0),
+                # Of the stored feedback, evaluators' results (published by this daemon).
+                "stored_evaluations": counters.get(STORED_EVALUATIONS, 0),
                 "duplicates": counters.get(DUPLICATES, 0),
                 "dead_lettered": sum(dead.values()),
                 "dead_lettered_by_reason": dead,

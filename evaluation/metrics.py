@@ -117,6 +117,16 @@ class EvaluationMetrics:
             registry=registry,
         )
 
+    def zero(self, evaluator: str) -> None:
+        """Create the evaluator's counters at 0, so that rates and increases have a series
+        from the start (Prometheus cannot see a counter's first increment otherwise)."""
+        self.sampled.labels(evaluator=evaluator)
+        self.cost.labels(evaluator=evaluator)
+        for status in ("scored", "invalid"):
+            self.results.labels(evaluator=evaluator, status=status)
+        for reason in SKIP_REASONS:
+            self.skipped.labels(evaluator=evaluator, reason=reason)
+
     def prompt(self, name: str) -> str:
         """The exported value of a prompt name (capped)."""
         return self.labels.value("prompt", name)

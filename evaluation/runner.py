@@ -98,6 +98,7 @@ class Runner:
         }
         for e in settings.evaluators:
             metrics.up.labels(evaluator=e.name).set(1)
+            metrics.zero(e.name)
 
     def skip(self, evaluator: str, reason: str, n: int = 1) -> None:
         """Count ``n`` sampled calls of ``evaluator`` not evaluated, and why."""

@@ -127,6 +127,8 @@ _EPISODES_PER_QUERY: Final = 500
 #: Counter names kept in the ``counters`` table (dead letters add ``dead_lettered.<reason>``).
 STORED_METRICS: Final = "stored.metric"
 STORED_FEEDBACK: Final = "stored.feedback"
+#: Of the stored feedback, evaluators' results (``source`` set).
+STORED_EVALUATIONS: Final = "stored.evaluation"
 DUPLICATES: Final = "duplicates"
 DEAD_LETTERED: Final = "dead_lettered"
 #: Prefix of what ingestion counted of OpenTelemetry spans (``otlp.spans.call``, ...).
@@ -248,16 +250,17 @@ def _store_sync(
     duplicates = len(metrics) + len(feedback) - m_stored - f_stored
     if offsets:
         conn.executemany(_UPSERT_OFFSET, [(t, p, o, now) for (t, p), o in offsets.items()])
+    human, evaluations = _by_source(new_feedback)
     counters = [
         (STORED_METRICS, m_stored),
         (STORED_FEEDBACK, f_stored),
+        (STORED_EVALUATIONS, len(evaluations)),
         (DUPLICATES, duplicates),
         (DEAD_LETTERED, sum(dead_letters.values())),
         *((f"{DEAD_LETTERED}.{reason}", n) for reason, n in dead_letters.items()),
         *extra.items(),
     ]
     conn.executemany(_ADD_COUNTER, [(k, v) for k, v in counters if v])
-    human, evaluations = _by_source(new_feedback)
     return BatchOutcome(
         m_stored,
         f_stored,
