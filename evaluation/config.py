@@ -270,11 +270,46 @@ class AgreementSettings(_Section):
     binary_threshold: float = Field(default=0.5, gt=0, le=1)
 
 
+Decision = Literal["monitor", "optimizer", "rollout"]
+"""The decisions whose quality signal a prompt chooses."""
+DECISIONS: tuple[Decision, ...] = ("monitor", "optimizer", "rollout")
+
+Signal = Annotated[str, Field(pattern=rf"^(human|{SOURCE_PREFIX}{EVALUATOR_NAME_PATTERN})$")]
+Signals = Annotated[list[Signal], Field(min_length=1)]
+
+
+class SignalChoice(_Section):
+    """Which quality signal drives each decision of the selected prompts: ``"human"``
+    (people's and apps' feedback, the default), ``"eval:<evaluator>"``, or several (the
+    feedback of any of them counts)."""
+
+    prompts: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(min_length=1)
+    # The monitor's feedback rules and windows.
+    monitor: Signals = Field(default_factory=lambda: ["human"])
+    # The optimizer's example scores, demonstrations and trusted-example threshold.
+    optimizer: Signals = Field(default_factory=lambda: ["human"])
+    # The rollout's primary metric (feedback_score); an evaluator named here is also
+    # paired with people's scores for the judge-drift check.
+    rollout: Signals = Field(default_factory=lambda: ["human"])
+
+    def selects(self, prompt: str) -> bool:
+        """Whether this choice is ``prompt``'s."""
+        return any(fnmatch.fnmatchcase(prompt, pattern) for pattern in self.prompts)
+
+    def of(self, decision: Decision) -> tuple[str, ...]:
+        """The signals of ``decision``, each once, in the order given."""
+        chosen: list[str] = getattr(self, decision)
+        return tuple(dict.fromkeys(chosen))
+
+
 class EvaluationSettings(_Section):
     """Evaluators and the engine that runs them."""
 
     enabled: bool = True
     evaluators: list[Evaluator] = Field(default_factory=list)
+    # Per prompt (names or selectors, the first entry that selects a prompt wins): which
+    # signal drives its monitor, optimizer and rollouts. Default: people's feedback.
+    signals: list[SignalChoice] = Field(default_factory=list)
     # Sampled calls waiting for their evaluation; beyond it they are counted
     # (reason="queue_full") and never evaluated. Ingestion never waits for it.
     queue_size: int = Field(default=1000, ge=1, le=1_000_000)
@@ -308,7 +343,26 @@ class EvaluationSettings(_Section):
                         f"evaluator {e.name!r}: only_if names no code check: "
                         f"{', '.join(unknown)} (code checks: {', '.join(sorted(checks)) or 'none'})"
                     )
+        self._signals_name_evaluators(set(names))
         return self
+
+    def _signals_name_evaluators(self, names: set[str]) -> None:
+        for index, choice in enumerate(self.signals):
+            for decision in DECISIONS:
+                for signal in choice.of(decision):
+                    name = signal.removeprefix(SOURCE_PREFIX)
+                    if signal != "human" and name not in names:
+                        raise ValueError(
+                            f"signals[{index}].{decision}: {signal!r} names no evaluator "
+                            f"(evaluators: {', '.join(sorted(names)) or 'none'})"
+                        )
+
+    def signals_for(self, prompt: str, decision: Decision) -> tuple[str, ...]:
+        """The quality signals of ``prompt``'s ``decision`` (``("human",)`` by default)."""
+        for choice in self.signals:
+            if choice.selects(prompt):
+                return choice.of(decision)
+        return ("human",)
 
     def by_name(self) -> dict[str, Evaluator]:
         """The evaluators by name."""
