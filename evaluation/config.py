@@ -310,6 +310,10 @@ class EvaluationSettings(_Section):
     # Per prompt (names or selectors, the first entry that selects a prompt wins): which
     # signal drives its monitor, optimizer and rollouts. Default: people's feedback.
     signals: list[SignalChoice] = Field(default_factory=list)
+    # Evaluations the app makes itself and sends with a source (OpenTelemetry span
+    # evaluations, feedback events with source "eval:<name>"): names a signal may use
+    # besides the evaluators'.
+    external: list[EvaluatorName] = Field(default_factory=list)
     # Sampled calls waiting for their evaluation; beyond it they are counted
     # (reason="queue_full") and never evaluated. Ingestion never waits for it.
     queue_size: int = Field(default=1000, ge=1, le=1_000_000)
@@ -343,7 +347,7 @@ class EvaluationSettings(_Section):
                         f"evaluator {e.name!r}: only_if names no code check: "
                         f"{', '.join(unknown)} (code checks: {', '.join(sorted(checks)) or 'none'})"
                     )
-        self._signals_name_evaluators(set(names))
+        self._signals_name_evaluators({*names, *self.external})
         return self
 
     def _signals_name_evaluators(self, names: set[str]) -> None:
@@ -354,7 +358,7 @@ class EvaluationSettings(_Section):
                     if signal != "human" and name not in names:
                         raise ValueError(
                             f"signals[{index}].{decision}: {signal!r} names no evaluator "
-                            f"(evaluators: {', '.join(sorted(names)) or 'none'})"
+                            f"(evaluators and external: {', '.join(sorted(names)) or 'none'})"
                         )
 
     def signals_for(self, prompt: str, decision: Decision) -> tuple[str, ...]:

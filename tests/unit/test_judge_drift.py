@@ -51,7 +51,8 @@ def test_the_primary_metric_counts_the_rollouts_signals_only() -> None:
     both.add_feedback("r1", 1.0, 2.0, source=None)
     assert both.arm_summary()["candidate"]["primary_samples"] == 2
     human = _acc(("human",))
-    assert not human.accepts(JUDGE) and human.accepts(None)
+    assert not human.accepts(JUDGE)
+    assert human.accepts(None)
     assert human.read_signals() == ("human",)
     assert _acc((JUDGE,)).read_signals() == (JUDGE, "human")
 
@@ -200,7 +201,8 @@ def test_a_gamed_judge_is_caught(gamed: float, pairs: int) -> None:
 
 def test_the_judge_drift_check_is_a_pause_within_the_budget() -> None:
     """The check is a catalog entry: a pause, with its alpha in the rollback budget."""
-    assert DRIFT.action == "pause" and DRIFT.paired
+    assert DRIFT.action == "pause"
+    assert DRIFT.paired
     assert BALANCED.budget()["judge_drift"] == BALANCED.judge_drift_alpha
     assert "max_judge_drift" in BALANCED.margins()
     assert as_clustered(_acc().observation(_state()).metric("judge_drift")).steps == ()

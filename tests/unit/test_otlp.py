@@ -119,7 +119,8 @@ def test_openinference_span_maps_variables_cost_and_annotations() -> None:
     )
     assert (on_trace.request_id, on_trace.episode_id) == (None, call.episode_id)
     assert (on_trace.kind, on_trace.score) == ("helpfulness", 0.5)
-    assert on_call.source is None and on_trace.source is None  # annotations: people's
+    assert on_call.source is None
+    assert on_trace.source is None
 
 
 def test_non_llm_spans_are_skipped_and_counted() -> None:

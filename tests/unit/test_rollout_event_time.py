@@ -233,9 +233,9 @@ OPS = st.lists(
 @given(seed=st.integers(0, 2**32 - 1), ops=OPS)
 def test_live_aggregates_equal_a_full_replay(seed: int, ops: list[str]) -> None:
     """Batches of calls stamped late, on time, ahead or years ahead, feedback (people's
-    and evaluators') before or after its call or on none, pauses, ticks that start new steps, restarts with and
-    without a snapshot: the live accumulator equals the one a start without a snapshot
-    rebuilds from storage."""
+    and evaluators') before or after its call or on none, pauses, ticks that start new
+    steps, restarts with and without a snapshot: the live accumulator equals the one a
+    start without a snapshot rebuilds from storage."""
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(scenario(Path(tmp), seed, ops))
 
