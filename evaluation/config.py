@@ -196,6 +196,13 @@ class JudgeEvaluator(_Evaluator):
     # The judge answers a number from scale[0] (worst) to scale[1] (best); it becomes
     # (n - low) / (high - low).
     scale: tuple[float, float] = (1.0, 5.0)
+    # How the answer becomes a score: "text" reads the number (or yes/no) it wrote;
+    # "logprobs" asks the server for the token probabilities (OpenAI's logprobs and
+    # top_logprobs) and takes the expected score under them at the first position where a
+    # scale value is among the top_logprobs most likely tokens (G-Eval's weighting), with
+    # the text as the fallback. Integer scale values and yes/no words count.
+    scoring: Literal["text", "logprobs"] = "text"
+    top_logprobs: int = Field(default=10, ge=1, le=20)
     # Give the judge the call's correction (latest from people) as the reference answer.
     use_reference: bool = True
     # Run only on outputs that pass these code checks (by name); the checks run here
@@ -237,7 +244,9 @@ class JudgeEvaluator(_Evaluator):
             request_timeout_s=self.request_timeout_s,
             input_cost_per_token=self.input_cost_per_token,
             output_cost_per_token=self.output_cost_per_token,
-            extra=self.extra,
+            extra=self.extra
+            if self.scoring == "text"
+            else {**self.extra, "logprobs": True, "top_logprobs": self.top_logprobs},
         )
 
 
