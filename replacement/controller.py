@@ -731,6 +731,8 @@ class RolloutController:
             "salt": state["salt"],
             "profile": state["profile"],
             "primary_metric": state["primary_metric"],
+            # The quality signals of its primary metric (older rollouts: people's).
+            "signals": list(state.get("signals", ["human"])),
             "state": state,
             "step_starts": live.acc.step_starts if live else row.step_starts,
             "starvation": views.starvation(state, profile, self.clock()),
