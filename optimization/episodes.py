@@ -2,7 +2,7 @@
 
 An episode is the set of calls that share an ``episode_id`` (see ``promptd.episode()``).
 :class:`EpisodeStore` is the daemon's
-:class:`~promptd.optimization.pipeline_run.EpisodeSource`: it turns the event tables into
+:class:`~promptd.optimization.targets.EpisodeSource`: it turns the event tables into
 :class:`~promptd.optimization.pipeline.Episode` examples for a pipeline, within a run's
 :class:`~promptd.optimization.examples.Snapshot`, so a resumed run reads exactly the
 same episodes.

@@ -60,3 +60,41 @@ async def seed(db: Database, prompt: str, rows: list[Row], now: float | None = N
                 )
             )
     await EventRepository(db).store_batch(metrics, feedback, {})
+
+
+def run_services(
+    db: Database,
+    settings: Any,
+    *,
+    episodes: Any = None,
+    rollouts: Any = None,
+    registry: Any = None,
+) -> Any:
+    """The services a run uses, on ``db`` (a fresh metrics registry, no publishing)."""
+    from prometheus_client import CollectorRegistry
+
+    from promptd.optimization.examples import ExampleStore
+    from promptd.optimization.llm import LiteLLMClient
+    from promptd.optimization.metrics import OptimizationMetrics
+    from promptd.optimization.services import RunServices
+    from promptd.optimization.store import OptimizationStore
+    from promptd.optimization.tracking import NoTracker
+    from promptd.replacement.registry import Registry
+
+    async def publish(event: dict[str, Any]) -> None:
+        return None
+
+    return RunServices(
+        settings=settings,
+        store=OptimizationStore(db),
+        registry=registry or Registry(db),
+        rollouts=rollouts,
+        examples=ExampleStore(db, 30 * 86_400, 2_000),
+        episodes=episodes,
+        client_factory=lambda: LiteLLMClient(0, 0.0),
+        clock=time.time,
+        publish=publish,
+        metrics=OptimizationMetrics(CollectorRegistry()),
+        tracker=NoTracker(),
+        primary_metric="feedback_score",
+    )

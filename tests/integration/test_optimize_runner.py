@@ -70,6 +70,19 @@ class FakeRollouts:
         """The rollout's status."""
         return {"id": rollout_id, "status": self.status[rollout_id]}
 
+    async def list(self) -> list[dict[str, Any]]:
+        """Every rollout, as the controller lists them."""
+        return [
+            {
+                "id": s["id"],
+                "prompt": s["prompt"],
+                "candidate_version": s["candidate"],
+                "members": [],
+                "status": self.status[s["id"]],
+            }
+            for s in self.started
+        ]
+
 
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[Database]:
@@ -376,8 +389,8 @@ async def test_a_stopped_run_resumes_without_paying_twice(
     assert calls[paid_before] in repeated or not repeated
     # Same plan, same answers: the same outcome as a run that was never interrupted.
     assert done["outcome"] == "deployed"
-    # Paid calls: every answered request (the one cut off by the stop was not answered).
-    assert done["llm_calls"] == len(calls) - len(repeated)
+    # Paid calls: every request the model received, the one cut off by the stop included.
+    assert done["llm_calls"] == len(calls)
 
 
 async def _finished(runner: OptimizationRunner, run_id: str) -> dict[str, Any] | None:
@@ -478,6 +491,18 @@ class PipelineRollouts(FakeRollouts):
         )
         self.status[rid] = "running"
         return type("Rollout", (), {"id": rid})()
+
+    async def list(self) -> list[dict[str, Any]]:
+        """Prompt and pipeline rollouts."""
+        pipelines = [
+            {
+                "id": p["id"],
+                "members": [{"prompt": k, "candidate": v} for k, v in p["candidates"].items()],
+                "status": self.status[p["id"]],
+            }
+            for p in self.pipelines
+        ]
+        return [*await super().list(), *pipelines]
 
 
 async def test_a_trigger_for_a_pipeline_step_optimizes_the_pipeline(tmp_path: Path) -> None:
