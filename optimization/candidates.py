@@ -92,12 +92,18 @@ def select(
 
 
 def _lines(program: Program) -> list[str]:
-    return [f"{role}: {line}" for role, content in program.messages for line in content.split("\n")]
+    """The messages' non-blank lines, each with its role (blank lines are layout)."""
+    return [
+        f"{role}: {line.strip()}"
+        for role, content in program.messages
+        for line in content.split("\n")
+        if line.strip()
+    ]
 
 
 def distance(program: Program, active: Program) -> int:
-    """How much ``program`` changes ``active``: changed lines of the messages (a
-    replaced line counts once), plus one for a changed model, parameters or extras."""
+    """How much ``program`` changes ``active``: changed non-blank lines of the messages
+    (a replaced line counts once), plus one for a changed model, parameters or extras."""
     ops = difflib.SequenceMatcher(None, _lines(active), _lines(program), autojunk=False)
     changed = sum(
         max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in ops.get_opcodes() if tag != "equal"
