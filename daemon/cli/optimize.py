@@ -50,22 +50,9 @@ def register(sub: Any) -> dict[str, Any]:
 
 def optimize_command(args: argparse.Namespace, settings: Settings) -> int:
     """Start a run and follow it until it ends (or ``--no-wait``)."""
-    body: dict[str, Any] = {"reason": args.reason}
-    if args.strategy:
-        body["strategies"] = args.strategy
-    budget = {
-        key: value
-        for key, value in (
-            ("max_llm_calls", args.max_llm_calls),
-            ("max_tokens", args.max_tokens),
-            ("max_cost_usd", args.max_cost_usd),
-            ("timeout_minutes", args.max_minutes),
-        )
-        if value is not None
-    }
-    if budget:
-        body["budget"] = budget
-    started = http_json(settings, "POST", f"/v1/optimize/{quote(args.prompt, safe='')}", body)
+    started = http_json(
+        settings, "POST", f"/v1/optimize/{quote(args.prompt, safe='')}", request_body(args)
+    )
     run_id = started["run_id"]
     if started.get("warning") and not args.json:
         print(f"warning: {started['warning']}")
@@ -87,8 +74,28 @@ def optimize_command(args: argparse.Namespace, settings: Settings) -> int:
         if time.monotonic() > deadline:
             raise CommandError(f"run {run_id} still running after {args.timeout:g}s")
         time.sleep(1.0)
-    _print(args, run, _summary(run))
+    _print(args, run, summary(run))
     return 0 if run["status"] == RunStatus.COMPLETED else 1
+
+
+def request_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The body of ``POST /v1/optimize/{prompt}`` from the command's arguments."""
+    body: dict[str, Any] = {"reason": args.reason}
+    if args.strategy:
+        body["strategies"] = args.strategy
+    budget = {
+        key: value
+        for key, value in (
+            ("max_llm_calls", args.max_llm_calls),
+            ("max_tokens", args.max_tokens),
+            ("max_cost_usd", args.max_cost_usd),
+            ("timeout_minutes", args.max_minutes),
+        )
+        if value is not None
+    }
+    if budget:
+        body["budget"] = budget
+    return body
 
 
 def _candidate(cand: dict[str, Any]) -> str:
@@ -96,7 +103,8 @@ def _candidate(cand: dict[str, Any]) -> str:
     return f"candidate {cand['index']} ({cand['strategy']}): {score}"
 
 
-def _summary(run: dict[str, Any]) -> str:
+def summary(run: dict[str, Any]) -> str:
+    """A finished run in a few lines."""
     selection = run.get("selection") or {}
     progress = run.get("progress") or {}
     lines = [

@@ -224,7 +224,8 @@ async def test_without_an_evaluation_model_the_rollout_is_the_judge(
     db: Database,
 ) -> None:
     """No evaluation model: fewshot proposes unscored, a conservative rollout that must
-    win decides."""
+    win decides, and the run record says in its first note that the candidate is
+    unscored and which setting would score it."""
     rejecting = runner_settings(None, without_evaluation="reject")
     run = await run_once(make_runner(db, rejecting, FakeRollouts()), ["fewshot"])
     assert run["outcome"] == "rejected_without_evaluation"
@@ -233,6 +234,12 @@ async def test_without_an_evaluation_model_the_rollout_is_the_judge(
     assert (run["outcome"], run["gate"]) == ("deployed", None)
     assert rollouts.started[0]["profile"] == "conservative"
     assert rollouts.started[0]["require_win"] is True
+    assert run["progress"]["unscored"] is True
+    first = run["progress"]["notes"][0]
+    assert "unscored" in first
+    assert "[optimization.evaluation.model]" in first
+    assert run["error"].startswith(first)
+    assert run["candidates"][0]["val_mean"] is None
     # The registered proposal is not proposed again by the next run.
     again = await run_once(make_runner(db, runner_settings(None), FakeRollouts()), ["fewshot"])
     assert again["outcome"] == "no_candidate"
@@ -321,7 +328,7 @@ async def test_runs_are_tracked_in_mlflow(
     """With a tracking URI (a local SQLite store, or MLflow's file store when allowed) every
     finished run is an MLflow run with parameters, per-candidate metrics, the templates as
     artifacts and the outcome."""
-    mlflow = pytest.importorskip("mlflow")
+    import mlflow  # the dev extra installs it: missing, the test fails
     fake = await fake_llm()
     if store == "file":
         # MLflow 3 refuses its file store unless told to accept it.

@@ -266,7 +266,7 @@ async def test_gepa_adapter_uses_promptd_evaluator_proposer_and_budget(
 ) -> None:
     """GEPA (the real package) evolves the instruction through promptd's adapter: the model
     sees rendered templates, reflection goes to the proposer, the budget holds."""
-    pytest.importorskip("gepa")
+    import gepa  # noqa: F401  (the dev extra installs it: missing, the test fails)
     h = Harness(db, _settings(fake, gepa={"max_metric_calls": 80}), max_calls=150)
     result, _ = await h.search("gepa")
     model_prompts = [user_text(b) for b in fake.requests if not is_proposer(b)]
@@ -282,7 +282,7 @@ async def test_gepa_adapter_uses_promptd_evaluator_proposer_and_budget(
 
 async def test_gepa_stops_when_the_run_is_cancelled(db: Database) -> None:
     """Cancelling the run ends gepa's worker thread promptly; no call follows."""
-    pytest.importorskip("gepa")
+    import gepa  # noqa: F401  (the dev extra installs it: missing, the test fails)
 
     async def slow(body: dict[str, Any]) -> str:
         await asyncio.sleep(0.3)
