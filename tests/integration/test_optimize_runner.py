@@ -329,6 +329,7 @@ async def test_runs_are_tracked_in_mlflow(
     finished run is an MLflow run with parameters, per-candidate metrics, the templates as
     artifacts and the outcome."""
     import mlflow  # the dev extra installs it: missing, the test fails
+
     fake = await fake_llm()
     if store == "file":
         # MLflow 3 refuses its file store unless told to accept it.

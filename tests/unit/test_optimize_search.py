@@ -267,6 +267,7 @@ async def test_gepa_adapter_uses_promptd_evaluator_proposer_and_budget(
     """GEPA (the real package) evolves the instruction through promptd's adapter: the model
     sees rendered templates, reflection goes to the proposer, the budget holds."""
     import gepa  # noqa: F401  (the dev extra installs it: missing, the test fails)
+
     h = Harness(db, _settings(fake, gepa={"max_metric_calls": 80}), max_calls=150)
     result, _ = await h.search("gepa")
     model_prompts = [user_text(b) for b in fake.requests if not is_proposer(b)]
