@@ -69,12 +69,11 @@ class OptimizationStore:
 
     async def get_call(self, key: str) -> Completion | None:
         """The stored answer for ``key``."""
-        async with self.db.reader.execute(
+        row = await self._one(
             "SELECT response, tokens_in, tokens_out, cost_usd, attempts "
             "FROM optimization_llm_calls WHERE key = ?",
             (key,),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         if row is None:
             return None
         return Completion(row[0], int(row[1]), int(row[2]), float(row[3]), int(row[4]))
@@ -122,16 +121,14 @@ class OptimizationStore:
         """What ``run_id`` paid for so far (restores a resumed run's budget): its stored
         answers, or its row's figures when larger (calls lost in flight, and answers of
         its calls that another run stored first)."""
-        async with self.db.reader.execute(
+        stored = await self._one(
             "SELECT coalesce(sum(attempts), 0), coalesce(sum(tokens_in + tokens_out), 0), "
             "coalesce(sum(cost_usd), 0) FROM optimization_llm_calls WHERE run_id = ?",
             (run_id,),
-        ) as cur:
-            stored = await cur.fetchone()
-        async with self.db.reader.execute(
+        )
+        noted = await self._one(
             "SELECT llm_calls, tokens, cost_usd FROM optimization_runs WHERE id = ?", (run_id,)
-        ) as cur:
-            noted = await cur.fetchone() or (0, 0, 0.0)
+        ) or (0, 0, 0.0)
         assert stored is not None
         return Spend(
             max(int(stored[0]), int(noted[0] or 0)),
@@ -228,6 +225,11 @@ class OptimizationStore:
         ) as cur:
             rows = await cur.fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
+
+    async def _one(self, sql: str, params: Sequence[Any]) -> Sequence[Any] | None:
+        async with self.db.reader.execute(sql, tuple(params)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else tuple(row)
 
     async def _select(self, tail: str, params: Sequence[Any]) -> list[dict[str, Any]]:
         sql = f"SELECT {', '.join(RUN_COLUMNS)} FROM optimization_runs {tail}"
