@@ -27,6 +27,7 @@ from promptd.daemon.settings_sources import (
     VariablesSource,
     model_of,
     read_sources,
+    sdk_names_module,
 )
 from promptd.monitoring.config import MonitoringSettings
 from promptd.optimization.config import OptimizationSettings
@@ -51,6 +52,9 @@ class KafkaSettings(_Section):
         default=None,
         description="host:port[,host:port]; unset means: start the embedded development broker",
     )
+    # The embedded development broker's port on 127.0.0.1 (only when bootstrap_servers is
+    # unset): Kafka's usual 9092, so an app's localhost:9092 reaches it; 0 picks a free one.
+    embedded_port: int = Field(default=9092, ge=0, le=65535)
     client_id: str = "promptd"
     group_id: str = "promptd"
     metrics_topic: str = "promptd.metrics"
@@ -282,3 +286,10 @@ def describe_validation_error(
         shown = "" if hidden else f" (got {given!r})"
         parts.append(f"invalid setting {dotted} [{origin}]: {message}{shown}")
     return "; ".join(parts)
+
+
+if __name__ == "__main__":
+    # Regenerates the SDK's copy of the daemon's variable names (see sdk_names_module).
+    import sys
+
+    sys.stdout.write(sdk_names_module(Settings))

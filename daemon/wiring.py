@@ -107,6 +107,8 @@ def install_rollouts(daemon: Daemon) -> None:
             routing_ttl_s=settings.http.routing_ttl_s,
             snapshot_interval_s=settings.rollout.snapshot_interval_s,
             pipelines=pipelines,
+            # One rule for timestamps ahead of the clock, the monitor's and the rollouts'.
+            max_future_s=settings.monitoring.max_future_s,
         )
         await controller.resume()
         daemon.components["registry"] = registry
