@@ -1,15 +1,21 @@
-"""Ingestion throughput: end-to-end events/s beside the raw aiokafka consumption rate.
+"""Ingestion throughput: end-to-end events/s beside the raw aiokafka consumption rate,
+and the same for OpenTelemetry spans read from the OTLP topic.
 
     python bench/ingest.py [--events 200000] [--runs 3] [--partitions 3]
+                           [--spans-per-record 100]
 
 Each run produces N realistic MetricEvents (plus 10 % feedback) to fresh topics on a
 Tansu broker on this machine, then measures (a) a bare aiokafka consumer reading them
 (no decoding, no storage; the median of three reads, two before and one after (b))
-and (b) the daemon, from partition assignment until every event is in SQLite. Prints
-the median over runs of both and of their ratio (b)/(a), which factors out how busy the
-machine is; the CPU time per event of both (all threads of this process); and the
-machine's noise: how far the raw rate moved between runs, and the load average before
-and after each run.
+and (b) the daemon, from partition assignment until every event is in SQLite. In the
+same run, (c) the daemon stores the same number of calls sent as OTLP spans instead:
+GenAI chat spans (10 % with an evaluation event, which is feedback) framed as the
+Collector's Kafka exporter writes them (``otlp_proto``, one ExportTraceServiceRequest of
+``--spans-per-record`` spans per record), from assignment until every call and feedback
+event is in SQLite. Prints the median over runs of all three and of the ratio (b)/(a),
+which factors out how busy the machine is; the CPU time per event (all threads of this
+process); and the machine's noise: how far the raw rate moved between runs, and the
+load average before and after each run.
 """
 
 from __future__ import annotations
@@ -76,6 +82,79 @@ def make_events(n: int, prompts: int = 50) -> list[tuple[str, bytes, bytes]]:
             }
             out.append(("metric", prompt.encode(), json.dumps(body).encode()))
     return out
+
+
+def make_span_records(n: int, per_record: int, prompts: int = 50) -> tuple[list[bytes], int]:
+    """OTLP records of ``n`` GenAI chat spans, and how many events they hold (calls plus
+    feedback from the evaluation events on every tenth span)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    def kv(key: str, value: str | int | float) -> KeyValue:
+        if isinstance(value, str):
+            return KeyValue(key=key, value=AnyValue(string_value=value))
+        if isinstance(value, int):
+            return KeyValue(key=key, value=AnyValue(int_value=value))
+        return KeyValue(key=key, value=AnyValue(double_value=value))
+
+    rng = random.Random(11)
+    now_ns = time.time_ns()
+    records, events = [], 0
+    for first in range(0, n, per_record):
+        request = ExportTraceServiceRequest()
+        resource = request.resource_spans.add()
+        resource.resource.attributes.append(kv("service.name", "support-bot"))
+        scope = resource.scope_spans.add()
+        scope.scope.name = "opentelemetry.instrumentation.openai_v2"
+        for i in range(first, min(first + per_record, n)):
+            span = scope.spans.add()
+            span.trace_id, span.span_id = os.urandom(16), os.urandom(8)
+            span.name, span.kind = "chat gpt-4o-mini", 3  # SPAN_KIND_CLIENT
+            span.start_time_unix_nano = now_ns - int(rng.random() * 60e9)
+            span.end_time_unix_nano = span.start_time_unix_nano + int(
+                rng.lognormvariate(6, 0.5) * 1e6
+            )
+            span.attributes.extend(
+                [
+                    kv("gen_ai.operation.name", "chat"),
+                    kv("gen_ai.provider.name", "openai"),
+                    kv("gen_ai.request.model", "gpt-4o-mini"),
+                    kv("gen_ai.response.model", "gpt-4o-mini-2024-07-18"),
+                    kv("gen_ai.prompt.name", f"prompt-{i % prompts}"),
+                    kv("promptd.variant", rng.choice(["v1", "v2"])),
+                    kv("promptd.unit_id", f"user-{rng.randrange(10_000)}"),
+                    kv("gen_ai.usage.input_tokens", rng.randrange(50, 2000)),
+                    kv("gen_ai.usage.output_tokens", rng.randrange(10, 500)),
+                    kv("gen_ai.response.finish_reasons", "stop"),
+                ]
+            )
+            events += 1
+            if i % 10 == 9:
+                event = span.events.add()
+                event.name = "gen_ai.evaluation.result"
+                event.time_unix_nano = span.end_time_unix_nano
+                event.attributes.extend(
+                    [
+                        kv("gen_ai.evaluation.name", "thumbs"),
+                        kv("gen_ai.evaluation.score.value", rng.random()),
+                    ]
+                )
+                events += 1
+        records.append(request.SerializeToString())
+    return records, events
+
+
+async def produce_values(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1_048_576
+    )
+    await producer.start()
+    try:
+        await asyncio.gather(*[await producer.send(topic, value) for value in values])
+    finally:
+        await producer.stop()
 
 
 async def produce(
@@ -170,6 +249,7 @@ def settings_for(bootstrap: str, data_dir: Path, tag: str, partitions: int) -> S
             "alerts_topic": f"bench-alerts-{tag}",
             "routing_topic": f"bench-routing-{tag}",
             "optimization_topic": f"bench-opt-{tag}",
+            "otlp_topic": f"bench-otlp-{tag}",
             "topic_partitions": partitions,
             "session_timeout_ms": 1000,
             "heartbeat_interval_ms": 300,
@@ -182,8 +262,12 @@ def settings_for(bootstrap: str, data_dir: Path, tag: str, partitions: int) -> S
 
 
 async def one_run(
-    broker: EmbeddedBroker, events: list[tuple[str, bytes, bytes]], partitions: int, tmp: Path
-) -> tuple[Rate, Rate]:
+    broker: EmbeddedBroker,
+    events: list[tuple[str, bytes, bytes]],
+    spans: tuple[list[bytes], int],
+    partitions: int,
+    tmp: Path,
+) -> tuple[Rate, Rate, Rate]:
     from promptd.daemon.kafka import ensure_topics
 
     tag = uuid.uuid4().hex[:8]
@@ -198,7 +282,15 @@ async def one_run(
     e2e = await daemon_ingest(settings, len(events))
     raws.append(await raw_consume(broker.bootstrap_servers, names, len(events)))
     raws.sort()
-    return e2e, raws[1]
+    # The same number of calls as OTLP spans, on fresh topics and a fresh store.
+    tag = uuid.uuid4().hex[:8]
+    otlp_settings = settings_for(broker.bootstrap_servers, tmp, tag, partitions)
+    await ensure_topics(otlp_settings.kafka, broker.bootstrap_servers)
+    records, n_events = spans
+    assert otlp_settings.kafka.otlp_topic is not None
+    await produce_values(broker.bootstrap_servers, otlp_settings.kafka.otlp_topic, records)
+    otlp = await daemon_ingest(otlp_settings, n_events)
+    return e2e, raws[1], otlp
 
 
 def main() -> None:
@@ -206,20 +298,25 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--partitions", type=int, default=3)
+    parser.add_argument("--spans-per-record", type=int, default=100)
     args = parser.parse_args()
     configure_logging("error", "json")
     events = make_events(args.events)
-    e2e_runs, raw_runs = [], []
+    calls = sum(1 for kind, _, _ in events if kind == "metric")
+    spans = make_span_records(calls, args.spans_per_record)
+    e2e_runs, raw_runs, otlp_runs = [], [], []
     load = [os.getloadavg()[0]]
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
-            e2e, raw = asyncio.run(one_run(broker, events, args.partitions, Path(tmp)))
+            e2e, raw, otlp = asyncio.run(one_run(broker, events, spans, args.partitions, Path(tmp)))
             e2e_runs.append(e2e)
             raw_runs.append(raw)
+            otlp_runs.append(otlp)
             load.append(os.getloadavg()[0])
             print(
                 f"run {run + 1}: end-to-end {e2e.per_s:,.0f} ev/s ({e2e.cpu_us:.1f} CPU us/ev), "
-                f"raw consume {raw.per_s:,.0f} rec/s ({raw.cpu_us:.1f} CPU us/rec)"
+                f"raw consume {raw.per_s:,.0f} rec/s ({raw.cpu_us:.1f} CPU us/rec), "
+                f"OTLP spans {otlp.per_s:,.0f} ev/s ({otlp.cpu_us:.1f} CPU us/ev)"
             )
     e2e_rates, raw_rates = [r.per_s for r in e2e_runs], [r.per_s for r in raw_runs]
     ratios = [e / r for e, r in zip(e2e_rates, raw_rates, strict=True)]
@@ -231,12 +328,15 @@ def main() -> None:
         ("ratio end-to-end / raw, target >= 0.30", ratios, "{:>12.3f}"),
         ("daemon CPU per event (us, all threads)", [r.cpu_us for r in e2e_runs], "{:>12.2f}"),
         ("raw consume CPU per record (us)", [r.cpu_us for r in raw_runs], "{:>12.2f}"),
+        ("daemon on OTLP spans (events/s)", [r.per_s for r in otlp_runs], "{:>12,.0f}"),
+        ("daemon CPU per OTLP event (us)", [r.cpu_us for r in otlp_runs], "{:>12.2f}"),
     ):
         row = "".join(fmt.format(v) for v in (statistics.median(values), min(values), max(values)))
         print(f"{name:<40}{row}")
     print(
         f"\n{args.events:,} events per run, {args.runs} runs, "
-        f"{args.partitions} partitions per topic"
+        f"{args.partitions} partitions per topic; OTLP: {calls:,} spans "
+        f"({spans[1]:,} events) in {len(spans[0]):,} records of {args.spans_per_record} spans"
     )
     print(noise(raw_rates, load))
 

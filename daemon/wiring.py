@@ -7,6 +7,7 @@ the part's batch listener, HTTP routes and background task. The core lifecycle i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -33,6 +34,23 @@ def install_components(daemon: Daemon) -> None:
     from promptd.daemon.optimize_component import install as install_optimizer
 
     install_optimizer(daemon)
+    install_traces(daemon)
+
+
+def install_traces(daemon: Daemon) -> None:
+    """``POST /v1/traces``: OTLP/HTTP export, published to the OTLP topic."""
+    settings = daemon.settings
+    if settings.kafka.otlp_topic is None:
+        return
+    from promptd.daemon.api.traces import Record, add_routes
+    from promptd.daemon.kafka import KafkaSendError
+
+    async def publish(topic: str, records: Sequence[Record]) -> None:
+        if daemon.producer is None or not daemon.kafka_ready:
+            raise KafkaSendError(topic, "Kafka is not connected yet")
+        await daemon.producer.send_many(topic, records)
+
+    daemon.route_extensions.append(lambda app: add_routes(app, settings, publish))
 
 
 STARVATION_RULE = "rollout_starved"

@@ -127,6 +127,8 @@ STORED_METRICS: Final = "stored.metric"
 STORED_FEEDBACK: Final = "stored.feedback"
 DUPLICATES: Final = "duplicates"
 DEAD_LETTERED: Final = "dead_lettered"
+#: Prefix of what ingestion counted of OpenTelemetry spans (``otlp.spans.call``, ...).
+OTLP_COUNTERS: Final = "otlp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +221,7 @@ def _store_sync(
     offsets: Mapping[TopicPartitionKey, int],
     dead_letters: Mapping[str, int],
     now: float,
+    extra: Mapping[str, int],
 ) -> BatchOutcome:
     """The body of :meth:`EventRepository.store_batch`, on the writer thread."""
     new_metrics: Sequence[MetricRow] = metrics
@@ -245,6 +248,7 @@ def _store_sync(
         (DUPLICATES, duplicates),
         (DEAD_LETTERED, sum(dead_letters.values())),
         *((f"{DEAD_LETTERED}.{reason}", n) for reason, n in dead_letters.items()),
+        *extra.items(),
     ]
     conn.executemany(_ADD_COUNTER, [(k, v) for k, v in counters if v])
     return BatchOutcome(
@@ -309,17 +313,22 @@ class EventRepository:
         feedback: Sequence[FeedbackRow] | Sequence[FeedbackEvent],
         offsets: Mapping[TopicPartitionKey, int],
         dead_letters: Mapping[str, int] | None = None,
+        counters: Mapping[str, int] | None = None,
     ) -> BatchOutcome:
         """Store a consumed batch and its partitions' next offsets atomically.
 
         Takes rows (what ingestion decodes to) or validated events (converted here).
+        ``counters`` are added to the named counters in the same transaction (e.g. what
+        the OTLP decoder counted of the batch's spans), so they count each record once.
         Returns the counts and the newly stored rows; ``duplicates`` counts events whose
         ``event_id`` was already stored (including repeats inside the batch).
         """
         now = time.time()
         m_rows, f_rows = _metric_rows(metrics), _feedback_rows(feedback)
         return await self.db.run_in_transaction(
-            lambda conn: _store_sync(conn, m_rows, f_rows, offsets, dead_letters or {}, now)
+            lambda conn: _store_sync(
+                conn, m_rows, f_rows, offsets, dead_letters or {}, now, counters or {}
+            )
         )
 
     async def load_offsets(
