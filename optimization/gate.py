@@ -73,12 +73,20 @@ class GateResult:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
+# Spreads and means below this (in the metric's 0..1 units) are rounding, not data: a
+# resampled row of one repeated difference minus the mean is a few ulps off zero.
+_TINY = 1e-12
+
+
 def _t(x: np.ndarray) -> np.ndarray:
-    """Row-wise t statistics (a row without spread has none: -inf, never "as extreme")."""
+    """Row-wise t statistics. A row without spread has none: +inf when its mean is
+    positive, else -inf (never "as extreme")."""
     sd = x.std(axis=-1, ddof=1)
     mean = x.mean(axis=-1)
-    safe = np.where(sd > 0, sd, 1.0)
-    return np.where(sd > 0, mean / safe * np.sqrt(x.shape[-1]), np.where(mean > 0, np.inf, -np.inf))
+    spread = sd > _TINY
+    safe = np.where(spread, sd, 1.0)
+    flat = np.where(mean > _TINY, np.inf, -np.inf)
+    return np.where(spread, mean / safe * np.sqrt(x.shape[-1]), flat)
 
 
 def sign_flip_p_value(
