@@ -3,6 +3,7 @@ and the same for OpenTelemetry spans read from the OTLP topic.
 
     python bench/ingest.py [--events 200000] [--runs 3] [--partitions 3]
                            [--spans-per-record 100]
+    python bench/ingest.py --evaluation 0.01 [--outputs]
 
 Each run produces N realistic MetricEvents (plus 10 % feedback) to fresh topics on a
 Tansu broker on this machine, then measures (a) a bare aiokafka consumer reading them
@@ -16,6 +17,16 @@ event is in SQLite. Prints the median over runs of all three and of the ratio (b
 which factors out how busy the machine is; the CPU time per event (all threads of this
 process); and the machine's noise: how far the raw rate moved between runs, and the
 load average before and after each run.
+
+With ``--evaluation RATE`` each run stores the events twice instead, without and with an
+evaluator on every prompt (a length check sampling RATE of the calls), and reports what
+evaluation costs the ingest path: the CPU per event and the rate with evaluation against
+without, both measured in the same run, alternating which goes first, and the batch
+listener's CPU per event alone. The events capture no output by default, so the sampled
+calls are counted (``no_output``) and nothing is evaluated: the figure is the sampling on
+the hot path alone. ``--outputs`` gives every call a captured output, so the sampled calls
+are also checked, stored and published as feedback (and ingested again, which the run
+waits for).
 """
 
 from __future__ import annotations
@@ -43,8 +54,9 @@ from promptd.daemon.wiring import install_components
 from promptd.events import new_event_id
 
 
-def make_events(n: int, prompts: int = 50) -> list[tuple[str, bytes, bytes]]:
-    """(topic kind, key, value): 90 % metrics, 10 % feedback, like a busy app."""
+def make_events(n: int, prompts: int = 50, outputs: bool = False) -> list[tuple[str, bytes, bytes]]:
+    """(topic kind, key, value): 90 % metrics, 10 % feedback, like a busy app; with
+    ``outputs`` every call captures a short output."""
     rng = random.Random(7)
     now = time.time()
     out: list[tuple[str, bytes, bytes]] = []
@@ -80,6 +92,8 @@ def make_events(n: int, prompts: int = 50) -> list[tuple[str, bytes, bytes]]:
                 "tokens_out": rng.randrange(10, 500),
                 "cost_usd": rng.random() / 100,
             }
+            if outputs:
+                body["output"] = f"answer {i}"
             out.append(("metric", prompt.encode(), json.dumps(body).encode()))
     return out
 
@@ -210,7 +224,8 @@ async def raw_consume(bootstrap: str, topics: list[str], n: int) -> Rate:
 
 
 async def daemon_ingest(settings: Settings, n: int, configure: Any = None) -> Rate:
-    """Events/s stored by the daemon, from partition assignment to the last event stored."""
+    """Events/s stored by the daemon, from partition assignment to the ``n``-th event
+    stored (the events produced, plus any evaluation results they lead to)."""
     registry = CollectorRegistry()
     daemon = Daemon(settings, registry=registry)
     install_components(daemon)
@@ -238,7 +253,28 @@ async def daemon_ingest(settings: Settings, n: int, configure: Any = None) -> Ra
         await task
 
 
-def settings_for(bootstrap: str, data_dir: Path, tag: str, partitions: int) -> Settings:
+def evaluation_settings(rate: float) -> dict[str, Any]:
+    """A cheap code check on every prompt, sampling ``rate`` of the calls."""
+    check = {"name": "short", "type": "length", "max_chars": 200, "sample_rate": rate}
+    return {"evaluators": [check], "queue_size": 100_000}
+
+
+def expected_evaluations(events: list[tuple[str, bytes, bytes]], rate: float) -> int:
+    """Results the check will publish: sampled calls with a captured output."""
+    from promptd.evaluation.sampling import is_sampled
+
+    count = 0
+    for kind, _, value in events:
+        if kind == "metric":
+            body = json.loads(value)
+            count += "output" in body and is_sampled("short", rate, body["request_id"])
+    return count
+
+
+def settings_for(
+    bootstrap: str, data_dir: Path, tag: str, partitions: int, evaluation: float | None = None
+) -> Settings:
+    extra = {"evaluation": evaluation_settings(evaluation)} if evaluation else {}
     return Settings(
         kafka={
             "bootstrap_servers": bootstrap,
@@ -258,6 +294,7 @@ def settings_for(bootstrap: str, data_dir: Path, tag: str, partitions: int) -> S
         # Ingestion alone: bench/monitor.py measures the cost of windows and rules.
         monitoring={"enabled": False},
         http={"port": 0},
+        **extra,
     )
 
 
@@ -272,10 +309,7 @@ async def one_run(
 
     tag = uuid.uuid4().hex[:8]
     settings = settings_for(broker.bootstrap_servers, tmp, tag, partitions)
-    await ensure_topics(settings.kafka, broker.bootstrap_servers)
-    topics = {"metric": settings.kafka.metrics_topic, "feedback": settings.kafka.feedback_topic}
-    await produce(broker.bootstrap_servers, topics, events)
-    names = list(topics.values())
+    names = await _produce_topics(broker, settings, events)
     # The reference is short (under a second) and so the noisiest figure: read the topics
     # twice before the daemon and once after it, and take the median.
     raws = [await raw_consume(broker.bootstrap_servers, names, len(events)) for _ in range(2)]
@@ -293,14 +327,54 @@ async def one_run(
     return e2e, raws[1], otlp
 
 
+async def _produce_topics(
+    broker: EmbeddedBroker, settings: Settings, events: list[tuple[str, bytes, bytes]]
+) -> list[str]:
+    from promptd.daemon.kafka import ensure_topics
+
+    await ensure_topics(settings.kafka, broker.bootstrap_servers)
+    topics = {"metric": settings.kafka.metrics_topic, "feedback": settings.kafka.feedback_topic}
+    await produce(broker.bootstrap_servers, topics, events)
+    return list(topics.values())
+
+
+async def evaluation_run(
+    broker: EmbeddedBroker,
+    events: list[tuple[str, bytes, bytes]],
+    partitions: int,
+    tmp: Path,
+    rate: float,
+    evaluation_first: bool,
+) -> tuple[Rate, Rate]:
+    """The same events stored without and with evaluation at ``rate``, one after the
+    other (each on its own topics and database); returns (without, with)."""
+    results: dict[bool, Rate] = {}
+    for on in (evaluation_first, not evaluation_first):
+        tag = uuid.uuid4().hex[:8]
+        settings = settings_for(
+            broker.bootstrap_servers, tmp, tag, partitions, rate if on else None
+        )
+        await _produce_topics(broker, settings, events)
+        extra = expected_evaluations(events, rate) if on else 0
+        results[on] = await daemon_ingest(settings, len(events) + extra)
+    return results[False], results[True]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--spans-per-record", type=int, default=100)
+    parser.add_argument(
+        "--evaluation", type=float, metavar="RATE", help="measure sampling at this rate"
+    )
+    parser.add_argument("--outputs", action="store_true", help="calls capture an output")
     args = parser.parse_args()
     configure_logging("error", "json")
+    if args.evaluation:
+        evaluation_main(args)
+        return
     events = make_events(args.events)
     calls = sum(1 for kind, _, _ in events if kind == "metric")
     spans = make_span_records(calls, args.spans_per_record)
@@ -339,6 +413,97 @@ def main() -> None:
         f"({spans[1]:,} events) in {len(spans[0]):,} records of {args.spans_per_record} spans"
     )
     print(noise(raw_rates, load))
+
+
+async def listener_cost(
+    events: list[tuple[str, bytes, bytes]], rate: float, tmp: Path, repeats: int = 5
+) -> float:
+    """CPU microseconds per event of the evaluation engine's batch listener alone, on the
+    events as ingestion hands them over (batches of 5,000 decoded rows); best of
+    ``repeats`` passes (the least disturbed by other load)."""
+    from promptd.daemon.decode import RowDecoder
+    from promptd.evaluation.component import build_engine
+    from promptd.storage.database import Database
+    from promptd.storage.repository import BatchOutcome
+
+    settings = settings_for("127.0.0.1:9", tmp, "listener", 1, rate)
+    daemon = Daemon(settings, registry=CollectorRegistry())
+    daemon.db = await Database.open(tmp / "listener.db")
+    try:
+        engine = build_engine(daemon, settings.evaluation)
+        await engine.start()
+        decoder = RowDecoder()
+        outcomes = []
+        for start in range(0, len(events), 5000):
+            metrics: list[Any] = []
+            feedback: list[Any] = []
+            for _, _, value in events[start : start + 5000]:
+                decoder.decode_into(value, metrics, feedback)
+            last = start + len(metrics)
+            outcomes.append(
+                BatchOutcome(len(metrics), len(feedback), 0, tuple(metrics), tuple(feedback), last)
+            )
+        best = float("inf")
+        for _ in range(repeats):
+            engine.cursor = type(engine.cursor)(0)
+            while not engine.queue.empty():
+                engine.queue.get_nowait()
+            cpu = time.process_time()
+            for outcome in outcomes:
+                await engine.on_batch(outcome)
+            best = min(best, time.process_time() - cpu)
+        return best / len(events) * 1e6
+    finally:
+        await daemon.db.close()
+
+
+def evaluation_main(args: argparse.Namespace) -> None:
+    """``--evaluation``: ingestion with and without sampling, in the same run."""
+    events = make_events(args.events, outputs=args.outputs)
+    pairs: list[tuple[Rate, Rate]] = []
+    load = [os.getloadavg()[0]]
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        for run in range(args.runs):
+            off, on = asyncio.run(
+                evaluation_run(
+                    broker, events, args.partitions, Path(tmp), args.evaluation, run % 2 == 0
+                )
+            )
+            pairs.append((off, on))
+            load.append(os.getloadavg()[0])
+            print(
+                f"run {run + 1}: without {off.per_s:,.0f} ev/s ({off.cpu_us:.2f} CPU us/ev), "
+                f"with evaluation {on.per_s:,.0f} ev/s ({on.cpu_us:.2f} CPU us/ev)"
+            )
+        listener = asyncio.run(listener_cost(events, args.evaluation, Path(tmp)))
+    cpu = [on.cpu_us / off.cpu_us - 1 for off, on in pairs]
+    rate = [1 - on.per_s / off.per_s for off, on in pairs]
+    print()
+    print(f"{'measure':<52}{'median':>10}{'min':>10}{'max':>10}")
+    for name, values in (
+        ("CPU per event, with evaluation vs without (+%)", cpu),
+        ("events/s lost with evaluation (%)", rate),
+    ):
+        cells = "".join(
+            f"{v * 100:>10.1f}" for v in (statistics.median(values), min(values), max(values))
+        )
+        print(f"{name:<52}{cells}")
+    base = statistics.median(off.cpu_us for off, _ in pairs)
+    print(
+        f"{'the listener alone, CPU us per event (best of 5)':<52}{listener:>10.3f}"
+        f"\n{'  ... as a share of CPU per event without (%)':<52}{listener / base * 100:>10.1f}"
+    )
+    captured = (
+        "with a captured output (checked, stored, published)"
+        if args.outputs
+        else ("without captured outputs (sampling only)")
+    )
+    print(
+        f"\n{args.events:,} events per run and configuration, {args.runs} runs, sample rate "
+        f"{args.evaluation:g}, calls {captured}; target: CPU per event +5 % at most"
+    )
+    loads = ", ".join(f"{x:.2f}" for x in load)
+    print(f"1-minute load average before and after each run (2 cores): {loads}")
 
 
 def noise(reference: list[float], load: list[float]) -> str:

@@ -50,6 +50,7 @@ from promptd.storage.database import Database
 from promptd.storage.repository import (
     DUPLICATES,
     OTLP_COUNTERS,
+    STORED_EVALUATIONS,
     STORED_FEEDBACK,
     STORED_METRICS,
     EventRepository,
@@ -96,6 +97,9 @@ class Daemon:
         # build themselves here (and e.g. replay stored events) without racing ingestion.
         self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
         self.components: dict[str, Any] = {}
+        # Parts that can be degraded without making the daemon unready (an evaluator
+        # down): each returns lines that /readyz shows as "degraded".
+        self.readiness_details: list[Callable[[], list[str]]] = []
         self.db: Database | None = None
         self.repo: EventRepository | None = None
         self.producer: Producer | None = None
@@ -366,6 +370,16 @@ class Daemon:
             return False, "kafka not reachable yet"
         return self.ingestor.readiness()
 
+    def degraded(self) -> list[str]:
+        """What works only in part right now (never a reason to be unready)."""
+        out: list[str] = []
+        for detail in self.readiness_details:
+            try:
+                out.extend(detail())
+            except Exception:
+                log.exception("readiness_detail_failed")
+        return out
+
     async def status(self) -> dict[str, Any]:
         """The body of ``/v1/status``."""
         assert self.repo is not None
@@ -385,6 +399,8 @@ class Daemon:
                 "stored": counters.get(STORED_METRICS, 0) + counters.get(STORED_FEEDBACK, 0),
                 "stored_metrics": counters.get(STORED_METRICS, 0),
                 "stored_feedback": counters.get(STORED_FEEDBACK, 0),
+                # Of the stored feedback, evaluators' results (published by this daemon).
+                "stored_evaluations": counters.get(STORED_EVALUATIONS, 0),
                 "duplicates": counters.get(DUPLICATES, 0),
                 "dead_lettered": sum(dead.values()),
                 "dead_lettered_by_reason": dead,

@@ -29,6 +29,7 @@ from promptd.daemon.settings_sources import (
     read_sources,
     sdk_names_module,
 )
+from promptd.evaluation.config import EvaluationSettings
 from promptd.monitoring.config import MonitoringSettings
 from promptd.optimization.config import OptimizationSettings
 from promptd.replacement.profiles import PROFILES, RolloutProfile
@@ -213,6 +214,7 @@ class Settings(BaseSettings):
     rollout: RolloutSettings = RolloutSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
     optimization: OptimizationSettings = OptimizationSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @field_validator("log_level", mode="before")
     @classmethod

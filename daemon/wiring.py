@@ -1,4 +1,5 @@
-"""Plug the parts (registry and rollouts, monitoring, optimization) into a :class:`Daemon`.
+"""Plug the parts (registry and rollouts, monitoring, optimization, evaluation) into a
+:class:`Daemon`.
 
 Each part adds a startup hook that builds it once storage is open; the hook registers
 the part's batch listener, HTTP routes and background task. The core lifecycle in
@@ -34,6 +35,9 @@ def install_components(daemon: Daemon) -> None:
     from promptd.daemon.optimize_component import install as install_optimizer
 
     install_optimizer(daemon)
+    from promptd.evaluation.component import install as install_evaluation
+
+    install_evaluation(daemon)
     install_traces(daemon)
 
 

@@ -72,7 +72,7 @@ async def replay(
     feedback = _rows(
         db,
         "SELECT ingested_at, request_id, score, episode_id, ts FROM feedback_events "
-        "WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND ("
+        "WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND source IS NULL AND ("
         f"(prompt IN ({', '.join('?' * len(prompts))}) AND request_id IS NOT NULL) "
         "OR request_id IS NULL) ORDER BY id",
         (feedback_floor, fb_since, since, *prompts),

@@ -163,11 +163,24 @@ def batch(
         if rng.random() < 0.15:
             episode = f"e{rng.randrange(len(calls) // 3 + 2)}"
             feedback.append(
-                (f"g{target}-{j}", ts, None, None, None, None, score, "q", None, None, episode)
+                (
+                    f"g{target}-{j}",
+                    ts,
+                    None,
+                    None,
+                    None,
+                    None,
+                    score,
+                    "q",
+                    None,
+                    None,
+                    episode,
+                    None,
+                )
             )
         else:
             feedback.append(
-                (f"f{target}-{j}", ts, "p", "v2", None, target, score, "q", None, None, None)
+                (f"f{target}-{j}", ts, "p", "v2", None, target, score, "q", None, None, None, None)
             )
     return metrics, feedback
 
@@ -221,7 +234,8 @@ async def test_a_call_stamped_ahead_stays_in_the_step_it_was_stored_in(tmp_path:
             [_call(f"r{i}", now + s, f"v{1 + i % 2}") for i, s in enumerate(skews)], []
         )
         feedback: list[FeedbackRow] = [
-            (f"f{i}", now, "p", "v", None, f"r{i}", 1.0, "q", None, None, None) for i in range(4)
+            (f"f{i}", now, "p", "v", None, f"r{i}", 1.0, "q", None, None, None, None)
+            for i in range(4)
         ]
         await world.store([], feedback)
         await world.controller.tick()  # a sample in each arm: step 1 starts
