@@ -55,6 +55,18 @@ def sql_condition_any(
     return f"({' OR '.join(parts)})", named
 
 
+def sql_condition_named(
+    signals: Sequence[str], column: str = "source", prefix: str = "signal"
+) -> tuple[str, dict[str, str]]:
+    """:func:`sql_condition_any` with named parameters (``:<prefix>0``, ...), for queries
+    written with names."""
+    condition, params = sql_condition_any(signals, column)
+    names = [f"{prefix}{i}" for i in range(len(params))]
+    parts = condition.split("?")
+    named = parts[0] + "".join(f":{n}{rest}" for n, rest in zip(names, parts[1:], strict=True))
+    return named, dict(zip(names, params, strict=True))
+
+
 def rows_of(
     signal: str, feedback_rows: Sequence[FeedbackRow], evaluation_rows: Sequence[FeedbackRow]
 ) -> list[FeedbackRow]:
