@@ -26,14 +26,14 @@ def test_people_drive_every_decision_by_default() -> None:
             {
                 "prompts": ["support*"],
                 "rollout": ["eval:valid"],
-                "monitor": ["human", "eval:valid"],
+                "monitor": ["human"],
             },
             {"prompts": ["*"], "optimizer": ["eval:valid"]},
         ]
     )
     assert _settings().signals_for("any", "rollout") == ("human",)
     assert settings.signals_for("support-bot", "rollout") == ("eval:valid",)
-    assert settings.signals_for("support-bot", "monitor") == ("human", "eval:valid")
+    assert settings.signals_for("support-bot", "monitor") == ("human",)
     assert settings.signals_for("support-bot", "optimizer") == ("human",)
     assert settings.signals_for("other", "optimizer") == ("eval:valid",)
     assert settings.signals_for("other", "rollout") == ("human",)
@@ -46,6 +46,8 @@ def test_a_signal_must_name_an_evaluator_or_an_external_source() -> None:
         _settings(signals=[{"prompts": ["*"], "rollout": ["eval:vaild"]}])
     with pytest.raises(ValidationError, match="pattern"):
         _settings(signals=[{"prompts": ["*"], "rollout": ["people"]}])
+    with pytest.raises(ValidationError, match="the monitor reads people's feedback only"):
+        _settings(signals=[{"prompts": ["*"], "monitor": ["eval:valid"]}])
     ok = _settings(
         external=["Relevance"], signals=[{"prompts": ["*"], "rollout": ["eval:Relevance"]}]
     )
