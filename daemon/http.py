@@ -42,6 +42,8 @@ class Served(Protocol):
 
     def readiness(self) -> tuple[bool, str]: ...
 
+    def degraded(self) -> list[str]: ...
+
     async def status(self) -> dict[str, Any]: ...
 
 
@@ -279,12 +281,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: connected to Kafka and storage open."""
-    ready, reason = request.app[DAEMON_KEY].readiness()
-    return web.json_response(
-        {"status": "ready" if ready else "not_ready", "reason": reason},
-        status=200 if ready else 503,
-    )
+    """Readiness: connected to Kafka and storage open. ``degraded`` lists parts that work
+    only in part (an evaluator down) without making the daemon unready."""
+    daemon = request.app[DAEMON_KEY]
+    ready, reason = daemon.readiness()
+    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "reason": reason}
+    degraded = daemon.degraded()
+    if degraded:
+        body["degraded"] = degraded
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

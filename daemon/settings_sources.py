@@ -274,16 +274,22 @@ class Sources:
             for depth in range(len(loc), 0, -1):
                 if loc[:depth] in variables.origins:
                     return variables.origins[loc[:depth]]
-        if self.config_file is not None and _in(self.toml, loc):
+        # A missing setting is named by its parent (the table that lacks it).
+        parent = loc[:-1] if len(loc) > 1 else loc
+        if self.config_file is not None and (_in(self.toml, loc) or _in(self.toml, parent)):
             return f"in {self.config_file}"
         return None
 
 
 def _in(data: Any, loc: Path_) -> bool:
     for part in loc:
-        if not isinstance(data, dict) or part not in data:
+        if isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        elif isinstance(data, dict) and part in data:
+            data = data[part]
+        elif not (isinstance(data, dict) and data.get("type") == part):
+            # (A discriminated union's tag, e.g. an evaluator's type, is in the path too.)
             return False
-        data = data[part]
     return True
 
 

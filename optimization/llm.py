@@ -5,7 +5,9 @@ Every model call of a run (proposer, evaluation, judge) goes through one
 :class:`CachedLLM`, which shares the run's :class:`Budget` (calls, tokens, cost, a
 deadline) and persists every answer before handing it back. A call whose answer is
 stored is never paid for again: not by a later strategy, not by a later run, not after a
-restart (this is what makes a resumed run replay for free). litellm is imported lazily
+restart (this is what makes a resumed run replay for free). The run's spend is recorded
+before each request leaves, so a call lost in flight (the daemon killed while waiting
+for its answer) still counts as paid after the restart. litellm is imported lazily
 (it takes seconds to import and is not needed by the rest of the daemon) and told to use
 its bundled cost map, so it never fetches prices from the internet.
 """
@@ -62,6 +64,15 @@ class LLMError(OptimizerError):
         self.attempts = attempts
 
 
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """Calls (retries included), tokens and dollars a run paid for."""
+
+    calls: int
+    tokens: int
+    cost_usd: float
+
+
 @dataclass
 class Budget:
     """What one run may spend, checked before every paid call.
@@ -111,6 +122,10 @@ class Budget:
         self.tokens += tokens
         self.cost_usd += cost_usd
 
+    def spent(self) -> Spend:
+        """What was paid so far."""
+        return Spend(self.calls, self.tokens, self.cost_usd)
+
     def hold_back(self, share: float, seconds: float) -> None:
         """Reserve ``share`` of the call, token and cost limits and ``seconds`` of time."""
         self.reserve_share = min(max(share, 0.0), 0.9)
@@ -132,6 +147,10 @@ class Completion:
     tokens_out: int = 0
     cost_usd: float = 0.0
     attempts: int = 1
+    #: Per generated token, its most likely alternatives as (token, log probability),
+    #: when the request asked for them (``logprobs``/``top_logprobs``) and the server
+    #: returned them; empty otherwise.
+    top_logprobs: tuple[tuple[tuple[str, float], ...], ...] = ()
 
 
 class LLMClient(Protocol):
@@ -149,6 +168,10 @@ class CallStore(Protocol):
         """The stored answer for ``key``."""
         ...
 
+    async def note_spend(self, run_id: str, spent: Spend) -> None:
+        """Record a run's spend before a paid call leaves (never lowers it)."""
+        ...
+
     async def put_call(
         self,
         key: str,
@@ -157,8 +180,9 @@ class CallStore(Protocol):
         model: str,
         messages: list[Message],
         c: Completion,
+        spent: Spend | None = None,
     ) -> None:
-        """Store an answer (first writer wins)."""
+        """Store an answer (first writer wins), with the run's spend after it."""
         ...
 
 
@@ -222,8 +246,10 @@ class CachedLLM:
         async with self._slots:
             self.budget.check()
             # Counted before the answer arrives, so concurrent calls cannot overshoot the
-            # call budget; retries, tokens and cost are added when it is known.
+            # call budget; retries, tokens and cost are added when it is known. Recorded
+            # before the request leaves: a call lost in flight (a kill) was still paid.
             self.budget.spend(1, 0, 0.0)
+            await self.store.note_spend(self.run_id, self.budget.spent())
             try:
                 completion = await self.client.complete(llm, messages, purpose)
             except LLMError as exc:
@@ -235,7 +261,9 @@ class CachedLLM:
                 completion.cost_usd,
             )
             self.misses += 1
-            await self.store.put_call(key, self.run_id, purpose, llm.model, messages, completion)
+            await self.store.put_call(
+                key, self.run_id, purpose, llm.model, messages, completion, self.budget.spent()
+            )
         return completion.text
 
 
@@ -381,6 +409,7 @@ class LiteLLMClient:
                 tokens_out=int(getattr(usage, "completion_tokens", 0) or 0),
                 cost_usd=self._cost(litellm, llm, response),
                 attempts=attempt + 1,
+                top_logprobs=_top_logprobs(response.choices[0]),
             )
 
     @staticmethod
@@ -393,6 +422,28 @@ class LiteLLMClient:
             tokens_in = int(getattr(usage, "prompt_tokens", 0) or 0)
             tokens_out = int(getattr(usage, "completion_tokens", 0) or 0)
             return tokens_in * llm.input_cost_per_token + tokens_out * llm.output_cost_per_token
+
+
+def _field(obj: Any, name: str) -> Any:
+    """An attribute of a litellm response part, or its key (some parts are dicts)."""
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _top_logprobs(choice: Any) -> tuple[tuple[tuple[str, float], ...], ...]:
+    """The alternatives of each generated token of an OpenAI-style ``choice.logprobs``
+    (empty when the server sent none)."""
+    content = _field(_field(choice, "logprobs") or {}, "content") or ()
+    out = []
+    for position in content:
+        alternatives = _field(position, "top_logprobs") or ()
+        out.append(
+            tuple(
+                (str(_field(a, "token")), float(_field(a, "logprob")))
+                for a in alternatives
+                if _field(a, "token") is not None and _field(a, "logprob") is not None
+            )
+        )
+    return tuple(out)
 
 
 async def close_litellm() -> None:

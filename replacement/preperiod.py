@@ -20,6 +20,7 @@ from typing import Final, Literal
 
 import structlog
 
+from promptd.evaluation.signals import HUMAN, sql_condition_any
 from promptd.replacement.history import History, UnitSums
 from promptd.storage.database import Database
 from promptd.storage.history import unit_sums
@@ -38,11 +39,18 @@ def name(rollout_id: str) -> str:
     return f"rollout:{rollout_id}:history"
 
 
-async def compute(db: Database, prompts: Sequence[str], since: float, until: float) -> History:
+async def compute(
+    db: Database,
+    prompts: Sequence[str],
+    since: float,
+    until: float,
+    signals: Sequence[str] = (HUMAN,),
+) -> History:
     """The history of the units of ``prompts`` from the events stamped in ``[since,
-    until)`` and stored before ``until``."""
+    until)`` and stored before ``until``; a unit's feedback figure is over the feedback of
+    ``signals`` (the rollout's primary metric's)."""
     rows: list[UnitSums] = []
-    async for chunk in unit_sums(db, prompts, since, until):
+    async for chunk in unit_sums(db, prompts, since, until, sql_condition_any(signals)):
         rows.extend(chunk)
     return await asyncio.to_thread(History.from_sums, rows, since, until)
 
@@ -54,6 +62,7 @@ async def load(
     prompts: Sequence[str],
     start: float,
     lookback_s: float,
+    signals: Sequence[str] = (HUMAN,),
 ) -> tuple[History, Source]:
     """The rollout's history: the saved copy, else computed and saved."""
     saved = await store.load(name(rollout_id))
@@ -64,7 +73,7 @@ async def load(
             log.warning("rollout_history_unreadable", rollout_id=rollout_id, error=str(exc))
     elif saved is not None:
         log.warning("rollout_history_unreadable", rollout_id=rollout_id, error=saved.config)
-    history = await compute(db, prompts, start - lookback_s, start)
+    history = await compute(db, prompts, start - lookback_s, start, signals)
     await save(store, rollout_id, history)
     return history, "computed"
 

@@ -4,7 +4,8 @@ See :mod:`promptd.replacement.history` for what the sums become. The query scans
 primary key from the first row that can hold the window (there is no index on ``ts``),
 keeps the calls of the rollout's prompts stamped in ``[since, until)`` and stored before
 ``until`` (so the result does not change with what is stored later), and joins each call
-to the mean score of the call feedback on it, stored before ``until`` too.
+to the mean score of the call feedback on it (of the rollout's signals), stored before
+``until`` too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from promptd.storage.repository import EventRepository
 _CHUNK = 5_000
 
 
-def _query(prompts: int) -> str:
+def _query(prompts: int, sources: str) -> str:
     marks = ", ".join("?" * prompts)
     return (
         "SELECT coalesce(m.unit_id, m.episode_id), COUNT(*), SUM(m.success), "
@@ -26,7 +27,7 @@ def _query(prompts: int) -> str:
         "SUM(f.score) "
         "FROM metric_events m LEFT JOIN ("
         "SELECT request_id, AVG(score) AS score FROM feedback_events "
-        "WHERE id >= ? AND ingested_at < ? AND request_id IS NOT NULL "
+        f"WHERE id >= ? AND ingested_at < ? AND request_id IS NOT NULL AND {sources} "
         f"AND prompt IN ({marks}) GROUP BY request_id"
         ") f ON f.request_id = m.request_id "
         "WHERE m.id >= ? AND m.ts >= ? AND m.ts < ? AND m.ingested_at < ? "
@@ -36,18 +37,25 @@ def _query(prompts: int) -> str:
 
 
 async def unit_sums(
-    db: Database, prompts: Sequence[str], since: float, until: float
+    db: Database,
+    prompts: Sequence[str],
+    since: float,
+    until: float,
+    sources: tuple[str, Sequence[str]] = ("source IS NULL", ()),
 ) -> AsyncIterator[list[tuple[object, ...]]]:
     """Per unit with calls of ``prompts`` in ``[since, until)``: ``(unit, calls, successes,
     latency total, quality count, quality total, cost count, cost total, input-size
     count, input-size total, feedback count, feedback total)`` (NULL totals as 0), in
-    chunks."""
+    chunks. ``sources``: the SQL condition (and its parameters) on the feedback's
+    ``source`` column that selects the feedback counted (default: people's)."""
     events = EventRepository(db)
     metric_floor = await events.first_id_since("metric_events", since)
     feedback_floor = await events.first_id_since("feedback_events", since)
+    condition, values = sources
     params = (
         feedback_floor,
         until,
+        *values,
         *prompts,
         metric_floor,
         since,
@@ -55,7 +63,7 @@ async def unit_sums(
         until,
         *prompts,
     )
-    cursor = await db.reader.execute(_query(len(prompts)), params)
+    cursor = await db.reader.execute(_query(len(prompts), condition), params)
     try:
         while rows := await cursor.fetchmany(_CHUNK):
             yield [tuple(0 if v is None else v for v in row) for row in rows]

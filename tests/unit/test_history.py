@@ -84,8 +84,8 @@ def _call(rid: str, ts: float, unit: str | None, latency: float, ok: bool, promp
             None, 0.01, chars, episode, None, None, None)  # fmt: skip
 
 
-def _feedback(fid: str, rid: str, score: float) -> FeedbackRow:
-    return (f"f-{fid}", START - 50, "p", "v1", None, rid, score, "q", None, None, None)
+def _feedback(fid: str, rid: str, score: float, source: str | None = None) -> FeedbackRow:
+    return (f"f-{fid}", START - 50, "p", "v1", None, rid, score, "q", None, None, None, source)
 
 
 async def _store(db: Database, at: float, metrics: list[MetricRow],
@@ -98,7 +98,8 @@ async def _store(db: Database, at: float, metrics: list[MetricRow],
 async def test_the_query_reads_the_window_stored_before_the_start(db: Database) -> None:
     """Only the prompt's calls stamped in [start − lookback, start) and stored before the
     start count, by unit (unit_id, else episode_id; a call with neither has no unit); a
-    call's feedback is averaged over its pieces, feedback stored after the start is not."""
+    call's feedback is averaged over its pieces (people's, or the signals asked for),
+    feedback stored after the start is not."""
     await _store(db, START - 10, [
         _call("1", START - 50, "u1", 100.0, True, chars=100),
         _call("2", START - 40, "u1", 300.0, False, chars=300),
@@ -106,7 +107,8 @@ async def test_the_query_reads_the_window_stored_before_the_start(db: Database) 
         _call("4", START - 30, None, 50.0, True),  # no unit
         _call("5", START - 500, "u2", 10.0, True),  # before the window
         _call("6", START - 20, "u2", 10.0, True, prompt="other"),
-    ], [_feedback("a", "1", 1.0), _feedback("b", "1", 0.0), _feedback("c", "2", 1.0)])  # fmt: skip
+    ], [_feedback("a", "1", 1.0), _feedback("b", "1", 0.0), _feedback("c", "2", 1.0),
+        _feedback("j", "2", 0.0, source="eval:judge")])  # fmt: skip
     # Stored after the start: a late call stamped in the window, and late feedback.
     await _store(db, START + 5, [_call("7", START - 20, "u3", 10.0, True)],
                  [_feedback("d", "3", 1.0)])  # fmt: skip
@@ -119,6 +121,10 @@ async def test_the_query_reads_the_window_stored_before_the_start(db: Database) 
     assert history.units["u1"][col["success_rate"]] == pytest.approx(0.5 - 0.75)
     assert history.centres["log_latency"] == pytest.approx((math.log(200.0) + math.log(50.0)) / 2)
     assert history.centre("input_chars") == pytest.approx(200.0)
+    # A rollout decided on an evaluator's scores reads its scores instead of people's.
+    judged = await preperiod.compute(db, ["p"], START - 100, START, ("eval:judge",))
+    assert judged.centres["feedback_score"] == 0.0
+    assert judged.counts["feedback_score"] == 1
 
 
 async def test_the_saved_copy_is_used_and_a_bad_one_recomputed(db: Database) -> None:

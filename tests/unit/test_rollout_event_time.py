@@ -95,6 +95,8 @@ class World:
             routing_ttl_s=2.0,
             snapshot_interval_s=1.0,
             max_future_s=300.0,
+            # People's feedback and an evaluator's both count, and are paired (judge drift).
+            signals_of=lambda prompt: ("human", "eval:judge"),
         )
 
     async def store(self, metrics: list[MetricRow], feedback: list[FeedbackRow]) -> None:
@@ -160,7 +162,7 @@ def pre_period(now: float) -> tuple[list[MetricRow], list[FeedbackRow]]:
         if i % 3:
             feedback.append(
                 (f"f{rid}", now - 2900 + i, "p", "v1", None, rid, rng.random(), "q", None,
-                 None, None)
+                 None, None, None)
             )  # fmt: skip
     return metrics, feedback
 
@@ -190,11 +192,39 @@ def batch(
         if rng.random() < 0.15:
             episode = f"e{rng.randrange(len(calls) // 3 + 2)}"
             feedback.append(
-                (f"g{target}-{j}", ts, None, None, None, None, score, "q", None, None, episode)
+                (
+                    f"g{target}-{j}",
+                    ts,
+                    None,
+                    None,
+                    None,
+                    None,
+                    score,
+                    "q",
+                    None,
+                    None,
+                    episode,
+                    None,
+                )
             )
         else:
+            # People's, the rollout's evaluator's, another evaluator's (not the rollout's).
+            source = rng.choice([None, None, "eval:judge", "eval:other"])
             feedback.append(
-                (f"f{target}-{j}", ts, "p", "v2", None, target, score, "q", None, None, None)
+                (
+                    f"f{target}-{j}",
+                    ts,
+                    "p",
+                    "v2",
+                    None,
+                    target,
+                    score,
+                    "q",
+                    None,
+                    None,
+                    None,
+                    source,
+                )
             )
     return metrics, feedback
 
@@ -229,10 +259,10 @@ OPS = st.lists(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), ops=OPS)
 def test_live_aggregates_equal_a_full_replay(seed: int, ops: list[str]) -> None:
-    """Batches of calls stamped late, on time, ahead or years ahead, feedback before or
-    after its call or on none, pauses, ticks that start new steps, restarts with and
-    without a snapshot: the live accumulator equals the one a start without a snapshot
-    rebuilds from storage."""
+    """Batches of calls stamped late, on time, ahead or years ahead, feedback (people's
+    and evaluators') before or after its call or on none, pauses, ticks that start new
+    steps, restarts with and without a snapshot: the live accumulator equals the one a
+    start without a snapshot rebuilds from storage."""
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(scenario(Path(tmp), seed, ops))
 
@@ -248,7 +278,8 @@ async def test_a_call_stamped_ahead_stays_in_the_step_it_was_stored_in(tmp_path:
             [_call(f"r{i}", now + s, f"v{1 + i % 2}") for i, s in enumerate(skews)], []
         )
         feedback: list[FeedbackRow] = [
-            (f"f{i}", now, "p", "v", None, f"r{i}", 1.0, "q", None, None, None) for i in range(4)
+            (f"f{i}", now, "p", "v", None, f"r{i}", 1.0, "q", None, None, None, None)
+            for i in range(4)
         ]
         await world.store([], feedback)
         await world.controller.history_loaded()  # ticks wait for the rollout's history
