@@ -819,7 +819,6 @@ ALLOCATION = {"primary": "alpha_worse", "latency": "latency_alpha", "errors": "e
               "cost": "cost_alpha", "srm": "srm_alpha"}  # fmt: skip
 QUALITY_DROP = "quality 0.80 → 0.72 at 10 % canary, 10 req/s"
 RHO_DROP = "history ρ 0.5: quality 0.80 → 0.72 at 10 % canary, 10 req/s"
-SIZE_LATENCY = "input size (R² 0.7) and history: latency +15 %, 10 req/s"
 CLUSTERED_AA = "clustered errors (5 % of users at 20 %): A/A, 10 req/s"
 
 
@@ -997,11 +996,14 @@ def _issue_23_targets(by: dict[str, Summary]) -> list[tuple[str, str, str, bool]
         med = rho.median_requests_to_rollback()
         rows.append((rho.scenario.name, "median requests to rollback ≤ 1,500",
                      f"{med:,.0f} (rolled back {_pct(rho.rolled_back)})", med <= 1500))  # fmt: skip
-    size = by.get(SIZE_LATENCY)
-    if size is not None:
-        within = size.rolled_back_within(3000)
-        rows.append((size.scenario.name, "rolled back within 3,000 requests ≥ 95 %",
-                     _pct(within), within >= 0.95))  # fmt: skip
+    # Every adjusted latency regression with input sizes (R² 0.7 is the issue's; 0.5 shows
+    # how the gain shrinks when the input explains less).
+    for size in by.values():
+        sc = size.scenario
+        if sc.sizes and sc.adjust and sc.latency_ratio > 1:
+            within = size.rolled_back_within(3000)
+            rows.append((sc.name, "rolled back within 3,000 requests ≥ 95 %",
+                         _pct(within), within >= 0.95))  # fmt: skip
     return rows
 
 
