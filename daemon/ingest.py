@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import gzip
+import operator
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -70,8 +71,9 @@ from promptd.daemon.kafka import (
 )
 from promptd.daemon.settings import KafkaSettings
 from promptd.events import Rejection
+from promptd.monitoring.eventtime import PartitionClock
 from promptd.monitoring.metrics import IngestMetrics
-from promptd.storage.repository import BatchOutcome, EventRepository
+from promptd.storage.repository import BatchOutcome, BatchTime, EventRepository
 from promptd.storage.rows import FeedbackRow, MetricRow
 
 log = structlog.get_logger("promptd.ingest")
@@ -152,7 +154,12 @@ class DecodedBatch:
     dead: list[tuple[Any, Rejection]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     consumed: dict[str, int] = field(default_factory=dict)
+    # The newest event ts of each partition's valid records (its watermark's candidate).
+    newest: dict[tuple[str, int], float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+
+
+_TS = operator.itemgetter(1)
 
 
 def decode_batch(records: Mapping[Any, Sequence[Any]], decoder: RowDecoder) -> DecodedBatch:
@@ -163,12 +170,17 @@ def decode_batch(records: Mapping[Any, Sequence[Any]], decoder: RowDecoder) -> D
     for tp, recs in records.items():
         if not recs:
             continue
-        batch.offsets[(tp.topic, tp.partition)] = recs[-1].offset + 1
+        key = (tp.topic, tp.partition)
+        batch.offsets[key] = recs[-1].offset + 1
         batch.consumed[tp.topic] = batch.consumed.get(tp.topic, 0) + len(recs)
+        first_metric, first_feedback = len(metrics), len(feedback)
         for rec in recs:
             rejection = decode(rec.value, metrics, feedback)
             if rejection is not None:
                 dead.append((rec, rejection))
+        stamps = [*map(_TS, metrics[first_metric:]), *map(_TS, feedback[first_feedback:])]
+        if stamps:
+            batch.newest[key] = max(stamps)
     return batch
 
 
@@ -233,6 +245,8 @@ class Ingestor:
         self._was_alone = False
         self._refusal: GroupConflictError | None = None
         self._last_topic_check = 0.0
+        # Event time of the assigned partitions (see monitoring/eventtime.py).
+        self._clock = PartitionClock()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -372,6 +386,7 @@ class Ingestor:
             self._was_alone = True
             self.state.group_conflict = None
         stored = await self.repo.load_offsets(keys)
+        self._clock.load(await self.repo.load_watermarks(keys))
         for tp in assigned:
             offset = stored.get((tp.topic, tp.partition))
             if offset is not None:
@@ -510,10 +525,30 @@ class Ingestor:
         batch = decode_batch(records, self._decoder)
         if batch.dead:
             await self._dead_letter(batch)
+        clock = self._batch_time(consumer, batch)
         self.state.write_started_at = time.monotonic()
-        self._pending = asyncio.create_task(self._store(consumer, batch), name="ingest-store")
+        self._pending = asyncio.create_task(
+            self._store(consumer, batch, clock), name="ingest-store"
+        )
         # Hand the write to SQLite's thread now, before the next fetch is awaited.
         await asyncio.sleep(0)
+
+    def _batch_time(self, consumer: AIOKafkaConsumer, batch: DecodedBatch) -> BatchTime:
+        """The batch's event time: its window watermark is the minimum watermark of its
+        own partitions and of every assigned partition with records left to store."""
+        unread = [key for key in self.state.assigned if self._has_unread(consumer, key)]
+        return self._clock.batch_time(batch.offsets, unread, batch.newest, self._clock.stamp())
+
+    def _has_unread(self, consumer: AIOKafkaConsumer, key: Key) -> bool:
+        """Whether ``key`` may have records not stored yet (unknown counts as yes)."""
+        tp = TopicPartition(*key)
+        hw = consumer.highwater(tp)
+        if hw is None:
+            return True
+        stored = self.state.next_offsets.get(key)
+        if stored is None:
+            stored = _position(consumer, tp)
+        return stored is None or hw > stored
 
     async def _dead_letter(self, batch: DecodedBatch) -> None:
         records = [dead_letter_record(rec, rej) for rec, rej in batch.dead]
@@ -532,20 +567,23 @@ class Ingestor:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.kafka.retry_backoff_max_s)
 
-    async def _store(self, consumer: AIOKafkaConsumer, batch: DecodedBatch) -> None:
+    async def _store(
+        self, consumer: AIOKafkaConsumer, batch: DecodedBatch, clock: BatchTime
+    ) -> None:
         reasons: dict[str, int] = {}
         for _rec, rej in batch.dead:
             reasons[rej.reason] = reasons.get(rej.reason, 0) + 1
         try:
             self._check_storage()
             outcome = await self.repo.store_batch(
-                batch.metrics, batch.feedback, batch.offsets, reasons
+                batch.metrics, batch.feedback, batch.offsets, reasons, clock
             )
         except Exception as exc:
             self.state.write_error = repr(exc)
             raise
         finally:
             self.state.write_started_at = None
+        self._clock.apply(clock.partition_watermarks or {})
         self.state.write_error = None
         self.state.next_offsets.update(batch.offsets)
         self.state.last_progress_at = time.monotonic()
@@ -664,6 +702,20 @@ class Ingestor:
         """Readiness (``/readyz``), see :mod:`promptd.daemon.health`."""
         verdict = readiness(self.state, self.kafka, time.monotonic())
         return verdict.ok, verdict.reason
+
+
+def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The consumer's position in ``tp`` if it has one, without waiting for it.
+
+    ``AIOKafkaConsumer.position`` waits (up to the request timeout) for a position it does
+    not have yet; this reads aiokafka's subscription state instead, and says ``None`` if
+    that internal ever changes shape.
+    """
+    try:
+        state = consumer._subscription.subscription.assignment.state_value(tp)
+        return int(state.position) if state is not None and state.has_valid_position else None
+    except (AttributeError, TypeError, KeyError):
+        return None
 
 
 class UndecodableBatchError(RuntimeError):

@@ -32,8 +32,9 @@ log = structlog.get_logger("promptd.monitoring")
 
 #: The snapshot's name in the ``snapshots`` table.
 NAME: Final = "monitor.windows"
-#: Version of the encoding; a snapshot of another format is ignored.
-FORMAT: Final = 1
+#: Version of the encoding; a snapshot of another format is ignored. 2: the windows no
+#: longer keep an admission rule of their own (event time per batch, see .eventtime).
+FORMAT: Final = 2
 
 
 def config_key(config: WindowConfig) -> str:
@@ -101,15 +102,12 @@ async def replay_tail(
     """Window the events stored after ``covered``; returns the new cover and the count."""
     mid, fid = covered
     replayed = 0
-    record, record_fb = store.record_metric, store.record_feedback
     async for rows in tail_events(db, mid, fid):
-        for ts, is_fb, prompt, variant, model, lat, ok, q, tin, tout, cost, score, _, i in rows:
-            if is_fb:
-                record_fb(ts, prompt, variant, score)
-                fid = max(fid, i)
+        replayed += store.replay(rows)
+        for row in rows:
+            if row[1]:
+                fid = max(fid, row[14])
             else:
-                record(ts, prompt, variant, model, lat, bool(ok), q, tin, tout, cost)
-                mid = max(mid, i)
-        replayed += len(rows)
+                mid = max(mid, row[14])
         await asyncio.sleep(0)
     return (mid, fid), replayed

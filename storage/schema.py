@@ -346,6 +346,19 @@ ALTER TABLE rollouts ADD COLUMN pipeline TEXT;
 ALTER TABLE rollouts ADD COLUMN members TEXT;
 """
 
+_V13_EVENT_TIME: Final = """
+-- Event time (see monitoring/eventtime.py). Each partition's watermark (the newest event
+-- time read from it), written with its offset in the batch's transaction.
+ALTER TABLE consumer_offsets ADD COLUMN watermark REAL;
+-- The window watermark each batch was windowed under, keyed by the batch's ingested_at
+-- (on every row it stored): a rebuild from storage admits exactly the events the live
+-- windows admitted. No row: the batch had no watermark (nothing in it was late).
+CREATE TABLE batch_watermarks (
+    ingested_at REAL PRIMARY KEY,
+    watermark   REAL NOT NULL
+);
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=1, name="ingestion", sql=_V1_INGESTION),
     Migration(version=2, name="registry", sql=_V2_REGISTRY),
@@ -359,6 +372,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=10, name="optimization_targets", sql=_V10_OPTIMIZATION_TARGETS),
     Migration(version=11, name="episodes", sql=_V11_EPISODES),
     Migration(version=12, name="pipeline_rollouts", sql=_V12_PIPELINE_ROLLOUTS),
+    Migration(version=13, name="event_time", sql=_V13_EVENT_TIME),
 )
 
 

@@ -86,14 +86,18 @@ async def last_ids(db: Database) -> tuple[int, int]:
 
 # Rows as the monitor's rebuild reads them (see storage.alerts.raw_events), plus the id.
 # Feedback on a whole episode comes once per call of the episode it is credited to.
+_WATERMARK: Final = "LEFT JOIN batch_watermarks w ON w.ingested_at = {t}.ingested_at"
 _TAIL: Final = (
-    "SELECT ts, 0, prompt, variant, model, latency_ms, success, quality, tokens_in, "
-    "tokens_out, cost_usd, NULL, ingested_at, id FROM metric_events WHERE id > :mid "
-    "UNION ALL SELECT ts, 1, prompt, variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-    "score, ingested_at, id FROM feedback_events WHERE id > :fid AND request_id IS NOT NULL "
+    "SELECT m.ts, 0, m.prompt, m.variant, m.model, m.latency_ms, m.success, m.quality, "
+    "m.tokens_in, m.tokens_out, m.cost_usd, NULL, m.ingested_at, w.watermark, m.id "
+    f"FROM metric_events m {_WATERMARK.format(t='m')} WHERE m.id > :mid "
+    "UNION ALL SELECT f.ts, 1, f.prompt, f.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+    f"f.score, f.ingested_at, w.watermark, f.id FROM feedback_events f "
+    f"{_WATERMARK.format(t='f')} WHERE f.id > :fid AND f.request_id IS NOT NULL "
     "UNION ALL SELECT f.ts, 1, m.prompt, m.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-    f"f.score, f.ingested_at, f.id {EPISODE_CREDITS} WHERE f.id > :fid AND f.request_id IS NULL "
-    "ORDER BY 13, 2, 14"
+    f"f.score, f.ingested_at, w.watermark, f.id {EPISODE_CREDITS} {_WATERMARK.format(t='f')} "
+    "WHERE f.id > :fid AND f.request_id IS NULL "
+    "ORDER BY 13, 2, 15"
 )
 
 
@@ -103,7 +107,8 @@ async def tail_events(
     """Event rows stored after ``(metric_id, feedback_id)``, in chunks, in the order
     ingestion handed them to listeners: ``(ts, is_feedback, prompt, variant, model,
     latency_ms, success, quality, tokens_in, tokens_out, cost_usd, score, ingested_at,
-    id)``. A primary-key range scan on each table; only the tail is sorted."""
+    watermark, id)`` (the watermark of the row's batch, ``None`` if it had none). A
+    primary-key range scan on each table; only the tail is sorted."""
     params = {"mid": metric_id, "fid": feedback_id}
     cursor = await db.reader.execute(_TAIL, params)
     try:
