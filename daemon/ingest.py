@@ -33,6 +33,9 @@ One daemon per consumer group: a daemon whose first assignment lacks some partit
 its topics shares the group with another member; it refuses to consume (raises
 :class:`GroupConflictError`) and leaves the group. A daemon that already ran alone keeps
 consuming its share but turns unready and logs an error until it has every partition.
+Members left behind by killed runs of this same store are not "another member", and a
+new store is not taken for the one the group fed (:mod:`.store_guard`,
+:class:`NewStoreError`).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from promptd.daemon.kafka import (
     ensure_topics,
 )
 from promptd.daemon.settings import KafkaSettings
+from promptd.daemon.store_guard import StoreGuard, member_id
 from promptd.events import Rejection
 from promptd.monitoring.eventtime import PartitionClock
 from promptd.monitoring.metrics import IngestMetrics
@@ -97,8 +101,16 @@ BatchListener = Callable[[BatchOutcome], Awaitable[None]]
 Key = tuple[str, int]
 
 
-class GroupConflictError(RuntimeError):
+class IngestRefusedError(RuntimeError):
+    """This daemon must not consume (one line for the operator says why)."""
+
+
+class GroupConflictError(IngestRefusedError):
     """Another member shares the consumer group: this daemon refuses to consume."""
+
+
+class NewStoreError(IngestRefusedError):
+    """A new store while the group's committed offsets say events were consumed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +222,13 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._ingestor.commit_kafka(self._consumer)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        await self._ingestor.on_assigned(self._consumer, assigned)
+        try:
+            await self._ingestor.on_assigned(self._consumer, assigned)
+        except Exception as exc:
+            # aiokafka would log this and consume from the group's offsets instead of the
+            # stored ones: hold the partitions and let the loop restart the consumer.
+            self._consumer.pause(*assigned)
+            self._ingestor.assign_error = exc
 
 
 class Ingestor:
@@ -226,6 +244,7 @@ class Ingestor:
         listeners: Sequence[BatchListener] = (),
         alert: AlertHook | None = None,
         storage_check: StorageCheck | None = None,
+        guard: StoreGuard | None = None,
     ) -> None:
         self.kafka = kafka
         self.bootstrap = bootstrap
@@ -243,7 +262,13 @@ class Ingestor:
         self._uncommitted: dict[Key, int] = {}
         self._last_commit = 0.0
         self._was_alone = False
-        self._refusal: GroupConflictError | None = None
+        self._refusal: IngestRefusedError | None = None
+        # What the store knows of itself (None: no checks, e.g. in unit tests).
+        self.guard = guard
+        # While only earlier runs of this store share the group: give up at this time.
+        self._stale_until: float | None = None
+        #: Why the last assignment could not be handled (the loop restarts the consumer).
+        self.assign_error: Exception | None = None
         self._last_topic_check = 0.0
         # Event time of the assigned partitions (see monitoring/eventtime.py).
         self._clock = PartitionClock()
@@ -252,7 +277,7 @@ class Ingestor:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set or ingestion halts, restarting with backoff
-        after any failure; raises :class:`GroupConflictError` when it must not run."""
+        after any failure; raises :class:`IngestRefusedError` when it must not run."""
         self._stop = stop
         # What is alive when consumption starts (modules, settings, rebuilt windows) lives
         # as long as the daemon. Ingestion allocates fast enough to trigger a full garbage
@@ -273,7 +298,7 @@ class Ingestor:
             try:
                 await self._consume(stop)
                 backoff = self.kafka.retry_backoff_initial_s
-            except (asyncio.CancelledError, GroupConflictError):
+            except (asyncio.CancelledError, IngestRefusedError):
                 raise
             except UndecodableBatchError as exc:
                 self.metrics.undecodable_batches.inc()
@@ -315,6 +340,8 @@ class Ingestor:
         )
         try:
             await asyncio.wait_for(consumer.start(), self.kafka.request_timeout_ms / 1000)
+            if self.guard is not None:
+                await self.guard.remove_stale_members()
             consumer.subscribe(list(self.kafka.event_topics), listener=_Rebalance(self, consumer))
             self.state.connected = True
             self.metrics.kafka_connected.set(1)
@@ -325,6 +352,15 @@ class Ingestor:
                 self.state.last_poll_at = time.monotonic()
                 if self._refusal is not None:
                     raise self._refusal
+                if self.assign_error is not None:
+                    error, self.assign_error = self.assign_error, None
+                    raise error
+                if self._stale_until is not None and time.monotonic() > self._stale_until:
+                    raise GroupConflictError(
+                        f"consumer group {self.kafka.group_id!r}: members left by earlier "
+                        "runs of this store did not leave within 3 session timeouts; "
+                        "check that no other daemon uses this store"
+                    )
                 if self._pending is not None and self._pending.done():
                     # A failed write surfaces now (and restarts from storage), not only
                     # when the next records arrive.
@@ -370,12 +406,19 @@ class Ingestor:
     async def on_assigned(
         self, consumer: AIOKafkaConsumer, assigned: Sequence[TopicPartition]
     ) -> None:
-        """Check the group is ours alone, then seek every partition to its stored offset."""
+        """Check the group is ours alone and the store is the group's, then seek every
+        partition to its stored offset."""
         keys = [(tp.topic, tp.partition) for tp in assigned]
+        mine = member_id(consumer)
+        if self.guard is not None:
+            await self.guard.joined(mine)
         missing = self._partitions_elsewhere(consumer, keys)
         if missing and not self._was_alone:
-            # Refuse before any fetch: pause, and let the loop leave the group.
+            # Refuse (or wait) before any fetch: pause, and let the loop decide.
             consumer.pause(*assigned)
+            self._set_assigned(frozenset())
+            if await self._only_stale_members(mine):
+                return
             self._refusal = GroupConflictError(await self._conflict_message(keys, missing))
             self.state.group_conflict = str(self._refusal)
             return
@@ -384,8 +427,15 @@ class Ingestor:
             log.error("consumer_group_shared", reason=self.state.group_conflict)
         else:
             self._was_alone = True
+            self._stale_until = None
             self.state.group_conflict = None
         stored = await self.repo.load_offsets(keys)
+        if not stored and self.guard is not None:
+            refusal = await self.guard.new_store_refusal(consumer, assigned)
+            if refusal is not None:
+                consumer.pause(*assigned)
+                self._refusal = NewStoreError(refusal)
+                return
         self._clock.load(await self.repo.load_watermarks(keys))
         for tp in assigned:
             offset = stored.get((tp.topic, tp.partition))
@@ -398,6 +448,23 @@ class Ingestor:
             partitions=sorted(f"{t}:{p}" for t, p in keys),
             resumed_from_storage=len(stored),
         )
+
+    async def _only_stale_members(self, mine: str | None) -> bool:
+        """Whether every other member was left by an earlier run of this store; if so,
+        remove them and wait (bounded) for the rebalance that gives this daemon all."""
+        if self.guard is None:
+            return False
+        stale, unknown = await self.guard.split_members(mine)
+        if unknown or not stale:
+            return False
+        await self.guard.remove(stale)
+        if self._stale_until is None:
+            self._stale_until = time.monotonic() + 3 * self.kafka.session_timeout_ms / 1000
+        self.state.group_conflict = (
+            f"waiting for members left by earlier runs of this store to leave: {stale}"
+        )
+        log.warning("consumer_group_stale_members", members=stale, action="waiting")
+        return True
 
     def _partitions_elsewhere(self, consumer: AIOKafkaConsumer, keys: Sequence[Key]) -> list[Key]:
         """Partitions of our topics that exist but were given to another member."""

@@ -8,8 +8,9 @@ ingestion handed them to the monitor. Counts, sums and histograms are then what 
 that never stopped would hold; history older than the replay horizon even keeps its
 latency quantiles, which the SQL aggregates cannot restore.
 
-A snapshot is ignored (and the full rebuild runs) when the window configuration changed
-since it was taken or when it is older than the baseline window. The encoding is
+A snapshot is ignored (and the full rebuild runs, with a warning) when the window
+configuration changed since it was taken, when it is older than the baseline window, or
+when it does not decode: it is a cache, never a reason not to start. The encoding is
 msgpack of :meth:`~.windows.WindowStore.state`, tagged with :data:`FORMAT`.
 """
 
@@ -78,7 +79,13 @@ async def restore(
     if reason is not None:
         log.warning("windows_snapshot_ignored", reason=reason, taken_at=round(snap.taken_at))
         return None
-    store = await asyncio.to_thread(decode, config, snap.data)
+    try:
+        store = await asyncio.to_thread(decode, config, snap.data)
+    except Exception as exc:
+        # A cache that does not decode (a damaged row, a bug in an older encoder): the
+        # full rebuild gives the same windows, only slower.
+        log.warning("windows_snapshot_ignored", reason=f"does not decode: {exc!r}"[:500])
+        return None
     covered, replayed = await replay_tail(store, db, (snap.metric_id, snap.feedback_id))
     store.expire(now)
     log.info(

@@ -13,8 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
 
+import structlog
+
 from promptd.storage.database import Database
 from promptd.storage.repository import EPISODE_CREDITS
+
+log = structlog.get_logger("promptd.storage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,18 +59,34 @@ class SnapshotStore:
             )
 
     async def load(self, name: str) -> Snapshot | None:
-        """The snapshot called ``name``, if one was saved."""
+        """The snapshot called ``name``, if one was saved and its row can be read.
+
+        A snapshot is a cache: a row that does not read (text that is not UTF-8, a value
+        of the wrong type) is logged as ``snapshot_unreadable`` and treated as absent,
+        so the caller rebuilds from the events instead of failing to start.
+        """
+        # Text columns are read as bytes and decoded here: sqlite3 raises on text that
+        # is not UTF-8 before the row can even be looked at.
         async with self.db.reader.execute(
-            "SELECT name, taken_at, metric_id, feedback_id, config, data FROM snapshots "
-            "WHERE name = ?",
+            "SELECT name, taken_at, metric_id, feedback_id, CAST(config AS BLOB), data "
+            "FROM snapshots WHERE name = ?",
             (name,),
         ) as cur:
             row = await cur.fetchone()
         if row is None:
             return None
-        return Snapshot(
-            str(row[0]), float(row[1]), int(row[2]), int(row[3]), str(row[4]), bytes(row[5])
-        )
+        try:
+            return Snapshot(
+                name,
+                float(row[1]),
+                int(row[2]),
+                int(row[3]),
+                bytes(row[4]).decode("utf-8"),
+                bytes(row[5]),
+            )
+        except (TypeError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            log.warning("snapshot_unreadable", snapshot=name, error=repr(exc))
+            return None
 
     async def delete(self, name: str) -> None:
         """Forget the snapshot called ``name`` (no-op when there is none)."""

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from promptd.daemon.decode import RowDecoder
 from promptd.daemon.ingest import decode_batch
+from promptd.events import FeedbackEvent, MetricEvent
 from promptd.monitoring.config import MonitoringSettings
 from promptd.monitoring.eventtime import ADMIT_ALL, Admission, PartitionClock
 from promptd.monitoring.export import MonitorExport
@@ -38,7 +39,7 @@ from promptd.monitoring.triggers import TriggerQueue
 from promptd.monitoring.windows import WindowStore
 from promptd.storage.alerts import AlertStore
 from promptd.storage.database import Database
-from promptd.storage.repository import EventRepository
+from promptd.storage.repository import BatchTime, EventRepository
 from promptd.storage.snapshots import SnapshotStore, last_ids
 
 T0 = 1_700_000_000.0
@@ -366,8 +367,6 @@ def test_partitions_read_in_order_lose_nothing_whatever_the_outage(rnd: random.R
 
 
 def _all_events(sim: Sim) -> list[Any]:
-    from promptd.events import FeedbackEvent, MetricEvent
-
     seen: dict[str, Any] = {}
     for log in sim.logs.values():
         for raw in log:
@@ -407,3 +406,44 @@ def test_window_watermark_ignores_idle_partitions_and_holds_for_unread_ones() ->
     assert clock.batch_time([a], [], {a: 500.0}, 130.0).partition_watermarks == {a: 130.0}
     # An older batch never moves a partition back.
     assert clock.batch_time([a], [], {a: 10.0}, 130.0).partition_watermarks == {a: 100.0}
+
+
+async def test_sql_aggregates_admit_what_the_replay_admits(tmp_path: Path) -> None:
+    """History older than the replay horizon is rebuilt from SQL aggregates under the
+    same rule as the raw replay: a call stamped a little ahead counts in the bucket of
+    its storage time, one stamped too far ahead or too late does not count."""
+    base = 1_700_000_010.0  # a multiple of the 30 s baseline buckets
+    db = await Database.open(tmp_path / "a.db")
+    try:
+        repo = EventRepository(db)
+
+        def call(n: int, ts: float) -> MetricEvent:
+            return MetricEvent(
+                event_id=f"c{n}",
+                ts=ts,
+                prompt="p",
+                variant="v",
+                model="m",
+                request_id=f"r{n}",
+                latency_ms=10.0,
+                success=True,
+            )
+
+        # Stored at base+29.5: one 15 s ahead (counts at base+29.5), one 25 s ahead (no).
+        await repo.store_batch(
+            [call(1, base + 44.5), call(2, base + 54.5)], [], {}, None, BatchTime(base + 29.5)
+        )
+        # Stored at base+40 under watermark base+40: base+30 is late, base+36 is not.
+        await repo.store_batch(
+            [call(3, base + 30), call(4, base + 36)], [], {}, None, BatchTime(base + 40, base + 40)
+        )
+        now = base + 305  # the 5 min window starts at base+30: the clamped call is out
+        counts = []
+        for horizon in (0.0, 300.0):  # all from aggregates, all replayed
+            store = WindowStore(_settings().window_config())
+            await rebuild_windows(store, db, now, horizon)
+            counts.append(store.stats("p", window_seconds=300, now=now).request_count)
+            counts.append(store.stats("p", window_seconds=300, now=base + 250).request_count)
+        assert counts == [1, 2, 1, 2]
+    finally:
+        await db.close()

@@ -1,0 +1,79 @@
+"""The store's identity and its integrity check, on real SQLite files."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+
+from promptd.storage.database import Database
+from promptd.storage.identity import KEEP_OWNERS, load_identity, record_kafka, record_owner
+from tests.sqlite_damage import damage_first_leaf
+
+
+async def test_every_new_database_gets_its_own_identity(tmp_path: Path) -> None:
+    """A store id is made when the database is created; the Kafka side is recorded by the
+    first daemon only; the newest member ids are kept, each once."""
+    first = await Database.open(tmp_path / "a.db")
+    second = await Database.open(tmp_path / "b.db")
+    try:
+        a, b = await load_identity(first), await load_identity(second)
+        assert a.store_id != b.store_id
+        assert len(a.store_id) == 32
+        assert (a.group_id, a.topics, a.owners) == (None, (), ())
+        recorded = await record_kafka(first, "k:9092", "promptd", ["m", "f"])
+        assert (recorded.bootstrap_servers, recorded.group_id, recorded.topics) == (
+            "k:9092",
+            "promptd",
+            ("m", "f"),
+        )
+        again = await record_kafka(first, "other:9092", "other", ["x"])
+        assert (again.group_id, again.topics) == ("promptd", ("m", "f"))
+        for n in range(KEEP_OWNERS + 3):
+            await record_owner(first, f"member-{n}")
+        await record_owner(first, f"member-{KEEP_OWNERS}")
+        owners = (await load_identity(first)).owners
+        assert len(owners) == KEEP_OWNERS
+        assert owners[-1] == f"member-{KEEP_OWNERS}"
+        assert len(set(owners)) == KEEP_OWNERS
+    finally:
+        await first.close()
+        await second.close()
+
+
+def _fill(path: Path, rows: int) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, x BLOB)")
+        conn.execute(
+            "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < ?) "
+            "INSERT INTO filler (x) SELECT randomblob(1000) FROM c",
+            (rows,),
+        )
+        conn.commit()
+
+
+async def test_quick_check_finds_a_damaged_page_and_keeps_to_its_time_bound(
+    tmp_path: Path,
+) -> None:
+    """A healthy file checks complete and clean, a damaged page is reported, and a check
+    that runs out of time says it is incomplete rather than blocking the start."""
+    path = tmp_path / "c.db"
+    db = await Database.open(path)
+    await db.close()
+    _fill(path, 60_000)  # ~60 MB: a check of some tens of milliseconds
+    db = await Database.open(path)
+    try:
+        healthy = await db.quick_check(30.0)
+        assert (healthy.problems, healthy.complete) == ((), True)
+        cut = await db.quick_check(0.001)
+        assert (cut.problems, cut.complete) == ((), False)
+    finally:
+        await db.close()
+    damage_first_leaf(path, "filler")
+    db = await Database.open(path)
+    try:
+        damaged = await db.quick_check(30.0)
+        assert damaged.problems
+        assert damaged.complete
+    finally:
+        await db.close()
