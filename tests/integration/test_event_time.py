@@ -4,19 +4,29 @@ lag behind, clocks that run ahead, and a full rebuild from storage that equals t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import random
+import signal
 import sqlite3
+import subprocess
+import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from promptd.daemon.broker import EmbeddedBroker
 from promptd.events import new_event_id
+from promptd.monitoring.config import MonitoringSettings
 from promptd.monitoring.monitor import Monitor, rebuild_windows
 from promptd.monitoring.windows import WindowStore
+from promptd.storage.database import Database
 from tests.conftest import wait_for
+from tests.integration.test_process import PROMPTD, _get, _wait_ready, _wait_runtime, broker_env
 
 pytestmark = pytest.mark.integration
 
@@ -209,3 +219,156 @@ async def test_a_partition_behind_the_others_is_windowed_and_a_rebuild_agrees(
     assert live[("beta", "v1", 300.0)][0] == 50
     assert monitor_of(running).store.late_events == 20
     assert live == windows(await full_rebuild(running, now), now)
+
+
+class LateFeedbackTraffic:
+    """Calls stamped when sent, on three partitions, and their feedback published up to
+    ``delay_s`` later but stamped with the call's time (in time order per partition only
+    roughly: up to ``delay_s`` out of order), from a thread, until stopped."""
+
+    def __init__(self, bootstrap: str, metrics: str, feedback: str, delay_s: float) -> None:
+        self.topics = (metrics, feedback)
+        self.bootstrap = bootstrap
+        self.delay_s = delay_s
+        self.sent = [0, 0]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> LateFeedbackTraffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    async def _run(self) -> None:
+        rng = random.Random(7)
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
+        await producer.start()
+        pending: list[tuple[float, dict[str, Any], int]] = []
+        try:
+            while not self._stop.is_set() or pending:
+                now = time.time()
+                if not self._stop.is_set():
+                    for partition in range(3):
+                        prompt, variant = PROMPTS[partition % 2], f"v{rng.randrange(2)}"
+                        call = metric(now, prompt, variant)
+                        await producer.send(
+                            self.topics[0], json.dumps(call).encode(), partition=partition
+                        )
+                        self.sent[0] += 1
+                        note = feedback(now, prompt, variant) | {"request_id": call["request_id"]}
+                        pending.append((now + rng.uniform(0, self.delay_s), note, partition))
+                due = [p for p in pending if p[0] <= now]
+                pending = [p for p in pending if p[0] > now]
+                for _, note, partition in sorted(due, key=lambda p: p[0]):
+                    await producer.send(
+                        self.topics[1], json.dumps(note).encode(), partition=partition
+                    )
+                    self.sent[1] += 1
+                await asyncio.sleep(0.02)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+
+def _daemon_windows(url: str, prompt: str) -> list[tuple[float, dict[str, Any]]]:
+    """The daemon's live windows of ``prompt`` (every tier's length): (its now, stats)."""
+    out = []
+    for seconds in (60, 300, 3600, 86400):
+        status, body = _get(f"{url}/v1/prompts/{prompt}/stats?window={seconds}s")
+        assert status == 200, body
+        out.append((float(body["now"]), body))
+    return out
+
+
+async def _replayed(path: Path, prompt: str, now: float, seconds: float) -> dict[str, Any]:
+    """A full replay from the file at ``now`` (what a start without a snapshot builds)."""
+    db = await Database.open(path)
+    try:
+        store = WindowStore(MonitoringSettings(lateness_s=LATE_S).window_config())
+        await rebuild_windows(store, db, now, 3600)
+        total = store.stats(prompt, window_seconds=seconds, now=now)
+        variants = {
+            key.variant: store.stats(prompt, key.variant, window_seconds=seconds, now=now)
+            for key in store.series("variant")
+            if key.prompt == prompt
+        }
+    finally:
+        await db.close()
+    return {"total": total, "variants": variants}
+
+
+LATE_S = 1.5
+
+
+def test_sigkills_with_late_feedback_leave_the_windows_equal_to_a_full_replay(
+    tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    """Feedback published up to 1 s after its call (stamped with the call's time), the
+    daemon SIGKILLed twice and restarted after more than ``lateness_s`` each time: every
+    call and every piece of feedback is windowed, and the live windows equal a full
+    replay from storage."""
+    env = broker_env(
+        tmp_path,
+        broker.bootstrap_servers,
+        "late",
+        PROMPTD_KAFKA__SESSION_TIMEOUT_MS="1000",
+        PROMPTD_KAFKA__HEARTBEAT_INTERVAL_MS="300",
+        PROMPTD_MONITORING__LATENESS_S=str(LATE_S),
+        PROMPTD_MONITORING__SNAPSHOT_INTERVAL_S="0.5",
+    )
+    runtime = tmp_path / "data" / "runtime.json"
+    db = tmp_path / "data" / "promptd.db"
+    run = [*PROMPTD, "run"]
+    topics = env["PROMPTD_KAFKA__METRICS_TOPIC"], env["PROMPTD_KAFKA__FEEDBACK_TOPIC"]
+    traffic = LateFeedbackTraffic(broker.bootstrap_servers, *topics, 1.0)
+    proc = subprocess.Popen(run, env=env, stderr=subprocess.DEVNULL, text=True)
+    try:
+        _wait_ready(_wait_runtime(tmp_path, proc)["http_port"])
+        with traffic:
+            for _ in range(2):
+                time.sleep(1.0)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+                time.sleep(LATE_S + 1)  # the backlog grows older than lateness_s
+                runtime.unlink(missing_ok=True)
+                proc = subprocess.Popen(run, env=env, stderr=subprocess.DEVNULL, text=True)
+                _wait_ready(_wait_runtime(tmp_path, proc)["http_port"])
+            time.sleep(1.0)
+        sent = tuple(traffic.sent)
+        deadline = time.monotonic() + 30
+        while _stored_counts(db) != sent and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _stored_counts(db) == sent
+        url = f"http://127.0.0.1:{json.loads(runtime.read_text())['http_port']}"
+        # The monitor windows a batch right after storing it.
+        time.sleep(0.5)
+        for prompt in PROMPTS:
+            for now, live in _daemon_windows(url, prompt):
+                seconds = live["window_seconds"]
+                replay = asyncio.run(_replayed(db, prompt, now, seconds))
+                counts = ("request_count", "feedback_count", "success_count")
+                assert tuple(live["total"][c] for c in counts) == tuple(
+                    getattr(replay["total"], c) for c in counts
+                ), (prompt, seconds)
+                for variant, stats in live["variants"].items():
+                    assert stats["request_count"] == replay["variants"][variant].request_count
+                    assert stats["feedback_count"] == replay["variants"][variant].feedback_count
+            day = _daemon_windows(url, prompt)[-1][1]["total"]
+            assert day["request_count"] > 0
+        total_day = sum(_daemon_windows(url, p)[-1][1]["total"]["request_count"] for p in PROMPTS)
+        total_fb = sum(_daemon_windows(url, p)[-1][1]["total"]["feedback_count"] for p in PROMPTS)
+        assert (total_day, total_fb) == sent
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def _stored_counts(path: Path) -> tuple[int, int]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM metric_events), (SELECT count(*) FROM feedback_events)"
+        ).fetchone()
+    return int(row[0]), int(row[1])

@@ -19,7 +19,7 @@ from promptd.daemon.broker import EmbeddedBroker
 from promptd.daemon.wiring import install_components
 from tests.conftest import wait_for
 from tests.integration.test_broker_resets import metric_values
-from tests.integration.test_process import PROMPTD, _env, _get
+from tests.integration.test_process import PROMPTD, _get, broker_env
 from tests.kafka_helpers import produce
 
 pytestmark = pytest.mark.integration
@@ -102,16 +102,13 @@ def test_a_restart_right_after_sigkill_is_not_refused_nor_kept_waiting(
     killed run's lingering group membership is recognised as this store's own and
     removed, so the restart is ready before that member's session would have expired,
     and stores what is published next."""
-    tag = str(time.monotonic_ns())[-8:]
     # The killed run's membership outlives it by its session timeout; the restart joins
     # with a short one (joins on the test broker take half of it).
     session_s = 12.0
-    env = _env(
+    env = broker_env(
         tmp_path,
-        PROMPTD_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers,
-        PROMPTD_KAFKA__METRICS_TOPIC=f"km-{tag}",
-        PROMPTD_KAFKA__FEEDBACK_TOPIC=f"kf-{tag}",
-        PROMPTD_KAFKA__GROUP_ID=f"kg-{tag}",
+        broker.bootstrap_servers,
+        "kill",
         PROMPTD_KAFKA__SESSION_TIMEOUT_MS=str(int(session_s * 1000)),
         PROMPTD_KAFKA__HEARTBEAT_INTERVAL_MS="500",
     )
@@ -128,7 +125,8 @@ def test_a_restart_right_after_sigkill_is_not_refused_nor_kept_waiting(
             # Without the removal the join waits for the dead member's session (or the
             # broker splits the partitions with it and the daemon refuses).
             assert _ready_within(runtime, second, session_s) < 0.75 * session_s
-            asyncio.run(produce(broker.bootstrap_servers, f"km-{tag}", metric_values(5, "k")))
+            topic = env["PROMPTD_KAFKA__METRICS_TOPIC"]
+            asyncio.run(produce(broker.bootstrap_servers, topic, metric_values(5, "k")))
             db = tmp_path / "data" / "promptd.db"
             deadline = time.monotonic() + 30
             while _stored(db) < 5 and time.monotonic() < deadline:

@@ -408,6 +408,20 @@ def test_window_watermark_ignores_idle_partitions_and_holds_for_unread_ones() ->
     assert clock.batch_time([a], [], {a: 10.0}, 130.0).partition_watermarks == {a: 100.0}
 
 
+def call(n: int, ts: float) -> MetricEvent:
+    """Call number ``n`` of prompt ``p``, stamped ``ts``."""
+    return MetricEvent(
+        event_id=f"c{n}",
+        ts=ts,
+        prompt="p",
+        variant="v",
+        model="m",
+        request_id=f"r{n}",
+        latency_ms=10.0,
+        success=True,
+    )
+
+
 async def test_sql_aggregates_admit_what_the_replay_admits(tmp_path: Path) -> None:
     """History older than the replay horizon is rebuilt from SQL aggregates under the
     same rule as the raw replay: a call stamped a little ahead counts in the bucket of
@@ -416,18 +430,6 @@ async def test_sql_aggregates_admit_what_the_replay_admits(tmp_path: Path) -> No
     db = await Database.open(tmp_path / "a.db")
     try:
         repo = EventRepository(db)
-
-        def call(n: int, ts: float) -> MetricEvent:
-            return MetricEvent(
-                event_id=f"c{n}",
-                ts=ts,
-                prompt="p",
-                variant="v",
-                model="m",
-                request_id=f"r{n}",
-                latency_ms=10.0,
-                success=True,
-            )
 
         # Stored at base+29.5: one 15 s ahead (counts at base+29.5), one 25 s ahead (no).
         await repo.store_batch(
@@ -445,5 +447,25 @@ async def test_sql_aggregates_admit_what_the_replay_admits(tmp_path: Path) -> No
             counts.append(store.stats("p", window_seconds=300, now=now).request_count)
             counts.append(store.stats("p", window_seconds=300, now=base + 250).request_count)
         assert counts == [1, 2, 1, 2]
+    finally:
+        await db.close()
+
+
+async def test_retention_keeps_the_watermarks_of_the_batches_it_keeps(tmp_path: Path) -> None:
+    """Purging old events also purges the watermarks of batches no kept row belongs to,
+    and keeps every one a kept row needs."""
+    db = await Database.open(tmp_path / "r.db")
+    try:
+        repo = EventRepository(db)
+        base = 1_700_000_000.0
+        for n in range(4):
+            at = base + 1000 * n
+            await repo.store_batch([call(n, at - 1)], [], {}, None, BatchTime(at, at - 10))
+        await repo.purge_older_than(base + 1500)
+        async with db.reader.execute("SELECT ingested_at FROM batch_watermarks") as cur:
+            kept = sorted(row[0] for row in await cur.fetchall())
+        async with db.reader.execute("SELECT DISTINCT ingested_at FROM metric_events") as cur:
+            rows = sorted(row[0] for row in await cur.fetchall())
+        assert kept == rows == [base + 2000, base + 3000]
     finally:
         await db.close()
