@@ -17,20 +17,25 @@ itself (:mod:`promptd.storage.identity`):
 * **A killed run's membership.** A daemon killed with SIGKILL stays a member of the
   group until its session expires; a restart meanwhile waits for it or, if the broker
   splits the partitions with it, sees "another consumer". Each daemon records its
-  member id in the store when it joins. The daemon holds the data directory's lock, so
-  every earlier run of this store is dead: before joining, members recorded by this
-  store are removed from the group on their behalf (a LeaveGroup), and a first
-  assignment shared only with such members waits for the rebalance that follows
-  instead of refusing. A member the store does not know is a live second daemon, and
-  is refused as before.
+  member id in the store when it joins, with its process (host, pid and the process's
+  start time, which tells a reused pid apart). A member recorded by this store whose
+  process is gone (on this host; the data directory's lock says no other process of
+  this store runs here) is a dead run: before joining, such members are removed from
+  the group on their behalf (a LeaveGroup), and a first assignment shared only with
+  them waits for the rebalance that follows instead of refusing. Any other member (one
+  the store does not know, or whose process still runs: a daemon on a copy of this
+  database) is a live second daemon, and is refused as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -40,7 +45,7 @@ from aiokafka.errors import KafkaError
 from promptd.daemon.kafka import group_members, remove_group_member
 from promptd.daemon.settings import KafkaSettings
 from promptd.storage.database import Database
-from promptd.storage.identity import StoreIdentity, load_identity, record_owner
+from promptd.storage.identity import Owner, StoreIdentity, load_identity, record_owner
 
 log = structlog.get_logger("promptd.ingest")
 
@@ -61,16 +66,15 @@ class StoreGuard:
     _recorded: set[str] = field(default_factory=set)
 
     async def remove_stale_members(self) -> list[str]:
-        """Before joining: remove the group members that earlier runs of this store left
+        """Before joining: remove the group members that dead runs of this store left
         behind (best effort); returns their ids."""
         members = await group_members(self.kafka, self.bootstrap)
-        owners = set((await load_identity(self.db)).owners)
-        stale = [m for m, _ in members or () if m in owners]
+        stale, _ = await self._split([m for m, _ in members or ()])
         await self.remove(stale)
         return stale
 
     async def remove(self, stale: Sequence[str]) -> None:
-        """Remove members of earlier runs of this store from the group (best effort)."""
+        """Remove members of dead runs of this store from the group (best effort)."""
         for member in stale:
             try:
                 await remove_group_member(self.kafka, self.bootstrap, member)
@@ -80,24 +84,28 @@ class StoreGuard:
                 log.warning(
                     "consumer_group_stale_member_removed",
                     member=member,
-                    reason="an earlier run of this store (killed?) was still a group member",
+                    reason="a killed run of this store was still a group member",
                 )
 
     async def joined(self, member_id: str | None) -> None:
-        """Record this daemon's member id in the store (once per id)."""
+        """Record this daemon's member id (and process) in the store, once per id."""
         if member_id and member_id not in self._recorded:
-            await record_owner(self.db, member_id)
+            await record_owner(self.db, this_process(member_id))
             self._recorded.add(member_id)
 
     async def split_members(self, mine: str | None) -> tuple[list[str], list[str]]:
-        """The other members of the group: (earlier runs of this store, unknown ones).
-        Unknown when the group cannot be described."""
+        """The other members of the group: (dead runs of this store, and consumers this
+        process replaced; the rest). The rest holds a placeholder when the group cannot
+        be described."""
         members = await group_members(self.kafka, self.bootstrap)
         if members is None:
             return [], ["(the group could not be described)"]
-        owners = set((await load_identity(self.db)).owners) - self._recorded
-        others = [m for m, _ in members if m != mine]
-        return [m for m in others if m in owners], [m for m in others if m not in owners]
+        return await self._split([m for m, _ in members if m != mine])
+
+    async def _split(self, members: Sequence[str]) -> tuple[list[str], list[str]]:
+        owners = {o.member_id: o for o in (await load_identity(self.db)).owners}
+        stale = [m for m in members if m in owners and process_gone(owners[m]) is True]
+        return stale, [m for m in members if m not in stale]
 
     async def new_store_refusal(
         self, consumer: AIOKafkaConsumer, assigned: Sequence[TopicPartition]
@@ -137,6 +145,43 @@ class StoreGuard:
             "start over with an empty store that re-reads what Kafka still holds, run "
             "promptd run --new-store"
         )
+
+
+def this_process(member_id: str) -> Owner:
+    """This daemon's process as the owner of ``member_id``."""
+    pid = os.getpid()
+    return Owner(member_id, socket.gethostname(), pid, _start_ticks(pid))
+
+
+def process_gone(owner: Owner) -> bool | None:
+    """Whether the process that recorded ``owner`` has ended: ``None`` when it cannot be
+    told (it ran on another host). This process counts as gone for a member id it no
+    longer uses (a consumer it replaced)."""
+    if owner.host != socket.gethostname():
+        return None
+    if owner.pid == os.getpid():
+        return owner.started == _start_ticks(owner.pid)
+    if Path("/proc").is_dir():
+        # Gone, or the pid now names another process (started at another time).
+        started = _start_ticks(owner.pid)
+        return started is None or started != owner.started
+    try:
+        os.kill(owner.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _start_ticks(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (Linux /proc), or ``None``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name (which may hold spaces) start at field 3.
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def member_id(consumer: AIOKafkaConsumer) -> str | None:

@@ -21,6 +21,38 @@ KEEP_OWNERS: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
+class Owner:
+    """A consumer-group member id of a daemon that ran on this store, and its process."""
+
+    member_id: str
+    host: str
+    pid: int
+    #: The process's start time in the kernel's clock ticks since boot (``None`` where
+    #: there is no /proc): with the pid, it names one process even if the pid is reused.
+    started: int | None
+
+    def to_json(self) -> dict[str, object]:
+        """The stored form."""
+        return {
+            "member": self.member_id,
+            "host": self.host,
+            "pid": self.pid,
+            "started": self.started,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Owner:
+        """Inverse of :meth:`to_json`."""
+        started = data.get("started")
+        return cls(
+            str(data["member"]),
+            str(data["host"]),
+            int(str(data["pid"])),
+            None if started is None else int(str(started)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class StoreIdentity:
     """One row of ``store_identity``."""
 
@@ -29,8 +61,8 @@ class StoreIdentity:
     bootstrap_servers: str | None
     group_id: str | None
     topics: tuple[str, ...]
-    #: Consumer-group member ids of the daemons that ran on this store, oldest first.
-    owners: tuple[str, ...]
+    #: The group members of the daemons that ran on this store, oldest first.
+    owners: tuple[Owner, ...]
 
 
 async def load_identity(db: Database) -> StoreIdentity:
@@ -49,7 +81,7 @@ async def load_identity(db: Database) -> StoreIdentity:
         bootstrap,
         group,
         tuple(json.loads(topics)) if topics else (),
-        tuple(json.loads(owners)),
+        tuple(Owner.from_json(o) for o in json.loads(owners)),
     )
 
 
@@ -67,13 +99,14 @@ async def record_kafka(
     return await load_identity(db)
 
 
-async def record_owner(db: Database, member_id: str) -> None:
-    """Add a consumer-group member id of this daemon to the store's owners."""
+async def record_owner(db: Database, owner: Owner) -> None:
+    """Add a group member of this daemon to the store's owners (the newest
+    :data:`KEEP_OWNERS` are kept)."""
     async with db.transaction() as conn:
         async with conn.execute("SELECT owners FROM store_identity WHERE id = 1") as cur:
             row = await cur.fetchone()
-        owners = [o for o in json.loads(row[0] if row else "[]") if o != member_id]
-        owners = [*owners, member_id][-KEEP_OWNERS:]
+        kept = [o for o in json.loads(row[0] if row else "[]") if o["member"] != owner.member_id]
+        owners = [*kept, owner.to_json()][-KEEP_OWNERS:]
         await conn.execute(
             "UPDATE store_identity SET owners = ? WHERE id = 1", (json.dumps(owners),)
         )

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
+from promptd.daemon.store_guard import _start_ticks, process_gone, this_process
 from promptd.storage.database import Database
-from promptd.storage.identity import KEEP_OWNERS, load_identity, record_kafka, record_owner
+from promptd.storage.identity import (
+    KEEP_OWNERS,
+    Owner,
+    load_identity,
+    record_kafka,
+    record_owner,
+)
 from tests.sqlite_damage import damage_first_leaf
 
 
@@ -30,12 +42,12 @@ async def test_every_new_database_gets_its_own_identity(tmp_path: Path) -> None:
         again = await record_kafka(first, "other:9092", "other", ["x"])
         assert (again.group_id, again.topics) == ("promptd", ("m", "f"))
         for n in range(KEEP_OWNERS + 3):
-            await record_owner(first, f"member-{n}")
-        await record_owner(first, f"member-{KEEP_OWNERS}")
+            await record_owner(first, Owner(f"member-{n}", "h", 100 + n, None))
+        await record_owner(first, Owner(f"member-{KEEP_OWNERS}", "h", 7, 1234))
         owners = (await load_identity(first)).owners
         assert len(owners) == KEEP_OWNERS
-        assert owners[-1] == f"member-{KEEP_OWNERS}"
-        assert len(set(owners)) == KEEP_OWNERS
+        assert owners[-1] == Owner(f"member-{KEEP_OWNERS}", "h", 7, 1234)
+        assert len({o.member_id for o in owners}) == KEEP_OWNERS
     finally:
         await first.close()
         await second.close()
@@ -50,6 +62,24 @@ def _fill(path: Path, rows: int) -> None:
             (rows,),
         )
         conn.commit()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc (Linux)")
+def test_a_dead_run_is_told_from_a_live_process() -> None:
+    """An owner whose process ended (or whose pid now names a process started at another
+    time) is gone; a live process is not, nor one on another host; a member id this
+    process no longer uses is."""
+    me = this_process("current")
+    parent = os.getppid()
+    live = Owner("other", me.host, parent, _start_ticks(parent))
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as child:
+        dead = Owner("dead", me.host, child.pid, _start_ticks(child.pid))
+    assert child.returncode == 0
+    assert process_gone(dead) is True
+    assert process_gone(live) is False
+    assert process_gone(Owner("reused", me.host, parent, 1)) is True
+    assert process_gone(Owner("elsewhere", "another-host", 1, None)) is None
+    assert process_gone(Owner("replaced", me.host, me.pid, me.started)) is True
 
 
 async def test_quick_check_finds_a_damaged_page_and_keeps_to_its_time_bound(
