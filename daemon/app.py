@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -31,7 +31,14 @@ from prometheus_client import CollectorRegistry
 from promptd import __version__
 from promptd._aio import wait_event
 from promptd.daemon.broker import EmbeddedBroker
-from promptd.daemon.http import RouteExtension, build_app, is_loopback, start_site
+from promptd.daemon.broker import check_port as check_broker_port
+from promptd.daemon.http import (
+    RouteExtension,
+    build_app,
+    check_http_port,
+    is_loopback,
+    start_site,
+)
 from promptd.daemon.ingest import BatchListener, IngestAlert, Ingestor, IngestRefusedError
 from promptd.daemon.kafka import Producer, ensure_topics
 from promptd.daemon.lock import DataDirLock, DataDirLockedError
@@ -42,7 +49,17 @@ from promptd.monitoring.rules import Notification
 from promptd.monitoring.sinks import log_notification
 from promptd.storage.database import Database
 from promptd.storage.identity import StoreIdentity, record_kafka
-from promptd.storage.repository import DUPLICATES, STORED_FEEDBACK, STORED_METRICS, EventRepository
+from promptd.storage.repository import (
+    DUPLICATES,
+    OTLP_COUNTERS,
+    STORED_EVALUATIONS,
+    STORED_FEEDBACK,
+    STORED_METRICS,
+    EventRepository,
+)
+
+if TYPE_CHECKING:
+    from promptd.daemon.otlp.decoder import OtlpDecoder
 
 log = structlog.get_logger("promptd.daemon")
 
@@ -50,6 +67,8 @@ TaskFactory = Callable[[asyncio.Event], Awaitable[None]]
 
 
 RUNTIME_FILE = "runtime.json"
+#: The embedded development broker listens on loopback only.
+EMBEDDED_HOST = "127.0.0.1"
 
 
 class ConfigurationError(RuntimeError):
@@ -80,6 +99,9 @@ class Daemon:
         # build themselves here (and e.g. replay stored events) without racing ingestion.
         self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
         self.components: dict[str, Any] = {}
+        # Parts that can be degraded without making the daemon unready (an evaluator
+        # down): each returns lines that /readyz shows as "degraded".
+        self.readiness_details: list[Callable[[], list[str]]] = []
         self.db: Database | None = None
         self.identity: StoreIdentity | None = None
         self.repo: EventRepository | None = None
@@ -115,6 +137,7 @@ class Daemon:
         log.info("daemon_stopped")
 
     async def _run_locked(self, stop: asyncio.Event) -> None:
+        self._check_ports()
         async with contextlib.AsyncExitStack() as stack:
             self.db = await Database.open(
                 self.settings.storage.database_path, self.settings.storage.busy_timeout_ms
@@ -140,6 +163,7 @@ class Daemon:
                 alert=self._ingest_alert,
                 storage_check=self.db.file_problem,
                 guard=guard,
+                otlp=self._otlp_decoder(),
             )
             runner = await self._start_http()
             stack.push_async_callback(runner.cleanup)
@@ -152,9 +176,23 @@ class Daemon:
             )
             await self._run_tasks(stop)
 
+    def _check_ports(self) -> None:
+        """A port in use stops the start at once, before migrations and the broker."""
+        check_http_port(self.settings.http.host, self.settings.http.port)
+        if self.settings.kafka.embedded:
+            check_broker_port(EMBEDDED_HOST, self.settings.kafka.embedded_port)
+
+    def _otlp_decoder(self) -> OtlpDecoder | None:
+        if self.settings.kafka.otlp_topic is None:
+            return None
+        # protobuf is loaded only by a daemon that reads OpenTelemetry spans.
+        from promptd.daemon.otlp.decoder import decoder_for
+
+        return decoder_for(self.settings, self.db)
+
     async def _start_embedded_broker(self, stack: contextlib.AsyncExitStack) -> None:
         assert self.repo is not None
-        self.broker = EmbeddedBroker()
+        self.broker = EmbeddedBroker(EMBEDDED_HOST, self.settings.kafka.embedded_port or None)
         await self.broker.start_async()
         stack.callback(self.broker.stop)
         self.bootstrap = self.broker.bootstrap_servers
@@ -190,8 +228,9 @@ class Daemon:
         else:
             log.warning(
                 "database_check_incomplete",
-                checked_s=budget,
-                note="quick_check did not finish within storage.integrity_check_s",
+                checked_s=round(check.duration_s, 3),
+                reason=check.stopped,
+                note="quick_check stopped (storage.integrity_check_s); no damage seen so far",
             )
 
     async def _store_guard(self, bootstrap: str) -> StoreGuard:
@@ -385,6 +424,16 @@ class Daemon:
             return False, "kafka not reachable yet"
         return self.ingestor.readiness()
 
+    def degraded(self) -> list[str]:
+        """What works only in part right now (never a reason to be unready)."""
+        out: list[str] = []
+        for detail in self.readiness_details:
+            try:
+                out.extend(detail())
+            except Exception:
+                log.exception("readiness_detail_failed")
+        return out
+
     async def status(self) -> dict[str, Any]:
         """The body of ``/v1/status``."""
         assert self.repo is not None
@@ -408,9 +457,20 @@ class Daemon:
                 "stored": counters.get(STORED_METRICS, 0) + counters.get(STORED_FEEDBACK, 0),
                 "stored_metrics": counters.get(STORED_METRICS, 0),
                 "stored_feedback": counters.get(STORED_FEEDBACK, 0),
+                # Of the stored feedback, evaluators' results (published by this daemon).
+                "stored_evaluations": counters.get(STORED_EVALUATIONS, 0),
                 "duplicates": counters.get(DUPLICATES, 0),
                 "dead_lettered": sum(dead.values()),
                 "dead_lettered_by_reason": dead,
+            },
+            "otlp": {
+                "topic": self.settings.kafka.otlp_topic,
+                "encoding": self.settings.kafka.otlp_encoding,
+                **{
+                    k.removeprefix(OTLP_COUNTERS + "."): v
+                    for k, v in sorted(counters.items())
+                    if k.startswith(OTLP_COUNTERS + ".")
+                },
             },
             "kafka": {
                 "bootstrap_servers": self.bootstrap,

@@ -43,12 +43,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import gzip
+import math
 import operator
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cramjam
 import structlog
@@ -77,8 +78,12 @@ from promptd.daemon.store_guard import StoreGuard, member_id
 from promptd.events import Rejection
 from promptd.monitoring.eventtime import PartitionClock
 from promptd.monitoring.metrics import IngestMetrics
-from promptd.storage.repository import BatchOutcome, BatchTime, EventRepository
+from promptd.storage.repository import OTLP_COUNTERS, BatchOutcome, BatchTime, EventRepository
 from promptd.storage.rows import FeedbackRow, MetricRow
+
+if TYPE_CHECKING:
+    # Only a daemon that reads the OTLP topic loads protobuf (see app.py).
+    from promptd.daemon.otlp.decoder import OtlpDecoder
 
 log = structlog.get_logger("promptd.ingest")
 
@@ -166,6 +171,8 @@ class DecodedBatch:
     dead: list[tuple[Any, Rejection]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     consumed: dict[str, int] = field(default_factory=dict)
+    #: What the OTLP decoder counted of the batch's spans (``spans.call``, ...).
+    spans: dict[str, int] = field(default_factory=dict)
     # The newest event ts of each partition's valid records (its watermark's candidate).
     newest: dict[tuple[str, int], float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
@@ -174,11 +181,13 @@ class DecodedBatch:
 _TS = operator.itemgetter(1)
 
 
-def decode_batch(records: Mapping[Any, Sequence[Any]], decoder: RowDecoder) -> DecodedBatch:
-    """Decode a ``getmany`` result (partition -> records in offset order) to rows."""
+def decode_batch(
+    records: Mapping[Any, Sequence[Any]], decoder: RowDecoder, otlp: OtlpDecoder | None = None
+) -> DecodedBatch:
+    """Decode a ``getmany`` result (partition -> records in offset order) to rows; the
+    OTLP topic's records through ``otlp``."""
     batch = DecodedBatch()
     metrics, feedback, dead = batch.metrics, batch.feedback, batch.dead
-    decode = decoder.decode_into
     for tp, recs in records.items():
         if not recs:
             continue
@@ -186,13 +195,20 @@ def decode_batch(records: Mapping[Any, Sequence[Any]], decoder: RowDecoder) -> D
         batch.offsets[key] = recs[-1].offset + 1
         batch.consumed[tp.topic] = batch.consumed.get(tp.topic, 0) + len(recs)
         first_metric, first_feedback = len(metrics), len(feedback)
+        is_otlp = otlp is not None and tp.topic == otlp.topic
+        decode = otlp.decode_into if otlp is not None and is_otlp else decoder.decode_into
         for rec in recs:
             rejection = decode(rec.value, metrics, feedback)
             if rejection is not None:
                 dead.append((rec, rejection))
-        stamps = [*map(_TS, metrics[first_metric:]), *map(_TS, feedback[first_feedback:])]
-        if stamps:
-            batch.newest[key] = max(stamps)
+        newest = max(
+            max(map(_TS, metrics[first_metric:]), default=-math.inf),
+            max(map(_TS, feedback[first_feedback:]), default=-math.inf),
+        )
+        if newest > -math.inf:
+            batch.newest[key] = newest
+    if otlp is not None:
+        batch.spans = otlp.take_counts()
     return batch
 
 
@@ -245,6 +261,7 @@ class Ingestor:
         alert: AlertHook | None = None,
         storage_check: StorageCheck | None = None,
         guard: StoreGuard | None = None,
+        otlp: OtlpDecoder | None = None,
     ) -> None:
         self.kafka = kafka
         self.bootstrap = bootstrap
@@ -257,6 +274,8 @@ class Ingestor:
         self.storage_check = storage_check
         self.state = IngestState()
         self._decoder = RowDecoder(kafka.max_record_bytes)
+        # Records of the OTLP topic (OpenTelemetry spans), when it is read.
+        self._otlp = otlp
         self._pending: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._uncommitted: dict[Key, int] = {}
@@ -589,7 +608,9 @@ class Ingestor:
         # for every row) both need the GIL and measured slower when overlapped. Writes
         # stay in order, one in flight.
         await self.drain()
-        batch = decode_batch(records, self._decoder)
+        if self._otlp is not None and any(tp.topic == self._otlp.topic for tp in records):
+            await self._otlp.versions.refresh()
+        batch = decode_batch(records, self._decoder, self._otlp)
         if batch.dead:
             await self._dead_letter(batch)
         clock = self._batch_time(consumer, batch)
@@ -643,7 +664,12 @@ class Ingestor:
         try:
             self._check_storage()
             outcome = await self.repo.store_batch(
-                batch.metrics, batch.feedback, batch.offsets, reasons, clock
+                batch.metrics,
+                batch.feedback,
+                batch.offsets,
+                reasons,
+                {f"{OTLP_COUNTERS}.{k}": n for k, n in batch.spans.items()},
+                clock=clock,
             )
         except Exception as exc:
             self.state.write_error = repr(exc)
@@ -683,6 +709,8 @@ class Ingestor:
         m.duplicates.inc(outcome.duplicates)
         for reason, n in reasons.items():
             m.dead_lettered.labels(reason=reason).inc(n)
+        for outcome_name, n in batch.spans.items():
+            m.otlp.labels(outcome=outcome_name).inc(n)
         elapsed = time.perf_counter() - batch.started
         m.batch_duration.observe(elapsed)
         log.debug(

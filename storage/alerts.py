@@ -164,7 +164,7 @@ _AGG_FEEDBACK = _rule(
     "SELECT CAST({at} / :w AS INTEGER) AS b, f.prompt, f.variant, COUNT(*), TOTAL(f.score) "
     f"FROM feedback_events f {_WATERMARK.format(t='f')} "
     "WHERE f.id >= :fid AND {at} >= :lo AND {at} < :hi AND {admitted} "
-    "AND f.request_id IS NOT NULL GROUP BY b, f.prompt, f.variant",
+    "AND f.request_id IS NOT NULL AND f.source IS NULL GROUP BY b, f.prompt, f.variant",
     "f",
 )
 # Feedback on a whole episode is credited to every call of the episode stored with it or
@@ -184,6 +184,7 @@ _RAW_EVENTS = (
     "UNION ALL SELECT f.ts, 1, f.prompt, f.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
     f"f.score, f.ingested_at, w.watermark FROM feedback_events f {_WATERMARK.format(t='f')} "
     f"WHERE f.id >= :fid AND {_AT.format(t='f')} >= :lo AND f.request_id IS NOT NULL "
+    "AND f.source IS NULL "
     "UNION ALL SELECT f.ts, 1, m.prompt, m.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
     f"f.score, f.ingested_at, w.watermark {EPISODE_CREDITS} {_WATERMARK.format(t='f')} "
     f"WHERE f.id >= :fid AND {_AT.format(t='f')} >= :lo AND f.request_id IS NULL ORDER BY 1"
@@ -266,7 +267,7 @@ async def history_aggregates(
 
 
 async def raw_events(
-    db: Database, lo: float, chunk: int = 5_000
+    db: Database, lo: float, *, chunk: int = 5_000
 ) -> AsyncIterator[list[tuple[Any, ...]]]:
     """Metric and feedback rows windowed at ``lo`` or later if admitted (``min(ts,
     ingested_at) >= lo``), in ts order, in chunks: ``(ts, is_feedback, prompt, variant,

@@ -109,7 +109,13 @@ class Database:
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """``BEGIN IMMEDIATE`` … ``COMMIT`` on the writer; rolls back on any error."""
         async with self._write_lock:
-            await self.writer.execute("BEGIN IMMEDIATE")
+            try:
+                await self.writer.execute("BEGIN IMMEDIATE")
+            except asyncio.CancelledError:
+                # The BEGIN is queued on the writer's thread and runs anyway: roll it back
+                # there (after it, in order), or the next transaction could not begin.
+                await self.writer.rollback()
+                raise
             try:
                 yield self.writer
             except BaseException:
@@ -161,11 +167,14 @@ class Database:
 
 @dataclass(frozen=True, slots=True)
 class IntegrityCheck:
-    """What :meth:`Database.quick_check` found."""
+    """What :meth:`Database.quick_check` found. ``problems`` is damage; a check that
+    could not finish (out of time, or the file locked by another process) is not
+    ``complete`` and says why in ``stopped``."""
 
     problems: tuple[str, ...]
     complete: bool
     duration_s: float
+    stopped: str | None = None
 
 
 #: Most problems quick_check lists.
@@ -174,19 +183,18 @@ _MAX_PROBLEMS = 10
 
 def _quick_check(path: Path, budget_s: float) -> IntegrityCheck:
     started = time.perf_counter()
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    # The busy timeout bounds a wait for a lock; the timer interrupts a long check.
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=budget_s)
     timer = threading.Timer(budget_s, conn.interrupt)
     timer.start()
     problems: list[str] = []
-    complete = True
+    stopped = None
     try:
         rows = conn.execute(f"PRAGMA quick_check({_MAX_PROBLEMS})").fetchall()
         for (text,) in rows:
             problems += [line for line in str(text).splitlines() if line and line != "ok"]
-    except sqlite3.OperationalError as exc:
-        if "interrupt" not in str(exc):
-            problems.append(str(exc))
-        complete = False
+    except sqlite3.OperationalError as exc:  # interrupted, locked: not a finding
+        stopped = str(exc)
     except sqlite3.DatabaseError as exc:  # e.g. "database disk image is malformed"
         problems.append(str(exc))
     finally:
@@ -194,7 +202,8 @@ def _quick_check(path: Path, budget_s: float) -> IntegrityCheck:
         conn.close()
     # The header line names the schema ("*** in database main ***"), not a problem.
     problems = [p for p in problems if not p.startswith("*** in database")]
-    return IntegrityCheck(tuple(problems), complete, time.perf_counter() - started)
+    duration = time.perf_counter() - started
+    return IntegrityCheck(tuple(problems), stopped is None, duration, stopped)
 
 
 def _identity(path: Path) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """The store's identity: which store this is, what it consumes, which daemons ran on it.
 
-Made when the database is created (schema v14): a random ``store_id`` and the time. The
+Made when the database is created (schema v15): a random ``store_id`` and the time. The
 first daemon that runs on the store records the Kafka side it consumes (bootstrap
 servers, consumer group, topics); every daemon records its consumer-group member id when
 it joins, so that a member left behind by a killed run is recognised as this store's

@@ -24,6 +24,7 @@ from promptd.events import FeedbackEvent, MetricEvent
 from promptd.storage.database import Database
 from promptd.storage.rows import (
     FEEDBACK_COLUMNS,
+    FEEDBACK_SOURCE_AT,
     METRIC_CAPTURES_AT,
     METRIC_COLUMNS,
     METRIC_EPISODE_COLUMNS,
@@ -113,13 +114,14 @@ INSERT INTO counters (name, value) VALUES (?, ?)
 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value
 """
 
-#: ``FROM`` clause pairing feedback rows ``f`` with the calls ``m`` of their episode that
-#: were stored with them or before them. Feedback on a whole episode (no ``request_id``)
-#: is credited to exactly these calls, live and when windows or rollouts are rebuilt from
-#: storage (``ingested_at`` is the storage order the batch listeners saw).
+#: ``FROM`` clause pairing feedback rows ``f`` from people and apps (no ``source``) with
+#: the calls ``m`` of their episode that were stored with them or before them. Feedback
+#: on a whole episode (no ``request_id``) is credited to exactly these calls, live and
+#: when windows or rollouts are rebuilt from storage (``ingested_at`` is the storage
+#: order the batch listeners saw).
 EPISODE_CREDITS: Final = (
     "FROM feedback_events f JOIN metric_events m ON m.episode_id = f.episode_id "
-    "AND m.episode_id IS NOT NULL AND m.ingested_at <= f.ingested_at"
+    "AND m.episode_id IS NOT NULL AND m.ingested_at <= f.ingested_at AND f.source IS NULL"
 )
 #: Most episode ids per lookup statement (well below SQLite's variable limit).
 _EPISODES_PER_QUERY: Final = 500
@@ -127,8 +129,12 @@ _EPISODES_PER_QUERY: Final = 500
 #: Counter names kept in the ``counters`` table (dead letters add ``dead_lettered.<reason>``).
 STORED_METRICS: Final = "stored.metric"
 STORED_FEEDBACK: Final = "stored.feedback"
+#: Of the stored feedback, evaluators' results (``source`` set).
+STORED_EVALUATIONS: Final = "stored.evaluation"
 DUPLICATES: Final = "duplicates"
 DEAD_LETTERED: Final = "dead_lettered"
+#: Prefix of what ingestion counted of OpenTelemetry spans (``otlp.spans.call``, ...).
+OTLP_COUNTERS: Final = "otlp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,12 +150,16 @@ class BatchOutcome:
     feedback_stored: int
     duplicates: int
     metric_rows: tuple[MetricRow, ...] = ()
+    #: Feedback from people and apps (``source`` is ``None``): what every reader of
+    #: feedback counted before evaluators existed, and still does by default.
     feedback_rows: tuple[FeedbackRow, ...] = ()
     last_metric_id: int = 0
     last_feedback_id: int = 0
     # The ``ingested_at`` stored with the batch's rows (the rollouts' feedback join uses
     # it, so a replay from storage decides exactly as the live feed did).
     ingested_at: float = 0.0
+    #: Evaluators' results (``source`` is ``eval:<name>``), in storage order.
+    evaluation_rows: tuple[FeedbackRow, ...] = ()
     # The window watermark the batch is windowed under (``None``: none; see
     # monitoring/eventtime.py), stored in ``batch_watermarks`` by ``ingested_at``.
     watermark: float | None = None
@@ -235,6 +245,7 @@ def _store_sync(
     offsets: Mapping[TopicPartitionKey, int],
     dead_letters: Mapping[str, int],
     clock: BatchTime,
+    extra: Mapping[str, int],
 ) -> BatchOutcome:
     """The body of :meth:`EventRepository.store_batch`, on the writer thread."""
     now = clock.ingested_at
@@ -264,12 +275,15 @@ def _store_sync(
             "INSERT INTO batch_watermarks (ingested_at, watermark) VALUES (?, ?)",
             (now, clock.watermark),
         )
+    human, evaluations = _by_source(new_feedback)
     counters = [
         (STORED_METRICS, m_stored),
         (STORED_FEEDBACK, f_stored),
+        (STORED_EVALUATIONS, len(evaluations)),
         (DUPLICATES, duplicates),
         (DEAD_LETTERED, sum(dead_letters.values())),
         *((f"{DEAD_LETTERED}.{reason}", n) for reason, n in dead_letters.items()),
+        *extra.items(),
     ]
     conn.executemany(_ADD_COUNTER, [(k, v) for k, v in counters if v])
     return BatchOutcome(
@@ -277,12 +291,23 @@ def _store_sync(
         f_stored,
         duplicates,
         metric_rows=tuple(new_metrics),
-        feedback_rows=tuple(new_feedback),
+        feedback_rows=human,
+        evaluation_rows=evaluations,
         last_metric_id=last_m,
         last_feedback_id=last_f,
         ingested_at=now,
         watermark=clock.watermark,
     )
+
+
+def _by_source(
+    rows: Sequence[FeedbackRow],
+) -> tuple[tuple[FeedbackRow, ...], tuple[FeedbackRow, ...]]:
+    """Feedback from people and apps, and evaluators' results, each in storage order."""
+    evaluations = tuple(row for row in rows if row[FEEDBACK_SOURCE_AT] is not None)
+    if not evaluations:
+        return tuple(rows), ()
+    return tuple(row for row in rows if row[FEEDBACK_SOURCE_AT] is None), evaluations
 
 
 def _max_id(conn: sqlite3.Connection, table: str) -> int:
@@ -335,11 +360,14 @@ class EventRepository:
         feedback: Sequence[FeedbackRow] | Sequence[FeedbackEvent],
         offsets: Mapping[TopicPartitionKey, int],
         dead_letters: Mapping[str, int] | None = None,
+        counters: Mapping[str, int] | None = None,
         clock: BatchTime | None = None,
     ) -> BatchOutcome:
         """Store a consumed batch and its partitions' next offsets atomically.
 
         Takes rows (what ingestion decodes to) or validated events (converted here).
+        ``counters`` are added to the named counters in the same transaction (e.g. what
+        the OTLP decoder counted of the batch's spans), so they count each record once.
         Returns the counts and the newly stored rows; ``duplicates`` counts events whose
         ``event_id`` was already stored (including repeats inside the batch). ``clock``
         gives the batch's event-time facts, stored with it (default: stored now, no
@@ -348,7 +376,9 @@ class EventRepository:
         when = clock or BatchTime(time.time())
         m_rows, f_rows = _metric_rows(metrics), _feedback_rows(feedback)
         return await self.db.run_in_transaction(
-            lambda conn: _store_sync(conn, m_rows, f_rows, offsets, dead_letters or {}, when)
+            lambda conn: _store_sync(
+                conn, m_rows, f_rows, offsets, dead_letters or {}, when, counters or {}
+            )
         )
 
     async def load_offsets(

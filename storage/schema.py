@@ -346,7 +346,47 @@ ALTER TABLE rollouts ADD COLUMN pipeline TEXT;
 ALTER TABLE rollouts ADD COLUMN members TEXT;
 """
 
-_V13_EVENT_TIME: Final = """
+_V13_EVALUATION: Final = """
+-- Who gave a piece of feedback: NULL for people and apps, 'eval:<name>' for the result of
+-- the daemon's evaluator <name>. Readers count only NULL unless told otherwise.
+ALTER TABLE feedback_events ADD COLUMN source TEXT;
+
+-- One row per (call, evaluator) the evaluation engine decided, written before the
+-- result is published as feedback (the outbox: published_at stays NULL until the
+-- broker acknowledged it). ``status``: 'scored' (published as feedback) or 'invalid'
+-- (the judge answered without a readable score; paid for, never published).
+CREATE TABLE evaluation_results (
+    request_id   TEXT    NOT NULL,
+    evaluator    TEXT    NOT NULL,
+    event_id     TEXT    NOT NULL UNIQUE,
+    prompt       TEXT    NOT NULL,
+    variant      TEXT    NOT NULL,
+    model        TEXT,
+    call_ts      REAL    NOT NULL,
+    kind         TEXT    NOT NULL,
+    status       TEXT    NOT NULL CHECK (status IN ('scored', 'invalid')),
+    score        REAL    CHECK (score BETWEEN 0 AND 1),
+    detail       TEXT,
+    cost_usd     REAL    NOT NULL DEFAULT 0,
+    created_at   REAL    NOT NULL,
+    published_at REAL,
+    PRIMARY KEY (request_id, evaluator),
+    CHECK (status <> 'scored' OR score IS NOT NULL)
+);
+CREATE INDEX evaluation_results_created ON evaluation_results (created_at);
+CREATE INDEX evaluation_results_outbox ON evaluation_results (created_at)
+    WHERE published_at IS NULL AND status = 'scored';
+
+-- The engine's durable cursor: every call with metric_events.id <= call_id has been
+-- decided (evaluated, or skipped and counted). A start re-reads the calls above it.
+CREATE TABLE evaluation_cursor (
+    name       TEXT    PRIMARY KEY,
+    call_id    INTEGER NOT NULL,
+    updated_at REAL    NOT NULL
+);
+"""
+
+_V14_EVENT_TIME: Final = """
 -- Event time (see monitoring/eventtime.py). Each partition's watermark (the newest event
 -- time read from it), written with its offset in the batch's transaction.
 ALTER TABLE consumer_offsets ADD COLUMN watermark REAL;
@@ -359,7 +399,7 @@ CREATE TABLE batch_watermarks (
 );
 """
 
-_V14_STORE_IDENTITY: Final = """
+_V15_STORE_IDENTITY: Final = """
 -- The store knows itself (see storage/identity.py): an id made when the database is
 -- created, the Kafka side it consumes (recorded by the first daemon that runs on it) and
 -- the consumer-group member ids of the daemons that ran on it, newest last (JSON).
@@ -389,8 +429,9 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=10, name="optimization_targets", sql=_V10_OPTIMIZATION_TARGETS),
     Migration(version=11, name="episodes", sql=_V11_EPISODES),
     Migration(version=12, name="pipeline_rollouts", sql=_V12_PIPELINE_ROLLOUTS),
-    Migration(version=13, name="event_time", sql=_V13_EVENT_TIME),
-    Migration(version=14, name="store_identity", sql=_V14_STORE_IDENTITY),
+    Migration(version=13, name="evaluation", sql=_V13_EVALUATION),
+    Migration(version=14, name="event_time", sql=_V14_EVENT_TIME),
+    Migration(version=15, name="store_identity", sql=_V15_STORE_IDENTITY),
 )
 
 

@@ -114,6 +114,7 @@ _TAIL: Final = (
     "UNION ALL SELECT f.ts, 1, f.prompt, f.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
     f"f.score, f.ingested_at, w.watermark, f.id FROM feedback_events f "
     f"{_WATERMARK.format(t='f')} WHERE f.id > :fid AND f.request_id IS NOT NULL "
+    "AND f.source IS NULL "
     "UNION ALL SELECT f.ts, 1, m.prompt, m.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
     f"f.score, f.ingested_at, w.watermark, f.id {EPISODE_CREDITS} {_WATERMARK.format(t='f')} "
     "WHERE f.id > :fid AND f.request_id IS NULL "

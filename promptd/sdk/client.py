@@ -10,6 +10,7 @@ the parent keeps delivering what it had buffered, so nothing is sent twice.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import os
 import sys
@@ -19,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from promptd.sdk.config import SdkConfig
 from promptd.sdk.encode import FEEDBACK
-from promptd.sdk.publisher import BackgroundTask, Publisher
+from promptd.sdk.notices import undelivered_summary, warn
+from promptd.sdk.publisher import Publisher
 from promptd.sdk.routing_client import PromptVariant, RoutingCache
 from promptd.sdk.stats import Counters, SdkStats, StatsCollector
 
 if TYPE_CHECKING:
-    from promptd.sdk.sender import Sender
+    from promptd.sdk.sender import BackgroundTask, Sender
 
 
 def _prefix() -> str:
@@ -59,6 +61,9 @@ class Client:
         self.publisher = Publisher(config, self.counters, background)
         self._prefix = _prefix()
         self._ids = itertools.count(1)
+        self._reported = False
+        # Prompts whose first call has waited for their routing (see route_first_call).
+        self._waited: set[str] = set()
 
     def next_request_id(self) -> str:
         """A fresh request id: ``<16 random hex>-<counter in hex>``."""
@@ -87,6 +92,34 @@ class Client:
         self.publisher.ensure_started()
         wait = self.config.routing_timeout_s if timeout_s is None else timeout_s
         return await asyncio.to_thread(self.routing.warm, self.prompts(), wait)
+
+    def route_first_call(self, prompt: str) -> None:
+        """Wait (at most ``routing_timeout_s``) for the first routing of ``prompt``; once
+        per prompt, never inside a running event loop (see ``config.route_first_call``)."""
+        if not self._first_call_waits(prompt) or _in_event_loop():
+            return
+        self._waited.add(prompt)
+        self.publisher.ensure_started()
+        self.routing.warm([prompt], self.config.routing_timeout_s)
+
+    async def aroute_first_call(self, prompt: str) -> None:
+        """:meth:`route_first_call` for async calls: waits without blocking the loop."""
+        if not self._first_call_waits(prompt):
+            return
+        import asyncio
+
+        self._waited.add(prompt)
+        self.publisher.ensure_started()
+        await asyncio.to_thread(self.routing.warm, [prompt], self.config.routing_timeout_s)
+
+    def _first_call_waits(self, prompt: str) -> bool:
+        return (
+            self.config.route_first_call
+            and bool(self.config.daemon_url)
+            and prompt not in self._waited
+            and prompt not in self.routing.attempted
+            and not self.publisher.closed
+        )
 
     def prompts(self) -> list[str]:
         """The prompts this client warms: configured and decorated ones."""
@@ -124,11 +157,16 @@ class Client:
             self.counters.error("feedback")
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Flush within ``timeout_s``, stop the thread and unregister the metrics."""
+        """Flush within ``timeout_s``, stop the thread and unregister the metrics.
+
+        Events that were not delivered are reported in one warning line (count, reasons,
+        the last Kafka error): at interpreter exit for the default client.
+        """
         try:
             self.publisher.close(timeout_s)
         except Exception:
             self.counters.error("close")
+        self._report_undelivered()
         if self._collector is not None and self._registry is not None:
             try:
                 self._registry.unregister(self._collector)
@@ -136,12 +174,27 @@ class Client:
                 self.counters.error("metrics")
             self._collector = None
 
+    def _report_undelivered(self) -> None:
+        if self._reported:
+            return
+        self._reported = True
+        try:
+            with self.counters.lock:
+                last_errors = dict(self.counters.last_errors)
+            summary = undelivered_summary(self.stats(), self.config.bootstrap_servers, last_errors)
+        except Exception:
+            self.counters.error("close")
+            return
+        if summary is not None:
+            warn(summary)
+
     def reset_after_fork(self) -> None:
         """Called in a forked child (see the module docstring)."""
         self.counters.reset_after_fork()
         self.publisher.reset_after_fork()
         self._prefix = _prefix()
         self._ids = itertools.count(1)
+        self._reported = False
 
     async def _register_metrics(self, sender: Sender) -> None:
         # Runs once in the sender thread: prometheus_client costs ~0.1 s to import.
@@ -259,6 +312,90 @@ async def aflush(timeout_s: float = 5.0) -> bool:
 def sdk_stats() -> SdkStats:
     """Counters of the default client: emitted, delivered, dropped (by reason), buffered."""
     return get_client().stats()
+
+
+def feedback(
+    request_id: str | None = None,
+    score: float | bool | None = None,
+    kind: str = "quality",
+    comment: str | None = None,
+    correction: Any = None,
+    *,
+    episode_id: str | None = None,
+    prompt: str | None = None,
+    variant: str | PromptVariant | None = None,
+    model: str | None = None,
+) -> None:
+    """Report feedback: ``score`` in 0..1 (``True`` = 1.0) on the call ``request_id``, or,
+    with only ``episode_id``, on a whole episode (credited to every call in it).
+
+    Never blocks. Raises only for a bad ``score``, as for a bad argument: ``TypeError``
+    when it is missing or not a number, ``ValueError`` outside 0..1. For a call,
+    ``prompt`` and ``variant`` may be omitted when this process made it (the SDK
+    remembers the last ``feedback_lru_size`` calls); call feedback that cannot be joined
+    is dropped as ``unknown_request``. Episode feedback needs neither. Feedback naming
+    neither a request nor an episode is dropped as ``invalid``.
+    """
+    score = check_score(score)
+    # Client.feedback counts its own errors; this guards building the client.
+    with contextlib.suppress(Exception):
+        get_client().feedback(
+            request_id,
+            score,
+            kind,
+            comment,
+            correction,
+            prompt=prompt,
+            variant=variant,
+            model=model,
+            episode_id=episode_id,
+        )
+
+
+def check_score(score: object) -> float | bool:
+    """``score`` when it is a number in 0..1 or a bool; else ``TypeError``/``ValueError``."""
+    if score is None:
+        raise TypeError("promptd.feedback() needs a score (0..1, or True/False)")
+    if isinstance(score, bool):
+        return score
+    if not isinstance(score, int | float):
+        raise TypeError(
+            f"promptd.feedback(): score must be a number from 0 to 1 or True/False, "
+            f"got {type(score).__name__} {score!r}"
+        )
+    if not 0.0 <= score <= 1.0:  # NaN fails this too
+        raise ValueError(
+            f"promptd.feedback(): score must be from 0 to 1 (0 = bad, 1 = good; "
+            f"True/False for thumbs), got {score!r}; scale a rating first, "
+            "e.g. stars / 5"
+        )
+    return score
+
+
+async def afeedback(
+    request_id: str | None = None,
+    score: float | bool | None = None,
+    kind: str = "quality",
+    comment: str | None = None,
+    correction: Any = None,
+    *,
+    episode_id: str | None = None,
+    prompt: str | None = None,
+    variant: str | PromptVariant | None = None,
+    model: str | None = None,
+) -> None:
+    """Async twin of :func:`feedback` (equally non-blocking; for symmetry in async code)."""
+    feedback(
+        request_id,
+        score,
+        kind,
+        comment,
+        correction,
+        episode_id=episode_id,
+        prompt=prompt,
+        variant=variant,
+        model=model,
+    )
 
 
 def _after_fork_in_child() -> None:

@@ -196,7 +196,7 @@ class Sim:
         self.stamp = max(self.now, math.nextafter(self.stamp, math.inf))
         clock = self.clock.batch_time(batch.offsets, self.unread(), batch.newest, self.stamp)
         outcome = await EventRepository(self.db).store_batch(
-            batch.metrics, batch.feedback, batch.offsets, None, clock
+            batch.metrics, batch.feedback, batch.offsets, clock=clock
         )
         self.clock.apply(clock.partition_watermarks or {})
         self.stored.update(batch.offsets)
@@ -433,11 +433,11 @@ async def test_sql_aggregates_admit_what_the_replay_admits(tmp_path: Path) -> No
 
         # Stored at base+29.5: one 15 s ahead (counts at base+29.5), one 25 s ahead (no).
         await repo.store_batch(
-            [call(1, base + 44.5), call(2, base + 54.5)], [], {}, None, BatchTime(base + 29.5)
+            [call(1, base + 44.5), call(2, base + 54.5)], [], {}, clock=BatchTime(base + 29.5)
         )
         # Stored at base+40 under watermark base+40: base+30 is late, base+36 is not.
         await repo.store_batch(
-            [call(3, base + 30), call(4, base + 36)], [], {}, None, BatchTime(base + 40, base + 40)
+            [call(3, base + 30), call(4, base + 36)], [], {}, clock=BatchTime(base + 40, base + 40)
         )
         now = base + 305  # the 5 min window starts at base+30: the clamped call is out
         counts = []
@@ -460,7 +460,7 @@ async def test_retention_keeps_the_watermarks_of_the_batches_it_keeps(tmp_path: 
         base = 1_700_000_000.0
         for n in range(4):
             at = base + 1000 * n
-            await repo.store_batch([call(n, at - 1)], [], {}, None, BatchTime(at, at - 10))
+            await repo.store_batch([call(n, at - 1)], [], {}, clock=BatchTime(at, at - 10))
         await repo.purge_older_than(base + 1500)
         async with db.reader.execute("SELECT ingested_at FROM batch_watermarks") as cur:
             kept = sorted(row[0] for row in await cur.fetchall())

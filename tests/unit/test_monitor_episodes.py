@@ -183,7 +183,7 @@ async def test_rebuilt_windows_credit_episode_feedback_like_the_live_monitor(
         metrics = [r for r in rows if isinstance(r, MetricView)]
         feedback = [r for r in rows if isinstance(r, FeedbackView)]
         clock = partition.batch_time(rows)
-        await live.on_batch(await repo.store_batch(metrics, feedback, {}, None, clock))
+        await live.on_batch(await repo.store_batch(metrics, feedback, {}, clock=clock))
         if n == 200:
             assert await live.snapshot_once() > 0
     live.store.expire(T0)

@@ -334,7 +334,7 @@ async def test_rebuild_replays_recent_events_and_aggregates_older_ones(tmp_path:
         repo = EventRepository(db)
         old = [metric(T0 - 7200 + i, 100.0) for i in range(10)]
         recent = [metric(T0 - 30 + i, 200.0) for i in range(5)]
-        await repo.store_batch(old + recent, [feedback(T0 - 7000, 0.5)], {}, None, BatchTime(T0))
+        await repo.store_batch(old + recent, [feedback(T0 - 7000, 0.5)], {}, clock=BatchTime(T0))
         store = WindowStore()
         summary = await rebuild_windows(store, db, T0, horizon_s=600)
         assert summary == {"aggregates": 2, "events": 5}

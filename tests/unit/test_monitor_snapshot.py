@@ -187,7 +187,7 @@ async def _ingest(
         if n % 3 == 0 and metrics:
             metrics += metrics[:3]
         clock = partition.batch_time(batch)
-        await monitor.on_batch(await repo.store_batch(metrics, feedback, {}, None, clock))
+        await monitor.on_batch(await repo.store_batch(metrics, feedback, {}, clock=clock))
 
 
 @pytest.fixture

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,14 +15,40 @@ from pydantic import BaseModel, ValidationError
 
 import promptd.daemon.api as api
 
+#: How a route reads its body: ``read_body(request, Model)``, a module's own
+#: ``_body(request, Model)``, or ``Model.model_validate(...)``.
+_READERS = {"read_body", "_body"}
+
+
+def _body_model_names(source: str) -> set[str]:
+    """Names of the models a module's handlers validate request bodies with."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in _READERS and len(node.args) == 2:
+            if isinstance(node.args[1], ast.Name):
+                names.add(node.args[1].id)
+        elif (
+            isinstance(func, ast.Attribute)
+            and func.attr == "model_validate"
+            and isinstance(func.value, ast.Name)
+        ):
+            names.add(func.value.id)
+    return names
+
 
 def _request_models() -> set[type[BaseModel]]:
-    """Every pydantic model the API modules use, with the models nested in them."""
+    """Every model a route of the API validates a request body with, and the models
+    nested in them."""
     found: set[type[BaseModel]] = set()
     for info in pkgutil.iter_modules(api.__path__):
         module = importlib.import_module(f"{api.__name__}.{info.name}")
-        for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, BaseModel) and value is not BaseModel:
+        source = Path(module.__file__ or "").read_text()
+        for name in _body_model_names(source):
+            value = getattr(module, name, None)
+            if isinstance(value, type) and issubclass(value, BaseModel):
                 found.add(value)
     todo = list(found)
     while todo:
@@ -51,8 +79,11 @@ def _bool_fields() -> list[tuple[type[BaseModel], str]]:
 
 
 def test_the_api_has_boolean_fields_to_check() -> None:
-    """The walk finds the boolean fields of the request bodies (so the next test checks
-    something)."""
+    """The walk finds the request bodies of the routes and their boolean fields (so the
+    next test checks something)."""
+    models = {model.__name__ for model in _request_models()}
+    assert {"StartRollout", "Experiment", "NewVersion", "Restore", "Reason"} <= models
+    assert {"StartPipelineRollout", "OptimizeRequest"} <= models
     names = {f"{model.__name__}.{name}" for model, name in _bool_fields()}
     assert {"StartRollout.require_win", "NewVersion.activate", "NewVersion.force"} <= names
     assert "StartPipelineRollout.require_win" in names

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from promptd.daemon.store_guard import _start_ticks, process_gone, this_process
-from promptd.storage.database import Database
+from promptd.storage.database import Database, _quick_check
 from promptd.storage.identity import (
     KEEP_OWNERS,
     Owner,
@@ -85,8 +85,9 @@ def test_a_dead_run_is_told_from_a_live_process() -> None:
 async def test_quick_check_finds_a_damaged_page_and_keeps_to_its_time_bound(
     tmp_path: Path,
 ) -> None:
-    """A healthy file checks complete and clean, a damaged page is reported, and a check
-    that runs out of time says it is incomplete rather than blocking the start."""
+    """A healthy file checks complete and clean, a damaged page is reported; a check
+    that is cut short (out of time, or the file locked by another process for longer
+    than the bound) stops within the bound, incomplete, and never reports damage."""
     path = tmp_path / "c.db"
     db = await Database.open(path)
     await db.close()
@@ -96,9 +97,18 @@ async def test_quick_check_finds_a_damaged_page_and_keeps_to_its_time_bound(
         healthy = await db.quick_check(30.0)
         assert (healthy.problems, healthy.complete) == ((), True)
         cut = await db.quick_check(0.001)
-        assert (cut.problems, cut.complete) == ((), False)
+        assert cut.problems == ()
     finally:
         await db.close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as holder:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("DELETE FROM filler WHERE id = 1")
+        locked = _quick_check(path, 0.3)
+        holder.execute("ROLLBACK")
+    assert (locked.problems, locked.complete) == ((), False)
+    assert locked.stopped == "database is locked"
+    assert 0.2 < locked.duration_s < 2.0
     damage_first_leaf(path, "filler")
     db = await Database.open(path)
     try:
