@@ -3,7 +3,6 @@ cache miss, a damaged page is found at start."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sqlite3
 from typing import Any
@@ -12,12 +11,11 @@ import aiohttp
 import pytest
 import structlog
 
-from promptd.daemon.app import Daemon, DaemonRefusedError
-from promptd.daemon.wiring import install_components
 from tests.conftest import wait_for
 from tests.integration.test_event_time import feedback, metric, send
-from tests.integration.test_restart import _hour, _monitor
-from tests.integration.test_rollouts import TOKEN, _call, _routing, _setup_prompt, _traffic
+from tests.integration.test_restart import _hour, _monitor, live_rollout
+from tests.integration.test_rollouts import TOKEN, _call
+from tests.integration.test_store_identity import refusal
 from tests.sqlite_damage import damage_first_leaf
 
 pytestmark = pytest.mark.integration
@@ -46,12 +44,7 @@ async def test_snapshots_that_do_not_decode_mean_a_full_replay_and_a_warning(
     settings = make_settings(http={"admin_token": TOKEN}, rollout={"tick_interval_s": 0.1})
     first = await start_daemon(settings)
     async with aiohttp.ClientSession() as http:
-        await _setup_prompt(http, first.url)
-        body = {"prompt": "summarize", "candidate_version": "v2", "profile": "conservative"}
-        status, started = await _call(http, "POST", f"{first.url}/v1/rollouts", body)
-        assert status == 201
-        rid = started["id"]
-        await _traffic(settings, await _routing(http, first.url), range(300), 0.7, 0.7, seed=2)
+        rid = await live_rollout(http, first.url, settings, 300, seed=2)
 
         async def fed() -> Any:
             _, view = await _call(http, "GET", f"{first.url}/v1/rollouts/{rid}", auth=False)
@@ -108,11 +101,6 @@ async def test_a_damaged_page_is_found_at_start_even_with_a_snapshot(
     await first.stop()  # leaves a snapshot: the next start reads no old feedback row
     damage_first_leaf(settings.storage.database_path, "feedback_events")
 
-    refused = Daemon(settings)
-    install_components(refused)
-    with pytest.raises(DaemonRefusedError) as error:
-        await asyncio.wait_for(refused.run(asyncio.Event()), 30)
-    message = str(error.value)
-    assert "\n" not in message
+    message = await refusal(settings)
     assert "is damaged (PRAGMA quick_check" in message
     assert "promptd restore" in message

@@ -17,6 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from promptd.daemon.app import Daemon, DaemonRefusedError
 from promptd.daemon.broker import EmbeddedBroker
+from promptd.daemon.settings import Settings
 from promptd.daemon.wiring import install_components
 from tests.conftest import wait_for
 from tests.integration.test_broker_resets import metric_values
@@ -29,6 +30,17 @@ pytestmark = pytest.mark.integration
 def _stored(path: Path) -> int:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         return int(conn.execute("SELECT count(*) FROM metric_events").fetchone()[0])
+
+
+async def refusal(settings: Settings) -> str:
+    """The one line a daemon on ``settings`` refuses to start with."""
+    refused = Daemon(settings)
+    install_components(refused)
+    with pytest.raises(DaemonRefusedError) as error:
+        await asyncio.wait_for(refused.run(asyncio.Event()), 30)
+    message = str(error.value)
+    assert "\n" not in message
+    return message
 
 
 def _lose(path: Path) -> None:
@@ -60,12 +72,7 @@ async def test_an_empty_database_while_the_group_has_consumed_is_refused(
     await first.stop()  # commits the group's offsets
 
     _lose(path)
-    refused = Daemon(settings)
-    install_components(refused)
-    with pytest.raises(DaemonRefusedError) as error:
-        await asyncio.wait_for(refused.run(asyncio.Event()), 30)
-    message = str(error.value)
-    assert "\n" not in message
+    message = await refusal(settings)
     assert f"consumer group {kafka.group_id!r} has committed offsets" in message
     assert "is a new store" in message
     assert "promptd restore" in message
