@@ -180,6 +180,7 @@ class RolloutController:
             state = RolloutState.from_dict(row.state)
             acc = self._accumulator(row, state, list(row.step_starts))
             calls = feedback = 0
+            history = None
             if row.step_starts and self._wants_history(state):
                 history, source = await preperiod.load(
                     self.db, self._store, row.id, row.prompts, row.step_starts[0],
@@ -192,6 +193,8 @@ class RolloutController:
                 after = await self._load_snapshot(row.id, acc)
                 if after is None:  # damaged: acc may hold part of it
                     acc = self._accumulator(row, state, list(row.step_starts))
+                    if history is not None:
+                        acc.set_history(history)
                     after = (0, 0)
                 served = _served(row, acc)
                 calls, feedback = await replay(self.db, acc, served, row.step_starts[0], after)
