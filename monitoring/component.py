@@ -16,6 +16,7 @@ from aiohttp import web
 from .config import MonitoringSettings
 from .export import MonitorExport
 from .rules import RuleConfigError, load_rules
+from .signals import MonitorSignals
 from .sinks import AlertmanagerSink, KafkaSink, SinkError, SinkWorker, WebhookSink
 from .windows import WindowStore
 
@@ -82,6 +83,7 @@ def install(daemon: Daemon) -> None:
         raise ConfigurationError(f"[monitoring] {exc}") from exc
     export = MonitorExport(daemon.registry, settings.label_cardinality_cap)
     triggers = daemon.components["optimization_triggers"]
+    signals = MonitorSignals(daemon.settings.evaluation)
 
     async def setup() -> None:
         db = daemon.db
@@ -106,6 +108,7 @@ def install(daemon: Daemon) -> None:
             build_sinks(daemon, export),
             snapshots=snapshots,
             episodes=EventRepository(db),
+            signals=signals,
         )
         monitor.covered = covered
         await monitor.restore()

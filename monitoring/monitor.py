@@ -38,6 +38,7 @@ from promptd.storage.snapshots import SnapshotStore
 from .config import MonitoringSettings
 from .export import MonitorExport
 from .rules import AlertRule, AlertState, Evaluation, Notification, evaluate
+from .signals import MonitorSignals
 from .sinks import SinkWorker, log_notification
 from .snapshot import take
 from .triggers import OptimizationTrigger, TriggerQueue
@@ -85,7 +86,12 @@ class Batch(Protocol):
 
     @property
     def feedback_rows(self) -> tuple[FeedbackRow, ...]:
-        """Newly stored feedback events."""
+        """Newly stored feedback from people and apps (no ``source``)."""
+        ...
+
+    @property
+    def evaluation_rows(self) -> tuple[FeedbackRow, ...]:
+        """Newly stored evaluators' results (``source`` is ``eval:<name>``)."""
         ...
 
     @property
@@ -129,6 +135,7 @@ class Monitor:
         clock: Clock = time.time,
         snapshots: SnapshotStore | None = None,
         episodes: EpisodeCalls | None = None,
+        signals: MonitorSignals | None = None,
     ) -> None:
         self.settings = settings
         self.rules = tuple(rules)
@@ -143,6 +150,8 @@ class Monitor:
         self._backlog: list[tuple[Batch, Sequence[Credit]]] = []
         #: Where episode feedback finds its calls (``None``: it is not windowed).
         self.episodes = episodes
+        #: Which feedback counts in each prompt's windows and volume trigger.
+        self.signals = signals or MonitorSignals()
         #: Highest (metric, feedback) row ids whose batches are in the windows: a snapshot
         #: of the windows covers every stored row up to these.
         self.covered: tuple[int, int] = (0, 0)
@@ -162,13 +171,28 @@ class Monitor:
         metrics, feedback = outcome.metric_rows, outcome.feedback_rows
         credits = await self._credits(outcome) if feedback else ()
         if metrics or feedback:
+            # The Prometheus feedback counters are people's (evaluators have their own).
             self.export.observe_batch(metrics, feedback, credits)
         if self._frozen:
             self._backlog.append((outcome, credits))
         else:
             self._apply(outcome, credits)
-        if feedback:
-            self._count_feedback(feedback, credits)
+        if feedback or outcome.evaluation_rows:
+            self._count_feedback(*self._counted(outcome, credits))
+
+    def _counted(
+        self, outcome: Batch, credits: Sequence[Credit]
+    ) -> tuple[Sequence[FeedbackRow], Sequence[Credit]]:
+        """The batch's call feedback and episode credits that count in the windows: those
+        of each prompt's monitor signals (people's, in storage order, then evaluators')."""
+        signals = self.signals
+        if signals.human_only:
+            return outcome.feedback_rows, credits
+        counts = signals.counts
+        # Rows unpack in column order (storage.rows): prompt at 2, source last.
+        rows = [row for row in outcome.feedback_rows if counts(row[2], None)]
+        rows += [row for row in outcome.evaluation_rows if counts(row[2], row[-1])]
+        return rows, [credit for credit in credits if counts(credit[1], None)]
 
     async def _credits(self, outcome: Batch) -> list[Credit]:
         """The batch's episode feedback, credited to each call of its episode."""
@@ -186,7 +210,7 @@ class Monitor:
         ]
 
     def _apply(self, outcome: Batch, credits: Sequence[Credit]) -> None:
-        self._window(outcome.metric_rows, outcome.feedback_rows, credits)
+        self._window(outcome.metric_rows, *self._counted(outcome, credits))
         covered = self.covered
         self.covered = (
             max(covered[0], outcome.last_metric_id),
@@ -229,7 +253,11 @@ class Monitor:
                         kind="feedback_volume",
                         at=now,
                         reason=f"{n} new feedback events",
-                        details={"feedback_count": n, "threshold": threshold},
+                        details={
+                            "feedback_count": n,
+                            "threshold": threshold,
+                            "signals": list(self.signals.of(prompt)),
+                        },
                     )
                 )
             else:
@@ -469,6 +497,8 @@ class Monitor:
         total = self.store.stats(prompt, window_seconds=window_seconds, now=now)
         return {
             "prompt": prompt,
+            # Whose scores feedback_count and feedback_mean count ([[evaluation.signals]]).
+            "feedback_signals": list(self.signals.of(prompt)),
             "window_seconds": window_seconds,
             "now": now,
             "total": stats_dict(total),
