@@ -84,7 +84,7 @@ def test_the_monitor_counts_the_rows_of_each_prompts_signals() -> None:
     people's by default, an evaluator's, or both; a replay reads every row some prompt
     counts (one SQL condition) and the snapshot key names the choice."""
     default = MonitorSignals(_settings(signals=[{"prompts": ["*"], "rollout": ["eval:valid"]}]))
-    assert default.human_only and default.key is None and default.named == ("human",)
+    assert (default.human_only, default.key, default.named) == (True, None, ("human",))
     assert MonitorSignals().human_only
     chosen = MonitorSignals(
         _settings(
@@ -95,7 +95,8 @@ def test_the_monitor_counts_the_rows_of_each_prompts_signals() -> None:
             ],
         )
     )
-    assert not chosen.human_only and chosen.key is not None
+    assert not chosen.human_only
+    assert chosen.key is not None
     table = {
         (prompt, source): chosen.counts(prompt, source)
         for prompt in ("eval-only", "both-a", "other")
