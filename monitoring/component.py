@@ -89,14 +89,14 @@ def install(daemon: Daemon) -> None:
         db = daemon.db
         assert db is not None
         snapshots = SnapshotStore(db) if settings.snapshot_interval_s > 0 else None
-        restored = await restore(window_config, db, time.time()) if snapshots else None
+        restored = await restore(window_config, db, time.time(), signals) if snapshots else None
         if restored is not None:
             store, covered = restored
         else:
             # Before ingestion starts: the windows hold every stored row up to now.
             covered = await last_ids(db)
             store = WindowStore(window_config)
-            await rebuild_windows(store, db, time.time(), settings.rebuild_horizon_s)
+            await rebuild_windows(store, db, time.time(), settings.rebuild_horizon_s, signals)
         alerts = AlertStore(db)
         monitor = Monitor(
             settings,

@@ -410,7 +410,9 @@ class Monitor:
             self._frozen = True
             covered = self.covered
             try:
-                snap = await asyncio.to_thread(take, self.store, covered, self.clock())
+                snap = await asyncio.to_thread(
+                    take, self.store, covered, self.clock(), self.signals
+                )
             finally:
                 self._thaw()
         await self.snapshots.save(snap)
@@ -531,7 +533,11 @@ class Monitor:
 
 
 async def rebuild_windows(
-    store: WindowStore, db: Database, now: float, horizon_s: float
+    store: WindowStore,
+    db: Database,
+    now: float,
+    horizon_s: float,
+    signals: MonitorSignals | None = None,
 ) -> dict[str, int]:
     """Refill ``store`` from storage at start, bounded in work.
 
@@ -543,7 +549,10 @@ async def rebuild_windows(
     hour by default), which restores counts, rates and means of the 24 h baseline at a cost
     that does not depend on the traffic; latency quantiles of the baseline then cover only the
     replayed part until the baseline has refilled. The loop is yielded to between chunks.
+    Feedback counts where ``signals`` (people's by default) say, as in the live monitor.
     """
+    signals = signals or MonitorSignals()
+    sources = signals.sql_condition()
     config = store.config
     baseline = config.baseline_seconds
     horizon = min(horizon_s, baseline)
@@ -562,14 +571,17 @@ async def rebuild_windows(
             coarse,
             config.lateness_seconds,
             config.max_future_seconds,
+            sources,
         )
         store.admit(ADMIT_ALL)  # the query applied the rule
         for agg in rows:
+            if "fb_n" in agg.values and not signals.counts(agg.prompt, agg.source):
+                continue
             store.record_aggregate(agg.start, agg.prompt, agg.variant, agg.model, **agg.values)
             aggregates += 1
     replayed = 0
-    async for chunk in raw_events(db, replay_from):
-        replayed += store.replay(chunk)
+    async for chunk in raw_events(db, replay_from, sources=sources):
+        replayed += store.replay(signals.select(chunk))
         await asyncio.sleep(0)
     store.expire(now)
     summary = {"aggregates": aggregates, "events": replayed}

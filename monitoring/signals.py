@@ -16,13 +16,19 @@ does.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Final
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 from promptd.evaluation.signals import HUMAN, source_of, sql_condition_named
 
 if TYPE_CHECKING:
     from promptd.evaluation.config import EvaluationSettings
 
+#: Where the replays' rows (storage.alerts.raw_events, storage.snapshots.tail_events) hold
+#: ``is_feedback``, the prompt and the feedback's source.
+_IS_FEEDBACK: Final = 1
+_PROMPT: Final = 2
+_SOURCE: Final = 14
 #: Prompts whose choice is remembered; beyond it the memo starts over (prompt names are
 #: user data, their number is not bounded by configuration).
 _MEMO_LIMIT: Final = 10_000
@@ -81,7 +87,15 @@ class MonitorSignals:
             return source is None
         return source in self.sources(prompt)
 
-    def sql_condition(self, column: str) -> tuple[str, dict[str, str]]:
+    def sql_condition(self, column: str = "f.source") -> tuple[str, dict[str, str]]:
         """A SQL condition (named parameters) selecting the feedback rows some prompt
-        counts: what a replay reads before :meth:`counts` picks per prompt."""
+        counts: what a replay reads before :meth:`select` picks per prompt."""
         return sql_condition_named(self.named, column, prefix="monitor_signal")
+
+    def select(self, rows: Sequence[Sequence[Any]]) -> Sequence[Sequence[Any]]:
+        """The replayed rows the windows take: every call, and the feedback its prompt
+        counts (rows read under :meth:`sql_condition`)."""
+        if self.human_only:
+            return rows  # the condition selected people's feedback only
+        counts = self.counts
+        return [r for r in rows if not r[_IS_FEEDBACK] or counts(r[_PROMPT], r[_SOURCE])]
