@@ -83,7 +83,7 @@ async def restore(
         return None
     reason = None
     if snap.config != config_key(config, signals):
-        reason = "window configuration changed"
+        reason = "window configuration or monitor signals changed"
     elif now - snap.taken_at > config.baseline_seconds:
         reason = "older than the baseline window"
     elif _went_back(await last_ids(db), (snap.metric_id, snap.feedback_id)):
