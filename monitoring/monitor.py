@@ -154,7 +154,8 @@ class Monitor:
         self.sinks = list(sinks)
         self.clock = clock
         self.states: dict[str, AlertState] = {}
-        self._backlog: list[tuple[Batch, Sequence[Credit]]] = []
+        #: Batches waiting for the windows to thaw, with the feedback that counts.
+        self._backlog: list[tuple[Batch, tuple[Sequence[FeedbackRow], Sequence[Credit]]]] = []
         #: Where episode feedback finds its calls (``None``: it is not windowed).
         self.episodes = episodes
         #: Which feedback counts in each prompt's windows and volume trigger.
@@ -180,12 +181,13 @@ class Monitor:
         if metrics or feedback:
             # The Prometheus feedback counters are people's (evaluators have their own).
             self.export.observe_batch(metrics, feedback, credits)
+        counted = self._counted(outcome, credits)
         if self._frozen:
-            self._backlog.append((outcome, credits))
+            self._backlog.append((outcome, counted))
         else:
-            self._apply(outcome, credits)
-        if feedback or outcome.evaluation_rows:
-            self._count_feedback(*self._counted(outcome, credits))
+            self._apply(outcome, counted)
+        if counted[0] or counted[1]:
+            self._count_feedback(*counted)
 
     def _counted(
         self, outcome: Batch, credits: Sequence[Credit]
@@ -216,7 +218,9 @@ class Monitor:
             for prompt, variant in calls.get(row[10] or "", ())
         ]
 
-    def _apply(self, outcome: Batch, credits: Sequence[Credit]) -> None:
+    def _apply(
+        self, outcome: Batch, counted: tuple[Sequence[FeedbackRow], Sequence[Credit]]
+    ) -> None:
         config = self.store.config
         self.store.admit(
             Admission.of(
@@ -227,7 +231,7 @@ class Monitor:
             )
         )
         try:
-            self._window(outcome.metric_rows, *self._counted(outcome, credits))
+            self._window(outcome.metric_rows, *counted)
         finally:
             self.store.admit(ADMIT_ALL)
         covered = self.covered
@@ -329,8 +333,8 @@ class Monitor:
         """Unfreeze the windows and apply the batches that arrived meanwhile."""
         self._frozen = False
         backlog, self._backlog = self._backlog, []
-        for outcome, credits in backlog:
-            self._apply(outcome, credits)
+        for outcome, counted in backlog:
+            self._apply(outcome, counted)
 
     def _compute(
         self, now: float, previous: dict[str, AlertState]
