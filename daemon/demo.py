@@ -164,7 +164,7 @@ def demo_settings(
 def _evaluation() -> dict[str, Any]:
     # A code check on a sample of the captured summaries (do they cite a number: an error
     # code, a delay?): online evaluation at work beside people's thumbs, with its
-    # agreement tracked. The monitor, optimizer and rollouts still read the thumbs only.
+    # agreement tracked. The monitor, optimizer and rollouts read the thumbs (the default).
     # (Two digits: the summaries start with their version, "[v1]".)
     check = {"name": "cites_number", "type": "regex", "pattern": r"\d\d", "sample_rate": 0.2}
     return {"evaluators": [check], "agreement": {"interval_s": 2.0}}
