@@ -428,6 +428,10 @@ class Ingestor:
         """Check the group is ours alone and the store is the group's, then seek every
         partition to its stored offset."""
         keys = [(tp.topic, tp.partition) for tp in assigned]
+        # aiokafka's fetcher starts on the new assignment while this listener awaits: left
+        # fetchable, a partition is read from the group's committed offset (behind the
+        # stored one: duplicates) until the seek below. Held until the seek.
+        consumer.pause(*assigned)
         mine = member_id(consumer)
         if self.guard is not None:
             await self.guard.joined(mine)
@@ -461,6 +465,7 @@ class Ingestor:
             if offset is not None:
                 consumer.seek(tp, offset)
                 self.state.next_offsets[(tp.topic, tp.partition)] = offset
+        consumer.resume(*assigned)
         self._set_assigned(frozenset(keys))
         log.info(
             "partitions_assigned",
@@ -739,6 +744,12 @@ class Ingestor:
         except (TimeoutError, KafkaError) as exc:
             self.metrics.commit_failures.inc()
             log.warning("kafka_commit_failed", error=repr(exc))
+
+    @property
+    def writing(self) -> bool:
+        """Whether a batch write is in flight (its listeners, the monitor's windows among
+        them, run when it has committed)."""
+        return self._pending is not None and not self._pending.done()
 
     async def drain(self, raise_errors: bool = True) -> None:
         """Wait for the batch write in flight, if any."""
