@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from promptd.storage.rows import MetricRow
+from promptd.storage.rows import MetricRow, MetricView
 
 Status = Literal["scored", "invalid"]
 
@@ -26,8 +26,9 @@ class Call:
 
     @classmethod
     def from_row(cls, row: MetricRow) -> Call:
-        """From a stored metric row (``storage.rows`` column order)."""
-        return cls.stored(row[5], row[2], row[3], row[4], row[1], row[15], row[16])
+        """From a stored metric row (``storage.rows`` column order), read by column name."""
+        v = MetricView(*row)
+        return cls.stored(v.request_id, v.prompt, v.variant, v.model, v.ts, v.input, v.output)
 
     @classmethod
     def stored(
