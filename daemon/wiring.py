@@ -131,6 +131,7 @@ def install_rollouts(daemon: Daemon) -> None:
             pipelines=pipelines,
             # One rule for timestamps ahead of the clock, the monitor's and the rollouts'.
             max_future_s=settings.monitoring.max_future_s,
+            signals_of=lambda prompt: settings.evaluation.signals_for(prompt, "rollout"),
         )
         await controller.resume()
         daemon.components["registry"] = registry
