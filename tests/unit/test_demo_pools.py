@@ -147,3 +147,102 @@ async def test_a_scored_example_never_retrieves_itself_nor_another_split(
     missing = Program.from_config({**CONFIG, "demos": {**demos_spec, "pool": "pool-gone"}})
     with pytest.raises(PoolUnavailable, match="pool-gone"):
         await evaluator.render(missing, example("r0", "x"))
+
+
+class FakeExamples:
+    """The example store's two reads, over a list the test changes."""
+
+    def __init__(self, examples: list[Example]) -> None:
+        self.items = examples
+
+    async def snapshot(self, now: float) -> Any:
+        return now
+
+    async def examples(self, prompt: str, snapshot: Any) -> list[Example]:
+        return list(self.items)
+
+
+async def test_a_refresh_stores_a_new_snapshot_and_asks_for_a_run_when_enough_is_new(
+    db: Database,
+) -> None:
+    """The refresher stores the train split's trusted demos as a new snapshot; the
+    served version keeps its pin; a run is asked for only when the new snapshot has at
+    least ``refresh_min_new`` demos the pinned one lacks, and only the train split
+    ever enters a pool."""
+    from promptd.optimization.config import OptimizationSettings
+    from promptd.optimization.pool_refresh import PoolBuilder, PoolRefresher
+
+    settings = OptimizationSettings(
+        splits={"salt": SALT, "train": TRAIN, "validation": VALIDATION},
+        knn={"refresh_min_new": 3},
+    )
+    rows = [example(f"r{i}", f"ship to town {i}", correction=f"T{i}") for i in range(40)]
+    source = FakeExamples(rows[:20])
+    store = PoolStore(db)
+    builder = PoolBuilder(source, store, settings)  # type: ignore[arg-type]
+    registry = Registry(db)
+    await registry.register("p", NewVersion.model_validate({"config": CONFIG}))
+    first, demos = await builder.build("p", ("text",), False, "manual")
+    assert demos
+    assert {d.id for d in demos} == {
+        e.request_id
+        for e in rows[:20]
+        if split_of(e.request_id, SALT, TRAIN, VALIDATION) == "train"
+    }
+    dynamic = {**CONFIG, "demos": {"source": "pool", "k": 2}}
+    served = await registry.register(
+        "p", NewVersion.model_validate({"config": dynamic, "activate": True})
+    )
+    assert served.config is not None
+    submitted: list[Any] = []
+
+    async def submit(trigger: Any, strategies: Any) -> None:
+        submitted.append((trigger, list(strategies)))
+
+    refresher = PoolRefresher(builder, registry, submit)
+    await refresher.refresh_all()  # nothing new: the same snapshot, no run
+    assert [p.seq for p in await store.list("p")] == [1]
+    assert submitted == []
+    source.items = rows  # twenty more calls, some of them in the train split
+    await refresher.refresh_all()
+    infos = await store.list("p")
+    assert [p.seq for p in infos] == [2, 1]
+    [(trigger, strategies)] = submitted
+    assert (trigger.kind, strategies) == ("pool_refresh", ["knn"])
+    assert trigger.details == {"pool": infos[0].pool_id}
+    active = await registry.active("p")
+    assert active is not None
+    assert active.config is not None
+    assert active.config["demos"]["pool"] == first.pool_id  # the pin did not move
+
+
+class Sampler:
+    """A model answering by the sampling temperature: each sample its own answer."""
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = answers
+        self.calls: list[float | None] = []
+
+    async def complete(self, llm: LLMSettings, messages: list[Any], purpose: str) -> Any:
+        from promptd.optimization.llm import Completion
+
+        self.calls.append(llm.temperature)
+        return Completion(self.answers[(len(self.calls) - 1) % len(self.answers)], 1)
+
+
+async def test_an_ensemble_pays_n_samples_and_keeps_their_vote(db: Database) -> None:
+    """A program voting over three samples makes three calls at its temperature (each
+    cached apart) and scores the majority answer; a replay pays nothing."""
+    model = LLMSettings(model="openai/x", temperature=0.0)
+    sampler = Sampler(["Paris", "lyon", "Lyon."])
+    llm = CachedLLM(sampler, OptimizationStore(db), Budget(10, 1.0), "run", 1)
+    evaluator = Evaluator(llm, EvaluationSettings(model=model, metric="exact_match"))
+    voting = Program.from_config(
+        {**CONFIG, "ensemble": {"n": 3, "temperature": 0.7, "answer": "label"}}
+    )
+    [scored] = await evaluator.run(voting, [example("r1", "to Lyon", correction="lyon")])
+    assert sampler.calls == [0.7, 0.7, 0.7]
+    assert scored.output == "lyon"
+    assert scored.score == 1.0
+    await evaluator.run(voting, [example("r1", "to Lyon", correction="lyon")])
+    assert len(sampler.calls) == 3
