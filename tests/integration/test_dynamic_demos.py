@@ -127,6 +127,13 @@ async def test_sdk_calls_fill_the_pool_and_a_knn_rollout_serves_per_request_demo
 
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with aiohttp.ClientSession(running.url, headers=headers) as http:
+        # An operator can build a snapshot by hand: the same trusted train split.
+        async with http.post(f"/v1/prompts/{PROMPT}/pools", json={}) as resp:
+            assert resp.status == 201, await resp.text()
+            built = await resp.json()
+        assert (built["seq"], built["origin"]) == (1, "manual")
+        async with http.post(f"/v1/prompts/{PROMPT}/pools", json={"embedding": True}) as resp:
+            assert resp.status == 422  # no embedding model configured: said, not ignored
         async with http.post(f"/v1/optimize/{PROMPT}", json={"strategies": ["knn"]}) as resp:
             assert resp.status == 202, await resp.text()
         runner = daemon.components["optimizer"]
@@ -141,7 +148,9 @@ async def test_sdk_calls_fill_the_pool_and_a_knn_rollout_serves_per_request_demo
         spec = version.config["demos"]
         async with http.get(f"/v1/prompts/{PROMPT}/pools") as resp:
             pools = (await resp.json())["pools"]
-        assert spec["pool"] in [p["pool"] for p in pools]
+        # The run's snapshot has the same content as the manual one: one snapshot.
+        assert [p["pool"] for p in pools] == [built["pool"]]
+        assert spec["pool"] == built["pool"]
         async with http.get(f"/v1/prompts/{PROMPT}/pools/{spec['pool']}") as resp:
             pool = await resp.json()
     # The pool is made of the app's own calls (their request ids), answered by corrections.
