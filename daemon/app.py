@@ -39,14 +39,16 @@ from promptd.daemon.http import (
     is_loopback,
     start_site,
 )
-from promptd.daemon.ingest import BatchListener, GroupConflictError, IngestAlert, Ingestor
+from promptd.daemon.ingest import BatchListener, IngestAlert, Ingestor, IngestRefusedError
 from promptd.daemon.kafka import Producer, ensure_topics
 from promptd.daemon.lock import DataDirLock, DataDirLockedError
 from promptd.daemon.settings import Settings
+from promptd.daemon.store_guard import StoreGuard
 from promptd.monitoring.metrics import IngestMetrics
 from promptd.monitoring.rules import Notification
 from promptd.monitoring.sinks import log_notification
 from promptd.storage.database import Database
+from promptd.storage.identity import StoreIdentity, record_kafka
 from promptd.storage.repository import (
     DUPLICATES,
     OTLP_COUNTERS,
@@ -101,6 +103,7 @@ class Daemon:
         # down): each returns lines that /readyz shows as "degraded".
         self.readiness_details: list[Callable[[], list[str]]] = []
         self.db: Database | None = None
+        self.identity: StoreIdentity | None = None
         self.repo: EventRepository | None = None
         self.producer: Producer | None = None
         self.ingestor: Ingestor | None = None
@@ -127,8 +130,8 @@ class Daemon:
             raise DaemonRefusedError(str(exc)) from None
         try:
             await self._run_locked(stop)
-        except* GroupConflictError as group:
-            raise DaemonRefusedError(str(group.exceptions[0])) from None
+        except* IngestRefusedError as refused:
+            raise DaemonRefusedError(str(refused.exceptions[0])) from None
         finally:
             self.lock.release()
         log.info("daemon_stopped")
@@ -140,12 +143,14 @@ class Daemon:
                 self.settings.storage.database_path, self.settings.storage.busy_timeout_ms
             )
             stack.push_async_callback(self.db.close)
+            await self._check_database()
             self.repo = EventRepository(self.db)
             for hook in self.startup_hooks:
                 await hook()
             if self.settings.kafka.embedded:
                 await self._start_embedded_broker(stack)
             assert self.bootstrap is not None
+            guard = await self._store_guard(self.bootstrap)
             self.producer = Producer(self.settings.kafka, self.bootstrap)
             stack.push_async_callback(self.producer.stop)
             self.ingestor = Ingestor(
@@ -157,6 +162,7 @@ class Daemon:
                 self.batch_listeners,
                 alert=self._ingest_alert,
                 storage_check=self.db.file_problem,
+                guard=guard,
                 otlp=self._otlp_decoder(),
             )
             runner = await self._start_http()
@@ -202,6 +208,54 @@ class Daemon:
         if forgotten:
             log.warning("stored_offsets_forgotten", partitions=forgotten, reason="embedded_broker")
 
+    async def _check_database(self) -> None:
+        """A bounded ``PRAGMA quick_check`` before anything reads the store: a damaged
+        database is refused with one line, not discovered by a query later (or never)."""
+        assert self.db is not None
+        budget = self.settings.storage.integrity_check_s
+        if budget <= 0:
+            return
+        check = await self.db.quick_check(budget)
+        if check.problems:
+            raise DaemonRefusedError(
+                f"the database {str(self.db.path)!r} is damaged (PRAGMA quick_check: "
+                f"{'; '.join(check.problems[:3])}). Restore a backup (promptd restore "
+                f"BACKUP), or recover what is readable with sqlite3's .recover into a new "
+                "file and start on that; storage.integrity_check_s = 0 skips this check"
+            )
+        if check.complete:
+            log.info("database_checked", duration_s=round(check.duration_s, 3))
+        else:
+            log.warning(
+                "database_check_incomplete",
+                checked_s=round(check.duration_s, 3),
+                reason=check.stopped,
+                note="quick_check stopped (storage.integrity_check_s); no damage seen so far",
+            )
+
+    async def _store_guard(self, bootstrap: str) -> StoreGuard:
+        """The store's identity (the Kafka side recorded on first use) for ingestion."""
+        assert self.db is not None
+        kafka = self.settings.kafka
+        identity = await record_kafka(self.db, bootstrap, kafka.group_id, kafka.event_topics)
+        self.identity = identity
+        if (identity.group_id, identity.topics) != (kafka.group_id, kafka.event_topics):
+            log.warning(
+                "store_consumes_other_kafka",
+                store_id=identity.store_id,
+                recorded_group=identity.group_id,
+                recorded_topics=list(identity.topics),
+                group=kafka.group_id,
+                topics=list(kafka.event_topics),
+            )
+        return StoreGuard(
+            self.db,
+            kafka,
+            bootstrap,
+            identity,
+            accept_new_store=self.settings.storage.accept_new_store,
+        )
+
     def _write_runtime(self) -> None:
         """``runtime.json``: how CLI commands find this daemon (removed with the lock)."""
         record = {
@@ -244,7 +298,7 @@ class Daemon:
             await factory(stop)
         except asyncio.CancelledError:
             raise
-        except GroupConflictError as exc:
+        except IngestRefusedError as exc:
             log.error("daemon_refused", reason=str(exc))
             raise
         except Exception:
@@ -390,8 +444,12 @@ class Daemon:
         }
         healthy, health_reason = self.health()
         ready, _ = self.readiness()
+        identity = self.identity
         return {
             "version": __version__,
+            "store": {"id": identity.store_id, "created_at": identity.created_at}
+            if identity is not None
+            else None,
             "healthy": healthy,
             "health_reason": health_reason,
             "ready": ready,

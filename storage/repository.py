@@ -103,9 +103,11 @@ def _insert_rows(
 
 
 _UPSERT_OFFSET: Final = """
-INSERT INTO consumer_offsets (topic, partition, next_offset, updated_at) VALUES (?, ?, ?, ?)
+INSERT INTO consumer_offsets (topic, partition, next_offset, updated_at, watermark)
+VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (topic, partition) DO UPDATE SET
-    next_offset = excluded.next_offset, updated_at = excluded.updated_at
+    next_offset = excluded.next_offset, updated_at = excluded.updated_at,
+    watermark = coalesce(excluded.watermark, consumer_offsets.watermark)
 """
 _ADD_COUNTER: Final = """
 INSERT INTO counters (name, value) VALUES (?, ?)
@@ -158,6 +160,9 @@ class BatchOutcome:
     ingested_at: float = 0.0
     #: Evaluators' results (``source`` is ``eval:<name>``), in storage order.
     evaluation_rows: tuple[FeedbackRow, ...] = ()
+    # The window watermark the batch is windowed under (``None``: none; see
+    # monitoring/eventtime.py), stored in ``batch_watermarks`` by ``ingested_at``.
+    watermark: float | None = None
 
     @property
     def stored(self) -> int:
@@ -222,16 +227,28 @@ def _record_batch(
     return last
 
 
+@dataclass(frozen=True, slots=True)
+class BatchTime:
+    """The event-time facts of one batch (see monitoring/eventtime.py): when it is stored,
+    the window watermark it is windowed under (``None``: none) and the partitions'
+    watermarks once it is in."""
+
+    ingested_at: float
+    watermark: float | None = None
+    partition_watermarks: Mapping[TopicPartitionKey, float] | None = None
+
+
 def _store_sync(
     conn: sqlite3.Connection,
     metrics: Sequence[MetricRow],
     feedback: Sequence[FeedbackRow],
     offsets: Mapping[TopicPartitionKey, int],
     dead_letters: Mapping[str, int],
-    now: float,
+    clock: BatchTime,
     extra: Mapping[str, int],
 ) -> BatchOutcome:
     """The body of :meth:`EventRepository.store_batch`, on the writer thread."""
+    now = clock.ingested_at
     new_metrics: Sequence[MetricRow] = metrics
     new_feedback: Sequence[FeedbackRow] = feedback
     m_stored = f_stored = 0
@@ -249,7 +266,15 @@ def _store_sync(
             new_feedback = _only_new(conn, "feedback_events", mark, feedback)
     duplicates = len(metrics) + len(feedback) - m_stored - f_stored
     if offsets:
-        conn.executemany(_UPSERT_OFFSET, [(t, p, o, now) for (t, p), o in offsets.items()])
+        marks = clock.partition_watermarks or {}
+        conn.executemany(
+            _UPSERT_OFFSET, [(t, p, o, now, marks.get((t, p))) for (t, p), o in offsets.items()]
+        )
+    if clock.watermark is not None and (m_stored or f_stored):
+        conn.execute(
+            "INSERT INTO batch_watermarks (ingested_at, watermark) VALUES (?, ?)",
+            (now, clock.watermark),
+        )
     human, evaluations = _by_source(new_feedback)
     counters = [
         (STORED_METRICS, m_stored),
@@ -271,6 +296,7 @@ def _store_sync(
         last_metric_id=last_m,
         last_feedback_id=last_f,
         ingested_at=now,
+        watermark=clock.watermark,
     )
 
 
@@ -335,6 +361,7 @@ class EventRepository:
         offsets: Mapping[TopicPartitionKey, int],
         dead_letters: Mapping[str, int] | None = None,
         counters: Mapping[str, int] | None = None,
+        clock: BatchTime | None = None,
     ) -> BatchOutcome:
         """Store a consumed batch and its partitions' next offsets atomically.
 
@@ -342,13 +369,15 @@ class EventRepository:
         ``counters`` are added to the named counters in the same transaction (e.g. what
         the OTLP decoder counted of the batch's spans), so they count each record once.
         Returns the counts and the newly stored rows; ``duplicates`` counts events whose
-        ``event_id`` was already stored (including repeats inside the batch).
+        ``event_id`` was already stored (including repeats inside the batch). ``clock``
+        gives the batch's event-time facts, stored with it (default: stored now, no
+        watermark).
         """
-        now = time.time()
+        when = clock or BatchTime(time.time())
         m_rows, f_rows = _metric_rows(metrics), _feedback_rows(feedback)
         return await self.db.run_in_transaction(
             lambda conn: _store_sync(
-                conn, m_rows, f_rows, offsets, dead_letters or {}, now, counters or {}
+                conn, m_rows, f_rows, offsets, dead_letters or {}, when, counters or {}
             )
         )
 
@@ -365,6 +394,22 @@ class EventRepository:
             return stored
         wanted = set(partitions)
         return {k: v for k, v in stored.items() if k in wanted}
+
+    async def load_watermarks(
+        self, partitions: Iterable[TopicPartitionKey]
+    ) -> dict[TopicPartitionKey, float | None]:
+        """Stored partition watermarks of ``partitions`` (``None``: never read)."""
+        async with self.db.reader.execute(
+            "SELECT topic, partition, watermark FROM consumer_offsets"
+        ) as cur:
+            rows = await cur.fetchall()
+        wanted = set(partitions)
+        out: dict[TopicPartitionKey, float | None] = {}
+        for topic, partition, mark in rows:
+            key = (str(topic), int(partition))
+            if key in wanted:
+                out[key] = None if mark is None else float(mark)
+        return out
 
     async def forget_offsets(self, topics: Iterable[str]) -> int:
         """Delete the stored offsets of ``topics`` (their log started over); returns how
@@ -450,6 +495,13 @@ class EventRepository:
                 await conn.execute(
                     "DELETE FROM ingest_batches WHERE tbl = ? AND max_ts < ?", (table, cutoff_ts)
                 )
+        async with self.db.transaction() as conn:
+            # Batches older than the oldest row kept (ingested_at grows with the row id).
+            await conn.execute(
+                "DELETE FROM batch_watermarks WHERE ingested_at < min("
+                "coalesce((SELECT ingested_at FROM metric_events ORDER BY id LIMIT 1), 1e308), "
+                "coalesce((SELECT ingested_at FROM feedback_events ORDER BY id LIMIT 1), 1e308))"
+            )
         return total
 
 

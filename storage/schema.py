@@ -386,7 +386,37 @@ CREATE TABLE evaluation_cursor (
 );
 """
 
-_V14_DEMO_POOLS: Final = """
+_V14_EVENT_TIME: Final = """
+-- Event time (see monitoring/eventtime.py). Each partition's watermark (the newest event
+-- time read from it), written with its offset in the batch's transaction.
+ALTER TABLE consumer_offsets ADD COLUMN watermark REAL;
+-- The window watermark each batch was windowed under, keyed by the batch's ingested_at
+-- (on every row it stored): a rebuild from storage admits exactly the events the live
+-- windows admitted. No row: the batch had no watermark (nothing in it was late).
+CREATE TABLE batch_watermarks (
+    ingested_at REAL PRIMARY KEY,
+    watermark   REAL NOT NULL
+);
+"""
+
+_V15_STORE_IDENTITY: Final = """
+-- The store knows itself (see storage/identity.py): an id made when the database is
+-- created, the Kafka side it consumes (recorded by the first daemon that runs on it) and
+-- the consumer-group member ids of the daemons that ran on it, newest last (JSON).
+CREATE TABLE store_identity (
+    id                INTEGER PRIMARY KEY CHECK (id = 1),
+    store_id          TEXT    NOT NULL,
+    created_at        REAL    NOT NULL,
+    bootstrap_servers TEXT,
+    group_id          TEXT,
+    topics            TEXT,
+    owners            TEXT    NOT NULL DEFAULT '[]'
+);
+INSERT INTO store_identity (id, store_id, created_at)
+    VALUES (1, lower(hex(randomblob(16))), (julianday('now') - 2440587.5) * 86400.0);
+"""
+
+_V16_DEMO_POOLS: Final = """
 -- Demonstration pools: versioned snapshots of a prompt's trusted production examples
 -- (train split), from which a version with dynamic demos takes the nearest per request.
 -- ``pool_id`` names the content (a hash of the demos and the embedding model), ``seq``
@@ -426,7 +456,9 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=11, name="episodes", sql=_V11_EPISODES),
     Migration(version=12, name="pipeline_rollouts", sql=_V12_PIPELINE_ROLLOUTS),
     Migration(version=13, name="evaluation", sql=_V13_EVALUATION),
-    Migration(version=14, name="demo_pools", sql=_V14_DEMO_POOLS),
+    Migration(version=14, name="event_time", sql=_V14_EVENT_TIME),
+    Migration(version=15, name="store_identity", sql=_V15_STORE_IDENTITY),
+    Migration(version=16, name="demo_pools", sql=_V16_DEMO_POOLS),
 )
 
 
