@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Final
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from promptd.daemon.http import admin_only, domain_errors, json_error, read_body
 from promptd.demos import fields_of, final_template
@@ -38,7 +38,7 @@ class BuildPool(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    embedding: bool = False
+    embedding: StrictBool = False
 
 
 class EmbedText(BaseModel):
