@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import importlib.util
 import json
@@ -411,6 +412,7 @@ def run_dspy(
 
 
 DSPY_NAMES = {"knn": "KNNFewShot"}
+DSPY_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dspy")
 HASH_DIM = 4096
 
 
@@ -684,7 +686,11 @@ async def bench_task(
     for kind in args.dspy:
         print(f"[{task.name}] DSPy {kind} ...", flush=True)
         rows.append(
-            await asyncio.to_thread(run_dspy, task, kind, train, val, test, url, args.budget)
+            # One thread for every DSPy run: dspy.configure belongs to the thread that
+            # first called it.
+            await asyncio.get_running_loop().run_in_executor(
+                DSPY_THREAD, run_dspy, task, kind, train, val, test, url, args.budget
+            )
         )
     for row in rows:
         row["em"], row["f1"] = score(row["answers"], test)

@@ -93,10 +93,11 @@ async def build_pool(request: web.Request) -> web.StreamResponse:
 async def embed(request: web.Request) -> web.StreamResponse:
     """``POST /v1/prompts/{name}/embed``."""
     check_name("prompt", request.match_info["name"])
+    # The body first: an oversized one is a 413 whatever the configuration.
+    body = await read_body(request, EmbedText)
     model = request.app.get(EMBEDDING_KEY)
     if model is None:
         raise Unprocessable("no embedding model is configured ([optimization.knn.embedding])")
-    body = await read_body(request, EmbedText)
     try:
         embedded = await litellm_embed(model, [body.text])
     except LLMError as exc:
