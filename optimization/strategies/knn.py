@@ -104,10 +104,11 @@ class KnnSearch:
     ) -> None:
         conf = ctx.settings.knn
         rng = ctx.rng(self.name)
-        batch = rng.sample(ctx.validation, min(conf.minibatch_size, len(ctx.validation)))
+        grid = [Setting(r, k) for r in pools for k in sorted(set(conf.k_values))]
+        size, grid = _fit(grid, conf.minibatch_size, len(ctx.validation), ctx.remaining_calls())
+        batch = rng.sample(ctx.validation, size)
         instructions = [base.instruction()]
         trial = _Trials(ctx, base, pools, instructions, batch, self.name)
-        grid = [Setting(r, k) for r in pools for k in sorted(set(conf.k_values))]
         best = await trial.best(grid)
         # The grid's best on all of validation at once: a search the budget cuts short
         # later still has a candidate.
@@ -219,6 +220,19 @@ class _Trials:
                     self.program(s), self.batch, self.strategy, self.details(s)
                 )
         return max(settings, key=lambda s: (self.means[s], -settings.index(s)))
+
+
+def _fit(
+    grid: list[Setting], minibatch: int, n_val: int, calls: float
+) -> tuple[int, list[Setting]]:
+    """The minibatch size and grid that leave enough ``calls`` for the grid's best on
+    all of validation (its minibatch answers are reused): a smaller minibatch on a
+    tight budget, or only the grid's middle setting when even that does not fit."""
+    fit = (calls - n_val) / max(len(grid) - 1, 1)
+    size = int(min(minibatch, n_val, fit))
+    if size >= 1:
+        return size, grid
+    return min(1, n_val), [grid[len(grid) // 2]]
 
 
 def _retrievers(conf: KnnSettings) -> list[str]:

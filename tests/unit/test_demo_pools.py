@@ -246,3 +246,17 @@ async def test_an_ensemble_pays_n_samples_and_keeps_their_vote(db: Database) -> 
     assert scored.score == 1.0
     await evaluator.run(voting, [example("r1", "to Lyon", correction="lyon")])
     assert len(sampler.calls) == 3
+
+
+def test_the_knn_grid_fits_the_budget_with_room_for_a_candidate() -> None:
+    """The minibatch shrinks so that the grid plus its best on all of validation fit the
+    calls left; with too few, only the middle setting is tried; unbounded, the setting."""
+    from promptd.optimization.strategies.knn import Setting, _fit
+
+    grid = [Setting("lexical", k) for k in (1, 2, 4)]
+    assert _fit(grid, 16, 12, float("inf")) == (12, grid)
+    assert _fit(grid, 6, 12, 100) == (6, grid)
+    size, kept = _fit(grid, 16, 12, 22)
+    assert (size, kept) == (5, grid)
+    assert len(grid) * size + (12 - size) <= 22
+    assert _fit(grid, 16, 12, 12) == (1, [grid[1]])
