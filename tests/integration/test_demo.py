@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.integration.test_readme import block, commands
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize(
-    ("scenario", "outcome"), [("regress", "rolled_back"), ("improve", "promoted")]
-)
-def test_demo_scenario_reaches_its_outcome(tmp_path: Path, scenario: str, outcome: str) -> None:
-    """The demo runs the whole loop (traffic, degradation alert, optimization, rollout) and
-    its JSON report records the scenario's outcome and the final stored count; the SQLite
-    file is left behind."""
+def run_demo(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """``promptd demo`` with ``args`` in a subprocess (shortened for CI); its JSON report."""
     report_path = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTD_")}
     result = subprocess.run(
@@ -28,8 +27,7 @@ def test_demo_scenario_reaches_its_outcome(tmp_path: Path, scenario: str, outcom
             "-m",
             "promptd.daemon.cli",
             "demo",
-            "--scenario",
-            scenario,
+            *args,
             "--time-scale",
             "0.3",
             "--max-seconds",
@@ -45,7 +43,11 @@ def test_demo_scenario_reaches_its_outcome(tmp_path: Path, scenario: str, outcom
         timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(report_path.read_text())
+    return result, json.loads(report_path.read_text())
+
+
+def assert_story(report: Any, outcome: str) -> None:
+    """The report's timeline tells the whole story, in order, and ends in ``outcome``."""
     assert report["outcome"] == outcome
     events = [e["event"] for e in report["timeline"]]
     for expected in (
@@ -61,6 +63,17 @@ def test_demo_scenario_reaches_its_outcome(tmp_path: Path, scenario: str, outcom
     assert Path(report["database"]).is_file()
     assert report["routing"]["active_version"] == ("v2" if outcome == "promoted" else "v1")
     assert report["routing"]["weight"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("scenario", "outcome"), [("regress", "rolled_back"), ("improve", "promoted")]
+)
+def test_demo_scenario_reaches_its_outcome(tmp_path: Path, scenario: str, outcome: str) -> None:
+    """The demo runs the whole loop (traffic, degradation alert, optimization, rollout) and
+    its JSON report records the scenario's outcome and the final stored count; the SQLite
+    file is left behind."""
+    result, report = run_demo(tmp_path, "--scenario", scenario)
+    assert_story(report, outcome)
     assert "ALERT firing" in result.stdout
     assert "outcome" in result.stdout
     # The summary's count is final: everything the app delivered is stored (or
@@ -72,3 +85,21 @@ def test_demo_scenario_reaches_its_outcome(tmp_path: Path, scenario: str, outcom
     # The demo's code check scored a sample of the calls, published as feedback.
     assert events["stored_evaluations"] > 0
     assert f"of {report['sdk']['delivered']} delivered" in result.stdout
+
+
+def test_demo_without_feedback_runs_on_evaluations(tmp_path: Path) -> None:
+    """The README's ``promptd demo --feedback none``: the app sends no feedback at all;
+    the code check's scores fire the alert, feed the optimizer and decide the rollout,
+    which promotes the candidate."""
+    [command] = [c for c in commands(block("sh", "--feedback none")) if "--feedback none" in c]
+    args = shlex.split(command)
+    assert args[:2] == [".venv/bin/promptd", "demo"], command
+    result, report = run_demo(tmp_path, *args[2:])
+    assert_story(report, "promoted")
+    assert report["feedback"] == "none"
+    assert report["ratings"] == 0
+    assert report["signal"] == "eval:complete"
+    events = report["daemon_status"]["events"]
+    assert events["stored_feedback"] == events["stored_evaluations"] > 0  # none from people
+    assert "evaluators only" in result.stdout
+    assert "calls / evaluations" in result.stdout
