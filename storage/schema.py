@@ -416,6 +416,32 @@ INSERT INTO store_identity (id, store_id, created_at)
     VALUES (1, lower(hex(randomblob(16))), (julianday('now') - 2440587.5) * 86400.0);
 """
 
+_V16_DEMO_POOLS: Final = """
+-- Demonstration pools: versioned snapshots of a prompt's trusted production examples
+-- (train split), from which a version with dynamic demos takes the nearest per request.
+-- ``pool_id`` names the content (a hash of the demos and the embedding model), ``seq``
+-- numbers a prompt's snapshots; ``demos`` is a JSON list of {id, input, answer} and
+-- ``vectors`` their embeddings (base64 float32 rows, in the same order) when the pool is
+-- for embedding retrieval. Snapshots never change; unpinned old ones are pruned.
+CREATE TABLE demo_pools (
+    prompt          TEXT    NOT NULL,
+    pool_id         TEXT    NOT NULL,
+    seq             INTEGER NOT NULL,
+    created_at      REAL    NOT NULL,
+    origin          TEXT    NOT NULL,
+    size            INTEGER NOT NULL,
+    embedding_model TEXT,
+    dim             INTEGER,
+    demos           TEXT    NOT NULL,
+    vectors         TEXT,
+    PRIMARY KEY (prompt, pool_id),
+    UNIQUE (prompt, seq)
+);
+
+-- The demos a call was shown (JSON list of their ids, the request ids they came from).
+ALTER TABLE metric_events ADD COLUMN demo_ids TEXT;
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=1, name="ingestion", sql=_V1_INGESTION),
     Migration(version=2, name="registry", sql=_V2_REGISTRY),
@@ -432,6 +458,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=13, name="evaluation", sql=_V13_EVALUATION),
     Migration(version=14, name="event_time", sql=_V14_EVENT_TIME),
     Migration(version=15, name="store_identity", sql=_V15_STORE_IDENTITY),
+    Migration(version=16, name="demo_pools", sql=_V16_DEMO_POOLS),
 )
 
 
