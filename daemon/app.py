@@ -141,7 +141,7 @@ class Daemon:
                 "daemon_started",
                 version=__version__,
                 http_port=self.http_port,
-                database=str(self.db.path),
+                database=self.db.location,
                 kafka=self.bootstrap,
             )
             await self._run_tasks(stop)

@@ -44,7 +44,7 @@ from promptd.replacement.profiles import RolloutProfile
 from promptd.replacement.registry import Conflict, NotFound, Registry, RegistryError
 from promptd.replacement.replay import replay
 from promptd.routing import Routing
-from promptd.storage.database import Database
+from promptd.storage.database import Database, is_unique_violation
 from promptd.storage.repository import BatchOutcome
 from promptd.storage.rollouts import Decision, Member, RolloutStore, StoredRollout
 from promptd.storage.snapshots import SnapshotStore, last_ids
@@ -430,7 +430,7 @@ class RolloutController:
                 members=members,
             )
         except Exception as exc:
-            if "UNIQUE" in str(exc):
+            if is_unique_violation(exc):
                 raise Conflict(f"prompt {lead.prompt!r} already has a live rollout") from None
             raise
         row = await self.store.get(state.rollout_id)

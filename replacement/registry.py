@@ -29,7 +29,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from promptd.events import MAX_NAME_CHARS, MAX_PROMPT_CHARS
 from promptd.prompt_config import PARAMS, describe
-from promptd.storage.database import Database
+from promptd.storage.database import Database, is_unique_violation
 
 VersionStatus = Literal["active", "candidate", "in_rollout", "retired", "rolled_back"]
 MAX_TEMPLATE_CHARS: Final = 100_000
@@ -409,7 +409,7 @@ class Registry:
                     ),
                 )
             except Exception as exc:
-                if "UNIQUE" in str(exc):
+                if is_unique_violation(exc):
                     raise Conflict(f"prompt {name!r} already has version {version!r}") from None
                 raise
             if activate:
@@ -423,16 +423,14 @@ class Registry:
         target = await self.get_version(name, version)
         now = time.time()
         async with self.db.transaction() as conn:
-            # The prompt's own rollout, or a pipeline rollout it is a member of.
+            # The prompt's own rollout, or a pipeline rollout it is a member of (the
+            # members are JSON, decoded here: no JSON functions in the shared SQL).
             async with conn.execute(
-                "SELECT count(*) FROM rollouts "
-                "WHERE status IN ('running', 'paused', 'pending') AND (prompt = ? OR EXISTS "
-                "(SELECT 1 FROM json_each(coalesce(members, '[]')) "
-                "WHERE json_extract(value, '$.prompt') = ?))",
-                (name, name),
+                "SELECT prompt, members FROM rollouts "
+                "WHERE status IN ('running', 'paused', 'pending')"
             ) as cur:
-                row = await cur.fetchone()
-            if row is not None and int(row[0]) > 0:
+                live = await cur.fetchall()
+            if any(_routes(name, prompt, members) for prompt, members in live):
                 raise Conflict(
                     f"prompt {name!r} has a live rollout: roll it back or promote it first"
                 )
@@ -468,6 +466,11 @@ async def _make_active(
         "UPDATE prompts SET active_version = ?, updated_at = ? WHERE name = ?",
         (version, now, name),
     )
+
+
+def _routes(name: str, prompt: str, members: str | None) -> bool:
+    """True when a rollout of ``prompt`` (with pipeline ``members``, JSON) routes ``name``."""
+    return prompt == name or any(m.get("prompt") == name for m in json.loads(members or "[]"))
 
 
 def _prompt(row: Sequence[Any]) -> Prompt:

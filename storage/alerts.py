@@ -135,7 +135,7 @@ class AlertStore:
 _AGG_METRICS = (
     "SELECT CAST(ts / :w AS INTEGER) AS b, prompt, variant, model, COUNT(*), SUM(success), "
     "SUM(latency_ms), COUNT(quality), TOTAL(quality), "
-    "SUM(tokens_in IS NOT NULL OR tokens_out IS NOT NULL), TOTAL(tokens_in), "
+    "COUNT(coalesce(tokens_in, tokens_out)), TOTAL(tokens_in), "
     "TOTAL(tokens_out), COUNT(cost_usd), TOTAL(cost_usd) "
     "FROM metric_events WHERE id >= :mid AND ts >= :lo AND ts < :hi "
     "GROUP BY b, prompt, variant, model"

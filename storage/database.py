@@ -1,199 +1,187 @@
-"""The SQLite file: one writer connection, one reader connection, migrations at open.
+"""The storage protocol: what every backend offers, and :meth:`Database.open` to pick one.
 
-WAL mode lets the reader see committed data while the writer works, so HTTP queries
-never block ingestion. All writes go through :meth:`Database.transaction`, which holds
-an asyncio lock (one writer in the process) and opens ``BEGIN IMMEDIATE`` so a second
-process fails fast on the busy timeout instead of deadlocking mid-transaction.
+Two backends implement it: SQLite (:mod:`.sqlite`, the embedded default: one file, one
+daemon) and PostgreSQL (:mod:`.postgres`, through asyncpg: the store several daemons
+share, one of them leading). Code above this layer writes one SQL text per query in the
+SQLite dialect with ``?`` or ``:name`` parameters; the PostgreSQL backend translates it
+once per text (:mod:`.dialect` holds every difference in one place).
+
+The contract both keep:
+
+* ``reader`` runs queries on committed data and never blocks the writer;
+* :meth:`Database.transaction` is the only way to write: one writer in the process,
+  commit at the end, rollback on any error; on a shared PostgreSQL store it also checks
+  the leader's fencing token inside the transaction (:class:`FencedError` otherwise);
+* each ingested batch and its partitions' offsets are written by
+  :meth:`Database.store_events` in one transaction (see :mod:`.repository`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
+import abc
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Self, TypeVar, cast
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
 
-import aiosqlite
-import structlog
+from promptd.storage.dialect import Dialect
 
-from promptd.storage.schema import MIGRATIONS, latest_version
-
-log = structlog.get_logger("promptd.storage")
-
-T = TypeVar("T")
-
-# 100k pages (~400 MB of WAL): only a safety net behind the periodic passive checkpoint.
-WRITER_AUTOCHECKPOINT_PAGES = 100_000
+if TYPE_CHECKING:
+    from promptd.storage.repository import BatchOutcome, TopicPartitionKey
+    from promptd.storage.rows import FeedbackRow, MetricRow
 
 
 class StorageError(RuntimeError):
-    """The database cannot be used (newer schema, unwritable file, …)."""
+    """The database cannot be used (newer schema, unwritable file, unreachable server…)."""
 
 
-class Database:
-    """Owner of the connections to one SQLite file."""
+class FencedError(StorageError):
+    """A write was refused because this daemon no longer holds the leadership (its
+    fencing token is not the current one, or its lease ran out)."""
 
-    def __init__(
-        self,
-        path: Path,
-        writer: aiosqlite.Connection,
-        reader: aiosqlite.Connection,
-        checkpointer: aiosqlite.Connection,
-    ):
-        self.path = path
-        self.writer = writer
-        self.reader = reader
-        self._checkpointer = checkpointer
-        self._write_lock = asyncio.Lock()
-        self._identity = _identity(path)
 
-    def file_problem(self) -> str | None:
-        """Why the file at ``path`` is no longer the one opened, or ``None``.
+class UniqueViolation(StorageError):
+    """An insert or update broke a UNIQUE constraint (both backends raise this)."""
 
-        SQLite keeps writing into an open file that was deleted or replaced (a restore
-        while running, a data directory removed): those writes vanish with the process.
-        The daemon checks this periodically and before every batch, and stops ingesting.
-        """
-        try:
-            now = _identity(self.path)
-        except FileNotFoundError:
-            return f"the database file {str(self.path)!r} was deleted"
-        except OSError as exc:
-            return f"the database file {str(self.path)!r} cannot be checked: {exc}"
-        if now != self._identity:
-            return f"the database file {str(self.path)!r} was replaced by another file"
-        return None
 
-    @classmethod
-    async def open(cls, path: Path, busy_timeout_ms: int = 5_000) -> Self:
-        """Open (creating if needed) and migrate the database at ``path``."""
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            writer = await _connect(path, busy_timeout_ms)
-        except (OSError, sqlite3.Error) as exc:
-            raise StorageError(f"cannot open the database {str(path)!r}: {exc}") from exc
-        try:
-            await writer.execute("PRAGMA journal_mode=WAL")
-            # NORMAL is durable across process crashes in WAL mode; only an OS crash or
-            # power loss can drop the last transactions, which Kafka then replays.
-            await writer.execute("PRAGMA synchronous=NORMAL")
-            # Checkpoints (and their fsyncs) run on their own connection and thread, see
-            # checkpoint(); the writer only checkpoints itself if that falls far behind.
-            await writer.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
-            await _migrate(writer, path)
-            reader = await _connect(path, busy_timeout_ms)
-            checkpointer = await _connect(path, busy_timeout_ms)
-        except BaseException:
-            await writer.close()
-            raise
-        return cls(path, writer, reader, checkpointer)
+class Cursor(Protocol):
+    """What a query returns (aiosqlite's cursor, or the PostgreSQL backend's)."""
 
-    async def checkpoint(self) -> tuple[int, int]:
-        """A passive WAL checkpoint off the writer's thread; returns (WAL pages, copied).
+    @property
+    def rowcount(self) -> int:
+        """Rows changed by an INSERT, UPDATE or DELETE."""
+        ...
 
-        Passive: it never blocks the writer or readers and copies what it can. Run it
-        every second or so (the daemon does); a checkpoint's fsyncs then no longer
-        stall ingestion on the writer's thread.
-        """
-        async with self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
-            row = await cur.fetchone()
-        return (int(row[1]), int(row[2])) if row else (0, 0)
+    async def fetchone(self) -> Any:
+        """The next row, or ``None``."""
+        ...
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` on the writer; rolls back on any error."""
-        async with self._write_lock:
-            await self.writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.writer
-            except BaseException:
-                await self.writer.rollback()
-                raise
-            await self.writer.commit()
+    async def fetchall(self) -> Iterable[Any]:
+        """Every remaining row."""
+        ...
 
-    async def run_in_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` on the writer's own thread inside ``BEGIN IMMEDIATE``/``COMMIT``.
-
-        One thread hop for a whole batch instead of one per statement: the event loop keeps
-        decoding the next batch while this one is written, and Python work such as
-        building rows leaves the loop's thread. Rolls back if ``fn`` raises.
-        """
-
-        def job(conn: sqlite3.Connection) -> T:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.commit()
-            return result
-
-        async with self._write_lock:
-            # aiosqlite runs every call as a function on its connection thread; this is
-            # that mechanism (stable across the pinned aiosqlite range) for a whole job.
-            run = cast(Callable[..., Awaitable[T]], self.writer._execute)
-            return await run(job, self.writer._conn)
+    async def fetchmany(self, size: int | None = None) -> Iterable[Any]:
+        """Up to ``size`` rows (empty at the end)."""
+        ...
 
     async def close(self) -> None:
-        """Close both connections (the WAL is checkpointed by SQLite on last close)."""
-        await self._checkpointer.close()
-        await self.reader.close()
-        await self.writer.close()
+        """Release the cursor."""
+        ...
 
 
-def _identity(path: Path) -> tuple[int, int]:
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino)
+class Result(Protocol):
+    """``execute``'s result: awaited, or used with ``async with`` (closes the cursor)."""
+
+    def __await__(self) -> Generator[Any, None, Cursor]: ...
+
+    async def __aenter__(self) -> Cursor: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Any: ...
 
 
-async def _connect(path: Path, busy_timeout_ms: int) -> aiosqlite.Connection:
-    # isolation_level=None: we issue BEGIN ourselves, so sqlite3 must not open
-    # implicit transactions behind our back.
-    conn = await aiosqlite.connect(path, isolation_level=None)
-    await conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-    await conn.execute("PRAGMA foreign_keys=ON")
-    return conn
+class Connection(Protocol):
+    """A connection as the SQL of the modules uses it (the reader, or a transaction)."""
+
+    def execute(self, sql: str, parameters: Any = None) -> Result:
+        """Run one statement; ``?`` parameters from a sequence, ``:name`` from a mapping."""
+        ...
+
+    async def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> Any:
+        """Run one statement once per parameter tuple."""
+        ...
 
 
-async def _migrate(conn: aiosqlite.Connection, path: Path) -> None:
-    async with conn.execute("PRAGMA user_version") as cur:
-        row = await cur.fetchone()
-    current = int(row[0]) if row else 0
-    if current > latest_version():
-        raise StorageError(
-            f"database {str(path)!r} has schema version {current}, newer than this "
-            f"promptd ({latest_version()}); upgrade promptd or restore an older backup"
-        )
-    for migration in MIGRATIONS:
-        if migration.version <= current:
-            continue
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _statements(migration.sql):
-                await conn.execute(statement)
-            await conn.execute(f"PRAGMA user_version={migration.version}")
-        except BaseException:
-            await conn.rollback()
-            raise
-        await conn.commit()
-        log.info("schema_migrated", version=migration.version, migration=migration.name)
+class Database(abc.ABC):
+    """One open store. :meth:`open` returns the backend for a path or a URL."""
+
+    #: ``sqlite`` or ``postgresql``: the SQL dialect of the backend.
+    dialect: Dialect
+    #: Where the store is, for logs and messages (a PostgreSQL URL without its password).
+    location: str
+    #: Queries on committed data (WAL reader, or a connection pool).
+    reader: Connection
+
+    @staticmethod
+    async def open(target: Path | str, busy_timeout_ms: int = 5_000, **options: Any) -> Database:
+        """Open (creating and migrating if needed) the store at ``target``: a SQLite file
+        path, or a ``postgresql://`` URL (``options`` go to the PostgreSQL backend)."""
+        if is_postgresql_url(str(target)):
+            from promptd.storage.postgres import PostgresDatabase
+
+            return await PostgresDatabase.connect(str(target), **options)
+        from promptd.storage.sqlite import SqliteDatabase
+
+        return await SqliteDatabase.connect(Path(target), busy_timeout_ms)
+
+    @abc.abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[Connection]:
+        """A write transaction (the only way to write): commits at the end, rolls back on
+        any error; one at a time in the process."""
+
+    @abc.abstractmethod
+    async def store_events(
+        self,
+        metrics: Sequence[MetricRow],
+        feedback: Sequence[FeedbackRow],
+        offsets: Mapping[TopicPartitionKey, int],
+        dead_letters: Mapping[str, int],
+        now: float,
+    ) -> BatchOutcome:
+        """Insert a batch (duplicates by ``event_id`` skipped and counted), upsert its
+        partitions' next offsets and add the ingestion counters (stored, duplicates,
+        ``dead_letters`` by reason), all in one transaction; ``now`` is the rows'
+        ``ingested_at``."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close every connection."""
+
+    def file_problem(self) -> str | None:
+        """Why the store is no longer the one opened (SQLite: a deleted or replaced file);
+        ``None`` when all is well."""
+        return None
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """Housekeeping the daemon runs every second (SQLite: a passive WAL checkpoint);
+        returns (pending, done) units of work."""
+        return (0, 0)
+
+    def sql(self, sqlite: str, postgresql: str) -> str:
+        """The text for this backend, where one text cannot serve both (rare: see
+        :mod:`.dialect` first)."""
+        return postgresql if self.dialect == "postgresql" else sqlite
 
 
-def _statements(script: str) -> list[str]:
-    """Split a migration script into statements (``executescript`` would COMMIT first)."""
-    out, buf = [], []
-    for line in script.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("--") or not stripped:
-            continue
-        buf.append(line)
-        if sqlite3.complete_statement("\n".join(buf)):
-            out.append("\n".join(buf))
-            buf = []
-    if buf:
-        out.append("\n".join(buf))
-    return out
+def is_unique_violation(exc: BaseException) -> bool:
+    """True when ``exc`` says a UNIQUE constraint refused a write, on either backend."""
+    if isinstance(exc, UniqueViolation):
+        return True
+    return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
+
+
+def is_postgresql_url(target: str) -> bool:
+    """True for ``postgresql://`` and ``postgres://`` URLs."""
+    return target.startswith(("postgresql://", "postgres://"))
+
+
+#: Called with the reason when a write was refused by the fencing check.
+FenceListener = Callable[[str], None]
+
+
+class Fence(Protocol):
+    """The leadership a shared store checks inside every write transaction."""
+
+    def token(self) -> tuple[str, int] | None:
+        """``(holder, generation)`` while this daemon may write; ``None`` otherwise."""
+        ...
+
+    def fenced(self, reason: str) -> None:
+        """A write was refused: the holder has lost the leadership."""
+        ...

@@ -27,9 +27,9 @@ from tests.optimize_fake_llm import RATE_LIMITED, FakeLLM, user_text
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
+async def db(store_target: Path | str) -> AsyncIterator[Database]:
     """A migrated database, closed afterwards."""
-    database = await Database.open(tmp_path / "t.db")
+    database = await Database.open(store_target)
     yield database
     await database.close()
 

@@ -24,9 +24,9 @@ from promptd.storage.database import Database
 
 
 @pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
+async def registry(store_target: Path | str) -> AsyncIterator[Registry]:
     """A registry on a fresh database file."""
-    db = await Database.open(tmp_path / "r.db")
+    db = await Database.open(store_target)
     yield Registry(db)
     await db.close()
 
