@@ -13,7 +13,7 @@ import errno
 import hmac
 import ipaddress
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -37,6 +37,8 @@ class Served(Protocol):
     def health(self) -> tuple[bool, str]: ...
 
     def readiness(self) -> tuple[bool, str]: ...
+
+    def role(self) -> dict[str, Any]: ...
 
     async def status(self) -> dict[str, Any]: ...
 
@@ -246,10 +248,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: connected to Kafka and storage open."""
-    ready, reason = request.app[DAEMON_KEY].readiness()
+    """Readiness: connected to Kafka and storage open (a leader); the database reachable
+    (a standby). The body says which role this daemon has and who leads;
+    ``?role=leader`` is ready only on the leader (a Service that targets the leader)."""
+    daemon = request.app[DAEMON_KEY]
+    ready, reason = daemon.readiness()
+    role = daemon.role()
+    wanted = request.query.get("role")
+    if wanted is not None and wanted != role["role"]:
+        ready, reason = False, f"this daemon is the {role['role']}, not the {wanted}"
     return web.json_response(
-        {"status": "ready" if ready else "not_ready", "reason": reason},
+        {"status": "ready" if ready else "not_ready", "reason": reason, **role},
         status=200 if ready else 503,
     )
 
@@ -269,9 +278,11 @@ class HttpBindError(RuntimeError):
     """The HTTP API cannot listen on its address; the message names the settings."""
 
 
-async def start_site(runner: web.AppRunner, host: str, port: int) -> web.TCPSite:
+async def start_site(
+    runner: web.AppRunner, host: str, port: int, reuse_port: bool = False
+) -> web.TCPSite:
     """Listen on ``host:port``; :class:`HttpBindError` (one clear line) if that fails."""
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:
@@ -287,9 +298,12 @@ async def start_site(runner: web.AppRunner, host: str, port: int) -> web.TCPSite
     return site
 
 
-def build_app(daemon: Served) -> web.Application:
-    """The aiohttp application with the core routes and every registered extension."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+def build_app(daemon: Served, middlewares: Sequence[Any] = ()) -> web.Application:
+    """The aiohttp application with the core routes and every registered extension
+    (``middlewares`` run inside the error middleware)."""
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware, *middlewares]
+    )
     app[DAEMON_KEY] = daemon
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -71,6 +71,7 @@ from promptd.daemon.kafka import (
 from promptd.daemon.settings import KafkaSettings
 from promptd.events import Rejection
 from promptd.monitoring.metrics import IngestMetrics
+from promptd.storage.database import Fence, FencedError
 from promptd.storage.repository import BatchOutcome, EventRepository
 from promptd.storage.rows import FeedbackRow, MetricRow
 
@@ -214,6 +215,7 @@ class Ingestor:
         listeners: Sequence[BatchListener] = (),
         alert: AlertHook | None = None,
         storage_check: StorageCheck | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.kafka = kafka
         self.bootstrap = bootstrap
@@ -224,6 +226,9 @@ class Ingestor:
         self.alert = alert
         # Called before every write and commit: a reason when the database file is gone.
         self.storage_check = storage_check
+        # On a shared store: the leadership, checked before a batch has any effect (dead
+        # letters included); the store checks it again inside the write.
+        self.fence = fence
         self.state = IngestState()
         self._decoder = RowDecoder(kafka.max_record_bytes)
         self._pending: asyncio.Task[None] | None = None
@@ -259,7 +264,7 @@ class Ingestor:
             try:
                 await self._consume(stop)
                 backoff = self.kafka.retry_backoff_initial_s
-            except (asyncio.CancelledError, GroupConflictError):
+            except (asyncio.CancelledError, GroupConflictError, FencedError):
                 raise
             except UndecodableBatchError as exc:
                 self.metrics.undecodable_batches.inc()
@@ -507,6 +512,10 @@ class Ingestor:
         # for every row) both need the GIL and measured slower when overlapped. Writes
         # stay in order, one in flight.
         await self.drain()
+        if self.fence is not None and self.fence.token() is None:
+            reason = "the lease is no longer renewed in time"
+            self.fence.fenced(reason)
+            raise FencedError(f"batch not handled: {reason}; the leader consumes it")
         batch = decode_batch(records, self._decoder)
         if batch.dead:
             await self._dead_letter(batch)

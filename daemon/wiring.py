@@ -128,4 +128,27 @@ def install_rollouts(daemon: Daemon) -> None:
             ("rollouts", lambda stop: controller.run(stop, settings.rollout.tick_interval_s))
         )
 
+    async def standby_setup() -> None:
+        # A standby serves the registry, routing and stored rollouts from the database;
+        # its controller follows the stored rollouts and never acts.
+        assert daemon.db is not None
+        registry = Registry(daemon.db, settings.rollout.default_profile)
+        pipelines = PipelineRegistry(daemon.db, registry)
+        controller = RolloutController(
+            daemon.db,
+            registry,
+            profile_lookup(settings.rollout),  # type: ignore[arg-type]
+            metrics,
+            routing_ttl_s=settings.http.routing_ttl_s,
+            pipelines=pipelines,
+            follower=True,
+        )
+
+        def routes(app: web.Application) -> None:
+            add_routes(app, controller, registry, settings.rollout.default_primary_metric)
+            add_pipeline_routes(app, pipelines, controller, settings.rollout.default_primary_metric)
+
+        daemon.route_extensions.append(routes)
+
     daemon.startup_hooks.append(setup)
+    daemon.standby_hooks.append(standby_setup)
