@@ -100,6 +100,12 @@ class GroupConflictError(RuntimeError):
     """Another member shares the consumer group: this daemon refuses to consume."""
 
 
+class GroupBusyError(RuntimeError):
+    """On a shared store, the group still holds another member when this daemon starts
+    to lead: a former leader whose session has not expired yet. Ingestion leaves the
+    group and joins again after a backoff (retried like any failure)."""
+
+
 @dataclass(frozen=True, slots=True)
 class IngestAlert:
     """A data-safety alert raised by ingestion (offset reset, halt)."""
@@ -229,6 +235,9 @@ class Ingestor:
         # On a shared store: the leadership, checked before a batch has any effect (dead
         # letters included); the store checks it again inside the write.
         self.fence = fence
+        # Daemons sharing a store share the group: only the leader consumes, and a
+        # member it meets is a former leader on its way out (GroupBusyError).
+        self.shared = fence is not None
         self.state = IngestState()
         self._decoder = RowDecoder(kafka.max_record_bytes)
         self._pending: asyncio.Task[None] | None = None
@@ -236,7 +245,7 @@ class Ingestor:
         self._uncommitted: dict[Key, int] = {}
         self._last_commit = 0.0
         self._was_alone = False
-        self._refusal: GroupConflictError | None = None
+        self._refusal: GroupConflictError | GroupBusyError | None = None
         self._last_topic_check = 0.0
 
     # -- lifecycle -----------------------------------------------------------------
@@ -293,6 +302,7 @@ class Ingestor:
         return stop.is_set() or self.state.halted is not None
 
     async def _consume(self, stop: asyncio.Event) -> None:
+        self._refusal = None
         consumer = AIOKafkaConsumer(
             **client_options(self.kafka, self.bootstrap),
             group_id=self.kafka.group_id,
@@ -367,7 +377,8 @@ class Ingestor:
         if missing and not self._was_alone:
             # Refuse before any fetch: pause, and let the loop leave the group.
             consumer.pause(*assigned)
-            self._refusal = GroupConflictError(await self._conflict_message(keys, missing))
+            message = await self._conflict_message(keys, missing)
+            self._refusal = GroupBusyError(message) if self.shared else GroupConflictError(message)
             self.state.group_conflict = str(self._refusal)
             return
         if missing:

@@ -195,6 +195,7 @@ class Leadership:
         generation, self.generation = self.generation, None
         self._renewed_at = None
         self._may_acquire = False
+        self.lease = None  # read again at the next round
         self.stepped_down = (time.time(), reason)
         self.elected.clear()
         self.lost.set()
