@@ -89,9 +89,17 @@ _HANDLERS: dict[str, Handler] = {}
 def _command_modules() -> list[Any]:
     """Modules that add subcommands: each has ``register(subparsers) -> {name: handler}``."""
     from promptd.daemon import demo
-    from promptd.daemon.cli import monitoring, ops, optimize, pipelines, process, prompts
+    from promptd.daemon.cli import (
+        monitoring,
+        ops,
+        optimize,
+        pipelines,
+        process,
+        prompts,
+        storage,
+    )
 
-    return [process, prompts, pipelines, monitoring, optimize, ops, demo]
+    return [process, prompts, pipelines, monitoring, optimize, ops, storage, demo]
 
 
 def _flag_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:

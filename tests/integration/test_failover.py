@@ -230,18 +230,15 @@ class Traffic:
     async def _call(self, producer: AIOKafkaProducer, routing: Routing, unit: str) -> None:
         version, _ = routing.choose(unit)
         request_id, call_id, feedback_id = new_event_id(), new_event_id(), new_event_id()
-        now = time.time()
-        call = {"event_id": call_id, "type": "metric", "ts": now, "prompt": "summarize",
-                "variant": version, "model": "m", "request_id": request_id, "unit_id": unit,
+        common = {"ts": time.time(), "prompt": "summarize", "variant": version,
+                  "request_id": request_id}  # fmt: skip
+        call = {**common, "event_id": call_id, "type": "metric", "model": "m", "unit_id": unit,
                 "latency_ms": 100.0, "success": True}  # fmt: skip
-        rating = {"event_id": feedback_id, "type": "feedback", "ts": now, "prompt": "summarize",
-                  "variant": version, "request_id": request_id, "score": 0.7, "kind": "thumbs"}  # fmt: skip
-        await producer.send(
-            self.env["PROMPTD_KAFKA__METRICS_TOPIC"], json.dumps(call).encode(), key=b"s"
-        )
-        await producer.send(
-            self.env["PROMPTD_KAFKA__FEEDBACK_TOPIC"], json.dumps(rating).encode(), key=b"s"
-        )
+        rating = {**common, "event_id": feedback_id, "type": "feedback", "score": 0.7,
+                  "kind": "thumbs"}  # fmt: skip
+        for topic, event in (("METRICS", call), ("FEEDBACK", rating)):
+            name = self.env[f"PROMPTD_KAFKA__{topic}_TOPIC"]
+            await producer.send(name, json.dumps(event).encode(), key=b"s")
         self.produced.update((call_id, feedback_id))
 
     def stop(self) -> None:

@@ -270,14 +270,19 @@ async def test_a_takeover_waits_for_a_write_in_flight_and_the_server_ends_a_paus
         assert await leases.acquire("a", None, 0.3) == 1
         db.fence = StaticFence(("a", 1))
         started = time.monotonic()
-        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+
+        async def paused_write() -> None:
             async with db.transaction() as conn:
                 await conn.execute("INSERT INTO counters (name, value) VALUES ('paused', 1)")
                 await asyncio.sleep(0.4)  # the lease runs out meanwhile
+                blocked = LeaseStore(pg_url, lock_timeout_s=0.05)
                 with pytest.raises(asyncpg.LockNotAvailableError):
-                    await LeaseStore(pg_url, lock_timeout_s=0.05).acquire("b", None, 5.0)
+                    await blocked.acquire("b", None, 5.0)
                 await asyncio.sleep(1.0)  # "paused" past the idle timeout
                 await conn.execute("SELECT 1")  # the session is gone
+
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+            await paused_write()
         assert await takeover.acquire("b", None, 5.0) == 2
         assert time.monotonic() - started < 5
         async with db.reader.execute("SELECT count(*) FROM counters") as cur:
