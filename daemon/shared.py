@@ -128,9 +128,12 @@ async def run_shared(daemon: Daemon, stack: contextlib.AsyncExitStack, stop: asy
             await swap.to(_standby_app(daemon, leadership))
             leadership.allow_acquire()
     finally:
-        await leadership.release()
+        # The elector first (one statement at a time on the lease's connection), then
+        # the lease is released, after the term's last write.
         elector_stop.set()
         await elector
+        await leadership.release()
+        await leadership.store.close()
 
 
 async def _elected_before(leadership: Leadership, stop: asyncio.Event) -> bool:
@@ -160,6 +163,7 @@ async def _lead(
     daemon.components.update(base_components)
     lost = leadership.lost
     producer = None
+    work: asyncio.Task[None] | None = None
     try:
         for hook in daemon.startup_hooks:
             await hook()
@@ -167,16 +171,20 @@ async def _lead(
         await swap.to(build_app(daemon))
         work = asyncio.create_task(daemon.run_tasks(stop), name="promptd:term")
         ended = asyncio.create_task(lost.wait())
-        await asyncio.wait({work, ended}, return_when=asyncio.FIRST_COMPLETED)
-        ended.cancel()
-        if not work.done():
-            # Lost: stop at once, not gracefully (a clean stop would still try to write).
-            work.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await work
+        try:
+            await asyncio.wait({work, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+        await work
     except FencedError as exc:
         log.warning("leader_term_fenced", reason=str(exc))
     finally:
+        if work is not None and not work.done():
+            # Lost (or this daemon is being cancelled): stop at once, not gracefully; a
+            # clean stop would still try to write.
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
         daemon.ingestor = None
         if producer is not None:
             await producer.stop()

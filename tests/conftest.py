@@ -85,6 +85,15 @@ def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
     return url
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """``storage`` settings of a daemon, once per backend: the SQLite file of
+    ``make_settings``, then a fresh PostgreSQL store (the daemon leads it alone)."""
+    if request.param == "sqlite":
+        return {}
+    return {"url": request.getfixturevalue("pg_url")}
+
+
 @pytest.fixture(autouse=True)
 def _quiet_structlog() -> Iterator[None]:
     """Keep test output readable: structlog at warning level, restored afterwards."""
@@ -129,7 +138,10 @@ def make_settings(tmp_path: Path, broker: EmbeddedBroker) -> Callable[..., Setti
         storage.update(overrides.pop("storage", {}))
         http = {"port": 0}
         http.update(overrides.pop("http", {}))
-        return Settings(kafka=kafka, storage=storage, http=http, **overrides)
+        # On a shared store: a daemon takes over a lease a killed one left within 2 s.
+        ha = {"lease_duration_s": 2.0, "renew_deadline_s": 1.5, "retry_period_s": 0.2}
+        ha.update(overrides.pop("ha", {}))
+        return Settings(kafka=kafka, storage=storage, http=http, ha=ha, **overrides)
 
     return factory
 
