@@ -1,6 +1,7 @@
 """Ingestion throughput: end-to-end events/s beside the raw aiokafka consumption rate.
 
     python bench/ingest.py [--events 200000] [--runs 3] [--partitions 3]
+                           [--storage sqlite|postgresql] [--postgres-url URL]
 
 Each run produces N realistic MetricEvents (plus 10 % feedback) to fresh topics on a
 Tansu broker on this machine, then measures (a) a bare aiokafka consumer reading them
@@ -10,19 +11,27 @@ the median over runs of both and of their ratio (b)/(a), which factors out how b
 machine is; the CPU time per event of both (all threads of this process); and the
 machine's noise: how far the raw rate moved between runs, and the load average before
 and after each run.
+
+With ``--storage postgresql`` each run also ingests the same events into PostgreSQL (a
+throwaway cluster started with ``initdb``/``pg_ctl``, durability on as in production, or
+the server at ``--postgres-url``; a fresh schema per run) and prints that rate beside the
+SQLite path's and the raw one, with the ratio PostgreSQL / SQLite (target >= 0.5).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -159,7 +168,9 @@ async def daemon_ingest(settings: Settings, n: int, configure: Any = None) -> Ra
         await task
 
 
-def settings_for(bootstrap: str, data_dir: Path, tag: str, partitions: int) -> Settings:
+def settings_for(
+    bootstrap: str, data_dir: Path, tag: str, partitions: int, url: str | None = None
+) -> Settings:
     return Settings(
         kafka={
             "bootstrap_servers": bootstrap,
@@ -174,7 +185,7 @@ def settings_for(bootstrap: str, data_dir: Path, tag: str, partitions: int) -> S
             "session_timeout_ms": 1000,
             "heartbeat_interval_ms": 300,
         },
-        storage={"data_dir": data_dir / tag, "retention_interval_s": 86_400},
+        storage={"data_dir": data_dir / tag, "retention_interval_s": 86_400, "url": url},
         # Ingestion alone: bench/monitor.py measures the cost of windows and rules.
         monitoring={"enabled": False},
         http={"port": 0},
@@ -182,8 +193,13 @@ def settings_for(bootstrap: str, data_dir: Path, tag: str, partitions: int) -> S
 
 
 async def one_run(
-    broker: EmbeddedBroker, events: list[tuple[str, bytes, bytes]], partitions: int, tmp: Path
-) -> tuple[Rate, Rate]:
+    broker: EmbeddedBroker,
+    events: list[tuple[str, bytes, bytes]],
+    partitions: int,
+    tmp: Path,
+    postgres_url: str | None = None,
+) -> tuple[Rate, Rate, Rate | None]:
+    """(SQLite end-to-end, raw, PostgreSQL end-to-end or None), on the same topics."""
     from promptd.daemon.kafka import ensure_topics
 
     tag = uuid.uuid4().hex[:8]
@@ -196,9 +212,17 @@ async def one_run(
     # twice before the daemon and once after it, and take the median.
     raws = [await raw_consume(broker.bootstrap_servers, names, len(events)) for _ in range(2)]
     e2e = await daemon_ingest(settings, len(events))
+    pg = None
+    if postgres_url is not None:
+        # The same topics from the start: a group of its own, a store of its own.
+        data = settings.model_dump()
+        data["kafka"]["group_id"] = f"bench-pg-{tag}"
+        data["storage"]["url"] = postgres_url
+        data["storage"]["data_dir"] = tmp / f"pg-{tag}"
+        pg = await daemon_ingest(Settings(**data), len(events))
     raws.append(await raw_consume(broker.bootstrap_servers, names, len(events)))
     raws.sort()
-    return e2e, raws[1]
+    return e2e, raws[1], pg
 
 
 def main() -> None:
@@ -206,39 +230,114 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--partitions", type=int, default=3)
+    parser.add_argument("--storage", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--postgres-url", help="an existing server (default: a throwaway one)")
     args = parser.parse_args()
     configure_logging("error", "json")
     events = make_events(args.events)
-    e2e_runs, raw_runs = [], []
+    runs: list[tuple[Rate, Rate, Rate | None]] = []
     load = [os.getloadavg()[0]]
-    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+    with (
+        EmbeddedBroker() as broker,
+        tempfile.TemporaryDirectory() as tmp,
+        postgres(args.storage, args.postgres_url) as stores,
+    ):
         for run in range(args.runs):
-            e2e, raw = asyncio.run(one_run(broker, events, args.partitions, Path(tmp)))
-            e2e_runs.append(e2e)
-            raw_runs.append(raw)
+            url = next(stores) if stores is not None else None
+            e2e, raw, pg = asyncio.run(one_run(broker, events, args.partitions, Path(tmp), url))
+            runs.append((e2e, raw, pg))
             load.append(os.getloadavg()[0])
-            print(
+            line = (
                 f"run {run + 1}: end-to-end {e2e.per_s:,.0f} ev/s ({e2e.cpu_us:.1f} CPU us/ev), "
                 f"raw consume {raw.per_s:,.0f} rec/s ({raw.cpu_us:.1f} CPU us/rec)"
             )
-    e2e_rates, raw_rates = [r.per_s for r in e2e_runs], [r.per_s for r in raw_runs]
-    ratios = [e / r for e, r in zip(e2e_rates, raw_rates, strict=True)]
-    print()
-    print(f"{'measure':<40}{'median':>12}{'min':>12}{'max':>12}")
-    for name, values, fmt in (
-        ("daemon end-to-end (events/s)", e2e_rates, "{:>12,.0f}"),
-        ("raw aiokafka consume (records/s)", raw_rates, "{:>12,.0f}"),
-        ("ratio end-to-end / raw, target >= 0.30", ratios, "{:>12.3f}"),
-        ("daemon CPU per event (us, all threads)", [r.cpu_us for r in e2e_runs], "{:>12.2f}"),
-        ("raw consume CPU per record (us)", [r.cpu_us for r in raw_runs], "{:>12.2f}"),
-    ):
-        row = "".join(fmt.format(v) for v in (statistics.median(values), min(values), max(values)))
-        print(f"{name:<40}{row}")
+            if pg is not None:
+                line += f", PostgreSQL {pg.per_s:,.0f} ev/s ({pg.cpu_us:.1f} CPU us/ev)"
+            print(line)
+    report(runs)
     print(
         f"\n{args.events:,} events per run, {args.runs} runs, "
         f"{args.partitions} partitions per topic"
     )
-    print(noise(raw_rates, load))
+    print(noise([raw.per_s for _, raw, _ in runs], load))
+
+
+def report(runs: list[tuple[Rate, Rate, Rate | None]]) -> None:
+    """The table of medians, minima and maxima over the runs."""
+    e2e_runs, raw_runs = [r[0] for r in runs], [r[1] for r in runs]
+    e2e_rates, raw_rates = [r.per_s for r in e2e_runs], [r.per_s for r in raw_runs]
+    ratios = [e / r for e, r in zip(e2e_rates, raw_rates, strict=True)]
+    rows: list[tuple[str, list[float], str]] = [
+        ("daemon end-to-end, SQLite (events/s)", e2e_rates, "{:>12,.0f}"),
+        ("raw aiokafka consume (records/s)", raw_rates, "{:>12,.0f}"),
+        ("ratio end-to-end / raw, target >= 0.30", ratios, "{:>12.3f}"),
+        ("daemon CPU per event (us, all threads)", [r.cpu_us for r in e2e_runs], "{:>12.2f}"),
+        ("raw consume CPU per record (us)", [r.cpu_us for r in raw_runs], "{:>12.2f}"),
+    ]
+    pg_runs = [r[2] for r in runs if r[2] is not None]
+    if pg_runs:
+        pg_rates = [r.per_s for r in pg_runs]
+        rows[1:1] = [("daemon end-to-end, PostgreSQL (events/s)", pg_rates, "{:>12,.0f}")]
+        rows.append(
+            (
+                "ratio PostgreSQL / SQLite, target >= 0.5",
+                [p / e for p, e in zip(pg_rates, e2e_rates, strict=True)],
+                "{:>12.3f}",
+            )
+        )
+        rows.append(
+            (
+                "PostgreSQL CPU per event (us, this process)",
+                [r.cpu_us for r in pg_runs],
+                "{:>12.2f}",
+            )
+        )
+    print()
+    print(f"{'measure':<44}{'median':>12}{'min':>12}{'max':>12}")
+    for name, values, fmt in rows:
+        row = "".join(fmt.format(v) for v in (statistics.median(values), min(values), max(values)))
+        print(f"{name:<44}{row}")
+
+
+@contextlib.contextmanager
+def postgres(storage: str, url: str | None) -> Iterator[Iterator[str] | None]:
+    """Fresh PostgreSQL stores, one per run (``None`` for SQLite alone): schemas on the
+    server at ``url``, or on a throwaway cluster (tests/pg_cluster.py) with production
+    durability (fsync and synchronous commit on)."""
+    if storage != "postgresql":
+        yield None
+        return
+    if url is not None:
+        yield (f"{url}{'&' if '?' in url else '?'}search_path={schema}" for schema in _schemas(url))
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.pg_cluster import PostgresCluster, find_binaries
+
+    binaries = find_binaries()
+    if binaries is None:
+        raise SystemExit("--storage postgresql: no PostgreSQL binaries (initdb, pg_ctl) found")
+    cluster = PostgresCluster(binaries, durable=True).start()
+    try:
+        yield iter(cluster.create_store, None)
+    finally:
+        cluster.stop()
+
+
+def _schemas(url: str) -> Iterator[str]:
+    while True:
+        name = f"bench_{uuid.uuid4().hex[:10]}"
+        asyncio.run(_create_schema(url, name))
+        yield name
+
+
+async def _create_schema(url: str, name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{name}"')
+    finally:
+        await conn.close()
 
 
 def noise(reference: list[float], load: list[float]) -> str:

@@ -1,17 +1,19 @@
-"""PostgreSQL's batch write: one array INSERT per event table, inside the fenced transaction.
+"""PostgreSQL's batch write: COPY, inside the fenced transaction.
 
-``INSERT … SELECT * FROM unnest($1::text[], …) ON CONFLICT (event_id) DO NOTHING
-RETURNING id, event_id`` sends a whole batch as one statement of column arrays (binary
-encoded by asyncpg) and answers with exactly the rows it stored, in id order: the
-duplicate count and the rows handed to the batch listeners come from that answer,
-without a second query. Offsets and counters are upserted with the same SQL texts as on
-SQLite.
+A batch normally holds no event already stored, so its rows are COPYed straight into
+their table (binary COPY: about a fifth of the CPU of an INSERT of column arrays, on both
+sides) inside a savepoint. If an ``event_id`` is already there (a re-read after a crash,
+a producer's retry), the unique index refuses the COPY, the savepoint undoes it alone,
+and the batch is inserted again with ``INSERT … SELECT * FROM unnest($1::text[], …)
+ON CONFLICT (event_id) DO NOTHING RETURNING id, event_id``, whose answer names exactly
+the rows stored: the duplicate count and the rows handed to the batch listeners come
+from it. Offsets and counters are upserted with the same SQL texts as on SQLite.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from promptd.storage.postgres import PgConnection
 from promptd.storage.repository import (
@@ -60,21 +62,56 @@ _RECORD_BATCH: Final = (
 
 
 async def _insert_rows(
-    conn: PgConnection, sql: str, table: str, rows: Sequence[R], now: float
+    conn: PgConnection,
+    table: str,
+    columns: Sequence[str],
+    rows: Sequence[R],
+    mark: int,
+    now: float,
 ) -> tuple[list[R], int]:
-    """Insert ``rows``; the new ones in storage order, and the last id stored (0: none)."""
+    """Insert ``rows`` (ids above ``mark``); the new ones in storage order, and the last
+    id stored (``mark``: none)."""
+    import asyncpg
+
     raw = conn.raw
-    columns = list(zip(*rows, strict=True))
-    stored = await raw.fetch(sql, now, *columns)
+    records = _stamped(rows, now)
+    try:
+        async with raw.transaction():  # a savepoint: a duplicate undoes only the COPY
+            await raw.copy_records_to_table(
+                table, records=records, columns=[*columns, "ingested_at"]
+            )
+    except asyncpg.UniqueViolationError:
+        return await _insert_skipping_duplicates(conn, table, rows, mark, now)
+    last = int(await raw.fetchval(f"SELECT max(id) FROM {table}"))
+    await _record_batch(raw, table, mark + 1, last, rows)
+    return list(rows), last
+
+
+def _stamped(rows: Sequence[tuple[object, ...]], now: float) -> list[tuple[object, ...]]:
+    """The rows as COPY records: each with its ``ingested_at``."""
+    return [(*row, now) for row in rows]
+
+
+async def _insert_skipping_duplicates(
+    conn: PgConnection, table: str, rows: Sequence[R], mark: int, now: float
+) -> tuple[list[R], int]:
+    raw = conn.raw
+    sql = _INSERT_METRICS if table == "metric_events" else _INSERT_FEEDBACK
+    stored = await raw.fetch(sql, now, *zip(*rows, strict=True))
     if not stored:
-        return [], 0
+        return [], mark
     ids = sorted((int(r[0]), str(r[1])) for r in stored)
     first: dict[str, R] = {}
     for row in rows:  # a repeat inside the batch is not new: the first one is
         first.setdefault(row[0], row)
-    stamps = [row[1] for row in rows]
-    await raw.execute(_RECORD_BATCH, table, ids[0][0], ids[-1][0], min(stamps), max(stamps))
+    await _record_batch(raw, table, ids[0][0], ids[-1][0], rows)
     return [first[event_id] for _, event_id in ids], ids[-1][0]
+
+
+async def _record_batch(raw: Any, table: str, first: int, last: int, rows: Sequence[R]) -> None:
+    """Note the id and time range the batch added (see the schema's ingest_batches)."""
+    stamps = [row[1] for row in rows]
+    await raw.execute(_RECORD_BATCH, table, first, last, min(stamps), max(stamps))
 
 
 async def store(
@@ -86,17 +123,17 @@ async def store(
     now: float,
 ) -> BatchOutcome:
     """Write one batch on ``conn`` (inside its transaction); see the module docstring."""
-    last_m, last_f = await conn.raw.fetchrow(_LAST_IDS)
+    last_m, last_f = (int(v) for v in await conn.raw.fetchrow(_LAST_IDS))
     new_metrics: list[MetricRow] = []
     new_feedback: list[FeedbackRow] = []
     if metrics:
-        new_metrics, last = await _insert_rows(conn, _INSERT_METRICS, "metric_events", metrics, now)
-        last_m = last or last_m
-    if feedback:
-        new_feedback, last = await _insert_rows(
-            conn, _INSERT_FEEDBACK, "feedback_events", feedback, now
+        new_metrics, last_m = await _insert_rows(
+            conn, "metric_events", METRIC_COLUMNS, metrics, last_m, now
         )
-        last_f = last or last_f
+    if feedback:
+        new_feedback, last_f = await _insert_rows(
+            conn, "feedback_events", FEEDBACK_COLUMNS, feedback, last_f, now
+        )
     duplicates = len(metrics) + len(feedback) - len(new_metrics) - len(new_feedback)
     if offsets:
         await conn.executemany(UPSERT_OFFSET, [(t, p, o, now) for (t, p), o in offsets.items()])

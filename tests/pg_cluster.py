@@ -3,8 +3,8 @@
 Used by the test suite (one cluster per xdist worker, a fresh database per test) and by
 ``bench/ingest.py --storage postgresql``. PostgreSQL refuses to run as root, so under
 root (CI) the server runs as ``nobody`` (``runuser``) in a directory that user owns.
-Durability is off (``fsync``, ``synchronous_commit``, ``full_page_writes``): the cluster
-dies with the tests.
+Durability is off (``fsync``, ``synchronous_commit``, ``full_page_writes``) for the tests,
+whose cluster dies with them; benchmarks ask for it on (``durable=True``), as in production.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def _free_port() -> int:
 class PostgresCluster:
     """One running cluster on a free loopback port, trusted local connections."""
 
-    def __init__(self, binaries: Path) -> None:
+    def __init__(self, binaries: Path, durable: bool = False) -> None:
         self.binaries = binaries
+        self.durable = durable
         self.root = Path(tempfile.mkdtemp(prefix="promptd-pg-"))
         self.data = self.root / "data"
         self.port = 0
@@ -70,9 +71,10 @@ class PostgresCluster:
             self.port = _free_port()
             options = (
                 f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
                 "-c max_connections=200"
             )
+            if not self.durable:
+                options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             try:
                 self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"),
                           "-o", options, "-w", "-t", "30", "start")  # fmt: skip
