@@ -14,8 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -31,10 +29,10 @@ from promptd.daemon.broker import EmbeddedBroker
 from promptd.events import new_event_id
 from promptd.routing import Routing
 from tests.conftest import wait_for
+from tests.daemon_process import DaemonProcess
 
 pytestmark = pytest.mark.integration
 
-PROMPTD = [sys.executable, "-m", "promptd.daemon.cli"]
 TOKEN = "failover-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Step 1 (half the traffic) lasts long past the kill: the rollout is live throughout.
@@ -54,67 +52,6 @@ steps = [
 [monitoring]
 snapshot_interval_s = 1.0
 """
-
-
-class DaemonProcess:
-    """One ``promptd run`` with its own data directory and a log file."""
-
-    def __init__(self, root: Path, name: str, env: dict[str, str]) -> None:
-        self.name = name
-        self.data = root / name
-        self.log_path = root / f"{name}.log"
-        self.env = {**env, "PROMPTD_DATA_DIR": str(self.data), "PROMPTD_HA__IDENTITY": name}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    def start(self) -> None:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [*PROMPTD, "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-
-    async def wait_started(self, timeout: float = 30.0) -> None:
-        runtime = self.data / "runtime.json"
-
-        def started() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited early:\n{self.log_path.read_text()}")
-            return runtime.exists()
-
-        await wait_for(started, timeout=timeout)
-        self.port = int(json.loads(runtime.read_text())["http_port"])
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def logs(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-        return out
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.logs() if e.get("event") == name]
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
 
 
 @pytest.fixture
