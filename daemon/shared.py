@@ -165,6 +165,8 @@ async def _lead(
     producer = None
     work: asyncio.Task[None] | None = None
     try:
+        if isinstance(daemon.db, PostgresDatabase):
+            await daemon.db.check_schema()
         for hook in daemon.startup_hooks:
             await hook()
         producer = daemon.start_term()

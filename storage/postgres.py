@@ -350,6 +350,18 @@ class PostgresDatabase(Database):
         async with self.transaction() as conn:
             return await store(conn, metrics, feedback, offsets, dead_letters, now)
 
+    async def check_schema(self) -> None:
+        """Raise :class:`StorageError` when another daemon migrated the store past this
+        code since it opened it (a newer promptd in a rolling upgrade): this one must
+        not lead it."""
+        async with self.pool.acquire() as conn:
+            current = await _schema_version(conn)
+        if current > latest_version():
+            raise StorageError(
+                f"database {self.location} has schema version {current}, newer than this "
+                f"promptd ({latest_version()}): a newer promptd migrated it; upgrade this one"
+            )
+
     async def close(self) -> None:
         """Close the pool (waits for connections in use to be released)."""
         try:
@@ -371,6 +383,7 @@ async def _migrate(pool: Any, location: str) -> None:
         for migration in MIGRATIONS:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+                await _create_version_table(conn)
                 current = await _schema_version(conn)
                 if current > latest_version():
                     raise StorageError(
@@ -385,10 +398,13 @@ async def _migrate(pool: Any, location: str) -> None:
             log.info("schema_migrated", version=migration.version, migration=migration.name)
 
 
-async def _schema_version(conn: Any) -> int:
+async def _create_version_table(conn: Any) -> None:
     await conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);"
         "INSERT INTO schema_version (version) SELECT 0 "
         "WHERE NOT EXISTS (SELECT 1 FROM schema_version)"
     )
+
+
+async def _schema_version(conn: Any) -> int:
     return int(await conn.fetchval("SELECT version FROM schema_version"))

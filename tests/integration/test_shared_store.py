@@ -149,3 +149,35 @@ def _json(i: int) -> bytes:
 
 async def _count_is(repo: Any, expected: int) -> bool:
     return (await repo.count_events())[0] == expected
+
+
+async def test_a_daemon_does_not_lead_a_store_a_newer_promptd_migrated(
+    make_settings: Callable[..., Settings], start_daemon: Callable[..., Any], pg_url: str
+) -> None:
+    """In a rolling upgrade, an old daemon standing by never takes the lead of the store a
+    newer promptd migrated: when its turn comes it stops with one line saying so."""
+    import asyncio
+
+    import asyncpg
+
+    from promptd.storage.database import Database, StorageError
+    from promptd.storage.schema import latest_version
+
+    _, second = _pair_settings(make_settings, pg_url)
+    ghost = LeaseStore(pg_url)
+    try:
+        await (await Database.open(pg_url)).close()  # the schema, with its lease table
+        generation = await ghost.acquire("newer", "http://127.0.0.1:9", 60.0)
+        assert generation is not None
+        standby = await start_daemon(second, ready=False)
+        await wait_for(lambda: standby.daemon.readiness()[0], timeout=10)  # stands by
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute("UPDATE schema_version SET version = $1", latest_version() + 1)
+        finally:
+            await conn.close()
+        await ghost.release("newer", generation)
+        with pytest.raises(StorageError, match="newer than this promptd"):
+            await asyncio.wait_for(standby.task, 15)
+    finally:
+        await ghost.close()
