@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,3 +218,41 @@ async def test_passive_checkpoint_copies_the_wal(tmp_path: Path) -> None:
     assert pages > 0
     assert copied == pages
     await db.close()
+
+
+async def test_pg_dump_and_pg_restore_round_trip_a_store(
+    pg_cluster: Any, pg_url: str, tmp_path: Path
+) -> None:
+    """The documented backup (pg_dump -Fc) restored into an empty database (pg_restore
+    --no-owner) opens at the same schema with the same rows, and new rows get new ids."""
+    db = await Database.open(pg_url)
+    repo = EventRepository(db)
+    await repo.store_batch([_metric() for _ in range(30)], [_feedback()], {("m", 0): 31})
+    await db.close()
+    dump = tmp_path / "promptd.dump"
+    schema = pg_url.rsplit("search_path=", 1)[1]
+    tools = pg_cluster.binaries
+    await _tool(tools / "pg_dump", "--format=custom", f"--schema={schema}", f"--file={dump}",
+                pg_url.split("?")[0])  # fmt: skip
+    name = f"restored_{schema}"
+    pg_cluster.psql(f'CREATE DATABASE "{name}"')
+    try:
+        target = pg_cluster.url(name)
+        await _tool(tools / "pg_restore", "--no-owner", f"--dbname={target}", str(dump))
+        restored = await Database.open(f"{target}?search_path={schema}")
+        again = EventRepository(restored)
+        assert await again.count_events() == (30, 1)
+        assert await again.load_offsets() == {("m", 0): 31}
+        outcome = await again.store_batch([_metric()], [], {})
+        assert outcome.last_metric_id == 31
+        await restored.close()
+    finally:
+        pg_cluster.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _tool(path: Path, *args: str) -> None:
+    import asyncio
+    import subprocess
+
+    run = subprocess.run
+    await asyncio.to_thread(run, [str(path), *args], check=True, capture_output=True, timeout=60)
