@@ -31,7 +31,14 @@ from prometheus_client import CollectorRegistry
 from promptd import __version__
 from promptd._aio import wait_event
 from promptd.daemon.broker import EmbeddedBroker
-from promptd.daemon.http import RouteExtension, build_app, is_loopback, start_site
+from promptd.daemon.broker import check_port as check_broker_port
+from promptd.daemon.http import (
+    RouteExtension,
+    build_app,
+    check_http_port,
+    is_loopback,
+    start_site,
+)
 from promptd.daemon.ingest import BatchListener, GroupConflictError, IngestAlert, Ingestor
 from promptd.daemon.kafka import Producer, ensure_topics
 from promptd.daemon.leadership import Leadership
@@ -49,6 +56,8 @@ TaskFactory = Callable[[asyncio.Event], Awaitable[None]]
 
 
 RUNTIME_FILE = "runtime.json"
+#: The embedded development broker listens on loopback only.
+EMBEDDED_HOST = "127.0.0.1"
 
 
 class ConfigurationError(RuntimeError):
@@ -118,6 +127,7 @@ class Daemon:
         log.info("daemon_stopped")
 
     async def _run_locked(self, stop: asyncio.Event) -> None:
+        self._check_ports()
         async with contextlib.AsyncExitStack() as stack:
             storage = self.settings.storage
             if storage.shared and self.settings.kafka.embedded:
@@ -176,9 +186,15 @@ class Daemon:
         )
         return self.producer
 
+    def _check_ports(self) -> None:
+        """A port in use stops the start at once, before migrations and the broker."""
+        check_http_port(self.settings.http.host, self.settings.http.port)
+        if self.settings.kafka.embedded:
+            check_broker_port(EMBEDDED_HOST, self.settings.kafka.embedded_port)
+
     async def _start_embedded_broker(self, stack: contextlib.AsyncExitStack) -> None:
         assert self.repo is not None
-        self.broker = EmbeddedBroker()
+        self.broker = EmbeddedBroker(EMBEDDED_HOST, self.settings.kafka.embedded_port or None)
         await self.broker.start_async()
         stack.callback(self.broker.stop)
         self.bootstrap = self.broker.bootstrap_servers

@@ -24,6 +24,8 @@ import time
 from collections.abc import Iterator
 from typing import Self
 
+from promptd.daemon.ports import bind_reason, check_bindable
+
 # Runs in the child: ask for SIGKILL when the parent goes, give up if it already has,
 # then become Tansu. argv: expected parent pid, binary, arguments...
 _PDEATHSIG_SHIM = """
@@ -38,6 +40,23 @@ os.execv(sys.argv[2], sys.argv[2:])
 
 class EmbeddedBrokerError(RuntimeError):
     """The embedded broker could not be found or started."""
+
+
+PORT_ADVICE = (
+    ": is a Kafka broker running there? Use it with PROMPTD_KAFKA_BOOTSTRAP_SERVERS, or "
+    "give the embedded broker another port (PROMPTD_KAFKA__EMBEDDED_PORT; 0 picks a free one)"
+)
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with one line before start-up work when the embedded broker's port is taken."""
+    try:
+        check_bindable(host, port)
+    except OSError as exc:
+        raise EmbeddedBrokerError(
+            f"cannot start the embedded broker on {host}:{port} (kafka.embedded_port: "
+            f"PROMPTD_KAFKA__EMBEDDED_PORT): {bind_reason(exc)}{PORT_ADVICE}"
+        ) from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -87,6 +106,14 @@ class EmbeddedBroker:
         """The broker's process id while it runs."""
         return self._proc.pid if self._proc is not None else None
 
+    def _failed(self) -> EmbeddedBrokerError:
+        if self.port is None:
+            return EmbeddedBrokerError(f"the embedded broker did not start on {self.host}")
+        return EmbeddedBrokerError(
+            f"the embedded broker did not start on {self.host}:{self.port} "
+            f"(kafka.embedded_port: PROMPTD_KAFKA__EMBEDDED_PORT){PORT_ADVICE}"
+        )
+
     def start(self, timeout_s: float = 10.0) -> None:
         """Start the broker and wait until it accepts TCP connections."""
         binary = resolve_binary()
@@ -96,7 +123,7 @@ class EmbeddedBroker:
                 self._proc, self.port = proc, port
                 return
             self._kill(proc)
-        raise EmbeddedBrokerError(f"the embedded broker did not start on {self.host}")
+        raise self._failed()
 
     async def start_async(self, timeout_s: float = 10.0) -> None:
         """:meth:`start` for an event loop: spawned from the loop's thread (so the broker
@@ -108,7 +135,7 @@ class EmbeddedBroker:
                 self._proc, self.port = proc, port
                 return
             self._kill(proc)
-        raise EmbeddedBrokerError(f"the embedded broker did not start on {self.host}")
+        raise self._failed()
 
     def _ports(self) -> Iterator[int]:
         # A broker started on a port already in use exits 0 at once, so retry on a new

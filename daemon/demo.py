@@ -92,6 +92,9 @@ def demo_settings(data_dir: Path, http_port: int, time_scale: float) -> Settings
         storage={"data_dir": data_dir},
         http={"host": "127.0.0.1", "port": http_port, "routing_ttl_s": 1.0},
         kafka={
+            # A free port: the demo's app is told the address, and the demo can run
+            # beside a `promptd run` that holds 9092.
+            "embedded_port": 0,
             "session_timeout_ms": 2_000,
             "heartbeat_interval_ms": 500,
             "fetch_max_wait_ms": 50,
@@ -537,7 +540,12 @@ def print_summary(report: dict[str, Any]) -> None:
 def register(sub: Any) -> dict[str, Any]:
     """Add ``promptd demo`` to the CLI."""
     demo = sub.add_parser("demo", help="watch the whole loop run in about two minutes")
-    demo.add_argument("--scenario", choices=["improve", "regress"], default="improve")
+    demo.add_argument(
+        "--scenario",
+        choices=["improve", "regress"],
+        default="improve",
+        help="improve: the candidate wins and is promoted (default); regress: rolled back",
+    )
     demo.add_argument(
         "--time-scale",
         type=float,

@@ -9,22 +9,26 @@ unexpected exception is logged and answered with a JSON 500 by :func:`error_midd
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from promptd.daemon.ports import bind_reason, check_bindable
 from promptd.daemon.settings import Settings
 
 log = structlog.get_logger("promptd.http")
 
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
 RouteExtension = Callable[[web.Application], None]
+ModelT = TypeVar("ModelT", bound="BaseModel")
 
 
 class Served(Protocol):
@@ -96,6 +100,20 @@ async def read_json_body(request: web.Request) -> Any:
     if not _is_json_type(request.content_type):
         raise _http_error(web.HTTPUnsupportedMediaType, "Content-Type must be application/json")
     return parse_json_body(raw)
+
+
+async def read_body(request: web.Request, model: type[ModelT]) -> ModelT:
+    """The request's body (:func:`read_json_body`) validated as ``model``; a JSON 400
+    naming the first problem otherwise (an unknown key with the closest allowed one)."""
+    from pydantic import ValidationError
+
+    from promptd._validation import validation_message
+
+    raw = await read_json_body(request)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise _http_error(web.HTTPBadRequest, validation_message(exc, model)) from None
 
 
 def parse_json_body(raw: bytes) -> Any:
@@ -181,13 +199,29 @@ def require_admin(request: web.Request) -> web.Response | None:
     token = daemon.settings.http.admin_token
     if token is None:
         return None
-    header = request.headers.get("Authorization", "")
+    header = request.headers.get("Authorization")
+    if not header:
+        return json_error(401, MISSING_TOKEN)
     scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return json_error(401, f"the Authorization header is not 'Bearer …': {MISSING_TOKEN}")
     # aiohttp keeps non-UTF-8 header bytes as surrogate escapes: compare the raw bytes.
-    given_bytes = given.encode("utf-8", "surrogateescape")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
-        return json_error(401, "missing or wrong admin token (Authorization: Bearer …)")
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given_bytes, token.encode()):
+        return json_error(401, WRONG_TOKEN)
     return None
+
+
+#: The 401 answers: a missing token and a wrong one need different fixes.
+MISSING_TOKEN = (
+    "this route needs the daemon's admin token: send 'Authorization: Bearer <token>' with "
+    "the value of its PROMPTD_ADMIN_TOKEN (the promptd CLI sends PROMPTD_ADMIN_TOKEN from "
+    "its own environment)"
+)
+WRONG_TOKEN = (
+    "wrong admin token: the bearer token is not the daemon's PROMPTD_ADMIN_TOKEN (set the "
+    "same value where the request comes from)"
+)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -199,6 +233,7 @@ def domain_errors(handler: Handler) -> Handler:
     4xx."""
     from pydantic import ValidationError
 
+    from promptd._validation import validation_message
     from promptd.replacement.registry import RegistryError
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -209,9 +244,7 @@ def domain_errors(handler: Handler) -> Handler:
         except KeyError as exc:
             return json_error(400, str(exc.args[0]) if exc.args else "unknown key")
         except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            return json_error(400, f"{loc}: {err['msg']}" if loc else str(err["msg"]))
+            return json_error(400, validation_message(exc))
 
     return wrapped
 
@@ -278,6 +311,21 @@ class HttpBindError(RuntimeError):
     """The HTTP API cannot listen on its address; the message names the settings."""
 
 
+def _http_bind_error(host: str, port: int, exc: OSError) -> HttpBindError:
+    return HttpBindError(
+        f"cannot listen on {host}:{port} (http.host / http.port: PROMPTD_HTTP_HOST, "
+        f"PROMPTD_HTTP_PORT or --http-host, --http-port): {bind_reason(exc)}"
+    )
+
+
+def check_http_port(host: str, port: int) -> None:
+    """:func:`check_bindable` for the HTTP API: :class:`HttpBindError` naming the settings."""
+    try:
+        check_bindable(host, port)
+    except OSError as exc:
+        raise _http_bind_error(host, port, exc) from None
+
+
 async def start_site(
     runner: web.AppRunner, host: str, port: int, reuse_port: bool = False
 ) -> web.TCPSite:
@@ -286,15 +334,7 @@ async def start_site(
     try:
         await site.start()
     except OSError as exc:
-        reason = {
-            errno.EADDRINUSE: "address already in use (another promptd or program has it)",
-            errno.EADDRNOTAVAIL: "no such address on this machine",
-            errno.EACCES: "permission denied (ports below 1024 need privileges)",
-        }.get(exc.errno or 0, exc.strerror or str(exc))
-        raise HttpBindError(
-            f"cannot listen on {host}:{port} (http.host / http.port: PROMPTD_HTTP_HOST, "
-            f"PROMPTD_HTTP_PORT or --http-host, --http-port): {reason}"
-        ) from None
+        raise _http_bind_error(host, port, exc) from None
     return site
 
 

@@ -51,6 +51,9 @@ class KafkaSettings(_Section):
         default=None,
         description="host:port[,host:port]; unset means: start the embedded development broker",
     )
+    # The embedded development broker's port on 127.0.0.1 (only when bootstrap_servers is
+    # unset): Kafka's usual 9092, so an app's localhost:9092 reaches it; 0 picks a free one.
+    embedded_port: int = Field(default=9092, ge=0, le=65535)
     client_id: str = "promptd"
     group_id: str = "promptd"
     metrics_topic: str = "promptd.metrics"

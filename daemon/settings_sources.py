@@ -185,6 +185,52 @@ def known_variables(model: type[BaseModel]) -> list[str]:
     return names
 
 
+def open_prefixes(model: type[BaseModel]) -> list[str]:
+    """Prefixes under which any name is accepted: the dict-valued settings'
+    (``PROMPTD_ROLLOUT__PROFILES__``)."""
+    return [
+        PREFIX + DELIMITER.join(path).upper() + DELIMITER
+        for path in _paths(model, ())
+        if _is_mapping(_annotation(model, path))
+    ]
+
+
+def _annotation(model: type[BaseModel], path: Path_) -> Any:
+    current: Any = model
+    annotation: Any = None
+    for part in path:
+        annotation = current.model_fields[part].annotation
+        current = model_of(annotation)
+    return annotation
+
+
+def sdk_names_module(model: type[BaseModel]) -> str:
+    """The source of :mod:`promptd.sdk.daemon_variables`: the daemon's variable names, for
+    the SDK's typo check without importing the daemon (a test keeps it current)."""
+    names = sorted(set(known_variables(model)) - set(sdk_variables()))
+    lines = [
+        '"""Every ``PROMPTD_`` variable the daemon accepts besides the SDK\'s own.',
+        "",
+        "Generated from the daemon's settings; regenerate with",
+        "``python -m promptd.daemon.settings_sources > promptd/sdk/daemon_variables.py``",
+        "(tests/unit/test_sdk_environment.py fails when it is stale). The SDK reads it to",
+        "warn about a misspelled variable without importing the daemon.",
+        '"""',
+        "",
+        "DAEMON_VARIABLES = frozenset(",
+        "    {",
+        *(f'        "{name}",' for name in names),
+        "    }",
+        ")",
+        "#: Any name below these is accepted (keys of dict-valued settings).",
+        "DAEMON_PREFIXES = (",
+        *(f'    "{prefix}",' for prefix in open_prefixes(model)),
+        ")",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def _paths(model: type[BaseModel], head: Path_) -> Iterator[Path_]:
     for name, info in model.model_fields.items():
         path = (*head, name)
@@ -277,3 +323,11 @@ class DataSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(self._data)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from promptd.daemon.settings import Settings
+
+    sys.stdout.write(sdk_names_module(Settings))

@@ -57,6 +57,8 @@ from pydantic import (
     model_validator,
 )
 
+from promptd._validation import clean_message
+
 from .windows import METRIC_SAMPLES, Level, SeriesKey, WindowConfig, WindowStats
 
 Comparison = Literal["greater_than", "less_than", "greater_than_or_equal", "less_than_or_equal"]
@@ -220,7 +222,7 @@ def load_rules(
         except ValidationError as exc:
             err = exc.errors(include_url=False, include_input=False)[0]
             loc = ".".join(str(p) for p in err["loc"]) or "rule"
-            raise RuleConfigError(label, loc, err["msg"]) from exc
+            raise RuleConfigError(label, loc, clean_message(str(err["msg"]))) from exc
         if rule.name in seen:
             raise RuleConfigError(rule.name, "name", "duplicate rule name")
         seen.add(rule.name)

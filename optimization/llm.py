@@ -281,8 +281,28 @@ def load_litellm() -> ModuleType:
         # litellm's critical messages reach our log.
         for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        quiet_litellm_warnings()
         _litellm = litellm
     return _litellm
+
+
+#: pydantic's warning when litellm serializes its own response types for its logging
+#: payload (BerriAI/litellm#11759, fixed upstream after the pinned 1.80.0): litellm deletes
+#: unset fields of ``Message``/``Choices`` and types ``ModelResponse.choices`` as
+#: ``Choices | StreamingChoices``. Two per call, harmless, about 150 log lines a run.
+LITELLM_SERIALIZER_WARNING = (
+    r"Pydantic serializer warnings:\s+PydanticSerializationUnexpectedValue\("
+    r"(Expected \d+ fields but got \d+: )?"
+    r"Expected `(Message|Choices|StreamingChoices|Delta|Usage)`"
+)
+
+
+def quiet_litellm_warnings() -> None:
+    """Ignore pydantic's serializer warnings about litellm's response types, and only
+    those (the filter names pydantic's module and litellm's type names)."""
+    warnings.filterwarnings(
+        "ignore", message=LITELLM_SERIALIZER_WARNING, category=UserWarning, module=r"pydantic\.main"
+    )
 
 
 def _retriable(litellm: ModuleType, exc: Exception) -> bool:

@@ -33,6 +33,8 @@ from pydantic import (
     model_validator,
 )
 
+from promptd._validation import clean_message
+
 SCHEMA_VERSION: Final = 1
 
 MAX_ID_CHARS: Final = 128
@@ -238,7 +240,8 @@ class Rejection(BaseModel):
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors(include_url=False, include_input=False)[0]
     loc = ".".join(str(part) for part in err["loc"] if part not in ("metric", "feedback"))
-    return f"{loc}: {err['msg']}" if loc else str(err["msg"])
+    message = clean_message(str(err["msg"]))
+    return f"{loc}: {message}" if loc else message
 
 
 def decode_event(

@@ -30,7 +30,6 @@ from promptd.replacement.registry import (
     NotFound,
     Registry,
     RegistryError,
-    placeholders,
 )
 from promptd.storage.database import Database
 
@@ -162,7 +161,7 @@ class PipelineRegistry:
                 raise InvalidPipeline(f"step {step.prompt!r}: no such prompt") from None
             if active is None:
                 raise InvalidPipeline(f"step {step.prompt!r} has no active version")
-            wanted = set(placeholders(active.template))
+            wanted = set(active.placeholders)  # a configuration's: its messages' only
             bound = set(step.bindings)
             if wanted != bound:
                 raise InvalidPipeline(

@@ -19,9 +19,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from promptd.daemon.http import json_error, read_json_body, require_admin
+from promptd.daemon.http import json_error, read_body, require_admin
 from promptd.monitoring.triggers import OptimizationTrigger
 from promptd.optimization.policy import Decision
 from promptd.optimization.runner import OptimizationRunner, RunError
@@ -51,12 +51,7 @@ async def optimize(request: web.Request) -> web.Response:
     denied = require_admin(request)
     if denied is not None:
         return denied
-    raw = await read_json_body(request)
-    try:
-        body = OptimizeRequest.model_validate(raw or {})
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        return json_error(400, f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
+    body = await read_body(request, OptimizeRequest)
     prompt = request.match_info["prompt"]
     runner = request.app[RUNNER_KEY]
     try:

@@ -23,7 +23,7 @@ from typing import Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from promptd.daemon.http import admin_only, domain_errors, read_json_body
+from promptd.daemon.http import admin_only, domain_errors, read_body, read_json_body
 from promptd.replacement.controller import RolloutController
 from promptd.replacement.pipelines import MAX_STEPS, PipelineRegistry
 from promptd.replacement.registry import PromptName, VersionName
@@ -72,7 +72,7 @@ async def get_pipeline(request: web.Request) -> web.StreamResponse:
 @admin_only
 async def start_pipeline_rollout(request: web.Request) -> web.StreamResponse:
     """Start a coordinated rollout of a pipeline's candidates."""
-    body = StartPipelineRollout.model_validate(await read_json_body(request))
+    body = await read_body(request, StartPipelineRollout)
     controller = request.app[ROLLOUTS_KEY]
     row = await controller.start_pipeline_rollout(
         request.match_info["name"],

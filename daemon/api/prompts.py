@@ -14,7 +14,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from promptd.daemon.http import admin_only, domain_errors, read_json_body
+from promptd.daemon.http import admin_only, domain_errors, read_body
 from promptd.daemon.rollout_profiles import experiment_profile_name
 from promptd.events import MAX_PROMPT_CHARS
 from promptd.replacement import machine
@@ -82,7 +82,7 @@ _admin = admin_only
 
 
 async def _body(request: web.Request, model: type[BaseModel]) -> Any:
-    return model.model_validate(await read_json_body(request))
+    return await read_body(request, model)
 
 
 @_errors

@@ -7,8 +7,10 @@ The global flags (``--config``, ``--json``) are accepted before and after the su
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from promptd import __version__
@@ -19,18 +21,45 @@ from promptd.daemon.settings import Settings, SettingsError, load_settings
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 #: Flags of ``run`` and ``init`` that set a setting (the README's configuration table);
-#: they win over every other source. flag -> (setting, type, help).
-SETTING_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
-    "--data-dir": ("storage.data_dir", str, "where the SQLite file lives (PROMPTD_DATA_DIR)"),
-    "--http-host": ("http.host", str, "HTTP API bind address (PROMPTD_HTTP_HOST)"),
-    "--http-port": ("http.port", int, "HTTP API port, 0 picks a free one (PROMPTD_HTTP_PORT)"),
+#: they win over every other source. flag -> (setting, type, metavar, help).
+SETTING_FLAGS: dict[str, tuple[str, Callable[[str], Any], str, str]] = {
+    "--data-dir": (
+        "storage.data_dir",
+        str,
+        "DIR",
+        "where the SQLite file lives (PROMPTD_DATA_DIR; default ./data)",
+    ),
+    "--http-host": (
+        "http.host",
+        str,
+        "HOST",
+        "HTTP API bind address (PROMPTD_HTTP_HOST; default 127.0.0.1)",
+    ),
+    "--http-port": (
+        "http.port",
+        int,
+        "PORT",
+        "HTTP API port, 0 picks a free one (PROMPTD_HTTP_PORT; default 8787)",
+    ),
     "--kafka-bootstrap-servers": (
         "kafka.bootstrap_servers",
         str,
-        "host:port,… of the Kafka cluster; unset starts the embedded broker",
+        "HOST:PORT[,...]",
+        "the Kafka cluster (PROMPTD_KAFKA_BOOTSTRAP_SERVERS); unset starts the embedded "
+        "development broker on 127.0.0.1:9092",
     ),
-    "--log-level": ("log_level", str, "debug, info, warning or error (PROMPTD_LOG_LEVEL)"),
-    "--log-format": ("log_format", str, "auto, json or console (PROMPTD_LOG_FORMAT)"),
+    "--log-level": (
+        "log_level",
+        str,
+        "LEVEL",
+        "debug, info, warning or error (PROMPTD_LOG_LEVEL; default info)",
+    ),
+    "--log-format": (
+        "log_format",
+        str,
+        "FORMAT",
+        "auto, json or console (PROMPTD_LOG_FORMAT; default auto: JSON unless on a terminal)",
+    ),
 }
 SETTING_COMMANDS = ("run", "init")
 
@@ -56,7 +85,11 @@ def _add_global_flags(parser: argparse.ArgumentParser) -> None:
     existing = parser._option_string_actions
     if "--config" not in existing:
         parser.add_argument(
-            "--config", default=argparse.SUPPRESS, help="TOML config file (also PROMPTD_CONFIG)"
+            "--config",
+            default=argparse.SUPPRESS,
+            metavar="FILE",
+            help="the daemon's settings, a TOML file (also PROMPTD_CONFIG; see "
+            "promptd.example.toml)",
         )
     if "--json" in existing:
         existing["--json"].default = argparse.SUPPRESS
@@ -67,8 +100,8 @@ def _add_global_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    for flag, (setting, kind, help_text) in SETTING_FLAGS.items():
-        parser.add_argument(flag, type=kind, dest=_dest(setting), help=help_text)
+    for flag, (setting, kind, metavar, help_text) in SETTING_FLAGS.items():
+        parser.add_argument(flag, type=kind, dest=_dest(setting), metavar=metavar, help=help_text)
 
 
 def _dest(setting: str) -> str:
@@ -105,7 +138,7 @@ def _command_modules() -> list[Any]:
 def _flag_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
     overrides: dict[str, Any] = {}
     origins: dict[str, str] = {}
-    for flag, (setting, _, _) in SETTING_FLAGS.items():
+    for flag, (setting, _, _, _) in SETTING_FLAGS.items():
         value = getattr(args, _dest(setting), None)
         if value is not None:
             overrides[setting] = value
@@ -114,7 +147,22 @@ def _flag_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script."""
+    """Entry point of the console script.
+
+    Output cut short by the reader (``promptd … --json | head``) ends quietly: Python's
+    own message about the closed pipe is avoided by pointing stdout at /dev/null.
+    """
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # as a shell reports a command ended by SIGPIPE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     args.config = getattr(args, "config", None)
     args.json = getattr(args, "json", False)
@@ -122,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides, origins = _flag_overrides(args)
         settings = load_settings(args.config, overrides, origins)
     except SettingsError as exc:
-        print(f"promptd: {exc}", file=sys.stderr)
+        print(f"promptd: {chat_config_hint(args.config) or exc}", file=sys.stderr)
         return 2
     if args.command == "run":
         configure_logging(settings.log_level, settings.log_format, capture_warnings=True)
@@ -138,3 +186,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def chat_config_hint(config: str | None) -> str | None:
+    """The message for a chat configuration given as ``--config`` (the daemon's settings
+    file), which ``prompts register`` used to take; None for any other file."""
+    if config is None or config == "-":
+        return None
+    from promptd.daemon.cli.prompts import read_chat_config
+
+    try:
+        data = read_chat_config(Path(config))
+    except CommandError:
+        return None
+    if "messages" not in data:
+        return None
+    return (
+        f"{config} is a chat configuration, not the daemon's settings (--config): register "
+        f"it with `promptd prompts register NAME --chat {config}`"
+    )

@@ -18,7 +18,7 @@ def register(sub: Any) -> dict[str, Any]:
     alerts.add_argument("--json", action="store_true", help="print the raw JSON")
     alerts.add_argument("--recent", type=int, default=10, help="history rows to show")
     stats = sub.add_parser("stats", help="window statistics of a prompt per variant")
-    stats.add_argument("prompt")
+    stats.add_argument("prompt", help="the prompt's name")
     stats.add_argument("--window", default="5m", help="window length, e.g. 1m, 5m, 1h")
     stats.add_argument("--json", action="store_true", help="print the raw JSON")
     return {"alerts": alerts_command, "stats": stats_command}

@@ -21,11 +21,13 @@ def register(sub: Any) -> dict[str, Any]:
     check = sub.add_parser(
         "check", help="exit 0 when the daemon is healthy and ready (1 not, 2 unreachable)"
     )
-    check.add_argument("--timeout", type=float, default=5.0)
+    check.add_argument(
+        "--timeout", type=float, default=5.0, metavar="SECONDS", help="wait at most (default 5)"
+    )
     backup = sub.add_parser("backup", help="consistent online backup of the SQLite file")
-    backup.add_argument("path", type=Path)
+    backup.add_argument("path", type=Path, help="the backup file to write")
     restore = sub.add_parser("restore", help="replace the database with a backup (daemon stopped)")
-    restore.add_argument("path", type=Path)
+    restore.add_argument("path", type=Path, help="the backup file to restore")
     return {"check": check_command, "backup": backup_command, "restore": restore_command}
 
 

@@ -17,19 +17,24 @@ FINAL = ("completed", "failed", "timed_out", "interrupted")
 def register(sub: Any) -> dict[str, Any]:
     """Add the optimization subcommands."""
     opt = sub.add_parser("optimize", help="start an optimization run of a prompt now")
-    opt.add_argument("prompt")
+    opt.add_argument("prompt", help="the prompt's name")
     opt.add_argument(
         "--strategy",
         action="append",
         help="strategy to use (fewshot, instruction, mipro, gepa or a registered one; "
         "repeat for several); default: the bandit picks one of the configured ones",
     )
-    opt.add_argument("--reason", default="manual request (promptd optimize)")
+    opt.add_argument(
+        "--reason",
+        default="manual request (promptd optimize)",
+        metavar="TEXT",
+        help="why, for the run's record",
+    )
     opt.add_argument("--no-wait", action="store_true", help="return once the run started")
     opt.add_argument("--timeout", type=float, default=3600.0, help="seconds to follow the run")
     runs = sub.add_parser("optimizations", help="optimization runs with cost and outcome")
-    runs.add_argument("--prompt")
-    runs.add_argument("--limit", type=int, default=20)
+    runs.add_argument("--prompt", metavar="NAME", help="only this prompt's runs")
+    runs.add_argument("--limit", type=int, default=20, help="newest runs shown (default 20)")
     recs = sub.add_parser("recommendations", help="prompts that need attention")
     for p in (opt, runs, recs):
         p.add_argument("--json", action="store_true", help="print raw JSON")

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from promptd.daemon.cli.common import CommandError, http_json
 from promptd.daemon.cli.prompts import rollout_options
+from promptd.daemon.cli.rollout_text import traffic
 from promptd.daemon.settings import Settings
 
 
@@ -26,7 +27,7 @@ def register(sub: Any) -> dict[str, Any]:
     psub = pipelines.add_subparsers(dest="pipelines_command", required=True, metavar="ACTION")
     psub.add_parser("list", help="every pipeline and its steps")
     show = psub.add_parser("show", help="one pipeline with each step's bindings")
-    show.add_argument("name")
+    show.add_argument("name", help="the pipeline's name")
     reg = psub.add_parser("register", help="register or redefine a pipeline from a file")
     reg.add_argument(
         "file",
@@ -34,7 +35,7 @@ def register(sub: Any) -> dict[str, Any]:
         help="JSON or TOML: name, and steps with prompt and bindings ('-': stdin)",
     )
     roll = psub.add_parser("rollout", help="start one coordinated rollout of a pipeline")
-    roll.add_argument("name")
+    roll.add_argument("name", help="the pipeline's name")
     roll.add_argument(
         "--candidate",
         action="append",
@@ -91,10 +92,7 @@ def _rollout_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _rollout_text(body: dict[str, Any]) -> str:
-    lines = [
-        f"rollout {body['id']} of pipeline {body['pipeline']}: {body['status']}, "
-        f"step {body['step']}, weight {body['weight']}"
-    ]
+    lines = [f"rollout {body['id']} of pipeline {body['pipeline']}: {traffic(body)}"]
     for m in body["members"]:
         change = f" -> {m['candidate']}" if m["candidate"] else " (unchanged)"
         lines.append(f"  {m['prompt']}: {m['baseline']}{change}")

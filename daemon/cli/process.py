@@ -32,26 +32,43 @@ def register(sub: Any) -> dict[str, Any]:
     sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
     sub.add_parser("status", help="show the running daemon's status")
 
-    metrics = sub.add_parser("metrics", help="publish one MetricEvent")
-    metrics.add_argument("variant")
-    metrics.add_argument("model")
-    metrics.add_argument("latency_ms", type=float)
-    metrics.add_argument("--prompt", required=True)
-    metrics.add_argument("--success", dest="success", action="store_true", default=True)
-    metrics.add_argument("--failure", dest="success", action="store_false")
-    metrics.add_argument("--error", help="error type or message for a failed call")
-    metrics.add_argument("--request-id")
-    metrics.add_argument("--unit-id")
-    metrics.add_argument("--quality", type=float)
+    metrics = sub.add_parser("metrics", help="publish one MetricEvent (one LLM call)")
+    metrics.add_argument("variant", help="the prompt version that served the call")
+    metrics.add_argument("model", help="the model name, as the app called it")
+    metrics.add_argument("latency_ms", type=float, help="the call's latency in milliseconds")
+    metrics.add_argument("--prompt", required=True, metavar="NAME", help="the prompt's name")
+    metrics.add_argument(
+        "--success",
+        dest="success",
+        action="store_true",
+        default=True,
+        help="the call succeeded (the default)",
+    )
+    metrics.add_argument("--failure", dest="success", action="store_false", help="it failed")
+    metrics.add_argument("--error", metavar="TEXT", help="error type or message of a failure")
+    metrics.add_argument(
+        "--request-id", metavar="ID", help="joins feedback to the call (default: a new id)"
+    )
+    metrics.add_argument("--unit-id", metavar="ID", help="the user or session of the call")
+    metrics.add_argument(
+        "--quality", type=float, metavar="0..1", help="an automatic quality score, 0 to 1"
+    )
 
     feedback = sub.add_parser("feedback", help="publish one FeedbackEvent")
-    feedback.add_argument("variant")
-    feedback.add_argument("model")
-    feedback.add_argument("score", type=float)
-    feedback.add_argument("kind", nargs="?", default="quality")
-    feedback.add_argument("--prompt", required=True)
-    feedback.add_argument("--request-id")
-    feedback.add_argument("--comment")
+    feedback.add_argument("variant", help="the prompt version of the call judged")
+    feedback.add_argument("model", help="the model of the call judged")
+    feedback.add_argument("score", type=float, help="0 to 1: 0 is bad, 1 is good (thumbs: 0 or 1)")
+    feedback.add_argument(
+        "kind",
+        nargs="?",
+        default="quality",
+        help="quality (default), thumbs, rating, correction, or your own",
+    )
+    feedback.add_argument("--prompt", required=True, metavar="NAME", help="the prompt's name")
+    feedback.add_argument(
+        "--request-id", metavar="ID", help="the call judged (its metric's --request-id)"
+    )
+    feedback.add_argument("--comment", metavar="TEXT", help="a free-text comment")
     return {
         "init": init,
         "run": run,
@@ -233,11 +250,12 @@ def _publish(settings: Settings, topic: str, event: MetricEvent | FeedbackEvent)
 def _build(event_type: type[MetricEvent] | type[FeedbackEvent], **fields: Any) -> Any:
     from pydantic import ValidationError
 
+    from promptd._validation import validation_message
+
     try:
         return event_type(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        raise CommandError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}", 2) from None
+        raise CommandError(validation_message(exc), 2) from None
 
 
 def publish_metric(args: argparse.Namespace, settings: Settings) -> int:

@@ -51,14 +51,14 @@ def feedback(
     """Report feedback: ``score`` in 0..1 (``True`` = 1.0) on the call ``request_id``, or,
     with only ``episode_id``, on a whole episode (credited to every call in it).
 
-    Never blocks, and never raises but for a missing ``score`` (like a missing argument).
-    For a call, ``prompt`` and ``variant`` may be omitted when this process made it (the
-    SDK remembers the last ``feedback_lru_size`` calls); call feedback that cannot be
-    joined is dropped as ``unknown_request``. Episode feedback needs neither. Feedback
-    naming neither a request nor an episode is dropped as ``invalid``.
+    Never blocks. Raises only for a bad ``score``, as for a bad argument: ``TypeError``
+    when it is missing or not a number, ``ValueError`` outside 0..1. For a call,
+    ``prompt`` and ``variant`` may be omitted when this process made it (the SDK
+    remembers the last ``feedback_lru_size`` calls); call feedback that cannot be joined
+    is dropped as ``unknown_request``. Episode feedback needs neither. Feedback naming
+    neither a request nor an episode is dropped as ``invalid``.
     """
-    if score is None:
-        raise TypeError("promptd.feedback() needs a score (0..1, or True/False)")
+    score = check_score(score)
     # Client.feedback counts its own errors; this guards building the client.
     with contextlib.suppress(Exception):
         get_client().feedback(
@@ -72,6 +72,26 @@ def feedback(
             model=model,
             episode_id=episode_id,
         )
+
+
+def check_score(score: object) -> float | bool:
+    """``score`` when it is a number in 0..1 or a bool; else ``TypeError``/``ValueError``."""
+    if score is None:
+        raise TypeError("promptd.feedback() needs a score (0..1, or True/False)")
+    if isinstance(score, bool):
+        return score
+    if not isinstance(score, int | float):
+        raise TypeError(
+            f"promptd.feedback(): score must be a number from 0 to 1 or True/False, "
+            f"got {type(score).__name__} {score!r}"
+        )
+    if not 0.0 <= score <= 1.0:  # NaN fails this too
+        raise ValueError(
+            f"promptd.feedback(): score must be from 0 to 1 (0 = bad, 1 = good; "
+            f"True/False for thumbs), got {score!r}; scale a rating first, "
+            "e.g. stars / 5"
+        )
+    return score
 
 
 async def afeedback(

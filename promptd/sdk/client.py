@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from promptd.sdk.config import SdkConfig
 from promptd.sdk.encode import FEEDBACK
+from promptd.sdk.notices import undelivered_summary, warn
 from promptd.sdk.publisher import BackgroundTask, Publisher
 from promptd.sdk.routing_client import PromptVariant, RoutingCache
 from promptd.sdk.stats import Counters, SdkStats, StatsCollector
@@ -59,6 +60,9 @@ class Client:
         self.publisher = Publisher(config, self.counters, background)
         self._prefix = _prefix()
         self._ids = itertools.count(1)
+        self._reported = False
+        # Prompts whose first call has waited for their routing (see route_first_call).
+        self._waited: set[str] = set()
 
     def next_request_id(self) -> str:
         """A fresh request id: ``<16 random hex>-<counter in hex>``."""
@@ -87,6 +91,34 @@ class Client:
         self.publisher.ensure_started()
         wait = self.config.routing_timeout_s if timeout_s is None else timeout_s
         return await asyncio.to_thread(self.routing.warm, self.prompts(), wait)
+
+    def route_first_call(self, prompt: str) -> None:
+        """Wait (at most ``routing_timeout_s``) for the first routing of ``prompt``; once
+        per prompt, never inside a running event loop (see ``config.route_first_call``)."""
+        if not self._first_call_waits(prompt) or _in_event_loop():
+            return
+        self._waited.add(prompt)
+        self.publisher.ensure_started()
+        self.routing.warm([prompt], self.config.routing_timeout_s)
+
+    async def aroute_first_call(self, prompt: str) -> None:
+        """:meth:`route_first_call` for async calls: waits without blocking the loop."""
+        if not self._first_call_waits(prompt):
+            return
+        import asyncio
+
+        self._waited.add(prompt)
+        self.publisher.ensure_started()
+        await asyncio.to_thread(self.routing.warm, [prompt], self.config.routing_timeout_s)
+
+    def _first_call_waits(self, prompt: str) -> bool:
+        return (
+            self.config.route_first_call
+            and bool(self.config.daemon_url)
+            and prompt not in self._waited
+            and prompt not in self.routing.attempted
+            and not self.publisher.closed
+        )
 
     def prompts(self) -> list[str]:
         """The prompts this client warms: configured and decorated ones."""
@@ -124,11 +156,16 @@ class Client:
             self.counters.error("feedback")
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Flush within ``timeout_s``, stop the thread and unregister the metrics."""
+        """Flush within ``timeout_s``, stop the thread and unregister the metrics.
+
+        Events that were not delivered are reported in one warning line (count, reasons,
+        the last Kafka error): at interpreter exit for the default client.
+        """
         try:
             self.publisher.close(timeout_s)
         except Exception:
             self.counters.error("close")
+        self._report_undelivered()
         if self._collector is not None and self._registry is not None:
             try:
                 self._registry.unregister(self._collector)
@@ -136,12 +173,27 @@ class Client:
                 self.counters.error("metrics")
             self._collector = None
 
+    def _report_undelivered(self) -> None:
+        if self._reported:
+            return
+        self._reported = True
+        try:
+            with self.counters.lock:
+                last_errors = dict(self.counters.last_errors)
+            summary = undelivered_summary(self.stats(), self.config.bootstrap_servers, last_errors)
+        except Exception:
+            self.counters.error("close")
+            return
+        if summary is not None:
+            warn(summary)
+
     def reset_after_fork(self) -> None:
         """Called in a forked child (see the module docstring)."""
         self.counters.reset_after_fork()
         self.publisher.reset_after_fork()
         self._prefix = _prefix()
         self._ids = itertools.count(1)
+        self._reported = False
 
     async def _register_metrics(self, sender: Sender) -> None:
         # Runs once in the sender thread: prometheus_client costs ~0.1 s to import.

@@ -17,7 +17,11 @@ Environment variables (all optional):
 ``PROMPTD_KAFKA_SASL_MECHANISM``            with ``..._SASL_USERNAME`` / ``..._SASL_PASSWORD``
 ``PROMPTD_SDK_QUEUE_SIZE``                  events buffered in memory before dropping (10000)
 ``PROMPTD_SDK_ROUTING_TTL_S``               overrides the routing's own ``ttl_seconds``
+``PROMPTD_SDK_ROUTE_FIRST_CALL``            ``false``: a prompt's first call never waits for routing
 ==========================================  =====================================================
+
+A ``PROMPTD_`` variable nothing reads and a value that does not parse are warned about
+once (:mod:`promptd.sdk.environment`), never silently ignored.
 
 The nested daemon form (``PROMPTD_KAFKA__BOOTSTRAP_SERVERS``) is accepted too, so one
 environment can serve both the daemon and the apps.
@@ -63,6 +67,10 @@ class SdkConfig:
     #: How long ``flush()`` at interpreter exit may take at most.
     exit_flush_timeout_s: float = 3.0
     routing_timeout_s: float = 2.0
+    #: The first call of each prompt waits (at most ``routing_timeout_s``, once per prompt
+    #: and process) for the prompt's routing, so that it is served the active version
+    #: rather than the decorator's default. Off: it never waits and gets the default.
+    route_first_call: bool = True
     #: Overrides the routing's ``ttl_seconds`` when set.
     routing_ttl_s: float | None = None
     #: Retry delay after a failed routing fetch (the last known routing keeps serving).
@@ -87,13 +95,25 @@ class SdkConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SdkConfig:
-        """Read ``PROMPTD_`` variables, then apply ``overrides`` (which win)."""
+        """Read ``PROMPTD_`` variables, then apply ``overrides`` (which win).
+
+        A variable nothing reads (a typo) and a value that does not parse are warned
+        about once (see :mod:`promptd.sdk.environment`); a bad value leaves the default.
+        """
+        from promptd.sdk.environment import check_environment, invalid_value
+
         env = os.environ if environ is None else environ
+        check_environment(env, environment_variables())
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
-            raw = _lookup(env, field.name)
-            if raw is not None:
-                values[field.name] = _convert(field.name, raw, field.type)
+            found = _lookup(env, field.name)
+            if found is None:
+                continue
+            variable, raw = found
+            try:
+                values[field.name] = _convert(raw, field.type)
+            except ValueError as exc:
+                invalid_value(variable, raw, str(exc))
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise TypeError(f"unknown promptd SDK setting(s): {', '.join(sorted(unknown))}")
@@ -147,19 +167,33 @@ def environment_variables() -> dict[str, str]:
     }
 
 
-def _lookup(env: Mapping[str, str], name: str) -> str | None:
+def _lookup(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
+    """``(variable, value)`` of the first variable that sets field ``name``."""
     for key in _candidates(name):
         if key in env:
-            return env[key]
+            return key, env[key]
     return None
 
 
-def _convert(name: str, raw: str, annotation: object) -> Any:
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _convert(raw: str, annotation: object) -> Any:
+    """Parse one variable; ``ValueError`` saying what was expected."""
     text = str(annotation)
+    if not raw and "None" in text:
+        return None
     if text.startswith("bool"):
-        return raw.strip().lower() in {"1", "true", "yes", "on"}
-    if text.startswith("int"):
-        return int(raw)
-    if text.startswith("float"):
-        return float(raw)
-    return raw or None if "None" in text else raw
+        word = raw.strip().lower()
+        if word not in _TRUE | _FALSE:
+            raise ValueError("true or false (also 1/0, yes/no, on/off)")
+        return word in _TRUE
+    try:
+        if text.startswith("int"):
+            return int(raw)
+        if text.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ValueError("an integer" if text.startswith("int") else "a number") from None
+    return raw

@@ -37,22 +37,30 @@ class Encoder:
         # Imported here, in the sender thread: pydantic stays off ``import promptd``.
         from pydantic import ValidationError
 
+        from promptd._validation import validation_message
         from promptd.events import FeedbackEvent, MetricEvent, new_event_id
 
         self._metric = MetricEvent
         self._feedback = FeedbackEvent
         self._new_id = new_event_id
         self._invalid = ValidationError
+        self._describe = validation_message
         self.config = config
+        self.last_invalid: str | None = None
         self._calls: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
 
     def encode(self, item: tuple[Any, ...]) -> Record | str:
-        """A record, or the drop reason (``invalid``, ``unknown_request``)."""
+        """A record, or the drop reason (``invalid``, ``unknown_request``); the reason an
+        event is invalid is kept in :attr:`last_invalid`."""
         try:
             if item[0] == METRIC:
                 return self._encode_metric(item)
             return self._encode_feedback(item)
-        except (self._invalid, ValueError, TypeError):
+        except self._invalid as exc:
+            self.last_invalid = f"{_kind(item)}: {self._describe(exc)}"
+            return "invalid"
+        except (ValueError, TypeError) as exc:
+            self.last_invalid = f"{_kind(item)}: {exc}"
             return "invalid"
 
     def _encode_metric(self, item: tuple[Any, ...]) -> Record:
@@ -88,6 +96,7 @@ class Encoder:
         if request_id is None:
             # On a whole episode: prompt and variant are optional (only informative).
             if episode_id is None:
+                self.last_invalid = "feedback names neither a request_id nor an episode_id"
                 return "invalid"
         elif prompt is None or variant is None:
             known = self._calls.get(request_id)
@@ -139,6 +148,10 @@ class Encoder:
         # Too large: keep a prefix of the text form (cut on a character boundary).
         raw = value if isinstance(value, str) else text
         return raw.encode()[: cap - 64].decode(errors="ignore")
+
+
+def _kind(item: tuple[Any, ...]) -> str:
+    return "a metric event" if item[0] == METRIC else "a feedback event"
 
 
 def _output_text(value: Any) -> str:

@@ -2,7 +2,8 @@
 
 Per call, on the app's thread: take a request id (a counter, no UUID), find the unit id
 and the episode (see :mod:`.context`), pick the variant from the cached routing (by unit
-id, else episode id, else request id), hand it to the function, time the call, read
+id, else episode id, else request id; the first call of a prompt may wait once for its
+routing, see ``Client.route_first_call``), hand it to the function, time the call, read
 token usage from the result, and buffer one plain tuple. Everything costly (event id,
 validation, JSON, capture caps, redaction) happens later in the sender thread. The
 function's result and exceptions pass through unchanged; an SDK failure is counted in
@@ -113,6 +114,17 @@ class _Spec:
             return None if value is None else str(value)
         return unit_id_var.get()
 
+    def routing_pending(self) -> bool:
+        """True while the prompt's routing is wanted but not known yet (cheap check)."""
+        client = self.client or _client_mod._client or _client_mod.get_client()
+        return client.routing.enabled and self.prompt not in client.routing.entries
+
+    async def await_routing(self) -> None:
+        """Before an async call: wait for the prompt's first routing without blocking the
+        loop (``begin`` does not wait inside a running loop)."""
+        client = self.client or _client_mod._client or _client_mod.get_client()
+        await client.aroute_first_call(self.prompt)
+
     def begin(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         """Choose the variant and set the context; mutates ``kwargs`` to inject it."""
         client = self.client or _client_mod._client or _client_mod.get_client()
@@ -135,11 +147,15 @@ class _Spec:
                 scope.episode_id = episode
         call.episode_id = episode
         entry = client.routing.entries.get(self.prompt)
+        if entry is None and client.routing.enabled:
+            client.routing.want(self.prompt)
+            # The first call of a prompt waits for its routing (once, bounded), so it is
+            # not served the decorator's default while the daemon has an active version.
+            client.route_first_call(self.prompt)
+            entry = client.routing.entries.get(self.prompt)
         variant = None
         if entry is not None:
             variant = entry.choose(unit or episode or request_id)
-        elif client.routing.enabled:
-            client.routing.want(self.prompt)
         if variant is None:
             variant = self.default
         if self.inject is not None:
@@ -286,6 +302,8 @@ def _wrap_async(
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            if spec.routing_pending():
+                await spec.await_routing()
             call = spec.begin(args, kwargs)
         except Exception:
             _count_error(spec, "instrument")

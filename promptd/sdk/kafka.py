@@ -52,8 +52,8 @@ class KafkaSink:
         self._producer = producer
         try:
             await asyncio.wait_for(producer.start(), timeout_s)
-        except Exception:
-            counters.error("connect")
+        except Exception as exc:
+            counters.error("connect", exc)
             await self.close(counters, timeout_s)
             return False
         self.connected = True
@@ -66,8 +66,8 @@ class KafkaSink:
                 await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
             try:
                 await asyncio.wait_for(self._send_all(records), self.config.send_timeout_s)
-            except Exception:
-                counters.error("send")
+            except Exception as exc:
+                counters.error("send", exc)
                 continue
             return True
         # The broker is probably gone: reconnect before the next batch.

@@ -29,6 +29,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from promptd.sdk.config import SdkConfig
+from promptd.sdk.notices import drop_notice
 from promptd.sdk.stats import Counters
 
 if TYPE_CHECKING:
@@ -69,14 +70,22 @@ class Publisher:
         counters = self.counters
         with counters.lock:
             counters.emitted += 1
-            if not self.enabled:
-                counters.dropped["no_bootstrap"] += 1
-            elif self._closed:
-                counters.dropped["shutdown"] += 1
-            elif len(self._queue) >= self._maxsize:
-                counters.dropped["queue_full"] += 1
-            else:
+            if self.enabled and not self._closed and len(self._queue) < self._maxsize:
                 self._queue.append(item)
+                return
+            if not self.enabled:
+                reason = "no_bootstrap"
+            elif self._closed:
+                reason = "shutdown"
+            else:
+                reason = "queue_full"
+            counters.dropped[reason] += 1
+        drop_notice(reason)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called: nothing is sent any more."""
+        return self._closed
 
     def buffered(self) -> int:
         """Events not yet delivered or dropped."""
@@ -176,14 +185,23 @@ class Publisher:
             counters.in_flight += count
         return batch
 
-    def settle(self, taken: int, delivered: int, dropped: dict[str, int]) -> None:
-        """Account a finished batch: in-flight becomes delivered or dropped."""
+    def settle(
+        self,
+        taken: int,
+        delivered: int,
+        dropped: dict[str, int],
+        details: dict[str, str] | None = None,
+    ) -> None:
+        """Account a finished batch: in-flight becomes delivered or dropped (and the first
+        drop for each reason is warned about, with ``details`` when known)."""
         counters = self.counters
         with counters.lock:
             counters.in_flight -= taken
             counters.delivered += delivered
             for reason, count in dropped.items():
                 counters.dropped[reason] = counters.dropped.get(reason, 0) + count
+        for reason in dropped:
+            drop_notice(reason, (details or {}).get(reason))
 
     def queued(self) -> int:
         """Events in the buffer (not in flight)."""

@@ -1,13 +1,14 @@
 """Routing in the app: a cache read on the hot path, refreshed by the sender thread.
 
 The hot path does one dict lookup (``RoutingCache.entries``) and, while a rollout runs, one
-SHA-256 bucket of the unit id. It never waits on the network: a prompt seen for the first
-time is served by the decorator's default variant until the background refresh (polling
+SHA-256 bucket of the unit id. The network is the background refresh's (polling
 ``GET {daemon_url}/v1/prompts/{name}/routing`` every ``ttl_seconds``, and optionally reading
-the ``promptd.routing`` topic) has installed its routing. When the daemon is unreachable the
-last known routing keeps serving; a prompt the daemon does not know (404) is served by the
-default variant. ``Client.start()`` (or ``configure(prompts=...)``) fetches the routing of
-every known prompt before the first call, so that first call is routed too.
+the ``promptd.routing`` topic). Only the first call of a prompt waits, once and bounded by
+``routing_timeout_s``, for that prompt's first fetch (``Client.route_first_call``), so it is
+served the active version rather than the decorator's default variant. When the daemon is
+unreachable the last known routing keeps serving; a prompt the daemon does not know (404)
+is served by the default variant. ``Client.start()`` (or ``configure(prompts=...)``)
+fetches the routing of every known prompt at once, before any call.
 """
 
 from __future__ import annotations

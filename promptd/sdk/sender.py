@@ -139,4 +139,7 @@ class Sender:
                 delivered = len(records)
             else:
                 rejected["send_failed"] = rejected.get("send_failed", 0) + len(records)
-        self.publisher.settle(len(batch), delivered, rejected)
+        details = {"invalid": encoder.last_invalid or ""}
+        if "send_failed" in rejected:
+            details["send_failed"] = self.counters.last_errors.get("send", "")
+        self.publisher.settle(len(batch), delivered, rejected, details)

@@ -53,6 +53,8 @@ class Counters:
         self.in_flight = 0
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.errors: dict[str, int] = {}
+        # The last exception text per place (``connect``, ``send``), for the exit summary.
+        self.last_errors: dict[str, str] = {}
         self.routing_fetches = 0
         self.routing_failures = 0
 
@@ -60,10 +62,16 @@ class Counters:
         """In a forked child: fresh lock and zeroed counters (the parent owns its events)."""
         self.__init__()  # type: ignore[misc]
 
-    def error(self, where: str) -> None:
-        """Count an internal SDK error (never raised to the app)."""
+    def error(self, where: str, exc: BaseException | None = None) -> None:
+        """Count an internal SDK error (never raised to the app); keep ``exc``'s text."""
         with self.lock:
             self.errors[where] = self.errors.get(where, 0) + 1
+            if exc is not None:
+                text = str(exc)
+                name = type(exc).__name__
+                if not text.startswith(name):  # aiokafka's errors already name their type
+                    text = f"{name}: {text}" if text else name
+                self.last_errors[where] = text[:300]
 
     def snapshot(self, queued: int) -> SdkStats:
         """Build a snapshot; call with ``lock`` held so that ``queued`` matches."""

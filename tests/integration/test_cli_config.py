@@ -84,21 +84,28 @@ def daemon(tmp_path: Path) -> Iterator[tuple[dict[str, str], int, subprocess.Pop
 # -- errors are one line that names the file or setting --------------------------------
 
 
-def test_port_in_use_is_one_line_naming_the_setting(tmp_path: Path) -> None:
-    """A port already taken stops `promptd run` with one line naming http.port and the
-    address, not a traceback."""
+@pytest.mark.parametrize("which", ["http", "embedded broker"])
+def test_port_in_use_is_one_line_naming_the_setting(tmp_path: Path, which: str) -> None:
+    """A port already taken (the HTTP API's, or the embedded broker's) stops `promptd run`
+    with one line naming the setting and the address, not a traceback, before any
+    migration runs or the broker starts."""
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = _run(tmp_path, "run", env=_env(tmp_path, PROMPTD_HTTP_PORT=str(port)))
+        variable = "PROMPTD_HTTP_PORT" if which == "http" else "PROMPTD_KAFKA__EMBEDDED_PORT"
+        result = _run(tmp_path, "run", env=_env(tmp_path, **{variable: str(port)}))
     line = _one_line(result)
     assert f"127.0.0.1:{port}" in line
-    assert "http.port" in line
-    assert "PROMPTD_HTTP_PORT" in line
+    assert variable in line
+    assert ("http.port" if which == "http" else "kafka.embedded_port") in line
     assert "in use" in line
+    if which != "http":
+        assert "PROMPTD_KAFKA_BOOTSTRAP_SERVERS" in line  # the way to use a running Kafka
+    assert not (tmp_path / "data" / "promptd.db").exists()  # no migration ran
+    assert "embedded_broker_started" not in result.stderr
 
 
 def _read_only(path: Path) -> list[str]:

@@ -236,7 +236,10 @@ async def test_the_route_checks_its_body_and_promote_moves_every_step(
         args = argparse.Namespace(json=False, rollout_command="status", rollout_id=started["id"])
         assert await asyncio.to_thread(rollout_command, args, settings) == 0
         out = capsys.readouterr().out
-        assert f"{started['id']}  pipeline geo extract v2 running" in out
+        assert (
+            f"{started['id']}  pipeline geo extract v1 → v2 running: step 1, 10% of units on "
+            "the candidate"
+        ) in out
         rows = [line.split() for line in out.splitlines()[1:]]
         assert ["pipeline", "geo"] in rows
         assert [r for r in rows if r[0] in ("extract", "answer")] == [

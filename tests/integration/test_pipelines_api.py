@@ -99,3 +99,34 @@ async def test_cli_registers_a_pipeline_from_toml(
     broken.write_text("name = ")
     with pytest.raises(CommandError, match=r"broken\.toml: not valid TOML"):
         await asyncio.to_thread(run, pipelines_command="register", file=broken)
+
+
+async def test_a_chat_configuration_step_is_bound_by_its_message_placeholders(
+    make_settings: Any, start_daemon: Any
+) -> None:
+    """A step whose active version is a chat configuration with params (max_tokens, ...)
+    is bound by the placeholders of its messages only, also after a new configuration
+    with other params became active and the pipeline is redefined."""
+    running = await start_daemon(make_settings(http={"admin_token": TOKEN}), ready=False)
+    registry = running.daemon.components["registry"]
+
+    def config(max_tokens: int) -> dict[str, Any]:
+        return {
+            "model": "openai/gpt-4o-mini",
+            "params": {"temperature": 0.0, "max_tokens": max_tokens},
+            "messages": [
+                {"role": "system", "content": "Extract the city."},
+                {"role": "user", "content": "Message: {text}"},
+            ],
+        }
+
+    await registry.register("extract", NewVersion.model_validate({"config": config(128)}))
+    await registry.register("answer", NewVersion(template="Answer.\nNotes: {notes}"))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(running.url) as http:
+        async with http.post("/v1/pipelines", json=GEO, headers=auth) as resp:
+            assert resp.status == 201, await resp.text()
+        promoted = NewVersion.model_validate({"config": config(256), "activate": True})
+        await registry.register("extract", promoted)
+        async with http.post("/v1/pipelines", json=GEO, headers=auth) as resp:
+            assert resp.status == 201, await resp.text()

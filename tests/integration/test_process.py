@@ -23,7 +23,14 @@ PROMPTD = [sys.executable, "-m", "promptd.daemon.cli"]
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTD_")}
-    env.update({"PROMPTD_DATA_DIR": str(tmp_path / "data"), "PROMPTD_HTTP_PORT": "0"})
+    # Port 0 for the HTTP API and the embedded broker: tests run side by side.
+    env.update(
+        {
+            "PROMPTD_DATA_DIR": str(tmp_path / "data"),
+            "PROMPTD_HTTP_PORT": "0",
+            "PROMPTD_KAFKA__EMBEDDED_PORT": "0",
+        }
+    )
     env.update(extra)
     return env
 

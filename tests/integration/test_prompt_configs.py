@@ -99,3 +99,51 @@ async def test_config_versions_in_registry_routing_and_sdk(
     assert variant.output_schema == CONFIG["output_schema"]
     with pytest.raises(ValueError, match="chat configuration"):
         variant.format(text="x")
+
+
+async def test_cli_register_messages_name_the_key_and_the_flag(
+    make_settings: Callable[..., Settings], start_daemon: Callable[..., Any], tmp_path: Any
+) -> None:
+    """`prompts register NAME --chat FILE`: a misspelled [[message]] table is named with the
+    key meant; a placeholder change is refused with the CLI's --force (not force=true), and
+    --force accepts it."""
+    import argparse
+
+    from promptd.daemon.cli.common import CommandError
+    from promptd.daemon.cli.prompts import prompts_command
+
+    settings = make_settings()
+    await start_daemon(settings, ready=False)
+    prompt = f"cli-{uuid.uuid4().hex[:8]}"
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[[message]]\nrole = "user"\ncontent = "Message: {text}"\n')
+    good = tmp_path / "extract.toml"
+    good.write_text('[[messages]]\nrole = "user"\ncontent = "Message: {text}"\n')
+    other = tmp_path / "other.toml"
+    other.write_text('[[messages]]\nrole = "user"\ncontent = "Text: {body}"\n')
+
+    def register(chat: Any, force: bool = False) -> int:
+        args = argparse.Namespace(
+            json=False,
+            prompts_command="register",
+            prompt=prompt,
+            template=None,
+            file=None,
+            chat=chat,
+            version=None,
+            activate=False,
+            force=force,
+            profile=None,
+        )
+        return prompts_command(args, settings)
+
+    with pytest.raises(CommandError) as typo_error:
+        await asyncio.to_thread(register, typo)
+    assert "config: unknown key 'message' (did you mean 'messages'?" in str(typo_error.value)
+    assert "Value error" not in str(typo_error.value)
+    assert await asyncio.to_thread(register, good) == 0
+    with pytest.raises(CommandError) as changed:
+        await asyncio.to_thread(register, other)
+    assert "register with --force to accept" in str(changed.value)
+    assert "force=true" not in str(changed.value)
+    assert await asyncio.to_thread(register, other, True) == 0

@@ -270,19 +270,23 @@ MUTATING = [
 
 
 async def test_mutating_routes_need_the_admin_token(make_settings, start_daemon) -> None:
-    """Every mutating route answers 401 without a token and with a wrong one."""
+    """Every mutating route answers 401 without a token and with a wrong one; the answer
+    names PROMPTD_ADMIN_TOKEN and tells a missing token from a wrong one."""
     running = await start_daemon(_settings(make_settings), ready=False)
     async with aiohttp.ClientSession() as http:
         for method, path, body in MUTATING:
-            for headers in (
-                {},
-                {"Authorization": "Bearer wrong-token-0123456789"},
-                {"Authorization": TOKEN},
+            for headers, says in (
+                ({}, "needs the daemon's admin token"),
+                ({"Authorization": "Bearer wrong-token-0123456789"}, "wrong admin token"),
+                ({"Authorization": TOKEN}, "is not 'Bearer …'"),
             ):
                 async with http.request(
                     method, running.url + path, json=body, headers=headers
                 ) as resp:
                     assert resp.status == 401, (path, headers)
+                    error = (await resp.json())["error"]
+                    assert says in error, error
+                    assert "PROMPTD_ADMIN_TOKEN" in error
         status, _ = await _call(http, "GET", running.url + "/v1/rollouts", auth=False)
         assert status == 200
 

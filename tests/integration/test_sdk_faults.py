@@ -189,11 +189,18 @@ async def test_exit_flushes_buffered_events(broker: EmbeddedBroker) -> None:
 
 
 async def test_exit_is_time_bounded_when_the_broker_is_down() -> None:
-    """With the broker unreachable, exit waits about exit_flush_timeout_s, not forever."""
-    script = EXIT_SCRIPT.format(bootstrap=f"127.0.0.1:{free_port()}", topic="t")
+    """With the broker unreachable, exit waits about exit_flush_timeout_s, not forever,
+    and says in one warning line how many events were not delivered and why."""
+    bootstrap = f"127.0.0.1:{free_port()}"
+    script = EXIT_SCRIPT.format(bootstrap=bootstrap, topic="t")
     start = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, stderr=asyncio.subprocess.DEVNULL
+        sys.executable, "-c", script, stderr=asyncio.subprocess.PIPE
     )
-    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
     assert time.monotonic() - start < 1.0 + 2.5  # budget + thread join slack + start-up
+    summary = [line for line in stderr.decode().splitlines() if "were not delivered" in line]
+    assert len(summary) == 1, stderr.decode()
+    assert summary[0].startswith("promptd SDK: 3 of 3 events were not delivered: 3 shutdown")
+    assert f"last Kafka error at {bootstrap}" in summary[0]

@@ -115,3 +115,35 @@ async def test_start_returns_false_when_the_daemon_is_unreachable(sdk: None) -> 
     assert not await asyncio.to_thread(app)
     assert loop.time() - began < 3
     assert served == ["v0"]
+
+
+async def test_first_call_is_routed_without_a_warm_up(
+    make_settings: Callable[..., Settings], start_daemon: Callable[..., Any], sdk: None
+) -> None:
+    """Without start() or prompts=, a prompt's first call waits for its routing (once)
+    and is served the active version, not the decorator's default: in a sync app and in
+    an async function alike. With route_first_call=False it is not held back."""
+    url, prompt = await _daemon_with_active_v2(make_settings, start_daemon)
+    served: list[str] = []
+
+    def sync_app() -> None:
+        promptd.configure(daemon_url=url, registry=CollectorRegistry())
+        call = _decorated(prompt, served)
+        call()
+        call()
+
+    await asyncio.to_thread(sync_app)
+    assert served == ["v2", "v2"]
+
+    promptd.configure(daemon_url=url, registry=CollectorRegistry())
+
+    @promptd.instrument(prompt=prompt, version="v0", template="zero {x}", inject="variant")
+    async def acall(variant: Any = None) -> None:
+        served.append(variant.version)
+
+    await acall()
+    assert served[-1] == "v2"
+
+    promptd.configure(daemon_url=url, registry=CollectorRegistry(), route_first_call=False)
+    await acall()
+    assert served[-1] == "v0"

@@ -172,7 +172,22 @@ def test_import_is_light() -> None:
         "litellm",
         "aiosqlite",
         "asyncio",
+        "promptd.daemon",
     ]
     code = f"import sys, promptd; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_environment_check_does_not_load_the_daemon() -> None:
+    """Checking the app's PROMPTD_ variables (a typo is warned about, with the daemon's
+    names known) loads neither the daemon nor its heavy dependencies."""
+    heavy = ["promptd.daemon", "pydantic_settings", "scipy", "litellm", "aiosqlite"]
+    code = (
+        "import sys, promptd\n"
+        "promptd.sdk.SdkConfig.from_env({'PROMPTD_HTTP_PROT': '1'})\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert "did you mean PROMPTD_HTTP_PORT?" in out.stderr
