@@ -177,7 +177,8 @@ async def _lead(
             await asyncio.wait({work, ended}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             ended.cancel()
-        await work
+        if work.done():
+            await work  # a clean stop, or a task's failure to raise
     except FencedError as exc:
         log.warning("leader_term_fenced", reason=str(exc))
     finally:

@@ -183,8 +183,11 @@ async def test_evaluator_renders_calls_and_scores(
     assert not evaluator.usable(_example("c", "x", None), Program.text("City of {text}"))
     assert not evaluator.usable(ok, Program.text("City of {missing}"))
     assert await evaluator.scores(Program.text("City of {text}"), [ok, wrong]) == [1.0, 0.0]
-    assert fake.requests[0]["messages"] == [{"role": "user", "content": "City of in Paris"}]
-    assert fake.requests[0]["temperature"] == 0.0
+    # The examples are evaluated concurrently: the requests may arrive in any order.
+    sent = sorted(r["messages"][0]["content"] for r in fake.requests)
+    assert sent == ["City of in Paris", "City of in Rome"]
+    assert [len(r["messages"]) for r in fake.requests] == [1, 1]
+    assert {r["temperature"] for r in fake.requests} == {0.0}
 
 
 async def test_evaluator_scores_a_refused_request_zero(
