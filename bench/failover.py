@@ -46,31 +46,14 @@ import ingest
 
 from promptd.daemon.broker import EmbeddedBroker
 from promptd.events import new_event_id
-from tests.daemon_process import DaemonProcess
+from tests.daemon_process import DaemonProcess, environment
 
 TOKEN = "bench-admin-token-0123456789"
 
 
-def environment(broker: EmbeddedBroker, url: str | None, tag: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTD_")}
-    env.update(
-        {
-            "PROMPTD_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-            "PROMPTD_KAFKA__GROUP_ID": f"g-{tag}",
-            "PROMPTD_KAFKA__METRICS_TOPIC": f"m-{tag}",
-            "PROMPTD_KAFKA__FEEDBACK_TOPIC": f"f-{tag}",
-            "PROMPTD_KAFKA__DLQ_TOPIC": f"dlq-{tag}",
-            "PROMPTD_KAFKA__ALERTS_TOPIC": f"alerts-{tag}",
-            "PROMPTD_KAFKA__ROUTING_TOPIC": f"routing-{tag}",
-            "PROMPTD_KAFKA__OPTIMIZATION_TOPIC": f"opt-{tag}",
-            "PROMPTD_HTTP_PORT": "0",
-            "PROMPTD_ADMIN_TOKEN": TOKEN,
-            "PROMPTD_LOG_FORMAT": "json",
-        }
-    )
-    if url is not None:
-        env["PROMPTD_STORAGE_URL"] = url
-    return env
+def daemon_env(broker: EmbeddedBroker, url: str | None, tag: str) -> dict[str, str]:
+    extra = {"PROMPTD_STORAGE_URL": url} if url is not None else {}
+    return environment(broker.bootstrap_servers, tag, TOKEN, **extra)
 
 
 async def readyz(daemon: DaemonProcess, query: str = "") -> tuple[int, dict[str, Any]]:
@@ -145,12 +128,12 @@ async def stored(url: str) -> set[str]:
 async def one_run(broker: EmbeddedBroker, url: str, root: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     tag = uuid.uuid4().hex[:8]
-    single = DaemonProcess(root / tag, "sqlite", environment(broker, None, f"s{tag}"))
+    single = DaemonProcess(root / tag, "sqlite", daemon_env(broker, None, f"s{tag}"))
     try:
         out["restart_sqlite_s"] = await start_to_ready(single)
     finally:
         single.stop()
-    env = environment(broker, url, tag)
+    env = daemon_env(broker, url, tag)
     a, b = DaemonProcess(root / tag, "a", env), DaemonProcess(root / tag, "b", env)
     trickle = Trickle(env)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,30 @@ from pathlib import Path
 from typing import Any
 
 PROMPTD = [sys.executable, "-m", "promptd.daemon.cli"]
+
+
+def environment(bootstrap: str, tag: str, token: str, **extra: str) -> dict[str, str]:
+    """This process's environment without ``PROMPTD_`` variables, plus a daemon's: the
+    broker, topics and group named by ``tag``, a free HTTP port, the admin token, JSON
+    logs, and ``extra`` (``PROMPTD_…`` names)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTD_")}
+    env.update(
+        {
+            "PROMPTD_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "PROMPTD_KAFKA__GROUP_ID": f"g-{tag}",
+            "PROMPTD_KAFKA__METRICS_TOPIC": f"m-{tag}",
+            "PROMPTD_KAFKA__FEEDBACK_TOPIC": f"f-{tag}",
+            "PROMPTD_KAFKA__DLQ_TOPIC": f"dlq-{tag}",
+            "PROMPTD_KAFKA__ALERTS_TOPIC": f"alerts-{tag}",
+            "PROMPTD_KAFKA__ROUTING_TOPIC": f"routing-{tag}",
+            "PROMPTD_KAFKA__OPTIMIZATION_TOPIC": f"opt-{tag}",
+            "PROMPTD_HTTP_PORT": "0",
+            "PROMPTD_ADMIN_TOKEN": token,
+            "PROMPTD_LOG_FORMAT": "json",
+            **extra,
+        }
+    )
+    return env
 
 
 class DaemonProcess:

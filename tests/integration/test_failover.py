@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import time
 import uuid
@@ -29,7 +28,7 @@ from promptd.daemon.broker import EmbeddedBroker
 from promptd.events import new_event_id
 from promptd.routing import Routing
 from tests.conftest import wait_for
-from tests.daemon_process import DaemonProcess
+from tests.daemon_process import DaemonProcess, environment
 
 pytestmark = pytest.mark.integration
 
@@ -63,32 +62,21 @@ def pair(
     lease = getattr(request, "param", {"lease": 3.0, "renew": 2.0, "retry": 0.3})
     config = tmp_path / "promptd.toml"
     config.write_text(CONFIG)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTD_")}
-    env.update(
-        {
-            "PROMPTD_CONFIG": str(config),
-            "PROMPTD_STORAGE_URL": pg_url,
-            "PROMPTD_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-            "PROMPTD_KAFKA__GROUP_ID": f"g-{tag}",
-            "PROMPTD_KAFKA__METRICS_TOPIC": f"m-{tag}",
-            "PROMPTD_KAFKA__FEEDBACK_TOPIC": f"f-{tag}",
-            "PROMPTD_KAFKA__DLQ_TOPIC": f"dlq-{tag}",
-            "PROMPTD_KAFKA__ALERTS_TOPIC": f"alerts-{tag}",
-            "PROMPTD_KAFKA__ROUTING_TOPIC": f"routing-{tag}",
-            "PROMPTD_KAFKA__OPTIMIZATION_TOPIC": f"opt-{tag}",
-            "PROMPTD_KAFKA__SESSION_TIMEOUT_MS": "1000",
-            "PROMPTD_KAFKA__HEARTBEAT_INTERVAL_MS": "300",
-            "PROMPTD_KAFKA__FETCH_MAX_WAIT_MS": "50",
-            "PROMPTD_KAFKA__RETRY_BACKOFF_INITIAL_S": "0.2",
-            "PROMPTD_KAFKA__RETRY_BACKOFF_MAX_S": "1.0",
-            "PROMPTD_HTTP_PORT": "0",
-            "PROMPTD_ADMIN_TOKEN": TOKEN,
-            "PROMPTD_LOG_FORMAT": "json",
-            "PROMPTD_HA__LEASE_DURATION_S": str(lease["lease"]),
-            "PROMPTD_HA__RENEW_DEADLINE_S": str(lease["renew"]),
-            "PROMPTD_HA__RETRY_PERIOD_S": str(lease["retry"]),
-            "PROMPTD_STORAGE__IDLE_IN_TRANSACTION_TIMEOUT_S": "1.0",
-        }
+    env = environment(
+        broker.bootstrap_servers,
+        tag,
+        TOKEN,
+        PROMPTD_CONFIG=str(config),
+        PROMPTD_STORAGE_URL=pg_url,
+        PROMPTD_KAFKA__SESSION_TIMEOUT_MS="1000",
+        PROMPTD_KAFKA__HEARTBEAT_INTERVAL_MS="300",
+        PROMPTD_KAFKA__FETCH_MAX_WAIT_MS="50",
+        PROMPTD_KAFKA__RETRY_BACKOFF_INITIAL_S="0.2",
+        PROMPTD_KAFKA__RETRY_BACKOFF_MAX_S="1.0",
+        PROMPTD_HA__LEASE_DURATION_S=str(lease["lease"]),
+        PROMPTD_HA__RENEW_DEADLINE_S=str(lease["renew"]),
+        PROMPTD_HA__RETRY_PERIOD_S=str(lease["retry"]),
+        PROMPTD_STORAGE__IDLE_IN_TRANSACTION_TIMEOUT_S="1.0",
     )
     daemons = (DaemonProcess(tmp_path, "a", env), DaemonProcess(tmp_path, "b", env))
     yield daemons
@@ -104,20 +92,17 @@ async def _call(method: str, url: str, body: Any = None) -> tuple[int, Any]:
         return resp.status, await resp.json(content_type=None)
 
 
+async def _ready(daemon: DaemonProcess, query: str = "") -> bool:
+    """``/readyz`` answers 200 (``?role=leader``: and this daemon leads)."""
+    try:
+        status, _ = await _call("GET", daemon.url + "/readyz" + query)
+    except aiohttp.ClientError:
+        return False
+    return status == 200
+
+
 async def _leads(daemon: DaemonProcess) -> bool:
-    try:
-        status, _ = await _call("GET", daemon.url + "/readyz?role=leader")
-    except aiohttp.ClientError:
-        return False
-    return status == 200
-
-
-async def _ready(daemon: DaemonProcess) -> bool:
-    try:
-        status, _ = await _call("GET", daemon.url + "/readyz")
-    except aiohttp.ClientError:
-        return False
-    return status == 200
+    return await _ready(daemon, "?role=leader")
 
 
 async def _start_pair(a: DaemonProcess, b: DaemonProcess) -> None:
