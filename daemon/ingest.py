@@ -377,8 +377,14 @@ class Ingestor:
         if missing and not self._was_alone:
             # Refuse before any fetch: pause, and let the loop leave the group.
             consumer.pause(*assigned)
-            message = await self._conflict_message(keys, missing)
-            self._refusal = GroupBusyError(message) if self.shared else GroupConflictError(message)
+            if self.shared:
+                self._refusal = GroupBusyError(
+                    f"consumer group {self.kafka.group_id!r} still holds another member "
+                    f"({len(missing)} of {len(keys) + len(missing)} partitions elsewhere): a "
+                    "former leader whose session has not expired; joining again shortly"
+                )
+            else:
+                self._refusal = GroupConflictError(await self._conflict_message(keys, missing))
             self.state.group_conflict = str(self._refusal)
             return
         if missing:

@@ -135,11 +135,11 @@ class Traffic:
             while not self._stop.is_set():
                 await self._refresh_routing()
                 assert self.routing is not None
-                for _ in range(8):
+                for _ in range(5):  # about 50 calls and 50 ratings a second
                     user += 1
                     await self._call(producer, self.routing, f"user-{user % 400}")
                 await producer.flush()
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.1)
         finally:
             await producer.stop()
 
