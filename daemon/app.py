@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -48,7 +48,17 @@ from promptd.monitoring.metrics import IngestMetrics
 from promptd.monitoring.rules import Notification
 from promptd.monitoring.sinks import log_notification
 from promptd.storage.database import Database, FencedError
-from promptd.storage.repository import DUPLICATES, STORED_FEEDBACK, STORED_METRICS, EventRepository
+from promptd.storage.repository import (
+    DUPLICATES,
+    OTLP_COUNTERS,
+    STORED_EVALUATIONS,
+    STORED_FEEDBACK,
+    STORED_METRICS,
+    EventRepository,
+)
+
+if TYPE_CHECKING:
+    from promptd.daemon.otlp.decoder import OtlpDecoder
 
 log = structlog.get_logger("promptd.daemon")
 
@@ -93,6 +103,9 @@ class Daemon:
         # The election on a shared PostgreSQL store (None: a single SQLite daemon).
         self.leadership: Leadership | None = None
         self.components: dict[str, Any] = {}
+        # Parts that can be degraded without making the daemon unready (an evaluator
+        # down): each returns lines that /readyz shows as "degraded".
+        self.readiness_details: list[Callable[[], list[str]]] = []
         self.db: Database | None = None
         self.repo: EventRepository | None = None
         self.producer: Producer | None = None
@@ -183,6 +196,7 @@ class Daemon:
             alert=self._ingest_alert,
             storage_check=self.db.file_problem,
             fence=self.leadership,
+            otlp=self._otlp_decoder(),
         )
         return self.producer
 
@@ -191,6 +205,14 @@ class Daemon:
         check_http_port(self.settings.http.host, self.settings.http.port)
         if self.settings.kafka.embedded:
             check_broker_port(EMBEDDED_HOST, self.settings.kafka.embedded_port)
+
+    def _otlp_decoder(self) -> OtlpDecoder | None:
+        if self.settings.kafka.otlp_topic is None:
+            return None
+        # protobuf is loaded only by a daemon that reads OpenTelemetry spans.
+        from promptd.daemon.otlp.decoder import decoder_for
+
+        return decoder_for(self.settings, self.db)
 
     async def _start_embedded_broker(self, stack: contextlib.AsyncExitStack) -> None:
         assert self.repo is not None
@@ -409,6 +431,16 @@ class Daemon:
             return {"role": "leader", "shared": False}
         return {**self.leadership.view(), "shared": True}
 
+    def degraded(self) -> list[str]:
+        """What works only in part right now (never a reason to be unready)."""
+        out: list[str] = []
+        for detail in self.readiness_details:
+            try:
+                out.extend(detail())
+            except Exception:
+                log.exception("readiness_detail_failed")
+        return out
+
     async def status(self) -> dict[str, Any]:
         """The body of ``/v1/status``."""
         assert self.repo is not None
@@ -433,9 +465,20 @@ class Daemon:
                 "stored": counters.get(STORED_METRICS, 0) + counters.get(STORED_FEEDBACK, 0),
                 "stored_metrics": counters.get(STORED_METRICS, 0),
                 "stored_feedback": counters.get(STORED_FEEDBACK, 0),
+                # Of the stored feedback, evaluators' results (published by this daemon).
+                "stored_evaluations": counters.get(STORED_EVALUATIONS, 0),
                 "duplicates": counters.get(DUPLICATES, 0),
                 "dead_lettered": sum(dead.values()),
                 "dead_lettered_by_reason": dead,
+            },
+            "otlp": {
+                "topic": self.settings.kafka.otlp_topic,
+                "encoding": self.settings.kafka.otlp_encoding,
+                **{
+                    k.removeprefix(OTLP_COUNTERS + "."): v
+                    for k, v in sorted(counters.items())
+                    if k.startswith(OTLP_COUNTERS + ".")
+                },
             },
             "kafka": {
                 "bootstrap_servers": self.bootstrap,

@@ -96,6 +96,10 @@ class _Feedback(Struct, tag_field="type", tag="feedback", forbid_unknown_fields=
     kind: Annotated[str, Meta(min_length=1, max_length=ev.MAX_KIND_CHARS)] = "quality"
     comment: Annotated[str, Meta(max_length=ev.MAX_COMMENT_CHARS)] | None = None
     correction: _Capture | None = None
+    # The same form as the reference's check (re.search, anchored with ^ and \Z).
+    source: (
+        Annotated[str, Meta(max_length=ev.MAX_SOURCE_CHARS, pattern=ev.SOURCE_PATTERN)] | None
+    ) = None
     schema: Literal[1] = 1
 
 

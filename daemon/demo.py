@@ -133,7 +133,17 @@ def demo_settings(data_dir: Path, http_port: int, time_scale: float) -> Settings
         },
         monitoring=_monitoring(time_scale),
         optimization=_optimization(),
+        evaluation=_evaluation(),
     )
+
+
+def _evaluation() -> dict[str, Any]:
+    # A code check on a sample of the captured summaries (do they cite a number: an error
+    # code, a delay?): online evaluation at work beside people's thumbs, with its
+    # agreement tracked. The monitor, optimizer and rollouts still read the thumbs only.
+    # (Two digits: the summaries start with their version, "[v1]".)
+    check = {"name": "cites_number", "type": "regex", "pattern": r"\d\d", "sample_rate": 0.2}
+    return {"evaluators": [check], "agreement": {"interval_s": 2.0}}
 
 
 def _step(weight: float, seconds: float, samples: int) -> dict[str, float]:
@@ -492,7 +502,8 @@ async def wait_stored(
 ) -> Any:
     """The daemon's status once it has stored what the app delivered.
 
-    Waits until stored plus dead-lettered events reach ``delivered``, or the count has
+    Waits until stored plus dead-lettered events of the app (the evaluation results the
+    daemon published itself left out) reach ``delivered``, or the count has
     not moved for ``settle_s``, at most ``timeout_s``, so the summary reports the final
     count rather than one taken while the last batches are still being ingested.
     """
@@ -503,13 +514,18 @@ async def wait_stored(
     while True:
         status = await _get(http, f"{base}/v1/status") or status
         events = (status or {}).get("events") or {}
-        done = int(events.get("stored", 0)) + int(events.get("dead_lettered", 0))
+        done = app_events(events) + int(events.get("dead_lettered", 0))
         now = loop.time()
         if done != last:
             last, changed_at = done, now
         if done >= delivered or now - changed_at >= settle_s or now >= deadline:
             return status
         await asyncio.sleep(0.1)
+
+
+def app_events(events: dict[str, Any]) -> int:
+    """Events stored from the app: all stored events but the evaluators' results."""
+    return int(events.get("stored", 0)) - int(events.get("stored_evaluations", 0))
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -524,7 +540,7 @@ def print_summary(report: dict[str, Any]) -> None:
         ("active version now", (report["routing"] or {}).get("active_version")),
         (
             "events stored",
-            f"{((report['daemon_status'] or {}).get('events') or {}).get('stored')} "
+            f"{app_events((report['daemon_status'] or {}).get('events') or {})} "
             f"of {report['sdk']['delivered']} delivered by the app",
         ),
         ("database", report["database"]),

@@ -44,6 +44,8 @@ class Served(Protocol):
 
     def role(self) -> dict[str, Any]: ...
 
+    def degraded(self) -> list[str]: ...
+
     async def status(self) -> dict[str, Any]: ...
 
 
@@ -283,17 +285,20 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: connected to Kafka and storage open (a leader); the database reachable
     (a standby). The body says which role this daemon has and who leads;
-    ``?role=leader`` is ready only on the leader (a Service that targets the leader)."""
+    ``?role=leader`` is ready only on the leader (a Service that targets the leader).
+    ``degraded`` lists parts that work only in part (an evaluator down) without making
+    the daemon unready."""
     daemon = request.app[DAEMON_KEY]
     ready, reason = daemon.readiness()
     role = daemon.role()
     wanted = request.query.get("role")
     if wanted is not None and wanted != role["role"]:
         ready, reason = False, f"this daemon is the {role['role']}, not the {wanted}"
-    return web.json_response(
-        {"status": "ready" if ready else "not_ready", "reason": reason, **role},
-        status=200 if ready else 503,
-    )
+    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "reason": reason, **role}
+    degraded = daemon.degraded()
+    if degraded:
+        body["degraded"] = degraded
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

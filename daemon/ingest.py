@@ -44,7 +44,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cramjam
 import structlog
@@ -72,8 +72,12 @@ from promptd.daemon.settings import KafkaSettings
 from promptd.events import Rejection
 from promptd.monitoring.metrics import IngestMetrics
 from promptd.storage.database import Fence, FencedError
-from promptd.storage.repository import BatchOutcome, EventRepository
+from promptd.storage.repository import OTLP_COUNTERS, BatchOutcome, EventRepository
 from promptd.storage.rows import FeedbackRow, MetricRow
+
+if TYPE_CHECKING:
+    # Only a daemon that reads the OTLP topic loads protobuf (see app.py).
+    from promptd.daemon.otlp.decoder import OtlpDecoder
 
 log = structlog.get_logger("promptd.ingest")
 
@@ -159,23 +163,31 @@ class DecodedBatch:
     dead: list[tuple[Any, Rejection]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     consumed: dict[str, int] = field(default_factory=dict)
+    #: What the OTLP decoder counted of the batch's spans (``spans.call``, ...).
+    spans: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
 
-def decode_batch(records: Mapping[Any, Sequence[Any]], decoder: RowDecoder) -> DecodedBatch:
-    """Decode a ``getmany`` result (partition -> records in offset order) to rows."""
+def decode_batch(
+    records: Mapping[Any, Sequence[Any]], decoder: RowDecoder, otlp: OtlpDecoder | None = None
+) -> DecodedBatch:
+    """Decode a ``getmany`` result (partition -> records in offset order) to rows; the
+    OTLP topic's records through ``otlp``."""
     batch = DecodedBatch()
     metrics, feedback, dead = batch.metrics, batch.feedback, batch.dead
-    decode = decoder.decode_into
     for tp, recs in records.items():
         if not recs:
             continue
         batch.offsets[(tp.topic, tp.partition)] = recs[-1].offset + 1
         batch.consumed[tp.topic] = batch.consumed.get(tp.topic, 0) + len(recs)
+        is_otlp = otlp is not None and tp.topic == otlp.topic
+        decode = otlp.decode_into if otlp is not None and is_otlp else decoder.decode_into
         for rec in recs:
             rejection = decode(rec.value, metrics, feedback)
             if rejection is not None:
                 dead.append((rec, rejection))
+    if otlp is not None:
+        batch.spans = otlp.take_counts()
     return batch
 
 
@@ -222,6 +234,7 @@ class Ingestor:
         alert: AlertHook | None = None,
         storage_check: StorageCheck | None = None,
         fence: Fence | None = None,
+        otlp: OtlpDecoder | None = None,
     ) -> None:
         self.kafka = kafka
         self.bootstrap = bootstrap
@@ -240,6 +253,8 @@ class Ingestor:
         self.shared = fence is not None
         self.state = IngestState()
         self._decoder = RowDecoder(kafka.max_record_bytes)
+        # Records of the OTLP topic (OpenTelemetry spans), when it is read.
+        self._otlp = otlp
         self._pending: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._uncommitted: dict[Key, int] = {}
@@ -533,7 +548,9 @@ class Ingestor:
             reason = "the lease is no longer renewed in time"
             self.fence.fenced(reason)
             raise FencedError(f"batch not handled: {reason}; the leader consumes it")
-        batch = decode_batch(records, self._decoder)
+        if self._otlp is not None and any(tp.topic == self._otlp.topic for tp in records):
+            await self._otlp.versions.refresh()
+        batch = decode_batch(records, self._decoder, self._otlp)
         if batch.dead:
             await self._dead_letter(batch)
         self.state.write_started_at = time.monotonic()
@@ -565,7 +582,11 @@ class Ingestor:
         try:
             self._check_storage()
             outcome = await self.repo.store_batch(
-                batch.metrics, batch.feedback, batch.offsets, reasons
+                batch.metrics,
+                batch.feedback,
+                batch.offsets,
+                reasons,
+                {f"{OTLP_COUNTERS}.{k}": n for k, n in batch.spans.items()},
             )
         except Exception as exc:
             self.state.write_error = repr(exc)
@@ -604,6 +625,8 @@ class Ingestor:
         m.duplicates.inc(outcome.duplicates)
         for reason, n in reasons.items():
             m.dead_lettered.labels(reason=reason).inc(n)
+        for outcome_name, n in batch.spans.items():
+            m.otlp.labels(outcome=outcome_name).inc(n)
         elapsed = time.perf_counter() - batch.started
         m.batch_duration.observe(elapsed)
         log.debug(

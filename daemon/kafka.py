@@ -64,8 +64,9 @@ async def ensure_topics(kafka: KafkaSettings, bootstrap: str, timeout_s: float =
                 kafka.dlq_topic,
                 kafka.alerts_topic,
                 kafka.optimization_topic,
+                kafka.otlp_topic,
             )
-            if t not in existing
+            if t is not None and t not in existing
         ]
         if kafka.routing_topic not in existing:
             # Compacted: readers want the latest routing per prompt (the key).

@@ -27,7 +27,9 @@ from promptd.daemon.settings_sources import (
     VariablesSource,
     model_of,
     read_sources,
+    sdk_names_module,
 )
+from promptd.evaluation.config import EvaluationSettings
 from promptd.monitoring.config import MonitoringSettings
 from promptd.optimization.config import OptimizationSettings
 from promptd.replacement.profiles import PROFILES, RolloutProfile
@@ -62,6 +64,10 @@ class KafkaSettings(_Section):
     alerts_topic: str = "promptd.alerts"
     routing_topic: str = "promptd.routing"
     optimization_topic: str = "promptd.optimization"
+    # OTLP trace data, as the OpenTelemetry Collector's Kafka exporter writes it (and
+    # POST /v1/traces publishes it); empty: do not read spans.
+    otlp_topic: str | None = "promptd.otlp"
+    otlp_encoding: Literal["otlp_proto", "otlp_json"] = "otlp_proto"
     create_topics: bool = True
     topic_partitions: int = Field(default=3, ge=1, le=1000)
     replication_factor: int = Field(default=1, ge=1, le=10)
@@ -90,10 +96,11 @@ class KafkaSettings(_Section):
     sasl_username: str | None = None
     sasl_password: str | None = None
 
-    @field_validator("bootstrap_servers")
+    @field_validator("bootstrap_servers", "otlp_topic")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
-        # PROMPTD_KAFKA_BOOTSTRAP_SERVERS= (empty) means the embedded broker, as unset does.
+        # PROMPTD_KAFKA_BOOTSTRAP_SERVERS= (empty) means the embedded broker, as unset does;
+        # PROMPTD_KAFKA__OTLP_TOPIC= turns the OTLP source off.
         return value or None
 
     @property
@@ -102,9 +109,28 @@ class KafkaSettings(_Section):
         return not self.bootstrap_servers
 
     @property
-    def event_topics(self) -> tuple[str, str]:
-        """The two topics the ingestion consumer reads."""
-        return (self.metrics_topic, self.feedback_topic)
+    def event_topics(self) -> tuple[str, ...]:
+        """The topics the ingestion consumer reads: metrics, feedback, and OTLP spans."""
+        own = (self.metrics_topic, self.feedback_topic)
+        return own if self.otlp_topic is None else (*own, self.otlp_topic)
+
+
+class OtlpSettings(_Section):
+    """How OpenTelemetry spans map to calls (see docs/opentelemetry.md)."""
+
+    # The span (then resource) attributes naming the prompt, first present wins.
+    prompt_attributes: list[str] = Field(
+        default_factory=lambda: ["gen_ai.prompt.name", "langfuse.observation.prompt.name"],
+        min_length=1,
+    )
+    # The prompt of LLM spans that name none; unset: such spans are skipped (no_prompt).
+    default_prompt: str | None = Field(default=None, min_length=1, max_length=200)
+    # Store the input and output recorded on spans (for optimization examples).
+    capture: bool = True
+    # Largest OTLP record read (the Collector's producer default is 1,000,000 bytes).
+    max_record_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # How often the active versions used for spans without promptd.variant are reloaded.
+    active_versions_ttl_s: float = Field(default=1.0, gt=0)
 
 
 class HttpSettings(_Section):
@@ -245,11 +271,13 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
     kafka: KafkaSettings = KafkaSettings()
     http: HttpSettings = HttpSettings()
+    otlp: OtlpSettings = OtlpSettings()
     storage: StorageSettings = StorageSettings()
     ha: HaSettings = HaSettings()
     rollout: RolloutSettings = RolloutSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
     optimization: OptimizationSettings = OptimizationSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -348,3 +376,10 @@ def describe_validation_error(
         shown = "" if hidden else f" (got {given!r})"
         parts.append(f"invalid setting {dotted} [{origin}]: {message}{shown}")
     return "; ".join(parts)
+
+
+if __name__ == "__main__":
+    # Regenerates the SDK's copy of the daemon's variable names (see sdk_names_module).
+    import sys
+
+    sys.stdout.write(sdk_names_module(Settings))

@@ -212,7 +212,7 @@ def sdk_names_module(model: type[BaseModel]) -> str:
         '"""Every ``PROMPTD_`` variable the daemon accepts besides the SDK\'s own.',
         "",
         "Generated from the daemon's settings; regenerate with",
-        "``python -m promptd.daemon.settings_sources > promptd/sdk/daemon_variables.py``",
+        "``python -m promptd.daemon.settings > promptd/sdk/daemon_variables.py``",
         "(tests/unit/test_sdk_environment.py fails when it is stale). The SDK reads it to",
         "warn about a misspelled variable without importing the daemon.",
         '"""',
@@ -275,16 +275,22 @@ class Sources:
             for depth in range(len(loc), 0, -1):
                 if loc[:depth] in variables.origins:
                     return variables.origins[loc[:depth]]
-        if self.config_file is not None and _in(self.toml, loc):
+        # A missing setting is named by its parent (the table that lacks it).
+        parent = loc[:-1] if len(loc) > 1 else loc
+        if self.config_file is not None and (_in(self.toml, loc) or _in(self.toml, parent)):
             return f"in {self.config_file}"
         return None
 
 
 def _in(data: Any, loc: Path_) -> bool:
     for part in loc:
-        if not isinstance(data, dict) or part not in data:
+        if isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        elif isinstance(data, dict) and part in data:
+            data = data[part]
+        elif not (isinstance(data, dict) and data.get("type") == part):
+            # (A discriminated union's tag, e.g. an evaluator's type, is in the path too.)
             return False
-        data = data[part]
     return True
 
 
@@ -323,11 +329,3 @@ class DataSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(self._data)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from promptd.daemon.settings import Settings
-
-    sys.stdout.write(sdk_names_module(Settings))

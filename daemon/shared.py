@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -95,6 +95,8 @@ async def run_shared(daemon: Daemon, stack: contextlib.AsyncExitStack, stop: asy
     if isinstance(daemon.db, PostgresDatabase):
         daemon.db.fence = leadership
     metrics = _Metrics(daemon)
+    # What install_components put in place before any hook ran: each term starts from it.
+    installed = _Installed(daemon)
     for hook in daemon.standby_hooks:
         await hook()
     standby = _standby_app(daemon, leadership)
@@ -103,7 +105,6 @@ async def run_shared(daemon: Daemon, stack: contextlib.AsyncExitStack, stop: asy
     await swap.to(standby)
     assert daemon.http_port is not None
     leadership.address = advertise_url(settings, daemon.http_port)
-    base_components = dict(daemon.components)
     daemon.write_runtime()
     daemon.started.set()
     log.info(
@@ -121,7 +122,7 @@ async def run_shared(daemon: Daemon, stack: contextlib.AsyncExitStack, stop: asy
     try:
         while await _elected_before(leadership, stop):
             metrics.changed(True)
-            await _lead(daemon, leadership, stop, swap, base_components)
+            await _lead(daemon, leadership, stop, swap, installed)
             metrics.changed(False)
             if stop.is_set():
                 break
@@ -152,15 +153,11 @@ async def _lead(
     leadership: Leadership,
     stop: asyncio.Event,
     swap: _Swap,
-    base_components: dict[str, Any],
+    installed: _Installed,
 ) -> None:
     """One term: build the components from storage, serve the leader's API, run."""
     log.info("leader_term_started", identity=leadership.identity, generation=leadership.generation)
-    daemon.route_extensions.clear()
-    daemon.batch_listeners.clear()
-    daemon.task_factories.clear()
-    daemon.components.clear()
-    daemon.components.update(base_components)
+    installed.restore(daemon)
     lost = leadership.lost
     producer = None
     work: asyncio.Task[None] | None = None
@@ -192,6 +189,25 @@ async def _lead(
         if producer is not None:
             await producer.stop()
     log.info("leader_term_ended", identity=leadership.identity, stopped=stop.is_set())
+
+
+class _Installed:
+    """The daemon's parts as ``install_components`` left them, before any startup hook:
+    every term rebuilds the rest from storage (a component of an ended term, with its
+    in-memory state, is never reused)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.components = dict(daemon.components)
+        self.routes = list(daemon.route_extensions)
+        self.listeners = list(daemon.batch_listeners)
+        self.tasks = list(daemon.task_factories)
+
+    def restore(self, daemon: Daemon) -> None:
+        daemon.components.clear()
+        daemon.components.update(self.components)
+        daemon.route_extensions[:] = self.routes
+        daemon.batch_listeners[:] = self.listeners
+        daemon.task_factories[:] = self.tasks
 
 
 class _Metrics:

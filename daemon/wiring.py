@@ -1,4 +1,5 @@
-"""Plug the parts (registry and rollouts, monitoring, optimization) into a :class:`Daemon`.
+"""Plug the parts (registry and rollouts, monitoring, optimization, evaluation) into a
+:class:`Daemon`.
 
 Each part adds a startup hook that builds it once storage is open; the hook registers
 the part's batch listener, HTTP routes and background task. The core lifecycle in
@@ -7,6 +8,7 @@ the part's batch listener, HTTP routes and background task. The core lifecycle i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -33,6 +35,26 @@ def install_components(daemon: Daemon) -> None:
     from promptd.daemon.optimize_component import install as install_optimizer
 
     install_optimizer(daemon)
+    from promptd.evaluation.component import install as install_evaluation
+
+    install_evaluation(daemon)
+    install_traces(daemon)
+
+
+def install_traces(daemon: Daemon) -> None:
+    """``POST /v1/traces``: OTLP/HTTP export, published to the OTLP topic."""
+    settings = daemon.settings
+    if settings.kafka.otlp_topic is None:
+        return
+    from promptd.daemon.api.traces import Record, add_routes
+    from promptd.daemon.kafka import KafkaSendError
+
+    async def publish(topic: str, records: Sequence[Record]) -> None:
+        if daemon.producer is None or not daemon.kafka_ready:
+            raise KafkaSendError(topic, "Kafka is not connected yet")
+        await daemon.producer.send_many(topic, records)
+
+    daemon.route_extensions.append(lambda app: add_routes(app, settings, publish))
 
 
 STARVATION_RULE = "rollout_starved"
@@ -110,6 +132,8 @@ def install_rollouts(daemon: Daemon) -> None:
             snapshot_interval_s=0.0 if follower else settings.rollout.snapshot_interval_s,
             pipelines=pipelines,
             follower=follower,
+            # One rule for timestamps ahead of the clock, the monitor's and the rollouts'.
+            max_future_s=settings.monitoring.max_future_s,
         )
         metric = settings.rollout.default_primary_metric
 

@@ -41,6 +41,14 @@ class IngestMetrics:
             ["reason"],
             registry=registry,
         )
+        self.otlp = Counter(
+            "promptd_otlp_spans_total",
+            "OpenTelemetry spans read from the OTLP topic, by outcome (call, not_llm, "
+            "no_prompt, published_by_sdk, invalid) and the feedback found on them "
+            "(feedback, feedback_unscored).",
+            ["outcome"],
+            registry=registry,
+        )
         self.batch_duration = Histogram(
             "promptd_ingest_batch_duration_seconds",
             "Time to decode, dead-letter and store one consumed batch.",

@@ -204,7 +204,7 @@ class Monitor:
         for _, t, p, v, m, _, _, lat, ok, _, q, tin, tout, c, _, _, _, _ in metrics:
             record(t, p, v, m, lat, ok, q, tin, tout, c)
         record_fb = self.store.record_feedback
-        for _, ts, prompt, variant, _, request_id, score, _, _, _, _ in feedback:
+        for _, ts, prompt, variant, _, request_id, score, _, _, _, _, _ in feedback:
             # Feedback on a whole episode (no request id) counts through its credits; call
             # feedback always names its prompt and variant.
             if request_id is not None and prompt is not None and variant is not None:

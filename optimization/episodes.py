@@ -41,13 +41,13 @@ _EPISODES: Final = """
 SELECT agg.episode_id, agg.score, agg.n, agg.comments,
        (SELECT f2.correction FROM feedback_events f2
          WHERE f2.episode_id = agg.episode_id AND f2.request_id IS NULL
-           AND f2.correction IS NOT NULL AND f2.id <= :max_f
+           AND f2.correction IS NOT NULL AND f2.id <= :max_f AND f2.source IS NULL
          ORDER BY f2.ts DESC, f2.id DESC LIMIT 1)
   FROM (SELECT f.episode_id, avg(f.score) AS score, count(f.id) AS n,
                group_concat(f.comment, ' | ') AS comments, max(f.ts) AS last_ts
           FROM feedback_events f
          WHERE f.id >= :floor AND f.id <= :max_f AND f.ts >= :since
-           AND f.request_id IS NULL AND f.episode_id IS NOT NULL
+           AND f.request_id IS NULL AND f.episode_id IS NOT NULL AND f.source IS NULL
          GROUP BY f.episode_id) agg
  WHERE (SELECT count(DISTINCT m.prompt) FROM metric_events m
          WHERE m.episode_id = agg.episode_id AND m.input IS NOT NULL AND m.id <= :max_m

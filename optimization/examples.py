@@ -30,6 +30,7 @@ from promptd.storage.repository import EventRepository
 
 SplitName = Literal["train", "validation", "test"]
 
+# Only feedback from people and apps counts (source IS NULL), not evaluators' results.
 # Feedback is aggregated per request first, then joined to the request's latest captured
 # call (a retried call stores two metric events; it must not count the feedback twice).
 # A call's feedback is its own plus its episode's: feedback on a whole episode (no
@@ -40,17 +41,18 @@ WITH fb (request_id, fid, score, comment, ts) AS (
     SELECT f.request_id, f.id, f.score, f.comment, f.ts
       FROM feedback_events f
      WHERE f.id >= :floor AND f.id <= :max_f AND f.ts >= :since AND f.prompt = :prompt
-       AND f.request_id IS NOT NULL
+       AND f.request_id IS NOT NULL AND f.source IS NULL
     UNION
     SELECT m.request_id, f.id, f.score, f.comment, f.ts
       FROM feedback_events f
       JOIN metric_events m ON m.episode_id = f.episode_id AND m.episode_id IS NOT NULL
      WHERE f.id >= :floor AND f.id <= :max_f AND f.ts >= :since AND f.request_id IS NULL
-       AND m.prompt = :prompt AND m.input IS NOT NULL AND m.id <= :max_m
+       AND f.source IS NULL AND m.prompt = :prompt AND m.input IS NOT NULL AND m.id <= :max_m
 )
 SELECT m.request_id, m.variant, m.ts, m.input, m.output, agg.score, agg.n, agg.comments,
        (SELECT f2.correction FROM feedback_events f2
          WHERE f2.request_id = agg.request_id AND f2.correction IS NOT NULL AND f2.id <= :max_f
+           AND f2.source IS NULL
          ORDER BY f2.ts DESC, f2.id DESC LIMIT 1)
   FROM (SELECT request_id, avg(score) AS score, count(*) AS n,
                group_concat(comment, ' | ') AS comments, max(ts) AS last_ts

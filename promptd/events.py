@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -127,6 +128,25 @@ def _check_attributes(value: dict[str, str] | None) -> dict[str, str] | None:
 
 #: Why a feedback event without a target is invalid (also the decoders' detail).
 FEEDBACK_NEEDS_TARGET: Final = "feedback needs a request_id or an episode_id"
+#: What ``FeedbackEvent.source`` holds for an evaluator's result: ``eval:`` and the
+#: evaluator's name (a letter or digit, then letters, digits, ``_``, ``.``, ``-``).
+EVALUATOR_NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"
+SOURCE_PREFIX: Final = "eval:"
+#: The whole ``source`` value, anchored for :func:`re.search` (``\Z``: no final newline).
+SOURCE_PATTERN: Final = rf"^{SOURCE_PREFIX}{EVALUATOR_NAME_PATTERN}\Z"
+MAX_SOURCE_CHARS: Final = len(SOURCE_PREFIX) + 64
+_SOURCE_RE: Final = re.compile(SOURCE_PATTERN)
+
+
+def _check_source(value: str | None) -> str | None:
+    if value is not None and _SOURCE_RE.search(value) is None:
+        raise ValueError(
+            "source must be 'eval:<evaluator>' (letters, digits, '_', '.', '-'; at most 64), "
+            "or absent for feedback from people and apps"
+        )
+    return value
+
+
 #: Why call feedback without its prompt or variant is invalid.
 CALL_FEEDBACK_NEEDS_PROMPT: Final = (
     "feedback on a call (request_id) needs the call's prompt and variant"
@@ -187,6 +207,9 @@ class MetricEvent(_EventBase):
 class FeedbackEvent(_EventBase):
     """One piece of user or automatic feedback, on ``promptd.feedback``.
 
+    ``source`` tells feedback from people and apps (absent) from an evaluator's score
+    (``eval:<name>``); the daemon's readers count only the former unless told otherwise.
+
     It judges one call (``request_id``, with that call's ``prompt`` and ``variant``) or,
     with only an ``episode_id``, a whole episode: every call of the episode is credited
     with it (``prompt`` and ``variant`` are then optional and only informative). With
@@ -203,6 +226,14 @@ class FeedbackEvent(_EventBase):
     kind: Annotated[str, Field(min_length=1, max_length=MAX_KIND_CHARS)] = "quality"
     comment: Annotated[str, Field(max_length=MAX_COMMENT_CHARS)] | None = None
     correction: dict[str, Any] | str | None = None
+    # Who scored: absent for people and apps (human feedback), ``eval:<name>`` for the
+    # result of the daemon's evaluator ``<name>`` (see promptd.evaluation).
+    source: Annotated[str, Field(max_length=MAX_SOURCE_CHARS)] | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _source_form(cls, value: str | None) -> str | None:
+        return _check_source(value)
 
     @field_validator("correction")
     @classmethod

@@ -38,7 +38,11 @@ from promptd.replacement.coordinated import (
 )
 from promptd.replacement.machine import TERMINAL, RolloutState, Status
 from promptd.replacement.metrics import DECISION_KINDS, FEEDBACK_OUTCOMES, RolloutMetrics
-from promptd.replacement.observations import PrimaryMetric, RolloutAccumulator
+from promptd.replacement.observations import (
+    DEFAULT_MAX_FUTURE_S,
+    PrimaryMetric,
+    RolloutAccumulator,
+)
 from promptd.replacement.pipelines import PipelineRegistry
 from promptd.replacement.profiles import RolloutProfile
 from promptd.replacement.registry import Conflict, NotFound, Registry, RegistryError
@@ -95,6 +99,7 @@ class RolloutController:
         snapshot_interval_s: float = 0.0,
         pipelines: PipelineRegistry | None = None,
         follower: bool = False,
+        max_future_s: float = DEFAULT_MAX_FUTURE_S,
     ) -> None:
         self.db = db
         #: A standby's controller (shared store): it never acts, and serves routing and
@@ -111,6 +116,8 @@ class RolloutController:
         self.routing_ttl_s = routing_ttl_s
         # Two routing TTLs plus a second: every SDK has refreshed its cache by then.
         self.srm_settle_s = 2 * routing_ttl_s + 1.0
+        # Calls stamped further ahead of their storage are left out (see .observations).
+        self.max_future_s = max_future_s
         self.clock = clock
         self._live: dict[str, _Live] = {}
         self._by_prompt: dict[str, str] = {}
@@ -178,6 +185,7 @@ class RolloutController:
             "step_starts": step_starts,
             "srm_settle_s": self.srm_settle_s,
             "feedback_max_delay_s": profile.feedback_max_delay_s,
+            "max_future_s": self.max_future_s,
         }
         if not row.members:
             return RolloutAccumulator(row.baseline, row.candidate, primary, **common)
@@ -231,12 +239,12 @@ class RolloutController:
             if f.request_id is None:
                 # On a whole episode: every rollout may hold calls of it.
                 for rid, live in self._live.items():
-                    live.acc.add_feedback(None, f.score, at, f.episode_id)
+                    live.acc.add_feedback(None, f.score, at, f.episode_id, f.ts)
                     touched.add(rid)
                 continue
             rid = self._by_prompt.get(f.prompt or "")
             if rid is not None:
-                self._live[rid].acc.add_feedback(f.request_id, f.score, at)
+                self._live[rid].acc.add_feedback(f.request_id, f.score, at, ts=f.ts)
                 touched.add(rid)
         for rid in touched:
             self._count_feedback(self._live[rid])

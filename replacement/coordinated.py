@@ -102,6 +102,10 @@ class PipelineAccumulator(RolloutAccumulator):
             return None
         return served
 
+    def _serves(self, variant: str, prompt: str | None) -> bool:
+        member = self.members.get(prompt or "")
+        return member is not None and variant in member
+
     def routed(self, unit: str, ts: float, step: int) -> Arm | None:
         """The arm routing puts ``unit`` in at ``ts`` in ``step``; None while the step
         settles and the unit's bucket lies between the previous and the new threshold."""
@@ -126,13 +130,11 @@ class PipelineAccumulator(RolloutAccumulator):
         """Take back the feedback already counted for ``episode``: a call that mixed the
         arms can be stored after its episode's feedback (the two topics are read
         independently), and the episode then judges neither arm after all."""
-        if self.primary_metric != "feedback_score":
-            return
         for request_id in self._episodes.get(episode, ()):
             call = self._calls[request_id]
             for entry in self._episode_fb.get(episode, ()):
                 if self._joinable(call, entry.at):  # as _join_episode counted it
-                    self._cell(call.cell).primary.remove(entry.score, call.bucket)
+                    self._remove_feedback_score(call, entry.score)
 
     def _join_episode(self, call: _Call, entry: _EpisodeFeedback) -> None:
         if entry.episode in self._mixed:
@@ -155,10 +157,11 @@ class PipelineAccumulator(RolloutAccumulator):
         score: float,
         ingested_at: float,
         episode_id: str | None = None,
+        ts: float | None = None,
     ) -> None:
         """Feedback on a whole episode counts (once, see module doc); on a call, not."""
         RolloutAccumulator.add_feedback(
-            self, None, score, ingested_at, episode_id if request_id is None else None
+            self, None, score, ingested_at, episode_id if request_id is None else None, ts
         )
 
     def state(self) -> dict[str, Any]:

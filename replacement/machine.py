@@ -23,7 +23,6 @@ episode, resolved when data returns or the rollout ends) and the profile's starv
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from .decision import (
     winner,
 )
 from .profiles import RolloutProfile
+from .state import RolloutState, Status
 from .stats import Moments, Stratum
 
 __all__ = [
@@ -75,19 +75,6 @@ __all__ = [
 ]
 
 
-class Status(enum.StrEnum):
-    """Lifecycle of a rollout; ``PROMOTED``, ``ROLLED_BACK`` and ``NO_IMPROVEMENT`` are
-    terminal. ``NO_IMPROVEMENT``: a ``require_win`` rollout reached its horizon without a
-    significant win; the candidate is retired and the active version stays."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    PAUSED = "paused"
-    PROMOTED = "promoted"
-    ROLLED_BACK = "rolled_back"
-    NO_IMPROVEMENT = "no_improvement"
-
-
 # --- events -------------------------------------------------------------------------------
 
 
@@ -112,7 +99,8 @@ class Pause:
 
 @dataclass(frozen=True, slots=True)
 class Resume:
-    """Manual resume of a paused rollout; the current step's clock restarts."""
+    """Manual resume of a paused rollout; the current step's clock goes on from where the
+    pause stopped it."""
 
     reason: str = "manual resume"
 
@@ -195,44 +183,6 @@ Action = (
 # --- state --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RolloutState:
-    """Everything needed to resume a rollout after a restart; see ``to_dict``/``from_dict``."""
-
-    rollout_id: str
-    prompt: str
-    baseline_version: str
-    candidate_version: str
-    salt: str
-    profile: str
-    primary_metric: str = "feedback_score"
-    higher_is_better: bool = True
-    # Promote only on a significant win, else end as no_improvement at the horizon (the
-    # optimizer's candidates); stored so a restart keeps it.
-    require_win: bool = False
-    status: Status = Status.PENDING
-    step_index: int = 0
-    weight: float = 0.0
-    started_at: float | None = None
-    step_started_at: float | None = None
-    starving_since: float | None = None
-    starvation_acted_at: float | None = None
-    finished_at: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (the status as its string value)."""
-        out = dataclasses.asdict(self)
-        out["status"] = self.status.value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RolloutState:
-        """Inverse of :meth:`to_dict`; unknown keys are rejected."""
-        values = dict(data)
-        values["status"] = Status(values.get("status", Status.PENDING.value))
-        return cls(**values)
-
-
 class IllegalTransition(Exception):
     """An event that is not legal in the rollout's current status; the state is unchanged."""
 
@@ -307,10 +257,14 @@ def _dispatch(
             )
             return new, [SetWeight(first), RecordDecision("start", "rollout started")]
         case Pause(reason=reason):
-            new = dataclasses.replace(state, status=Status.PAUSED)
-            return new, [RecordDecision("pause", reason)]
+            return _paused(state, now), [RecordDecision("pause", reason)]
         case Resume(reason=reason):
-            new = dataclasses.replace(state, status=Status.RUNNING, step_started_at=now)
+            new = dataclasses.replace(
+                state,
+                status=Status.RUNNING,
+                step_started_at=_resumed_clock(state, now),
+                paused_at=None,
+            )
             return _fed(new, [RecordDecision("resume", reason)])
         case Promote(reason=reason):
             return promote(state, now, reason, {})
@@ -321,6 +275,20 @@ def _dispatch(
                 return state, []  # paused rollouts are not evaluated
             return _tick(state, obs, now, profile)
     raise IllegalTransition(state.status, event)  # pragma: no cover - exhaustive match
+
+
+def _paused(state: RolloutState, now: float) -> RolloutState:
+    """The rollout paused at ``now``: its step clock stops until it resumes."""
+    return dataclasses.replace(state, status=Status.PAUSED, paused_at=now)
+
+
+def _resumed_clock(state: RolloutState, now: float) -> float:
+    """The step's start once resumed at ``now``: shifted by the time paused, so the step
+    keeps the time it had run (a pause is not a reason to wait the whole step again).
+    A pause stored without its time (by an older daemon) restarts the step, as it did."""
+    if state.paused_at is None or state.step_started_at is None:
+        return now
+    return state.step_started_at + (now - state.paused_at)
 
 
 def _end(state: RolloutState, now: float, **changes: Any) -> tuple[RolloutState, list[Action]]:
@@ -427,6 +395,5 @@ def _hold(
         new = dataclasses.replace(new, starvation_acted_at=now)
         alert = [RaiseAlert(starved)]
     if action == "pause":
-        paused = dataclasses.replace(new, status=Status.PAUSED)
-        return paused, [*alert, RecordDecision("pause", starved, details)]
+        return _paused(new, now), [*alert, RecordDecision("pause", starved, details)]
     return new, [*alert, RecordDecision("hold", starved, details)]

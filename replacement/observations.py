@@ -6,10 +6,24 @@ stored), and asks for an :class:`Observation` on every tick.
 
 Cells
 -----
-A *call* (metric event) whose variant is the baseline or the candidate and whose
-timestamp falls in the rollout counts in the cell (step of its timestamp, arm of its
-variant), so both arms are always compared over the same periods. Its latency, error and
-cost go there, and so does the primary metric when it is per call (success, quality).
+A *call* (metric event) whose variant is the baseline or the candidate and whose event
+time falls in the rollout counts in the cell (step of its event time, arm of its
+variant), so both arms are always compared over the same periods. Every metric of
+:data:`.catalog.CATALOG` that is observed per call gets its value there (latency, errors,
+cost, and the primary metric when it is per call: success, quality).
+
+Event time
+----------
+A call belongs to the step of its timestamp, except that a timestamp later than the
+moment the daemon stored the call is taken as that moment (a call cannot have been made
+after it was stored: the app's clock is ahead), and a call stamped more than
+``max_future_s`` after it was stored is left out of the rollout and counted in
+``future_calls``. The rule uses only the call and its stored ingestion time, never the
+clock of the moment the accumulator sees it, so the replay after a restart files every
+call in the step the live feed did: a step that starts later cannot take a call stored
+before it began. The same holds for the sample-ratio check, which counts the distinct
+units of the current step only (those of an earlier step are dropped when the next
+starts).
 
 Feedback belongs to its call
 ----------------------------
@@ -49,83 +63,43 @@ from __future__ import annotations
 import bisect
 import gc
 import math
-import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
-import numpy as np
-import numpy.typing as npt
+from promptd.replacement import cells
+from promptd.replacement.catalog import (
+    CATALOG,
+    CELL_METRICS,
+    ArmCounts,
+    CallFacts,
+    Metric,
+    Observation,
+    Observe,
+)
+from promptd.replacement.cells import DEFAULT_BUCKETS, Arm, Cell, merge, unit_bucket
+from promptd.replacement.state import RolloutState
 
-from promptd.replacement.clustered import ClusteredSample
-from promptd.replacement.decision import ArmCounts, Observation
-from promptd.replacement.machine import RolloutState
-from promptd.replacement.stats import Moments, Stratum
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "PENDING_WINDOW_S",
+    "Arm",
+    "FeedbackCounts",
+    "PrimaryMetric",
+    "RolloutAccumulator",
+    "unit_bucket",
+]
 
 PrimaryMetric = Literal["feedback_score", "success_rate", "quality"]
 PRIMARY_METRICS: Final = ("feedback_score", "success_rate", "quality")
-Arm = Literal["baseline", "candidate"]
-
-DEFAULT_BUCKETS: Final = 1024
-"""Hash buckets of units for the cluster-robust variance (16 KB per metric and cell)."""
 
 PENDING_WINDOW_S: Final = 600.0
 """Feedback stored before its call waits this long for it (topics read out of order)."""
 
-# Latencies below 1 µs are clamped before the log so a 0 ms call does not yield -inf.
-_MIN_LATENCY_MS: Final = 1e-3
+DEFAULT_MAX_FUTURE_S: Final = 300.0
+"""A call stamped further than this after it was stored is left out (see module doc)."""
 
-_CLUSTERED: Final = ("primary", "log_latency", "cost")
-
-
-def unit_bucket(unit: str, buckets: int = DEFAULT_BUCKETS) -> int:
-    """The cluster bucket of a unit: CRC-32 of its UTF-8 bytes modulo ``buckets``."""
-    return zlib.crc32(unit.encode()) % buckets
-
-
-@dataclass(slots=True)
-class _Metric:
-    """One metric in one cell: moments over observations and sums per unit bucket."""
-
-    n: int = 0
-    total: float = 0.0
-    total_sq: float = 0.0
-    y: npt.NDArray[np.float64] | None = None
-    m: npt.NDArray[np.float64] | None = None
-
-    def add(self, value: float, bucket: int | None = None, buckets: int = 0) -> None:
-        """Add one observation; with a ``bucket``, also to its unit bucket's sums."""
-        self.n += 1
-        self.total += value
-        self.total_sq += value * value
-        if bucket is None:
-            return
-        if self.y is None or self.m is None:
-            self.y, self.m = np.zeros(buckets), np.zeros(buckets)
-        self.y[bucket] += value
-        self.m[bucket] += 1.0
-
-    def remove(self, value: float, bucket: int | None = None) -> None:
-        """Take back one observation added with the same ``value`` and ``bucket``."""
-        self.n -= 1
-        self.total -= value
-        self.total_sq -= value * value
-        if bucket is not None and self.y is not None and self.m is not None:
-            self.y[bucket] -= value
-            self.m[bucket] -= 1.0
-
-    def moments(self) -> Moments:
-        return Moments(self.n, self.total, self.total_sq)
-
-
-@dataclass(slots=True)
-class _Cell:
-    primary: _Metric = field(default_factory=_Metric)
-    log_latency: _Metric = field(default_factory=_Metric)
-    errors: _Metric = field(default_factory=_Metric)
-    cost: _Metric = field(default_factory=_Metric)
-    requests: int = 0
-    units: set[str] = field(default_factory=set)
+_CLUSTERED: Final = frozenset(spec.name for spec in CATALOG if spec.clustered)
 
 
 class _Call(NamedTuple):
@@ -174,8 +148,11 @@ class RolloutAccumulator:
     srm_settle_s: float = 0.0
     feedback_max_delay_s: float = 3600.0
     buckets: int = DEFAULT_BUCKETS
+    max_future_s: float = DEFAULT_MAX_FUTURE_S
     feedback: FeedbackCounts = field(default_factory=FeedbackCounts)
-    _cells: dict[tuple[int, Arm], _Cell] = field(default_factory=dict)
+    #: Calls of the rollout left out for a timestamp too far ahead (see module doc).
+    future_calls: int = 0
+    _cells: dict[tuple[int, Arm], Cell] = field(default_factory=dict)
     _calls: dict[str, _Call] = field(default_factory=dict)
     _call_order: deque[tuple[float, str]] = field(default_factory=deque)
     _pending: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
@@ -185,6 +162,22 @@ class RolloutAccumulator:
     # Episode feedback kept for late calls, by episode and in storage order.
     _episode_fb: dict[str, list[_EpisodeFeedback]] = field(default_factory=dict)
     _episode_fb_order: deque[_EpisodeFeedback] = field(default_factory=deque)
+    # What each call and each joined feedback adds to, from the catalog (see __post_init__).
+    _per_call: tuple[tuple[str, Observe, bool], ...] = ()
+    _per_feedback: tuple[tuple[str, bool], ...] = ()
+
+    def __post_init__(self) -> None:
+        primary = self.primary_metric
+        self._per_call = tuple(
+            (spec.name, observe, spec.clustered)
+            for spec in CATALOG
+            if spec.observe is not None and (observe := spec.observe(primary)) is not None
+        )
+        self._per_feedback = tuple(
+            (spec.name, spec.clustered)
+            for spec in CATALOG
+            if spec.feedback is not None and spec.feedback(primary)
+        )
 
     def arm_of(self, variant: str) -> Arm | None:
         """Which arm a variant belongs to, if any."""
@@ -199,15 +192,31 @@ class RolloutAccumulator:
         index = bisect.bisect_right(self.step_starts, ts) - 1
         return index if index >= 0 else None
 
+    @property
+    def feedback_floor(self) -> float:
+        """Feedback stamped before this is not the rollout's (nor read by its replay): its
+        call would be older than the rollout by more than the join window."""
+        if not self.step_starts:
+            return -math.inf
+        return self.step_starts[0] - max(self.feedback_max_delay_s, PENDING_WINDOW_S)
+
     def start_step(self, index: int, at: float) -> None:
         """Record that step ``index`` began at ``at`` (steps only move forward)."""
         while len(self.step_starts) <= index:
             self.step_starts.append(at)
+        self._drop_old_units()
 
-    def _cell(self, key: tuple[int, Arm]) -> _Cell:
+    def _drop_old_units(self) -> None:
+        """Units count for the sample-ratio check of the current step only."""
+        current = len(self.step_starts) - 1
+        for (step, _), cell in self._cells.items():
+            if step < current:
+                cell.units.clear()
+
+    def _cell(self, key: tuple[int, Arm]) -> Cell:
         cell = self._cells.get(key)
         if cell is None:
-            cell = self._cells[key] = _Cell()
+            cell = self._cells[key] = Cell()
         return cell
 
     # -- events --------------------------------------------------------------------
@@ -228,42 +237,55 @@ class RolloutAccumulator:
     ) -> None:
         """Add one LLM call (``ingested_at`` defaults to ``ts``); ``unit`` is its routing
         key (``unit_id``, else ``episode_id``, else ``request_id``). ``prompt`` matters
-        only to rollouts of several prompts."""
+        only to rollouts of several prompts. The call counts at its event time (see
+        module doc)."""
         stored = ts if ingested_at is None else ingested_at
         self._evict(stored)
-        step = self.step_of(ts)
+        # Event time (see module doc): a timestamp after the call was stored is taken as
+        # its storage time; stamped more than max_future_s after it, the call is left out.
+        if ts - stored > self.max_future_s:
+            self._left_out_future(stored, variant, prompt)
+            return
+        at = ts if ts <= stored else stored
+        step = self.step_of(at)
         if step is None:
             return
-        arm = self._arm(variant, prompt, unit, ts, step, episode_id, stored)
+        arm = self._arm(variant, prompt, unit, at, step, episode_id, stored)
         if arm is None:
             return
         key = (step, arm)
-        cell = self._cell(key)
+        cell = self._cells.get(key) or self._cell(key)
         bucket = unit_bucket(unit, self.buckets)
         cell.requests += 1
-        if step == len(self.step_starts) - 1 and ts >= self.step_starts[step] + self.srm_settle_s:
+        if step == len(self.step_starts) - 1 and at >= self.step_starts[step] + self.srm_settle_s:
             cell.units.add(unit)
-        cell.log_latency.add(math.log(max(latency_ms, _MIN_LATENCY_MS)), bucket, self.buckets)
-        cell.errors.add(0.0 if success else 1.0)
-        if cost_usd is not None:
-            cell.cost.add(cost_usd, bucket, self.buckets)
-        if self.primary_metric == "success_rate":
-            cell.primary.add(1.0 if success else 0.0, bucket, self.buckets)
-        elif self.primary_metric == "quality" and quality is not None:
-            cell.primary.add(quality, bucket, self.buckets)
+        facts = CallFacts(latency_ms, success, quality, cost_usd)
+        for name, observe, clustered in self._per_call:
+            value = observe(facts)
+            if value is not None:
+                cell.metrics[name].add(value, bucket if clustered else None, self.buckets)
         if request_id is None or request_id in self._calls:
             return  # a repeated request id keeps its first call
         if episode_id is not None and not self._joins_episode(episode_id):
             episode_id = None
-        call = _Call(key, bucket, stored, episode_id)
+        self._remember(request_id, _Call(key, bucket, stored, episode_id))
+
+    def _left_out_future(self, stored: float, variant: str, prompt: str | None) -> None:
+        """A call stamped too far ahead: counted when the replay reads it too (stored
+        since the rollout began)."""
+        if self.step_of(stored) is not None and self._serves(variant, prompt):
+            self.future_calls += 1
+
+    def _remember(self, request_id: str, call: _Call) -> None:
+        """Keep a call for the feedback that may join it, and join what waited for it."""
         self._calls[request_id] = call
-        self._call_order.append((stored, request_id))
+        self._call_order.append((call.ingested_at, request_id))
         for score, at in self._pending.pop(request_id, ()):
             self.feedback.waiting -= 1
             self._join(call, score, at)
-        if episode_id is not None:
-            self._episodes.setdefault(episode_id, []).append(request_id)
-            for entry in self._episode_fb.get(episode_id, ()):
+        if call.episode is not None:
+            self._episodes.setdefault(call.episode, []).append(request_id)
+            for entry in self._episode_fb.get(call.episode, ()):
                 self._join_episode(call, entry)
 
     def _arm(
@@ -279,6 +301,10 @@ class RolloutAccumulator:
         """The arm of a call (by its variant here; see the pipeline rollouts')."""
         return self.arm_of(variant)
 
+    def _serves(self, variant: str, prompt: str | None) -> bool:
+        """Whether a call of ``variant`` (of ``prompt``) is one of the rollout's."""
+        return self.arm_of(variant) is not None
+
     def _joins_episode(self, episode: str) -> bool:
         """Whether this call joins its episode's feedback: every call does here."""
         return True
@@ -292,6 +318,8 @@ class RolloutAccumulator:
             "buckets": self.buckets,
             "feedback_max_delay_s": self.feedback_max_delay_s,
             "srm_settle_s": self.srm_settle_s,
+            "max_future_s": self.max_future_s,
+            "metrics": list(CELL_METRICS),
         }
 
     def add_feedback(
@@ -300,11 +328,15 @@ class RolloutAccumulator:
         score: float,
         ingested_at: float,
         episode_id: str | None = None,
+        ts: float | None = None,
     ) -> None:
         """Add one feedback score: on a call (``request_id``) it counts in that call's
         cell; on a whole episode (``episode_id`` only) in the cell of each of the
-        episode's calls (see module doc)."""
+        episode's calls (see module doc). Feedback stamped (``ts``) before
+        :attr:`feedback_floor` is not the rollout's and is ignored."""
         self._evict(ingested_at)
+        if ts is not None and ts < self.feedback_floor:
+            return
         if request_id is None:
             if episode_id is not None:
                 self._add_episode_feedback(episode_id, score, ingested_at)
@@ -331,8 +363,19 @@ class RolloutAccumulator:
         if not entry.joined:
             entry.joined = True
             self.feedback.joined += 1
-        if self.primary_metric == "feedback_score":
-            self._cell(call.cell).primary.add(entry.score, call.bucket, self.buckets)
+        self._add_feedback_score(call, entry.score)
+
+    def _add_feedback_score(self, call: _Call, score: float) -> None:
+        """A feedback score joined to ``call``: a value of every metric fed by feedback."""
+        metrics = self._cell(call.cell).metrics
+        for name, clustered in self._per_feedback:
+            metrics[name].add(score, call.bucket if clustered else None, self.buckets)
+
+    def _remove_feedback_score(self, call: _Call, score: float) -> None:
+        """Take back what :meth:`_add_feedback_score` added."""
+        metrics = self._cell(call.cell).metrics
+        for name, clustered in self._per_feedback:
+            metrics[name].remove(score, call.bucket if clustered else None)
 
     def _joinable(self, call: _Call, at: float) -> bool:
         """Whether feedback stored at ``at`` is within the join window of ``call``."""
@@ -346,8 +389,7 @@ class RolloutAccumulator:
             self.feedback.unmatched += 1
             return
         self.feedback.joined += 1
-        if self.primary_metric == "feedback_score":
-            self._cell(call.cell).primary.add(score, call.bucket, self.buckets)
+        self._add_feedback_score(call, score)
 
     def _evict(self, now: float) -> None:
         """Forget calls no feedback may join any more, and feedback that waited in vain."""
@@ -397,7 +439,8 @@ class RolloutAccumulator:
         return {
             "step_starts": list(self.step_starts),
             "feedback": [self.feedback.joined, self.feedback.unmatched, self.feedback.waiting],
-            "cells": [[step, arm, *_cell_state(cell)] for (step, arm), cell in self._cells.items()],
+            "future_calls": self.future_calls,
+            "cells": [[step, arm, *cell.state()] for (step, arm), cell in self._cells.items()],
             # Columns rather than rows: a rollout keeps every call of its join window.
             "calls": [
                 list(self._calls),
@@ -431,7 +474,9 @@ class RolloutAccumulator:
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.feedback = FeedbackCounts(*state["feedback"])
-        self._cells = {(step, arm): _cell_from_state(rest) for step, arm, *rest in state["cells"]}
+        self.future_calls = state.get("future_calls", 0)
+        self._cells = {(step, arm): Cell.from_state(rest) for step, arm, *rest in state["cells"]}
+        self._drop_old_units()  # the snapshot may predate the start of a later step
         columns = state["calls"]
         if len(columns) == 5:
             # A snapshot from before episodes: no call had one.
@@ -456,54 +501,13 @@ class RolloutAccumulator:
 
     # -- views ---------------------------------------------------------------------
 
-    def _steps_with(self, attr: str) -> list[int]:
-        return [
-            step
-            for step in range(len(self.step_starts))
-            if any(
-                getattr(c, attr).n
-                for c in (self._cells.get((step, "baseline")), self._cells.get((step, "candidate")))
-                if c is not None
-            )
-        ]
-
-    def _metric(self, step: int, arm: Arm, attr: str) -> _Metric:
-        cell = self._cells.get((step, arm))
-        return getattr(cell, attr) if cell is not None else _Metric()
-
-    def _clustered(self, attr: str) -> ClusteredSample:
-        steps = self._steps_with(attr)
-        if not steps:
-            return ClusteredSample.empty()
-        metrics = [self._metric(s, arm, attr) for s in steps for arm in ("baseline", "candidate")]
-        zeros = np.zeros(self.buckets)
-        values = np.stack([m.y if m.y is not None else zeros for m in metrics], axis=1)
-        counts = np.stack([m.m if m.m is not None else zeros for m in metrics], axis=1)
-        moments = [
-            (metrics[2 * i].moments(), metrics[2 * i + 1].moments()) for i in range(len(steps))
-        ]
-        return ClusteredSample.from_clusters(steps, moments, values, counts)
-
-    def _strata(self, attr: str) -> tuple[Stratum, ...]:
-        return tuple(
-            Stratum(
-                self._metric(step, "baseline", attr).moments(),
-                self._metric(step, "candidate", attr).moments(),
-                step=step,
-            )
-            for step in self._steps_with(attr)
-        )
-
     def observation(self, state: RolloutState) -> Observation:
         """The machine's input for ``state`` (its current step gives SRM counts)."""
         current = state.step_index
         base = self._cells.get((current, "baseline"))
         cand = self._cells.get((current, "candidate"))
         return Observation(
-            primary=self._clustered("primary"),
-            log_latency=self._clustered("log_latency"),
-            errors=self._strata("errors"),
-            cost=self._clustered("cost"),
+            metrics={name: self._data(name) for name in CELL_METRICS},
             units=ArmCounts(
                 baseline=len(base.units) if base else 0,
                 candidate=len(cand.units) if cand else 0,
@@ -514,56 +518,21 @@ class RolloutAccumulator:
             ),
         )
 
+    def _data(self, name: str) -> Metric:
+        steps = len(self.step_starts)
+        if name in _CLUSTERED:
+            return cells.clustered(self._cells, steps, name, self.buckets)
+        return cells.strata(self._cells, steps, name)
+
     def arm_summary(self) -> dict[str, dict[str, float | int | None]]:
-        """Per-arm totals over all steps, for ``GET /v1/rollouts/{id}``."""
+        """Per-arm totals over all steps, for ``GET /v1/rollouts/{id}``: the requests and
+        what each metric of the catalog shows."""
         out: dict[str, dict[str, float | int | None]] = {}
         for arm in ("baseline", "candidate"):
-            cells = [c for (_s, a), c in self._cells.items() if a == arm]
-            primary = _merge([c.primary for c in cells])
-            latency = _merge([c.log_latency for c in cells])
-            errors = _merge([c.errors for c in cells])
-            cost = _merge([c.cost for c in cells])
-            out[arm] = {
-                "requests": sum(c.requests for c in cells),
-                "primary_samples": primary.n,
-                "primary_mean": primary.mean if primary.n else None,
-                "error_rate": errors.mean if errors.n else None,
-                "latency_geomean_ms": math.exp(latency.mean) if latency.n else None,
-                "cost_per_request": cost.mean if cost.n else None,
-            }
+            chosen = [c for (_s, a), c in self._cells.items() if a == arm]
+            shown: dict[str, float | int | None] = {"requests": sum(c.requests for c in chosen)}
+            for spec in CATALOG:
+                if spec.has_cells and spec.show is not None:
+                    shown |= spec.show(merge([c.metrics[spec.name] for c in chosen]))
+            out[arm] = shown
         return out
-
-
-def _metric_state(metric: _Metric) -> list[Any]:
-    y = None if metric.y is None else metric.y.tobytes()
-    m = None if metric.m is None else metric.m.tobytes()
-    return [metric.n, metric.total, metric.total_sq, y, m]
-
-
-def _metric_from_state(values: list[Any]) -> _Metric:
-    n, total, total_sq, y, m = values
-    metric = _Metric(n, total, total_sq)
-    if y is not None and m is not None:
-        metric.y = np.frombuffer(y, dtype=np.float64).copy()
-        metric.m = np.frombuffer(m, dtype=np.float64).copy()
-    return metric
-
-
-def _cell_state(cell: _Cell) -> list[Any]:
-    metrics = [_metric_state(getattr(cell, name)) for name in _CELL_METRICS]
-    return [*metrics, cell.requests, sorted(cell.units)]
-
-
-def _cell_from_state(values: list[Any]) -> _Cell:
-    *metrics, requests, units = values
-    parts = dict(zip(_CELL_METRICS, map(_metric_from_state, metrics), strict=True))
-    return _Cell(**parts, requests=requests, units=set(units))
-
-
-_CELL_METRICS: Final = ("primary", "log_latency", "errors", "cost")
-
-
-def _merge(parts: list[_Metric]) -> Moments:
-    return Moments(
-        sum(p.n for p in parts), sum(p.total for p in parts), sum(p.total_sq for p in parts)
-    )

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .catalog import CATALOG, MetricSpec
+
 StarvationAction = Literal["hold", "rollback", "alert", "pause"]
 """What a rollout starved past its grace period does. Every action raises the starvation
 alert (metric, API state and the alert sinks); ``hold`` and ``alert`` then keep holding,
@@ -30,12 +32,13 @@ class StepPlan(BaseModel):
 class RolloutProfile(BaseModel):
     """Step plan, error budget, guardrail margins and thresholds of a rollout or experiment.
 
-    **One error budget.** An equal candidate can be rolled back by the primary metric
-    (``alpha_worse``), by any of the three guardrails (``latency_alpha``, ``error_alpha``,
-    ``cost_alpha``) or by the sample-ratio check (``srm_alpha``, split evenly over the test
-    steps because each step's split is checked on its own). Every one of these tests is
-    always valid at its alpha, so by the union bound the chance that an equal candidate is
-    rolled back for *any* reason is at most their sum, which must not exceed
+    **One error budget.** An equal candidate can be rolled back by any test of
+    :data:`.catalog.CATALOG`: the primary metric (``alpha_worse``), the three guardrails
+    (``latency_alpha``, ``error_alpha``, ``cost_alpha``) or the sample-ratio check
+    (``srm_alpha``, split evenly over the test steps because each step's split is checked
+    on its own). Every one of these tests is always valid at its alpha, so by the union
+    bound the chance that an equal candidate is rolled back for *any* reason is at most
+    their sum (:attr:`rollback_alpha`, over the catalog), which must not exceed
     ``alpha_total``. ``alpha_better`` is a separate budget: the chance of declaring a
     significant win for an equal candidate (it promotes experiments and optimizer
     candidates, see ``require_win``).
@@ -114,12 +117,21 @@ class RolloutProfile(BaseModel):
             )
         return self
 
+    def alpha_of(self, spec: MetricSpec) -> float:
+        """The share of the rollback budget this profile gives the test ``spec``."""
+        return float(getattr(self, spec.alpha))
+
+    def test_alpha(self, spec: MetricSpec) -> float:
+        """The alpha ``spec``'s test runs at: its share, split over the test steps when it
+        tests each step on its own."""
+        share = self.alpha_of(spec)
+        return share / self.test_steps if spec.per_step else share
+
     @property
     def rollback_alpha(self) -> float:
-        """The bound on false rollbacks of an equal candidate: the sum of the allocations."""
-        return (
-            self.alpha_worse + self.latency_alpha + self.error_alpha + self.cost_alpha
-        ) + self.srm_alpha
+        """The bound on false rollbacks of an equal candidate: the sum of the allocations
+        of every test in the catalog."""
+        return sum(self.alpha_of(spec) for spec in CATALOG)
 
     @property
     def test_steps(self) -> int:
@@ -137,28 +149,27 @@ class RolloutProfile(BaseModel):
         return self.srm_alpha / self.test_steps
 
     def budget(self) -> dict[str, float]:
-        """The error budget as documented in the API: allocation per test and totals."""
-        return {
-            "alpha_total": self.alpha_total,
-            "primary_worse": self.alpha_worse,
-            "latency": self.latency_alpha,
-            "errors": self.error_alpha,
-            "cost": self.cost_alpha,
-            "sample_ratio": self.srm_alpha,
-            "sample_ratio_per_step": self.srm_step_alpha,
-            "rollback_total": self.rollback_alpha,
-            "primary_better": self.alpha_better,
-        }
+        """The error budget as documented in the API: the allocation of every test of the
+        catalog (and per step for a per-step test), the totals and the win budget."""
+        out = {"alpha_total": self.alpha_total}
+        for spec in CATALOG:
+            out[spec.budget] = self.alpha_of(spec)
+            if spec.per_step:
+                out[f"{spec.budget}_per_step"] = self.test_alpha(spec)
+        out["rollback_total"] = self.rollback_alpha
+        out["primary_better"] = self.alpha_better
+        return out
 
     def margins(self) -> dict[str, float]:
         """The guardrails' non-inferiority margins as documented in the API."""
-        return {
-            "max_latency_ratio": self.max_latency_ratio,
-            "max_error_rate_ratio": self.max_error_rate_ratio,
-            "max_error_rate_increase": self.max_error_rate_increase,
-            "max_cost_ratio": self.max_cost_ratio,
-            "min_expected_errors": self.min_expected_errors,
-        }
+        return {name: float(getattr(self, name)) for spec in CATALOG for name in spec.margins}
+
+
+_unknown = sorted(
+    {name for spec in CATALOG for name in spec.fields} - set(RolloutProfile.model_fields)
+)
+if _unknown:  # a spec naming a field the profile lacks is a bug: fail at import
+    raise RuntimeError(f"rollout metric specs name unknown profile fields: {_unknown}")
 
 
 def _plan(weights: tuple[float, ...], duration_s: float, samples: int) -> tuple[StepPlan, ...]:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from itertools import chain
 from typing import Any
 
-from promptd.replacement.observations import PENDING_WINDOW_S, RolloutAccumulator
+from promptd.replacement.observations import RolloutAccumulator
 from promptd.storage.database import Database
 from promptd.storage.repository import EventRepository
 
@@ -47,8 +47,9 @@ async def replay(
     events = EventRepository(db)
     metric_floor = await events.first_id_since("metric_events", since)
     # Feedback carries the app's timestamp, normally after its call's; the scan floor
-    # leaves room for feedback stamped up to the join window before the rollout.
-    fb_since = since - max(acc.feedback_max_delay_s, PENDING_WINDOW_S)
+    # leaves room for feedback stamped up to the join window before the rollout (the
+    # live feed ignores what is stamped earlier: the same rule).
+    fb_since = acc.feedback_floor if acc.step_starts else since
     feedback_floor = await events.first_id_since("feedback_events", fb_since)
     metric_floor, feedback_floor = (
         max(metric_floor, after[0] + 1),
@@ -70,8 +71,8 @@ async def replay(
     prompts = list(served)
     feedback = _rows(
         db,
-        "SELECT ingested_at, request_id, score, episode_id FROM feedback_events "
-        "WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND ("
+        "SELECT ingested_at, request_id, score, episode_id, ts FROM feedback_events "
+        "WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND source IS NULL AND ("
         f"(prompt IN ({', '.join('?' * len(prompts))}) AND request_id IS NOT NULL) "
         "OR request_id IS NULL) ORDER BY id",
         (feedback_floor, fb_since, since, *prompts),
@@ -89,7 +90,7 @@ async def replay(
             n_calls += 1
             call = await anext(calls, None)
         elif fb is not None:
-            acc.add_feedback(fb[1], fb[2], fb[0], fb[3])
+            acc.add_feedback(fb[1], fb[2], fb[0], fb[3], fb[4])
             n_feedback += 1
             fb = await anext(feedback, None)
     return n_calls, n_feedback

@@ -8,8 +8,8 @@ feedback may still join) are what they would be after the full replay.
 
 One snapshot per live rollout, named ``rollout:<id>`` in the ``snapshots`` table; it is
 ignored when it was built for another configuration of the accumulator (versions, primary
-metric, buckets, join window; a pipeline rollout's members, salt and step weights) or
-another encoding (:data:`FORMAT`).
+metric, buckets, join window, future bound, the catalog's metrics; a pipeline rollout's
+members, salt and step weights) or another encoding (:data:`FORMAT`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import msgspec
 from promptd.replacement.observations import RolloutAccumulator
 from promptd.storage.snapshots import Snapshot
 
-#: Version of the encoding; a snapshot of another format is ignored.
-FORMAT: Final = 1
+#: Version of the encoding; a snapshot of another format is ignored (the rollout then
+#: replays from storage). 2: cells keyed by metric name, calls filed by their event time
+#: (a future timestamp taken as the storage time), units of the current step only.
+FORMAT: Final = 2
 
 
 def name(rollout_id: str) -> str:

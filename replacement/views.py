@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from promptd.replacement import decision
-from promptd.replacement.machine import RolloutState, Status
 from promptd.replacement.observations import RolloutAccumulator
 from promptd.replacement.profiles import RolloutProfile
+from promptd.replacement.state import RolloutState, Status
 from promptd.storage.rollouts import StoredRollout
 
 _LIVE = (Status.RUNNING.value, Status.PAUSED.value)
@@ -38,6 +38,8 @@ def snapshot(
             "unmatched": acc.feedback.unmatched,
             "waiting": acc.feedback.waiting,
         },
+        # Calls left out for a timestamp too far ahead of their storage (event time).
+        "calls": {"future": acc.future_calls},
     }
 
 
@@ -99,5 +101,6 @@ EMPTY_FINAL: Mapping[str, Any] = {
     "winner": None,
     "has_significant_result": False,
     "feedback": None,
+    "calls": None,
 }
 """What an ended rollout shows when it ended before snapshots were stored."""

@@ -143,7 +143,7 @@ _AGG_METRICS = (
 _AGG_FEEDBACK = (
     "SELECT CAST(ts / :w AS INTEGER) AS b, prompt, variant, COUNT(*), TOTAL(score) "
     "FROM feedback_events WHERE id >= :fid AND ts >= :lo AND ts < :hi "
-    "AND request_id IS NOT NULL GROUP BY b, prompt, variant"
+    "AND request_id IS NOT NULL AND source IS NULL GROUP BY b, prompt, variant"
 )
 # Feedback on a whole episode is credited to every call of the episode stored with it or
 # before it (EPISODE_CREDITS, as the live monitor does); sums of the two add up.
@@ -157,7 +157,7 @@ _RAW_EVENTS = (
     "tokens_out, cost_usd, NULL FROM metric_events WHERE id >= :mid AND ts >= :lo AND ts <= :hi "
     "UNION ALL SELECT ts, 1, prompt, variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, score "
     "FROM feedback_events WHERE id >= :fid AND ts >= :lo AND ts <= :hi "
-    "AND request_id IS NOT NULL "
+    "AND request_id IS NOT NULL AND source IS NULL "
     "UNION ALL SELECT f.ts, 1, m.prompt, m.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
     f"f.score {EPISODE_CREDITS} WHERE f.id >= :fid AND f.ts >= :lo AND f.ts <= :hi "
     "AND f.request_id IS NULL ORDER BY 1"

@@ -97,6 +97,10 @@ class Connection(Protocol):
         """Run one statement once per parameter tuple."""
         ...
 
+    async def execute_fetchall(self, sql: str, parameters: Any = None) -> Iterable[Any]:
+        """Every row of one query."""
+        ...
+
 
 class Database(abc.ABC):
     """One open store. :meth:`open` returns the backend for a path or a URL."""
@@ -133,11 +137,12 @@ class Database(abc.ABC):
         offsets: Mapping[TopicPartitionKey, int],
         dead_letters: Mapping[str, int],
         now: float,
+        extra: Mapping[str, int],
     ) -> BatchOutcome:
         """Insert a batch (duplicates by ``event_id`` skipped and counted), upsert its
         partitions' next offsets and add the ingestion counters (stored, duplicates,
-        ``dead_letters`` by reason), all in one transaction; ``now`` is the rows'
-        ``ingested_at``."""
+        ``dead_letters`` by reason, and ``extra``), all in one transaction; ``now`` is
+        the rows' ``ingested_at``."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -22,6 +22,7 @@ from promptd.storage.repository import (
     BatchOutcome,
     TopicPartitionKey,
     batch_counters,
+    by_source,
 )
 from promptd.storage.rows import FEEDBACK_COLUMNS, METRIC_COLUMNS, FeedbackRow, MetricRow
 
@@ -33,7 +34,11 @@ _METRIC_TYPES: Final = (
 )  # fmt: skip
 _FEEDBACK_TYPES: Final = (
     "text", "float8", "text", "text", "text", "text", "float8", "text", "text", "text", "text",
+    "text",
 )  # fmt: skip
+# A column added to the rows needs its array type here (the fallback INSERT).
+assert len(_METRIC_TYPES) == len(METRIC_COLUMNS)
+assert len(_FEEDBACK_TYPES) == len(FEEDBACK_COLUMNS)
 
 
 def _insert(table: str, columns: Sequence[str], types: Sequence[str]) -> str:
@@ -121,6 +126,7 @@ async def store(
     offsets: Mapping[TopicPartitionKey, int],
     dead_letters: Mapping[str, int],
     now: float,
+    extra: Mapping[str, int],
 ) -> BatchOutcome:
     """Write one batch on ``conn`` (inside its transaction); see the module docstring."""
     last_m, last_f = (int(v) for v in await conn.raw.fetchrow(_LAST_IDS))
@@ -137,7 +143,10 @@ async def store(
     duplicates = len(metrics) + len(feedback) - len(new_metrics) - len(new_feedback)
     if offsets:
         await conn.executemany(UPSERT_OFFSET, [(t, p, o, now) for (t, p), o in offsets.items()])
-    counters = batch_counters(len(new_metrics), len(new_feedback), duplicates, dead_letters)
+    human, evaluations = by_source(new_feedback)
+    counters = batch_counters(
+        len(new_metrics), len(new_feedback), len(evaluations), duplicates, dead_letters, extra
+    )
     if counters:
         await conn.executemany(ADD_COUNTER, counters)
     return BatchOutcome(
@@ -145,7 +154,8 @@ async def store(
         len(new_feedback),
         duplicates,
         metric_rows=tuple(new_metrics),
-        feedback_rows=tuple(new_feedback),
+        feedback_rows=human,
+        evaluation_rows=evaluations,
         last_metric_id=int(last_m),
         last_feedback_id=int(last_f),
         ingested_at=now,

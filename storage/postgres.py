@@ -207,14 +207,18 @@ class _Executor:
             raise _translate_error(exc) from exc
         return rows
 
-    async def many(self, sql: str, args: Iterable[Sequence[Any]]) -> None:
+    async def many(self, query: Translated, args: list[Sequence[Any]]) -> int:
+        """Run ``query`` once per argument tuple, pipelined; the rows it changed (a
+        statement without RETURNING gets ``RETURNING 1``, so each changed row answers)."""
+        sql = query.sql if query.returns_rows else f"{query.sql} RETURNING 1"
         try:
             if self._conn is not None:
-                await self._conn.executemany(sql, args)
+                rows = await self._conn.fetchmany(sql, args)
             else:
-                await self._pool.executemany(sql, args)
+                rows = await self._pool.fetchmany(sql, args)
         except Exception as exc:
             raise _translate_error(exc) from exc
+        return len(rows)
 
     async def stream(self, sql: str, args: Sequence[Any]) -> tuple[Any, Any]:
         """A server-side cursor, and the coroutine function that ends it."""
@@ -256,10 +260,20 @@ class PgConnection:
         """Run one statement (see :class:`PgResult`)."""
         return PgResult(self._executor, sql, parameters)
 
-    async def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> None:
-        """Run one statement per parameter tuple (asyncpg pipelines them)."""
+    async def execute_fetchall(self, sql: str, parameters: Any = None) -> list[Any]:
+        """Every row of one query (aiosqlite's shortcut of the same name)."""
+        async with self.execute(sql, parameters) as cur:
+            return await cur.fetchall()
+
+    async def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> PgCursor:
+        """Run one statement per parameter tuple (pipelined); the cursor's ``rowcount``
+        is the rows changed in all, as sqlite3 counts them."""
         query = to_postgresql(sql)
-        await self._executor.many(query.sql, [query.bind(list(p)) for p in parameters])
+        cursor = PgCursor(self._executor, query, [])
+        cursor.rowcount = await self._executor.many(
+            query, [query.bind(list(p)) for p in parameters]
+        )
+        return cursor
 
 
 class PostgresDatabase(Database):
@@ -343,12 +357,13 @@ class PostgresDatabase(Database):
         offsets: Mapping[TopicPartitionKey, int],
         dead_letters: Mapping[str, int],
         now: float,
+        extra: Mapping[str, int],
     ) -> BatchOutcome:
         """The batch in one fenced transaction (:mod:`.pg_batch`)."""
         from promptd.storage.pg_batch import store
 
         async with self.transaction() as conn:
-            return await store(conn, metrics, feedback, offsets, dead_letters, now)
+            return await store(conn, metrics, feedback, offsets, dead_letters, now, extra)
 
     async def check_schema(self) -> None:
         """Raise :class:`StorageError` when another daemon migrated the store past this

@@ -19,6 +19,7 @@ from typing import Final
 from promptd.events import FeedbackEvent, MetricEvent
 from promptd.storage.database import Connection, Database
 from promptd.storage.rows import (
+    FEEDBACK_SOURCE_AT,
     FeedbackRow,
     FeedbackView,
     MetricRow,
@@ -41,13 +42,14 @@ INSERT INTO counters (name, value) VALUES (?, ?)
 ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value
 """
 
-#: ``FROM`` clause pairing feedback rows ``f`` with the calls ``m`` of their episode that
-#: were stored with them or before them. Feedback on a whole episode (no ``request_id``)
-#: is credited to exactly these calls, live and when windows or rollouts are rebuilt from
-#: storage (``ingested_at`` is the storage order the batch listeners saw).
+#: ``FROM`` clause pairing feedback rows ``f`` from people and apps (no ``source``) with
+#: the calls ``m`` of their episode that were stored with them or before them. Feedback
+#: on a whole episode (no ``request_id``) is credited to exactly these calls, live and
+#: when windows or rollouts are rebuilt from storage (``ingested_at`` is the storage
+#: order the batch listeners saw).
 EPISODE_CREDITS: Final = (
     "FROM feedback_events f JOIN metric_events m ON m.episode_id = f.episode_id "
-    "AND m.episode_id IS NOT NULL AND m.ingested_at <= f.ingested_at"
+    "AND m.episode_id IS NOT NULL AND m.ingested_at <= f.ingested_at AND f.source IS NULL"
 )
 #: Most episode ids per lookup statement (well below SQLite's variable limit).
 _EPISODES_PER_QUERY: Final = 500
@@ -55,20 +57,34 @@ _EPISODES_PER_QUERY: Final = 500
 #: Counter names kept in the ``counters`` table (dead letters add ``dead_lettered.<reason>``).
 STORED_METRICS: Final = "stored.metric"
 STORED_FEEDBACK: Final = "stored.feedback"
+#: Of the stored feedback, evaluators' results (``source`` set).
+STORED_EVALUATIONS: Final = "stored.evaluation"
 DUPLICATES: Final = "duplicates"
 DEAD_LETTERED: Final = "dead_lettered"
+#: Prefix of what ingestion counted of OpenTelemetry spans (``otlp.spans.call``, ...).
+OTLP_COUNTERS: Final = "otlp"
 
 
 def batch_counters(
-    metrics_stored: int, feedback_stored: int, duplicates: int, dead_letters: Mapping[str, int]
+    metrics_stored: int,
+    feedback_stored: int,
+    evaluations_stored: int,
+    duplicates: int,
+    dead_letters: Mapping[str, int],
+    extra: Mapping[str, int],
 ) -> list[tuple[str, int]]:
-    """The ``(name, increment)`` pairs one batch adds to ``counters`` (zeros left out)."""
+    """The ``(name, increment)`` pairs one batch adds to ``counters`` (zeros left out):
+    stored events (feedback including evaluators' results, counted apart too),
+    duplicates, dead letters by reason, and ``extra`` (e.g. what the OTLP decoder
+    counted of the batch's spans)."""
     counters = [
         (STORED_METRICS, metrics_stored),
         (STORED_FEEDBACK, feedback_stored),
+        (STORED_EVALUATIONS, evaluations_stored),
         (DUPLICATES, duplicates),
         (DEAD_LETTERED, sum(dead_letters.values())),
         *((f"{DEAD_LETTERED}.{reason}", n) for reason, n in dead_letters.items()),
+        *extra.items(),
     ]
     return [(k, v) for k, v in counters if v]
 
@@ -86,12 +102,16 @@ class BatchOutcome:
     feedback_stored: int
     duplicates: int
     metric_rows: tuple[MetricRow, ...] = ()
+    #: Feedback from people and apps (``source`` is ``None``): what every reader of
+    #: feedback counted before evaluators existed, and still does by default.
     feedback_rows: tuple[FeedbackRow, ...] = ()
     last_metric_id: int = 0
     last_feedback_id: int = 0
     # The ``ingested_at`` stored with the batch's rows (the rollouts' feedback join uses
     # it, so a replay from storage decides exactly as the live feed did).
     ingested_at: float = 0.0
+    #: Evaluators' results (``source`` is ``eval:<name>``), in storage order.
+    evaluation_rows: tuple[FeedbackRow, ...] = ()
 
     @property
     def stored(self) -> int:
@@ -108,6 +128,16 @@ class BatchOutcome:
     def feedback(self) -> tuple[FeedbackView, ...]:
         """The new feedback rows with names (built on each access)."""
         return feedback_views(self.feedback_rows)
+
+
+def by_source(
+    rows: Sequence[FeedbackRow],
+) -> tuple[tuple[FeedbackRow, ...], tuple[FeedbackRow, ...]]:
+    """Feedback from people and apps, and evaluators' results, each in storage order."""
+    evaluations = tuple(row for row in rows if row[FEEDBACK_SOURCE_AT] is not None)
+    if not evaluations:
+        return tuple(rows), ()
+    return tuple(row for row in rows if row[FEEDBACK_SOURCE_AT] is None), evaluations
 
 
 def _metric_rows(items: Sequence[MetricRow] | Sequence[MetricEvent]) -> Sequence[MetricRow]:
@@ -136,16 +166,21 @@ class EventRepository:
         feedback: Sequence[FeedbackRow] | Sequence[FeedbackEvent],
         offsets: Mapping[TopicPartitionKey, int],
         dead_letters: Mapping[str, int] | None = None,
+        counters: Mapping[str, int] | None = None,
     ) -> BatchOutcome:
         """Store a consumed batch and its partitions' next offsets atomically.
 
         Takes rows (what ingestion decodes to) or validated events (converted here).
+        ``counters`` are added to the named counters in the same transaction (e.g. what
+        the OTLP decoder counted of the batch's spans), so they count each record once.
         Returns the counts and the newly stored rows; ``duplicates`` counts events whose
         ``event_id`` was already stored (including repeats inside the batch).
         """
         now = time.time()
         m_rows, f_rows = _metric_rows(metrics), _feedback_rows(feedback)
-        return await self.db.store_events(m_rows, f_rows, offsets, dead_letters or {}, now)
+        return await self.db.store_events(
+            m_rows, f_rows, offsets, dead_letters or {}, now, counters or {}
+        )
 
     async def load_offsets(
         self, partitions: Iterable[TopicPartitionKey] | None = None

@@ -58,6 +58,7 @@ FeedbackRow: TypeAlias = tuple[
     str | None,
     str | None,
     str | None,
+    str | None,
 ]
 
 
@@ -86,7 +87,8 @@ class MetricView(NamedTuple):
 
 class FeedbackView(NamedTuple):
     """A :data:`FeedbackRow` with names. Feedback on a whole episode has no
-    ``request_id`` (and may have no ``prompt`` or ``variant``)."""
+    ``request_id`` (and may have no ``prompt`` or ``variant``); an evaluator's result has
+    a ``source`` (``eval:<name>``)."""
 
     event_id: str
     ts: float
@@ -99,12 +101,16 @@ class FeedbackView(NamedTuple):
     comment: str | None
     correction: str | None
     episode_id: str | None
+    #: ``None`` for feedback from people and apps; ``eval:<name>`` for an evaluator's.
+    source: str | None = None
 
 
 METRIC_COLUMNS: Final = MetricView._fields
 FEEDBACK_COLUMNS: Final = FeedbackView._fields
 METRIC_WIDTH: Final = len(METRIC_COLUMNS)
 FEEDBACK_WIDTH: Final = len(FEEDBACK_COLUMNS)
+#: Where a feedback row holds its ``source`` (``None``: from people and apps).
+FEEDBACK_SOURCE_AT: Final = FEEDBACK_COLUMNS.index("source")
 #: Metric columns without the optional tail (episode id, captured payloads): most calls
 #: have none of them, and binding three NULLs per row measured about 25 % of the insert
 #: cost (see bench/sqlite_rows.py).
@@ -164,6 +170,7 @@ def feedback_row(event: FeedbackEvent) -> FeedbackRow:
         event.comment,
         capture_json(event.correction),
         event.episode_id,
+        event.source,
     )
 
 

@@ -378,7 +378,47 @@ ALTER TABLE rollouts ADD COLUMN pipeline TEXT;
 ALTER TABLE rollouts ADD COLUMN members TEXT;
 """
 
-_V13_LEADERSHIP: Final = """
+_V13_EVALUATION: Final = """
+-- Who gave a piece of feedback: NULL for people and apps, 'eval:<name>' for the result of
+-- the daemon's evaluator <name>. Readers count only NULL unless told otherwise.
+ALTER TABLE feedback_events ADD COLUMN source TEXT;
+
+-- One row per (call, evaluator) the evaluation engine decided, written before the
+-- result is published as feedback (the outbox: published_at stays NULL until the
+-- broker acknowledged it). ``status``: 'scored' (published as feedback) or 'invalid'
+-- (the judge answered without a readable score; paid for, never published).
+CREATE TABLE evaluation_results (
+    request_id   TEXT    NOT NULL,
+    evaluator    TEXT    NOT NULL,
+    event_id     TEXT    NOT NULL UNIQUE,
+    prompt       TEXT    NOT NULL,
+    variant      TEXT    NOT NULL,
+    model        TEXT,
+    call_ts      REAL    NOT NULL,
+    kind         TEXT    NOT NULL,
+    status       TEXT    NOT NULL CHECK (status IN ('scored', 'invalid')),
+    score        REAL    CHECK (score BETWEEN 0 AND 1),
+    detail       TEXT,
+    cost_usd     REAL    NOT NULL DEFAULT 0,
+    created_at   REAL    NOT NULL,
+    published_at REAL,
+    PRIMARY KEY (request_id, evaluator),
+    CHECK (status <> 'scored' OR score IS NOT NULL)
+);
+CREATE INDEX evaluation_results_created ON evaluation_results (created_at);
+CREATE INDEX evaluation_results_outbox ON evaluation_results (created_at)
+    WHERE published_at IS NULL AND status = 'scored';
+
+-- The engine's durable cursor: every call with metric_events.id <= call_id has been
+-- decided (evaluated, or skipped and counted). A start re-reads the calls above it.
+CREATE TABLE evaluation_cursor (
+    name       TEXT    PRIMARY KEY,
+    call_id    INTEGER NOT NULL,
+    updated_at REAL    NOT NULL
+);
+"""
+
+_V14_LEADERSHIP: Final = """
 -- The leader lease of daemons sharing one store (PostgreSQL; unused by a single SQLite
 -- daemon). ``generation`` grows by one with every new holder: the fencing token every
 -- write transaction of the leader checks. Times are the database's clock (epoch s).
@@ -392,6 +432,7 @@ CREATE TABLE leadership (
     expires_at  REAL    NOT NULL
 );
 """
+
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(
@@ -411,7 +452,8 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=10, name="optimization_targets", sql=_V10_OPTIMIZATION_TARGETS),
     Migration(version=11, name="episodes", sql=_V11_EPISODES, postgresql=_V11_EPISODES_POSTGRESQL),
     Migration(version=12, name="pipeline_rollouts", sql=_V12_PIPELINE_ROLLOUTS),
-    Migration(version=13, name="leadership", sql=_V13_LEADERSHIP),
+    Migration(version=13, name="evaluation", sql=_V13_EVALUATION),
+    Migration(version=14, name="leadership", sql=_V14_LEADERSHIP),
 )
 
 

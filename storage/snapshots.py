@@ -91,6 +91,7 @@ _TAIL: Final = (
     "tokens_out, cost_usd, NULL, ingested_at, id FROM metric_events WHERE id > :mid "
     "UNION ALL SELECT ts, 1, prompt, variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
     "score, ingested_at, id FROM feedback_events WHERE id > :fid AND request_id IS NOT NULL "
+    "AND source IS NULL "
     "UNION ALL SELECT f.ts, 1, m.prompt, m.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
     f"f.score, f.ingested_at, f.id {EPISODE_CREDITS} WHERE f.id > :fid AND f.request_id IS NULL "
     "ORDER BY 13, 2, 14"

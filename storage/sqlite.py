@@ -124,12 +124,13 @@ class SqliteDatabase(Database):
         offsets: Mapping[TopicPartitionKey, int],
         dead_letters: Mapping[str, int],
         now: float,
+        extra: Mapping[str, int],
     ) -> BatchOutcome:
         """The batch in one transaction on the writer's thread (:mod:`.sqlite_batch`)."""
         from promptd.storage.sqlite_batch import store_sync
 
         return await self.run_in_transaction(
-            lambda conn: store_sync(conn, metrics, feedback, offsets, dead_letters, now)
+            lambda conn: store_sync(conn, metrics, feedback, offsets, dead_letters, now, extra)
         )
 
     async def run_in_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:

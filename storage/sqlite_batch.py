@@ -22,6 +22,7 @@ from promptd.storage.repository import (
     BatchOutcome,
     TopicPartitionKey,
     batch_counters,
+    by_source,
 )
 from promptd.storage.rows import (
     FEEDBACK_COLUMNS,
@@ -148,6 +149,7 @@ def store_sync(
     offsets: Mapping[TopicPartitionKey, int],
     dead_letters: Mapping[str, int],
     now: float,
+    extra: Mapping[str, int],
 ) -> BatchOutcome:
     """The batch write, on the writer thread inside its transaction."""
     new_metrics: Sequence[MetricRow] = metrics
@@ -168,13 +170,16 @@ def store_sync(
     duplicates = len(metrics) + len(feedback) - m_stored - f_stored
     if offsets:
         conn.executemany(UPSERT_OFFSET, [(t, p, o, now) for (t, p), o in offsets.items()])
-    conn.executemany(ADD_COUNTER, batch_counters(m_stored, f_stored, duplicates, dead_letters))
+    human, evaluations = by_source(new_feedback)
+    counters = batch_counters(m_stored, f_stored, len(evaluations), duplicates, dead_letters, extra)
+    conn.executemany(ADD_COUNTER, counters)
     return BatchOutcome(
         m_stored,
         f_stored,
         duplicates,
         metric_rows=tuple(new_metrics),
-        feedback_rows=tuple(new_feedback),
+        feedback_rows=human,
+        evaluation_rows=evaluations,
         last_metric_id=last_m,
         last_feedback_id=last_f,
         ingested_at=now,

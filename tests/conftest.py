@@ -126,6 +126,7 @@ def make_settings(tmp_path: Path, broker: EmbeddedBroker) -> Callable[..., Setti
             "alerts_topic": f"alerts-{tag}",
             "routing_topic": f"routing-{tag}",
             "optimization_topic": f"opt-{tag}",
+            "otlp_topic": f"otlp-{tag}",
             # A consumer-group join waits about half the session timeout on this broker.
             "session_timeout_ms": 1_000,
             "heartbeat_interval_ms": 300,

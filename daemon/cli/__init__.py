@@ -123,6 +123,7 @@ def _command_modules() -> list[Any]:
     """Modules that add subcommands: each has ``register(subparsers) -> {name: handler}``."""
     from promptd.daemon import demo
     from promptd.daemon.cli import (
+        evaluation,
         monitoring,
         ops,
         optimize,
@@ -132,7 +133,7 @@ def _command_modules() -> list[Any]:
         storage,
     )
 
-    return [process, prompts, pipelines, monitoring, optimize, ops, storage, demo]
+    return [process, prompts, pipelines, monitoring, optimize, evaluation, ops, storage, demo]
 
 
 def _flag_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:

@@ -10,6 +10,7 @@ the parent keeps delivering what it had buffered, so nothing is sent twice.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import os
 import sys
@@ -20,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 from promptd.sdk.config import SdkConfig
 from promptd.sdk.encode import FEEDBACK
 from promptd.sdk.notices import undelivered_summary, warn
-from promptd.sdk.publisher import BackgroundTask, Publisher
+from promptd.sdk.publisher import Publisher
 from promptd.sdk.routing_client import PromptVariant, RoutingCache
 from promptd.sdk.stats import Counters, SdkStats, StatsCollector
 
 if TYPE_CHECKING:
-    from promptd.sdk.sender import Sender
+    from promptd.sdk.sender import BackgroundTask, Sender
 
 
 def _prefix() -> str:
@@ -311,6 +312,90 @@ async def aflush(timeout_s: float = 5.0) -> bool:
 def sdk_stats() -> SdkStats:
     """Counters of the default client: emitted, delivered, dropped (by reason), buffered."""
     return get_client().stats()
+
+
+def feedback(
+    request_id: str | None = None,
+    score: float | bool | None = None,
+    kind: str = "quality",
+    comment: str | None = None,
+    correction: Any = None,
+    *,
+    episode_id: str | None = None,
+    prompt: str | None = None,
+    variant: str | PromptVariant | None = None,
+    model: str | None = None,
+) -> None:
+    """Report feedback: ``score`` in 0..1 (``True`` = 1.0) on the call ``request_id``, or,
+    with only ``episode_id``, on a whole episode (credited to every call in it).
+
+    Never blocks. Raises only for a bad ``score``, as for a bad argument: ``TypeError``
+    when it is missing or not a number, ``ValueError`` outside 0..1. For a call,
+    ``prompt`` and ``variant`` may be omitted when this process made it (the SDK
+    remembers the last ``feedback_lru_size`` calls); call feedback that cannot be joined
+    is dropped as ``unknown_request``. Episode feedback needs neither. Feedback naming
+    neither a request nor an episode is dropped as ``invalid``.
+    """
+    score = check_score(score)
+    # Client.feedback counts its own errors; this guards building the client.
+    with contextlib.suppress(Exception):
+        get_client().feedback(
+            request_id,
+            score,
+            kind,
+            comment,
+            correction,
+            prompt=prompt,
+            variant=variant,
+            model=model,
+            episode_id=episode_id,
+        )
+
+
+def check_score(score: object) -> float | bool:
+    """``score`` when it is a number in 0..1 or a bool; else ``TypeError``/``ValueError``."""
+    if score is None:
+        raise TypeError("promptd.feedback() needs a score (0..1, or True/False)")
+    if isinstance(score, bool):
+        return score
+    if not isinstance(score, int | float):
+        raise TypeError(
+            f"promptd.feedback(): score must be a number from 0 to 1 or True/False, "
+            f"got {type(score).__name__} {score!r}"
+        )
+    if not 0.0 <= score <= 1.0:  # NaN fails this too
+        raise ValueError(
+            f"promptd.feedback(): score must be from 0 to 1 (0 = bad, 1 = good; "
+            f"True/False for thumbs), got {score!r}; scale a rating first, "
+            "e.g. stars / 5"
+        )
+    return score
+
+
+async def afeedback(
+    request_id: str | None = None,
+    score: float | bool | None = None,
+    kind: str = "quality",
+    comment: str | None = None,
+    correction: Any = None,
+    *,
+    episode_id: str | None = None,
+    prompt: str | None = None,
+    variant: str | PromptVariant | None = None,
+    model: str | None = None,
+) -> None:
+    """Async twin of :func:`feedback` (equally non-blocking; for symmetry in async code)."""
+    feedback(
+        request_id,
+        score,
+        kind,
+        comment,
+        correction,
+        episode_id=episode_id,
+        prompt=prompt,
+        variant=variant,
+        model=model,
+    )
 
 
 def _after_fork_in_child() -> None:

@@ -18,6 +18,7 @@ Environment variables (all optional):
 ``PROMPTD_SDK_QUEUE_SIZE``                  events buffered in memory before dropping (10000)
 ``PROMPTD_SDK_ROUTING_TTL_S``               overrides the routing's own ``ttl_seconds``
 ``PROMPTD_SDK_ROUTE_FIRST_CALL``            ``false``: a prompt's first call never waits for routing
+``PROMPTD_SDK_OTEL_SPANS``                  ``true``: annotate the app's current span
 ==========================================  =====================================================
 
 A ``PROMPTD_`` variable nothing reads and a value that does not parse are warned about
@@ -88,6 +89,9 @@ class SdkConfig:
     #: Prompts whose routing :meth:`Client.start` fetches before the first call, besides
     #: those of every ``@instrument``-decorated function.
     prompts: tuple[str, ...] = ()
+    #: Set the call's GenAI attributes on the app's current OpenTelemetry span (see
+    #: :mod:`promptd.sdk.otel`; needs ``opentelemetry-api``).
+    otel_spans: bool = False
 
     def __post_init__(self) -> None:
         # configure(prompts=["a", "b"]) passes a list; keep the config hashable and frozen.

@@ -90,7 +90,7 @@ class Episode:
         correction: Any = None,
     ) -> None:
         """Feedback on the whole episode: ``promptd.feedback(episode_id=self.id, ...)``."""
-        from promptd.sdk import feedback
+        from promptd.sdk.client import feedback
 
         feedback(None, score, kind, comment, correction, episode_id=self.id)
 

@@ -214,6 +214,22 @@ class _Spec:
             call.episode_id,
         )
         call.client.publisher.put(item)
+        if call.client.config.otel_spans:
+            from promptd.sdk.otel import annotate_current_span
+
+            model = item[4]
+            version = call.variant.version
+            tokens_in, tokens_out = usage[0], usage[1]
+            annotate_current_span(
+                self.prompt,
+                version,
+                call.request_id,
+                call.unit_id,
+                model,
+                tokens_in,
+                tokens_out,
+                error,
+            )
 
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         named = dict(zip(self.param_names, args, strict=False))

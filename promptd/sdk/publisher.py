@@ -25,7 +25,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from promptd.sdk.config import SdkConfig
@@ -33,14 +32,12 @@ from promptd.sdk.notices import drop_notice
 from promptd.sdk.stats import Counters
 
 if TYPE_CHECKING:
-    from promptd.sdk.sender import Sender
-
-#: A coroutine run in the sender loop beside the publisher (routing refresh, metrics).
-BackgroundTask = Callable[["Sender"], Coroutine[Any, Any, None]]
+    from promptd.sdk.sender import BackgroundTask, Sender
 
 
 class Publisher:
-    """Buffers events from any thread and delivers them to Kafka from one sender thread."""
+    """Buffers events from any thread and delivers them to Kafka from one sender thread
+    (the :class:`~promptd.sdk.sender.Outbox` its sender drains)."""
 
     def __init__(
         self,

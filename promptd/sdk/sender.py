@@ -11,20 +11,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 from promptd._aio import wait_event
 from promptd.sdk.encode import Encoder, Record
 
 if TYPE_CHECKING:
+    from promptd.sdk.config import SdkConfig
     from promptd.sdk.kafka import KafkaSink
-    from promptd.sdk.publisher import BackgroundTask, Publisher
+    from promptd.sdk.stats import Counters
+
+#: A coroutine run in the sender loop beside the publisher (routing refresh, metrics).
+BackgroundTask = Callable[["Sender"], Coroutine[Any, Any, None]]
+
+
+class Outbox(Protocol):
+    """What the sender needs from the buffer it drains (the publisher implements it)."""
+
+    config: SdkConfig
+    counters: Counters
+    #: False without a bootstrap address: nothing is sent (background tasks still run).
+    enabled: bool
+    #: True once the buffer is closing; ``stop_deadline`` is when delivery gives up.
+    stopping: bool
+    stop_deadline: float
+
+    def queued(self) -> int:
+        """Events in the buffer (not in flight)."""
+        ...
+
+    def take(self, limit: int) -> list[tuple[Any, ...]]:
+        """Move up to ``limit`` events from the buffer to in-flight."""
+        ...
+
+    def settle(
+        self,
+        taken: int,
+        delivered: int,
+        dropped: dict[str, int],
+        details: dict[str, str] | None = None,
+    ) -> None:
+        """Account a finished batch: in-flight becomes delivered or dropped (``details``:
+        what was wrong, per reason, when known)."""
+        ...
 
 
 class Sender:
     """Owns the thread's event loop, the Kafka sink and the background tasks."""
 
-    def __init__(self, publisher: Publisher, background: list[BackgroundTask]) -> None:
+    def __init__(self, publisher: Outbox, background: list[BackgroundTask]) -> None:
         self.publisher = publisher
         self.config = publisher.config
         self.counters = publisher.counters

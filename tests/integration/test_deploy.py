@@ -49,7 +49,7 @@ GRAFANA_VARIABLES = {
     "$prompt": ".*",
 }
 #: Python package sources whose metric definitions the dashboard and rules must match.
-METRIC_SOURCES = ("daemon", "monitoring", "replacement", "storage", "optimization")
+METRIC_SOURCES = ("daemon", "monitoring", "replacement", "storage", "optimization", "evaluation")
 
 
 def _tool(name: str) -> str:
@@ -575,12 +575,22 @@ def test_grafana_dashboard_panels() -> None:
         "Dead-letter rate",
         "Ingestion lag",
         "Optimization runs and cost",
+        "Evaluations by evaluator",
+        "Evaluation score by evaluator",
+        "Skipped evaluations by reason",
+        "Evaluator cost and health",
+        "Judge agreement with people",
+        "Evaluation backlog",
     } <= titles
     exprs: dict[str, str] = {}
     for title, expr in _dashboard_exprs():
         exprs[title] = exprs.get(title, "") + "\n" + expr
     assert "histogram_quantile(0.95" in exprs["Latency p95 by variant"]
-    for title in ("Traffic by prompt and variant", "Candidate weight over time"):
+    for title in (
+        "Traffic by prompt and variant",
+        "Candidate weight over time",
+        "Judge agreement with people",
+    ):
         assert 'prompt=~"$prompt"' in exprs[title], title
     ids = [p["id"] for p in _panels(dashboard)]
     assert len(ids) == len(set(ids))

@@ -253,10 +253,10 @@ def _stream(seed: int, n: int) -> list[tuple[list[MetricRow], list[FeedbackRow]]
                 metrics.append(row)
             if rng.random() < 0.6:
                 fb: FeedbackRow = (f"f{episode}", ts, None, None, None, None)
-                feedback.append((*fb, rng.random(), "q", None, None, episode))
+                feedback.append((*fb, rng.random(), "q", None, None, episode, None))
             if rng.random() < 0.3:
                 call: FeedbackRow = (f"c{episode}", ts, "extract", extract, None, f"{episode}-0")
-                feedback.append((*call, rng.random(), "q", None, None, None))
+                feedback.append((*call, rng.random(), "q", None, None, None, None))
         out.append((metrics, feedback))
     return out
 

@@ -77,6 +77,30 @@ EPISODE_FEEDBACK: dict[str, Any] = {
 }
 
 
+#: ``source`` values at and around the edges of the ``eval:<name>`` form.
+SOURCES: list[Any] = [
+    "eval:judge",
+    "eval:a",
+    "eval:A-b_c.9",
+    "eval:" + "x" * 64,
+    "eval:" + "x" * 65,
+    "eval:",
+    "eval:-x",
+    "eval:x\n",
+    "eval:x\n\n",
+    "\neval:x",
+    "eval:x y",
+    "eval:é",
+    "eval:\u0661",
+    "EVAL:x",
+    "human",
+    "",
+    None,
+    7,
+    ["eval:x"],
+]
+
+
 def reference(raw: bytes | None, max_bytes: int = 256 * 1024) -> Outcome:
     """What the pydantic decoder decides, as a row or a rejection."""
     result = decode_event(raw, max_bytes=max_bytes)
@@ -272,6 +296,9 @@ HOSTILE: list[bytes | None] = [
     _raw({k: v for k, v in FEEDBACK.items() if k != "request_id"}),
     _raw({**FEEDBACK, "request_id": None, "episode_id": None}),
     _raw({**FEEDBACK, "request_id": ""}),
+    # An evaluator's result names its source: eval:<name>, nothing else.
+    *(_raw({**FEEDBACK, "source": s}) for s in SOURCES),
+    _raw({**EPISODE_FEEDBACK, "source": "eval:judge"}),
     *(_raw({**METRIC, "input": _nested(d)}) for d in (1, 2, 60, 62, 63, 64, 65, 190, 198, 199)),
     *(_raw({**METRIC, "input": _nested(d)}) for d in (200, 201, 250)),
     *(raw for raw, _ in MALFORMED),
@@ -303,6 +330,7 @@ def test_valid_events_take_the_fast_path() -> None:
     corpus += [_raw({**METRIC, "event_id": f"me{i}", "episode_id": f"ep{i}"}) for i in range(9)]
     corpus += [_raw({**EPISODE_FEEDBACK, "event_id": f"fe{i}"}) for i in range(9)]
     corpus += [_raw({**FEEDBACK, "event_id": f"fb{i}", "episode_id": "ep"}) for i in range(9)]
+    corpus += [_raw({**FEEDBACK, "event_id": f"fs{i}", "source": f"eval:j-{i}"}) for i in range(9)]
     for raw in corpus:
         assert not isinstance(assert_same(raw, decoder), Rejection)
     assert decoder.fallbacks == 0
@@ -427,12 +455,13 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "output": names,
     "correction": st.dictionaries(texts, json_values, max_size=3) | texts,
     "schema": st.sampled_from([1, 2, Num("1.0"), True, "1"]),
+    "source": st.sampled_from(SOURCES) | names.map(lambda n: "eval:" + n),
 }
 OPTIONAL = {
     "metric": ["unit_id", "episode_id", "error", "quality", "tokens_in", "tokens_out",
                "cost_usd", "input", "output", "attributes"],
     "feedback": ["model", "kind", "comment", "correction", "episode_id", "request_id",
-                 "prompt", "variant"],
+                 "prompt", "variant", "source"],
 }  # fmt: skip
 
 

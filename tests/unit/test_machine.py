@@ -166,15 +166,41 @@ def test_manual_events_win_over_data(event: Event, status: Status, first_action:
     assert _kinds(actions) == [{"paused": "pause", "promoted": "promote"}.get(status, "rollback")]
 
 
-def test_paused_rollout_ignores_ticks_and_resume_restarts_clock() -> None:
-    """Ticks do nothing while paused; Resume restarts the step clock."""
+def test_paused_rollout_ignores_ticks_and_resume_keeps_the_elapsed_time() -> None:
+    """Ticks do nothing while paused; Resume continues the step clock where the pause
+    stopped it (the time paused does not count)."""
     paused, _ = step(_running(), Pause(), T0 + 5, BALANCED)
+    assert paused.paused_at == T0 + 5
     same, actions = step(paused, Tick(_obs(cand_rate=0.1)), T0 + 10_000, BALANCED)
     assert same == paused
     assert actions == []
     resumed, _ = step(paused, Resume(), T0 + 20_000, BALANCED)
     assert resumed.status is Status.RUNNING
-    assert resumed.step_started_at == T0 + 20_000
+    assert resumed.step_started_at == T0 + 20_000 - 5
+    assert resumed.paused_at is None
+
+
+def test_a_short_pause_keeps_the_steps_progress() -> None:
+    """Issue 19: a 2.5 s pause 3.5 minutes into a 300 s step left "9s of 300s" a few
+    seconds after the resume; the step keeps its 210 s, also across a restart while
+    paused (the pause time is part of the stored state)."""
+    start = _state(status=Status.RUNNING, weight=0.25, step_started_at=T0)
+    paused, _ = step(start, Pause(), T0 + 210, AGGRESSIVE)
+    stored = RolloutState.from_dict(paused.to_dict())
+    resumed, _ = step(stored, Resume(), T0 + 212.5, AGGRESSIVE)
+    _, actions = step(resumed, Tick(_obs(n=3000, weight=0.25)), T0 + 221.5, AGGRESSIVE)
+    assert _kinds(actions) == ["hold"]
+    hold = next(a for a in actions if isinstance(a, RecordDecision))
+    assert hold.reason == "step time not in: 219s of 300s"
+    assert hold.details["step_elapsed_s"] == pytest.approx(219.0)
+
+
+def test_a_pause_stored_before_pauses_kept_their_time_restarts_the_step() -> None:
+    """A rollout paused by an older daemon has no pause time: resuming it restarts the
+    step's clock, as that daemon did."""
+    paused = dataclasses.replace(_running(), status=Status.PAUSED)
+    resumed, _ = step(paused, Resume(), T0 + 500, BALANCED)
+    assert resumed.step_started_at == T0 + 500
 
 
 def test_manual_promote_from_paused() -> None:

@@ -64,12 +64,12 @@ def batches(seed: int, n: int) -> list[tuple[list[MetricRow], list[FeedbackRow]]
         for j, rid in enumerate([*rng.sample(calls, 15), f"r{b + 1}-3"]):
             score = rng.random()
             feedback.append(
-                (f"f{b}-{j}", T0 + b * 10, "p", "v2", None, rid, score, "q", None, None, None)
+                (f"f{b}-{j}", T0 + b * 10, "p", "v2", None, rid, score, "q", None, None, None, None)
             )
         episodes = [f"e{rng.randrange(b + 1)}-{rng.randrange(14)}" for _ in range(6)]
         for j, episode in enumerate([*episodes, f"e{b + 1}-2", f"other-{b}"]):
             row_fb: FeedbackRow = (f"g{b}-{j}", T0 + b * 10, None, None, None, None)
-            feedback.append((*row_fb, rng.random(), "q", None, None, episode))
+            feedback.append((*row_fb, rng.random(), "q", None, None, episode, None))
         out.append((metrics, feedback))
     return out
 

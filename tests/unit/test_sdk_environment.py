@@ -22,7 +22,7 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_daemon_variable_list_is_current() -> None:
     """The SDK's copy of the daemon's variable names matches the daemon's settings (else
-    regenerate it: python -m promptd.daemon.settings_sources > promptd/sdk/daemon_variables.py)."""
+    regenerate it: python -m promptd.daemon.settings > promptd/sdk/daemon_variables.py)."""
     from pathlib import Path
 
     import promptd.sdk.daemon_variables as generated

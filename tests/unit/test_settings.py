@@ -227,3 +227,38 @@ def test_empty_bootstrap_means_embedded(monkeypatch: pytest.MonkeyPatch) -> None
     """PROMPTD_KAFKA_BOOTSTRAP_SERVERS= (empty) selects the embedded broker, as unset does."""
     monkeypatch.setenv("PROMPTD_KAFKA_BOOTSTRAP_SERVERS", "")
     assert load_settings().kafka.embedded
+
+
+def test_example_evaluators_are_valid() -> None:
+    """The commented evaluators of the example config, uncommented, are valid settings."""
+    import re
+    import tomllib
+
+    from promptd.evaluation.config import EvaluationSettings
+
+    text = EXAMPLE.read_text(encoding="utf-8")
+    blocks = text.split("# [[evaluation.evaluators]]")[1:]
+    assert len(blocks) == 3
+    evaluators = []
+    for block in blocks:
+        lines = [re.sub(r"^# ", "", line) for line in block.splitlines() if line.startswith("# ")]
+        lines = [line for line in lines if not line.startswith("#") and line.strip()]
+        evaluators.append(tomllib.loads("\n".join(lines)))
+    settings = EvaluationSettings.model_validate({"evaluators": evaluators})
+    assert [e.type for e in settings.evaluators] == ["json_schema", "regex", "judge"]
+
+
+def test_bad_evaluators_are_named_in_the_config_file(tmp_path: Path) -> None:
+    """A misspelled or missing key of an evaluator is one line naming the evaluator's
+    place, the key and the file it comes from."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[[evaluation.evaluators]]\nname = "ok"\ntype = "length"\nmax_chars = 3\n'
+        '[[evaluation.evaluators]]\nname = "helpful"\ntype = "judge"\nmodel = "m"\n'
+        'rubrik = "x"\n'
+    )
+    with pytest.raises(SettingsError) as err:
+        load_settings(config)
+    message = str(err.value)
+    assert f"evaluation.evaluators.1.judge.rubric [in {config}]: Field required" in message
+    assert f"evaluation.evaluators.1.judge.rubrik [in {config}]: no such setting" in message
