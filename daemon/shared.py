@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge
 
 from promptd import __version__
 from promptd.daemon import forward
-from promptd.daemon.http import build_app
+from promptd.daemon.http import RouteExtension, build_app
 from promptd.daemon.leadership import Leadership, Timing, default_identity
 from promptd.storage.database import FencedError
 from promptd.storage.leases import LeaseStore
@@ -72,7 +72,12 @@ class _Swap:
             await self.runner.cleanup()
 
 
-def _standby_app(daemon: Daemon, leadership: Leadership) -> web.Application:
+def _standby_app(
+    daemon: Daemon, leadership: Leadership, routes: list[RouteExtension]
+) -> web.Application:
+    """A new standby app: ``routes`` (the standby hooks' read-only routes over the
+    database), never the routes of a leader term, whose components are gone."""
+    daemon.route_extensions[:] = routes
     middleware = forward.forwarding_middleware(leadership, daemon.settings.ha.forward_timeout_s)
     app = build_app(daemon, [middleware])
     forward.install(app)
@@ -99,7 +104,8 @@ async def run_shared(daemon: Daemon, stack: contextlib.AsyncExitStack, stop: asy
     installed = _Installed(daemon)
     for hook in daemon.standby_hooks:
         await hook()
-    standby = _standby_app(daemon, leadership)
+    standby_routes = list(daemon.route_extensions)
+    standby = _standby_app(daemon, leadership, standby_routes)
     swap = _Swap(daemon)
     stack.push_async_callback(swap.close)
     await swap.to(standby)
@@ -126,7 +132,7 @@ async def run_shared(daemon: Daemon, stack: contextlib.AsyncExitStack, stop: asy
             metrics.changed(False)
             if stop.is_set():
                 break
-            await swap.to(_standby_app(daemon, leadership))
+            await swap.to(_standby_app(daemon, leadership, standby_routes))
             leadership.allow_acquire()
     finally:
         # The elector first (one statement at a time on the lease's connection), then

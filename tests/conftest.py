@@ -139,8 +139,10 @@ def make_settings(tmp_path: Path, broker: EmbeddedBroker) -> Callable[..., Setti
         storage.update(overrides.pop("storage", {}))
         http = {"port": 0}
         http.update(overrides.pop("http", {}))
-        # On a shared store: a daemon takes over a lease a killed one left within 2 s.
-        ha = {"lease_duration_s": 2.0, "renew_deadline_s": 1.5, "retry_period_s": 0.2}
+        # On a shared store: a daemon takes over a lease a killed one left within 4 s
+        # (a cancelled daemon releases it at once); a loaded machine may delay a renewal
+        # by a second or two without costing the lead.
+        ha = {"lease_duration_s": 4.0, "renew_deadline_s": 3.0, "retry_period_s": 0.2}
         ha.update(overrides.pop("ha", {}))
         return Settings(kafka=kafka, storage=storage, http=http, ha=ha, **overrides)
 

@@ -59,7 +59,7 @@ def pair(
 ) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
     """Daemons ``a`` and ``b`` (not started) on one store, one broker, one group."""
     tag = uuid.uuid4().hex[:8]
-    lease = getattr(request, "param", {"lease": 3.0, "renew": 2.0, "retry": 0.3})
+    lease = getattr(request, "param", {"lease": 4.0, "renew": 3.0, "retry": 0.3})
     config = tmp_path / "promptd.toml"
     config.write_text(CONFIG)
     env = environment(
@@ -299,7 +299,13 @@ async def test_a_leader_paused_past_its_lease_writes_nothing_when_it_wakes(
     body = await wait_for(standing_by, timeout=10)
     assert body["role"] == "standby"
     assert "lease" in body["stepped_down"]["reason"]
-    assert (await _rollout(b.url, rollout_id))["status"] == "running"
+    # Standing by, it serves from the database, not from its ended term's memory: a
+    # rollback it hands to b shows in the routing it serves at once.
+    status, _ = await _call("POST", f"{a.url}/v1/rollouts/{rollout_id}/rollback", {})
+    assert status == 200
+    _, routing = await _call("GET", a.url + "/v1/prompts/summarize/routing")
+    assert (routing["weight"], routing["rollout_id"]) == (0.0, None)
+    assert (await _rollout(b.url, rollout_id))["status"] == "rolled_back"
 
 
 async def _fingerprint(pg_url: str) -> dict[str, Any]:

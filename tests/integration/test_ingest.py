@@ -69,7 +69,7 @@ MALFORMED: list[tuple[bytes | None, str]] = [
 
 
 async def test_stores_each_valid_event_once_and_dead_letters_the_rest(
-    make_settings, start_daemon, backend
+    make_settings, backend, start_daemon
 ) -> None:
     """Valid events are stored exactly once; malformed records go to the DLQ with a reason
     (on both storage backends)."""
@@ -130,7 +130,7 @@ async def _stored_offsets_total(repo, total: int) -> bool:
 
 
 async def test_hard_stop_mid_ingestion_loses_nothing_and_counts_nothing_twice(
-    make_settings, start_daemon, backend
+    make_settings, backend, start_daemon
 ) -> None:
     """A daemon cancelled without its shutdown path resumes from storage: each event once
     (on both storage backends)."""

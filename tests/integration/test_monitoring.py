@@ -260,7 +260,7 @@ async def _has(query: Callable[[], Any], wanted: set[str]) -> bool:
 
 
 async def test_firing_alert_survives_restart_without_duplicate(
-    make_settings: Callable[..., Any], start_daemon: Callable[..., Any], backend: dict[str, Any]
+    make_settings: Callable[..., Any], backend: dict[str, Any], start_daemon: Callable[..., Any]
 ) -> None:
     """A firing alert stays firing across a restart and is not notified a second time (on
     both storage backends)."""

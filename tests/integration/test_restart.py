@@ -113,7 +113,7 @@ async def test_clean_restart_loads_the_snapshot_and_replays_nothing(
 
 
 async def test_crash_replays_only_the_events_stored_after_the_last_snapshot(
-    make_settings, start_daemon, backend
+    make_settings, backend, start_daemon
 ) -> None:
     """After a hard stop the start loads the last periodic snapshot and replays exactly the
     events stored after it; the windows then hold every event once (both backends)."""

@@ -160,7 +160,7 @@ async def _metrics(url: str) -> str:
 
 
 async def test_rollout_resumes_at_same_step_weight_and_salt_after_hard_stop(
-    make_settings, start_daemon, backend
+    make_settings, backend, start_daemon
 ) -> None:
     """A daemon stopped without its shutdown path resumes each rollout where it was (on
     both storage backends)."""

@@ -103,7 +103,7 @@ async def _rollout(http: aiohttp.ClientSession, url: str, rid: str) -> dict[str,
 
 
 async def test_late_feedback_joins_its_call_across_restarts(
-    make_settings, start_daemon, backend
+    make_settings, backend, start_daemon
 ) -> None:
     """Calls stored before a hard stop and their feedback stored after the restart are
     joined on request_id: the feedback counts in its call's arm, and a second restart

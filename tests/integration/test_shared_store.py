@@ -44,7 +44,7 @@ def _pair_settings(
 
 
 async def test_the_standby_reads_the_store_and_hands_mutations_to_the_leader(
-    make_settings: Callable[..., Settings], start_daemon: Callable[..., Any], pg_url: str
+    make_settings: Callable[..., Settings], pg_url: str, start_daemon: Callable[..., Any]
 ) -> None:
     """The first daemon leads, the second stands by and says who leads; versions and a
     rollout created through the standby are applied by the leader; the standby's routing
@@ -91,7 +91,7 @@ async def test_the_standby_reads_the_store_and_hands_mutations_to_the_leader(
 
 
 async def test_a_clean_stop_hands_the_lead_over_at_once(
-    make_settings: Callable[..., Settings], start_daemon: Callable[..., Any], pg_url: str
+    make_settings: Callable[..., Settings], pg_url: str, start_daemon: Callable[..., Any]
 ) -> None:
     """SIGTERM of the leader releases its lease: the standby leads within a retry period
     (not a lease duration), consumes from the stored offsets, and every event is stored
@@ -118,7 +118,7 @@ async def test_a_clean_stop_hands_the_lead_over_at_once(
 
 
 async def test_without_a_reachable_leader_mutations_get_503_and_reads_still_work(
-    make_settings: Callable[..., Settings], start_daemon: Callable[..., Any], pg_url: str
+    make_settings: Callable[..., Settings], pg_url: str, start_daemon: Callable[..., Any]
 ) -> None:
     """A standby whose leader does not answer refuses mutations with 503 and Retry-After
     (nothing applied), and still answers reads from the database."""
@@ -152,7 +152,7 @@ async def _count_is(repo: Any, expected: int) -> bool:
 
 
 async def test_a_daemon_does_not_lead_a_store_a_newer_promptd_migrated(
-    make_settings: Callable[..., Settings], start_daemon: Callable[..., Any], pg_url: str
+    make_settings: Callable[..., Settings], pg_url: str, start_daemon: Callable[..., Any]
 ) -> None:
     """In a rolling upgrade, an old daemon standing by never takes the lead of the store a
     newer promptd migrated: when its turn comes it stops with one line saying so."""
