@@ -94,6 +94,10 @@ class RecordingRollouts:
         """Always running."""
         return {"status": "running"}
 
+    async def list(self) -> list[dict[str, Any]]:
+        """None started before (each run's store is fresh)."""
+        return []
+
 
 def model_settings(url: str, temperature: float, max_tokens: int) -> LLMSettings:
     """The small model as promptd reaches it."""

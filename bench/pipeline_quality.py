@@ -152,7 +152,7 @@ def context_factory(
     async def hook(_cand: Candidate) -> None:
         return None
 
-    def make(prompt: str, chain: ChainEvaluator, tag: str) -> SearchContext:
+    def make(prompt: str, chain: ChainEvaluator, tag: str, current: float) -> SearchContext:
         base = chain.programs[prompt]
         return SearchContext(
             run_id=f"{run}/{prompt}/{tag}",
@@ -166,6 +166,7 @@ def context_factory(
             settings=conf,
             seen={seen_key(base)},
             on_candidate=hook,
+            baseline_val_mean=current,
         )
 
     return make
@@ -193,11 +194,11 @@ async def optimize(
         make = context_factory(conf, llm, parts.train, validation, method)
         report: dict[str, Any] = {}
         if method == "alone":
-            programs = await independent(PIPELINE, ACTIVE, chain, make, strategy)
+            programs = await independent(PIPELINE, ACTIVE, chain, validation, make, strategy)
         else:
             solver = LeaderFollower(PIPELINE, ACTIVE, chain, validation, make, strategy, top_k=2)
             eq = await solver.solve()
-            programs = eq.best.programs(PIPELINE)
+            programs = eq.best.programs(PIPELINE) if eq.chosen is not None else dict(ACTIVE)
             report = eq.report(PIPELINE)
         return {
             "method": method,

@@ -3,8 +3,8 @@
 A startup hook builds the :class:`~promptd.optimization.runner.OptimizationRunner` once
 storage, the registry and the rollout controller exist (``install_rollouts`` runs
 first), checks the configured strategies and tracking, loads the runs a restart cut
-short (the ``optimizer`` task resumes them), mounts the HTTP routes and adds the task
-that consumes the monitor's trigger queue.
+short (the ``optimizer`` task resumes them once the daemon is ready), mounts the HTTP
+routes and adds the task that consumes the monitor's trigger queue.
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def install(daemon: Daemon) -> None:
                 settings.optimization.example_max_age_days * 86_400,
                 settings.optimization.max_examples,
             ),
+            # Runs a stop cut short resume once /readyz would answer 200.
+            ready=lambda: daemon.readiness()[0],
         )
         await runner.resume()
         daemon.components["optimizer"] = runner

@@ -221,6 +221,10 @@ class OptimizationSettings(_Section):
     tracking: TrackingSettings = TrackingSettings()
     # Candidates longer than this (characters) are discarded.
     max_template_chars: int = Field(default=20_000, ge=100)
+    # Selection: a candidate whose validation mean is within this many standard errors
+    # (of the paired per-example differences) of the best one cannot be told from it;
+    # of those, the run gates the one closest to the active version. 0: always the best.
+    candidate_tolerance_se: float = Field(default=1.0, ge=0, le=5)
 
     splits: SplitSettings = SplitSettings()
     evaluation: EvaluationSettings = EvaluationSettings()

@@ -2,7 +2,7 @@
 
 An episode is the set of calls that share an ``episode_id`` (see ``promptd.episode()``).
 :class:`EpisodeStore` is the daemon's
-:class:`~promptd.optimization.pipeline_run.EpisodeSource`: it turns the event tables into
+:class:`~promptd.optimization.targets.EpisodeSource`: it turns the event tables into
 :class:`~promptd.optimization.pipeline.Episode` examples for a pipeline, within a run's
 :class:`~promptd.optimization.examples.Snapshot`, so a resumed run reads exactly the
 same episodes.
@@ -26,11 +26,16 @@ Like the example store, nothing is copied: retention of raw events is also the s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from promptd.optimization.examples import EventReader, Example, Snapshot, as_text
+from promptd.optimization.examples import (
+    EventReader,
+    Example,
+    Snapshot,
+    as_text,
+    load_payload,
+)
 from promptd.optimization.pipeline import Episode
 from promptd.replacement.pipelines import Pipeline, parse_source
 from promptd.storage.repository import EventRepository
@@ -65,15 +70,6 @@ SELECT episode_id, prompt, request_id, variant, ts, input, output FROM metric_ev
 
 #: Episodes per calls query (well below SQLite's variable limit).
 _CHUNK: Final = 400
-
-
-def _load(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def episode_inputs(pipeline: Pipeline, calls: Mapping[str, Example]) -> dict[str, Any]:
@@ -119,7 +115,7 @@ class EpisodeStore(EventReader):
             if len(steps) != len(prompts):
                 continue  # cannot happen within one snapshot; guards a racing purge
             last = steps[prompts[-1]]
-            loaded = _load(correction)
+            loaded = load_payload(correction)
             out.append(
                 Episode(
                     episode_id=str(episode_id),
@@ -158,8 +154,8 @@ class EpisodeStore(EventReader):
                     request_id=str(request_id),
                     variant=str(variant),
                     ts=float(ts),
-                    input=_load(value_in),
-                    output=_load(value_out),
+                    input=load_payload(value_in),
+                    output=load_payload(value_out),
                     score=score,
                     n_feedback=n,
                     comments=None,

@@ -150,7 +150,8 @@ def as_text(value: dict[str, Any] | str | None) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
-def _load(text: str | None) -> Any:
+def load_payload(text: str | None) -> Any:
+    """A stored payload: its JSON value, or the text itself when it is not JSON."""
     if text is None:
         return None
     try:
@@ -164,12 +165,12 @@ def _example(row: Sequence[Any]) -> Example:
         request_id=row[0],
         variant=row[1],
         ts=float(row[2]),
-        input=_load(row[3]),
-        output=_load(row[4]),
+        input=load_payload(row[3]),
+        output=load_payload(row[4]),
         score=float(row[5]),
         n_feedback=int(row[6]),
         comments=row[7],
-        correction=_load(row[8]),
+        correction=load_payload(row[8]),
     )
 
 

@@ -5,7 +5,9 @@ Every model call of a run (proposer, evaluation, judge) goes through one
 :class:`CachedLLM`, which shares the run's :class:`Budget` (calls, tokens, cost, a
 deadline) and persists every answer before handing it back. A call whose answer is
 stored is never paid for again: not by a later strategy, not by a later run, not after a
-restart (this is what makes a resumed run replay for free). litellm is imported lazily
+restart (this is what makes a resumed run replay for free). The run's spend is recorded
+before each request leaves, so a call lost in flight (the daemon killed while waiting
+for its answer) still counts as paid after the restart. litellm is imported lazily
 (it takes seconds to import and is not needed by the rest of the daemon) and told to use
 its bundled cost map, so it never fetches prices from the internet.
 """
@@ -62,6 +64,15 @@ class LLMError(OptimizerError):
         self.attempts = attempts
 
 
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """Calls (retries included), tokens and dollars a run paid for."""
+
+    calls: int
+    tokens: int
+    cost_usd: float
+
+
 @dataclass
 class Budget:
     """What one run may spend, checked before every paid call.
@@ -111,6 +122,10 @@ class Budget:
         self.tokens += tokens
         self.cost_usd += cost_usd
 
+    def spent(self) -> Spend:
+        """What was paid so far."""
+        return Spend(self.calls, self.tokens, self.cost_usd)
+
     def hold_back(self, share: float, seconds: float) -> None:
         """Reserve ``share`` of the call, token and cost limits and ``seconds`` of time."""
         self.reserve_share = min(max(share, 0.0), 0.9)
@@ -149,6 +164,10 @@ class CallStore(Protocol):
         """The stored answer for ``key``."""
         ...
 
+    async def note_spend(self, run_id: str, spent: Spend) -> None:
+        """Record a run's spend before a paid call leaves (never lowers it)."""
+        ...
+
     async def put_call(
         self,
         key: str,
@@ -157,8 +176,9 @@ class CallStore(Protocol):
         model: str,
         messages: list[Message],
         c: Completion,
+        spent: Spend | None = None,
     ) -> None:
-        """Store an answer (first writer wins)."""
+        """Store an answer (first writer wins), with the run's spend after it."""
         ...
 
 
@@ -222,8 +242,10 @@ class CachedLLM:
         async with self._slots:
             self.budget.check()
             # Counted before the answer arrives, so concurrent calls cannot overshoot the
-            # call budget; retries, tokens and cost are added when it is known.
+            # call budget; retries, tokens and cost are added when it is known. Recorded
+            # before the request leaves: a call lost in flight (a kill) was still paid.
             self.budget.spend(1, 0, 0.0)
+            await self.store.note_spend(self.run_id, self.budget.spent())
             try:
                 completion = await self.client.complete(llm, messages, purpose)
             except LLMError as exc:
@@ -235,7 +257,9 @@ class CachedLLM:
                 completion.cost_usd,
             )
             self.misses += 1
-            await self.store.put_call(key, self.run_id, purpose, llm.model, messages, completion)
+            await self.store.put_call(
+                key, self.run_id, purpose, llm.model, messages, completion, self.budget.spent()
+            )
         return completion.text
 
 

@@ -1,68 +1,102 @@
-"""One optimization run: examples, splits, search, selection, gate — with checkpoints.
+"""One optimization run, for a prompt or a pipeline alike: its phases, with checkpoints.
 
-A run is fixed by its :class:`RunPlan` (persisted when it starts): the prompt, the
-active template it starts from, the strategies, a seed and the example snapshot. Given
-the plan, the run is deterministic up to the models' answers, and every answer is
-persisted as it arrives (see :class:`~promptd.optimization.llm.CachedLLM`). A run that
-a restart interrupted is therefore resumed by executing its plan again: everything it
-had done replays from the cache at no cost, and it continues where it stopped.
+A run is fixed by its :class:`~promptd.optimization.plan.RunPlan` (persisted when it
+starts). Given the plan, the run is deterministic up to the models' answers, and every
+answer is persisted as it arrives (see :class:`~promptd.optimization.llm.CachedLLM`). A
+run that a restart interrupted is therefore resumed by executing its plan again:
+everything it had done replays from the cache at no cost, and it continues where it
+stopped. What depends on the target (one prompt's calls or a pipeline's episodes, how
+programs are scored, how the search goes) is the target's
+(:mod:`promptd.optimization.targets`); the phases are one:
 
-Phases (``phase`` in the run row):
+1. ``examples`` — the target's data within the snapshot, split by a hash of its id into
+   train / validation / test; only data that can score the active programs counts;
+2. ``baseline`` — the active programs on the validation split;
+3. ``search`` — the target's search proposes candidates (a program for every step) and
+   scores each on validation; what the gate needs of the budget is held back, the
+   judge's calls included;
+4. ``select`` — among the candidates that beat the active programs on validation, the
+   best, unless another is within the validation noise of it and closer to the active
+   version (:mod:`promptd.optimization.candidates`);
+5. ``gate`` — that one candidate against the active programs on the untouched test split.
 
-1. ``examples`` — the prompt's examples within the snapshot, split by ``request_id``
-   hash into train / validation / test; only usable examples count (see the evaluator);
-2. ``baseline`` — the active template on the validation split;
-3. ``search`` — each strategy proposes and scores candidates on validation; a share of
-   the budget (what the gate needs) is held back;
-4. ``gate`` — the single candidate with the best validation mean, if it beats the
-   active template there, against the active template on the untouched test split.
-
-Outcomes: ``gate_passed``, ``gate_failed``, ``no_improvement_on_validation``,
-``no_candidate``, ``not_enough_examples``, ``budget_exhausted`` and, without an
-evaluation model, ``proposed`` (the runner then lets an online rollout decide).
+The hand-off of a gated candidate is :mod:`promptd.optimization.handoff`'s. Outcomes are
+:class:`~promptd.optimization.outcomes.Outcome` values; without an evaluation model a
+prompt's run proposes a candidate unscored (``proposed``) and says so.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import structlog
 
-from promptd.optimization.config import OptimizationSettings
+from promptd.optimization import candidates as selection
 from promptd.optimization.evaluator import Evaluator
-from promptd.optimization.examples import Example, ExampleStore, Snapshot, Splits, split
 from promptd.optimization.gate import GateResult, decide
-from promptd.optimization.llm import Budget, BudgetExceeded, CachedLLM, LLMClient
-from promptd.optimization.program import Program, seen_key
-from promptd.optimization.store import OptimizationStore
-from promptd.optimization.strategies import get_strategy
-from promptd.optimization.strategies.base import Candidate, SearchContext, SearchResult
+from promptd.optimization.llm import Budget, BudgetExceeded, CachedLLM
+from promptd.optimization.outcomes import Outcome
+from promptd.optimization.plan import RunPlan
+from promptd.optimization.program import Program
+from promptd.optimization.services import RunServices
+from promptd.optimization.stackelberg import Equilibrium, Response
+from promptd.optimization.strategies.base import Candidate, SearchResult
+from promptd.optimization.targets import Data, PipelineTarget, PromptTarget
 
 log = structlog.get_logger("promptd.optimizer")
 
+# Trials are checkpointed at most this often (candidates and phases always are).
+TRIAL_CHECKPOINT_S = 1.0
+UNSCORED = (
+    "the candidate is unscored: no evaluation model is configured "
+    "([optimization.evaluation.model] would score it on validation and gate it on test)"
+)
 
-@dataclass(frozen=True)
-class RunPlan:
-    """Everything that fixes a run (persisted at its start, read back on resume)."""
 
-    run_id: str
-    prompt: str
-    trigger_kind: str
-    trigger_reason: str
-    strategies: tuple[str, ...]
-    selection: dict[str, Any]
-    seed: int
-    snapshot: Snapshot
-    parent_version: str
-    baseline: Program
-    started_at: float
-    elapsed_s: float = 0.0
-    resumes: int = 0
+@dataclass
+class RunCandidate:
+    """A candidate of the run: a program for every step, scored on validation."""
+
+    programs: dict[str, Program]
+    strategy: str
+    rationale: str
+    scores: tuple[float, ...]
+    index: int
+    details: dict[str, Any] = field(default_factory=dict)
+    scored: bool = True
+
+    @property
+    def val_mean(self) -> float | None:
+        """Validation mean (``None`` when unscored)."""
+        return float(np.mean(self.scores)) if self.scored and self.scores else None
+
+    def summary(self, active: Mapping[str, Program]) -> dict[str, Any]:
+        """JSON form for the run row and events (the changed templates included)."""
+        changed = {p: prog for p, prog in self.programs.items() if prog != active[p]}
+        if len(active) == 1:
+            [program] = self.programs.values()
+            template = program.template
+            config = program.to_config() if program.chat else None
+        else:
+            template = "\n\n".join(f"[{p}]\n{prog.template}" for p, prog in changed.items())
+            config = None
+        mean = self.val_mean
+        return {
+            "index": self.index,
+            "strategy": self.strategy,
+            "rationale": self.rationale[:2_000],
+            "template": template,
+            "config": config,
+            "steps": sorted(changed),
+            "val_mean": None if mean is None else round(mean, 6),
+            "val_n": len(self.scores),
+            "details": self.details,
+        }
 
 
 @dataclass
@@ -71,27 +105,46 @@ class RunProgress:
 
     phase: str = "examples"
     splits: dict[str, int] = field(default_factory=dict)
-    baseline_val_mean: float | None = None
-    candidates: list[Candidate] = field(default_factory=list)
+    baseline_scores: tuple[float, ...] = ()
+    candidates: list[RunCandidate] = field(default_factory=list)
+    trials: list[dict[str, Any]] = field(default_factory=list)
     discarded: Counter[str] = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
     selected: int | None = None
+    equilibrium: dict[str, Any] | None = None
     gate: GateResult | None = None
-    outcome: str = "none"
+    unscored: bool = False
+    outcome: Outcome = Outcome.NONE
 
     @property
-    def chosen(self) -> Candidate | None:
+    def baseline_val_mean(self) -> float | None:
+        """The active programs' validation mean, once scored."""
+        return float(np.mean(self.baseline_scores)) if self.baseline_scores else None
+
+    @property
+    def chosen(self) -> RunCandidate | None:
         """The selected candidate."""
         return None if self.selected is None else self.candidates[self.selected]
 
-    def progress_json(self, baseline: Program) -> dict[str, Any]:
+    def progress_json(self, plan: RunPlan) -> dict[str, Any]:
         """The ``progress`` column."""
+        active = plan.active
+        chosen = self.chosen
         return {
             "phase": self.phase,
             "splits": self.splits,
             "baseline_val_mean": self.baseline_val_mean,
-            "baseline_template": baseline.template,
+            "baseline_template": "\n\n".join(
+                prog.template if len(active) == 1 else f"[{p}]\n{prog.template}"
+                for p, prog in active.items()
+            ),
             "selected": self.selected,
+            "chosen": None
+            if chosen is None
+            else {p: prog.template for p, prog in chosen.programs.items() if prog != active[p]},
+            "unscored": self.unscored,
+            "equilibrium": self.equilibrium,
+            "trials": self.trials,
             "notes": self.notes,
         }
 
@@ -106,156 +159,97 @@ class RunExecution:
     def __init__(
         self,
         plan: RunPlan,
-        settings: OptimizationSettings,
-        store: OptimizationStore,
-        examples: ExampleStore,
-        client: LLMClient,
+        services: RunServices,
         checkpoint: Checkpoint,
         notify: Notify,
-        known: set[str] | None = None,
+        known: Mapping[str, set[str]] | None = None,
     ) -> None:
         self.plan = plan
-        # Programs registered before (any status): not proposed again.
-        self.known = known or set()
-        self.settings = settings
-        self.store = store
-        self.examples = examples
-        self.client = client
+        self.services = services
+        self.settings = services.settings
         self.checkpoint = checkpoint
         self.notify = notify
+        # Per step: programs registered before (any status, not by this run).
+        self.known: Mapping[str, set[str]] = known or {}
         self.progress = RunProgress()
-        self.budget = Budget(settings.max_llm_calls, settings.max_cost_usd, settings.max_tokens)
+        b = plan.budget
+        self.budget = Budget(b.llm_calls, b.cost_usd, b.tokens)
         self.llm: CachedLLM | None = None
+        self._last_trial_checkpoint = 0.0
+        if plan.pipeline is not None:
+            assert services.episodes is not None, "a pipeline run needs an episode source"
+            self.target: PromptTarget | PipelineTarget = PipelineTarget(
+                plan, services.episodes, self.settings
+            )
+        else:
+            self.target = PromptTarget(plan, services.examples, self.settings)
+
+    # -- the phases --------------------------------------------------------------------
 
     async def execute(self) -> RunProgress:
         """Run every phase; the progress says how it ended (``outcome``)."""
         plan, settings = self.plan, self.settings
-        spent = await self.store.spend(plan.run_id)
+        store = self.services.store
+        spent = await store.spend(plan.run_id)
         self.budget.spend(spent.calls, spent.tokens, spent.cost_usd)
-        self.budget.deadline = time.monotonic() + max(settings.timeout_s - plan.elapsed_s, 0.0)
+        self.budget.deadline = time.monotonic() + plan.remaining_s
         self.llm = CachedLLM(
-            self.client, self.store, self.budget, plan.run_id, settings.max_concurrency
-        )
-        pool = await self.examples.examples(plan.prompt, plan.snapshot)
-        splits = split(
-            pool, settings.splits.salt, settings.splits.train, settings.splits.validation
+            self.services.client_factory(),
+            store,
+            self.budget,
+            plan.run_id,
+            settings.max_concurrency,
         )
         if settings.evaluation.model is None:
-            return await self._propose_only(splits)
+            return await self._without_evaluation()
         evaluator = Evaluator(self.llm, settings.evaluation)
-        validation, test = self._usable(evaluator, splits)
-        self.progress.splits = {
-            "examples": len(pool),
-            "train": len(splits.train),
-            "validation": len(validation),
-            "test": len(test),
-        }
+        data = await self.target.data(evaluator)
+        self.progress.splits = data.sizes
         limits = settings.splits
-        if len(validation) < limits.min_validation or len(test) < limits.min_test:
+        if len(data.validation) < limits.min_validation or len(data.test) < limits.min_test:
             self.progress.notes.append(
-                f"{len(validation)} usable validation and {len(test)} test examples; "
-                f"need {limits.min_validation} and {limits.min_test} (examples need captured "
-                "input and a correct answer: a correction, or an output rated at least "
-                f"{settings.evaluation.reference_min_score})"
+                f"{len(data.validation)} usable validation and {len(data.test)} test "
+                f"examples; need {limits.min_validation} and {limits.min_test} ({data.needs})"
             )
-            return await self._end("not_enough_examples")
-        self._hold_back_for_gate(len(test), evaluator)
+            return self._end(Outcome.NOT_ENOUGH_EXAMPLES)
+        self._hold_back_for_gate(len(data.test), evaluator)
         try:
             await self._phase("baseline")
-            baseline_scores = await evaluator.scores(plan.baseline, validation)
+            scores = await self.target.scores(plan.active, data.validation)
         except BudgetExceeded as exc:
             self.progress.notes.append(f"baseline: {exc}")
-            return await self._end("budget_exhausted")
-        self.progress.baseline_val_mean = float(np.mean(baseline_scores))
+            return self._end(Outcome.BUDGET_EXHAUSTED)
+        self.progress.baseline_scores = tuple(scores)
         await self._phase("search")
-        await self._search(splits.train, validation, evaluator)
-        best = self._select()
-        if best is None:
-            return await self._end("no_candidate")
-        if best.val_mean is None or best.val_mean <= self.progress.baseline_val_mean:
-            self.progress.notes.append(
-                f"best validation mean {best.val_mean:.4f} does not beat the active "
-                f"version's {self.progress.baseline_val_mean:.4f}"
-            )
-            return await self._end("no_improvement_on_validation")
-        return await self._gate(best, test, evaluator)
-
-    def _usable(
-        self, evaluator: Evaluator, splits: Splits[Example]
-    ) -> tuple[list[Example], list[Example]]:
-        limits = self.settings.splits
-        base = self.plan.baseline
-        validation = [e for e in splits.validation if evaluator.usable(e, base)]
-        test = [e for e in splits.test if evaluator.usable(e, base)]
-        return validation[: limits.max_validation], test[: limits.max_test]
+        await self.target.search(data, self)
+        return await self._select_and_gate(data)
 
     def _hold_back_for_gate(self, n_test: int, evaluator: Evaluator) -> None:
-        per_example = 2 if evaluator.metric is None else 1  # the judge doubles the calls
-        share = 2 * n_test * per_example / max(self.settings.max_llm_calls, 1)
-        self.budget.hold_back(share, self.settings.timeout_s * min(share, 0.5))
+        """Reserve what the gate pays: both programs answer every test example through
+        every step, and a judge scores each final answer."""
+        per_example = self.target.calls_per_example + (1 if evaluator.metric is None else 0)
+        share = 2 * n_test * per_example / max(self.budget.max_calls, 1)
+        self.budget.hold_back(share, self.plan.budget.timeout_s * min(share, 0.5))
 
-    async def _search(
-        self, train: list[Example], validation: list[Example], evaluator: Evaluator
-    ) -> None:
-        seen = {seen_key(self.plan.baseline), *self.known}
-        ctx = SearchContext(
-            run_id=self.plan.run_id,
-            prompt=self.plan.prompt,
-            seed=self.plan.seed,
-            baseline=self.plan.baseline,
-            train=train,
-            validation=validation,
-            evaluator=evaluator,
-            llm=self.llm,
-            settings=self.settings,
-            seen=seen,
-            on_candidate=self._candidate,
-            baseline_val_mean=self.progress.baseline_val_mean or 0.0,
-        )
-        for name in self.plan.strategies:
-            try:
-                result = await get_strategy(name).search(ctx)
-            except BudgetExceeded as exc:
-                result = SearchResult(stopped=str(exc))
-            self._collect(name, result)
-            if result.stopped:
-                break
-
-    def _collect(self, name: str, result: SearchResult) -> None:
-        for reason, count in result.discarded.items():
-            self.progress.discarded[f"{name}:{reason}"] += count
-        for note in [*result.notes, *([result.stopped] if result.stopped else [])]:
-            self.progress.notes.append(f"{name}: {note}")
-            log.info(
-                "optimization_strategy_note", run_id=self.plan.run_id, strategy=name, note=note
+    async def _select_and_gate(self, data: Data) -> RunProgress:
+        if not any(c.scored for c in self.progress.candidates):
+            return self._end(Outcome.NO_CANDIDATE)
+        picked = self._select()
+        if picked is None:
+            best = max(c.val_mean or 0.0 for c in self.progress.candidates)
+            self.progress.notes.append(
+                f"best validation mean {best:.4f} does not beat the active "
+                f"version's {self.progress.baseline_val_mean or 0.0:.4f}"
             )
-
-    async def _candidate(self, cand: Candidate) -> None:
-        cand.index = len(self.progress.candidates)
-        self.progress.candidates.append(cand)
-        await self.checkpoint(self.progress, self.budget)
-        await self.notify("candidate_evaluated", cand.summary())
-
-    def _select(self) -> Candidate | None:
-        scored = [c for c in self.progress.candidates if c.val_mean is not None]
-        if not scored:
-            return None
-        # Highest validation mean; the earliest wins ties (stable across replays).
-        best = max(scored, key=lambda c: (c.val_mean, -c.index))
-        self.progress.selected = best.index
-        return best
-
-    async def _gate(
-        self, best: Candidate, test: list[Example], evaluator: Evaluator
-    ) -> RunProgress:
+            return self._end(Outcome.NO_IMPROVEMENT)
         await self._phase("gate")
         self.budget.release()
         try:
-            candidate = await evaluator.scores(best.program, test)
-            baseline = await evaluator.scores(self.plan.baseline, test)
+            candidate = await self.target.scores(picked.programs, data.test)
+            baseline = await self.target.scores(self.plan.active, data.test)
         except BudgetExceeded as exc:
             self.progress.notes.append(f"gate: {exc}")
-            return await self._end("budget_exhausted")
+            return self._end(Outcome.BUDGET_EXHAUSTED)
         result = decide(
             candidate,
             baseline,
@@ -266,38 +260,115 @@ class RunExecution:
             min_examples=self.settings.splits.min_test,
         )
         self.progress.gate = result
-        await self.notify("gate_decided", {"candidate": best.index, **result.to_dict()})
-        return await self._end("gate_passed" if result.passed else "gate_failed")
+        await self.notify("gate_decided", {"candidate": picked.index, **result.to_dict()})
+        return self._end(Outcome.GATE_PASSED if result.passed else Outcome.GATE_FAILED)
 
-    async def _propose_only(self, splits: Splits[Example]) -> RunProgress:
-        """No evaluation model: propose without scoring; the online rollout decides."""
-        self.progress.splits = {"train": len(splits.train)}
-        await self._phase("search")
-        ctx = SearchContext(
-            run_id=self.plan.run_id,
-            prompt=self.plan.prompt,
-            seed=self.plan.seed,
-            baseline=self.plan.baseline,
-            train=[*splits.train, *splits.validation],
-            validation=[],
-            evaluator=None,
-            llm=None,
-            settings=self.settings,
-            seen={seen_key(self.plan.baseline), *self.known},
-            on_candidate=self._candidate,
+    def _select(self) -> RunCandidate | None:
+        """The candidate to gate (see :mod:`promptd.optimization.candidates`)."""
+        active = self.plan.active
+        pool = [c for c in self.progress.candidates if c.scored and c.programs != active]
+        picked = selection.select(
+            [
+                selection.Option(c.scores, selection.total_distance(c.programs, active))
+                for c in pool
+            ],
+            self.progress.baseline_scores,
+            self.settings.candidate_tolerance_se,
         )
-        for name in self.plan.strategies:
-            self._collect(name, await get_strategy(name).search(ctx))
-            if self.progress.candidates:
-                self.progress.selected = 0
-                return await self._end("proposed")
-        return await self._end("no_candidate")
+        if picked is None:
+            return None
+        chosen = pool[picked.index]
+        self.progress.selected = chosen.index
+        self.progress.notes.append(f"selected candidate {chosen.index}: {picked.reason}")
+        return chosen
+
+    async def _without_evaluation(self) -> RunProgress:
+        """No evaluation model: propose without scoring; the online rollout decides."""
+        if not isinstance(self.target, PromptTarget):
+            self.progress.notes.append("a pipeline run needs optimization.evaluation.model")
+            return self._end(Outcome.NO_EVALUATION_MODEL)
+        data = await self.target.data(None)
+        self.progress.splits = {"train": data.sizes["train"]}
+        await self._phase("search")
+        await self.target.propose(data, self)
+        if not self.progress.candidates:
+            return self._end(Outcome.NO_CANDIDATE)
+        self.progress.selected = 0
+        self.progress.unscored = True
+        self.progress.notes.insert(0, UNSCORED)
+        return self._end(Outcome.PROPOSED)
 
     async def _phase(self, phase: str) -> None:
         self.progress.phase = phase
         await self.checkpoint(self.progress, self.budget)
 
-    async def _end(self, outcome: str) -> RunProgress:
+    def _end(self, outcome: Outcome) -> RunProgress:
         self.progress.outcome = outcome
         self.progress.phase = "done"
         return self.progress
+
+    # -- what the target's search reports (RunHooks) -----------------------------------
+
+    @property
+    def baseline_val_mean(self) -> float:
+        """The active programs' validation mean (0 before it is known)."""
+        return self.progress.baseline_val_mean or 0.0
+
+    async def candidate(
+        self, programs: dict[str, Program], found: Candidate, scores: Sequence[float]
+    ) -> None:
+        """A run candidate, checkpointed and announced."""
+        cand = RunCandidate(
+            programs,
+            found.strategy,
+            found.rationale,
+            tuple(scores),
+            len(self.progress.candidates),
+            found.details,
+            scored=len(scores) > 0,
+        )
+        found.index = cand.index
+        self.progress.candidates.append(cand)
+        await self.checkpoint(self.progress, self.budget)
+        await self.notify("candidate_evaluated", cand.summary(self.plan.active))
+
+    async def trial(self, entry: dict[str, Any]) -> None:
+        """One scoring of a program, kept in the run's record."""
+        self.progress.trials.append(entry)
+        now = time.monotonic()
+        if now - self._last_trial_checkpoint >= TRIAL_CHECKPOINT_S:
+            self._last_trial_checkpoint = now
+            await self.checkpoint(self.progress, self.budget)
+
+    def collect(self, name: str, result: SearchResult) -> None:
+        """A search's notes and discarded proposals."""
+        for reason, count in result.discarded.items():
+            self.progress.discarded[f"{name}:{reason}"] += count
+        for note in [*result.notes, *([result.stopped] if result.stopped else [])]:
+            self.progress.notes.append(f"{name}: {note}")
+            log.info(
+                "optimization_strategy_note", run_id=self.plan.run_id, strategy=name, note=note
+            )
+
+    def choose(self, responses: Sequence[Response]) -> int:
+        """The leader/follower pair the run would select (the best when none beats the
+        active pipeline: the run then ends without improvement anyway)."""
+        active = self.plan.active
+        pipeline = self.plan.pipeline
+        assert pipeline is not None
+        options = [
+            selection.Option(r.scores, selection.total_distance(r.programs(pipeline), active))
+            for r in responses
+        ]
+        picked = selection.select(
+            options, self.progress.baseline_scores, self.settings.candidate_tolerance_se
+        )
+        if picked is None:
+            return max(range(len(responses)), key=lambda i: (responses[i].val_mean, -i))
+        return picked.index
+
+    def equilibrium(self, eq: Equilibrium) -> None:
+        """The leader/follower result, for the record."""
+        assert self.plan.pipeline is not None
+        self.progress.equilibrium = eq.report(self.plan.pipeline)
+        self.progress.notes.extend(eq.notes)

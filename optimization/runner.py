@@ -3,14 +3,15 @@
 :class:`OptimizationRunner` consumes :class:`OptimizationTrigger` objects (from the
 monitor's queue, the schedule and the HTTP route), asks the pure policy
 (:mod:`~promptd.optimization.policy`) whether to run, picks the run's strategy with the
-bandit (:mod:`~promptd.optimization.selection`), persists the run's plan and executes it
-(:mod:`~promptd.optimization.run`) as its own task under the run's timeout. A run that
-passes the gate registers its candidate and starts a rollout that promotes it only on a
-significant online win. Runs a restart cut short are resumed from their plan and the
-call cache. The bandit learns from every gate and every optimizer rollout's end. Every
-step is logged with a stable event name, counted in Prometheus and published on the
-optimization topic; a run that fails is recorded with its error and never takes the
-daemon down.
+bandit (:mod:`~promptd.optimization.selection`), persists the run's plan
+(:mod:`~promptd.optimization.planning`) and starts its task
+(:mod:`~promptd.optimization.task`), which executes the plan, hands the selected
+candidate to the registry and a rollout that promotes it only on a significant online
+win, and records the end. Runs a restart cut short are resumed from their plan and the
+call cache once the daemon is ready. The bandit learns from every gate and every
+optimizer rollout's end. Every step is logged with a stable event name, counted in
+Prometheus and published on the optimization topic; a run that fails is recorded with
+its error and never takes the daemon down.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -33,50 +34,29 @@ from promptd.optimization.examples import ExampleStore
 from promptd.optimization.gate import seed_for
 from promptd.optimization.llm import Budget, LiteLLMClient, LLMClient, close_litellm
 from promptd.optimization.metrics import OptimizationMetrics
-from promptd.optimization.pipeline_run import EpisodeSource, PipelinePlan
-from promptd.optimization.pipeline_runs import PIPELINE_STRATEGIES, PipelineRuns
-from promptd.optimization.program import program_of
-from promptd.optimization.prompt_runs import PromptRuns, plan_row
-from promptd.optimization.run import RunPlan
+from promptd.optimization.outcomes import Outcome, RunStatus
+from promptd.optimization.plan import BudgetRequest, BudgetTooLarge, RunBudget, RunPlan
+from promptd.optimization.planning import Planner
 from promptd.optimization.selection import Choice, choose, posterior
+from promptd.optimization.services import Publish, Rollouts, RunServices
 from promptd.optimization.store import OptimizationStore
 from promptd.optimization.strategies import available, get_strategy
+from promptd.optimization.targets import EpisodeSource
+from promptd.optimization.task import RunTask
 from promptd.optimization.tracking import NoTracker, Tracker
 from promptd.replacement.pipelines import Pipeline, PipelineRegistry
-from promptd.replacement.registry import PromptVersion, Registry, RegistryError
+from promptd.replacement.registry import Registry
 from promptd.storage.database import Database
 
 log = structlog.get_logger("promptd.optimizer")
 
-Publish = Callable[[dict[str, Any]], Awaitable[None]]
 # How often deployed runs' rollouts are checked for the bandit's online evidence.
 ONLINE_CHECK_S = 15.0
 # Paid answers are kept this long for reuse (the active version's, mostly).
 CALL_CACHE_DAYS = 30.0
 LIVE_ROLLOUT_STATES = frozenset({"pending", "running", "paused"})
 
-
-class Rollouts(Protocol):
-    """The part of the rollout controller the optimizer uses."""
-
-    def live_prompts(self) -> set[str]:
-        """Prompts with a live rollout."""
-        ...
-
-    async def start_rollout(
-        self,
-        prompt: str,
-        candidate: str,
-        profile: str | None = None,
-        primary_metric: str = "feedback_score",
-        require_win: bool = False,
-    ) -> Any:
-        """Start a rollout; returns the stored rollout (with ``id``)."""
-        ...
-
-    async def describe(self, rollout_id: str) -> dict[str, Any]:
-        """A rollout as the API shows it (with ``status``)."""
-        ...
+__all__ = ["OptimizationRunner", "Publish", "Rollouts", "RunError"]
 
 
 class RunError(Exception):
@@ -89,7 +69,7 @@ class RunError(Exception):
 
 
 class OptimizationRunner:
-    """Policy, strategy selection, runs, hand-off and learning; one per daemon."""
+    """Policy, strategy selection, runs and learning; one per daemon."""
 
     def __init__(
         self,
@@ -105,23 +85,33 @@ class OptimizationRunner:
         tracker: Tracker | None = None,
         pipelines: PipelineRegistry | None = None,
         episodes: EpisodeSource | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
-        self.db = db
-        self.registry = registry
-        self.rollouts = rollouts
         self.settings = settings
         self.metrics = metrics
-        self.publish = publish
-        self.primary_metric = primary_metric
-        self.client_factory = client_factory or (
-            lambda: LiteLLMClient(settings.max_retries, settings.retry_backoff_s)
-        )
         self.clock = clock
-        self.tracker = tracker or NoTracker()
+        self.rollouts = rollouts
         self.store = OptimizationStore(db)
-        self.examples = ExampleStore(
-            db, settings.example_max_age_days * 86_400, settings.max_examples
+        self.services = RunServices(
+            settings=settings,
+            store=self.store,
+            registry=registry,
+            rollouts=rollouts,
+            examples=ExampleStore(
+                db, settings.example_max_age_days * 86_400, settings.max_examples
+            ),
+            episodes=episodes,
+            client_factory=client_factory
+            or (lambda: LiteLLMClient(settings.max_retries, settings.retry_backoff_s)),
+            clock=clock,
+            publish=publish,
+            metrics=metrics,
+            tracker=tracker or NoTracker(),
+            primary_metric=primary_metric,
         )
+        self.planner = Planner(self.services, pipelines)
+        # Whether the daemon is ready (/readyz): resumed runs wait for it.
+        self.ready = ready or (lambda: True)
         self.state = policy.PolicyState({})
         self.limits = policy.PolicyLimits(
             automatic=settings.enable_automatic_optimization,
@@ -132,33 +122,25 @@ class OptimizationRunner:
         self.last_triggers: dict[str, tuple[OptimizationTrigger, policy.Decision]] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._to_resume: list[RunPlan | PipelinePlan] = []
-        self.prompt_runs = PromptRuns(self)
-        self.pipeline_runs = (
-            PipelineRuns(self, pipelines, episodes)
-            if pipelines is not None and episodes is not None
-            else None
-        )
+        self._to_resume: list[RunPlan] = []
+        self._waiting_logged = False
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def resume(self) -> None:
-        """Load the policy's memory and the runs a stop cut short (started by :meth:`run`)."""
+        """Load the policy's memory and the runs a stop cut short (started by :meth:`run`
+        once the daemon is ready)."""
         rows = await self.store.policy_rows()
         self.state = policy.PolicyState({r[0]: policy.PromptRunState(r[1], r[2]) for r in rows})
         for row in await self.store.running():
-            plan: RunPlan | PipelinePlan | None
-            if (row.get("target") or {}).get("kind") == "pipeline" and self.pipeline_runs:
-                plan = await self.pipeline_runs.plan_from_row(row)
-            else:
-                plan = await self.prompt_runs.plan_from_row(row)
+            plan = await self.planner.from_row(row)
             if plan is None:
                 await self.store.finish_run(
                     row["id"],
                     row["prompt"],
                     self.clock(),
-                    status="interrupted",
-                    outcome="none",
+                    status=str(RunStatus.INTERRUPTED),
+                    outcome=str(Outcome.NONE),
                     error="the daemon stopped during the run, which cannot be resumed",
                 )
                 log.warning("optimization_run_not_resumable", run_id=row["id"])
@@ -167,23 +149,18 @@ class OptimizationRunner:
             self.state = policy.started(self.state, plan.prompt, plan.started_at)
 
     async def run(self, stop: asyncio.Event, queue: Any) -> None:
-        """Resume cut-short runs, then consume triggers, run the schedule and learn from
-        rollouts until ``stop``; then end the runs in progress (they resume next start)."""
-        for plan in self._to_resume:
-            self.metrics.resumed.inc()
-            log.info("optimization_resumed", run_id=plan.run_id, resumes=plan.resumes)
-            await self.store.update_run(plan.run_id, resumes=plan.resumes)
-            self.metrics.running.inc()
-            self._spawn(plan)
-        self._to_resume = []
+        """Consume triggers, run the schedule and learn from rollouts until ``stop``;
+        resume cut-short runs once the daemon is ready; then end the runs in progress
+        (they resume next start)."""
         next_schedule = self.clock() + self.settings.schedule_check_interval_s
         next_online = 0.0
         try:
             while not stop.is_set():
+                self._resume_when_ready()
                 trigger = None
                 # asyncio.timeout, not wait_for: see promptd._aio.wait_event.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.5):
+                    async with asyncio.timeout(0.5 if not self._to_resume else 0.1):
                         trigger = await queue.get()
                 if trigger is not None:
                     await self.submit(trigger)
@@ -202,6 +179,23 @@ class OptimizationRunner:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             await close_litellm()
 
+    def _resume_when_ready(self) -> None:
+        """Start the runs a stop cut short, once the daemon is ready: before, they would
+        pay for model calls a daemon that cannot ingest may be stopped again during."""
+        if not self._to_resume:
+            return
+        if not self.ready():
+            if not self._waiting_logged:
+                self._waiting_logged = True
+                log.info("optimization_resume_waiting", runs=len(self._to_resume))
+            return
+        for plan in self._to_resume:
+            self.metrics.resumed.inc()
+            log.info("optimization_resumed", run_id=plan.run_id, resumes=plan.resumes)
+            self.metrics.running.inc()
+            self._spawn(plan)
+        self._to_resume = []
+
     async def wait_idle(self) -> None:
         """Wait until no run is in progress (tests and the one-shot mode)."""
         while self._tasks:
@@ -211,7 +205,7 @@ class OptimizationRunner:
         if not self.limits.automatic:
             return
         try:
-            prompts = await self.registry.list_prompts()
+            prompts = await self.services.registry.list_prompts()
         except Exception:
             log.exception("optimization_schedule_failed")
             return
@@ -239,27 +233,36 @@ class OptimizationRunner:
     ) -> tuple[policy.Decision, str | None]:
         """Decide on ``trigger``; start a run when the policy says so. Never raises."""
         try:
-            return await self._submit(trigger, strategies)
+            return await self._submit(trigger, strategies, RunBudget.configured(self.settings))
         except Exception as exc:
             log.exception("optimization_submit_failed", prompt=trigger.prompt)
             return policy.Decision(False, "error", repr(exc)), None
 
     async def start_manual(
-        self, prompt: str, strategies: Sequence[str] | None, reason: str
+        self,
+        prompt: str,
+        strategies: Sequence[str] | None,
+        reason: str,
+        budget: BudgetRequest | None = None,
     ) -> tuple[policy.Decision, str]:
-        """A manual run; raises :class:`RunError` when it cannot start."""
+        """A manual run, with its own budget within the configured one; raises
+        :class:`RunError` when it cannot start."""
         for name in strategies or ():
             try:
                 get_strategy(name)
             except KeyError as exc:
                 raise RunError(400, "unknown_strategy", str(exc.args[0])) from None
+        try:
+            run_budget = RunBudget.within(self.settings, budget)
+        except BudgetTooLarge as exc:
+            raise RunError(422, "budget_too_large", str(exc)) from None
         if strategies:
             why = {n: r for n, r in available(tuple(strategies), self.settings).items() if r}
             if len(why) == len(set(strategies)):
                 detail = "; ".join(f"{n}: {r}" for n, r in why.items())
                 raise RunError(422, "no_strategy_available", f"no strategy can run: {detail}")
         trigger = OptimizationTrigger(prompt, "manual", self.clock(), reason)
-        decision, run_id = await self._submit(trigger, strategies)
+        decision, run_id = await self._submit(trigger, strategies, run_budget)
         if run_id is None:
             status = {"no_active_version": 404, "no_strategy_available": 422}.get(
                 decision.reason, 409
@@ -268,14 +271,15 @@ class OptimizationRunner:
         return decision, run_id
 
     async def _submit(
-        self, trigger: OptimizationTrigger, strategies: Sequence[str] | None
+        self,
+        trigger: OptimizationTrigger,
+        strategies: Sequence[str] | None,
+        budget: RunBudget,
     ) -> tuple[policy.Decision, str | None]:
-        pipeline = None
-        if self.pipeline_runs is not None:
-            pipeline = await self.pipeline_runs.pipeline_of(trigger.prompt)
-            if pipeline is not None:
-                # A prompt of a pipeline is optimized with its pipeline.
-                trigger = replace(trigger, prompt=pipeline.name)
+        pipeline = await self.planner.pipeline_of(trigger.prompt)
+        if pipeline is not None:
+            # A prompt of a pipeline is optimized with its pipeline.
+            trigger = replace(trigger, prompt=pipeline.name)
         async with self._lock:
             now = self.clock()
             live = self.rollouts.live_prompts()
@@ -283,9 +287,9 @@ class OptimizationRunner:
                 live = live | {pipeline.name}
             decision = policy.decide(self.state, trigger, now, self.limits, live)
             run_id = f"opt-{uuid.uuid4().hex[:12]}"
-            prepared = None
+            plan = None
             if decision.run:
-                decision, prepared = await self._prepare(trigger, strategies, pipeline, run_id, now)
+                decision, plan = await self._plan(trigger, strategies, pipeline, budget, run_id)
             self.metrics.triggers.labels(trigger.kind, decision.reason).inc()
             self.last_triggers[trigger.prompt] = (trigger, decision)
             log.info(
@@ -296,64 +300,50 @@ class OptimizationRunner:
                 reason=decision.reason,
                 detail=decision.detail,
             )
-            if prepared is None:
+            if plan is None:
                 return decision, None
-            plan, row, choice = prepared
             base = {
                 "id": run_id,
                 "prompt": trigger.prompt,
                 "trigger_kind": trigger.kind,
                 "trigger_reason": trigger.reason,
-                "status": "running",
+                "status": str(RunStatus.RUNNING),
                 "started_at": now,
                 "phase": "examples",
             }
-            await self.store.create_run({**base, **row}, now)
+            await self.store.create_run({**base, **plan.row()}, now)
             self.state = policy.started(self.state, trigger.prompt, now)
             self.metrics.running.inc()
-            self.metrics.selected.labels(choice.strategy, choice.method).inc()
+            self.metrics.selected.labels(plan.selection["strategy"], plan.selection["method"]).inc()
         self._spawn(plan)
         return decision, run_id
 
-    async def _prepare(
+    async def _plan(
         self,
         trigger: OptimizationTrigger,
         strategies: Sequence[str] | None,
         pipeline: Pipeline | None,
+        budget: RunBudget,
         run_id: str,
-        now: float,
-    ) -> tuple[policy.Decision, Prepared | None]:
-        """The plan, the row and the strategy choice of a run the policy accepted."""
-        accepted = policy.Decision(True, trigger.kind, trigger.reason)
+    ) -> tuple[policy.Decision, RunPlan | None]:
+        """The plan of a run the policy accepted, or why it cannot start."""
         choice, why_not = await self._choose(trigger.prompt, run_id, strategies, pipeline)
         if choice is None:
             return policy.Decision(False, "no_strategy_available", why_not), None
-        if pipeline is not None:
-            assert self.pipeline_runs is not None
-            made = await self.pipeline_runs.plan(
-                pipeline, run_id, choice.strategy, choice.to_dict(), now
-            )
-            if isinstance(made, str):
-                return policy.Decision(False, "no_active_version", made), None
-            return accepted, (made[0], made[1], choice)
-        active = await self._active(trigger.prompt)
-        if active is None:
-            reason = f"{trigger.prompt!r} has no active version"
-            return policy.Decision(False, "no_active_version", reason), None
-        plan = RunPlan(
-            run_id=run_id,
-            prompt=trigger.prompt,
-            trigger_kind=trigger.kind,
-            trigger_reason=trigger.reason,
-            strategies=tuple(strategies) if strategies else (choice.strategy,),
-            selection=choice.to_dict(),
-            seed=seed_for(run_id),
-            snapshot=await self.examples.snapshot(now),
-            parent_version=active.version,
-            baseline=program_of(active),
-            started_at=now,
+        names = (choice.strategy,) if pipeline is not None or not strategies else tuple(strategies)
+        made = await self.planner.new(
+            run_id,
+            trigger.prompt,
+            pipeline,
+            names,
+            choice.to_dict(),
+            budget,
+            (trigger.kind, trigger.reason),
+            self.clock(),
         )
-        return accepted, (plan, plan_row(plan), choice)
+        if isinstance(made, str):
+            return policy.Decision(False, "no_active_version", made), None
+        return policy.Decision(True, trigger.kind, trigger.reason), made
 
     async def _choose(
         self,
@@ -363,11 +353,7 @@ class OptimizationRunner:
         pipeline: Pipeline | None = None,
     ) -> tuple[Choice | None, str]:
         names = tuple(strategies) if strategies else self.settings.strategies
-        why = available(names, self.settings)
-        if pipeline is not None:
-            for name in names:
-                if name not in PIPELINE_STRATEGIES and why[name] is None:
-                    why[name] = "not for pipelines (its search reads one prompt's examples)"
+        why = available(names, self.settings, pipeline=pipeline is not None)
         usable = [n for n in names if why[n] is None]
         if not usable:
             detail = "; ".join(f"{n}: {reason}" for n, reason in why.items())
@@ -391,29 +377,19 @@ class OptimizationRunner:
             "",
         )
 
-    async def _active(self, prompt: str) -> PromptVersion | None:
-        try:
-            return await self.registry.active(prompt)
-        except RegistryError:
-            return None
-
-    def _spawn(self, plan: RunPlan | PipelinePlan) -> None:
-        if isinstance(plan, PipelinePlan):
-            assert self.pipeline_runs is not None
-            job = self.pipeline_runs.run(plan)
-        else:
-            job = self.prompt_runs.run(plan)
+    def _spawn(self, plan: RunPlan) -> None:
+        job = RunTask(plan, self.services, self.run_ended).run()
         task = asyncio.create_task(job, name=f"promptd:optimize:{plan.run_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # -- one run -------------------------------------------------------------------
-
-    def run_ended(self, target: str, now: float, status: str, outcome: str, budget: Budget) -> None:
+    def run_ended(
+        self, target: str, now: float, status: RunStatus, outcome: Outcome, budget: Budget
+    ) -> None:
         """The policy and metrics after any run of ``target`` ended."""
         self.state = policy.finished(self.state, target, now)
         self.metrics.running.dec()
-        self.metrics.runs.labels(status, outcome).inc()
+        self.metrics.runs.labels(str(status), str(outcome)).inc()
         self.metrics.llm_calls.inc(budget.calls)
         self.metrics.cost.inc(budget.cost_usd)
 
@@ -456,22 +432,7 @@ class OptimizationRunner:
                 won=won,
             )
 
-    # -- events and views ----------------------------------------------------------
-
-    async def emit(self, event: str, plan: RunPlan | PipelinePlan, **fields: Any) -> None:
-        """One optimization event: to the log (without template text) and to the topic."""
-        log.info(
-            event,
-            run_id=plan.run_id,
-            prompt=plan.prompt,
-            **{k: v for k, v in fields.items() if k not in ("template", "details")},
-        )
-        body = {"event": event, "run_id": plan.run_id, "prompt": plan.prompt, "ts": self.clock()}
-        try:
-            await self.publish({**body, **fields})
-        except Exception as exc:
-            # The topic is a notification channel; a run never fails because Kafka is down.
-            log.warning("optimization_publish_failed", event_name=event, error=repr(exc))
+    # -- views ---------------------------------------------------------------------
 
     async def list_runs(self, prompt: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Runs, newest first."""
@@ -506,6 +467,3 @@ class OptimizationRunner:
                 "runs": post.runs_here + post.runs_elsewhere,
             }
         return out
-
-
-Prepared = tuple["RunPlan | PipelinePlan", dict[str, Any], Choice]

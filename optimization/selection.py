@@ -31,7 +31,7 @@ from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class Evidence:
     """Pseudo-counts one run contributed for its strategy on its prompt."""
 
     prompt: str
@@ -79,7 +79,7 @@ class Choice:
 def posterior(
     strategy: str,
     prompt: str,
-    outcomes: Iterable[Outcome],
+    outcomes: Iterable[Evidence],
     prior_alpha: float,
     prior_beta: float,
     shared_weight: float,
@@ -103,7 +103,7 @@ def posterior(
 def choose(
     available: Sequence[str],
     prompt: str,
-    outcomes: Sequence[Outcome],
+    outcomes: Sequence[Evidence],
     rng: random.Random,
     *,
     prior_alpha: float = 1.0,

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
-from promptd.optimization.llm import Completion, Message
-from promptd.optimization.selection import Outcome
+from promptd.optimization.llm import Completion, Message, Spend
+from promptd.optimization.outcomes import Outcome, RunStatus
+from promptd.optimization.selection import Evidence
 from promptd.storage.database import Database
 
 RUN_COLUMNS: Final = (
@@ -46,6 +46,7 @@ RUN_COLUMNS: Final = (
     "resumes",
     "target",
 )
+_SPEND: Final = frozenset({"llm_calls", "tokens", "cost_usd"})
 _JSON_COLUMNS: Final = (
     "strategies",
     "candidates",
@@ -58,15 +59,6 @@ _JSON_COLUMNS: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Spend:
-    """Calls, tokens and dollars a run paid for (from its stored calls)."""
-
-    calls: int
-    tokens: int
-    cost_usd: float
-
-
 class OptimizationStore:
     """SQL of the optimizer, over the daemon's database."""
 
@@ -77,15 +69,19 @@ class OptimizationStore:
 
     async def get_call(self, key: str) -> Completion | None:
         """The stored answer for ``key``."""
-        async with self.db.reader.execute(
+        row = await self._one(
             "SELECT response, tokens_in, tokens_out, cost_usd, attempts "
             "FROM optimization_llm_calls WHERE key = ?",
             (key,),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         if row is None:
             return None
         return Completion(row[0], int(row[1]), int(row[2]), float(row[3]), int(row[4]))
+
+    async def note_spend(self, run_id: str, spent: Spend) -> None:
+        """Record a run's spend in its row; never lowers it (calls run concurrently)."""
+        async with self.db.transaction() as conn:
+            await _note_spend(conn, run_id, spent)
 
     async def put_call(
         self,
@@ -95,9 +91,13 @@ class OptimizationStore:
         model: str,
         messages: list[Message],
         c: Completion,
+        spent: Spend | None = None,
     ) -> None:
-        """Store an answer; the first writer of a key wins (both paid the same call)."""
+        """Store an answer; the first writer of a key wins (both paid the same call).
+        With ``spent``, the run's spend after the call, in the same transaction."""
         async with self.db.transaction() as conn:
+            if spent is not None:
+                await _note_spend(conn, run_id, spent)
             await conn.execute(
                 "INSERT INTO optimization_llm_calls (key, run_id, purpose, model, request, "
                 "response, attempts, tokens_in, tokens_out, cost_usd, created_at) "
@@ -118,15 +118,23 @@ class OptimizationStore:
             )
 
     async def spend(self, run_id: str) -> Spend:
-        """What ``run_id`` paid for so far (restores a resumed run's budget)."""
-        async with self.db.reader.execute(
+        """What ``run_id`` paid for so far (restores a resumed run's budget): its stored
+        answers, or its row's figures when larger (calls lost in flight, and answers of
+        its calls that another run stored first)."""
+        stored = await self._one(
             "SELECT coalesce(sum(attempts), 0), coalesce(sum(tokens_in + tokens_out), 0), "
             "coalesce(sum(cost_usd), 0) FROM optimization_llm_calls WHERE run_id = ?",
             (run_id,),
-        ) as cur:
-            row = await cur.fetchone()
-        assert row is not None
-        return Spend(int(row[0]), int(row[1]), float(row[2]))
+        )
+        noted = await self._one(
+            "SELECT llm_calls, tokens, cost_usd FROM optimization_runs WHERE id = ?", (run_id,)
+        ) or (0, 0, 0.0)
+        assert stored is not None
+        return Spend(
+            max(int(stored[0]), int(noted[0] or 0)),
+            max(int(stored[1]), int(noted[1] or 0)),
+            max(float(stored[2]), float(noted[2] or 0.0)),
+        )
 
     async def purge_calls(self, older_than: float, keep_runs: Sequence[str]) -> int:
         """Forget answers older than ``older_than``, except those of running runs."""
@@ -159,9 +167,10 @@ class OptimizationStore:
             )
 
     async def update_run(self, run_id: str, **fields: Any) -> None:
-        """Set some columns of a run (checkpoints, progress, the end)."""
+        """Set some columns of a run (checkpoints, progress); the spend columns never
+        go down (a checkpoint may race the spend noted before a call)."""
         cols = list(fields)
-        sets = ", ".join(f"{c} = ?" for c in cols)
+        sets = ", ".join(f"{c} = max({c}, ?)" if c in _SPEND else f"{c} = ?" for c in cols)
         async with self.db.transaction() as conn:
             await conn.execute(
                 f"UPDATE optimization_runs SET {sets} WHERE id = ?",
@@ -185,7 +194,7 @@ class OptimizationStore:
 
     async def running(self) -> list[dict[str, Any]]:
         """Runs a stopped daemon left running (to resume)."""
-        return await self._select("WHERE status = 'running' ORDER BY started_at", ())
+        return await self._select("WHERE status = ? ORDER BY started_at", (str(RunStatus.RUNNING),))
 
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
         """One run, or ``None``."""
@@ -203,10 +212,10 @@ class OptimizationStore:
     async def awaiting_online(self) -> list[dict[str, Any]]:
         """Deployed runs whose rollout's result the bandit has not learned yet."""
         return await self._select(
-            "WHERE outcome = 'deployed' AND rollout_id IS NOT NULL AND NOT EXISTS ("
+            "WHERE outcome = ? AND rollout_id IS NOT NULL AND NOT EXISTS ("
             "SELECT 1 FROM optimization_outcomes o WHERE o.run_id = optimization_runs.id "
             "AND o.kind = 'online')",
-            (),
+            (str(Outcome.DEPLOYED),),
         )
 
     async def policy_rows(self) -> list[tuple[str, float | None, float | None]]:
@@ -216,6 +225,11 @@ class OptimizationStore:
         ) as cur:
             rows = await cur.fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
+
+    async def _one(self, sql: str, params: Sequence[Any]) -> Sequence[Any] | None:
+        async with self.db.reader.execute(sql, tuple(params)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else tuple(row)
 
     async def _select(self, tail: str, params: Sequence[Any]) -> list[dict[str, Any]]:
         sql = f"SELECT {', '.join(RUN_COLUMNS)} FROM optimization_runs {tail}"
@@ -244,14 +258,22 @@ class OptimizationStore:
                 (run_id, prompt, strategy, kind, successes, failures, detail, time.time()),
             )
 
-    async def outcomes(self) -> list[Outcome]:
+    async def outcomes(self) -> list[Evidence]:
         """All recorded outcomes, summed per run."""
         async with self.db.reader.execute(
             "SELECT prompt, strategy, sum(successes), sum(failures) "
             "FROM optimization_outcomes GROUP BY run_id, prompt, strategy"
         ) as cur:
             rows = await cur.fetchall()
-        return [Outcome(r[0], r[1], float(r[2]), float(r[3])) for r in rows]
+        return [Evidence(r[0], r[1], float(r[2]), float(r[3])) for r in rows]
+
+
+async def _note_spend(conn: Any, run_id: str, spent: Spend) -> None:
+    await conn.execute(
+        "UPDATE optimization_runs SET llm_calls = max(llm_calls, ?), tokens = max(tokens, ?), "
+        "cost_usd = max(cost_usd, ?) WHERE id = ?",
+        (spent.calls, spent.tokens, spent.cost_usd, run_id),
+    )
 
 
 def _encode(column: str, value: Any) -> Any:

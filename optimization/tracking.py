@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import structlog
 
 from promptd.optimization.config import TrackingSettings
+from promptd.optimization.outcomes import RunStatus
 
 log = structlog.get_logger("promptd.optimizer")
 
@@ -93,7 +94,7 @@ class MlflowTracker:
                 path = Path(tmp) / name
                 path.write_text(text, encoding="utf-8")
                 client.log_artifact(mlflow_id, str(path))
-        status = "FINISHED" if run["status"] == "completed" else "FAILED"
+        status = "FINISHED" if run["status"] == RunStatus.COMPLETED else "FAILED"
         client.set_terminated(mlflow_id, status=status)
         return str(mlflow_id)
 

@@ -9,6 +9,9 @@ translates a query once per text (cached) for asyncpg:
 * ``group_concat(x, sep)`` becomes ``string_agg(x, sep)``;
 * ``CAST(x AS INTEGER)`` truncates in SQLite but rounds in PostgreSQL: it becomes
   ``CAST(trunc(x) AS BIGINT)``;
+* SQLite's scalar ``max(a, b)`` and ``min(a, b)`` (two or more arguments) become
+  ``greatest(a, b)`` and ``least(a, b)`` (one argument: the aggregates, unchanged);
+  they differ on NULL (SQLite answers NULL, PostgreSQL skips it): give them no NULLs;
 * ``TOTAL(x)`` (a float sum, 0.0 over no rows) exists in PostgreSQL as an aggregate that
   :data:`POSTGRESQL_PRELUDE` creates with the schema.
 
@@ -90,8 +93,8 @@ class _Scan:
         self.out: list[str] = []
         self.names: list[str] = []
         self.positional = 0
-        # Per open parenthesis: where a CAST's body starts in ``out`` (None: not a CAST).
-        self.casts: list[int | None] = []
+        # Per open parenthesis: what it opened (a CAST, max/min, or a plain one).
+        self.parens: list[_Paren] = []
 
     def step(self) -> None:
         sql, i = self.sql, self.i
@@ -113,6 +116,8 @@ class _Scan:
         elif c in "()":
             self.parenthesis(c)
         else:
+            if c == "," and self.parens:
+                self.parens[-1].commas += 1
             self.copy(i + 1)
 
     def copy(self, end: int) -> None:
@@ -136,22 +141,40 @@ class _Scan:
 
     def word(self, text: str) -> None:
         self.i += len(text)
-        if text.lower() == "cast" and self.sql[self.i : self.i + 1] == "(":
-            self.out.append(text + "(")
-            self.casts.append(len(self.out))
+        kind = text.lower()
+        if kind in ("cast", "max", "min") and self.sql[self.i : self.i + 1] == "(":
+            self.out.append(text)
+            self.parens.append(_Paren(kind, len(self.out) - 1, len(self.out) + 1))
+            self.out.append("(")
             self.i += 1
             return
-        self.out.append(_RENAMES.get(text.lower(), text))
+        self.out.append(_RENAMES.get(kind, text))
 
     def parenthesis(self, c: str) -> None:
         if c == "(":
-            self.casts.append(None)
-        else:
-            start = self.casts.pop() if self.casts else None
-            if start is not None:
-                _truncating_cast(self.out, start)
+            self.parens.append(_Paren("", len(self.out), len(self.out) + 1))
+        elif self.parens:
+            paren = self.parens.pop()
+            if paren.kind == "cast":
+                _truncating_cast(self.out, paren.body)
+            elif paren.kind in _SCALAR and paren.commas:
+                self.out[paren.name] = _SCALAR[paren.kind]
         self.out.append(c)
         self.i += 1
+
+
+@dataclass(slots=True)
+class _Paren:
+    """An open parenthesis: ``kind`` (``cast``, ``max``, ``min`` or ''), where the
+    function's name and the body start in the output, and its top-level commas."""
+
+    kind: str
+    name: int
+    body: int
+    commas: int = 0
+
+
+_SCALAR: Final = {"max": "greatest", "min": "least"}
 
 
 def _truncating_cast(out: list[str], start: int) -> None:

@@ -109,7 +109,13 @@ class SqliteDatabase(Database):
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """``BEGIN IMMEDIATE`` … ``COMMIT`` on the writer; rolls back on any error."""
         async with self._write_lock:
-            await self.writer.execute("BEGIN IMMEDIATE")
+            try:
+                await self.writer.execute("BEGIN IMMEDIATE")
+            except asyncio.CancelledError:
+                # The BEGIN is queued on the writer's thread and runs anyway: roll it back
+                # there (after it, in order), or the next transaction could not begin.
+                await self.writer.rollback()
+                raise
             try:
                 yield self.writer
             except BaseException:

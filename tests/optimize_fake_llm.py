@@ -69,7 +69,9 @@ class FakeLLM:
         """Listen on a free loopback port."""
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A request a test holds forever (a call in flight when a daemon is killed) is
+        # cancelled a second after stop(), not after aiohttp's default minute.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

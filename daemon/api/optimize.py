@@ -1,10 +1,13 @@
 """HTTP routes of the optimizer.
 
 * ``POST /v1/optimize/{prompt}`` (admin) — start a manual run; body ``{"strategies": [...],
-  "reason": "..."}`` (both optional). ``{prompt}`` may name a pipeline, and a prompt that
+  "reason": "...", "budget": {"max_llm_calls", "max_tokens", "max_cost_usd",
+  "timeout_minutes"}}`` (all optional; the budget within the configured per-run maximum,
+  else 422 naming the setting). ``{prompt}`` may name a pipeline, and a prompt that
   belongs to a pipeline is optimized with its pipeline (leader/follower). 202 with the run
-  id; 404 for an unknown prompt or one without an active version; 409 when the policy
-  refuses (``reason`` says why).
+  id, the run's budget and, without an evaluation model, a ``warning`` that its candidate
+  will reach traffic unscored; 404 for an unknown prompt or one without an active
+  version; 409 when the policy refuses (``reason`` says why).
 * ``GET /v1/optimizations[?prompt=&limit=]`` — runs, newest first, with cost, outcome, the
   strategy each used and why (``selection``), the gate's figures; and ``strategies``: what
   the bandit currently believes of each configured strategy (for ``prompt`` if given).
@@ -23,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from promptd.daemon.http import json_error, read_body, require_admin
 from promptd.monitoring.triggers import OptimizationTrigger
+from promptd.optimization.outcomes import Outcome, RunStatus
+from promptd.optimization.plan import BudgetRequest
 from promptd.optimization.policy import Decision
 from promptd.optimization.runner import OptimizationRunner, RunError
 from promptd.replacement.controller import RolloutController
@@ -34,6 +39,12 @@ OPT_ROLLOUTS_KEY: web.AppKey[RolloutController] = web.AppKey("optimization_rollo
 
 # A rollout that has not changed for this long is reported as stuck.
 STUCK_AFTER_S = 24 * 3600.0
+UNSCORED_WARNING = (
+    "no evaluation model is configured: the candidate will not be scored before it reaches "
+    "traffic (a conservative rollout that must win online decides); set "
+    "[optimization.evaluation.model] to score and gate it, or without_evaluation = "
+    '"reject" to keep unscored candidates off traffic'
+)
 
 
 class OptimizeRequest(BaseModel):
@@ -44,6 +55,8 @@ class OptimizeRequest(BaseModel):
     # Checked against the strategy registry by the runner (400 naming the known ones).
     strategies: list[str] | None = Field(default=None, min_length=1, max_length=20)
     reason: str = Field(default="manual request", max_length=1000)
+    # Checked against the configured per-run maximum by the runner (422 beyond it).
+    budget: BudgetRequest | None = None
 
 
 async def optimize(request: web.Request) -> web.Response:
@@ -55,13 +68,27 @@ async def optimize(request: web.Request) -> web.Response:
     prompt = request.match_info["prompt"]
     runner = request.app[RUNNER_KEY]
     try:
-        decision, run_id = await runner.start_manual(prompt, body.strategies, body.reason)
+        decision, run_id = await runner.start_manual(
+            prompt, body.strategies, body.reason, body.budget
+        )
     except RunError as exc:
         return json_error(exc.status, str(exc), reason=exc.reason)
-    return web.json_response(
-        {"run_id": run_id, "prompt": prompt, "status": "running", "reason": decision.reason},
-        status=202,
-    )
+    answer: dict[str, Any] = {
+        "run_id": run_id,
+        "prompt": prompt,
+        "status": RunStatus.RUNNING,
+        "reason": decision.reason,
+    }
+    target = ((await runner.get_run(run_id)) or {}).get("target") or {}
+    answer["budget"] = target.get("budget")
+    settings = runner.settings
+    if (
+        settings.evaluation.model is None
+        and settings.without_evaluation == "conservative_rollout"
+        and target.get("kind") != "pipeline"
+    ):
+        answer["warning"] = UNSCORED_WARNING
+    return web.json_response(answer, status=202)
 
 
 async def list_optimizations(request: web.Request) -> web.Response:
@@ -131,9 +158,9 @@ def recommend(
         if trigger.kind != "degradation" or trigger.prompt in live:
             continue
         run = latest.get(trigger.prompt)
-        if run is not None and run["status"] == "running":
+        if run is not None and run["status"] == RunStatus.RUNNING:
             continue
-        if run is None or run["outcome"] != "deployed":
+        if run is None or run["outcome"] != Outcome.DEPLOYED:
             why = decision.detail if not decision.run else f"last run: {_run_text(run)}"
             out.append(
                 {

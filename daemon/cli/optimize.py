@@ -10,8 +10,9 @@ from urllib.parse import quote
 
 from promptd.daemon.cli.common import CommandError, http_json
 from promptd.daemon.settings import Settings
+from promptd.optimization.outcomes import RunStatus
 
-FINAL = ("completed", "failed", "timed_out", "interrupted")
+FINAL = frozenset(RunStatus) - {RunStatus.RUNNING}
 
 
 def register(sub: Any) -> dict[str, Any]:
@@ -30,6 +31,13 @@ def register(sub: Any) -> dict[str, Any]:
         metavar="TEXT",
         help="why, for the run's record",
     )
+    budget = opt.add_argument_group(
+        "the run's budget", "within the configured per-run maximum; unset: that maximum"
+    )
+    budget.add_argument("--max-llm-calls", type=int, metavar="N", help="paid model calls")
+    budget.add_argument("--max-tokens", type=int, metavar="N", help="prompt + completion tokens")
+    budget.add_argument("--max-cost-usd", type=float, metavar="USD", help="dollars")
+    budget.add_argument("--max-minutes", type=float, metavar="M", help="the run's time")
     opt.add_argument("--no-wait", action="store_true", help="return once the run started")
     opt.add_argument("--timeout", type=float, default=3600.0, help="seconds to follow the run")
     runs = sub.add_parser("optimizations", help="optimization runs with cost and outcome")
@@ -47,11 +55,12 @@ def register(sub: Any) -> dict[str, Any]:
 
 def optimize_command(args: argparse.Namespace, settings: Settings) -> int:
     """Start a run and follow it until it ends (or ``--no-wait``)."""
-    body: dict[str, Any] = {"reason": args.reason}
-    if args.strategy:
-        body["strategies"] = args.strategy
-    started = http_json(settings, "POST", f"/v1/optimize/{quote(args.prompt, safe='')}", body)
+    started = http_json(
+        settings, "POST", f"/v1/optimize/{quote(args.prompt, safe='')}", request_body(args)
+    )
     run_id = started["run_id"]
+    if started.get("warning") and not args.json:
+        print(f"warning: {started['warning']}")
     if args.no_wait:
         _print(args, started, f"run {run_id} started for {args.prompt}")
         return 0
@@ -70,8 +79,28 @@ def optimize_command(args: argparse.Namespace, settings: Settings) -> int:
         if time.monotonic() > deadline:
             raise CommandError(f"run {run_id} still running after {args.timeout:g}s")
         time.sleep(1.0)
-    _print(args, run, _summary(run))
-    return 0 if run["status"] == "completed" else 1
+    _print(args, run, summary(run))
+    return 0 if run["status"] == RunStatus.COMPLETED else 1
+
+
+def request_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The body of ``POST /v1/optimize/{prompt}`` from the command's arguments."""
+    body: dict[str, Any] = {"reason": args.reason}
+    if args.strategy:
+        body["strategies"] = args.strategy
+    budget = {
+        key: value
+        for key, value in (
+            ("max_llm_calls", args.max_llm_calls),
+            ("max_tokens", args.max_tokens),
+            ("max_cost_usd", args.max_cost_usd),
+            ("timeout_minutes", args.max_minutes),
+        )
+        if value is not None
+    }
+    if budget:
+        body["budget"] = budget
+    return body
 
 
 def _candidate(cand: dict[str, Any]) -> str:
@@ -79,7 +108,8 @@ def _candidate(cand: dict[str, Any]) -> str:
     return f"candidate {cand['index']} ({cand['strategy']}): {score}"
 
 
-def _summary(run: dict[str, Any]) -> str:
+def summary(run: dict[str, Any]) -> str:
+    """A finished run in a few lines."""
     selection = run.get("selection") or {}
     progress = run.get("progress") or {}
     lines = [
@@ -88,6 +118,12 @@ def _summary(run: dict[str, Any]) -> str:
         f"  strategy {selection.get('strategy', '?')} ({selection.get('method', '?')}: "
         f"{selection.get('reason', '')})",
     ]
+    notes = run["error"] or ""
+    if progress.get("unscored"):
+        # The run's first note says why, and which setting would score it.
+        unscored = progress["notes"][0]
+        lines.append(f"  {unscored}")
+        notes = notes.removeprefix(unscored).lstrip("; ")
     if progress.get("baseline_val_mean") is not None:
         lines.append(f"  active version: validation {progress['baseline_val_mean']:.3f}")
     lines += [f"  {_candidate(cand)}" for cand in run["candidates"]]
@@ -102,8 +138,8 @@ def _summary(run: dict[str, Any]) -> str:
         lines.append(f"  registered {run['deployed_version']}")
     if run["rollout_id"]:
         lines.append(f"  rollout {run['rollout_id']} started (promotes only on a significant win)")
-    if run["error"]:
-        lines.append(f"  {run['error']}")
+    if notes:
+        lines.append(f"  {notes}")
     return "\n".join(lines)
 
 

@@ -92,9 +92,19 @@ def get_strategy(name: str) -> Strategy:
     return _REGISTRY[name]()
 
 
-def available(names: tuple[str, ...], settings: OptimizationSettings) -> dict[str, str | None]:
-    """For each of ``names``: ``None`` when it can run with ``settings``, else why not."""
-    return {name: get_strategy(name).unavailable(settings) for name in names}
+def available(
+    names: tuple[str, ...], settings: OptimizationSettings, pipeline: bool = False
+) -> dict[str, str | None]:
+    """For each of ``names``: ``None`` when it can run with ``settings`` (on a pipeline,
+    when ``pipeline``), else why not."""
+    out = {}
+    for name in names:
+        strategy = get_strategy(name)
+        why = strategy.unavailable(settings)
+        if why is None and pipeline and not getattr(strategy, "pipelines", False):
+            why = "not for pipelines (its search reads one prompt's examples)"
+        out[name] = why
+    return out
 
 
 __all__ = [

@@ -47,6 +47,8 @@ class Candidate:
     val_n: int = 0
     details: dict[str, Any] = field(default_factory=dict)
     index: int = -1
+    # Per-example validation scores (what selection compares candidates by).
+    val_scores: tuple[float, ...] = ()
 
     def summary(self) -> dict[str, Any]:
         """JSON form for the run row and events (template included)."""
@@ -73,6 +75,8 @@ class SearchResult:
 
 
 CandidateHook = Callable[[Candidate], Awaitable[None]]
+# Receives every scoring of a program (a trial), for the run's record.
+TrialHook = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class SearchContext:
@@ -93,6 +97,7 @@ class SearchContext:
         seen: set[str],
         on_candidate: CandidateHook,
         baseline_val_mean: float = 0.0,
+        on_trial: TrialHook | None = None,
     ) -> None:
         self.run_id = run_id
         self.prompt = prompt
@@ -105,7 +110,9 @@ class SearchContext:
         self.settings = settings
         self.seen = seen
         self.on_candidate = on_candidate
+        # The validation mean of ``baseline`` (what proposers are told it scored).
         self.baseline_val_mean = baseline_val_mean
+        self.on_trial = on_trial
 
     def rng(self, *tags: str) -> random.Random:
         """A generator seeded by the run and ``tags`` (same run, same draws)."""
@@ -166,9 +173,29 @@ class SearchContext:
             scores = await self.evaluator.scores(program, self.validation)
             cand.val_mean = float(np.mean(scores)) if scores else 0.0
             cand.val_n = len(scores)
+            cand.val_scores = tuple(scores)
+            await self.record(strategy, "validation", scores, {"rationale": rationale[:300]})
         await self.on_candidate(cand)
         result.candidates.append(cand)
         return cand
+
+    async def record(
+        self, strategy: str, kind: str, scores: Sequence[float], details: dict[str, Any]
+    ) -> None:
+        """Record one trial (a scoring of a program) in the run."""
+        if self.on_trial is None:
+            return
+        mean = float(np.mean(scores)) if len(scores) else 0.0
+        await self.on_trial(
+            {
+                "step": self.prompt,
+                "strategy": strategy,
+                "kind": kind,
+                "n": len(scores),
+                "mean": round(mean, 6),
+                "details": details,
+            }
+        )
 
     def remaining_calls(self) -> float:
         """Paid calls the search may still make (infinite without a model client)."""
@@ -176,10 +203,13 @@ class SearchContext:
             return float("inf")
         return self.llm.budget.remaining_calls()
 
-    async def minibatch_mean(self, program: Program, examples: Sequence[Any]) -> float:
-        """Mean validation score of ``program`` on a subset (MIPRO's trials)."""
+    async def trial(
+        self, program: Program, examples: Sequence[Any], strategy: str, details: dict[str, Any]
+    ) -> float:
+        """Mean validation score of ``program`` on a subset (MIPRO's trials), recorded."""
         assert self.evaluator is not None
         scores = await self.evaluator.scores(program, examples)
+        await self.record(strategy, "minibatch", scores, details)
         return float(np.mean(scores)) if scores else 0.0
 
     async def propose(self, messages: list[Message], nonce: str) -> str:
@@ -201,7 +231,12 @@ def needs_models(settings: OptimizationSettings) -> str | None:
 
 
 class Strategy(Protocol):
-    """A search over programs."""
+    """A search over programs.
+
+    A class attribute ``pipelines = True`` says it can also search one step of a
+    pipeline, where every score is end to end on episodes and the step's examples are
+    the episodes' calls; without it, a strategy is for single prompts only.
+    """
 
     name: str
 

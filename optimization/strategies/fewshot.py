@@ -55,6 +55,7 @@ class FewShotSearch:
     """Random search over demonstration sets."""
 
     name = "fewshot"
+    pipelines = True
 
     def unavailable(self, settings: OptimizationSettings) -> str | None:
         """Always available (without an evaluation model it proposes one set unscored)."""

@@ -17,7 +17,9 @@ gepa is synchronous, so it runs in a worker thread, and every model call it make
 back onto the event loop. It stops when it has used its metric calls, when the run's
 budget is spent, or when the run is cancelled (timeout, shutdown): a stop flag ends it at
 its next step, and calls in flight are cancelled. The candidates it found are re-scored
-on the validation split (from the cache) and returned like any strategy's.
+on the validation split (from the cache) and returned like any strategy's. Every batch
+gepa scores is recorded in the run as it happens (a trial with the candidate's text), so
+a running gepa search shows its candidates and, through the run's spend, its calls.
 """
 
 from __future__ import annotations
@@ -113,13 +115,25 @@ class PromptdGepaAdapter:
         """Score ``candidate`` on ``batch`` with promptd's evaluator."""
         from gepa.core.adapter import EvaluationBatch
 
-        assert self.ctx.evaluator is not None
-        scored = self._call(self.ctx.evaluator.run(self.program(candidate), batch))
+        scored = self._call(self._scored(candidate, batch))
         return EvaluationBatch(
             outputs=[s.output for s in scored],
             scores=[s.score for s in scored],
             trajectories=list(zip(batch, scored, strict=True)) if capture_traces else None,
         )
+
+    async def _scored(self, candidate: Mapping[str, str], batch: list[Example]) -> list[Scored]:
+        """Score on the event loop and record the evaluation as a trial of the run, so
+        the run shows gepa's candidates and calls while it works."""
+        assert self.ctx.evaluator is not None
+        scored = await self.ctx.evaluator.run(self.program(candidate), batch)
+        await self.ctx.record(
+            GepaSearch.name,
+            "gepa",
+            [s.score for s in scored],
+            {COMPONENT: candidate[COMPONENT][:1_000]},
+        )
+        return scored
 
     def make_reflective_dataset(
         self,
@@ -167,6 +181,9 @@ class GepaSearch:
     """GEPA through :class:`PromptdGepaAdapter`."""
 
     name = "gepa"
+    # gepa's adapter reads one prompt's training examples; a pipeline step is scored on
+    # episodes.
+    pipelines = False
 
     def unavailable(self, settings: OptimizationSettings) -> str | None:
         """Needs the ``gepa`` package, a proposer and an evaluation model."""

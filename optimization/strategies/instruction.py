@@ -38,6 +38,7 @@ class InstructionSearch:
     """Breadth x depth instruction search with scores fed back to the proposer."""
 
     name = "instruction"
+    pipelines = True
 
     def unavailable(self, settings: OptimizationSettings) -> str | None:
         """Needs a proposer and an evaluation model."""

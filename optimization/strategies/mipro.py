@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -50,6 +51,7 @@ class MiproSearch:
     """Joint instruction and demonstration search with a TPE sampler."""
 
     name = "mipro"
+    pipelines = True
 
     def unavailable(self, settings: OptimizationSettings) -> str | None:
         """Needs a proposer and an evaluation model."""
@@ -149,35 +151,46 @@ class MiproSearch:
 
     async def _study(self, ctx: SearchContext, space: Space) -> list[tuple[Choice, float]]:
         """The TPE study; choices ranked by mean minibatch score (best first)."""
-        optuna = _optuna()
         conf = ctx.settings.mipro
-        sampler = optuna.samplers.TPESampler(
-            seed=ctx.seed % 2**31, n_startup_trials=max(1, min(5, conf.num_trials // 3))
-        )
-        study = optuna.create_study(direction="maximize", sampler=sampler)
         rng = ctx.rng(self.name, "minibatch")
         size = min(conf.minibatch_size, len(ctx.validation))
-        sums: dict[Choice, list[float]] = defaultdict(list)
-        for _ in range(conf.num_trials):
-            trial = study.ask()
-            choice: Choice = (
-                _pick(trial, "instruction", len(space.instructions)),
-                _pick(trial, "demos", len(space.demo_sets)),
-                _pick(trial, "model", len(space.models)),
-                _pick(trial, "temperature", len(space.temperatures)),
-            )
+
+        async def objective(choice: Choice) -> float:
             batch = rng.sample(ctx.validation, size)
-            try:
-                value = await ctx.minibatch_mean(self._build(ctx, space, choice), batch)
-            except BudgetExceeded:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                break
-            study.tell(trial, value)
-            sums[choice].append(value)
-        means = {choice: sum(v) / len(v) for choice, v in sums.items()}
+            program = self._build(ctx, space, choice)
+            return await ctx.trial(program, batch, self.name, _trial_details(choice))
+
+        values = await study(space.sizes(), conf.num_trials, ctx.seed, objective)
+        means = {choice: sum(v) / len(v) for choice, v in values.items()}
         # Index 0 everywhere is the active program itself.
         means.pop((0, 0, 0, 0), None)
         return sorted(means.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+async def study(
+    sizes: Choice, trials: int, seed: int, objective: Callable[[Choice], Awaitable[float]]
+) -> dict[Choice, list[float]]:
+    """``trials`` asks of optuna's TPE sampler (seeded) over the grid ``sizes``, each told
+    its objective value; every choice's values, in asking order. Stops at the budget."""
+    optuna = _optuna()
+    sampler = optuna.samplers.TPESampler(
+        seed=seed % 2**31, n_startup_trials=max(1, min(5, trials // 3))
+    )
+    tpe = optuna.create_study(direction="maximize", sampler=sampler)
+    values: dict[Choice, list[float]] = defaultdict(list)
+    names = ("instruction", "demos", "model", "temperature")
+    for _ in range(trials):
+        trial = tpe.ask()
+        i, j, m, t = (_pick(trial, name, size) for name, size in zip(names, sizes, strict=True))
+        choice: Choice = (i, j, m, t)
+        try:
+            value = await objective(choice)
+        except BudgetExceeded:
+            tpe.tell(trial, state=optuna.trial.TrialState.FAIL)
+            break
+        tpe.tell(trial, value)
+        values[choice].append(value)
+    return values
 
 
 Choice = tuple[int, int, int, int]  # instruction, demonstration set, model, temperature
@@ -192,6 +205,15 @@ class Space:
     models: list[str | None]
     temperatures: list[float | None]
 
+    def sizes(self) -> Choice:
+        """The size of each dimension."""
+        return (
+            len(self.instructions),
+            len(self.demo_sets),
+            len(self.models),
+            len(self.temperatures),
+        )
+
 
 def _tunable(baseline: Program) -> tuple[list[str | None], list[float | None]]:
     """Models and temperatures a chat configuration allows the optimizer to try."""
@@ -202,6 +224,11 @@ def _tunable(baseline: Program) -> tuple[list[str | None], list[float | None]]:
         models += [m for m in tunable.get("models", []) if m != baseline.model]
         temperatures += [float(t) for t in tunable.get("temperature", [])]
     return models, temperatures
+
+
+def _trial_details(choice: Choice) -> dict[str, int]:
+    i, j, m, t = choice
+    return {"instruction": i, "demo_set": j, "model": m, "temperature": t}
 
 
 def _pick(trial: Any, name: str, size: int) -> int:

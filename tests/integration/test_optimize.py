@@ -177,10 +177,28 @@ async def test_manual_route_validates_strategies_and_lists_runs(
         ) as resp:
             assert resp.status == 422
             assert "no proposer model" in (await resp.json())["error"]
-        body = {"strategies": ["fewshot"], "reason": "operator asked"}
+        too_much = {"strategies": ["fewshot"], "budget": {"max_llm_calls": 100_000}}
+        async with http.post("/v1/optimize/classify", json=too_much, headers=auth) as resp:
+            assert resp.status == 422
+            answer = await resp.json()
+            assert answer["reason"] == "budget_too_large"
+            assert "optimization.max_llm_calls = 400" in answer["error"]
+        bad = {"budget": {"max_cost_usd": -1}}
+        async with http.post("/v1/optimize/classify", json=bad, headers=auth) as resp:
+            assert resp.status == 400
+            assert "budget.max_cost_usd" in (await resp.json())["error"]
+        body = {
+            "strategies": ["fewshot"],
+            "reason": "operator asked",
+            "budget": {"max_llm_calls": 50, "timeout_minutes": 2},
+        }
         async with http.post("/v1/optimize/classify", json=body, headers=auth) as resp:
             assert resp.status == 202
-            run_id = (await resp.json())["run_id"]
+            started = await resp.json()
+            run_id = started["run_id"]
+        assert started["budget"]["llm_calls"] == 50
+        assert started["budget"]["timeout_s"] == 120
+        assert "warning" not in started
 
         async def finished() -> dict[str, Any] | None:
             async with http.get(f"/v1/optimizations/{run_id}") as r:
@@ -199,3 +217,26 @@ async def test_manual_route_validates_strategies_and_lists_runs(
         async with http.get("/v1/recommendations") as resp:
             assert resp.status == 200
             assert "recommendations" in await resp.json()
+
+
+async def test_a_run_without_an_evaluation_model_says_its_candidate_goes_unscored(
+    make_settings: Any, start_daemon: Any
+) -> None:
+    """Without an evaluation model, starting a run answers with a one-line warning naming
+    the setting that would score the candidate before it reaches traffic."""
+    settings = make_settings(
+        http={"admin_token": TOKEN}, optimization={"schedule_check_interval_s": 3600}
+    )
+    running = await start_daemon(settings, ready=False)
+    registry = running.daemon.components["registry"]
+    await registry.register("classify", NewVersion(template="Classify {text}."))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        aiohttp.ClientSession(running.url) as http,
+        http.post("/v1/optimize/classify", json={}, headers=auth) as resp,
+    ):
+        assert resp.status == 202
+        warning = (await resp.json())["warning"]
+    assert "\n" not in warning
+    assert "[optimization.evaluation.model]" in warning
+    assert "unscored" in warning or "not be scored" in warning

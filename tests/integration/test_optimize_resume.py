@@ -84,17 +84,22 @@ def _start(config: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
         )
 
 
-async def _ready(http: aiohttp.ClientSession, proc: subprocess.Popen[bytes]) -> None:
+async def _ready(
+    http: aiohttp.ClientSession, proc: subprocess.Popen[bytes], interval: float = 0.2
+) -> float:
+    """Wait for ``/readyz`` 200; the monotonic time of the last answer that was not."""
     deadline = time.monotonic() + 60
+    unready = time.monotonic()
     while time.monotonic() < deadline:
         assert proc.poll() is None, "promptd exited early"
         try:
             async with http.get("/readyz") as resp:
                 if resp.status == 200:
-                    return
+                    return unready
         except aiohttp.ClientError:
             pass
-        await asyncio.sleep(0.2)
+        unready = time.monotonic()
+        await asyncio.sleep(interval)
     raise AssertionError("promptd never became ready")
 
 
@@ -146,14 +151,18 @@ async def _poll(http: aiohttp.ClientSession, path: str, ok: Any, timeout: float 
 async def test_triggered_run_resumes_after_sigkill_without_repeating_calls(
     tmp_path: Path, broker: EmbeddedBroker
 ) -> None:
-    """SIGKILL mid-search, restart: the run resumes (resumes = 1) and completes; every
-    request answered before the kill is never sent again (only the one in flight)."""
+    """SIGKILL mid-search, restart: the run resumes (resumes = 1) once the daemon is
+    ready, and completes; every request answered before the kill is never sent again
+    (only the one in flight), and the run counts every request it paid for, the one
+    lost in flight included."""
     calls: list[tuple[int, str]] = []
+    arrived: list[float] = []
     life = {"n": 1}
     held = asyncio.Event()
 
     async def answer(body: dict[str, Any]) -> str:
         calls.append((life["n"], json.dumps(body["messages"], sort_keys=True)))
+        arrived.append(time.monotonic())
         if life["n"] == 1 and len(calls) > 40:
             held.set()
             await asyncio.sleep(3600)  # in flight when the daemon is killed
@@ -187,7 +196,7 @@ async def test_triggered_run_resumes_after_sigkill_without_repeating_calls(
             life["n"] = 2
 
             second = _start(config, tmp_path)
-            await _ready(http, second)
+            unready = await _ready(http, second, interval=0.02)
             run = await _poll(
                 http, f"/v1/optimizations/{run_id}", lambda b: b["status"] != "running", 180
             )
@@ -209,4 +218,5 @@ async def test_triggered_run_resumes_after_sigkill_without_repeating_calls(
     assert not answered_before & set(after), "an answered call was paid for again"
     assert len(after) > 0
     assert max(Counter(after).values()) == 1
-    assert run["llm_calls"] == paid_before + len(after)
+    assert min(arrived[len(before) :]) > unready, "a resumed run paid before /readyz was 200"
+    assert run["llm_calls"] == len(calls), "every request the model received was paid"

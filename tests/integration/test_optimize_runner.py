@@ -14,7 +14,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from promptd.monitoring.triggers import OptimizationTrigger
-from promptd.optimization.config import OptimizationSettings
 from promptd.optimization.llm import close_litellm
 from promptd.optimization.metrics import OptimizationMetrics
 from promptd.optimization.runner import OptimizationRunner
@@ -25,50 +24,20 @@ from promptd.replacement.registry import NewVersion, Registry
 from promptd.storage.database import Database
 from tests.conftest import wait_for
 from tests.optimize_fake_llm import FakeLLM, user_text
-from tests.optimize_helpers import seed
+from tests.optimize_helpers import (
+    FakeRollouts,
+    PipelineRollouts,
+    make_runner,
+    no_publish,
+    run_once,
+    runner_settings,
+    seed,
+)
 from tests.optimize_task import TEMPLATE, responder, rows
 
 pytestmark = pytest.mark.integration
 
 PROMPT = "city"
-
-
-class FakeRollouts:
-    """Records rollout starts; ``status`` says how each ends."""
-
-    def __init__(self) -> None:
-        self.started: list[dict[str, Any]] = []
-        self.status: dict[str, str] = {}
-
-    def live_prompts(self) -> set[str]:
-        """Prompts with a running rollout."""
-        return {s["prompt"] for s in self.started if self.status[s["id"]] == "running"}
-
-    async def start_rollout(
-        self,
-        prompt: str,
-        candidate: str,
-        profile: str | None = None,
-        primary_metric: str = "feedback_score",
-        require_win: bool = False,
-    ) -> Any:
-        """Remember the start."""
-        rid = f"ro-{len(self.started) + 1}"
-        self.started.append(
-            {
-                "id": rid,
-                "prompt": prompt,
-                "candidate": candidate,
-                "profile": profile,
-                "require_win": require_win,
-            }
-        )
-        self.status[rid] = "running"
-        return type("Rollout", (), {"id": rid})()
-
-    async def describe(self, rollout_id: str) -> dict[str, Any]:
-        """The rollout's status."""
-        return {"id": rollout_id, "status": self.status[rollout_id]}
 
 
 @pytest.fixture
@@ -97,50 +66,6 @@ async def fake_llm() -> AsyncIterator[Callable[..., Any]]:
         await server.stop()
 
 
-def _settings(fake: FakeLLM | None, **over: Any) -> OptimizationSettings:
-    model = (
-        {"model": "openai/test-model", "api_base": fake.api_base, "temperature": 0.0}
-        if fake
-        else None
-    )
-    base: dict[str, Any] = {
-        "proposer": model,
-        "evaluation": {"model": model, "metric": "token_f1", "bootstrap_samples": 1000},
-        "retry_backoff_s": 0.01,
-        "schedule_check_interval_s": 3600,
-        "fewshot": {"num_candidates": 3},
-        "instruction": {"n_candidates": 2, "depth": 2},
-        "mipro": {"num_instructions": 2, "num_demo_sets": 2, "num_trials": 4},
-    }
-    return OptimizationSettings.model_validate({**base, **over})
-
-
-def _runner(
-    db: Database, settings: OptimizationSettings, rollouts: FakeRollouts | None = None, **kw: Any
-) -> OptimizationRunner:
-    return OptimizationRunner(
-        db,
-        Registry(db),
-        rollouts or FakeRollouts(),
-        settings,
-        OptimizationMetrics(CollectorRegistry()),
-        publish=_no_publish,
-        **kw,
-    )
-
-
-async def _no_publish(event: dict[str, Any]) -> None:
-    return None
-
-
-async def _run(runner: OptimizationRunner, strategies: list[str] | None = None) -> dict[str, Any]:
-    _decision, run_id = await runner.start_manual(PROMPT, strategies, "test")
-    await runner.wait_idle()
-    run = await runner.get_run(run_id)
-    assert run is not None
-    return run
-
-
 async def test_a_run_searches_gates_registers_and_rolls_out_requiring_a_win(
     db: Database, fake_llm: Callable[..., Any]
 ) -> None:
@@ -148,8 +73,8 @@ async def test_a_run_searches_gates_registers_and_rolls_out_requiring_a_win(
     registered and its rollout must win online."""
     fake = await fake_llm()
     rollouts = FakeRollouts()
-    runner = _runner(db, _settings(fake), rollouts)
-    run = await _run(runner, ["fewshot"])
+    runner = make_runner(db, runner_settings(fake), rollouts)
+    run = await run_once(runner, ["fewshot"])
     assert (run["status"], run["outcome"]) == ("completed", "deployed"), run["error"]
     gate = run["gate"]
     assert gate["passed"]
@@ -184,8 +109,8 @@ async def test_the_test_split_never_reaches_the_search(
 ) -> None:
     """No request during the search renders a test-split input; the gate does."""
     fake = await fake_llm()
-    runner = _runner(db, _settings(fake))
-    run = await _run(runner, ["instruction"])
+    runner = make_runner(db, runner_settings(fake))
+    run = await run_once(runner, ["instruction"])
     assert run["outcome"] == "deployed"
     from promptd.optimization.examples import split_of
 
@@ -210,7 +135,7 @@ async def test_a_no_better_search_ends_without_gate_or_registration(
     registered, and the strategy's failure is recorded for the bandit."""
     fake = await fake_llm(lambda body: "same answer whatever the prompt")
     rollouts = FakeRollouts()
-    run = await _run(_runner(db, _settings(fake), rollouts), ["fewshot"])
+    run = await run_once(make_runner(db, runner_settings(fake), rollouts), ["fewshot"])
     assert run["outcome"] == "no_improvement_on_validation"
     assert run["gate"] is None
     assert run["deployed_version"] is None
@@ -227,10 +152,10 @@ async def test_a_budget_stops_the_search_but_keeps_the_gate(
     """A small call budget ends the search early, mid-candidate; the calls queued behind
     the spent budget are cancelled, so the reserve still pays for the whole gate."""
     fake = await fake_llm()
-    settings = _settings(
+    settings = runner_settings(
         fake, max_llm_calls=200, fewshot={"num_candidates": 20}, max_concurrency=concurrency
     )
-    run = await _run(_runner(db, settings), ["fewshot"])
+    run = await run_once(make_runner(db, settings), ["fewshot"])
     assert run["outcome"] == "deployed", run["error"]
     assert run["gate"] is not None
     assert "llm_calls budget spent" in run["error"]
@@ -247,7 +172,7 @@ async def test_too_few_examples_is_an_outcome_with_a_reason(
     try:
         await Registry(db).register(PROMPT, NewVersion(template=TEMPLATE))
         await seed(db, PROMPT, rows(20))
-        run = await _run(_runner(db, _settings(fake)), ["fewshot"])
+        run = await run_once(make_runner(db, runner_settings(fake)), ["fewshot"])
         assert run["outcome"] == "not_enough_examples"
         assert "need 5 and 30" in run["error"]
         assert fake.requests == []
@@ -260,7 +185,7 @@ async def test_triggered_runs_choose_their_strategy_and_say_why(
 ) -> None:
     """A trigger's run gets its strategy from the bandit; the row shows the draws."""
     fake = await fake_llm()
-    runner = _runner(db, _settings(fake))
+    runner = make_runner(db, runner_settings(fake))
     decision, run_id = await runner.submit(OptimizationTrigger(PROMPT, "degradation", 0.0, "drop"))
     assert decision.run
     assert run_id is not None
@@ -279,8 +204,8 @@ async def test_unavailable_strategies_are_skipped_or_refused(
 ) -> None:
     """Without a proposer only fewshot can run; asking for instruction is refused (422)."""
     fake = await fake_llm()
-    settings = _settings(fake, proposer=None)
-    runner = _runner(db, settings)
+    settings = runner_settings(fake, proposer=None)
+    runner = make_runner(db, settings)
     _decision, run_id = await runner.submit(OptimizationTrigger(PROMPT, "degradation", 0.0, "x"))
     await runner.wait_idle()
     run = await runner.get_run(run_id or "")
@@ -299,17 +224,24 @@ async def test_without_an_evaluation_model_the_rollout_is_the_judge(
     db: Database,
 ) -> None:
     """No evaluation model: fewshot proposes unscored, a conservative rollout that must
-    win decides."""
-    rejecting = _settings(None, without_evaluation="reject")
-    run = await _run(_runner(db, rejecting, FakeRollouts()), ["fewshot"])
+    win decides, and the run record says in its first note that the candidate is
+    unscored and which setting would score it."""
+    rejecting = runner_settings(None, without_evaluation="reject")
+    run = await run_once(make_runner(db, rejecting, FakeRollouts()), ["fewshot"])
     assert run["outcome"] == "rejected_without_evaluation"
     rollouts = FakeRollouts()
-    run = await _run(_runner(db, _settings(None), rollouts), ["fewshot"])
+    run = await run_once(make_runner(db, runner_settings(None), rollouts), ["fewshot"])
     assert (run["outcome"], run["gate"]) == ("deployed", None)
     assert rollouts.started[0]["profile"] == "conservative"
     assert rollouts.started[0]["require_win"] is True
+    assert run["progress"]["unscored"] is True
+    first = run["progress"]["notes"][0]
+    assert "unscored" in first
+    assert "[optimization.evaluation.model]" in first
+    assert run["error"].startswith(first)
+    assert run["candidates"][0]["val_mean"] is None
     # The registered proposal is not proposed again by the next run.
-    again = await _run(_runner(db, _settings(None), FakeRollouts()), ["fewshot"])
+    again = await run_once(make_runner(db, runner_settings(None), FakeRollouts()), ["fewshot"])
     assert again["outcome"] == "no_candidate"
     assert again["discarded"] == {"fewshot:duplicate": 1}
 
@@ -320,8 +252,8 @@ async def test_online_results_teach_the_bandit_once(
     """An optimizer rollout that is promoted adds online successes, once."""
     fake = await fake_llm()
     rollouts = FakeRollouts()
-    runner = _runner(db, _settings(fake), rollouts)
-    await _run(runner, ["fewshot"])
+    runner = make_runner(db, runner_settings(fake), rollouts)
+    await run_once(runner, ["fewshot"])
     await runner.learn_online()
     assert len(await OptimizationStore(db).outcomes()) == 1  # still running: nothing yet
     rollouts.status["ro-1"] = "promoted"
@@ -347,8 +279,8 @@ async def test_a_stopped_run_resumes_without_paying_twice(
         return responder(body)
 
     fake = await fake_llm(slow)
-    settings = _settings(fake, max_concurrency=1)
-    first = _runner(db, settings)
+    settings = runner_settings(fake, max_concurrency=1)
+    first = make_runner(db, settings)
     stop = asyncio.Event()
     task = asyncio.create_task(first.run(stop, asyncio.Queue()))
     _d, run_id = await first.start_manual(PROMPT, ["mipro"], "test")
@@ -362,7 +294,7 @@ async def test_a_stopped_run_resumes_without_paying_twice(
     paid_before = len(calls) - 1  # the last one was in flight, never answered
     gate_open.set()
 
-    second = _runner(db, settings)
+    second = make_runner(db, settings)
     await second.resume()
     stop2 = asyncio.Event()
     task2 = asyncio.create_task(second.run(stop2, asyncio.Queue()))
@@ -376,8 +308,8 @@ async def test_a_stopped_run_resumes_without_paying_twice(
     assert calls[paid_before] in repeated or not repeated
     # Same plan, same answers: the same outcome as a run that was never interrupted.
     assert done["outcome"] == "deployed"
-    # Paid calls: every answered request (the one cut off by the stop was not answered).
-    assert done["llm_calls"] == len(calls) - len(repeated)
+    # Paid calls: every request the model received, the one cut off by the stop included.
+    assert done["llm_calls"] == len(calls)
 
 
 async def _finished(runner: OptimizationRunner, run_id: str) -> dict[str, Any] | None:
@@ -396,7 +328,8 @@ async def test_runs_are_tracked_in_mlflow(
     """With a tracking URI (a local SQLite store, or MLflow's file store when allowed) every
     finished run is an MLflow run with parameters, per-candidate metrics, the templates as
     artifacts and the outcome."""
-    mlflow = pytest.importorskip("mlflow")
+    import mlflow  # the dev extra installs it: missing, the test fails
+
     fake = await fake_llm()
     if store == "file":
         # MLflow 3 refuses its file store unless told to accept it.
@@ -404,9 +337,9 @@ async def test_runs_are_tracked_in_mlflow(
         uri = (tmp_path / "mlruns").as_uri()
     else:
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    settings = _settings(fake, tracking={"mlflow_tracking_uri": uri})
+    settings = runner_settings(fake, tracking={"mlflow_tracking_uri": uri})
     tracker = build_tracker(settings.tracking)
-    run = await _run(_runner(db, settings, tracker=tracker), ["fewshot"])
+    run = await run_once(make_runner(db, settings, tracker=tracker), ["fewshot"])
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("promptd")
     assert experiment is not None
@@ -442,7 +375,7 @@ async def test_a_chat_configuration_gets_demonstrations_as_turns(
         }
         await Registry(db).register(PROMPT, NewVersion.model_validate({"config": config}))
         await seed(db, PROMPT, rows(240))
-        run = await _run(_runner(db, _settings(fake)), ["fewshot"])
+        run = await run_once(make_runner(db, runner_settings(fake)), ["fewshot"])
         assert run["outcome"] == "deployed", run["error"]
         version = await Registry(db).get_version(PROMPT, run["deployed_version"])
         assert version.config is not None
@@ -454,30 +387,6 @@ async def test_a_chat_configuration_gets_demonstrations_as_turns(
         assert version.placeholders == ["text"]
     finally:
         await db.close()
-
-
-class PipelineRollouts(FakeRollouts):
-    """Also records coordinated pipeline rollouts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pipelines: list[dict[str, Any]] = []
-
-    async def start_pipeline_rollout(
-        self,
-        pipeline: str,
-        candidates: dict[str, str],
-        profile: str | None = None,
-        primary_metric: str = "feedback_score",
-        require_win: bool = False,
-    ) -> Any:
-        """Remember the start."""
-        rid = f"pro-{len(self.pipelines) + 1}"
-        self.pipelines.append(
-            {"id": rid, "pipeline": pipeline, "candidates": candidates, "require_win": require_win}
-        )
-        self.status[rid] = "running"
-        return type("Rollout", (), {"id": rid})()
 
 
 async def test_a_trigger_for_a_pipeline_step_optimizes_the_pipeline(tmp_path: Path) -> None:
@@ -504,14 +413,14 @@ async def test_a_trigger_for_a_pipeline_step_optimizes_the_pipeline(tmp_path: Pa
         pipelines = PipelineRegistry(db, registry)
         await pipelines.register(PIPELINE.to_dict())
         rollouts = PipelineRollouts()
-        settings = _settings(fake, strategies=["instruction", "gepa"], max_llm_calls=5000)
+        settings = runner_settings(fake, strategies=["instruction", "gepa"], max_llm_calls=5000)
         runner = OptimizationRunner(
             db,
             registry,
             rollouts,
             settings,
             OptimizationMetrics(CollectorRegistry()),
-            publish=_no_publish,
+            publish=no_publish,
             pipelines=pipelines,
             episodes=Episodes(),
         )
@@ -575,7 +484,7 @@ async def test_a_stopped_pipeline_run_resumes_from_its_row(tmp_path: Path) -> No
             await registry.register("answer", NewVersion(template=ANSWER))
             pipelines = PipelineRegistry(db, registry)
             await pipelines.register(PIPELINE.to_dict())
-            settings = _settings(
+            settings = runner_settings(
                 fake, strategies=["instruction"], max_llm_calls=5000, max_concurrency=1
             )
 
@@ -586,7 +495,7 @@ async def test_a_stopped_pipeline_run_resumes_from_its_row(tmp_path: Path) -> No
                     PipelineRollouts(),
                     settings,
                     OptimizationMetrics(CollectorRegistry()),
-                    publish=_no_publish,
+                    publish=no_publish,
                     pipelines=pipelines,
                     episodes=Episodes(),
                 )

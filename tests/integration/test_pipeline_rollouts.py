@@ -19,6 +19,7 @@ import pytest
 from promptd.daemon.cli.pipelines import pipelines_command
 from promptd.daemon.cli.prompts import rollout_command
 from promptd.events import new_event_id
+from promptd.replacement.profiles import get_profile
 from promptd.routing import Routing
 from tests.conftest import wait_for
 from tests.kafka_helpers import produce, read_all
@@ -33,9 +34,13 @@ GEO = PIPELINE.to_dict()
 
 def _settings(make_settings: Any) -> Any:
     # A short routing TTL keeps the settle window after each step start short (2 TTL + 1 s).
+    # "aggressive" with starvation_action = hold: scaled by time_scale its grace is 1.8 s,
+    # which a loaded machine's slower waves of episodes can exceed; these tests are about
+    # the A/B decisions, not about starvation (tested in the state machine's own tests).
+    held = get_profile("aggressive").model_dump() | {"starvation_action": "hold"}
     return make_settings(
         http={"admin_token": TOKEN, "routing_ttl_s": 0.1},
-        rollout={"tick_interval_s": 0.1, "time_scale": 0.001},
+        rollout={"tick_interval_s": 0.1, "time_scale": 0.001, "profiles": {"aggressive": held}},
     )
 
 

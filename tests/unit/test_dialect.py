@@ -48,6 +48,19 @@ def test_dialect_functions_are_rewritten() -> None:
     )
 
 
+def test_scalar_max_and_min_become_greatest_and_least() -> None:
+    """Two-argument max/min (SQLite's scalar functions) become greatest/least; the
+    one-argument aggregates, and a comma inside an argument, leave them alone."""
+    q = to_postgresql(
+        "UPDATE t SET a = max(a, ?), b = min(b, coalesce(?, 0)), c = (SELECT max(x) FROM u), "
+        "d = max(coalesce(d, 1))"
+    )
+    assert q.sql == (
+        "UPDATE t SET a = greatest(a, $1), b = least(b, coalesce($2, 0)), "
+        "c = (SELECT max(x) FROM u), d = max(coalesce(d, 1))"
+    )
+
+
 def test_statements_that_return_rows_are_recognised() -> None:
     """SELECT, WITH and RETURNING return rows; other statements report a row count."""
     assert to_postgresql("  select 1").returns_rows

@@ -47,3 +47,44 @@ def test_recommendations_cover_stuck_degrading_and_waiting() -> None:
         ("c", "candidate_waiting"),
     ]
     assert "promptd rollout start c v3" in items[2]["action"]
+
+
+def test_optimize_command_sends_the_runs_budget() -> None:
+    """Budget flags become the request's ``budget``; without them there is none."""
+    parser = argparse.ArgumentParser()
+    handlers = commands_optimize.register(parser.add_subparsers(dest="command"))
+    assert "optimize" in handlers
+    args = parser.parse_args(
+        ["optimize", "p", "--max-llm-calls", "50", "--max-cost-usd", "0.5", "--max-minutes", "3"]
+    )
+    body = commands_optimize.request_body(args)
+    assert body["budget"] == {"max_llm_calls": 50, "max_cost_usd": 0.5, "timeout_minutes": 3.0}
+    plain = commands_optimize.request_body(parser.parse_args(["optimize", "p"]))
+    assert "budget" not in plain
+
+
+def test_an_unscored_candidate_is_said_once_with_the_setting() -> None:
+    """A run without an evaluation model: its summary says in one line that the candidate
+    is unscored and which setting would score it, and does not repeat it."""
+    note = (
+        "the candidate is unscored: no evaluation model is configured "
+        "([optimization.evaluation.model] would score it on validation and gate it on test)"
+    )
+    run = {
+        "id": "opt-1",
+        "status": "completed",
+        "outcome": "deployed",
+        "cost_usd": 0.0,
+        "llm_calls": 0,
+        "selection": {"strategy": "fewshot", "method": "manual", "reason": "requested"},
+        "progress": {"unscored": True, "notes": [note, "fewshot: other"]},
+        "candidates": [{"index": 0, "strategy": "fewshot", "val_mean": None}],
+        "gate": None,
+        "deployed_version": "v2",
+        "rollout_id": "ro-1",
+        "error": f"{note}; fewshot: other",
+    }
+    text = commands_optimize.summary(run)
+    assert text.count("[optimization.evaluation.model]") == 1
+    assert f"  {note}\n" in text
+    assert text.rstrip().endswith("fewshot: other")

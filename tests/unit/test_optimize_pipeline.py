@@ -20,6 +20,7 @@ from promptd.optimization.strategies.base import Candidate, SearchContext
 from promptd.replacement.pipelines import Pipeline, PipelineError
 from promptd.storage.database import Database
 from tests.optimize_fake_llm import FakeLLM
+from tests.optimize_helpers import run_services
 from tests.optimize_pipeline_task import (
     ACTIVE,
     CITY_COUNTRY,
@@ -53,7 +54,7 @@ async def chain(tmp_path: Path) -> AsyncIterator[tuple[ChainEvaluator, Optimizat
 def _factory(chain: ChainEvaluator, settings: OptimizationSettings, data: list[Any]) -> Any:
     train = [e.as_example(p) for e in data for p in PIPELINE.prompts]
 
-    def make(prompt: str, step_chain: ChainEvaluator, tag: str) -> SearchContext:
+    def make(prompt: str, step_chain: ChainEvaluator, tag: str, current: float) -> SearchContext:
         async def hook(cand: Candidate) -> None:
             return None
 
@@ -70,6 +71,7 @@ def _factory(chain: ChainEvaluator, settings: OptimizationSettings, data: list[A
             settings=settings,
             seen={seen_key(base)},
             on_candidate=hook,
+            baseline_val_mean=current,
         )
 
     return make
@@ -134,7 +136,7 @@ async def test_leader_follower_beats_optimizing_each_prompt_alone(
     evaluator, settings = chain
     data = [e for e in episodes(24) if evaluator.usable(e)]
     make = _factory(evaluator, settings, data)
-    alone = independent(PIPELINE, ACTIVE, evaluator, make, "instruction")
+    alone = independent(PIPELINE, ACTIVE, evaluator, data, make, "instruction")
     programs = await alone
     alone_score = sum(await evaluator.pipeline_scores(programs, data)) / len(data)
     assert alone_score == pytest.approx(2 / 3)
@@ -171,7 +173,8 @@ async def test_a_pipeline_run_searches_gates_and_names_changed_steps(tmp_path: P
     """A pipeline run: split episodes, leader/follower search, an end-to-end gate on test
     episodes; both steps change, the gate passes; a replay pays nothing."""
     from promptd.optimization.examples import Snapshot
-    from promptd.optimization.pipeline_run import PipelinePlan, PipelineRunExecution
+    from promptd.optimization.plan import RunBudget, RunPlan, StepPlan
+    from promptd.optimization.run import RunExecution
 
     db = await Database.open(tmp_path / "run.db")
     fake = await FakeLLM(responder).start()
@@ -185,37 +188,41 @@ async def test_a_pipeline_run_searches_gates_and_names_changed_steps(tmp_path: P
                 "max_llm_calls": 5000,
             }
         )
-        plan = PipelinePlan(
+        plan = RunPlan(
             run_id="prun-1",
-            pipeline=PIPELINE,
-            active=ACTIVE,
-            versions={"extract": "v1", "answer": "v1"},
-            strategy="instruction",
+            target=PIPELINE.name,
+            steps=tuple(StepPlan(p, "v1", ACTIVE[p]) for p in PIPELINE.prompts),
+            strategies=("instruction",),
+            selection={"strategy": "instruction", "method": "manual"},
             seed=11,
             snapshot=Snapshot(0.0, 0, 0),
+            budget=RunBudget.configured(settings),
+            trigger_kind="manual",
+            trigger_reason="test",
             started_at=0.0,
+            pipeline=PIPELINE,
         )
+        services = run_services(db, settings, episodes=MemoryEpisodes(episodes(400)))
 
         async def checkpoint(progress: Any, budget: Any) -> None:
             return None
 
+        async def notify(event: str, fields: dict[str, Any]) -> None:
+            return None
+
         async def run() -> Any:
-            execution = PipelineRunExecution(
-                plan,
-                settings,
-                OptimizationStore(db),
-                MemoryEpisodes(episodes(400)),
-                LiteLLMClient(0, 0.0),
-                checkpoint,
-            )
+            execution = RunExecution(plan, services, checkpoint, notify)
             return await execution.execute(), execution
 
         progress, _first = await run()
         assert progress.outcome == "gate_passed", progress.notes
-        assert set(progress.changed(ACTIVE)) == {"extract", "answer"}
+        assert set(progress.chosen.programs) == {"extract", "answer"}
+        assert all(progress.chosen.programs[p] != ACTIVE[p] for p in ACTIVE)
         assert progress.gate.gain == pytest.approx(1.0)
         assert progress.equilibrium["stable"] is True
         assert progress.baseline_val_mean == 0.0
+        # Every step's candidates are trials of the run, scored end to end.
+        assert {t["step"] for t in progress.trials} == {"extract", "answer"}
         paid = len(fake.requests)
         again, second = await run()
         assert again.outcome == "gate_passed"

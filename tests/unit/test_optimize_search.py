@@ -266,7 +266,8 @@ async def test_gepa_adapter_uses_promptd_evaluator_proposer_and_budget(
 ) -> None:
     """GEPA (the real package) evolves the instruction through promptd's adapter: the model
     sees rendered templates, reflection goes to the proposer, the budget holds."""
-    pytest.importorskip("gepa")
+    import gepa  # noqa: F401  (the dev extra installs it: missing, the test fails)
+
     h = Harness(db, _settings(fake, gepa={"max_metric_calls": 80}), max_calls=150)
     result, _ = await h.search("gepa")
     model_prompts = [user_text(b) for b in fake.requests if not is_proposer(b)]
@@ -282,7 +283,7 @@ async def test_gepa_adapter_uses_promptd_evaluator_proposer_and_budget(
 
 async def test_gepa_stops_when_the_run_is_cancelled(db: Database) -> None:
     """Cancelling the run ends gepa's worker thread promptly; no call follows."""
-    pytest.importorskip("gepa")
+    import gepa  # noqa: F401  (the dev extra installs it: missing, the test fails)
 
     async def slow(body: dict[str, Any]) -> str:
         await asyncio.sleep(0.3)
@@ -348,3 +349,30 @@ async def test_custom_strategies_register_without_editing_promptd(
     with pytest.raises(KeyError, match="known"):
         get_strategy("nope")
     assert "tests.unit.test_optimize_search" in sys.modules
+
+
+async def test_mipro_samples_with_tpe_not_at_random() -> None:
+    """mipro's study on a 6 x 6 grid whose best cell is (4, 2) (a separable objective):
+    TPE asks for the best cell in many of 40 trials, where uniform sampling would ask
+    for it about once (40 / 36); the count is far in the tail of that binomial."""
+    from scipy import stats
+
+    from promptd.optimization.strategies.mipro import study
+
+    rows = [0.0, 0.1, 0.2, 0.3, 0.9, 0.1]
+    cols = [0.1, 0.0, 0.8, 0.2, 0.1, 0.0]
+    asked: list[tuple[int, int, int, int]] = []
+
+    async def objective(choice: tuple[int, int, int, int]) -> float:
+        asked.append(choice)
+        return rows[choice[0]] + cols[choice[1]]
+
+    values = await study((6, 6, 1, 1), 40, 1234, objective)
+    assert len(asked) == 40
+    hits = len(values[(4, 2, 0, 0)])
+    assert hits >= 6
+    assert stats.binom.sf(hits - 1, 40, 1 / 36) < 1e-3
+    # The later trials concentrate on the good row and column (uniformly: 20 / 6 each).
+    late = asked[20:]
+    assert sum(c[0] == 4 for c in late) >= 8
+    assert sum(c[1] == 2 for c in late) >= 8

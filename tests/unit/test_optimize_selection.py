@@ -7,7 +7,7 @@ import random
 import pytest
 from scipy import integrate, stats
 
-from promptd.optimization.selection import Outcome, choose, posterior
+from promptd.optimization.selection import Evidence, choose, posterior
 
 
 def _p_first_wins(a1: float, b1: float, a2: float, b2: float) -> float:
@@ -21,11 +21,11 @@ def _p_first_wins(a1: float, b1: float, a2: float, b2: float) -> float:
 def test_posterior_adds_own_outcomes_and_discounted_shared_ones() -> None:
     """alpha = prior + w * successes elsewhere + successes here (and likewise beta)."""
     outcomes = [
-        Outcome("p", "fewshot", 1, 0),
-        Outcome("p", "fewshot", 0, 1),
-        Outcome("q", "fewshot", 1, 0),
-        Outcome("q", "fewshot", 1, 0),
-        Outcome("q", "mipro", 0, 1),
+        Evidence("p", "fewshot", 1, 0),
+        Evidence("p", "fewshot", 0, 1),
+        Evidence("q", "fewshot", 1, 0),
+        Evidence("q", "fewshot", 1, 0),
+        Evidence("q", "mipro", 0, 1),
     ]
     post = posterior("fewshot", "p", outcomes, 1.0, 1.0, shared_weight=0.5)
     assert (post.alpha, post.beta) == (1 + 1 + 0.5 * 2, 1 + 1)
@@ -35,7 +35,7 @@ def test_posterior_adds_own_outcomes_and_discounted_shared_ones() -> None:
 
 def test_thompson_choice_frequency_matches_the_beta_race() -> None:
     """Over many draws, A is chosen with probability P(Beta_A > Beta_B)."""
-    outcomes = [Outcome("p", "a", 3, 1), Outcome("p", "b", 2, 2)]
+    outcomes = [Evidence("p", "a", 3, 1), Evidence("p", "b", 2, 2)]
     expected = _p_first_wins(4, 2, 3, 3)
     n = 6000
     wins = sum(
@@ -48,8 +48,8 @@ def test_thompson_choice_frequency_matches_the_beta_race() -> None:
 def test_shared_prior_steers_a_new_prompt() -> None:
     """A prompt never optimized prefers the strategy that worked on the other prompts,
     with the probability of the discounted Beta race."""
-    outcomes = [Outcome(f"other{i}", "a", 1, 0) for i in range(6)]
-    outcomes += [Outcome(f"other{i}", "b", 0, 1) for i in range(6)]
+    outcomes = [Evidence(f"other{i}", "a", 1, 0) for i in range(6)]
+    outcomes += [Evidence(f"other{i}", "b", 0, 1) for i in range(6)]
     expected = _p_first_wins(1 + 0.5 * 6, 1, 1, 1 + 0.5 * 6)
     n = 4000
     wins = sum(
@@ -65,12 +65,12 @@ def test_bandit_concentrates_on_the_best_strategy() -> None:
     choose the best strategy at least 70 % of the time."""
     truth = {"x": 0.2, "y": 0.45, "z": 0.7}
     rng = random.Random(42)
-    outcomes: list[Outcome] = []
+    outcomes: list[Evidence] = []
     picks = []
     for _ in range(300):
         choice = choose(list(truth), "p", outcomes, rng)
         success = rng.random() < truth[choice.strategy]
-        outcomes.append(Outcome("p", choice.strategy, float(success), float(not success)))
+        outcomes.append(Evidence("p", choice.strategy, float(success), float(not success)))
         picks.append(choice.strategy)
     assert picks[-100:].count("z") >= 70
 

@@ -256,3 +256,31 @@ async def _tool(path: Path, *args: str) -> None:
 
     run = subprocess.run
     await asyncio.to_thread(run, [str(path), *args], check=True, capture_output=True, timeout=60)
+
+
+async def test_a_transaction_cancelled_while_it_begins_leaves_none_open(tmp_path: Path) -> None:
+    """A task cancelled while its BEGIN waits on the writer's thread (the optimizer's calls
+    are cancelled when a sibling spends the budget): the BEGIN still runs there, and is
+    rolled back, so the next transaction starts and commits."""
+    import asyncio
+
+    db = await Database.open(tmp_path / "cancel.db")
+    try:
+
+        async def write() -> None:
+            async with db.transaction() as conn:
+                await conn.execute("INSERT INTO kv (k) VALUES ('cancelled')")
+
+        await db.writer.execute("CREATE TABLE kv (k TEXT)")
+        await db.writer.commit()
+        task = asyncio.create_task(write())
+        await asyncio.sleep(0)  # the task now waits for its BEGIN
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with db.transaction() as conn:
+            await conn.execute("INSERT INTO kv (k) VALUES ('next')")
+        async with db.reader.execute("SELECT k FROM kv") as cur:
+            assert [r[0] for r in await cur.fetchall()] == ["next"]
+    finally:
+        await db.close()
