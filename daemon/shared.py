@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -29,15 +30,53 @@ from prometheus_client import Counter, Gauge
 
 from promptd import __version__
 from promptd.daemon import forward
-from promptd.daemon.http import RouteExtension, build_app
+from promptd.daemon.http import RouteExtension, Served, build_app
 from promptd.daemon.leadership import Leadership, Timing, default_identity
 from promptd.storage.database import FencedError
 from promptd.storage.leases import LeaseStore
 from promptd.storage.postgres import PostgresDatabase
 
 if TYPE_CHECKING:
-    from promptd.daemon.app import Daemon
+    from promptd.daemon.ingest import BatchListener, Ingestor
+    from promptd.daemon.kafka import Producer
     from promptd.daemon.settings import Settings
+    from promptd.storage.database import Database
+
+TaskFactory = Callable[[asyncio.Event], Awaitable[None]]
+Hook = Callable[[], Awaitable[None]]
+
+
+class Host(Served, Protocol):
+    """What a daemon offers its shared-store life (``app.Daemon`` is the one host)."""
+
+    db: Database | None
+    leadership: Leadership | None
+    bootstrap: str | None
+    http_port: int | None
+    started: asyncio.Event
+    ingestor: Ingestor | None
+    components: dict[str, Any]
+    batch_listeners: list[BatchListener]
+    task_factories: list[tuple[str, TaskFactory]]
+    startup_hooks: list[Hook]
+    standby_hooks: list[Hook]
+
+    async def serve(self, app: web.Application) -> web.AppRunner:
+        """Serve ``app`` on the daemon's port (see ``Daemon.serve``)."""
+        ...
+
+    def write_runtime(self) -> None:
+        """Write ``runtime.json``."""
+        ...
+
+    def start_term(self) -> Producer:
+        """The producer and ingestor of a term; returns the producer to stop."""
+        ...
+
+    async def run_tasks(self, stop: asyncio.Event) -> None:
+        """Run the term's tasks until ``stop``."""
+        ...
+
 
 log = structlog.get_logger("promptd.daemon")
 
@@ -58,7 +97,7 @@ def advertise_url(settings: Settings, port: int) -> str:
 class _Swap:
     """The HTTP app being served, replaced when the role changes."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Host) -> None:
         self.daemon = daemon
         self.runner: web.AppRunner | None = None
 
@@ -73,7 +112,7 @@ class _Swap:
 
 
 def _standby_app(
-    daemon: Daemon, leadership: Leadership, routes: list[RouteExtension]
+    daemon: Host, leadership: Leadership, routes: list[RouteExtension]
 ) -> web.Application:
     """A new standby app: ``routes`` (the standby hooks' read-only routes over the
     database), never the routes of a leader term, whose components are gone."""
@@ -84,7 +123,7 @@ def _standby_app(
     return app
 
 
-async def run_shared(daemon: Daemon, stack: contextlib.AsyncExitStack, stop: asyncio.Event) -> None:
+async def run_shared(daemon: Host, stack: contextlib.AsyncExitStack, stop: asyncio.Event) -> None:
     """Run ``daemon`` on its shared store until ``stop`` (see the module docstring)."""
     settings = daemon.settings
     assert daemon.db is not None
@@ -155,7 +194,7 @@ async def _elected_before(leadership: Leadership, stop: asyncio.Event) -> bool:
 
 
 async def _lead(
-    daemon: Daemon,
+    daemon: Host,
     leadership: Leadership,
     stop: asyncio.Event,
     swap: _Swap,
@@ -202,13 +241,13 @@ class _Installed:
     every term rebuilds the rest from storage (a component of an ended term, with its
     in-memory state, is never reused)."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Host) -> None:
         self.components = dict(daemon.components)
         self.routes = list(daemon.route_extensions)
         self.listeners = list(daemon.batch_listeners)
         self.tasks = list(daemon.task_factories)
 
-    def restore(self, daemon: Daemon) -> None:
+    def restore(self, daemon: Host) -> None:
         daemon.components.clear()
         daemon.components.update(self.components)
         daemon.route_extensions[:] = self.routes
@@ -219,7 +258,7 @@ class _Installed:
 class _Metrics:
     """``promptd_leader`` (1 while leading) and ``promptd_leadership_changes_total``."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Host) -> None:
         self.leader = Gauge(
             "promptd_leader",
             "1 while this daemon leads its shared store, 0 while it stands by",

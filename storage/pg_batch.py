@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TypeVar
 
-from promptd.storage.postgres import PgConnection
-from promptd.storage.repository import (
+from promptd.storage.batch import (
     ADD_COUNTER,
     UPSERT_OFFSET,
     BatchOutcome,
@@ -24,6 +23,7 @@ from promptd.storage.repository import (
     batch_counters,
     by_source,
 )
+from promptd.storage.dialect import to_postgresql
 from promptd.storage.rows import FEEDBACK_COLUMNS, METRIC_COLUMNS, FeedbackRow, MetricRow
 
 R = TypeVar("R", MetricRow, FeedbackRow)
@@ -54,6 +54,9 @@ def _insert(table: str, columns: Sequence[str], types: Sequence[str]) -> str:
     )
 
 
+# The shared texts, translated once (this module runs on asyncpg's own connection).
+_UPSERT_OFFSET: Final = to_postgresql(UPSERT_OFFSET).sql
+_ADD_COUNTER: Final = to_postgresql(ADD_COUNTER).sql
 _INSERT_METRICS: Final = _insert("metric_events", METRIC_COLUMNS, _METRIC_TYPES)
 _INSERT_FEEDBACK: Final = _insert("feedback_events", FEEDBACK_COLUMNS, _FEEDBACK_TYPES)
 _LAST_IDS: Final = (
@@ -67,7 +70,7 @@ _RECORD_BATCH: Final = (
 
 
 async def _insert_rows(
-    conn: PgConnection,
+    conn: Any,
     table: str,
     columns: Sequence[str],
     rows: Sequence[R],
@@ -78,17 +81,16 @@ async def _insert_rows(
     id stored (``mark``: none)."""
     import asyncpg
 
-    raw = conn.raw
     records = _stamped(rows, now)
     try:
-        async with raw.transaction():  # a savepoint: a duplicate undoes only the COPY
-            await raw.copy_records_to_table(
+        async with conn.transaction():  # a savepoint: a duplicate undoes only the COPY
+            await conn.copy_records_to_table(
                 table, records=records, columns=[*columns, "ingested_at"]
             )
     except asyncpg.UniqueViolationError:
         return await _insert_skipping_duplicates(conn, table, rows, mark, now)
-    last = int(await raw.fetchval(f"SELECT max(id) FROM {table}"))
-    await _record_batch(raw, table, mark + 1, last, rows)
+    last = int(await conn.fetchval(f"SELECT max(id) FROM {table}"))
+    await _record_batch(conn, table, mark + 1, last, rows)
     return list(rows), last
 
 
@@ -98,29 +100,28 @@ def _stamped(rows: Sequence[tuple[object, ...]], now: float) -> list[tuple[objec
 
 
 async def _insert_skipping_duplicates(
-    conn: PgConnection, table: str, rows: Sequence[R], mark: int, now: float
+    conn: Any, table: str, rows: Sequence[R], mark: int, now: float
 ) -> tuple[list[R], int]:
-    raw = conn.raw
     sql = _INSERT_METRICS if table == "metric_events" else _INSERT_FEEDBACK
-    stored = await raw.fetch(sql, now, *zip(*rows, strict=True))
+    stored = await conn.fetch(sql, now, *zip(*rows, strict=True))
     if not stored:
         return [], mark
     ids = sorted((int(r[0]), str(r[1])) for r in stored)
     first: dict[str, R] = {}
     for row in rows:  # a repeat inside the batch is not new: the first one is
         first.setdefault(row[0], row)
-    await _record_batch(raw, table, ids[0][0], ids[-1][0], rows)
+    await _record_batch(conn, table, ids[0][0], ids[-1][0], rows)
     return [first[event_id] for _, event_id in ids], ids[-1][0]
 
 
-async def _record_batch(raw: Any, table: str, first: int, last: int, rows: Sequence[R]) -> None:
+async def _record_batch(conn: Any, table: str, first: int, last: int, rows: Sequence[R]) -> None:
     """Note the id and time range the batch added (see the schema's ingest_batches)."""
     stamps = [row[1] for row in rows]
-    await raw.execute(_RECORD_BATCH, table, first, last, min(stamps), max(stamps))
+    await conn.execute(_RECORD_BATCH, table, first, last, min(stamps), max(stamps))
 
 
 async def store(
-    conn: PgConnection,
+    conn: Any,
     metrics: Sequence[MetricRow],
     feedback: Sequence[FeedbackRow],
     offsets: Mapping[TopicPartitionKey, int],
@@ -128,8 +129,9 @@ async def store(
     now: float,
     extra: Mapping[str, int],
 ) -> BatchOutcome:
-    """Write one batch on ``conn`` (inside its transaction); see the module docstring."""
-    last_m, last_f = (int(v) for v in await conn.raw.fetchrow(_LAST_IDS))
+    """Write one batch on ``conn`` (asyncpg's, inside the fenced transaction); see the
+    module docstring."""
+    last_m, last_f = (int(v) for v in await conn.fetchrow(_LAST_IDS))
     new_metrics: list[MetricRow] = []
     new_feedback: list[FeedbackRow] = []
     if metrics:
@@ -142,13 +144,13 @@ async def store(
         )
     duplicates = len(metrics) + len(feedback) - len(new_metrics) - len(new_feedback)
     if offsets:
-        await conn.executemany(UPSERT_OFFSET, [(t, p, o, now) for (t, p), o in offsets.items()])
+        await conn.executemany(_UPSERT_OFFSET, [(t, p, o, now) for (t, p), o in offsets.items()])
     human, evaluations = by_source(new_feedback)
     counters = batch_counters(
         len(new_metrics), len(new_feedback), len(evaluations), duplicates, dead_letters, extra
     )
     if counters:
-        await conn.executemany(ADD_COUNTER, counters)
+        await conn.executemany(_ADD_COUNTER, counters)
     return BatchOutcome(
         len(new_metrics),
         len(new_feedback),

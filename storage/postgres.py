@@ -22,21 +22,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Generator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
-from promptd.storage.database import (
-    Database,
-    Fence,
-    FencedError,
-    StorageError,
-    UniqueViolation,
-)
-from promptd.storage.dialect import Translated, to_postgresql
-from promptd.storage.repository import BatchOutcome, TopicPartitionKey
+from promptd.storage.batch import BatchOutcome, TopicPartitionKey
+from promptd.storage.dialect import Dialect, Translated, to_postgresql
+from promptd.storage.errors import FencedError, StorageError, UniqueViolation
+from promptd.storage.protocols import Fence
 from promptd.storage.rows import FeedbackRow, MetricRow
 from promptd.storage.schema import MIGRATIONS, latest_version
 
@@ -276,10 +272,11 @@ class PgConnection:
         return cursor
 
 
-class PostgresDatabase(Database):
-    """A connection pool on one PostgreSQL database, migrated at connect."""
+class PostgresDatabase:
+    """A connection pool on one PostgreSQL database, migrated at connect (a
+    :class:`~promptd.storage.database.Database`)."""
 
-    dialect = "postgresql"
+    dialect: Dialect = "postgresql"
 
     def __init__(self, url: str, pool: Any) -> None:
         self.url = url
@@ -290,6 +287,14 @@ class PostgresDatabase(Database):
         #: The leadership checked inside every write transaction (``None``: unfenced, as
         #: for a single daemon or a tool such as ``promptd storage migrate``).
         self.fence: Fence | None = None
+
+    @staticmethod
+    async def open(
+        target: Path | str, busy_timeout_ms: int = 5_000, **options: Any
+    ) -> PostgresDatabase:
+        """The store at the URL ``target`` (``Database.open`` picks the backend by target;
+        ``busy_timeout_ms`` is SQLite's)."""
+        return await PostgresDatabase.connect(str(target), **options)
 
     @classmethod
     async def connect(
@@ -363,7 +368,7 @@ class PostgresDatabase(Database):
         from promptd.storage.pg_batch import store
 
         async with self.transaction() as conn:
-            return await store(conn, metrics, feedback, offsets, dead_letters, now, extra)
+            return await store(conn.raw, metrics, feedback, offsets, dead_letters, now, extra)
 
     async def check_schema(self) -> None:
         """Raise :class:`StorageError` when another daemon migrated the store past this
@@ -376,6 +381,14 @@ class PostgresDatabase(Database):
                 f"database {self.location} has schema version {current}, newer than this "
                 f"promptd ({latest_version()}): a newer promptd migrated it; upgrade this one"
             )
+
+    def file_problem(self) -> str | None:
+        """Nothing to watch: the server keeps its files."""
+        return None
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """Nothing to do: the server checkpoints itself."""
+        return (0, 0)
 
     async def close(self) -> None:
         """Close the pool (waits for connections in use to be released)."""

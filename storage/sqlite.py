@@ -14,13 +14,14 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Self, TypeVar, cast
+from typing import Any, Self, TypeVar, cast
 
 import aiosqlite
 import structlog
 
-from promptd.storage.database import Database, StorageError
-from promptd.storage.repository import BatchOutcome, TopicPartitionKey
+from promptd.storage.batch import BatchOutcome, TopicPartitionKey
+from promptd.storage.dialect import Dialect
+from promptd.storage.errors import StorageError
 from promptd.storage.rows import FeedbackRow, MetricRow
 from promptd.storage.schema import MIGRATIONS, latest_version
 
@@ -32,10 +33,11 @@ T = TypeVar("T")
 WRITER_AUTOCHECKPOINT_PAGES = 100_000
 
 
-class SqliteDatabase(Database):
-    """Owner of the connections to one SQLite file."""
+class SqliteDatabase:
+    """Owner of the connections to one SQLite file (a
+    :class:`~promptd.storage.database.Database`)."""
 
-    dialect = "sqlite"
+    dialect: Dialect = "sqlite"
     reader: aiosqlite.Connection
 
     def __init__(
@@ -69,6 +71,13 @@ class SqliteDatabase(Database):
         if now != self._identity:
             return f"the database file {str(self.path)!r} was replaced by another file"
         return None
+
+    @staticmethod
+    async def open(
+        target: Path | str, busy_timeout_ms: int = 5_000, **options: Any
+    ) -> SqliteDatabase:
+        """The SQLite file at ``target`` (``Database.open`` picks the backend by target)."""
+        return await SqliteDatabase.connect(Path(target), busy_timeout_ms)
 
     @classmethod
     async def connect(cls, path: Path, busy_timeout_ms: int = 5_000) -> Self:

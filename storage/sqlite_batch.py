@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from itertools import chain
 from typing import Final, TypeVar
 
-from promptd.storage.repository import (
+from promptd.storage.batch import (
     ADD_COUNTER,
     UPSERT_OFFSET,
     BatchOutcome,

@@ -56,7 +56,8 @@ async def test_newer_database_is_refused(store_target: Path | str) -> None:
     db = await Database.open(store_target)
     async with db.transaction() as conn:
         await conn.execute(
-            db.sql(
+            _text(
+                db,
                 f"PRAGMA user_version={latest_version() + 1}",
                 f"UPDATE schema_version SET version = {latest_version() + 1}",
             )
@@ -122,7 +123,8 @@ async def test_failed_batch_rolls_back_events_and_offsets(store_target: Path | s
     repo = EventRepository(db)
     async with db.transaction() as conn:
         await conn.execute(
-            db.sql(
+            _text(
+                db,
                 "CREATE TRIGGER boom BEFORE INSERT ON feedback_events "
                 "BEGIN SELECT RAISE(ABORT, 'x'); END",
                 "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS "
@@ -284,3 +286,8 @@ async def test_a_transaction_cancelled_while_it_begins_leaves_none_open(tmp_path
             assert [r[0] for r in await cur.fetchall()] == ["next"]
     finally:
         await db.close()
+
+
+def _text(db: Database, sqlite: str, postgresql: str) -> str:
+    """The statement for ``db``'s backend (schema surgery the shared SQL does not do)."""
+    return postgresql if db.dialect == "postgresql" else sqlite
