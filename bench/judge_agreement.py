@@ -20,7 +20,9 @@ statistic is "-" where it is undefined: a judge that gives every call the same v
 
 Configurations: the default 1..5 rubric without a reference (what a judge sees on calls
 nobody corrected), the same with the right answer as the reference (a correction), and a
-yes/no judge with the reference.
+yes/no judge with the reference; each read from the answer's text and, G-Eval style, as
+the expected score under the token probabilities (``scoring = "logprobs"``; ``--only
+logprobs`` runs those alone).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from optimize_tasks import CITIES, TASKS, Task
 from promptd.evaluation.agreement import Estimate, cohen_kappa, spearman
 from promptd.evaluation.calls import Call
 from promptd.evaluation.config import JudgeEvaluator
-from promptd.evaluation.judge import messages, score_of
+from promptd.evaluation.judge import messages, verdict_of
 from promptd.optimization.llm import LiteLLMClient, close_litellm
 from promptd.optimization.scoring import token_f1
 
@@ -68,11 +70,20 @@ def judges(task: str, url: str) -> dict[str, JudgeEvaluator]:
         "max_tokens": 16,
         "request_timeout_s": 300.0,
     }
+    # The expected score under the token probabilities (G-Eval): a few tokens are enough.
+    probs: dict[str, Any] = {**base, "scoring": "logprobs", "top_logprobs": 20, "max_tokens": 4}
     return {
         "1-5 rubric, no reference": JudgeEvaluator(name="plain", use_reference=False, **base),
         "1-5 rubric, reference": JudgeEvaluator(name="ref", **base),
         "yes/no, reference": JudgeEvaluator(
             name="yesno", scale=(0.0, 1.0), system_prompt=YES_NO_SYSTEM, **base
+        ),
+        "1-5, no reference, logprobs": JudgeEvaluator(
+            name="plain_lp", use_reference=False, **probs
+        ),
+        "1-5, reference, logprobs": JudgeEvaluator(name="ref_lp", **probs),
+        "yes/no, reference, logprobs": JudgeEvaluator(
+            name="yesno_lp", scale=(0.0, 1.0), system_prompt=YES_NO_SYSTEM, **probs
         ),
     }
 
@@ -107,7 +118,7 @@ async def judge_all(
     for item, answer in zip(task.items, answers, strict=True):
         call = Call(item.request_id, task.name, "v1", "m", 0.0, {"text": item.text}, answer)
         done = await client.complete(judge.llm(), messages(judge, call, item.answer), "judge")
-        scores.append(score_of(done.text, judge.scale)[0])
+        scores.append(verdict_of(judge, done.text, done.top_logprobs)[0])
     return scores, (time.perf_counter() - started) / max(len(answers), 1)
 
 
@@ -145,7 +156,9 @@ def row(
     }
 
 
-async def bench_task(name: str, n: int, app_url: str, judge_url: str) -> dict[str, Any]:
+async def bench_task(
+    name: str, n: int, app_url: str, judge_url: str, only: str | None = None
+) -> dict[str, Any]:
     """One task: the app answers, every judge configuration scores the answers."""
     task = TASKS[name](n)
     client = LiteLLMClient(max_retries=2, backoff_s=1.0)
@@ -155,6 +168,8 @@ async def bench_task(name: str, n: int, app_url: str, judge_url: str) -> dict[st
     f1 = [token_f1(a, i.answer) for a, i in zip(answers, task.items, strict=True)]
     rows = []
     for label, judge in judges(name, judge_url).items():
+        if only is not None and only not in label:
+            continue
         scores, per_call = await judge_all(judge, task, answers, client)
         rows.append(row(label, scores, f1, correct, per_call))
     return {"task": name, "items": n, "app_right": statistics.mean(correct), "rows": rows}
@@ -191,7 +206,7 @@ async def main_async(args: argparse.Namespace, url: str) -> list[dict[str, Any]]
     results = []
     try:
         for name in args.tasks.split(","):
-            result = await bench_task(name, args.items, url, args.judge_url or url)
+            result = await bench_task(name, args.items, url, args.judge_url or url, args.only)
             print_table(result)
             results.append(result)
     finally:
@@ -210,6 +225,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=60)
     parser.add_argument("--tasks", default="city,sentiment")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--only", help="only the judge configurations whose label has this")
     args = parser.parse_args()
     # litellm's response objects trip pydantic's serializer warnings on every call.
     warnings.filterwarnings("ignore", message="Pydantic serializer warnings")

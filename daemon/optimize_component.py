@@ -75,6 +75,7 @@ def install(daemon: Daemon) -> None:
             ),
             # Runs a stop cut short resume once /readyz would answer 200.
             ready=lambda: daemon.readiness()[0],
+            signals_of=lambda prompt: settings.evaluation.signals_for(prompt, "optimizer"),
         )
         await runner.resume()
         daemon.components["optimizer"] = runner

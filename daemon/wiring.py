@@ -134,6 +134,7 @@ def install_rollouts(daemon: Daemon) -> None:
             follower=follower,
             # One rule for timestamps ahead of the clock, the monitor's and the rollouts'.
             max_future_s=settings.monitoring.max_future_s,
+            signals_of=lambda prompt: settings.evaluation.signals_for(prompt, "rollout"),
         )
         metric = settings.rollout.default_primary_metric
 

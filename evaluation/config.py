@@ -196,6 +196,13 @@ class JudgeEvaluator(_Evaluator):
     # The judge answers a number from scale[0] (worst) to scale[1] (best); it becomes
     # (n - low) / (high - low).
     scale: tuple[float, float] = (1.0, 5.0)
+    # How the answer becomes a score: "text" reads the number (or yes/no) it wrote;
+    # "logprobs" asks the server for the token probabilities (OpenAI's logprobs and
+    # top_logprobs) and takes the expected score under them at the first position where a
+    # scale value is among the top_logprobs most likely tokens (G-Eval's weighting), with
+    # the text as the fallback. Integer scale values and yes/no words count.
+    scoring: Literal["text", "logprobs"] = "text"
+    top_logprobs: int = Field(default=10, ge=1, le=20)
     # Give the judge the call's correction (latest from people) as the reference answer.
     use_reference: bool = True
     # Run only on outputs that pass these code checks (by name); the checks run here
@@ -237,7 +244,9 @@ class JudgeEvaluator(_Evaluator):
             request_timeout_s=self.request_timeout_s,
             input_cost_per_token=self.input_cost_per_token,
             output_cost_per_token=self.output_cost_per_token,
-            extra=self.extra,
+            extra=self.extra
+            if self.scoring == "text"
+            else {**self.extra, "logprobs": True, "top_logprobs": self.top_logprobs},
         )
 
 
@@ -270,11 +279,61 @@ class AgreementSettings(_Section):
     binary_threshold: float = Field(default=0.5, gt=0, le=1)
 
 
+Decision = Literal["monitor", "optimizer", "rollout"]
+"""The decisions whose quality signal a prompt chooses."""
+DECISIONS: tuple[Decision, ...] = ("monitor", "optimizer", "rollout")
+
+Signal = Annotated[str, Field(pattern=rf"^(human|{SOURCE_PREFIX}{EVALUATOR_NAME_PATTERN})$")]
+Signals = Annotated[list[Signal], Field(min_length=1)]
+
+
+class SignalChoice(_Section):
+    """Which quality signal drives each decision of the selected prompts: ``"human"``
+    (people's and apps' feedback, the default), ``"eval:<evaluator>"``, or several (the
+    feedback of any of them counts)."""
+
+    prompts: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(min_length=1)
+    # The monitor's feedback rules and windows. Not chosen yet: the monitor reads people's
+    # feedback only (its windows are being reworked); any other value is refused.
+    monitor: Signals = Field(default_factory=lambda: ["human"])
+    # The optimizer's example scores, demonstrations and trusted-example threshold.
+    optimizer: Signals = Field(default_factory=lambda: ["human"])
+    # The rollout's primary metric (feedback_score); an evaluator named here is also
+    # paired with people's scores for the judge-drift check.
+    rollout: Signals = Field(default_factory=lambda: ["human"])
+
+    @field_validator("monitor")
+    @classmethod
+    def _monitor_reads_people(cls, value: list[str]) -> list[str]:
+        if value != ["human"]:
+            raise ValueError(
+                "the monitor reads people's feedback only in this version: "
+                'use monitor = ["human"] (or leave it out)'
+            )
+        return value
+
+    def selects(self, prompt: str) -> bool:
+        """Whether this choice is ``prompt``'s."""
+        return any(fnmatch.fnmatchcase(prompt, pattern) for pattern in self.prompts)
+
+    def of(self, decision: Decision) -> tuple[str, ...]:
+        """The signals of ``decision``, each once, in the order given."""
+        chosen: list[str] = getattr(self, decision)
+        return tuple(dict.fromkeys(chosen))
+
+
 class EvaluationSettings(_Section):
     """Evaluators and the engine that runs them."""
 
     enabled: bool = True
     evaluators: list[Evaluator] = Field(default_factory=list)
+    # Per prompt (names or selectors, the first entry that selects a prompt wins): which
+    # signal drives its monitor, optimizer and rollouts. Default: people's feedback.
+    signals: list[SignalChoice] = Field(default_factory=list)
+    # Evaluations the app makes itself and sends with a source (OpenTelemetry span
+    # evaluations, feedback events with source "eval:<name>"): names a signal may use
+    # besides the evaluators'.
+    external: list[EvaluatorName] = Field(default_factory=list)
     # Sampled calls waiting for their evaluation; beyond it they are counted
     # (reason="queue_full") and never evaluated. Ingestion never waits for it.
     queue_size: int = Field(default=1000, ge=1, le=1_000_000)
@@ -308,7 +367,26 @@ class EvaluationSettings(_Section):
                         f"evaluator {e.name!r}: only_if names no code check: "
                         f"{', '.join(unknown)} (code checks: {', '.join(sorted(checks)) or 'none'})"
                     )
+        self._signals_name_evaluators({*names, *self.external})
         return self
+
+    def _signals_name_evaluators(self, names: set[str]) -> None:
+        for index, choice in enumerate(self.signals):
+            for decision in DECISIONS:
+                for signal in choice.of(decision):
+                    name = signal.removeprefix(SOURCE_PREFIX)
+                    if signal != "human" and name not in names:
+                        raise ValueError(
+                            f"signals[{index}].{decision}: {signal!r} names no evaluator "
+                            f"(evaluators and external: {', '.join(sorted(names)) or 'none'})"
+                        )
+
+    def signals_for(self, prompt: str, decision: Decision) -> tuple[str, ...]:
+        """The quality signals of ``prompt``'s ``decision`` (``("human",)`` by default)."""
+        for choice in self.signals:
+            if choice.selects(prompt):
+                return choice.of(decision)
+        return ("human",)
 
     def by_name(self) -> dict[str, Evaluator]:
         """The evaluators by name."""

@@ -8,13 +8,17 @@ by what it is told.
 Its answer is read as: a JSON object with a ``score``; else the first number in the
 text; else a word (yes/pass/good/true: the top of the scale; no/fail/bad/false: the
 bottom). A number outside the scale, or no number at all, makes the answer invalid
-(stored and counted, never published).
+(stored and counted, never published). With ``scoring = "logprobs"`` the score is the
+expected value under the token probabilities the server returned (:func:`expected_score`),
+the text being the fallback.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Sequence
 from typing import Final
 
 from .calls import Call, as_text
@@ -65,6 +69,55 @@ def score_of(text: str, scale: tuple[float, float]) -> tuple[float | None, str]:
         if word in _NO:
             return 0.0, f"{word!r} read as the bottom of the scale"
     return None, f"no score in the answer: {stripped[:120]!r}"
+
+
+def verdict_of(
+    judge: JudgeEvaluator, text: str, top_logprobs: Sequence[Sequence[tuple[str, float]]]
+) -> tuple[float | None, str]:
+    """The 0..1 score of a judge's answer by its ``scoring`` (the expected score under
+    the token probabilities, else the text) and why."""
+    if judge.scoring == "logprobs":
+        score, detail = expected_score(top_logprobs, judge.scale)
+        if score is not None:
+            return score, detail
+        text_score, text_detail = score_of(text, judge.scale)
+        return text_score, f"{detail}; from the text: {text_detail}"
+    return score_of(text, judge.scale)
+
+
+def expected_score(
+    positions: Sequence[Sequence[tuple[str, float]]], scale: tuple[float, float]
+) -> tuple[float | None, str]:
+    """G-Eval's weighting: at the first generated position whose most likely tokens hold
+    a value of the scale (an integer in it, or a yes/no word for its ends), the mean of
+    those values weighted by their probabilities, as a 0..1 score; ``None`` without one."""
+    low, high = scale
+    for index, alternatives in enumerate(positions):
+        weights: dict[float, float] = {}
+        for token, logprob in alternatives:
+            value = _token_value(token, low, high)
+            if value is not None:
+                weights[value] = weights.get(value, 0.0) + math.exp(logprob)
+        mass = sum(weights.values())
+        if mass > 0:
+            mean = sum(v * w for v, w in weights.items()) / mass
+            return (mean - low) / (high - low), (
+                f"expected {mean:.2f} on {_num(low)}..{_num(high)} from token "
+                f"probabilities (position {index}, mass {mass:.2f})"
+            )
+    return None, "no scale value among the most likely tokens"
+
+
+def _token_value(token: str, low: float, high: float) -> float | None:
+    word = token.strip().lower()
+    if word.isdigit():
+        value = float(word)
+        return value if low <= value <= high else None
+    if word in _YES:
+        return high
+    if word in _NO:
+        return low
+    return None
 
 
 def _json_score(text: str) -> float | None:

@@ -181,7 +181,7 @@ class Runner:
         state.budget.spend(answer.cost_usd, now)
         if answer.cost_usd:
             self.metrics.cost.labels(evaluator=e.name).inc(answer.cost_usd)
-        score, detail = judging.score_of(answer.text, e.scale)
+        score, detail = judging.verdict_of(e, answer.text, answer.top_logprobs)
         if score is None:
             return Verdict(e.name, e.type, "invalid", None, detail, answer.cost_usd)
         return Verdict(e.name, e.type, "scored", score, detail, answer.cost_usd)

@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
+from promptd.evaluation.signals import HUMAN, sql_condition_named
 from promptd.storage.database import Database
 from promptd.storage.repository import EventRepository
 
 SplitName = Literal["train", "validation", "test"]
 
-# Only feedback from people and apps counts (source IS NULL), not evaluators' results.
+# The feedback of the prompt's optimizer signals counts ({signals}: people's by default,
+# source IS NULL; an evaluator's, or both, when the prompt chooses them); the correction
+# is always people's.
 # Feedback is aggregated per request first, then joined to the request's latest captured
 # call (a retried call stores two metric events; it must not count the feedback twice).
 # A call's feedback is its own plus its episode's: feedback on a whole episode (no
@@ -41,13 +44,13 @@ WITH fb (request_id, fid, score, comment, ts) AS (
     SELECT f.request_id, f.id, f.score, f.comment, f.ts
       FROM feedback_events f
      WHERE f.id >= :floor AND f.id <= :max_f AND f.ts >= :since AND f.prompt = :prompt
-       AND f.request_id IS NOT NULL AND f.source IS NULL
+       AND f.request_id IS NOT NULL AND {signals}
     UNION
     SELECT m.request_id, f.id, f.score, f.comment, f.ts
       FROM feedback_events f
       JOIN metric_events m ON m.episode_id = f.episode_id AND m.episode_id IS NOT NULL
      WHERE f.id >= :floor AND f.id <= :max_f AND f.ts >= :since AND f.request_id IS NULL
-       AND f.source IS NULL AND m.prompt = :prompt AND m.input IS NOT NULL AND m.id <= :max_m
+       AND {signals} AND m.prompt = :prompt AND m.input IS NOT NULL AND m.id <= :max_m
 )
 SELECT m.request_id, m.variant, m.ts, m.input, m.output, agg.score, agg.n, agg.comments,
        (SELECT f2.correction FROM feedback_events f2
@@ -199,7 +202,18 @@ class EventReader:
 
 
 class ExampleStore(EventReader):
-    """A prompt's examples: its calls with their feedback."""
+    """A prompt's examples: its calls with the feedback of its optimizer signals
+    (``signals_of(prompt)``; people's by default)."""
+
+    def __init__(
+        self,
+        db: Database,
+        max_age_s: float,
+        limit: int,
+        signals_of: Callable[[str], tuple[str, ...]] | None = None,
+    ) -> None:
+        super().__init__(db, max_age_s, limit)
+        self.signals_of = signals_of or (lambda prompt: (HUMAN,))
 
     async def examples(self, prompt: str, snapshot: Snapshot) -> list[Example]:
         """The prompt's examples within ``snapshot``, newest feedback first, capped."""
@@ -215,7 +229,8 @@ class ExampleStore(EventReader):
             "prompt": prompt,
             "limit": self.limit,
         }
-        async with self.db.reader.execute(_SELECT, params) as cur:
+        signals, named = sql_condition_named(self.signals_of(prompt), "f.source")
+        async with self.db.reader.execute(_SELECT.format(signals=signals), params | named) as cur:
             rows = await cur.fetchall()
         return [_example(r) for r in rows]
 

@@ -147,6 +147,10 @@ class Completion:
     tokens_out: int = 0
     cost_usd: float = 0.0
     attempts: int = 1
+    #: Per generated token, its most likely alternatives as (token, log probability),
+    #: when the request asked for them (``logprobs``/``top_logprobs``) and the server
+    #: returned them; empty otherwise.
+    top_logprobs: tuple[tuple[tuple[str, float], ...], ...] = ()
 
 
 class LLMClient(Protocol):
@@ -405,6 +409,7 @@ class LiteLLMClient:
                 tokens_out=int(getattr(usage, "completion_tokens", 0) or 0),
                 cost_usd=self._cost(litellm, llm, response),
                 attempts=attempt + 1,
+                top_logprobs=_top_logprobs(response.choices[0]),
             )
 
     @staticmethod
@@ -417,6 +422,28 @@ class LiteLLMClient:
             tokens_in = int(getattr(usage, "prompt_tokens", 0) or 0)
             tokens_out = int(getattr(usage, "completion_tokens", 0) or 0)
             return tokens_in * llm.input_cost_per_token + tokens_out * llm.output_cost_per_token
+
+
+def _field(obj: Any, name: str) -> Any:
+    """An attribute of a litellm response part, or its key (some parts are dicts)."""
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _top_logprobs(choice: Any) -> tuple[tuple[tuple[str, float], ...], ...]:
+    """The alternatives of each generated token of an OpenAI-style ``choice.logprobs``
+    (empty when the server sent none)."""
+    content = _field(_field(choice, "logprobs") or {}, "content") or ()
+    out = []
+    for position in content:
+        alternatives = _field(position, "top_logprobs") or ()
+        out.append(
+            tuple(
+                (str(_field(a, "token")), float(_field(a, "logprob")))
+                for a in alternatives
+                if _field(a, "token") is not None and _field(a, "logprob") is not None
+            )
+        )
+    return tuple(out)
 
 
 async def close_litellm() -> None:

@@ -86,6 +86,7 @@ class OptimizationRunner:
         pipelines: PipelineRegistry | None = None,
         episodes: EpisodeSource | None = None,
         ready: Callable[[], bool] | None = None,
+        signals_of: Callable[[str], tuple[str, ...]] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -97,8 +98,9 @@ class OptimizationRunner:
             store=self.store,
             registry=registry,
             rollouts=rollouts,
+            # The prompt's optimizer signals score its examples (people's by default).
             examples=ExampleStore(
-                db, settings.example_max_age_days * 86_400, settings.max_examples
+                db, settings.example_max_age_days * 86_400, settings.max_examples, signals_of
             ),
             episodes=episodes,
             client_factory=client_factory

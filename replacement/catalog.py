@@ -42,6 +42,7 @@ __all__ = [
     "CATALOG",
     "CELL_METRICS",
     "PRIMARY",
+    "Action",
     "ArmCounts",
     "CallFacts",
     "Details",
@@ -59,11 +60,15 @@ Metric = ClusteredSample | tuple[Stratum, ...]
 
 Details = dict[str, float | int | str]
 
-Kind = Literal["sample_ratio", "primary", "guardrail", "rate_guardrail"]
+Kind = Literal["sample_ratio", "primary", "guardrail", "rate_guardrail", "judge_drift"]
 """``sample_ratio``: the observed split against the intended one; ``primary``: the primary
 metric, rolled back when significantly worse; ``guardrail``: a non-inferiority test of a
 mean beyond a margin; ``rate_guardrail``: the same for a rare-event rate (exact at low
-counts)."""
+counts); ``judge_drift``: the candidate pleases the rollout's evaluator more than it
+pleases people, beyond a margin (paused, not rolled back)."""
+
+Action = Literal["rollback", "pause"]
+"""What a test that rejects does to the rollout."""
 
 # Latencies below 1 µs are clamped before the log so a 0 ms call does not yield -inf.
 _MIN_LATENCY_MS: Final = 1e-3
@@ -165,10 +170,12 @@ class MetricSpec:
     ``alpha``, ``margins`` and ``settings`` name :class:`~.profiles.RolloutProfile` fields:
     its share of the rollback budget (split evenly over the test steps when ``per_step``),
     the non-inferiority margins the API lists, and other thresholds the check reads.
-    A spec with ``observe`` or ``feedback`` has cells in the accumulator:
+    A spec with ``observe``, ``feedback`` or ``paired`` has cells in the accumulator:
     ``observe(primary_metric)`` gives the function of a call's value (None when no call
     is a value of it for that primary metric), ``feedback(primary_metric)`` says whether
-    the feedback joined to a call counts as a value of the call's cell.
+    the feedback joined to a call counts as a value of the call's cell, ``paired`` that
+    the value is a call's evaluator score minus people's score. ``action`` is what a
+    rejection does: roll back (the default) or pause the rollout.
     """
 
     name: str
@@ -183,11 +190,14 @@ class MetricSpec:
     feedback: Callable[[str], bool] | None = None
     clustered: bool = True
     show: Show | None = None
+    #: Fed by the accumulator's paired scores of a call (the evaluator's minus people's).
+    paired: bool = False
+    action: Action = "rollback"
 
     @property
     def has_cells(self) -> bool:
         """Whether the accumulator keeps this metric per (step, arm)."""
-        return self.observe is not None or self.feedback is not None
+        return self.observe is not None or self.feedback is not None or self.paired
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -357,6 +367,39 @@ def _check_cost(obs: Observation, limits: Limits, details: Details) -> str | Non
     )
 
 
+def _check_judge_drift(obs: Observation, limits: Limits, details: Details) -> str | None:
+    """On calls scored by both people and the rollout's evaluator, ``d`` = evaluator −
+    people: the candidate's mean ``d`` above the baseline's by more than the margin means
+    the evaluator likes the candidate more than people do (cluster-robust by unit)."""
+    margin = limits.values["max_judge_drift"]
+    sample = as_clustered(obs.metric("judge_drift"))
+    res = compare_clustered(
+        sample,
+        alpha=limits.alpha,
+        min_samples=int(limits.values["judge_drift_min_pairs"]),
+        mde_sd=limits.mde_sd,
+        margin=margin,
+        alternative="greater",
+    )
+    details.update(
+        judge_drift=res.estimate,
+        judge_drift_p=res.p_value,
+        judge_drift_pairs_baseline=res.n_baseline,
+        judge_drift_pairs_candidate=res.n_candidate,
+    )
+    if not res.reject:
+        return None
+    base, cand = sample.arm_totals()
+    return (
+        f"judge drift: on calls scored by both, the evaluator's score minus people's is "
+        f"{cand.mean:+.3f} in the candidate and {base.mean:+.3f} in the baseline "
+        f"({res.n_candidate} and {res.n_baseline} calls): the candidate pleases the evaluator "
+        f"more than people by {res.estimate:+.3f}, significantly above the margin {margin} "
+        f"(always-valid p {res.p_value:.4f} < {limits.alpha}); paused: check the evaluator, "
+        "then promote, roll back or resume"
+    )
+
+
 # --- how each metric is observed and shown ------------------------------------------------
 
 
@@ -435,6 +478,18 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
         check=_check_cost,
         observe=lambda primary_metric: _cost,
         show=lambda m: {"cost_per_request": _mean(m)},
+    ),
+    MetricSpec(
+        name="judge_drift",
+        kind="judge_drift",
+        budget="judge_drift",
+        alpha="judge_drift_alpha",
+        margins=("max_judge_drift",),
+        settings=("judge_drift_min_pairs",),
+        check=_check_judge_drift,
+        paired=True,
+        action="pause",
+        show=lambda m: {"judge_drift_pairs": m.n, "evaluator_minus_people": _mean(m)},
     ),
 )
 """Every test of a rollout, in decision order (the first breach decides)."""

@@ -29,7 +29,9 @@ from typing import Any
 import structlog
 
 from promptd._aio import wait_event
+from promptd.evaluation.signals import HUMAN
 from promptd.replacement import machine, snapshots, views
+from promptd.replacement.catalog import CATALOG
 from promptd.replacement.coordinated import (
     LiveRollout,
     PipelineAccumulator,
@@ -51,6 +53,7 @@ from promptd.routing import Routing
 from promptd.storage.database import Database, is_unique_violation
 from promptd.storage.repository import BatchOutcome
 from promptd.storage.rollouts import Decision, Member, RolloutStore, StoredRollout
+from promptd.storage.rows import feedback_views
 from promptd.storage.snapshots import SnapshotStore, last_ids
 
 log = structlog.get_logger("promptd.rollout")
@@ -100,11 +103,14 @@ class RolloutController:
         pipelines: PipelineRegistry | None = None,
         follower: bool = False,
         max_future_s: float = DEFAULT_MAX_FUTURE_S,
+        signals_of: Callable[[str], tuple[str, ...]] | None = None,
     ) -> None:
         self.db = db
         #: A standby's controller (shared store): it never acts, and serves routing and
         #: views from the rollouts as the leader stored them.
         self.follower = follower
+        #: The prompt's configured quality signals of rollouts (default: people's).
+        self.signals_of = signals_of or (lambda prompt: (HUMAN,))
         self.registry = registry
         #: Pipelines: what a pipeline rollout moves, and which rollouts exclude each other.
         self.pipelines = pipelines
@@ -188,7 +194,9 @@ class RolloutController:
             "max_future_s": self.max_future_s,
         }
         if not row.members:
-            return RolloutAccumulator(row.baseline, row.candidate, primary, **common)
+            return RolloutAccumulator(
+                row.baseline, row.candidate, primary, **common, signals=state.signals
+            )
         return PipelineAccumulator(
             row.baseline,
             row.candidate,
@@ -235,16 +243,19 @@ class RolloutController:
                     m.episode_id,
                     m.prompt,
                 )
-        for f in outcome.feedback:
+        # People's feedback, then the evaluators' results (the replay's order: by row id).
+        for f in (*outcome.feedback, *feedback_views(outcome.evaluation_rows)):
             if f.request_id is None:
                 # On a whole episode: every rollout may hold calls of it.
                 for rid, live in self._live.items():
-                    live.acc.add_feedback(None, f.score, at, f.episode_id, f.ts)
+                    live.acc.add_feedback(None, f.score, at, f.episode_id, f.ts, f.source)
                     touched.add(rid)
                 continue
             rid = self._by_prompt.get(f.prompt or "")
-            if rid is not None:
-                self._live[rid].acc.add_feedback(f.request_id, f.score, at, ts=f.ts)
+            if rid is not None and self._live[rid].acc.accepts(f.source):
+                self._live[rid].acc.add_feedback(
+                    f.request_id, f.score, at, ts=f.ts, source=f.source
+                )
                 touched.add(rid)
         for rid in touched:
             self._count_feedback(self._live[rid])
@@ -426,6 +437,8 @@ class RolloutController:
             profile=chosen.name,
             primary_metric=_primary(primary_metric),
             require_win=require_win,
+            # A pipeline's primary metric is people's feedback on whole episodes.
+            signals=(HUMAN,) if pipeline is not None else self.signals_of(lead.prompt),
         )
         new_state, actions = machine.step(state, machine.Start(), now, chosen)
         decisions = self._decisions(new_state, actions, now)
@@ -596,6 +609,7 @@ class RolloutController:
                 status=new.status.value,
                 **{k: v for k, v in (d.details or {}).items() if isinstance(v, int | float | str)},
             )
+        self._paused_by_check(row, new, decisions)
         # Gauges and routing for every prompt the rollout routes (a pipeline's steps);
         # counters under the rollout's prompt (a pipeline's first changed step).
         for prompt in row.prompts:
@@ -607,6 +621,24 @@ class RolloutController:
                 self._dirty_routing.add(prompt)
         if new.status in TERMINAL:
             self._starvation_gauges(row, new, 0.0)
+
+    def _paused_by_check(
+        self, row: StoredRollout, new: RolloutState, decisions: list[Decision]
+    ) -> None:
+        """The gauge of a pause asked by a check (judge drift): 1 from that pause on, 0
+        once the rollout runs again or ends."""
+        for d in decisions:
+            check = (d.details or {}).get("paused_by")
+            if d.kind == "pause" and isinstance(check, str):
+                log.warning(
+                    "rollout_paused_by_check", rollout_id=row.id, prompt=row.prompt,
+                    check=check, reason=d.reason,
+                )  # fmt: skip
+                self.metrics.paused_by_check.labels(prompt=row.prompt, check=check).set(1.0)
+        if new.status is not Status.PAUSED:
+            for spec in CATALOG:
+                if spec.action == "pause":
+                    self.metrics.paused_by_check.labels(prompt=row.prompt, check=spec.name).set(0)
 
     def _add_live(self, live: _Live) -> None:
         # Every decision series exists from the start at 0, so Prometheus' increase()
@@ -715,6 +747,8 @@ class RolloutController:
             "salt": state["salt"],
             "profile": state["profile"],
             "primary_metric": state["primary_metric"],
+            # The quality signals of its primary metric (older rollouts: people's).
+            "signals": list(state.get("signals", ["human"])),
             "state": state,
             "step_starts": live.acc.step_starts if live else row.step_starts,
             "starvation": views.starvation(state, profile, self.clock()),

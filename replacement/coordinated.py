@@ -158,10 +158,11 @@ class PipelineAccumulator(RolloutAccumulator):
         ingested_at: float,
         episode_id: str | None = None,
         ts: float | None = None,
+        source: str | None = None,
     ) -> None:
         """Feedback on a whole episode counts (once, see module doc); on a call, not."""
         RolloutAccumulator.add_feedback(
-            self, None, score, ingested_at, episode_id if request_id is None else None, ts
+            self, None, score, ingested_at, episode_id if request_id is None else None, ts, source
         )
 
     def state(self) -> dict[str, Any]:

@@ -6,7 +6,8 @@
 1. a test of :data:`.catalog.CATALOG` rejects, in catalog order: sample ratio mismatch in
    the current step, primary metric significantly worse (cluster-robust mSPRT over the
    steps), a guardrail breached beyond its non-inferiority margin (latency, errors, cost)
-   → rollback;
+   → rollback; judge drift (the candidate pleases the rollout's evaluator more than
+   people, beyond a margin) → pause, with ``paused_by`` in the details;
 4. too few primary samples in an arm of the current step → hold (``starving`` once the
    step's minimum time is in);
 5. step time not in → hold;
@@ -16,7 +17,8 @@
 
 Every test here is always valid at the alpha the profile allocates to it, so the chance
 that an equal candidate is rolled back for any reason is at most the profile's
-``rollback_alpha`` (see :class:`~.profiles.RolloutProfile`).
+``rollback_alpha`` (see :class:`~.profiles.RolloutProfile`; a judge-drift pause counts in it
+too).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ __all__ = [
     "winner",
 ]
 
-VerdictKind = Literal["hold", "advance", "promote", "rollback", "no_improvement"]
+VerdictKind = Literal["hold", "advance", "promote", "rollback", "pause", "no_improvement"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +100,12 @@ def _state_limits(spec: MetricSpec, state: RolloutState, profile: RolloutProfile
 
 def _breach(
     state: RolloutState, obs: Observation, profile: RolloutProfile, details: Details
-) -> str | None:
-    """Why the first test of the catalog that rejects rolls back, or None."""
+) -> tuple[MetricSpec, str] | None:
+    """The first test of the catalog that rejects and why, or None."""
     for spec in CATALOG:
         reason = spec.check(obs, _state_limits(spec, state, profile), details)
         if reason is not None:
-            return reason
+            return spec, reason
     return None
 
 
@@ -159,7 +161,11 @@ def evaluate(state: RolloutState, obs: Observation, now: float, profile: Rollout
     details: Details = {}
     breach = _breach(state, obs, profile, details)
     if breach is not None:
-        return Verdict("rollback", breach, details)
+        spec, reason = breach
+        if spec.action == "pause":
+            details["paused_by"] = spec.name
+            return Verdict("pause", reason, details)
+        return Verdict("rollback", reason, details)
     plan = profile.steps[state.step_index]
     started = state.step_started_at if state.step_started_at is not None else now
     elapsed = now - started

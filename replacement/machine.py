@@ -14,7 +14,8 @@ caller's state is untouched. Manual commands are legal in every live status and 
 before anything the data says, so they always win.
 
 What a tick decides is :func:`.decision.evaluate` (SRM, primary metric, guardrails, samples,
-time, completion); this module applies it: rollback, promotion, the end of a ``require_win``
+time, completion); this module applies it: rollback, a pause asked by a check (judge
+drift), promotion, the end of a ``require_win``
 rollout without a win (``no_improvement``), advance, or hold — and, while holding without
 enough samples past the starvation grace period, the starvation alert (raised once per
 episode, resolved when data returns or the rollout ends) and the profile's starvation action.
@@ -354,6 +355,9 @@ def _tick(
         return promote(state, now, verdict.reason, details)
     if verdict.kind == "no_improvement":
         return no_improvement(state, now, verdict.reason, details)
+    if verdict.kind == "pause":
+        # A check that pauses (judge drift) waits for a person: it is not a rollback.
+        return _paused(state, now), [RecordDecision("pause", verdict.reason, details)]
     if verdict.kind == "advance":
         index = state.step_index + 1
         weight = profile.steps[index].weight

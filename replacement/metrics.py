@@ -66,3 +66,10 @@ class RolloutMetrics:
             ["prompt", "outcome"],
             registry=registry,
         )
+        self.paused_by_check = Gauge(
+            "promptd_rollout_paused_by_check",
+            "1 while the prompt's live rollout is paused by a check of the rollout "
+            "(check: judge_drift), until it is resumed, promoted or rolled back.",
+            ["prompt", "check"],
+            registry=registry,
+        )

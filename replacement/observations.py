@@ -47,6 +47,17 @@ out of order). The rule uses the stored ingestion times of both events, so the r
 a restart makes exactly the same joins as the live feed did. Memory: one entry per call of
 the last ``feedback_max_delay_s`` (about 200 bytes each).
 
+Signals, and the judge-drift pairs
+----------------------------------
+Feedback has a source: ``None`` for people's, ``eval:<name>`` for an evaluator's. The
+primary metric ``feedback_score`` counts the feedback of the rollout's ``signals`` (chosen
+per prompt, stored with the rollout: ``"human"``, ``"eval:<name>"`` or several, whose scores
+then all count). When the signals name an evaluator (the first one named), every call
+scored by both people and that evaluator within the join window also gives the
+judge-drift metric one value in its cell: the evaluator's score minus people's (the first
+score of each on the call; feedback on a whole episode is not paired). Feedback of other
+sources is ignored.
+
 Clusters
 --------
 Units (``unit_id``, else ``episode_id``, else ``request_id``: the routing key of the SDK)
@@ -67,6 +78,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
+from promptd.evaluation.signals import HUMAN, source_of
 from promptd.replacement import cells
 from promptd.replacement.catalog import (
     CATALOG,
@@ -100,6 +112,7 @@ DEFAULT_MAX_FUTURE_S: Final = 300.0
 """A call stamped further than this after it was stored is left out (see module doc)."""
 
 _CLUSTERED: Final = frozenset(spec.name for spec in CATALOG if spec.clustered)
+_PAIRED: Final = tuple(spec.name for spec in CATALOG if spec.paired)
 
 
 class _Call(NamedTuple):
@@ -155,7 +168,7 @@ class RolloutAccumulator:
     _cells: dict[tuple[int, Arm], Cell] = field(default_factory=dict)
     _calls: dict[str, _Call] = field(default_factory=dict)
     _call_order: deque[tuple[float, str]] = field(default_factory=deque)
-    _pending: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    _pending: dict[str, list[tuple[float, float, str | None]]] = field(default_factory=dict)
     _pending_order: deque[tuple[float, str]] = field(default_factory=deque)
     # Request ids of each episode's calls in the join window, in storage order.
     _episodes: dict[str, list[str]] = field(default_factory=dict)
@@ -165,8 +178,17 @@ class RolloutAccumulator:
     # What each call and each joined feedback adds to, from the catalog (see __post_init__).
     _per_call: tuple[tuple[str, Observe, bool], ...] = ()
     _per_feedback: tuple[tuple[str, bool], ...] = ()
+    #: The quality signals whose feedback feeds the primary metric (see module doc).
+    signals: tuple[str, ...] = (HUMAN,)
+    _sources: frozenset[str | None] = frozenset({None})
+    #: The evaluator whose scores are paired with people's (judge drift), if any.
+    _drift_source: str | None = None
+    # Per call of the join window that has one of the two: [people's score, evaluator's].
+    _pairs: dict[str, list[float | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._sources = frozenset(source_of(signal) for signal in self.signals)
+        self._drift_source = next((s for s in self.signals if s != HUMAN), None)
         primary = self.primary_metric
         self._per_call = tuple(
             (spec.name, observe, spec.clustered)
@@ -280,9 +302,9 @@ class RolloutAccumulator:
         """Keep a call for the feedback that may join it, and join what waited for it."""
         self._calls[request_id] = call
         self._call_order.append((call.ingested_at, request_id))
-        for score, at in self._pending.pop(request_id, ()):
+        for score, at, source in self._pending.pop(request_id, ()):
             self.feedback.waiting -= 1
-            self._join(call, score, at)
+            self._join(request_id, call, score, at, source)
         if call.episode is not None:
             self._episodes.setdefault(call.episode, []).append(request_id)
             for entry in self._episode_fb.get(call.episode, ()):
@@ -320,7 +342,21 @@ class RolloutAccumulator:
             "srm_settle_s": self.srm_settle_s,
             "max_future_s": self.max_future_s,
             "metrics": list(CELL_METRICS),
+            "signals": list(self.signals),
         }
+
+    def read_signals(self) -> tuple[str, ...]:
+        """The signals whose feedback this rollout reads (its own, and people's when the
+        drift check pairs them with its evaluator's)."""
+        extra = (HUMAN,) if self._drift_source is not None else ()
+        return tuple(dict.fromkeys((*self.signals, *extra)))
+
+    def accepts(self, source: str | None) -> bool:
+        """Whether feedback of ``source`` (``None``: people's) matters to this rollout:
+        one of its signals, or people's and its evaluator's paired for the drift check."""
+        return source in self._sources or (
+            self._drift_source is not None and source in (None, self._drift_source)
+        )
 
     def add_feedback(
         self,
@@ -329,23 +365,27 @@ class RolloutAccumulator:
         ingested_at: float,
         episode_id: str | None = None,
         ts: float | None = None,
+        source: str | None = None,
     ) -> None:
         """Add one feedback score: on a call (``request_id``) it counts in that call's
         cell; on a whole episode (``episode_id`` only) in the cell of each of the
         episode's calls (see module doc). Feedback stamped (``ts``) before
-        :attr:`feedback_floor` is not the rollout's and is ignored."""
+        :attr:`feedback_floor` is not the rollout's and is ignored, and so is feedback of
+        a ``source`` the rollout does not read (:meth:`accepts`)."""
+        if not self.accepts(source):
+            return
         self._evict(ingested_at)
         if ts is not None and ts < self.feedback_floor:
             return
         if request_id is None:
-            if episode_id is not None:
+            if episode_id is not None and source in self._sources:
                 self._add_episode_feedback(episode_id, score, ingested_at)
             return
         call = self._calls.get(request_id)
         if call is not None:
-            self._join(call, score, ingested_at)
+            self._join(request_id, call, score, ingested_at, source)
             return
-        self._pending.setdefault(request_id, []).append((score, ingested_at))
+        self._pending.setdefault(request_id, []).append((score, ingested_at, source))
         self._pending_order.append((ingested_at, request_id))
         self.feedback.waiting += 1
 
@@ -382,14 +422,36 @@ class RolloutAccumulator:
         lag = at - call.ingested_at
         return -PENDING_WINDOW_S <= lag <= self.feedback_max_delay_s
 
-    def _join(self, call: _Call, score: float, at: float) -> None:
+    def _join(
+        self, request_id: str, call: _Call, score: float, at: float, source: str | None
+    ) -> None:
         # Eviction already enforces the window when events come in storage order; the
         # explicit check keeps the rule exact when they do not.
         if not self._joinable(call, at):
             self.feedback.unmatched += 1
             return
         self.feedback.joined += 1
-        self._add_feedback_score(call, score)
+        if source in self._sources:
+            self._add_feedback_score(call, score)
+        if self._drift_source is not None and source in (None, self._drift_source):
+            self._pair(request_id, call, score, source is not None)
+
+    def _pair(self, request_id: str, call: _Call, score: float, by_evaluator: bool) -> None:
+        """People's or the evaluator's score of a call: once the call has both (the first
+        of each), their difference (evaluator − people) is a value of its cell."""
+        pair = self._pairs.get(request_id)
+        if pair is None:
+            pair = self._pairs[request_id] = [None, None]
+        slot = 1 if by_evaluator else 0
+        if pair[slot] is not None:
+            return
+        pair[slot] = score
+        human, judged = pair
+        if human is None or judged is None:
+            return
+        metrics = self._cell(call.cell).metrics
+        for name in _PAIRED:
+            metrics[name].add(judged - human, call.bucket, self.buckets)
 
     def _evict(self, now: float) -> None:
         """Forget calls no feedback may join any more, and feedback that waited in vain."""
@@ -398,6 +460,7 @@ class RolloutAccumulator:
         while order and order[0][0] < horizon:
             _, rid = order.popleft()
             call = calls.pop(rid, None)
+            self._pairs.pop(rid, None)
             if call is not None and call.episode is not None:
                 self._forget_episode_call(call.episode, rid)
         horizon = now - PENDING_WINDOW_S
@@ -458,6 +521,7 @@ class RolloutAccumulator:
             "episode_feedback": [
                 [e.episode, e.score, e.at, e.joined] for e in self._episode_fb_order
             ],
+            "pairs": [[rid, *pair] for rid, pair in self._pairs.items()],
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -486,7 +550,9 @@ class RolloutAccumulator:
             for rid, step, arm, bucket, at, episode in zip(*columns, strict=True)
         }
         self._call_order = deque(zip(*state["call_order"], strict=True))
-        self._pending = {rid: [(a, b) for a, b in entries] for rid, entries in state["pending"]}
+        self._pending = {
+            rid: [(a, b, c) for a, b, c in entries] for rid, entries in state["pending"]
+        }
         self._pending_order = deque((at, rid) for at, rid in state["pending_order"])
         self._episodes = {}
         for _, rid in self._call_order:
@@ -498,6 +564,7 @@ class RolloutAccumulator:
             entry = _EpisodeFeedback(episode, score, at, joined)
             self._episode_fb.setdefault(episode, []).append(entry)
             self._episode_fb_order.append(entry)
+        self._pairs = {rid: [human, judged] for rid, human, judged in state.get("pairs", ())}
 
     # -- views ---------------------------------------------------------------------
 

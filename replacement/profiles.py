@@ -32,13 +32,17 @@ class StepPlan(BaseModel):
 class RolloutProfile(BaseModel):
     """Step plan, error budget, guardrail margins and thresholds of a rollout or experiment.
 
-    **One error budget.** An equal candidate can be rolled back by any test of
-    :data:`.catalog.CATALOG`: the primary metric (``alpha_worse``), the three guardrails
-    (``latency_alpha``, ``error_alpha``, ``cost_alpha``) or the sample-ratio check
-    (``srm_alpha``, split evenly over the test steps because each step's split is checked
-    on its own). Every one of these tests is always valid at its alpha, so by the union
-    bound the chance that an equal candidate is rolled back for *any* reason is at most
-    their sum (:attr:`rollback_alpha`, over the catalog), which must not exceed
+    **One error budget.** An equal candidate can be stopped by any test of
+    :data:`.catalog.CATALOG`: rolled back by the primary metric (``alpha_worse``), the
+    three guardrails (``latency_alpha``, ``error_alpha``, ``cost_alpha``) or the
+    sample-ratio check (``srm_alpha``, split evenly over the test steps because each
+    step's split is checked on its own), or paused by the judge-drift check
+    (``judge_drift_alpha``: on calls scored by both people and the rollout's evaluator,
+    the candidate's evaluator-minus-people gap exceeds the baseline's by more than
+    ``max_judge_drift``, tested from ``judge_drift_min_pairs`` such calls per arm). Every
+    one of these tests is always valid at its alpha, so by the union bound the chance that
+    an equal candidate is stopped for *any* reason is at most their sum
+    (:attr:`rollback_alpha`, over the catalog), which must not exceed
     ``alpha_total``. ``alpha_better`` is a separate budget: the chance of declaring a
     significant win for an equal candidate (it promotes experiments and optimizer
     candidates, see ``require_win``).
@@ -75,11 +79,13 @@ class RolloutProfile(BaseModel):
     steps: tuple[StepPlan, ...] = Field(min_length=1)
     # The error budget (false rollbacks of an equal candidate) and its allocation.
     alpha_total: float = Field(default=0.05, gt=0.0, lt=0.5)
-    alpha_worse: float = Field(default=0.04, gt=0.0, lt=0.5)
+    alpha_worse: float = Field(default=0.037, gt=0.0, lt=0.5)
     latency_alpha: float = Field(default=0.003, gt=0.0, lt=0.5)
     error_alpha: float = Field(default=0.003, gt=0.0, lt=0.5)
     cost_alpha: float = Field(default=0.002, gt=0.0, lt=0.5)
     srm_alpha: float = Field(default=0.002, gt=0.0, lt=0.5)
+    # The judge-drift check (a pause, see the class doc) draws on the same budget.
+    judge_drift_alpha: float = Field(default=0.003, gt=0.0, lt=0.5)
     # The chance of a false significant win (promotion), a budget of its own.
     alpha_better: float = Field(default=0.01, gt=0.0, lt=0.5)
     # The mixture scale τ in standard deviations of the metric (see stats.py).
@@ -92,6 +98,10 @@ class RolloutProfile(BaseModel):
     max_cost_ratio: float = Field(default=1.1, ge=1.0)
     min_expected_errors: float = Field(default=5.0, ge=0.0)
     srm_min_expected: int = Field(default=50, ge=1)
+    # Judge drift: how much more (0..1 score) the candidate may please the evaluator than
+    # people, relative to the baseline, and the paired calls per arm before it is tested.
+    max_judge_drift: float = Field(default=0.05, ge=0.0, le=1.0)
+    judge_drift_min_pairs: int = Field(default=30, ge=2)
     feedback_max_delay_s: float = Field(default=3600.0, gt=0.0)
     starvation_grace_s: float = Field(default=3600.0, ge=0.0)
     starvation_action: StarvationAction = "hold"

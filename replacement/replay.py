@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from itertools import chain
 from typing import Any
 
+from promptd.evaluation.signals import HUMAN, sql_condition_any
 from promptd.replacement.observations import RolloutAccumulator
 from promptd.storage.database import Database
 from promptd.storage.repository import EventRepository
@@ -66,31 +67,61 @@ async def replay(
         "ORDER BY id",
         (metric_floor, since, since, *chain.from_iterable((p, *v) for p, v in served.items())),
     )
-    # Call feedback names its prompt. Feedback on a whole episode is all read, as the live
-    # feed offers it all: a call of the episode may still come (within the join window).
     prompts = list(served)
-    feedback = _rows(
-        db,
-        "SELECT ingested_at, request_id, score, episode_id, ts FROM feedback_events "
-        "WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND source IS NULL AND ("
-        f"(prompt IN ({', '.join('?' * len(prompts))}) AND request_id IS NOT NULL) "
-        "OR request_id IS NULL) ORDER BY id",
-        (feedback_floor, fb_since, since, *prompts),
-    )
+    signals = acc.read_signals()
+    # People's feedback, then the evaluators', as the live feed offers a batch's (the
+    # rollout's signals, and people's paired with its evaluator's for the drift check).
+    people = [HUMAN] if HUMAN in signals else []
+    evaluators = [s for s in signals if s != HUMAN]
+    streams: list[AsyncIterator[Any]] = [calls]
+    for chosen in (people, evaluators):
+        if chosen:
+            streams.append(_feedback(db, chosen, prompts, (feedback_floor, fb_since, since)))
     n_calls = n_feedback = 0
-    call = await anext(calls, None)
-    fb = await anext(feedback, None)
-    while call is not None or fb is not None:
-        if call is not None and (fb is None or call[0] <= fb[0]):
-            at, ts, variant, unit, latency, success, quality, cost, request_id, episode = call[:10]
-            ok, prompt = bool(success), call[10]
+    async for row in _merged(streams):
+        if len(row) == _CALL_WIDTH:
+            at, ts, variant, unit, latency, success, quality, cost, request_id, episode = row[:10]
+            ok, prompt = bool(success), row[10]
             acc.add_metric(
                 ts, variant, unit, latency, ok, quality, cost, request_id, at, episode, prompt
             )
             n_calls += 1
-            call = await anext(calls, None)
-        elif fb is not None:
-            acc.add_feedback(fb[1], fb[2], fb[0], fb[3], fb[4])
+        else:
+            acc.add_feedback(row[1], row[2], row[0], row[3], row[4], row[5])
             n_feedback += 1
-            fb = await anext(feedback, None)
     return n_calls, n_feedback
+
+
+_CALL_WIDTH = 11
+
+
+def _feedback(
+    db: Database, signals: Sequence[str], prompts: Sequence[str], floors: tuple[Any, ...]
+) -> AsyncIterator[Any]:
+    """The stored feedback of ``signals`` from ``floors`` (row id, ts, ingested_at) on: on
+    a call of ``prompts``, or on a whole episode (all read, as the live feed offers it
+    all: a call of the episode may still come within the join window)."""
+    sources, params = sql_condition_any(signals)
+    return _rows(
+        db,
+        "SELECT ingested_at, request_id, score, episode_id, ts, source FROM feedback_events "
+        f"WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND {sources} AND ("
+        f"(prompt IN ({', '.join('?' * len(prompts))}) AND request_id IS NOT NULL) "
+        "OR request_id IS NULL) ORDER BY id",
+        (*floors, *params, *prompts),
+    )
+
+
+async def _merged(streams: Sequence[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    """The rows of ``streams`` (each in storage order) merged on ``ingested_at`` (their
+    first column), the earlier stream first on a tie: a batch's calls, then its people's
+    feedback, then its evaluators' results, as the live feed sees them."""
+    heads = [await anext(stream, None) for stream in streams]
+    while True:
+        live = [(row[0], i) for i, row in enumerate(heads) if row is not None]
+        if not live:
+            return
+        _, index = min(live)
+        row = heads[index]
+        yield row
+        heads[index] = await anext(streams[index], None)

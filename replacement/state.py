@@ -48,6 +48,10 @@ class RolloutState:
     # Promote only on a significant win, else end as no_improvement at the horizon (the
     # optimizer's candidates); stored so a restart keeps it.
     require_win: bool = False
+    # The quality signals whose feedback is the primary metric ("human", "eval:<name>"),
+    # chosen from the prompt's configuration when the rollout is created and stored with
+    # it, so a restart (or a changed configuration) decides the rollout on the same ones.
+    signals: tuple[str, ...] = ("human",)
     status: Status = Status.PENDING
     step_index: int = 0
     weight: float = 0.0
@@ -69,4 +73,6 @@ class RolloutState:
         """Inverse of :meth:`to_dict`; unknown keys are rejected."""
         values = dict(data)
         values["status"] = Status(values.get("status", Status.PENDING.value))
+        if "signals" in values:
+            values["signals"] = tuple(values["signals"])
         return cls(**values)

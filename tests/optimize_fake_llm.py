@@ -1,8 +1,10 @@
 """A local OpenAI-compatible server for the optimizer's tests: litellm talks to it over HTTP.
 
 Answers ``POST /v1/chat/completions`` with whatever the test's ``responder`` returns for
-the request body: a string (a 200 answer with usage figures), or a ``(status, body)``
-tuple for errors such as a 429. Every request body is recorded in ``requests``.
+the request body: a string (a 200 answer with usage figures), a ``(status, body)``
+tuple for errors such as a 429, or a dict with the ``content`` and the choice's
+``logprobs`` (OpenAI's shape: ``{"content": [{"token", "logprob", "top_logprobs"}]}``).
+Every request body is recorded in ``requests``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-Answer = str | tuple[int, dict[str, Any]]
+Answer = str | tuple[int, dict[str, Any]] | dict[str, Any]
 Responder = Callable[[dict[str, Any]], Answer | Awaitable[Answer]]
 
 
@@ -44,6 +46,10 @@ class FakeLLM:
         if isinstance(answer, tuple):
             status, payload = answer
             return web.json_response(payload, status=status)
+        extra: dict[str, Any] = {}
+        if isinstance(answer, dict):
+            extra = {"logprobs": answer.get("logprobs")}
+            answer = str(answer["content"])
         return web.json_response(
             {
                 "id": f"chatcmpl-{len(self.requests)}",
@@ -55,6 +61,7 @@ class FakeLLM:
                         "index": 0,
                         "message": {"role": "assistant", "content": answer},
                         "finish_reason": "stop",
+                        **extra,
                     }
                 ],
                 "usage": {

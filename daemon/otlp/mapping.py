@@ -15,7 +15,11 @@ rules, documented for operators in ``docs/opentelemetry.md``:
   (``published_by_sdk``), only its feedback, joined to that request id;
 - ids are deterministic, so a span read twice is stored once: the call's ``event_id``
   is ``otel:<trace id>:<span id>``, its ``request_id`` ``<trace id>-<span id>``, its
-  ``episode_id`` the trace id.
+  ``episode_id`` the trace id;
+- the span's evaluations (``gen_ai.evaluation.result`` events, OpenInference
+  ``evaluations``) are the app's automatic evaluations: feedback with the source
+  ``eval:<evaluation name>``, read as an evaluator's, not as people's; OpenInference
+  ``annotations`` stay people's feedback (no source).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from promptd.events import (
     MAX_COMMENT_CHARS,
     MAX_ERROR_CHARS,
     MAX_KIND_CHARS,
+    SOURCE_PREFIX,
 )
 
 #: The variant of a call whose span names none, for a prompt with no active version.
@@ -320,14 +325,29 @@ def _feedback(span: SpanView, call: dict[str, str], request_id: str, result: Spa
                 a.get(c.EVALUATION_NAME), a.get(c.EVALUATION_SCORE), a.get(c.EVALUATION_LABEL)
             )
             when = event.time_ns or span.end_ns
-            extra = {"event_id": f"{base}:eval:{i}", "ts": when / 1e9}
+            extra = {
+                "event_id": f"{base}:eval:{i}",
+                "ts": when / 1e9,
+                "source": evaluation_source(a.get(c.EVALUATION_NAME)),
+            }
             _add(result, found, {**on_call, **extra}, a.get(c.EVALUATION_EXPLANATION))
     for prefix, kind, whole_trace in c.OI_FEEDBACK:
         for i, f in sorted(_indexed(span, prefix, f".{kind}.").items()):
             found = _verdict(f.get("name"), f.get("score"), f.get("label"))
             extra = {"event_id": f"{base}:{prefix}:{i}", "ts": span.end_ns / 1e9}
+            if kind == "evaluation":
+                extra["source"] = evaluation_source(f.get("name"))
             target = on_trace if whole_trace else on_call
             _add(result, found, {**target, **extra}, f.get("explanation"))
+
+
+def evaluation_source(name: Any) -> str:
+    """The ``source`` of an app's automatic evaluation carried by its spans:
+    ``eval:<name>``, the name cut to an evaluator name (characters other than letters,
+    digits, ``_``, ``.`` and ``-`` become ``_``; ``eval:otel`` without a usable name)."""
+    text = _str(name) or ""
+    cleaned = _NOT_IN_NAME.sub("_", text.strip()).lstrip("_.-")[:64]
+    return f"{SOURCE_PREFIX}{cleaned or 'otel'}"
 
 
 def _add(
@@ -353,6 +373,9 @@ def _verdict(name: Any, score: Any, label: Any) -> tuple[str, float] | None:
         return None
     kind = (_str(name) or "quality").strip().lower()[:MAX_KIND_CHARS] or "quality"
     return kind, value
+
+
+_NOT_IN_NAME: Final = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
 # -- attribute values ---------------------------------------------------------------

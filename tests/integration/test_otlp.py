@@ -76,10 +76,16 @@ async def test_otel_only_app_appears_in_windows_and_its_rollout_is_promoted(
     make_settings: Any, start_daemon: Any
 ) -> None:
     """Spans posted by the OTLP/HTTP exporter become calls in the monitor's windows; a
-    candidate the app's users rate higher (evaluation events on the spans) wins a fixed
-    split experiment attributed through ``promptd.variant``, and is promoted."""
+    candidate the app's own evaluations score higher (evaluation events on the spans:
+    source ``eval:Relevance``, chosen as the rollout's signal) wins a fixed split
+    experiment attributed through ``promptd.variant``, and is promoted."""
     settings = make_settings(
-        http={"admin_token": TOKEN}, rollout={"tick_interval_s": 0.1, "time_scale": 0.001}
+        http={"admin_token": TOKEN},
+        rollout={"tick_interval_s": 0.1, "time_scale": 0.001},
+        evaluation={
+            "external": ["Relevance"],
+            "signals": [{"prompts": ["summarize"], "rollout": ["eval:Relevance"]}],
+        },
     )
     running = await start_daemon(settings)
     url = running.url
@@ -117,12 +123,14 @@ async def test_otel_only_app_appears_in_windows_and_its_rollout_is_promoted(
             )
             if wave == 0:
                 stats = await wait_for(lambda: _stats_with(http, 300), timeout=20)
-                assert stats["total"]["feedback_count"] == 300
+                # The span evaluations are the app's evaluator's, not people's feedback.
+                assert stats["total"]["feedback_count"] == 0
                 assert set(stats["variants"]) == {"v1", "v2"}
             state = await _get(http, f"/v1/rollouts/{rollout['id']}")
             if state["status"] != "running":
                 break
         assert state["status"] == "promoted", state["decisions"][-3:]
+        assert state["signals"] == ["eval:Relevance"]
         routing = Routing.model_validate(await _get(http, "/v1/prompts/summarize/routing"))
         assert routing.active_version == "v2"
         status = await _get(http, "/v1/status")
@@ -132,7 +140,7 @@ async def test_otel_only_app_appears_in_windows_and_its_rollout_is_promoted(
 async def _stats_with(http: aiohttp.ClientSession, n: int) -> Any:
     stats = await _get(http, "/v1/prompts/summarize/stats?window=1h")
     total = stats["total"]
-    return stats if total["request_count"] >= n and total["feedback_count"] >= n else None
+    return stats if total["request_count"] >= n else None
 
 
 async def test_collector_framed_records_are_stored_once_and_bad_ones_dead_lettered(

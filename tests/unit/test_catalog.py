@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from promptd.replacement.catalog import CATALOG, CELL_METRICS, Observation
+from promptd.replacement.catalog import CATALOG, CELL_METRICS, Observation, as_clustered
 from promptd.replacement.observations import RolloutAccumulator
 from promptd.replacement.profiles import PROFILES, RolloutProfile, fixed_split_experiment
 from promptd.replacement.state import RolloutState
@@ -76,8 +76,12 @@ def test_the_observation_and_the_arms_have_every_metric_with_cells() -> None:
     acc.add_metric(1.0, "v2", "u", 10.0, False, None, 0.5, "r1")
     state = RolloutState("r", "p", "v1", "v2", "s", "balanced", "success_rate")
     obs = acc.observation(state)
-    assert set(obs.metrics) == set(CELL_METRICS) == {"primary", "log_latency", "errors", "cost"}
-    assert all(obs.metric(name) for name in CELL_METRICS)
+    assert set(obs.metrics) == set(CELL_METRICS)
+    assert set(CELL_METRICS) == {"primary", "log_latency", "errors", "cost", "judge_drift"}
+    # Every metric a call feeds has data; the judge-drift pairs need people's and an
+    # evaluator's score of a call.
+    assert all(obs.metric(name) for name in CELL_METRICS if name != "judge_drift")
+    assert as_clustered(obs.metric("judge_drift")).steps == ()
     assert acc.arm_summary()["candidate"] == {
         "requests": 1,
         "primary_samples": 1,
@@ -85,6 +89,8 @@ def test_the_observation_and_the_arms_have_every_metric_with_cells() -> None:
         "latency_geomean_ms": pytest.approx(10.0),
         "error_rate": 1.0,
         "cost_per_request": 0.5,
+        "judge_drift_pairs": 0,
+        "evaluator_minus_people": None,
     }
     with pytest.raises(TypeError, match=r"unknown rollout metric\(s\) \['tokens'\]"):
         Observation(tokens=())

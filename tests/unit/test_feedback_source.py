@@ -196,3 +196,26 @@ async def test_signals_select_their_rows(db: Database) -> None:
     assert len(rows_of("human", outcome.feedback_rows, outcome.evaluation_rows)) == 5
     with pytest.raises(ValueError, match="use 'human' or 'eval:"):
         parse_signal("people")
+
+
+async def test_the_optimizer_reads_the_signals_a_prompt_chooses(db: Database) -> None:
+    """Chosen per prompt, an evaluator's scores are the examples' scores (alone, or
+    averaged with people's per call); people's correction stays the reference."""
+    repo = EventRepository(db)
+    await repo.store_batch([call(i) for i in range(8)], [], {})
+    await repo.store_batch([], [*human(), *evaluations()], {})
+    last = await db.reader.execute_fetchall("SELECT max(id) FROM feedback_events")
+    snapshot = Snapshot(time.time(), int(next(iter(last))[0]), 8)
+
+    async def scores(*signals: str) -> dict[str, float]:
+        store = ExampleStore(db, 3600.0, 100, signals_of=lambda prompt: signals)
+        return {e.request_id: e.score for e in await store.examples("p", snapshot)}
+
+    assert await scores("human") == {"r1": 0.25, "r3": 0.75, "r5": 0.0, "r2": 1.0}
+    assert await scores("eval:judge-0") == {f"r{i}": 0.9 for i in (0, 2, 4, 6)}
+    both = await scores("human", "eval:judge-1")
+    assert both["r1"] == pytest.approx((0.25 + 0.9) / 2)
+    assert both["r7"] == pytest.approx(0.9)
+    store = ExampleStore(db, 3600.0, 100, signals_of=lambda prompt: ("eval:judge",))
+    [r2] = await store.examples("p", snapshot)
+    assert (r2.request_id, r2.score, r2.correction) == ("r2", 0.1, "fixed")

@@ -432,7 +432,7 @@ def test_profiles_stay_within_their_error_budget() -> None:
     for profile in (CONSERVATIVE, BALANCED, AGGRESSIVE):
         assert profile.rollback_alpha <= profile.alpha_total + 1e-12
         budget = profile.budget()
-        parts = ("primary_worse", "latency", "errors", "cost", "sample_ratio")
+        parts = ("primary_worse", "latency", "errors", "cost", "sample_ratio", "judge_drift")
         assert sum(budget[k] for k in parts) == pytest.approx(budget["rollback_total"])
         assert profile.srm_step_alpha == pytest.approx(profile.srm_alpha / profile.test_steps)
     assert BALANCED.test_steps == 4

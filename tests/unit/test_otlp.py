@@ -70,6 +70,7 @@ def test_genai_conventions_span_maps_to_a_call_and_its_evaluation(encoding: Enco
     assert json.loads(call.attributes or "")["service.name"] == "support-bot"
     assert (fb.request_id, fb.prompt, fb.variant) == (call.request_id, "summarize", "v1")
     assert (fb.score, fb.kind, fb.episode_id) == (0.75, "relevance", call.episode_id)
+    assert fb.source == "eval:Relevance"  # the app's automatic evaluation, not people's
 
 
 def test_previous_genai_names_map_the_same() -> None:
@@ -118,6 +119,8 @@ def test_openinference_span_maps_variables_cost_and_annotations() -> None:
     )
     assert (on_trace.request_id, on_trace.episode_id) == (None, call.episode_id)
     assert (on_trace.kind, on_trace.score) == ("helpfulness", 0.5)
+    assert on_call.source is None
+    assert on_trace.source is None
 
 
 def test_non_llm_spans_are_skipped_and_counted() -> None:
@@ -199,6 +202,30 @@ def test_span_published_by_the_sdk_gives_only_its_feedback() -> None:
     assert metrics == ()
     assert (fb.request_id, fb.variant, fb.score) == ("req-42", "v2", 1.0)
     assert decoder.take_counts() == {"spans.published_by_sdk": 1, "feedback": 1}
+
+
+def test_span_evaluations_are_an_evaluators_feedback() -> None:
+    """A span's evaluations (semconv events, OpenInference ``evaluations``) are the app's
+    automatic evaluations: their source is ``eval:<name>``, the name cut to an evaluator
+    name, so every reader of people's feedback leaves them out."""
+    rec = Recorder()
+    with rec.tracer.start_as_current_span("chat") as span:
+        span.set_attributes(
+            {"gen_ai.operation.name": "chat", "gen_ai.prompt.name": "summarize"}
+            | {"evaluations.0.evaluation.name": "faithful", "evaluations.0.evaluation.score": 1.0}
+        )
+        for name in ("LLM judge / v2", "", "__x"):
+            attrs: dict[str, Any] = {"gen_ai.evaluation.score.value": 0.5}
+            if name:
+                attrs["gen_ai.evaluation.name"] = name
+            span.add_event("gen_ai.evaluation.result", attrs)
+    _, feedback, _ = _decode(_decoder(), [rec.request().SerializeToString()])
+    assert sorted(f.source or "" for f in feedback) == [
+        "eval:LLM_judge___v2",
+        "eval:faithful",
+        "eval:otel",
+        "eval:x",
+    ]
 
 
 def test_unscored_evaluations_are_counted_not_stored() -> None:

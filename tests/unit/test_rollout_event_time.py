@@ -93,6 +93,8 @@ class World:
             routing_ttl_s=2.0,
             snapshot_interval_s=1.0,
             max_future_s=300.0,
+            # People's feedback and an evaluator's both count, and are paired (judge drift).
+            signals_of=lambda prompt: ("human", "eval:judge"),
         )
 
     async def store(self, metrics: list[MetricRow], feedback: list[FeedbackRow]) -> None:
@@ -179,8 +181,23 @@ def batch(
                 )
             )
         else:
+            # People's, the rollout's evaluator's, another evaluator's (not the rollout's).
+            source = rng.choice([None, None, "eval:judge", "eval:other"])
             feedback.append(
-                (f"f{target}-{j}", ts, "p", "v2", None, target, score, "q", None, None, None, None)
+                (
+                    f"f{target}-{j}",
+                    ts,
+                    "p",
+                    "v2",
+                    None,
+                    target,
+                    score,
+                    "q",
+                    None,
+                    None,
+                    None,
+                    source,
+                )
             )
     return metrics, feedback
 
@@ -215,10 +232,10 @@ OPS = st.lists(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), ops=OPS)
 def test_live_aggregates_equal_a_full_replay(seed: int, ops: list[str]) -> None:
-    """Batches of calls stamped late, on time, ahead or years ahead, feedback before or
-    after its call or on none, pauses, ticks that start new steps, restarts with and
-    without a snapshot: the live accumulator equals the one a start without a snapshot
-    rebuilds from storage."""
+    """Batches of calls stamped late, on time, ahead or years ahead, feedback (people's
+    and evaluators') before or after its call or on none, pauses, ticks that start new
+    steps, restarts with and without a snapshot: the live accumulator equals the one a
+    start without a snapshot rebuilds from storage."""
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(scenario(Path(tmp), seed, ops))
 

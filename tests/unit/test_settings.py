@@ -236,16 +236,23 @@ def test_example_evaluators_are_valid() -> None:
 
     from promptd.evaluation.config import EvaluationSettings
 
-    text = EXAMPLE.read_text(encoding="utf-8")
+    text, signals = EXAMPLE.read_text(encoding="utf-8").split("# [[evaluation.signals]]")
     blocks = text.split("# [[evaluation.evaluators]]")[1:]
     assert len(blocks) == 3
-    evaluators = []
-    for block in blocks:
+
+    def uncommented(block: str) -> dict[str, object]:
+        # A block ends at the first blank line (prose about the next section follows).
+        block = block.split("\n\n")[0]
         lines = [re.sub(r"^# ", "", line) for line in block.splitlines() if line.startswith("# ")]
         lines = [line for line in lines if not line.startswith("#") and line.strip()]
-        evaluators.append(tomllib.loads("\n".join(lines)))
-    settings = EvaluationSettings.model_validate({"evaluators": evaluators})
+        return tomllib.loads("\n".join(lines))
+
+    evaluators = [uncommented(block) for block in blocks]
+    settings = EvaluationSettings.model_validate(
+        {"evaluators": evaluators, "signals": [uncommented(signals)]}
+    )
     assert [e.type for e in settings.evaluators] == ["json_schema", "regex", "judge"]
+    assert settings.signals_for("support", "rollout") == ("eval:helpful",)
 
 
 def test_bad_evaluators_are_named_in_the_config_file(tmp_path: Path) -> None:
