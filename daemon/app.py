@@ -39,15 +39,17 @@ from promptd.daemon.http import (
     is_loopback,
     start_site,
 )
-from promptd.daemon.ingest import BatchListener, GroupConflictError, IngestAlert, Ingestor
+from promptd.daemon.ingest import BatchListener, IngestAlert, Ingestor, IngestRefusedError
 from promptd.daemon.kafka import Producer, ensure_topics
 from promptd.daemon.leadership import Leadership
 from promptd.daemon.lock import DataDirLock, DataDirLockedError
 from promptd.daemon.settings import Settings
+from promptd.daemon.store_guard import StoreGuard
 from promptd.monitoring.metrics import IngestMetrics
 from promptd.monitoring.rules import Notification
 from promptd.monitoring.sinks import log_notification
 from promptd.storage.database import Database, FencedError
+from promptd.storage.identity import StoreIdentity, load_identity, record_kafka
 from promptd.storage.repository import (
     DUPLICATES,
     OTLP_COUNTERS,
@@ -56,6 +58,7 @@ from promptd.storage.repository import (
     STORED_METRICS,
     EventRepository,
 )
+from promptd.storage.sqlite import SqliteDatabase
 
 if TYPE_CHECKING:
     from promptd.daemon.otlp.decoder import OtlpDecoder
@@ -107,6 +110,7 @@ class Daemon:
         # down): each returns lines that /readyz shows as "degraded".
         self.readiness_details: list[Callable[[], list[str]]] = []
         self.db: Database | None = None
+        self.identity: StoreIdentity | None = None
         self.repo: EventRepository | None = None
         self.producer: Producer | None = None
         self.ingestor: Ingestor | None = None
@@ -133,8 +137,8 @@ class Daemon:
             raise DaemonRefusedError(str(exc)) from None
         try:
             await self._run_locked(stop)
-        except* GroupConflictError as group:
-            raise DaemonRefusedError(str(group.exceptions[0])) from None
+        except* IngestRefusedError as refused:
+            raise DaemonRefusedError(str(refused.exceptions[0])) from None
         finally:
             self.lock.release()
         log.info("daemon_stopped")
@@ -156,7 +160,11 @@ class Daemon:
                 idle_in_transaction_timeout_s=storage.idle_in_transaction_timeout_s,
             )
             stack.push_async_callback(self.db.close)
+            await self._check_database()
             self.repo = EventRepository(self.db)
+            # Every daemon on the store names it in its status from the start (a standby
+            # too); the Kafka side is recorded when a term of work begins.
+            self.identity = await load_identity(self.db)
             if storage.shared:
                 from promptd.daemon.shared import run_shared
 
@@ -166,7 +174,7 @@ class Daemon:
                 await hook()
             if self.settings.kafka.embedded:
                 await self._start_embedded_broker(stack)
-            stack.push_async_callback(self.start_term().stop)
+            stack.push_async_callback((await self.start_term()).stop)
             runner = await self.serve(build_app(self))
             stack.push_async_callback(runner.cleanup)
             log.info(
@@ -178,12 +186,13 @@ class Daemon:
             )
             await self.run_tasks(stop)
 
-    def start_term(self) -> Producer:
+    async def start_term(self) -> Producer:
         """The producer and the ingestor of a term of work (the whole life of a single
         daemon; each leadership on a shared store). Returns the producer to stop."""
         assert self.bootstrap is not None
         assert self.db is not None
         assert self.repo is not None
+        guard = await self._store_guard(self.bootstrap)
         self.producer = Producer(self.settings.kafka, self.bootstrap)
         self._kafka_ready = False
         self.ingestor = Ingestor(
@@ -195,6 +204,7 @@ class Daemon:
             self.batch_listeners,
             alert=self._ingest_alert,
             storage_check=self.db.file_problem,
+            guard=guard,
             fence=self.leadership,
             otlp=self._otlp_decoder(),
         )
@@ -231,6 +241,59 @@ class Daemon:
         forgotten = await self.repo.forget_offsets(self.settings.kafka.event_topics)
         if forgotten:
             log.warning("stored_offsets_forgotten", partitions=forgotten, reason="embedded_broker")
+
+    async def _check_database(self) -> None:
+        """A bounded ``PRAGMA quick_check`` of a SQLite file before anything reads the
+        store: a damaged database is refused with one line, not discovered by a query
+        later (or never). A PostgreSQL server checks its own pages (data checksums) and
+        is watched by its operators' tools."""
+        budget = self.settings.storage.integrity_check_s
+        if budget <= 0 or not isinstance(self.db, SqliteDatabase):
+            return
+        check = await self.db.quick_check(budget)
+        if check.problems:
+            raise DaemonRefusedError(
+                f"the database {self.db.location!r} is damaged (PRAGMA quick_check: "
+                f"{'; '.join(check.problems[:3])}). Restore a backup (promptd restore "
+                f"BACKUP), or recover what is readable with sqlite3's .recover into a new "
+                "file and start on that; storage.integrity_check_s = 0 skips this check"
+            )
+        if check.complete:
+            log.info("database_checked", duration_s=round(check.duration_s, 3))
+        else:
+            log.warning(
+                "database_check_incomplete",
+                checked_s=round(check.duration_s, 3),
+                reason=check.stopped,
+                note="quick_check stopped (storage.integrity_check_s); no damage seen so far",
+            )
+
+    async def _store_guard(self, bootstrap: str) -> StoreGuard:
+        """The store's identity (the Kafka side recorded on first use) for ingestion.
+
+        On a shared store every daemon is a member of the one store the database's
+        identity names (the standbys read it at start); the leader of the moment records
+        the Kafka side, and its own group membership when it joins."""
+        assert self.db is not None
+        kafka = self.settings.kafka
+        identity = await record_kafka(self.db, bootstrap, kafka.group_id, kafka.event_topics)
+        self.identity = identity
+        if (identity.group_id, identity.topics) != (kafka.group_id, kafka.event_topics):
+            log.warning(
+                "store_consumes_other_kafka",
+                store_id=identity.store_id,
+                recorded_group=identity.group_id,
+                recorded_topics=list(identity.topics),
+                group=kafka.group_id,
+                topics=list(kafka.event_topics),
+            )
+        return StoreGuard(
+            self.db,
+            kafka,
+            bootstrap,
+            identity,
+            accept_new_store=self.settings.storage.accept_new_store,
+        )
 
     def write_runtime(self) -> None:
         """``runtime.json``: how CLI commands find this daemon (removed with the lock)."""
@@ -274,7 +337,7 @@ class Daemon:
             await factory(stop)
         except asyncio.CancelledError:
             raise
-        except GroupConflictError as exc:
+        except IngestRefusedError as exc:
             log.error("daemon_refused", reason=str(exc))
             raise
         except FencedError as exc:
@@ -451,8 +514,12 @@ class Daemon:
         }
         healthy, health_reason = self.health()
         ready, _ = self.readiness()
+        identity = self.identity
         return {
             "version": __version__,
+            "store": {"id": identity.store_id, "created_at": identity.created_at}
+            if identity is not None
+            else None,
             "healthy": healthy,
             "health_reason": health_reason,
             "ready": ready,

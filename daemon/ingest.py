@@ -33,6 +33,9 @@ One daemon per consumer group: a daemon whose first assignment lacks some partit
 its topics shares the group with another member; it refuses to consume (raises
 :class:`GroupConflictError`) and leaves the group. A daemon that already ran alone keeps
 consuming its share but turns unready and logs an error until it has every partition.
+Members left behind by killed runs of this same store are not "another member", and a
+new store is not taken for the one the group fed (:mod:`.store_guard`,
+:class:`NewStoreError`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import gzip
+import math
+import operator
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -69,10 +74,12 @@ from promptd.daemon.kafka import (
     ensure_topics,
 )
 from promptd.daemon.settings import KafkaSettings
+from promptd.daemon.store_guard import StoreGuard, member_id
 from promptd.events import Rejection
+from promptd.monitoring.eventtime import PartitionClock
 from promptd.monitoring.metrics import IngestMetrics
 from promptd.storage.database import Fence, FencedError
-from promptd.storage.repository import OTLP_COUNTERS, BatchOutcome, EventRepository
+from promptd.storage.repository import OTLP_COUNTERS, BatchOutcome, BatchTime, EventRepository
 from promptd.storage.rows import FeedbackRow, MetricRow
 
 if TYPE_CHECKING:
@@ -100,8 +107,16 @@ BatchListener = Callable[[BatchOutcome], Awaitable[None]]
 Key = tuple[str, int]
 
 
-class GroupConflictError(RuntimeError):
+class IngestRefusedError(RuntimeError):
+    """This daemon must not consume (one line for the operator says why)."""
+
+
+class GroupConflictError(IngestRefusedError):
     """Another member shares the consumer group: this daemon refuses to consume."""
+
+
+class NewStoreError(IngestRefusedError):
+    """A new store while the group's committed offsets say events were consumed."""
 
 
 class GroupBusyError(RuntimeError):
@@ -165,7 +180,12 @@ class DecodedBatch:
     consumed: dict[str, int] = field(default_factory=dict)
     #: What the OTLP decoder counted of the batch's spans (``spans.call``, ...).
     spans: dict[str, int] = field(default_factory=dict)
+    # The newest event ts of each partition's valid records (its watermark's candidate).
+    newest: dict[tuple[str, int], float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+
+
+_TS = operator.itemgetter(1)
 
 
 def decode_batch(
@@ -178,14 +198,22 @@ def decode_batch(
     for tp, recs in records.items():
         if not recs:
             continue
-        batch.offsets[(tp.topic, tp.partition)] = recs[-1].offset + 1
+        key = (tp.topic, tp.partition)
+        batch.offsets[key] = recs[-1].offset + 1
         batch.consumed[tp.topic] = batch.consumed.get(tp.topic, 0) + len(recs)
+        first_metric, first_feedback = len(metrics), len(feedback)
         is_otlp = otlp is not None and tp.topic == otlp.topic
         decode = otlp.decode_into if otlp is not None and is_otlp else decoder.decode_into
         for rec in recs:
             rejection = decode(rec.value, metrics, feedback)
             if rejection is not None:
                 dead.append((rec, rejection))
+        newest = max(
+            max(map(_TS, metrics[first_metric:]), default=-math.inf),
+            max(map(_TS, feedback[first_feedback:]), default=-math.inf),
+        )
+        if newest > -math.inf:
+            batch.newest[key] = newest
     if otlp is not None:
         batch.spans = otlp.take_counts()
     return batch
@@ -217,7 +245,13 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._ingestor.commit_kafka(self._consumer)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        await self._ingestor.on_assigned(self._consumer, assigned)
+        try:
+            await self._ingestor.on_assigned(self._consumer, assigned)
+        except Exception as exc:
+            # aiokafka would log this and consume from the group's offsets instead of the
+            # stored ones: hold the partitions and let the loop restart the consumer.
+            self._consumer.pause(*assigned)
+            self._ingestor.assign_error = exc
 
 
 class Ingestor:
@@ -233,6 +267,7 @@ class Ingestor:
         listeners: Sequence[BatchListener] = (),
         alert: AlertHook | None = None,
         storage_check: StorageCheck | None = None,
+        guard: StoreGuard | None = None,
         fence: Fence | None = None,
         otlp: OtlpDecoder | None = None,
     ) -> None:
@@ -260,14 +295,22 @@ class Ingestor:
         self._uncommitted: dict[Key, int] = {}
         self._last_commit = 0.0
         self._was_alone = False
-        self._refusal: GroupConflictError | GroupBusyError | None = None
+        self._refusal: IngestRefusedError | GroupBusyError | None = None
+        # What the store knows of itself (None: no checks, e.g. in unit tests).
+        self.guard = guard
+        # While only earlier runs of this store share the group: give up at this time.
+        self._stale_until: float | None = None
+        #: Why the last assignment could not be handled (the loop restarts the consumer).
+        self.assign_error: Exception | None = None
         self._last_topic_check = 0.0
+        # Event time of the assigned partitions (see monitoring/eventtime.py).
+        self._clock = PartitionClock()
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set or ingestion halts, restarting with backoff
-        after any failure; raises :class:`GroupConflictError` when it must not run."""
+        after any failure; raises :class:`IngestRefusedError` when it must not run."""
         self._stop = stop
         # What is alive when consumption starts (modules, settings, rebuilt windows) lives
         # as long as the daemon. Ingestion allocates fast enough to trigger a full garbage
@@ -288,7 +331,7 @@ class Ingestor:
             try:
                 await self._consume(stop)
                 backoff = self.kafka.retry_backoff_initial_s
-            except (asyncio.CancelledError, GroupConflictError, FencedError):
+            except (asyncio.CancelledError, IngestRefusedError, FencedError):
                 raise
             except UndecodableBatchError as exc:
                 self.metrics.undecodable_batches.inc()
@@ -331,6 +374,8 @@ class Ingestor:
         )
         try:
             await asyncio.wait_for(consumer.start(), self.kafka.request_timeout_ms / 1000)
+            if self.guard is not None:
+                await self.guard.remove_stale_members()
             consumer.subscribe(list(self.kafka.event_topics), listener=_Rebalance(self, consumer))
             self.state.connected = True
             self.metrics.kafka_connected.set(1)
@@ -341,6 +386,15 @@ class Ingestor:
                 self.state.last_poll_at = time.monotonic()
                 if self._refusal is not None:
                     raise self._refusal
+                if self.assign_error is not None:
+                    error, self.assign_error = self.assign_error, None
+                    raise error
+                if self._stale_until is not None and time.monotonic() > self._stale_until:
+                    raise GroupConflictError(
+                        f"consumer group {self.kafka.group_id!r}: members left by earlier "
+                        "runs of this store did not leave within 3 session timeouts; "
+                        "check that no other daemon uses this store"
+                    )
                 if self._pending is not None and self._pending.done():
                     # A failed write surfaces now (and restarts from storage), not only
                     # when the next records arrive.
@@ -386,12 +440,19 @@ class Ingestor:
     async def on_assigned(
         self, consumer: AIOKafkaConsumer, assigned: Sequence[TopicPartition]
     ) -> None:
-        """Check the group is ours alone, then seek every partition to its stored offset."""
+        """Check the group is ours alone and the store is the group's, then seek every
+        partition to its stored offset."""
         keys = [(tp.topic, tp.partition) for tp in assigned]
+        mine = member_id(consumer)
+        if self.guard is not None:
+            await self.guard.joined(mine)
         missing = self._partitions_elsewhere(consumer, keys)
         if missing and not self._was_alone:
-            # Refuse before any fetch: pause, and let the loop leave the group.
+            # Refuse (or wait) before any fetch: pause, and let the loop decide.
             consumer.pause(*assigned)
+            self._set_assigned(frozenset())
+            if await self._only_stale_members(mine):
+                return
             if self.shared:
                 self._refusal = GroupBusyError(
                     f"consumer group {self.kafka.group_id!r} still holds another member "
@@ -407,8 +468,16 @@ class Ingestor:
             log.error("consumer_group_shared", reason=self.state.group_conflict)
         else:
             self._was_alone = True
+            self._stale_until = None
             self.state.group_conflict = None
         stored = await self.repo.load_offsets(keys)
+        if not stored and self.guard is not None:
+            refusal = await self.guard.new_store_refusal(consumer, assigned)
+            if refusal is not None:
+                consumer.pause(*assigned)
+                self._refusal = NewStoreError(refusal)
+                return
+        self._clock.load(await self.repo.load_watermarks(keys))
         for tp in assigned:
             offset = stored.get((tp.topic, tp.partition))
             if offset is not None:
@@ -420,6 +489,23 @@ class Ingestor:
             partitions=sorted(f"{t}:{p}" for t, p in keys),
             resumed_from_storage=len(stored),
         )
+
+    async def _only_stale_members(self, mine: str | None) -> bool:
+        """Whether every other member was left by an earlier run of this store; if so,
+        remove them and wait (bounded) for the rebalance that gives this daemon all."""
+        if self.guard is None:
+            return False
+        stale, unknown = await self.guard.split_members(mine)
+        if unknown or not stale:
+            return False
+        await self.guard.remove(stale)
+        if self._stale_until is None:
+            self._stale_until = time.monotonic() + 3 * self.kafka.session_timeout_ms / 1000
+        self.state.group_conflict = (
+            f"waiting for members left by earlier runs of this store to leave: {stale}"
+        )
+        log.warning("consumer_group_stale_members", members=stale, action="waiting")
+        return True
 
     def _partitions_elsewhere(self, consumer: AIOKafkaConsumer, keys: Sequence[Key]) -> list[Key]:
         """Partitions of our topics that exist but were given to another member."""
@@ -553,10 +639,30 @@ class Ingestor:
         batch = decode_batch(records, self._decoder, self._otlp)
         if batch.dead:
             await self._dead_letter(batch)
+        clock = self._batch_time(consumer, batch)
         self.state.write_started_at = time.monotonic()
-        self._pending = asyncio.create_task(self._store(consumer, batch), name="ingest-store")
+        self._pending = asyncio.create_task(
+            self._store(consumer, batch, clock), name="ingest-store"
+        )
         # Hand the write to SQLite's thread now, before the next fetch is awaited.
         await asyncio.sleep(0)
+
+    def _batch_time(self, consumer: AIOKafkaConsumer, batch: DecodedBatch) -> BatchTime:
+        """The batch's event time: its window watermark is the minimum watermark of its
+        own partitions and of every assigned partition with records left to store."""
+        unread = [key for key in self.state.assigned if self._has_unread(consumer, key)]
+        return self._clock.batch_time(batch.offsets, unread, batch.newest, self._clock.stamp())
+
+    def _has_unread(self, consumer: AIOKafkaConsumer, key: Key) -> bool:
+        """Whether ``key`` may have records not stored yet (unknown counts as yes)."""
+        tp = TopicPartition(*key)
+        hw = consumer.highwater(tp)
+        if hw is None:
+            return True
+        stored = self.state.next_offsets.get(key)
+        if stored is None:
+            stored = _position(consumer, tp)
+        return stored is None or hw > stored
 
     async def _dead_letter(self, batch: DecodedBatch) -> None:
         records = [dead_letter_record(rec, rej) for rec, rej in batch.dead]
@@ -575,7 +681,9 @@ class Ingestor:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.kafka.retry_backoff_max_s)
 
-    async def _store(self, consumer: AIOKafkaConsumer, batch: DecodedBatch) -> None:
+    async def _store(
+        self, consumer: AIOKafkaConsumer, batch: DecodedBatch, clock: BatchTime
+    ) -> None:
         reasons: dict[str, int] = {}
         for _rec, rej in batch.dead:
             reasons[rej.reason] = reasons.get(rej.reason, 0) + 1
@@ -587,12 +695,14 @@ class Ingestor:
                 batch.offsets,
                 reasons,
                 {f"{OTLP_COUNTERS}.{k}": n for k, n in batch.spans.items()},
+                clock=clock,
             )
         except Exception as exc:
             self.state.write_error = repr(exc)
             raise
         finally:
             self.state.write_started_at = None
+        self._clock.apply(clock.partition_watermarks or {})
         self.state.write_error = None
         self.state.next_offsets.update(batch.offsets)
         self.state.last_progress_at = time.monotonic()
@@ -713,6 +823,20 @@ class Ingestor:
         """Readiness (``/readyz``), see :mod:`promptd.daemon.health`."""
         verdict = readiness(self.state, self.kafka, time.monotonic())
         return verdict.ok, verdict.reason
+
+
+def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The consumer's position in ``tp`` if it has one, without waiting for it.
+
+    ``AIOKafkaConsumer.position`` waits (up to the request timeout) for a position it does
+    not have yet; this reads aiokafka's subscription state instead, and says ``None`` if
+    that internal ever changes shape.
+    """
+    try:
+        state = consumer._subscription.subscription.assignment.state_value(tp)
+        return int(state.position) if state is not None and state.has_valid_position else None
+    except (AttributeError, TypeError, KeyError):
+        return None
 
 
 class UndecodableBatchError(RuntimeError):

@@ -15,7 +15,9 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.client import AIOKafkaClient, CoordinationType
+from aiokafka.errors import KafkaError, NoError, TopicAlreadyExistsError, for_code
+from aiokafka.protocol.group import LeaveGroupRequest
 
 from promptd.daemon.settings import KafkaSettings
 
@@ -92,14 +94,11 @@ async def ensure_topics(kafka: KafkaSettings, bootstrap: str, timeout_s: float =
         await admin.close()
 
 
-async def describe_group_members(
+async def group_members(
     kafka: KafkaSettings, bootstrap: str, timeout_s: float = 5.0
-) -> list[str]:
-    """The members of the daemon's consumer group as ``member_id@host``, best effort.
-
-    Only to name them in an error: any failure (or a broker that leaves the fields
-    empty, as the test broker does for hosts) gives what is known, possibly nothing.
-    """
+) -> list[tuple[str, str]] | None:
+    """``(member_id, host)`` of each member of the daemon's consumer group, ``None`` when
+    the group cannot be described (the test broker leaves hosts empty)."""
     admin = AIOKafkaAdminClient(**client_options(kafka, bootstrap))
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
@@ -108,7 +107,7 @@ async def describe_group_members(
         )
     except Exception as exc:
         log.info("describe_group_failed", error=repr(exc))
-        return []
+        return None
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
@@ -117,9 +116,42 @@ async def describe_group_members(
         for group in getattr(answer, "groups", ()):
             # (error_code, group, state, protocol_type, protocol, members, …)
             for member in group[5]:
-                member_id, host = str(member[0]), str(member[2])
-                members.append(f"{member_id}@{host}" if host else member_id)
+                members.append((str(member[0]), str(member[2])))
     return members
+
+
+async def describe_group_members(
+    kafka: KafkaSettings, bootstrap: str, timeout_s: float = 5.0
+) -> list[str]:
+    """The members of the daemon's consumer group as ``member_id@host``, best effort.
+
+    Only to name them in an error: any failure (or a broker that leaves the fields
+    empty, as the test broker does for hosts) gives what is known, possibly nothing.
+    """
+    members = await group_members(kafka, bootstrap, timeout_s) or []
+    return [f"{member}@{host}" if host else member for member, host in members]
+
+
+async def remove_group_member(
+    kafka: KafkaSettings, bootstrap: str, member_id: str, timeout_s: float = 5.0
+) -> None:
+    """Make the broker drop ``member_id`` from the daemon's consumer group now (a
+    LeaveGroup on its behalf), instead of when its session expires. Only for a member
+    known to be dead: a live one is thrown out of the group and has to rejoin."""
+    client = AIOKafkaClient(**client_options(kafka, bootstrap))
+    try:
+        await asyncio.wait_for(client.bootstrap(), timeout_s)
+        node = await asyncio.wait_for(
+            client.coordinator_lookup(CoordinationType.GROUP, kafka.group_id), timeout_s
+        )
+        response = await asyncio.wait_for(
+            client.send(node, LeaveGroupRequest(kafka.group_id, member_id)), timeout_s
+        )
+    finally:
+        await client.close()
+    error = for_code(response.error_code)
+    if error is not NoError:
+        raise error(f"LeaveGroup for {member_id!r}")
 
 
 class Producer:

@@ -160,6 +160,14 @@ class StorageSettings(_Section):
     retention_interval_s: float = Field(default=3600.0, gt=0)
     # How often the daemon checks that its database file is still the one it opened.
     file_check_interval_s: float = Field(default=1.0, gt=0)
+    # At start, PRAGMA quick_check verifies every page of the database for at most this
+    # long (about 1 s per GB); damage found refuses the start, a check cut short by the
+    # limit is logged. 0 turns the check off.
+    integrity_check_s: float = Field(default=10.0, ge=0)
+    # Start over deliberately: a new (empty) store whose consumer group has committed
+    # offsets reads every partition from its earliest offset instead of refusing to run
+    # (`promptd run --new-store`). Leave it off: a lost database must be noticed.
+    accept_new_store: bool = False
 
     @field_validator("url")
     @classmethod

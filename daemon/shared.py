@@ -69,7 +69,7 @@ class Host(Served, Protocol):
         """Write ``runtime.json``."""
         ...
 
-    def start_term(self) -> Producer:
+    async def start_term(self) -> Producer:
         """The producer and ingestor of a term; returns the producer to stop."""
         ...
 
@@ -211,7 +211,7 @@ async def _lead(
             await daemon.db.check_schema()
         for hook in daemon.startup_hooks:
             await hook()
-        producer = daemon.start_term()
+        producer = await daemon.start_term()
         await swap.to(build_app(daemon))
         work = asyncio.create_task(daemon.run_tasks(stop), name="promptd:term")
         ended = asyncio.create_task(lost.wait())

@@ -57,10 +57,13 @@ class MonitoringSettings(BaseModel):
     # Window tiers, finest first: each serves windows up to its retention; the last one is
     # the trailing baseline of relative rules. Memory per series is sum(retention / bucket).
     tiers: tuple[Tier, ...] = Field(default_factory=_default_tiers, min_length=1)
-    # Out-of-order events up to this much older than the newest one still land in their
-    # bucket; older ones are stored and counted (promptd_monitor_late_events_total) only.
+    # An event up to this much older than its batch's window watermark (the event time
+    # every partition with records left had reached, see monitoring/eventtime.py) still
+    # lands in its bucket; older ones are stored and counted
+    # (promptd_monitor_late_events_total) only. Partitions read in order never have one.
     lateness_s: float = Field(default=30.0, ge=0)
-    # Events further ahead of the wall clock are not windowed (a producer's clock is wrong).
+    # An event stamped after it was stored counts at the time it was stored; one stamped
+    # more than this after is not windowed (a producer's clock is wrong).
     max_future_s: float = Field(default=300.0, gt=0)
     # Relative accuracy of latency quantiles (log-bucketed histogram).
     quantile_relative_error: float = Field(default=0.02, gt=0, lt=0.5)

@@ -200,12 +200,13 @@ class _TrafficCollector(Collector):
         ex = self._export
         yield CounterMetricFamily(
             "promptd_monitor_late_events",
-            "Events older than the lateness tolerance: stored, not windowed.",
+            "Events more than lateness_s behind their batch's window watermark, or older "
+            "than every window tier: stored, not windowed.",
             value=ex.late_events(),
         )
         yield CounterMetricFamily(
             "promptd_monitor_future_events",
-            "Events too far ahead of the clock: stored, not windowed.",
+            "Events stamped more than max_future_s after they were stored: stored, not windowed.",
             value=ex.future_events(),
         )
         yield CounterMetricFamily(

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from promptd.storage.rows import FeedbackRow, MetricRow
 from promptd.storage.snapshots import SnapshotStore
 
 from .config import MonitoringSettings
+from .eventtime import ADMIT_ALL, Admission
 from .export import MonitorExport
 from .rules import AlertRule, AlertState, Evaluation, Notification, evaluate
 from .sinks import SinkWorker, log_notification
@@ -101,6 +103,11 @@ class Batch(Protocol):
     @property
     def ingested_at(self) -> float:
         """When the batch was stored (its rows' ``ingested_at``)."""
+        ...
+
+    @property
+    def watermark(self) -> float | None:
+        """The window watermark the batch is windowed under (see :mod:`.eventtime`)."""
         ...
 
 
@@ -186,7 +193,19 @@ class Monitor:
         ]
 
     def _apply(self, outcome: Batch, credits: Sequence[Credit]) -> None:
-        self._window(outcome.metric_rows, outcome.feedback_rows, credits)
+        config = self.store.config
+        self.store.admit(
+            Admission.of(
+                outcome.ingested_at,
+                outcome.watermark,
+                config.lateness_seconds,
+                config.max_future_seconds,
+            )
+        )
+        try:
+            self._window(outcome.metric_rows, outcome.feedback_rows, credits)
+        finally:
+            self.store.admit(ADMIT_ALL)
         covered = self.covered
         self.covered = (
             max(covered[0], outcome.last_metric_id),
@@ -486,37 +505,41 @@ async def rebuild_windows(
 ) -> dict[str, int]:
     """Refill ``store`` from storage at start, bounded in work.
 
-    The trailing ``horizon_s`` seconds are replayed event by event (exact, with latency
+    Every stored event goes through the admission rule of its own batch
+    (:mod:`.eventtime`), so the windows admit exactly what the live ones did. The
+    trailing ``horizon_s`` seconds are replayed event by event (exact, with latency
     histograms): that covers every short window. History older than that, back to the
     baseline, is loaded as SQL aggregates per coarsest-tier bucket (one row per series and
     hour by default), which restores counts, rates and means of the 24 h baseline at a cost
     that does not depend on the traffic; latency quantiles of the baseline then cover only the
-    replayed part until the baseline has refilled. Events are fed in ts order, as the windows
-    require; the loop is yielded to between chunks.
+    replayed part until the baseline has refilled. The loop is yielded to between chunks.
     """
     config = store.config
     baseline = config.baseline_seconds
     horizon = min(horizon_s, baseline)
     coarse = config.tiers[-1].bucket_seconds
-    replay_from = now - horizon
+    # The oldest bucket the live windows still hold at ``now``: the baseline tier keeps
+    # its buckets ``lateness`` longer than the baseline (see WindowStore._maintain).
+    keep_from = math.floor((now - baseline - config.lateness_seconds) / coarse) * coarse
+    replay_from = max(now - horizon, keep_from)
     started = time.perf_counter()
     aggregates = 0
-    if horizon < baseline:
-        for agg in await history_aggregates(db, now - baseline, replay_from, coarse):
-            # The bucket's start may lie before the baseline; the cut-off is what counts.
-            store.record_aggregate(
-                max(agg.start, now - baseline), agg.prompt, agg.variant, agg.model, **agg.values
-            )
+    if keep_from < replay_from:
+        rows = await history_aggregates(
+            db,
+            keep_from,
+            replay_from,
+            coarse,
+            config.lateness_seconds,
+            config.max_future_seconds,
+        )
+        store.admit(ADMIT_ALL)  # the query applied the rule
+        for agg in rows:
+            store.record_aggregate(agg.start, agg.prompt, agg.variant, agg.model, **agg.values)
             aggregates += 1
     replayed = 0
-    record, record_fb = store.record_metric, store.record_feedback
-    async for rows in raw_events(db, replay_from, now + config.max_future_seconds):
-        for ts, is_fb, prompt, variant, model, lat, ok, q, tin, tout, cost, score in rows:
-            if is_fb:
-                record_fb(ts, prompt, variant, score)
-            else:
-                record(ts, prompt, variant, model, lat, bool(ok), q, tin, tout, cost)
-        replayed += len(rows)
+    async for chunk in raw_events(db, replay_from):
+        replayed += store.replay(chunk)
         await asyncio.sleep(0)
     store.expire(now)
     summary = {"aggregates": aggregates, "events": replayed}

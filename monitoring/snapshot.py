@@ -8,8 +8,9 @@ ingestion handed them to the monitor. Counts, sums and histograms are then what 
 that never stopped would hold; history older than the replay horizon even keeps its
 latency quantiles, which the SQL aggregates cannot restore.
 
-A snapshot is ignored (and the full rebuild runs) when the window configuration changed
-since it was taken or when it is older than the baseline window. The encoding is
+A snapshot is ignored (and the full rebuild runs, with a warning) when the window
+configuration changed since it was taken, when it is older than the baseline window, or
+when it does not decode: it is a cache, never a reason not to start. The encoding is
 msgpack of :meth:`~.windows.WindowStore.state`, tagged with :data:`FORMAT`.
 """
 
@@ -32,8 +33,9 @@ log = structlog.get_logger("promptd.monitoring")
 
 #: The snapshot's name in the ``snapshots`` table.
 NAME: Final = "monitor.windows"
-#: Version of the encoding; a snapshot of another format is ignored.
-FORMAT: Final = 1
+#: Version of the encoding; a snapshot of another format is ignored. 2: the windows no
+#: longer keep an admission rule of their own (event time per batch, see .eventtime).
+FORMAT: Final = 2
 
 
 def config_key(config: WindowConfig) -> str:
@@ -77,7 +79,13 @@ async def restore(
     if reason is not None:
         log.warning("windows_snapshot_ignored", reason=reason, taken_at=round(snap.taken_at))
         return None
-    store = await asyncio.to_thread(decode, config, snap.data)
+    try:
+        store = await asyncio.to_thread(decode, config, snap.data)
+    except Exception as exc:
+        # A cache that does not decode (a damaged row, a bug in an older encoder): the
+        # full rebuild gives the same windows, only slower.
+        log.warning("windows_snapshot_ignored", reason=f"does not decode: {exc!r}"[:500])
+        return None
     covered, replayed = await replay_tail(store, db, (snap.metric_id, snap.feedback_id))
     store.expire(now)
     log.info(
@@ -101,15 +109,12 @@ async def replay_tail(
     """Window the events stored after ``covered``; returns the new cover and the count."""
     mid, fid = covered
     replayed = 0
-    record, record_fb = store.record_metric, store.record_feedback
     async for rows in tail_events(db, mid, fid):
-        for ts, is_fb, prompt, variant, model, lat, ok, q, tin, tout, cost, score, _, i in rows:
-            if is_fb:
-                record_fb(ts, prompt, variant, score)
-                fid = max(fid, i)
+        replayed += store.replay(rows)
+        for row in rows:
+            if row[1]:
+                fid = max(fid, row[14])
             else:
-                record(ts, prompt, variant, model, lat, bool(ok), q, tin, tout, cost)
-                mid = max(mid, i)
-        replayed += len(rows)
+                mid = max(mid, row[14])
         await asyncio.sleep(0)
     return (mid, fid), replayed

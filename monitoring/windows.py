@@ -32,16 +32,22 @@ A query for ``window_seconds`` at ``now`` uses the finest tier whose retention c
 ``w`` and covers between ``window - w`` and ``window`` seconds before ``now``; rates divide by
 the actually covered span ``now - start``.
 
-Events more than ``max_future_seconds`` ahead of the clock last given to :meth:`expire` are
-counted in :attr:`WindowStore.future_events` and not windowed. The *watermark* is the largest
-event ``ts`` seen (or the ``now`` last given to :meth:`expire`).
-Events older than ``watermark - lateness_seconds`` are not windowed; they are counted in
-:attr:`WindowStore.late_events` (exported by the daemon). Late events within the tolerance land
-in the bucket of their own timestamp (in a coarser tier if their fine bucket was already folded).
-Queries are meant for ``now >= watermark - lateness``; older ranges may already be folded.
+Which events count, and at what time, is decided by the admission rule of
+:mod:`.eventtime` (future timestamps, lateness against the batch's window watermark),
+which the caller sets per batch with :meth:`WindowStore.admit`; by default every event
+counts at its own time. Rejected events are counted in :attr:`WindowStore.late_events`
+and :attr:`WindowStore.future_events` (exported by the daemon). The windows' own
+*watermark* is only their maintenance clock: the largest admitted time or the ``now``
+last given to :meth:`WindowStore.expire`, whichever is later. Buckets fold on it (kept
+fine-grained ``lateness_seconds`` longer than their tier's retention); an admitted event
+whose fine bucket was already folded lands in the coarser bucket that holds its time,
+and one older than every tier (past the baseline) is counted as late. Where an event
+ends up therefore depends only on its time and on the latest clock, not on the order
+events arrived in: a rebuild in any order, expired to the same ``now``, answers every
+query like the live windows.
 
-Rebuild at start: feed the stored events in ``ts`` order through :meth:`WindowStore.add_batch`,
-then call :meth:`WindowStore.expire` with the wall clock.
+Rebuild at start: feed the stored events through the same admission rule (each with
+its batch's), then call :meth:`WindowStore.expire` with the wall clock.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Final, Literal, NamedTuple
@@ -59,6 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from promptd.events import FeedbackEvent, MetricEvent
 
+from .eventtime import ADMIT_ALL, Admission
 from .histogram import (
     DEFAULT_RELATIVE_ERROR,
     MIN_VALUE,
@@ -97,10 +104,11 @@ class WindowConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     tiers: tuple[Tier, ...] = Field(default_factory=_default_tiers, min_length=1)
+    #: How far behind its batch's window watermark an event may be and still count (see
+    #: :mod:`.eventtime`); buckets also stay fine-grained this much longer.
     lateness_seconds: float = Field(default=30.0, ge=0)
-    #: Events further than this ahead of the clock last given to ``expire`` are rejected, so
-    #: one producer with a wrong clock cannot push the watermark ahead and make every other
-    #: event "too late".
+    #: Events stamped further than this after their batch was stored are rejected; ones
+    #: stamped less far ahead count at the time they were stored (see :mod:`.eventtime`).
     max_future_seconds: float = Field(default=300.0, gt=0)
     relative_error: float = Field(default=DEFAULT_RELATIVE_ERROR, gt=0, lt=0.5)
 
@@ -363,17 +371,28 @@ class WindowStore:
         # Per tier, a min-heap of (bucket index, seq, series) in creation order: what to fold.
         self._due: list[list[tuple[int, int, _Key]]] = [[] for _ in self._widths]
         self._seq = itertools.count()
+        #: The maintenance clock: the latest admitted time or ``expire`` time.
         self.watermark = -math.inf
-        self._accept_from = -math.inf
         self._next_maintenance = -math.inf
-        # No limit until expire() tells the wall clock (a rebuild feeds history first).
-        self._future_limit = math.inf
-        #: Events older than ``watermark - lateness_seconds``: counted, not windowed.
+        # The admission rule of the batch being recorded (admit() sets it), unpacked:
+        # the hot path reads three attributes instead of calling a method.
+        self._accept_from = ADMIT_ALL.accept_from
+        self._clamp_at = ADMIT_ALL.clamp_at
+        self._future_limit = ADMIT_ALL.future_limit
+        #: Events too late for their batch's watermark, or older than every tier: counted,
+        #: not windowed.
         self.late_events = 0
-        #: Events more than ``max_future_seconds`` ahead of the clock: counted, not windowed.
+        #: Events stamped more than ``max_future_seconds`` after they were stored: counted,
+        #: not windowed.
         self.future_events = 0
 
     # ---- ingest (hot path) --------------------------------------------------------------
+
+    def admit(self, admission: Admission) -> None:
+        """Apply ``admission`` (the rule of one batch) to the events recorded from now on."""
+        self._accept_from = admission.accept_from
+        self._clamp_at = admission.clamp_at
+        self._future_limit = admission.future_limit
 
     def add_metric(self, event: MetricEvent) -> bool:
         """Window one metric event; ``False`` when it is too late (counted, not windowed)."""
@@ -502,16 +521,58 @@ class WindowStore:
                 added += add_feedback(event)
         return added
 
+    def replay(self, rows: Iterable[Sequence[Any]]) -> int:
+        """Window stored event rows, each under the admission rule of its own batch:
+        ``(ts, is_feedback, prompt, variant, model, latency_ms, success, quality,
+        tokens_in, tokens_out, cost_usd, score, ingested_at, watermark, ...)``, as
+        :func:`~promptd.storage.alerts.raw_events` and
+        :func:`~promptd.storage.snapshots.tail_events` read them. Returns how many rows
+        were given; the rule is reset to :data:`~.eventtime.ADMIT_ALL` at the end."""
+        config = self.config
+        lateness, future = config.lateness_seconds, config.max_future_seconds
+        record, record_fb = self.record_metric, self.record_feedback
+        batch: float | None = None
+        n = 0
+        for (
+            ts,
+            is_fb,
+            prompt,
+            variant,
+            model,
+            lat,
+            ok,
+            q,
+            tin,
+            tout,
+            c,
+            score,
+            at,
+            mark,
+            *_,
+        ) in rows:
+            if at != batch:
+                self.admit(Admission.of(at, mark, lateness, future))
+                batch = at
+            if is_fb:
+                record_fb(ts, prompt, variant, score)
+            else:
+                record(ts, prompt, variant, model, lat, bool(ok), q, tin, tout, c)
+            n += 1
+        self.admit(ADMIT_ALL)
+        return n
+
     def _bucket_for(self, ts: float, key: _Key) -> _Acc | None:
+        # The admission rule (eventtime.Admission.time_of), inlined: this runs per event.
+        if ts > self._clamp_at:
+            if ts > self._future_limit:
+                self.future_events += 1
+                return None
+            ts = self._clamp_at
         if ts < self._accept_from:
             self.late_events += 1
             return None
         if ts > self.watermark:
-            if ts > self._future_limit:
-                self.future_events += 1
-                return None
             self.watermark = ts
-            self._accept_from = ts - self._lateness
             if ts >= self._next_maintenance:
                 self._maintain(ts)
         leaf = self._leaves.get(key)
@@ -521,6 +582,8 @@ class WindowStore:
         acc = leaf[0].get(idx)
         if acc is None:
             acc = self._new_bucket(leaf, key, ts)
+            if acc is None:
+                self.late_events += 1
         return acc
 
     def _new_leaf(self, key: _Key) -> _Leaf:
@@ -529,9 +592,9 @@ class WindowStore:
         self._by_prompt.setdefault(key[0], set()).add(key)
         return leaf
 
-    def _new_bucket(self, leaf: _Leaf, key: _Key, ts: float) -> _Acc:
-        # The finest tier whose bucket for ts is not folded yet: tier 0 except for late events
-        # whose fine bucket was already folded. The accept check guarantees one exists.
+    def _new_bucket(self, leaf: _Leaf, key: _Key, ts: float) -> _Acc | None:
+        # The finest tier whose bucket for ts is not folded yet: tier 0 except for old events
+        # whose fine bucket was already folded; None past the baseline.
         for tier, width in enumerate(self._widths):
             idx = int(ts // width)
             if idx >= self._folded[tier]:
@@ -540,20 +603,20 @@ class WindowStore:
                     acc = leaf[tier][idx] = _Acc()
                     self._schedule(tier, idx, key)
                 return acc
-        raise AssertionError("an accepted event is older than every tier")  # pragma: no cover
+        if not any(leaf):
+            self._drop_leaf(key)
+        return None
 
     # ---- maintenance --------------------------------------------------------------------
 
     def expire(self, now: float) -> None:
         """Fold aged buckets into coarser tiers, drop buckets past the baseline and empty series.
 
-        Call it on every tick with the wall clock: it also advances the watermark, so memory
-        stays bounded when traffic stops.
+        Call it on every tick with the wall clock: it also advances the maintenance clock, so
+        memory stays bounded when traffic stops. It decides nothing about which events count.
         """
-        self._future_limit = now + self.config.max_future_seconds
         if now > self.watermark:
             self.watermark = now
-            self._accept_from = now - self._lateness
         self._maintain(self.watermark)
 
     def _maintain(self, watermark: float) -> None:
@@ -663,7 +726,8 @@ class WindowStore:
                 continue
             leaf = self._leaves[key]
             # Data of the window may still sit in finer tiers (not folded yet), never in
-            # coarser ones as long as now >= watermark - lateness.
+            # coarser ones as long as now >= watermark - lateness (tiers keep a window's
+            # buckets until the window has passed them).
             for t in range(tier + 1):
                 w = self._widths[t]
                 lo = math.ceil(start / w - 1e-9)
@@ -728,8 +792,6 @@ class WindowStore:
             leaves.append([*key, buckets])
         return {
             "watermark": self.watermark,
-            "accept_from": self._accept_from,
-            "future_limit": self._future_limit,
             "folded": list(self._folded),
             "late_events": self.late_events,
             "future_events": self.future_events,
@@ -741,8 +803,6 @@ class WindowStore:
         """A store holding exactly what :meth:`state` saved (same ``config`` required)."""
         store = cls(config)
         store.watermark = state["watermark"]
-        store._accept_from = state["accept_from"]
-        store._future_limit = state["future_limit"]
         store._folded = list(state["folded"])
         store.late_events = state["late_events"]
         store.future_events = state["future_events"]

@@ -148,6 +148,9 @@ class RolloutController:
             calls = feedback = 0
             if row.step_starts:
                 after = await self._load_snapshot(row.id, acc)
+                if after is None:  # damaged: acc may hold part of it
+                    acc = self._accumulator(row, state, list(row.step_starts))
+                    after = (0, 0)
                 served = _served(row, acc)
                 calls, feedback = await replay(self.db, acc, served, row.step_starts[0], after)
             live = _Live(row, state, acc)
@@ -166,8 +169,11 @@ class RolloutController:
         for prompt in await self._all_prompts():
             self._dirty_routing.add(prompt)
 
-    async def _load_snapshot(self, rollout_id: str, acc: RolloutAccumulator) -> tuple[int, int]:
-        """Load the rollout's snapshot into ``acc``; the row ids it covers ((0, 0): none)."""
+    async def _load_snapshot(
+        self, rollout_id: str, acc: RolloutAccumulator
+    ) -> tuple[int, int] | None:
+        """Load the rollout's snapshot into ``acc``; the row ids it covers ((0, 0): none;
+        ``None``: it did not decode and ``acc`` must be rebuilt)."""
         if self._snapshots is None:
             return (0, 0)
         snap = await self._snapshots.load(snapshots.name(rollout_id))
@@ -177,7 +183,12 @@ class RolloutController:
         if stored[0] < snap.metric_id or stored[1] < snap.feedback_id:
             log.warning("rollout_snapshot_ignored", rollout_id=rollout_id, reason="ids went back")
             return (0, 0)
-        if not snapshots.load(acc, snap):
+        try:
+            loaded = snapshots.load(acc, snap)
+        except snapshots.SnapshotDamaged as exc:
+            log.warning("rollout_snapshot_ignored", rollout_id=rollout_id, reason=str(exc))
+            return None
+        if not loaded:
             log.warning("rollout_snapshot_ignored", rollout_id=rollout_id, reason="other config")
             return (0, 0)
         return (snap.metric_id, snap.feedback_id)

@@ -262,6 +262,10 @@ class RolloutAccumulator:
         only to rollouts of several prompts. The call counts at its event time (see
         module doc)."""
         stored = ts if ingested_at is None else ingested_at
+        # Only the calls a replay reads (the rollout's, stamped since it began) may move
+        # the eviction horizon: otherwise live and rebuilt state differ in what they keep.
+        if not self.step_starts or ts < self.step_starts[0] or not self._serves(variant, prompt):
+            return
         self._evict(stored)
         # Event time (see module doc): a timestamp after the call was stored is taken as
         # its storage time; stamped more than max_future_s after it, the call is left out.
@@ -372,11 +376,9 @@ class RolloutAccumulator:
         episode's calls (see module doc). Feedback stamped (``ts``) before
         :attr:`feedback_floor` is not the rollout's and is ignored, and so is feedback of
         a ``source`` the rollout does not read (:meth:`accepts`)."""
-        if not self.accepts(source):
+        if not self.accepts(source) or (ts is not None and ts < self.feedback_floor):
             return
         self._evict(ingested_at)
-        if ts is not None and ts < self.feedback_floor:
-            return
         if request_id is None:
             if episode_id is not None and source in self._sources:
                 self._add_episode_feedback(episode_id, score, ingested_at)

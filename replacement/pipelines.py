@@ -147,7 +147,8 @@ class PipelineRegistry:
         self.registry = registry
 
     async def register(self, data: Mapping[str, Any]) -> Pipeline:
-        """Register (or redefine) a pipeline; :class:`InvalidPipeline` says why not."""
+        """Register (or redefine) a pipeline; :class:`InvalidPipeline` says why not, and
+        :class:`Conflict` refuses a redefinition while its coordinated rollout is live."""
         try:
             pipeline = Pipeline.from_dict(data)
         except PipelineError as exc:
@@ -170,6 +171,19 @@ class PipelineRegistry:
                 )
         now = time.time()
         async with self.db.transaction() as conn:
+            # Its candidates were chosen and are being tested as this pipeline: a new
+            # wiring would make promotion install a combination never tested (as restore).
+            async with conn.execute(
+                "SELECT id FROM rollouts WHERE pipeline = ? "
+                "AND status IN ('running', 'paused', 'pending')",
+                (pipeline.name,),
+            ) as cur:
+                live = await cur.fetchone()
+            if live is not None:
+                raise Conflict(
+                    f"pipeline {pipeline.name!r} has a live coordinated rollout ({live[0]}): "
+                    "promote it or roll it back before redefining the pipeline"
+                )
             async with conn.execute("SELECT name, definition FROM pipelines") as cur:
                 rows = await cur.fetchall()
             for name, definition in rows:

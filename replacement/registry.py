@@ -25,7 +25,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from promptd.events import MAX_NAME_CHARS, MAX_PROMPT_CHARS
 from promptd.prompt_config import PARAMS, describe
@@ -251,8 +251,9 @@ class NewVersion(BaseModel):
     origin: str = Field(default="human", max_length=200)
     run_id: str | None = Field(default=None, max_length=200)
     rationale: str | None = Field(default=None, max_length=10_000)
-    activate: bool = False
-    force: bool = False
+    # Strict: JSON true/false only ("yes" is not a boolean in a request body).
+    activate: StrictBool = False
+    force: StrictBool = False
     profile: str | None = None
 
     @model_validator(mode="after")

@@ -9,7 +9,8 @@ feedback may still join) are what they would be after the full replay.
 One snapshot per live rollout, named ``rollout:<id>`` in the ``snapshots`` table; it is
 ignored when it was built for another configuration of the accumulator (versions, primary
 metric, buckets, join window, future bound, the catalog's metrics; a pipeline rollout's
-members, salt and step weights) or another encoding (:data:`FORMAT`).
+members, salt and step weights) or another encoding (:data:`FORMAT`), and when it does not
+decode (a warning, then the full replay: a snapshot is a cache).
 """
 
 from __future__ import annotations
@@ -64,13 +65,25 @@ def finish(header: Snapshot, state: dict[str, Any]) -> Snapshot:
     )
 
 
+class SnapshotDamaged(ValueError):
+    """A snapshot that does not decode; the accumulator it was loaded into may be half
+    filled and must be replaced."""
+
+
 def load(acc: RolloutAccumulator, snap: Snapshot) -> bool:
-    """Load ``snap`` into ``acc``; ``False`` (and ``acc`` untouched) when it does not fit."""
+    """Load ``snap`` into ``acc``; ``False`` (and ``acc`` untouched) when it does not fit.
+
+    Raises :class:`SnapshotDamaged` when the data does not decode (then ``acc`` may hold
+    part of it: build a new one).
+    """
     if snap.config != config_key(acc):
         return False
-    state: dict[str, Any] = msgspec.msgpack.decode(snap.data)
-    steps = state["step_starts"]
-    if acc.step_starts[: len(steps)] != steps:
-        return False  # not this rollout's history
-    acc.load_state(state)
+    try:
+        state: dict[str, Any] = msgspec.msgpack.decode(snap.data)
+        steps = state["step_starts"]
+        if acc.step_starts[: len(steps)] != steps:
+            return False  # not this rollout's history
+        acc.load_state(state)
+    except Exception as exc:
+        raise SnapshotDamaged(f"does not decode: {exc!r}"[:500]) from exc
     return True

@@ -132,35 +132,62 @@ class AlertStore:
 # Kept here with the other monitor SQL. There is no index on ts: every query scans the
 # primary key from the first id that can hold the range (EventRepository.first_id_since).
 
-_AGG_METRICS = (
-    "SELECT CAST(ts / :w AS INTEGER) AS b, prompt, variant, model, COUNT(*), SUM(success), "
-    "SUM(latency_ms), COUNT(quality), TOTAL(quality), "
-    "COUNT(coalesce(tokens_in, tokens_out)), TOTAL(tokens_in), "
-    "TOTAL(tokens_out), COUNT(cost_usd), TOTAL(cost_usd) "
-    "FROM metric_events WHERE id >= :mid AND ts >= :lo AND ts < :hi "
-    "GROUP BY b, prompt, variant, model"
+# Every query applies the admission rule of monitoring/eventtime.py to each row with its
+# batch's facts: a row stamped more than :fut after its ingested_at is not windowed, one
+# stamped after it counts at its ingested_at (``_AT``), one more than :late behind its
+# batch's window watermark (batch_watermarks, by ingested_at) is late. The raw replays
+# return the facts and let the windows apply the rule; the aggregates apply it here.
+_AT = "min({t}.ts, {t}.ingested_at)"
+_WATERMARK = "LEFT JOIN batch_watermarks w ON w.ingested_at = {t}.ingested_at"
+_ADMITTED = (
+    "{t}.ts <= {t}.ingested_at + :fut AND (w.watermark IS NULL OR "
+    + _AT
+    + " >= w.watermark - :late)"
 )
-_AGG_FEEDBACK = (
-    "SELECT CAST(ts / :w AS INTEGER) AS b, prompt, variant, COUNT(*), TOTAL(score) "
-    "FROM feedback_events WHERE id >= :fid AND ts >= :lo AND ts < :hi "
-    "AND request_id IS NOT NULL AND source IS NULL GROUP BY b, prompt, variant"
+
+
+def _rule(sql: str, table: str) -> str:
+    return sql.format(at=_AT.format(t=table), admitted=_ADMITTED.format(t=table))
+
+
+_AGG_METRICS = _rule(
+    "SELECT CAST({at} / :w AS INTEGER) AS b, m.prompt, m.variant, m.model, COUNT(*), "
+    "SUM(m.success), SUM(m.latency_ms), COUNT(m.quality), TOTAL(m.quality), "
+    "COUNT(coalesce(m.tokens_in, m.tokens_out)), TOTAL(m.tokens_in), "
+    "TOTAL(m.tokens_out), COUNT(m.cost_usd), TOTAL(m.cost_usd) "
+    f"FROM metric_events m {_WATERMARK.format(t='m')} "
+    "WHERE m.id >= :mid AND {at} >= :lo AND {at} < :hi AND {admitted} "
+    "GROUP BY b, m.prompt, m.variant, m.model",
+    "m",
+)
+_AGG_FEEDBACK = _rule(
+    "SELECT CAST({at} / :w AS INTEGER) AS b, f.prompt, f.variant, COUNT(*), TOTAL(f.score) "
+    f"FROM feedback_events f {_WATERMARK.format(t='f')} "
+    "WHERE f.id >= :fid AND {at} >= :lo AND {at} < :hi AND {admitted} "
+    "AND f.request_id IS NOT NULL AND f.source IS NULL GROUP BY b, f.prompt, f.variant",
+    "f",
 )
 # Feedback on a whole episode is credited to every call of the episode stored with it or
 # before it (EPISODE_CREDITS, as the live monitor does); sums of the two add up.
-_AGG_EPISODE_FEEDBACK = (
-    "SELECT CAST(f.ts / :w AS INTEGER) AS b, m.prompt, m.variant, COUNT(*), TOTAL(f.score) "
-    f"{EPISODE_CREDITS} WHERE f.id >= :fid AND f.ts >= :lo AND f.ts < :hi "
-    "AND f.request_id IS NULL GROUP BY b, m.prompt, m.variant"
+_AGG_EPISODE_FEEDBACK = _rule(
+    "SELECT CAST({at} / :w AS INTEGER) AS b, m.prompt, m.variant, COUNT(*), TOTAL(f.score) "
+    f"{EPISODE_CREDITS} {_WATERMARK.format(t='f')} "
+    "WHERE f.id >= :fid AND {at} >= :lo AND {at} < :hi AND {admitted} "
+    "AND f.request_id IS NULL GROUP BY b, m.prompt, m.variant",
+    "f",
 )
 _RAW_EVENTS = (
-    "SELECT ts, 0, prompt, variant, model, latency_ms, success, quality, tokens_in, "
-    "tokens_out, cost_usd, NULL FROM metric_events WHERE id >= :mid AND ts >= :lo AND ts <= :hi "
-    "UNION ALL SELECT ts, 1, prompt, variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, score "
-    "FROM feedback_events WHERE id >= :fid AND ts >= :lo AND ts <= :hi "
-    "AND request_id IS NOT NULL AND source IS NULL "
+    "SELECT m.ts, 0, m.prompt, m.variant, m.model, m.latency_ms, m.success, m.quality, "
+    "m.tokens_in, m.tokens_out, m.cost_usd, NULL, m.ingested_at, w.watermark "
+    f"FROM metric_events m {_WATERMARK.format(t='m')} "
+    f"WHERE m.id >= :mid AND {_AT.format(t='m')} >= :lo "
+    "UNION ALL SELECT f.ts, 1, f.prompt, f.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+    f"f.score, f.ingested_at, w.watermark FROM feedback_events f {_WATERMARK.format(t='f')} "
+    f"WHERE f.id >= :fid AND {_AT.format(t='f')} >= :lo AND f.request_id IS NOT NULL "
+    "AND f.source IS NULL "
     "UNION ALL SELECT f.ts, 1, m.prompt, m.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-    f"f.score {EPISODE_CREDITS} WHERE f.id >= :fid AND f.ts >= :lo AND f.ts <= :hi "
-    "AND f.request_id IS NULL ORDER BY 1"
+    f"f.score, f.ingested_at, w.watermark {EPISODE_CREDITS} {_WATERMARK.format(t='f')} "
+    f"WHERE f.id >= :fid AND {_AT.format(t='f')} >= :lo AND f.request_id IS NULL ORDER BY 1"
 )
 
 
@@ -184,11 +211,19 @@ async def _first_ids(db: Database, lo: float) -> dict[str, int]:
 
 
 async def history_aggregates(
-    db: Database, lo: float, hi: float, bucket_seconds: float
+    db: Database,
+    lo: float,
+    hi: float,
+    bucket_seconds: float,
+    lateness_s: float,
+    max_future_s: float,
 ) -> list[Aggregate]:
-    """Per-bucket aggregates of metric and feedback events with ``lo <= ts < hi``, in
-    bucket order (what a window rebuild feeds for history older than the replay horizon)."""
+    """Per-bucket aggregates of the metric and feedback events the windows admit (the rule
+    of monitoring/eventtime.py, with ``lateness_s`` and ``max_future_s``) at times
+    ``lo <= t < hi``, in bucket order (what a window rebuild feeds for history older than
+    the replay horizon)."""
     params = {"w": bucket_seconds, "lo": lo, "hi": hi, **await _first_ids(db, lo)}
+    params |= {"late": lateness_s, "fut": max_future_s}
     out: list[Aggregate] = []
     cursor = await db.reader.execute(_AGG_METRICS, params)
     for (
@@ -232,12 +267,14 @@ async def history_aggregates(
 
 
 async def raw_events(
-    db: Database, lo: float, hi: float, chunk: int = 5_000
+    db: Database, lo: float, *, chunk: int = 5_000
 ) -> AsyncIterator[list[tuple[Any, ...]]]:
-    """Metric and feedback rows with ``lo <= ts <= hi`` merged in ts order, in chunks:
-    ``(ts, is_feedback, prompt, variant, model, latency_ms, success, quality, tokens_in,
-    tokens_out, cost_usd, score)``."""
-    params = {"lo": lo, "hi": hi, **await _first_ids(db, lo)}
+    """Metric and feedback rows windowed at ``lo`` or later if admitted (``min(ts,
+    ingested_at) >= lo``), in ts order, in chunks: ``(ts, is_feedback, prompt, variant,
+    model, latency_ms, success, quality, tokens_in, tokens_out, cost_usd, score,
+    ingested_at, watermark)``; the last two are the facts of the row's batch that the
+    admission rule needs."""
+    params = {"lo": lo, **await _first_ids(db, lo)}
     cursor = await db.reader.execute(_RAW_EVENTS, params)
     try:
         while rows := await cursor.fetchmany(chunk):

@@ -25,10 +25,13 @@ from promptd.storage.rows import (
 TopicPartitionKey = tuple[str, int]
 
 UPSERT_OFFSET: Final = """
-INSERT INTO consumer_offsets (topic, partition, next_offset, updated_at) VALUES (?, ?, ?, ?)
+INSERT INTO consumer_offsets (topic, partition, next_offset, updated_at, watermark)
+VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (topic, partition) DO UPDATE SET
-    next_offset = excluded.next_offset, updated_at = excluded.updated_at
+    next_offset = excluded.next_offset, updated_at = excluded.updated_at,
+    watermark = coalesce(excluded.watermark, consumer_offsets.watermark)
 """
+INSERT_WATERMARK: Final = "INSERT INTO batch_watermarks (ingested_at, watermark) VALUES (?, ?)"
 ADD_COUNTER: Final = """
 INSERT INTO counters (name, value) VALUES (?, ?)
 ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value
@@ -43,6 +46,25 @@ DUPLICATES: Final = "duplicates"
 DEAD_LETTERED: Final = "dead_lettered"
 #: Prefix of what ingestion counted of OpenTelemetry spans (``otlp.spans.call``, ...).
 OTLP_COUNTERS: Final = "otlp"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTime:
+    """The event-time facts of one batch (see monitoring/eventtime.py): when it is stored,
+    the window watermark it is windowed under (``None``: none) and the partitions'
+    watermarks once it is in."""
+
+    ingested_at: float
+    watermark: float | None = None
+    partition_watermarks: Mapping[TopicPartitionKey, float] | None = None
+
+    def offset_rows(
+        self, offsets: Mapping[TopicPartitionKey, int]
+    ) -> list[tuple[str, int, int, float, float | None]]:
+        """The parameters of :data:`UPSERT_OFFSET` for ``offsets``."""
+        marks = self.partition_watermarks or {}
+        now = self.ingested_at
+        return [(t, p, o, now, marks.get((t, p))) for (t, p), o in offsets.items()]
 
 
 def batch_counters(
@@ -92,6 +114,9 @@ class BatchOutcome:
     ingested_at: float = 0.0
     #: Evaluators' results (``source`` is ``eval:<name>``), in storage order.
     evaluation_rows: tuple[FeedbackRow, ...] = ()
+    # The window watermark the batch is windowed under (``None``: none; see
+    # monitoring/eventtime.py), stored in ``batch_watermarks`` by ``ingested_at``.
+    watermark: float | None = None
 
     @property
     def stored(self) -> int:

@@ -36,7 +36,7 @@ from promptd.storage.errors import (
 from promptd.storage.protocols import Connection, Cursor, Fence, FenceListener, Result
 
 if TYPE_CHECKING:
-    from promptd.storage.batch import BatchOutcome, TopicPartitionKey
+    from promptd.storage.batch import BatchOutcome, BatchTime, TopicPartitionKey
     from promptd.storage.rows import FeedbackRow, MetricRow
 
 __all__ = [
@@ -90,13 +90,14 @@ class Database(Protocol):
         feedback: Sequence[FeedbackRow],
         offsets: Mapping[TopicPartitionKey, int],
         dead_letters: Mapping[str, int],
-        now: float,
+        clock: BatchTime,
         extra: Mapping[str, int],
     ) -> BatchOutcome:
         """Insert a batch (duplicates by ``event_id`` skipped and counted), upsert its
-        partitions' next offsets and add the ingestion counters (stored, duplicates,
-        ``dead_letters`` by reason, and ``extra``), all in one transaction; ``now`` is
-        the rows' ``ingested_at``."""
+        partitions' next offsets and watermarks, record the batch's window watermark and
+        add the ingestion counters (stored, duplicates, ``dead_letters`` by reason, and
+        ``extra``), all in one transaction; ``clock.ingested_at`` is the rows'
+        ``ingested_at``."""
         ...
 
     async def close(self) -> None:

@@ -8,7 +8,8 @@ translates a query once per text (cached) for asyncpg:
   asyncpg's positional arguments;
 * ``group_concat(x, sep)`` becomes ``string_agg(x, sep)``;
 * ``CAST(x AS INTEGER)`` truncates in SQLite but rounds in PostgreSQL: it becomes
-  ``CAST(trunc(x) AS BIGINT)``;
+  ``CAST(trunc(x) AS BIGINT)``; ``CAST(text AS BLOB)`` (the text's UTF-8 bytes) becomes
+  ``convert_to(text, 'UTF8')``;
 * SQLite's scalar ``max(a, b)`` and ``min(a, b)`` (two or more arguments) become
   ``greatest(a, b)`` and ``least(a, b)`` (one argument: the aggregates, unchanged);
   they differ on NULL (SQLite answers NULL, PostgreSQL skips it): give them no NULLs;
@@ -45,6 +46,7 @@ CREATE AGGREGATE total (double precision) (
 
 _RENAMES: Final = {"group_concat": "string_agg"}
 _CAST_INTEGER: Final = re.compile(r"^(?P<expr>.*)\s+AS\s+INTEGER\s*$", re.IGNORECASE | re.DOTALL)
+_CAST_BLOB: Final = re.compile(r"^(?P<expr>.*)\s+AS\s+BLOB\s*$", re.IGNORECASE | re.DOTALL)
 _WORD: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DIGITS: Final = re.compile(r"[0-9]+")
 
@@ -156,7 +158,7 @@ class _Scan:
         elif self.parens:
             paren = self.parens.pop()
             if paren.kind == "cast":
-                _truncating_cast(self.out, paren.body)
+                _cast(self.out, paren)
             elif paren.kind in _SCALAR and paren.commas:
                 self.out[paren.name] = _SCALAR[paren.kind]
         self.out.append(c)
@@ -177,11 +179,16 @@ class _Paren:
 _SCALAR: Final = {"max": "greatest", "min": "least"}
 
 
-def _truncating_cast(out: list[str], start: int) -> None:
-    """SQLite's ``CAST(x AS INTEGER)`` truncates: say so to PostgreSQL (which rounds)."""
-    body = _CAST_INTEGER.match("".join(out[start:]))
-    if body is not None:
-        out[start:] = ["trunc(", body.group("expr"), ") AS BIGINT"]
+def _cast(out: list[str], paren: _Paren) -> None:
+    """SQLite's ``CAST(x AS INTEGER)`` truncates: say so to PostgreSQL (which rounds).
+    ``CAST(text AS BLOB)`` is the text's UTF-8 bytes: ``convert_to`` (PostgreSQL's cast
+    to ``bytea`` would read backslashes in the text as escapes)."""
+    body = "".join(out[paren.body :])
+    if integer := _CAST_INTEGER.match(body):
+        out[paren.body :] = ["trunc(", integer.group("expr"), ") AS BIGINT"]
+    elif blob := _CAST_BLOB.match(body):
+        out[paren.name] = "convert_to"
+        out[paren.body :] = [blob.group("expr"), ", 'UTF8'"]
 
 
 def _literal_end(sql: str, start: int) -> int:

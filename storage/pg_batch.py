@@ -17,8 +17,10 @@ from typing import Any, Final, TypeVar
 
 from promptd.storage.batch import (
     ADD_COUNTER,
+    INSERT_WATERMARK,
     UPSERT_OFFSET,
     BatchOutcome,
+    BatchTime,
     TopicPartitionKey,
     batch_counters,
     by_source,
@@ -56,6 +58,7 @@ def _insert(table: str, columns: Sequence[str], types: Sequence[str]) -> str:
 
 # The shared texts, translated once (this module runs on asyncpg's own connection).
 _UPSERT_OFFSET: Final = to_postgresql(UPSERT_OFFSET).sql
+_INSERT_WATERMARK: Final = to_postgresql(INSERT_WATERMARK).sql
 _ADD_COUNTER: Final = to_postgresql(ADD_COUNTER).sql
 _INSERT_METRICS: Final = _insert("metric_events", METRIC_COLUMNS, _METRIC_TYPES)
 _INSERT_FEEDBACK: Final = _insert("feedback_events", FEEDBACK_COLUMNS, _FEEDBACK_TYPES)
@@ -126,11 +129,12 @@ async def store(
     feedback: Sequence[FeedbackRow],
     offsets: Mapping[TopicPartitionKey, int],
     dead_letters: Mapping[str, int],
-    now: float,
+    clock: BatchTime,
     extra: Mapping[str, int],
 ) -> BatchOutcome:
     """Write one batch on ``conn`` (asyncpg's, inside the fenced transaction); see the
     module docstring."""
+    now = clock.ingested_at
     last_m, last_f = (int(v) for v in await conn.fetchrow(_LAST_IDS))
     new_metrics: list[MetricRow] = []
     new_feedback: list[FeedbackRow] = []
@@ -144,7 +148,9 @@ async def store(
         )
     duplicates = len(metrics) + len(feedback) - len(new_metrics) - len(new_feedback)
     if offsets:
-        await conn.executemany(_UPSERT_OFFSET, [(t, p, o, now) for (t, p), o in offsets.items()])
+        await conn.executemany(_UPSERT_OFFSET, clock.offset_rows(offsets))
+    if clock.watermark is not None and (new_metrics or new_feedback):
+        await conn.execute(_INSERT_WATERMARK, now, clock.watermark)
     human, evaluations = by_source(new_feedback)
     counters = batch_counters(
         len(new_metrics), len(new_feedback), len(evaluations), duplicates, dead_letters, extra
@@ -161,4 +167,5 @@ async def store(
         last_metric_id=int(last_m),
         last_feedback_id=int(last_f),
         ingested_at=now,
+        watermark=clock.watermark,
     )

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
-from promptd.storage.batch import BatchOutcome, TopicPartitionKey
+from promptd.storage.batch import BatchOutcome, BatchTime, TopicPartitionKey
 from promptd.storage.dialect import Dialect, Translated, to_postgresql
 from promptd.storage.errors import FencedError, StorageError, UniqueViolation
 from promptd.storage.protocols import Fence
@@ -361,14 +361,14 @@ class PostgresDatabase:
         feedback: Sequence[FeedbackRow],
         offsets: Mapping[TopicPartitionKey, int],
         dead_letters: Mapping[str, int],
-        now: float,
+        clock: BatchTime,
         extra: Mapping[str, int],
     ) -> BatchOutcome:
         """The batch in one fenced transaction (:mod:`.pg_batch`)."""
         from promptd.storage.pg_batch import store
 
         async with self.transaction() as conn:
-            return await store(conn.raw, metrics, feedback, offsets, dead_letters, now, extra)
+            return await store(conn.raw, metrics, feedback, offsets, dead_letters, clock, extra)
 
     async def check_schema(self) -> None:
         """Raise :class:`StorageError` when another daemon migrated the store past this

@@ -29,6 +29,7 @@ from promptd.storage.batch import (
     STORED_METRICS,
     UPSERT_OFFSET,
     BatchOutcome,
+    BatchTime,
     TopicPartitionKey,
     batch_counters,
     by_source,
@@ -47,6 +48,7 @@ __all__ = [
     "STORED_METRICS",
     "UPSERT_OFFSET",
     "BatchOutcome",
+    "BatchTime",
     "EventRepository",
     "TopicPartitionKey",
     "batch_counters",
@@ -93,6 +95,7 @@ class EventRepository:
         offsets: Mapping[TopicPartitionKey, int],
         dead_letters: Mapping[str, int] | None = None,
         counters: Mapping[str, int] | None = None,
+        clock: BatchTime | None = None,
     ) -> BatchOutcome:
         """Store a consumed batch and its partitions' next offsets atomically.
 
@@ -100,12 +103,14 @@ class EventRepository:
         ``counters`` are added to the named counters in the same transaction (e.g. what
         the OTLP decoder counted of the batch's spans), so they count each record once.
         Returns the counts and the newly stored rows; ``duplicates`` counts events whose
-        ``event_id`` was already stored (including repeats inside the batch).
+        ``event_id`` was already stored (including repeats inside the batch). ``clock``
+        gives the batch's event-time facts, stored with it (default: stored now, no
+        watermark).
         """
-        now = time.time()
+        when = clock or BatchTime(time.time())
         m_rows, f_rows = _metric_rows(metrics), _feedback_rows(feedback)
         return await self.db.store_events(
-            m_rows, f_rows, offsets, dead_letters or {}, now, counters or {}
+            m_rows, f_rows, offsets, dead_letters or {}, when, counters or {}
         )
 
     async def load_offsets(
@@ -121,6 +126,22 @@ class EventRepository:
             return stored
         wanted = set(partitions)
         return {k: v for k, v in stored.items() if k in wanted}
+
+    async def load_watermarks(
+        self, partitions: Iterable[TopicPartitionKey]
+    ) -> dict[TopicPartitionKey, float | None]:
+        """Stored partition watermarks of ``partitions`` (``None``: never read)."""
+        async with self.db.reader.execute(
+            "SELECT topic, partition, watermark FROM consumer_offsets"
+        ) as cur:
+            rows = await cur.fetchall()
+        wanted = set(partitions)
+        out: dict[TopicPartitionKey, float | None] = {}
+        for topic, partition, mark in rows:
+            key = (str(topic), int(partition))
+            if key in wanted:
+                out[key] = None if mark is None else float(mark)
+        return out
 
     async def forget_offsets(self, topics: Iterable[str]) -> int:
         """Delete the stored offsets of ``topics`` (their log started over); returns how
@@ -206,6 +227,13 @@ class EventRepository:
                 await conn.execute(
                     "DELETE FROM ingest_batches WHERE tbl = ? AND max_ts < ?", (table, cutoff_ts)
                 )
+        async with self.db.transaction() as conn:
+            # Batches older than the oldest row kept (ingested_at grows with the row id).
+            await conn.execute(
+                "DELETE FROM batch_watermarks WHERE ingested_at < min("
+                "coalesce((SELECT ingested_at FROM metric_events ORDER BY id LIMIT 1), 1e308), "
+                "coalesce((SELECT ingested_at FROM feedback_events ORDER BY id LIMIT 1), 1e308))"
+            )
         return total
 
 

@@ -418,7 +418,45 @@ CREATE TABLE evaluation_cursor (
 );
 """
 
-_V14_LEADERSHIP: Final = """
+_V14_EVENT_TIME: Final = """
+-- Event time (see monitoring/eventtime.py). Each partition's watermark (the newest event
+-- time read from it), written with its offset in the batch's transaction.
+ALTER TABLE consumer_offsets ADD COLUMN watermark REAL;
+-- The window watermark each batch was windowed under, keyed by the batch's ingested_at
+-- (on every row it stored): a rebuild from storage admits exactly the events the live
+-- windows admitted. No row: the batch had no watermark (nothing in it was late).
+CREATE TABLE batch_watermarks (
+    ingested_at REAL PRIMARY KEY,
+    watermark   REAL NOT NULL
+);
+"""
+
+_V15_STORE_IDENTITY: Final = """
+-- The store knows itself (see storage/identity.py): an id made when the database is
+-- created, the Kafka side it consumes (recorded by the first daemon that runs on it) and
+-- the consumer-group member ids of the daemons that ran on it, newest last (JSON).
+CREATE TABLE store_identity (
+    id                INTEGER PRIMARY KEY CHECK (id = 1),
+    store_id          TEXT    NOT NULL,
+    created_at        REAL    NOT NULL,
+    bootstrap_servers TEXT,
+    group_id          TEXT,
+    topics            TEXT,
+    owners            TEXT    NOT NULL DEFAULT '[]'
+);
+"""
+# The one row: a random id of 32 hex digits and the time of creation (epoch s), each
+# backend's own way.
+_V15_IDENTITY_ROW: Final = """
+INSERT INTO store_identity (id, store_id, created_at)
+    VALUES (1, lower(hex(randomblob(16))), (julianday('now') - 2440587.5) * 86400.0);
+"""
+_V15_IDENTITY_ROW_POSTGRESQL: Final = """
+INSERT INTO store_identity (id, store_id, created_at)
+    VALUES (1, replace(gen_random_uuid()::text, '-', ''), extract(epoch FROM clock_timestamp()));
+"""
+
+_V16_LEADERSHIP: Final = """
 -- The leader lease of daemons sharing one store (PostgreSQL; unused by a single SQLite
 -- daemon). ``generation`` grows by one with every new holder: the fencing token every
 -- write transaction of the leader checks. Times are the database's clock (epoch s).
@@ -453,7 +491,14 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=11, name="episodes", sql=_V11_EPISODES, postgresql=_V11_EPISODES_POSTGRESQL),
     Migration(version=12, name="pipeline_rollouts", sql=_V12_PIPELINE_ROLLOUTS),
     Migration(version=13, name="evaluation", sql=_V13_EVALUATION),
-    Migration(version=14, name="leadership", sql=_V14_LEADERSHIP),
+    Migration(version=14, name="event_time", sql=_V14_EVENT_TIME),
+    Migration(
+        version=15,
+        name="store_identity",
+        sql=_V15_STORE_IDENTITY + _V15_IDENTITY_ROW,
+        postgresql=ddl_to_postgresql(_V15_STORE_IDENTITY) + _V15_IDENTITY_ROW_POSTGRESQL,
+    ),
+    Migration(version=16, name="leadership", sql=_V16_LEADERSHIP),
 )
 
 

@@ -13,8 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
 
+import structlog
+
 from promptd.storage.database import Database
 from promptd.storage.repository import EPISODE_CREDITS
+
+log = structlog.get_logger("promptd.storage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,18 +59,34 @@ class SnapshotStore:
             )
 
     async def load(self, name: str) -> Snapshot | None:
-        """The snapshot called ``name``, if one was saved."""
+        """The snapshot called ``name``, if one was saved and its row can be read.
+
+        A snapshot is a cache: a row that does not read (text that is not UTF-8, a value
+        of the wrong type) is logged as ``snapshot_unreadable`` and treated as absent,
+        so the caller rebuilds from the events instead of failing to start.
+        """
+        # Text columns are read as bytes and decoded here: sqlite3 raises on text that
+        # is not UTF-8 before the row can even be looked at.
         async with self.db.reader.execute(
-            "SELECT name, taken_at, metric_id, feedback_id, config, data FROM snapshots "
-            "WHERE name = ?",
+            "SELECT name, taken_at, metric_id, feedback_id, CAST(config AS BLOB), data "
+            "FROM snapshots WHERE name = ?",
             (name,),
         ) as cur:
             row = await cur.fetchone()
         if row is None:
             return None
-        return Snapshot(
-            str(row[0]), float(row[1]), int(row[2]), int(row[3]), str(row[4]), bytes(row[5])
-        )
+        try:
+            return Snapshot(
+                name,
+                float(row[1]),
+                int(row[2]),
+                int(row[3]),
+                bytes(row[4]).decode("utf-8"),
+                bytes(row[5]),
+            )
+        except (TypeError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            log.warning("snapshot_unreadable", snapshot=name, error=repr(exc))
+            return None
 
     async def delete(self, name: str) -> None:
         """Forget the snapshot called ``name`` (no-op when there is none)."""
@@ -86,15 +106,19 @@ async def last_ids(db: Database) -> tuple[int, int]:
 
 # Rows as the monitor's rebuild reads them (see storage.alerts.raw_events), plus the id.
 # Feedback on a whole episode comes once per call of the episode it is credited to.
+_WATERMARK: Final = "LEFT JOIN batch_watermarks w ON w.ingested_at = {t}.ingested_at"
 _TAIL: Final = (
-    "SELECT ts, 0, prompt, variant, model, latency_ms, success, quality, tokens_in, "
-    "tokens_out, cost_usd, NULL, ingested_at, id FROM metric_events WHERE id > :mid "
-    "UNION ALL SELECT ts, 1, prompt, variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-    "score, ingested_at, id FROM feedback_events WHERE id > :fid AND request_id IS NOT NULL "
-    "AND source IS NULL "
+    "SELECT m.ts, 0, m.prompt, m.variant, m.model, m.latency_ms, m.success, m.quality, "
+    "m.tokens_in, m.tokens_out, m.cost_usd, NULL, m.ingested_at, w.watermark, m.id "
+    f"FROM metric_events m {_WATERMARK.format(t='m')} WHERE m.id > :mid "
+    "UNION ALL SELECT f.ts, 1, f.prompt, f.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+    f"f.score, f.ingested_at, w.watermark, f.id FROM feedback_events f "
+    f"{_WATERMARK.format(t='f')} WHERE f.id > :fid AND f.request_id IS NOT NULL "
+    "AND f.source IS NULL "
     "UNION ALL SELECT f.ts, 1, m.prompt, m.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-    f"f.score, f.ingested_at, f.id {EPISODE_CREDITS} WHERE f.id > :fid AND f.request_id IS NULL "
-    "ORDER BY 13, 2, 14"
+    f"f.score, f.ingested_at, w.watermark, f.id {EPISODE_CREDITS} {_WATERMARK.format(t='f')} "
+    "WHERE f.id > :fid AND f.request_id IS NULL "
+    "ORDER BY 13, 2, 15"
 )
 
 
@@ -104,7 +128,8 @@ async def tail_events(
     """Event rows stored after ``(metric_id, feedback_id)``, in chunks, in the order
     ingestion handed them to listeners: ``(ts, is_feedback, prompt, variant, model,
     latency_ms, success, quality, tokens_in, tokens_out, cost_usd, score, ingested_at,
-    id)``. A primary-key range scan on each table; only the tail is sorted."""
+    watermark, id)`` (the watermark of the row's batch, ``None`` if it had none). A
+    primary-key range scan on each table; only the tail is sorted."""
     params = {"mid": metric_id, "fid": feedback_id}
     cursor = await db.reader.execute(_TAIL, params)
     try:

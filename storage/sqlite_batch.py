@@ -18,8 +18,10 @@ from typing import Final, TypeVar
 
 from promptd.storage.batch import (
     ADD_COUNTER,
+    INSERT_WATERMARK,
     UPSERT_OFFSET,
     BatchOutcome,
+    BatchTime,
     TopicPartitionKey,
     batch_counters,
     by_source,
@@ -148,10 +150,11 @@ def store_sync(
     feedback: Sequence[FeedbackRow],
     offsets: Mapping[TopicPartitionKey, int],
     dead_letters: Mapping[str, int],
-    now: float,
+    clock: BatchTime,
     extra: Mapping[str, int],
 ) -> BatchOutcome:
     """The batch write, on the writer thread inside its transaction."""
+    now = clock.ingested_at
     new_metrics: Sequence[MetricRow] = metrics
     new_feedback: Sequence[FeedbackRow] = feedback
     m_stored = f_stored = 0
@@ -169,7 +172,9 @@ def store_sync(
             new_feedback = _only_new(conn, "feedback_events", mark, feedback)
     duplicates = len(metrics) + len(feedback) - m_stored - f_stored
     if offsets:
-        conn.executemany(UPSERT_OFFSET, [(t, p, o, now) for (t, p), o in offsets.items()])
+        conn.executemany(UPSERT_OFFSET, clock.offset_rows(offsets))
+    if clock.watermark is not None and (m_stored or f_stored):
+        conn.execute(INSERT_WATERMARK, (now, clock.watermark))
     human, evaluations = by_source(new_feedback)
     counters = batch_counters(m_stored, f_stored, len(evaluations), duplicates, dead_letters, extra)
     conn.executemany(ADD_COUNTER, counters)
@@ -183,6 +188,7 @@ def store_sync(
         last_metric_id=last_m,
         last_feedback_id=last_f,
         ingested_at=now,
+        watermark=clock.watermark,
     )
 
 

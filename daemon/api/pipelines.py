@@ -4,7 +4,8 @@
   ``{"name": "qa", "steps": [{"prompt": "extract", "bindings": {"text": "input.text"}},
   {"prompt": "answer", "bindings": {"facts": "extract.output",
   "question": "input.question"}}]}``. 201 with the definition; 422 when it does not fit
-  the registry (the error says what), 409 when a prompt already belongs to another one.
+  the registry (the error says what), 409 when a prompt already belongs to another one
+  or, for a redefinition, while a coordinated rollout of the pipeline is live.
 * ``GET /v1/pipelines`` — every pipeline; ``GET /v1/pipelines/{name}`` — one.
 * ``POST /v1/pipelines/{name}/rollouts`` (admin) — start one coordinated rollout of the
   pipeline: body ``{"candidates": {"extract": "v3", "answer": "v2"}, "profile"?,
@@ -21,7 +22,7 @@ from __future__ import annotations
 from typing import Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from promptd.daemon.http import admin_only, domain_errors, read_body, read_json_body
 from promptd.replacement.controller import RolloutController
@@ -42,7 +43,7 @@ class StartPipelineRollout(BaseModel):
     profile: str | None = Field(default=None, max_length=200)
     primary_metric: Literal["feedback_score", "success_rate", "quality"] | None = None
     # Promote only on a significant win; else end as no_improvement at the horizon.
-    require_win: bool = False
+    require_win: StrictBool = False
 
 
 @admin_only

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from promptd.daemon.http import admin_only, domain_errors, read_body
 from promptd.daemon.rollout_profiles import experiment_profile_name
@@ -56,7 +56,7 @@ class StartRollout(BaseModel):
     experiment: Experiment | None = None
     primary_metric: Literal["feedback_score", "success_rate", "quality"] | None = None
     # Promote only on a significant win; else end as no_improvement at the horizon.
-    require_win: bool = False
+    require_win: StrictBool = False
 
 
 class Restore(BaseModel):

@@ -29,7 +29,14 @@ def register(sub: Any) -> dict[str, Any]:
     """Add the core subcommands to the CLI's subparsers."""
     # run and init also take the common settings as flags (cli.SETTING_FLAGS).
     sub.add_parser("init", help="create the data dir, the database and the Kafka topics")
-    sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    run_parser = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    run_parser.add_argument(
+        "--new-store",
+        action="store_true",
+        help="start over with an empty database although the consumer group has "
+        "committed offsets: read every partition from its earliest offset "
+        "(storage.accept_new_store)",
+    )
     sub.add_parser("status", help="show the running daemon's status")
 
     metrics = sub.add_parser("metrics", help="publish one MetricEvent (one LLM call)")
@@ -156,6 +163,9 @@ def _storage_message(settings: Settings, exc: BaseException) -> str:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """``promptd run``: the daemon until SIGTERM/SIGINT."""
     check_data_dir(settings)
+    if getattr(args, "new_store", False):
+        storage = settings.storage.model_copy(update={"accept_new_store": True})
+        settings = settings.model_copy(update={"storage": storage})
     try:
         asyncio.run(_run_daemon(settings))
     except (ConfigurationError, EmbeddedBrokerError, HttpBindError) as exc:

@@ -316,8 +316,12 @@ async def _fingerprint(pg_url: str) -> dict[str, Any]:
         for table in ("metric_events", "feedback_events", "ingest_batches", "rollout_decisions",
                       "alert_history"):  # fmt: skip
             out[table] = tuple(await conn.fetchrow(f"SELECT count(*), max(id) FROM {table}"))
+        out["batch_watermarks"] = tuple(
+            await conn.fetchrow("SELECT count(*), max(ingested_at) FROM batch_watermarks")
+        )
         for table, columns in (
-            ("consumer_offsets", "topic, partition, next_offset, updated_at"),
+            ("consumer_offsets", "topic, partition, next_offset, updated_at, watermark"),
+            ("store_identity", "store_id, bootstrap_servers, group_id, topics, owners"),
             ("counters", "name, value"),
             ("rollouts", "id, status, state, updated_at"),
             ("snapshots", "name, taken_at"),

@@ -101,6 +101,42 @@ async def test_cli_registers_a_pipeline_from_toml(
         await asyncio.to_thread(run, pipelines_command="register", file=broken)
 
 
+async def test_a_pipeline_is_not_redefined_while_its_coordinated_rollout_is_live(
+    make_settings: Any, start_daemon: Any
+) -> None:
+    """While a coordinated rollout of a pipeline is live, redefining the pipeline is a 409
+    naming the rollout (its candidates were tested as that pipeline) and changes nothing;
+    once the rollout has ended the redefinition goes through."""
+    running = await start_daemon(make_settings(http={"admin_token": TOKEN}))
+    registry = running.daemon.components["registry"]
+    for version in ("v1", "v2"):
+        await registry.register("extract", NewVersion(template=f"Read {version}.\nM: {{text}}"))
+        await registry.register("answer", NewVersion(template=f"Answer {version}.\nN: {{notes}}"))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    rewired = {
+        **GEO,
+        "steps": [GEO["steps"][0], {"prompt": "answer", "bindings": {"notes": "input.text"}}],
+    }
+    async with aiohttp.ClientSession(running.url) as http:
+        async with http.post("/v1/pipelines", json=GEO, headers=auth) as resp:
+            assert resp.status == 201
+        body = {"candidates": {"extract": "v2", "answer": "v2"}}
+        async with http.post("/v1/pipelines/geo/rollouts", json=body, headers=auth) as resp:
+            assert resp.status == 201, await resp.text()
+            rollout = (await resp.json())["id"]
+        async with http.post("/v1/pipelines", json=rewired, headers=auth) as resp:
+            assert resp.status == 409
+            error = (await resp.json())["error"]
+        assert rollout in error
+        assert "live" in error
+        async with http.get("/v1/pipelines/geo") as resp:
+            assert await resp.json() == GEO
+        async with http.post(f"/v1/rollouts/{rollout}/rollback", json={}, headers=auth) as resp:
+            assert resp.status == 200, await resp.text()
+        async with http.post("/v1/pipelines", json=rewired, headers=auth) as resp:
+            assert resp.status == 201, await resp.text()
+
+
 async def test_a_chat_configuration_step_is_bound_by_its_message_placeholders(
     make_settings: Any, start_daemon: Any
 ) -> None:

@@ -35,6 +35,19 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def broker_env(tmp_path: Path, bootstrap: str, prefix: str, **extra: str) -> dict[str, str]:
+    """:func:`_env` on a running broker, with topics and group of their own."""
+    tag = f"{prefix}{str(time.monotonic_ns())[-8:]}"
+    return _env(
+        tmp_path,
+        PROMPTD_KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        PROMPTD_KAFKA__METRICS_TOPIC=f"m-{tag}",
+        PROMPTD_KAFKA__FEEDBACK_TOPIC=f"f-{tag}",
+        PROMPTD_KAFKA__GROUP_ID=f"g-{tag}",
+        **extra,
+    )
+
+
 def _wait_runtime(
     tmp_path: Path, proc: subprocess.Popen[str], timeout: float = 20
 ) -> dict[str, Any]:

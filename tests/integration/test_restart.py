@@ -148,23 +148,32 @@ async def test_crash_replays_only_the_events_stored_after_the_last_snapshot(
     await second.stop()
 
 
+async def live_rollout(
+    http: aiohttp.ClientSession, url: str, settings: Any, users: int, seed: int
+) -> str:
+    """A conservative rollout of ``summarize`` v2 with one call and one thumbs feedback
+    from each of ``users`` users (equal arms); returns its id."""
+    from tests.integration.test_rollouts import _call, _routing, _setup_prompt, _traffic
+
+    await _setup_prompt(http, url)
+    body = {"prompt": "summarize", "candidate_version": "v2", "profile": "conservative"}
+    status, started = await _call(http, "POST", f"{url}/v1/rollouts", body)
+    assert status == 201
+    await _traffic(settings, await _routing(http, url), range(users), 0.7, 0.7, seed=seed)
+    return str(started["id"])
+
+
 async def test_live_rollout_resumes_from_its_snapshot_after_a_clean_stop(
     make_settings, start_daemon
 ) -> None:
     """A stopped daemon leaves a snapshot of each live rollout: the next start resumes it
     without replaying its events, and its arms and feedback joins are as they were."""
-    from tests.integration.test_rollouts import TOKEN, _call, _routing, _setup_prompt, _traffic
+    from tests.integration.test_rollouts import TOKEN, _call
 
     settings = make_settings(http={"admin_token": TOKEN}, rollout={"tick_interval_s": 0.1})
     first = await start_daemon(settings)
     async with aiohttp.ClientSession() as http:
-        await _setup_prompt(http, first.url)
-        body = {"prompt": "summarize", "candidate_version": "v2", "profile": "conservative"}
-        status, started = await _call(http, "POST", f"{first.url}/v1/rollouts", body)
-        assert status == 201
-        rid = started["id"]
-        routing = await _routing(http, first.url)
-        await _traffic(settings, routing, range(600), 0.7, 0.7, seed=1)
+        rid = await live_rollout(http, first.url, settings, 600, seed=1)
 
         async def fed() -> Any:
             _, view = await _call(http, "GET", f"{first.url}/v1/rollouts/{rid}", auth=False)

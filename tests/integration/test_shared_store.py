@@ -12,6 +12,7 @@ import pytest
 
 from promptd.daemon.forward import SERVED_BY
 from promptd.daemon.settings import Settings
+from promptd.storage.identity import load_identity
 from promptd.storage.leases import LeaseStore
 from tests.conftest import wait_for
 from tests.integration.test_ingest import _metric
@@ -60,6 +61,10 @@ async def test_the_standby_reads_the_store_and_hands_mutations_to_the_leader(
     _, status_body, _ = await _call("GET", standby.url + "/v1/status")
     assert status_body["leadership"]["role"] == "standby"
     assert status_body["storage"]["backend"] == "postgresql"
+    # Both are members of one store: the identity the database was created with.
+    _, leader_status, _ = await _call("GET", leader.url + "/v1/status")
+    assert status_body["store"] == leader_status["store"]
+    assert len(status_body["store"]["id"]) == 32
 
     for template in ("Summarize {document}.", "Summarize {document} briefly."):
         status, body, headers = await _call(
@@ -115,6 +120,13 @@ async def test_a_clean_stop_hands_the_lead_over_at_once(
     assert counters.get("duplicates", 0) == 0
     status, body, _ = await _call("GET", standby.url + "/readyz?role=leader")
     assert status == 200, body
+    # The new leader took over the one store (not a new store of its own): the identity
+    # the first leader recorded, with the group members of both leaders' terms.
+    identity = await load_identity(standby.daemon.db)
+    assert standby.daemon.identity.store_id == identity.store_id
+    assert leader.daemon.identity.store_id == identity.store_id
+    assert (identity.group_id, identity.topics) == (kafka.group_id, kafka.event_topics)
+    assert len({owner.member_id for owner in identity.owners}) >= 2
 
 
 async def test_without_a_reachable_leader_mutations_get_503_and_reads_still_work(

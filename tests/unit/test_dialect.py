@@ -48,6 +48,13 @@ def test_dialect_functions_are_rewritten() -> None:
     )
 
 
+def test_a_cast_of_text_to_blob_becomes_its_utf8_bytes() -> None:
+    """CAST(text AS BLOB) becomes convert_to(text, 'UTF8') (a cast to bytea would read
+    backslashes as escapes); the CAST's name is replaced, not its neighbours'."""
+    q = to_postgresql("SELECT name, CAST(config AS BLOB), data FROM snapshots WHERE name = ?")
+    assert q.sql == "SELECT name, convert_to(config, 'UTF8'), data FROM snapshots WHERE name = $1"
+
+
 def test_scalar_max_and_min_become_greatest_and_least() -> None:
     """Two-argument max/min (SQLite's scalar functions) become greatest/least; the
     one-argument aggregates, and a comma inside an argument, leave them alone."""

@@ -86,8 +86,8 @@ def evaluations() -> list[FeedbackEvent]:
 async def readers(db: Database, snapshot: Snapshot) -> dict[str, Any]:
     """What every reader of feedback answers (bounded by ``snapshot`` where it applies)."""
     out: dict[str, Any] = {}
-    out["aggregates"] = await history_aggregates(db, T0 - 10, T0 + 1000, 60.0)
-    out["raw"] = [rows async for rows in raw_events(db, T0 - 10, T0 + 1000)]
+    out["aggregates"] = await history_aggregates(db, T0 - 10, T0 + 1000, 60.0, 30.0, 300.0)
+    out["raw"] = [rows async for rows in raw_events(db, T0 - 10)]
     tail = [row for rows in [r async for r in tail_events(db, 0, 0)] for row in rows]
     # Row ids of the tail differ (evaluations take ids); everything else must not.
     out["tail"] = [row[:-1] for row in tail]

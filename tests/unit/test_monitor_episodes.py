@@ -22,7 +22,7 @@ from promptd.storage.repository import EventRepository
 from promptd.storage.rows import FeedbackRow, FeedbackView, MetricRow, MetricView
 from promptd.storage.snapshots import SnapshotStore
 from tests.unit.test_monitor_shell import FakePersistence, Outcome
-from tests.unit.test_monitor_snapshot import _Clock, all_stats
+from tests.unit.test_monitor_snapshot import OnePartition, _Clock, all_stats
 
 T0 = 1_795_000_000.0
 
@@ -178,10 +178,12 @@ async def test_rebuilt_windows_credit_episode_feedback_like_the_live_monitor(
         episodes=repo,
     )
     batches = list(episode_stream(7, 300))
+    partition = OnePartition()
     for n, rows in enumerate(batches):
         metrics = [r for r in rows if isinstance(r, MetricView)]
         feedback = [r for r in rows if isinstance(r, FeedbackView)]
-        await live.on_batch(await repo.store_batch(metrics, feedback, {}))
+        clock = partition.batch_time(rows)
+        await live.on_batch(await repo.store_batch(metrics, feedback, {}, clock=clock))
         if n == 200:
             assert await live.snapshot_once() > 0
     live.store.expire(T0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,9 @@ class Outcome:
     feedback_rows: tuple[FeedbackRow, ...] = ()
     last_metric_id: int = 0
     last_feedback_id: int = 0
-    ingested_at: float = 0.0
+    # Stored "after" every event of these tests (nothing clamped), under no watermark.
+    ingested_at: float = math.inf
+    watermark: float | None = None
 
 
 class FakePersistence:
@@ -326,14 +329,14 @@ async def test_rebuild_replays_recent_events_and_aggregates_older_ones(
     store_target: Path | str,
 ) -> None:
     """Start-up rebuild: raw events of the horizon plus hourly aggregates of older history."""
-    from promptd.storage.repository import EventRepository
+    from promptd.storage.repository import BatchTime, EventRepository
 
     db = await Database.open(store_target)
     try:
         repo = EventRepository(db)
         old = [metric(T0 - 7200 + i, 100.0) for i in range(10)]
         recent = [metric(T0 - 30 + i, 200.0) for i in range(5)]
-        await repo.store_batch(old + recent, [feedback(T0 - 7000, 0.5)], {})
+        await repo.store_batch(old + recent, [feedback(T0 - 7000, 0.5)], {}, clock=BatchTime(T0))
         store = WindowStore()
         summary = await rebuild_windows(store, db, T0, horizon_s=600)
         assert summary == {"aggregates": 2, "events": 5}

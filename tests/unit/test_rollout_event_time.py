@@ -17,7 +17,7 @@ from typing import Any
 from unittest.mock import patch
 
 import msgspec
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
@@ -231,6 +231,9 @@ OPS = st.lists(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), ops=OPS)
+# Found by CI: a call stamped before the rollout (which a replay never reads) moved the
+# live feed's eviction horizon, so live and rebuilt kept different join windows.
+@example(seed=243, ops=["batch", "wait", "wait", "batch"])
 def test_live_aggregates_equal_a_full_replay(seed: int, ops: list[str]) -> None:
     """Batches of calls stamped late, on time, ahead or years ahead, feedback (people's
     and evaluators') before or after its call or on none, pauses, ticks that start new

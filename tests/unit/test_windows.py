@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from promptd.events import FeedbackEvent, MetricEvent
+from promptd.monitoring.eventtime import Admission
 from promptd.monitoring.histogram import DenseHistogram, LogBuckets
 from promptd.monitoring.windows import SeriesKey, Tier, WindowConfig, WindowStore
 
@@ -86,13 +87,26 @@ def test_late_event_within_tolerance_lands_in_its_bucket() -> None:
 
 
 def test_too_late_event_is_counted_not_windowed() -> None:
-    """An event older than watermark - lateness is counted in late_events and dropped."""
+    """Under a batch's watermark, an event older than watermark - lateness is counted in
+    late_events and dropped; one exactly at the limit counts."""
     store = WindowStore(small_config(lateness=30))
     store.add_metric(metric(T0 + 100))
+    store.admit(Admission.of(T0 + 101, T0 + 100, 30, 300))
     assert not store.add_metric(metric(T0 + 69.9))
     assert not store.add_feedback(feedback(T0, 0.5))
+    assert store.add_metric(metric(T0 + 70))
     assert store.late_events == 2
-    assert store.stats("p", window_seconds=600, now=T0 + 100).request_count == 1
+    assert store.stats("p", window_seconds=600, now=T0 + 100).request_count == 2
+
+
+def test_event_older_than_every_tier_is_counted_late() -> None:
+    """An admitted event whose time every tier has folded away (past the baseline) is
+    counted as late, and leaves no empty series behind."""
+    store = WindowStore(small_config())
+    store.expire(T0 + 10 * 3600)
+    assert not store.add_metric(metric(T0, prompt="old"))
+    assert store.late_events == 1
+    assert store.series("prompt") == []
 
 
 def test_late_event_after_expire_keeps_fine_resolution() -> None:
@@ -279,14 +293,16 @@ def test_dense_and_sparse_quantiles_agree() -> None:
     assert dense.quantiles(buckets, (0.01,)) == [0.0]
 
 
-def test_event_from_the_future_is_counted_not_windowed() -> None:
-    """An event far ahead of the clock given to expire() cannot move the watermark."""
+def test_event_from_the_future_is_counted_at_its_storage_time_or_rejected() -> None:
+    """Stamped after its batch was stored: within max_future it counts at the storage
+    time (and moves the clock no further), beyond it is counted and not windowed."""
     store = WindowStore(small_config())
-    store.expire(T0)
-    assert not store.add_metric(metric(T0 + 3600))
+    store.admit(Admission.of(T0, None, 30, 300))
+    assert not store.add_metric(metric(T0 + 300.001))
     assert store.future_events == 1
-    assert store.add_metric(metric(T0 + 1))
-    assert store.watermark == T0 + 1
+    assert store.add_metric(metric(T0 + 300))
+    assert store.watermark == T0
+    assert store.stats("p", window_seconds=60, now=T0).request_count == 1
 
 
 def test_series_recreated_after_expiry_starts_clean() -> None:
