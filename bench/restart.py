@@ -169,7 +169,7 @@ def settings_for(
     bootstrap: str, data_dir: Path, snapshots: bool, url: str | None = None
 ) -> Settings:
     tag = uuid.uuid4().hex[:8]
-    base = ingest.settings_for(bootstrap, data_dir.parent, data_dir.name, 3, url)
+    base = ingest.settings_for(bootstrap, data_dir.parent, data_dir.name, 3, url=url)
     data = base.model_dump()
     data["kafka"]["group_id"] = f"restart-{tag}"
     data["monitoring"] = {"snapshot_interval_s": 60.0 if snapshots else 0.0}
