@@ -31,14 +31,14 @@ import ingest
 from promptd.daemon.logs import configure_logging
 from promptd.daemon.rollout_profiles import profile_lookup
 from promptd.daemon.settings import RolloutSettings
-from promptd.events import new_event_id
+from promptd.events import FeedbackEvent, MetricEvent, new_event_id
 from promptd.replacement.controller import RolloutController
 from promptd.replacement.metrics import RolloutMetrics
 from promptd.replacement.registry import NewVersion, Registry
 from promptd.routing import Routing
 from promptd.storage.database import Database
 from promptd.storage.repository import BatchOutcome
-from promptd.storage.rows import FeedbackRow, MetricRow
+from promptd.storage.rows import FeedbackRow, MetricRow, feedback_row, metric_row
 
 
 async def measure(url: str, rollouts: int, calls: int) -> tuple[float, float]:
@@ -70,7 +70,8 @@ async def measure(url: str, rollouts: int, calls: int) -> tuple[float, float]:
 
 
 def batch(routing: Routing, calls: int) -> BatchOutcome:
-    """``calls`` calls of the rollout's prompt, arms by its routing, each with feedback."""
+    """``calls`` calls of the rollout's prompt, arms by its routing, each with feedback
+    (rows made from the events, as ingestion stores them)."""
     now = time.time()
     metrics: list[MetricRow] = []
     feedback: list[FeedbackRow] = []
@@ -79,43 +80,14 @@ def batch(routing: Routing, calls: int) -> BatchOutcome:
         version, _ = routing.choose(unit)
         assert version is not None
         request = new_event_id()
-        metrics.append(
-            (
-                new_event_id(),
-                now,
-                routing.prompt,
-                version,
-                "m",
-                request,
-                unit,
-                120.0,
-                True,
-                None,
-                None,
-                10,
-                20,
-                0.001,
-                None,
-                None,
-                None,
-                None,
-            )
-        )
-        feedback.append(
-            (
-                new_event_id(),
-                now,
-                routing.prompt,
-                version,
-                None,
-                request,
-                0.7,
-                "thumbs",
-                None,
-                None,
-                None,
-            )
-        )
+        common = {"ts": now, "prompt": routing.prompt, "variant": version, "request_id": request}
+        call = MetricEvent(
+            event_id=new_event_id(), model="m", unit_id=unit, latency_ms=120.0, success=True,
+            tokens_in=10, tokens_out=20, cost_usd=0.001, **common,
+        )  # fmt: skip
+        rating = FeedbackEvent(event_id=new_event_id(), score=0.7, kind="thumbs", **common)
+        metrics.append(metric_row(call))
+        feedback.append(feedback_row(rating))
     return BatchOutcome(
         len(metrics), len(feedback), 0, tuple(metrics), tuple(feedback), ingested_at=now
     )
