@@ -7,7 +7,10 @@ view); row ids are kept (snapshots, batch ranges and decisions refer to them) an
 target's id sequences are moved past them. The row count of every table is compared
 before the target commits: on any difference, or any error, the target stays empty.
 
-A target that holds any row is refused: the tool never merges or overwrites.
+A target that holds any row is refused: the tool never merges or overwrites. The one
+exception is the identity row each store's migration makes (``store_identity``): a moved
+store keeps its own, so the source's replaces the target's, unless a daemon already ran
+on the target (it recorded its Kafka side there), which is refused like any other row.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ from promptd.storage.sqlite import SqliteDatabase
 _FIRST: Final = ("prompts", "prompt_versions", "rollouts", "rollout_decisions")
 #: Kept per store: the schema's version and the election of its daemons.
 _NOT_COPIED: Final = frozenset({"leadership", "schema_version"})
+#: Made by every store's migration; the source's row replaces the target's.
+_IDENTITY: Final = "store_identity"
+#: The target's identity row counts as a row only once a daemon has used that store.
+_IDENTITY_USED: Final = (
+    f"SELECT count(*) FROM {_IDENTITY} WHERE group_id IS NOT NULL OR owners <> '[]'"
+)
 _CHUNK: Final = 5_000
 
 
@@ -60,7 +69,8 @@ async def _rows(
 async def refuse_non_empty(target: PostgresDatabase, tables: list[str]) -> None:
     """Raise :class:`StorageError` naming a table of ``target`` that holds rows."""
     for table in tables:
-        async with target.reader.execute(f"SELECT count(*) FROM {table}") as cur:
+        count_rows = _IDENTITY_USED if table == _IDENTITY else f"SELECT count(*) FROM {table}"
+        async with target.reader.execute(count_rows) as cur:
             count = int((await cur.fetchone())[0])
         if count:
             raise StorageError(
@@ -84,6 +94,8 @@ async def copy_store(
             raw = conn.raw
             for table in tables:
                 columns = await _columns(source, table)
+                if table == _IDENTITY:
+                    await raw.execute(f"DELETE FROM {_IDENTITY}")
                 async for rows in _rows(source, table, columns):
                     await raw.copy_records_to_table(table, records=rows, columns=columns)
                 sequence = None

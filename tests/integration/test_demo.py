@@ -106,6 +106,9 @@ def check_migration(database: Path, url: str, env: dict[str, str]) -> None:
     for table in tables:
         assert target[table] == _sqlite(database, f"SELECT count(*) FROM {table}")[0][0], table
     assert target["metric_events"] > 1000
+    # The moved store keeps its identity (the target's own row is replaced).
+    (store_id,) = _sqlite(database, "SELECT store_id FROM store_identity")[0]
+    assert asyncio.run(_store_id(url)) == store_id
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 1
     assert "not empty" in again.stderr
@@ -114,6 +117,14 @@ def check_migration(database: Path, url: str, env: dict[str, str]) -> None:
 def _sqlite(path: Path, sql: str) -> list[tuple[Any, ...]]:
     with sqlite3.connect(path) as conn:
         return conn.execute(sql).fetchall()
+
+
+async def _store_id(url: str) -> str:
+    conn = await asyncpg.connect(url)
+    try:
+        return str(await conn.fetchval("SELECT store_id FROM store_identity"))
+    finally:
+        await conn.close()
 
 
 async def _counts(url: str, tables: list[str]) -> dict[str, int]:
