@@ -443,6 +443,10 @@ class Ingestor:
         """Check the group is ours alone and the store is the group's, then seek every
         partition to its stored offset."""
         keys = [(tp.topic, tp.partition) for tp in assigned]
+        # aiokafka's fetcher starts on the new assignment while this listener awaits: left
+        # fetchable, a partition is read from the group's committed offset (behind the
+        # stored one: duplicates) until the seek below. Held until the seek.
+        consumer.pause(*assigned)
         mine = member_id(consumer)
         if self.guard is not None:
             await self.guard.joined(mine)
@@ -483,6 +487,7 @@ class Ingestor:
             if offset is not None:
                 consumer.seek(tp, offset)
                 self.state.next_offsets[(tp.topic, tp.partition)] = offset
+        consumer.resume(*assigned)
         self._set_assigned(frozenset(keys))
         log.info(
             "partitions_assigned",
