@@ -771,6 +771,12 @@ class Ingestor:
             self.metrics.commit_failures.inc()
             log.warning("kafka_commit_failed", error=repr(exc))
 
+    @property
+    def writing(self) -> bool:
+        """Whether a batch write is in flight (its listeners, the monitor's windows among
+        them, run when it has committed)."""
+        return self._pending is not None and not self._pending.done()
+
     async def drain(self, raise_errors: bool = True) -> None:
         """Wait for the batch write in flight, if any."""
         pending, self._pending = self._pending, None

@@ -85,12 +85,16 @@ def monitor_of(running: Any) -> Monitor:
     return monitor
 
 
-def stored(running: Any) -> tuple[int, int]:
-    """Rows in (metric_events, feedback_events) of the daemon's file."""
+def stored(running: Any) -> tuple[int, int] | None:
+    """Rows in (metric_events, feedback_events) of the daemon's file, once every stored
+    batch has also reached the monitor (``None`` while a write or its listeners are in
+    flight: the windows are compared right after)."""
     with sqlite3.connect(running.daemon.settings.storage.database_path) as conn:
         row = conn.execute(
             "SELECT (SELECT count(*) FROM metric_events), (SELECT count(*) FROM feedback_events)"
         ).fetchone()
+    if running.daemon.ingestor is not None and running.daemon.ingestor.writing:
+        return None
     return int(row[0]), int(row[1])
 
 
