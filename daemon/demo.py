@@ -15,6 +15,13 @@ inputs and outputs. The scripted story, with every time setting scaled down and 
    (rolled back automatically).
 
 It ends with a summary table and leaves the SQLite file and a JSON report behind.
+
+``--feedback none`` tells the same story for an app that sends no feedback at all: its
+answers are either complete summaries or cut off, and a code check (``complete``: the
+summary ends with a full stop) scores 70 % of the calls. That check is the signal of
+every decision (``[[evaluation.signals]]``): the degradation alert fires on its scores,
+the optimizer's demonstrations are the answers it passed, and the rollout is decided on
+it.
 """
 
 from __future__ import annotations
@@ -58,10 +65,17 @@ class Timeline:
     max_total_s: float
 
 
+#: ``--feedback``: people's thumbs on 70 % of the calls, or none (evaluators only).
+FEEDBACK_MODES = ("thumbs", "none")
+#: The code check that replaces people's thumbs under ``--feedback none``.
+COMPLETE_CHECK = "complete"
+
+
 @dataclass(slots=True)
 class DemoState:
     """What the demo saw, for the progress lines and the report."""
 
+    feedback_mode: str = "thumbs"
     started: float = field(default_factory=time.monotonic)
     phase: str = "healthy"
     degraded: bool = False
@@ -73,6 +87,13 @@ class DemoState:
     candidate: str | None = None
     rollout_id: str | None = None
     outcome: str | None = None
+    #: Evaluators' results stored so far (polled under ``--feedback none``).
+    evaluations: int = 0
+
+    @property
+    def evaluated(self) -> bool:
+        """True when evaluators, not people, give the quality signal."""
+        return self.feedback_mode == "none"
 
     def elapsed(self) -> float:
         """Seconds since the demo started."""
@@ -84,8 +105,11 @@ class DemoState:
         print(f"[{self.elapsed():6.1f}s] {text}", flush=True)
 
 
-def demo_settings(data_dir: Path, http_port: int, time_scale: float) -> Settings:
-    """Daemon settings for the demo: embedded broker, short windows, fast controller."""
+def demo_settings(
+    data_dir: Path, http_port: int, time_scale: float, feedback: str = "thumbs"
+) -> Settings:
+    """Daemon settings for the demo: embedded broker, short windows, fast controller;
+    with ``feedback = "none"``, a code check is every decision's quality signal."""
     tick = 0.5
     return Settings(
         log_level="warning",
@@ -133,17 +157,32 @@ def demo_settings(data_dir: Path, http_port: int, time_scale: float) -> Settings
         },
         monitoring=_monitoring(time_scale),
         optimization=_optimization(),
-        evaluation=_evaluation(),
+        evaluation=_evaluation() if feedback == "thumbs" else _evaluation_only(),
     )
 
 
 def _evaluation() -> dict[str, Any]:
     # A code check on a sample of the captured summaries (do they cite a number: an error
     # code, a delay?): online evaluation at work beside people's thumbs, with its
-    # agreement tracked. The monitor, optimizer and rollouts still read the thumbs only.
+    # agreement tracked. The monitor, optimizer and rollouts read the thumbs (the default).
     # (Two digits: the summaries start with their version, "[v1]".)
     check = {"name": "cites_number", "type": "regex", "pattern": r"\d\d", "sample_rate": 0.2}
     return {"evaluators": [check], "agreement": {"interval_s": 2.0}}
+
+
+def _evaluation_only() -> dict[str, Any]:
+    # No feedback from the app: a code check scores 70 % of the calls (as many as the
+    # thumbs of the default story) and drives the monitor, the optimizer and rollouts.
+    check = {
+        "name": COMPLETE_CHECK,
+        "type": "regex",
+        "pattern": r"\.$",
+        "sample_rate": 0.7,
+        "prompts": [PROMPT],
+    }
+    signal = [f"eval:{COMPLETE_CHECK}"]
+    choice = {"prompts": [PROMPT], "monitor": signal, "optimizer": signal, "rollout": signal}
+    return {"evaluators": [check], "signals": [choice], "queue_size": 10_000}
 
 
 def _step(weight: float, seconds: float, samples: int) -> dict[str, float]:
@@ -209,6 +248,9 @@ class App:
         self.scenario = scenario
         self.state = state
         self.rng = random.Random(seed)
+        # Under --feedback none the answer itself shows its quality: a good one is the
+        # whole summary, a bad one is cut off (what the code check sees).
+        self.evaluated = state.evaluated
 
         @promptd.instrument(
             prompt=PROMPT,
@@ -222,6 +264,11 @@ class App:
         async def summarize(document: str, user: str, variant: Any = None) -> str:
             # A real app would call its LLM with variant.format(document=document).
             await asyncio.sleep(0)
+            if self.evaluated:
+                good = self.rng.random() < self.quality(variant.version)
+                self.state.ratings.setdefault(variant.version, []).append(int(good))
+                text = document if good else document[: len(document) // 2].rstrip(" .")
+                return f"[{variant.version}] {text}"
             return f"[{variant.version}] {document[:60]}"
 
         self.summarize = summarize
@@ -233,13 +280,14 @@ class App:
         return 0.85 if self.scenario == "improve" else 0.30
 
     async def one_call(self) -> None:
-        """One user request, and on 70 % of them a thumbs up or down."""
+        """One user request, and on 70 % of them a thumbs up or down (none under
+        ``--feedback none``: the answer is good or not, and only the evaluator says so)."""
         user = f"user-{self.rng.randrange(5_000)}"
         document = self.rng.choice(TICKETS)
         answer = await self.summarize(document, user=user)
         version = answer[1 : answer.index("]")]
         self.state.calls += 1
-        if self.rng.random() < 0.7:
+        if not self.evaluated and self.rng.random() < 0.7:
             liked = int(self.rng.random() < self.quality(version))
             self.state.ratings.setdefault(version, []).append(liked)
             await self.promptd.afeedback(
@@ -284,6 +332,10 @@ async def watch(base: str, state: DemoState, timeline: Timeline, stop: asyncio.E
             await _watch_rollouts(http, base, state)
             if state.elapsed() - last_progress >= 3:
                 last_progress = state.elapsed()
+                if state.evaluated:
+                    status = await _get(http, f"{base}/v1/status") or {}
+                    stored = (status.get("events") or {}).get("stored_evaluations", 0)
+                    state.evaluations = int(stored)
                 print(_progress_line(state), flush=True)
             if state.outcome is not None or state.elapsed() > timeline.max_total_s:
                 stop.set()
@@ -293,12 +345,20 @@ async def watch(base: str, state: DemoState, timeline: Timeline, stop: asyncio.E
 
 def _progress_line(state: DemoState) -> str:
     parts = []
+    # Under --feedback none the share of good answers is the simulation's truth, which
+    # only the evaluator's scores tell the daemon.
+    mark = "good" if state.evaluated else "👍"
     for version, ratings in sorted(state.ratings.items()):
         recent = ratings[-300:]
-        parts.append(f"{version} 👍 {100 * sum(recent) / max(1, len(recent)):3.0f}%")
+        parts.append(f"{version} {mark} {100 * sum(recent) / max(1, len(recent)):3.0f}%")
     rate = state.calls / max(state.elapsed(), 1e-9)
+    signal = (
+        f"{state.evaluations} evaluations, no ratings"
+        if state.evaluated
+        else f"{state.feedback} ratings"
+    )
     return (
-        f"[{state.elapsed():6.1f}s] traffic {rate:5.0f} calls/s, {state.feedback} ratings | "
+        f"[{state.elapsed():6.1f}s] traffic {rate:5.0f} calls/s, {signal} | "
         + " | ".join(parts)
         + f" | phase: {state.phase}"
     )
@@ -399,16 +459,23 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from promptd.replacement.registry import NewVersion
 
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="promptd-demo-"))
-    settings = demo_settings(data_dir, args.http_port, args.time_scale)
+    settings = demo_settings(data_dir, args.http_port, args.time_scale, args.feedback)
     # The healthy phase does not shrink below 20 s: the monitor needs a baseline to
     # compare the degraded window with. The time scale shortens the rollout steps.
     timeline = Timeline(healthy_s=20 + 10 * args.time_scale, max_total_s=args.max_seconds)
-    state = DemoState()
+    state = DemoState(feedback_mode=args.feedback)
+    signal = (
+        f"pass rate of the '{COMPLETE_CHECK}' check (no feedback from the app)"
+        if state.evaluated
+        else "thumbs-up rate"
+    )
     print(
-        f"promptd demo — scenario '{args.scenario}'\n"
+        f"promptd demo — scenario '{args.scenario}'"
+        + (", feedback none: evaluators only" if state.evaluated else "")
+        + "\n"
         f"  data: {settings.storage.database_path}\n"
         f"  time scale {args.time_scale:g}: healthy phase {timeline.healthy_s:.0f}s, "
-        f"degradation alert on a 15% drop of the 10s thumbs-up rate vs the 15m baseline,\n"
+        f"degradation alert on a 15% drop of the 10s {signal} vs the 15m baseline,\n"
         f"  rollout steps 10/25/50/100% of at least {6 * args.time_scale:.0f}s each, "
         f"controller tick {settings.rollout.tick_interval_s}s, "
         f"gives up after {timeline.max_total_s:.0f}s",
@@ -471,8 +538,15 @@ async def _report(
             await _get(http, f"{base}/v1/rollouts/{state.rollout_id}") if state.rollout_id else None
         )
     expected = "promoted" if args.scenario == "improve" else "rolled_back"
+    rates = {v: round(sum(r) / len(r), 3) for v, r in sorted(state.ratings.items()) if r}
+    extra: dict[str, Any] = (
+        {"good_answer_rate": rates, "signal": f"eval:{COMPLETE_CHECK}"}
+        if state.evaluated
+        else {"thumbs_up_rate": rates}
+    )
     return {
         "scenario": args.scenario,
+        "feedback": args.feedback,
         "expected_outcome": expected,
         "outcome": state.outcome or "unfinished",
         "success": state.outcome == expected,
@@ -480,9 +554,7 @@ async def _report(
         "database": str(settings.storage.database_path),
         "calls": state.calls,
         "ratings": state.feedback,
-        "thumbs_up_rate": {
-            v: round(sum(r) / len(r), 3) for v, r in sorted(state.ratings.items()) if r
-        },
+        **extra,
         "timeline": state.events,
         "candidate_version": state.candidate,
         "rollout": rollout,
@@ -530,18 +602,27 @@ def app_events(events: dict[str, Any]) -> int:
 
 def print_summary(report: dict[str, Any]) -> None:
     """The closing table."""
+    evaluated = report.get("feedback") == "none"
+    rates = report["good_answer_rate" if evaluated else "thumbs_up_rate"]
+    events = (report["daemon_status"] or {}).get("events") or {}
     rows = [
         ("scenario", report["scenario"]),
         ("outcome", f"{report['outcome']} (expected {report['expected_outcome']})"),
         ("elapsed", f"{report['elapsed_s']} s"),
-        ("calls / ratings", f"{report['calls']} / {report['ratings']}"),
-        ("thumbs-up rate", ", ".join(f"{k}: {v:.0%}" for k, v in report["thumbs_up_rate"].items())),
+        (
+            ("calls / evaluations", f"{report['calls']} / {events.get('stored_evaluations', 0)}")
+            if evaluated
+            else ("calls / ratings", f"{report['calls']} / {report['ratings']}")
+        ),
+        (
+            "good answers" if evaluated else "thumbs-up rate",
+            ", ".join(f"{k}: {v:.0%}" for k, v in rates.items()),
+        ),
         ("candidate", report["candidate_version"] or "-"),
         ("active version now", (report["routing"] or {}).get("active_version")),
         (
             "events stored",
-            f"{app_events((report['daemon_status'] or {}).get('events') or {})} "
-            f"of {report['sdk']['delivered']} delivered by the app",
+            f"{app_events(events)} of {report['sdk']['delivered']} delivered by the app",
         ),
         ("database", report["database"]),
         ("report", report.get("report_path", "-")),
@@ -561,6 +642,13 @@ def register(sub: Any) -> dict[str, Any]:
         choices=["improve", "regress"],
         default="improve",
         help="improve: the candidate wins and is promoted (default); regress: rolled back",
+    )
+    demo.add_argument(
+        "--feedback",
+        choices=FEEDBACK_MODES,
+        default="thumbs",
+        help="thumbs: the app's users rate 70%% of the calls (default); none: no feedback "
+        "at all, a code check scores the calls and drives every decision",
     )
     demo.add_argument(
         "--time-scale",

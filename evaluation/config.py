@@ -293,24 +293,14 @@ class SignalChoice(_Section):
     feedback of any of them counts)."""
 
     prompts: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(min_length=1)
-    # The monitor's feedback rules and windows. Not chosen yet: the monitor reads people's
-    # feedback only (its windows are being reworked); any other value is refused.
+    # The monitor's windows (feedback_count, feedback_mean), hence its feedback rules, the
+    # degradation trigger and the feedback-volume trigger.
     monitor: Signals = Field(default_factory=lambda: ["human"])
     # The optimizer's example scores, demonstrations and trusted-example threshold.
     optimizer: Signals = Field(default_factory=lambda: ["human"])
     # The rollout's primary metric (feedback_score); an evaluator named here is also
     # paired with people's scores for the judge-drift check.
     rollout: Signals = Field(default_factory=lambda: ["human"])
-
-    @field_validator("monitor")
-    @classmethod
-    def _monitor_reads_people(cls, value: list[str]) -> list[str]:
-        if value != ["human"]:
-            raise ValueError(
-                "the monitor reads people's feedback only in this version: "
-                'use monitor = ["human"] (or leave it out)'
-            )
-        return value
 
     def selects(self, prompt: str) -> bool:
         """Whether this choice is ``prompt``'s."""

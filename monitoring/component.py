@@ -16,6 +16,7 @@ from aiohttp import web
 from .config import MonitoringSettings
 from .export import MonitorExport
 from .rules import RuleConfigError, load_rules
+from .signals import MonitorSignals
 from .sinks import AlertmanagerSink, KafkaSink, SinkError, SinkWorker, WebhookSink
 from .windows import WindowStore
 
@@ -82,19 +83,20 @@ def install(daemon: Daemon) -> None:
         raise ConfigurationError(f"[monitoring] {exc}") from exc
     export = MonitorExport(daemon.registry, settings.label_cardinality_cap)
     triggers = daemon.components["optimization_triggers"]
+    signals = MonitorSignals(daemon.settings.evaluation)
 
     async def setup() -> None:
         db = daemon.db
         assert db is not None
         snapshots = SnapshotStore(db) if settings.snapshot_interval_s > 0 else None
-        restored = await restore(window_config, db, time.time()) if snapshots else None
+        restored = await restore(window_config, db, time.time(), signals) if snapshots else None
         if restored is not None:
             store, covered = restored
         else:
             # Before ingestion starts: the windows hold every stored row up to now.
             covered = await last_ids(db)
             store = WindowStore(window_config)
-            await rebuild_windows(store, db, time.time(), settings.rebuild_horizon_s)
+            await rebuild_windows(store, db, time.time(), settings.rebuild_horizon_s, signals)
         alerts = AlertStore(db)
         monitor = Monitor(
             settings,
@@ -106,6 +108,7 @@ def install(daemon: Daemon) -> None:
             build_sinks(daemon, export),
             snapshots=snapshots,
             episodes=EventRepository(db),
+            signals=signals,
         )
         monitor.covered = covered
         await monitor.restore()

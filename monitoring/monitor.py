@@ -40,6 +40,7 @@ from .config import MonitoringSettings
 from .eventtime import ADMIT_ALL, Admission
 from .export import MonitorExport
 from .rules import AlertRule, AlertState, Evaluation, Notification, evaluate
+from .signals import MonitorSignals
 from .sinks import SinkWorker, log_notification
 from .snapshot import take
 from .triggers import OptimizationTrigger, TriggerQueue
@@ -87,7 +88,12 @@ class Batch(Protocol):
 
     @property
     def feedback_rows(self) -> tuple[FeedbackRow, ...]:
-        """Newly stored feedback events."""
+        """Newly stored feedback from people and apps (no ``source``)."""
+        ...
+
+    @property
+    def evaluation_rows(self) -> tuple[FeedbackRow, ...]:
+        """Newly stored evaluators' results (``source`` is ``eval:<name>``)."""
         ...
 
     @property
@@ -136,6 +142,7 @@ class Monitor:
         clock: Clock = time.time,
         snapshots: SnapshotStore | None = None,
         episodes: EpisodeCalls | None = None,
+        signals: MonitorSignals | None = None,
     ) -> None:
         self.settings = settings
         self.rules = tuple(rules)
@@ -147,9 +154,12 @@ class Monitor:
         self.sinks = list(sinks)
         self.clock = clock
         self.states: dict[str, AlertState] = {}
-        self._backlog: list[tuple[Batch, Sequence[Credit]]] = []
+        #: Batches waiting for the windows to thaw, with the feedback that counts.
+        self._backlog: list[tuple[Batch, tuple[Sequence[FeedbackRow], Sequence[Credit]]]] = []
         #: Where episode feedback finds its calls (``None``: it is not windowed).
         self.episodes = episodes
+        #: Which feedback counts in each prompt's windows and volume trigger.
+        self.signals = signals or MonitorSignals()
         #: Highest (metric, feedback) row ids whose batches are in the windows: a snapshot
         #: of the windows covers every stored row up to these.
         self.covered: tuple[int, int] = (0, 0)
@@ -169,13 +179,29 @@ class Monitor:
         metrics, feedback = outcome.metric_rows, outcome.feedback_rows
         credits = await self._credits(outcome) if feedback else ()
         if metrics or feedback:
+            # The Prometheus feedback counters are people's (evaluators have their own).
             self.export.observe_batch(metrics, feedback, credits)
+        counted = self._counted(outcome, credits)
         if self._frozen:
-            self._backlog.append((outcome, credits))
+            self._backlog.append((outcome, counted))
         else:
-            self._apply(outcome, credits)
-        if feedback:
-            self._count_feedback(feedback, credits)
+            self._apply(outcome, counted)
+        if counted[0] or counted[1]:
+            self._count_feedback(*counted)
+
+    def _counted(
+        self, outcome: Batch, credits: Sequence[Credit]
+    ) -> tuple[Sequence[FeedbackRow], Sequence[Credit]]:
+        """The batch's call feedback and episode credits that count in the windows: those
+        of each prompt's monitor signals (people's, in storage order, then evaluators')."""
+        signals = self.signals
+        if signals.human_only:
+            return outcome.feedback_rows, credits
+        counts = signals.counts
+        # Rows unpack in column order (storage.rows): prompt at 2, source last.
+        rows = [row for row in outcome.feedback_rows if counts(row[2], None)]
+        rows += [row for row in outcome.evaluation_rows if counts(row[2], row[-1])]
+        return rows, [credit for credit in credits if counts(credit[1], None)]
 
     async def _credits(self, outcome: Batch) -> list[Credit]:
         """The batch's episode feedback, credited to each call of its episode."""
@@ -192,7 +218,9 @@ class Monitor:
             for prompt, variant in calls.get(row[10] or "", ())
         ]
 
-    def _apply(self, outcome: Batch, credits: Sequence[Credit]) -> None:
+    def _apply(
+        self, outcome: Batch, counted: tuple[Sequence[FeedbackRow], Sequence[Credit]]
+    ) -> None:
         config = self.store.config
         self.store.admit(
             Admission.of(
@@ -203,7 +231,7 @@ class Monitor:
             )
         )
         try:
-            self._window(outcome.metric_rows, outcome.feedback_rows, credits)
+            self._window(outcome.metric_rows, *counted)
         finally:
             self.store.admit(ADMIT_ALL)
         covered = self.covered
@@ -248,7 +276,11 @@ class Monitor:
                         kind="feedback_volume",
                         at=now,
                         reason=f"{n} new feedback events",
-                        details={"feedback_count": n, "threshold": threshold},
+                        details={
+                            "feedback_count": n,
+                            "threshold": threshold,
+                            "signals": list(self.signals.of(prompt)),
+                        },
                     )
                 )
             else:
@@ -301,8 +333,8 @@ class Monitor:
         """Unfreeze the windows and apply the batches that arrived meanwhile."""
         self._frozen = False
         backlog, self._backlog = self._backlog, []
-        for outcome, credits in backlog:
-            self._apply(outcome, credits)
+        for outcome, counted in backlog:
+            self._apply(outcome, counted)
 
     def _compute(
         self, now: float, previous: dict[str, AlertState]
@@ -382,7 +414,9 @@ class Monitor:
             self._frozen = True
             covered = self.covered
             try:
-                snap = await asyncio.to_thread(take, self.store, covered, self.clock())
+                snap = await asyncio.to_thread(
+                    take, self.store, covered, self.clock(), self.signals
+                )
             finally:
                 self._thaw()
         await self.snapshots.save(snap)
@@ -488,6 +522,8 @@ class Monitor:
         total = self.store.stats(prompt, window_seconds=window_seconds, now=now)
         return {
             "prompt": prompt,
+            # Whose scores feedback_count and feedback_mean count ([[evaluation.signals]]).
+            "feedback_signals": list(self.signals.of(prompt)),
             "window_seconds": window_seconds,
             "now": now,
             "total": stats_dict(total),
@@ -501,7 +537,11 @@ class Monitor:
 
 
 async def rebuild_windows(
-    store: WindowStore, db: Database, now: float, horizon_s: float
+    store: WindowStore,
+    db: Database,
+    now: float,
+    horizon_s: float,
+    signals: MonitorSignals | None = None,
 ) -> dict[str, int]:
     """Refill ``store`` from storage at start, bounded in work.
 
@@ -513,7 +553,10 @@ async def rebuild_windows(
     hour by default), which restores counts, rates and means of the 24 h baseline at a cost
     that does not depend on the traffic; latency quantiles of the baseline then cover only the
     replayed part until the baseline has refilled. The loop is yielded to between chunks.
+    Feedback counts where ``signals`` (people's by default) say, as in the live monitor.
     """
+    signals = signals or MonitorSignals()
+    sources = signals.sql_condition()
     config = store.config
     baseline = config.baseline_seconds
     horizon = min(horizon_s, baseline)
@@ -532,14 +575,17 @@ async def rebuild_windows(
             coarse,
             config.lateness_seconds,
             config.max_future_seconds,
+            sources,
         )
         store.admit(ADMIT_ALL)  # the query applied the rule
         for agg in rows:
+            if "fb_n" in agg.values and not signals.counts(agg.prompt, agg.source):
+                continue
             store.record_aggregate(agg.start, agg.prompt, agg.variant, agg.model, **agg.values)
             aggregates += 1
     replayed = 0
-    async for chunk in raw_events(db, replay_from):
-        replayed += store.replay(chunk)
+    async for chunk in raw_events(db, replay_from, sources=sources):
+        replayed += store.replay(signals.select(chunk))
         await asyncio.sleep(0)
     store.expire(now)
     summary = {"aggregates": aggregates, "events": replayed}

@@ -27,6 +27,7 @@ import structlog
 from promptd.storage.database import Database
 from promptd.storage.snapshots import Snapshot, SnapshotStore, last_ids, tail_events
 
+from .signals import MonitorSignals
 from .windows import WindowConfig, WindowStore
 
 log = structlog.get_logger("promptd.monitoring")
@@ -38,9 +39,13 @@ NAME: Final = "monitor.windows"
 FORMAT: Final = 2
 
 
-def config_key(config: WindowConfig) -> str:
-    """What a snapshot must have been built with to be loaded (format and config)."""
-    return json.dumps({"format": FORMAT, **config.model_dump(mode="json")}, sort_keys=True)
+def config_key(config: WindowConfig, signals: MonitorSignals | None = None) -> str:
+    """What a snapshot must have been built with to be loaded (format, config and, when
+    some prompt's windows count other feedback than people's, the choice of signals)."""
+    key: dict[str, Any] = {"format": FORMAT, **config.model_dump(mode="json")}
+    if signals is not None and signals.key is not None:
+        key["signals"] = signals.key
+    return json.dumps(key, sort_keys=True)
 
 
 def encode(store: WindowStore) -> bytes:
@@ -54,23 +59,31 @@ def decode(config: WindowConfig, data: bytes) -> WindowStore:
     return WindowStore.from_state(config, state)
 
 
-def take(store: WindowStore, covered: tuple[int, int], taken_at: float) -> Snapshot:
-    """A snapshot of ``store``, which holds every event row up to ``covered``."""
-    return Snapshot(NAME, taken_at, covered[0], covered[1], config_key(store.config), encode(store))
+def take(
+    store: WindowStore,
+    covered: tuple[int, int],
+    taken_at: float,
+    signals: MonitorSignals | None = None,
+) -> Snapshot:
+    """A snapshot of ``store``, which holds every event row up to ``covered`` (its
+    feedback counted as ``signals`` say)."""
+    key = config_key(store.config, signals)
+    return Snapshot(NAME, taken_at, covered[0], covered[1], key, encode(store))
 
 
 async def restore(
-    config: WindowConfig, db: Database, now: float
+    config: WindowConfig, db: Database, now: float, signals: MonitorSignals | None = None
 ) -> tuple[WindowStore, tuple[int, int]] | None:
     """The windows from the stored snapshot plus the events stored after it, and the row
-    ids they cover; ``None`` when there is no usable snapshot (then rebuild)."""
+    ids they cover; ``None`` when there is no usable snapshot (then rebuild). A snapshot
+    taken under another choice of ``signals`` is not usable."""
     started = time.perf_counter()
     snap = await SnapshotStore(db).load(NAME)
     if snap is None:
         return None
     reason = None
-    if snap.config != config_key(config):
-        reason = "window configuration changed"
+    if snap.config != config_key(config, signals):
+        reason = "window configuration or monitor signals changed"
     elif now - snap.taken_at > config.baseline_seconds:
         reason = "older than the baseline window"
     elif _went_back(await last_ids(db), (snap.metric_id, snap.feedback_id)):
@@ -86,7 +99,7 @@ async def restore(
         # full rebuild gives the same windows, only slower.
         log.warning("windows_snapshot_ignored", reason=f"does not decode: {exc!r}"[:500])
         return None
-    covered, replayed = await replay_tail(store, db, (snap.metric_id, snap.feedback_id))
+    covered, replayed = await replay_tail(store, db, (snap.metric_id, snap.feedback_id), signals)
     store.expire(now)
     log.info(
         "windows_restored",
@@ -104,17 +117,22 @@ def _went_back(stored: tuple[int, int], covered: tuple[int, int]) -> bool:
 
 
 async def replay_tail(
-    store: WindowStore, db: Database, covered: tuple[int, int]
+    store: WindowStore,
+    db: Database,
+    covered: tuple[int, int],
+    signals: MonitorSignals | None = None,
 ) -> tuple[tuple[int, int], int]:
-    """Window the events stored after ``covered``; returns the new cover and the count."""
+    """Window the events stored after ``covered`` (feedback as ``signals`` say, people's
+    by default); returns the new cover and the count."""
+    signals = signals or MonitorSignals()
     mid, fid = covered
     replayed = 0
-    async for rows in tail_events(db, mid, fid):
-        replayed += store.replay(rows)
+    async for rows in tail_events(db, mid, fid, sources=signals.sql_condition()):
+        replayed += store.replay(signals.select(rows))
         for row in rows:
             if row[1]:
-                fid = max(fid, row[14])
+                fid = max(fid, row[15])
             else:
-                mid = max(mid, row[14])
+                mid = max(mid, row[15])
         await asyncio.sleep(0)
     return (mid, fid), replayed

@@ -180,12 +180,20 @@ def estimate(sample: ClusteredSample, *, ratio: float = 1.0, pooled: bool = Fals
             centre += (both, both)
         else:
             centre += (mean_b, mean_c)
-        if nb:
-            ss += base.total_sq - base.total * mean_b
-            dof += nb - 1
-        if nc:
-            ss += cand.total_sq - cand.total * mean_c
-            dof += nc - 1
+        if pooled and nb + nc:
+            # The prior's scale comes from the same null-pooled spread as the variance:
+            # arms that never vary within themselves (a code check scoring 0 on one, 1 on
+            # the other) would otherwise give the mixture no width and no evidence at all.
+            total, total_sq = base.total + cand.total, base.total_sq + cand.total_sq
+            ss += total_sq - total * total / (nb + nc)
+            dof += nb + nc - 1
+        else:
+            if nb:
+                ss += base.total_sq - base.total * mean_b
+                dof += nb - 1
+            if nc:
+                ss += cand.total_sq - cand.total * mean_c
+                dof += nc - 1
     if big_w <= 0:
         return Estimate(0.0, math.inf, 0.0, n_b, n_c)
     a = np.array(coef) / big_w

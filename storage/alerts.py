@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from promptd.storage.database import Database
-from promptd.storage.repository import EPISODE_CREDITS, EventRepository
+from promptd.storage.repository import EPISODE_CREDITS, PEOPLE, EventRepository
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,17 +160,20 @@ _AGG_METRICS = _rule(
     "GROUP BY b, m.prompt, m.variant, m.model",
     "m",
 )
+# Call feedback of the sources asked for ({sources}), per source: the monitor picks the
+# sources each prompt counts.
 _AGG_FEEDBACK = _rule(
-    "SELECT CAST({at} / :w AS INTEGER) AS b, f.prompt, f.variant, COUNT(*), TOTAL(f.score) "
-    f"FROM feedback_events f {_WATERMARK.format(t='f')} "
+    "SELECT CAST({at} / :w AS INTEGER) AS b, f.prompt, f.variant, f.source, COUNT(*), "
+    f"TOTAL(f.score) FROM feedback_events f {_WATERMARK.format(t='f')} "
     "WHERE f.id >= :fid AND {at} >= :lo AND {at} < :hi AND {admitted} "
-    "AND f.request_id IS NOT NULL AND f.source IS NULL GROUP BY b, f.prompt, f.variant",
+    "AND f.request_id IS NOT NULL AND {{sources}} GROUP BY b, f.prompt, f.variant, f.source",
     "f",
 )
 # Feedback on a whole episode is credited to every call of the episode stored with it or
 # before it (EPISODE_CREDITS, as the live monitor does); sums of the two add up.
 _AGG_EPISODE_FEEDBACK = _rule(
-    "SELECT CAST({at} / :w AS INTEGER) AS b, m.prompt, m.variant, COUNT(*), TOTAL(f.score) "
+    "SELECT CAST({at} / :w AS INTEGER) AS b, m.prompt, m.variant, NULL, COUNT(*), "
+    "TOTAL(f.score) "
     f"{EPISODE_CREDITS} {_WATERMARK.format(t='f')} "
     "WHERE f.id >= :fid AND {at} >= :lo AND {at} < :hi AND {admitted} "
     "AND f.request_id IS NULL GROUP BY b, m.prompt, m.variant",
@@ -178,15 +181,16 @@ _AGG_EPISODE_FEEDBACK = _rule(
 )
 _RAW_EVENTS = (
     "SELECT m.ts, 0, m.prompt, m.variant, m.model, m.latency_ms, m.success, m.quality, "
-    "m.tokens_in, m.tokens_out, m.cost_usd, NULL, m.ingested_at, w.watermark "
+    "m.tokens_in, m.tokens_out, m.cost_usd, NULL, m.ingested_at, w.watermark, NULL "
     f"FROM metric_events m {_WATERMARK.format(t='m')} "
     f"WHERE m.id >= :mid AND {_AT.format(t='m')} >= :lo "
     "UNION ALL SELECT f.ts, 1, f.prompt, f.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-    f"f.score, f.ingested_at, w.watermark FROM feedback_events f {_WATERMARK.format(t='f')} "
+    f"f.score, f.ingested_at, w.watermark, f.source FROM feedback_events f "
+    f"{_WATERMARK.format(t='f')} "
     f"WHERE f.id >= :fid AND {_AT.format(t='f')} >= :lo AND f.request_id IS NOT NULL "
-    "AND f.source IS NULL "
+    "AND {sources} "
     "UNION ALL SELECT f.ts, 1, m.prompt, m.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-    f"f.score, f.ingested_at, w.watermark {EPISODE_CREDITS} {_WATERMARK.format(t='f')} "
+    f"f.score, f.ingested_at, w.watermark, NULL {EPISODE_CREDITS} {_WATERMARK.format(t='f')} "
     f"WHERE f.id >= :fid AND {_AT.format(t='f')} >= :lo AND f.request_id IS NULL ORDER BY 1"
 )
 
@@ -200,6 +204,8 @@ class Aggregate:
     variant: str
     model: str | None
     values: dict[str, Any]
+    #: The ``source`` of feedback aggregates (``None``: people's; always for calls).
+    source: str | None = None
 
 
 async def _first_ids(db: Database, lo: float) -> dict[str, int]:
@@ -217,13 +223,15 @@ async def history_aggregates(
     bucket_seconds: float,
     lateness_s: float,
     max_future_s: float,
+    sources: tuple[str, Mapping[str, str]] = PEOPLE,
 ) -> list[Aggregate]:
     """Per-bucket aggregates of the metric and feedback events the windows admit (the rule
     of monitoring/eventtime.py, with ``lateness_s`` and ``max_future_s``) at times
     ``lo <= t < hi``, in bucket order (what a window rebuild feeds for history older than
-    the replay horizon)."""
-    params = {"w": bucket_seconds, "lo": lo, "hi": hi, **await _first_ids(db, lo)}
-    params |= {"late": lateness_s, "fut": max_future_s}
+    the replay horizon). Call feedback is that of ``sources`` (a condition on
+    ``f.source``), aggregated per source; episode feedback is people's."""
+    params: dict[str, Any] = {"w": bucket_seconds, "lo": lo, "hi": hi, **sources[1]}
+    params |= {"late": lateness_s, "fut": max_future_s, **await _first_ids(db, lo)}
     out: list[Aggregate] = []
     cursor = await db.reader.execute(_AGG_METRICS, params)
     for (
@@ -256,26 +264,31 @@ async def history_aggregates(
         }
         out.append(Aggregate(b * bucket_seconds, prompt, variant, model, values))
     await cursor.close()
-    for sql in (_AGG_FEEDBACK, _AGG_EPISODE_FEEDBACK):
+    for sql in (_AGG_FEEDBACK.replace("{sources}", sources[0]), _AGG_EPISODE_FEEDBACK):
         cursor = await db.reader.execute(sql, params)
-        for b, prompt, variant, n, total in await cursor.fetchall():
+        for b, prompt, variant, source, n, total in await cursor.fetchall():
             values = {"fb_n": n, "fb_sum": total}
-            out.append(Aggregate(b * bucket_seconds, prompt, variant, None, values))
+            out.append(Aggregate(b * bucket_seconds, prompt, variant, None, values, source))
         await cursor.close()
     out.sort(key=lambda a: a.start)
     return out
 
 
 async def raw_events(
-    db: Database, lo: float, *, chunk: int = 5_000
+    db: Database,
+    lo: float,
+    *,
+    chunk: int = 5_000,
+    sources: tuple[str, Mapping[str, str]] = PEOPLE,
 ) -> AsyncIterator[list[tuple[Any, ...]]]:
     """Metric and feedback rows windowed at ``lo`` or later if admitted (``min(ts,
     ingested_at) >= lo``), in ts order, in chunks: ``(ts, is_feedback, prompt, variant,
     model, latency_ms, success, quality, tokens_in, tokens_out, cost_usd, score,
-    ingested_at, watermark)``; the last two are the facts of the row's batch that the
-    admission rule needs."""
-    params = {"lo": lo, **await _first_ids(db, lo)}
-    cursor = await db.reader.execute(_RAW_EVENTS, params)
+    ingested_at, watermark, source)``; ingested_at and watermark are the facts of the
+    row's batch that the admission rule needs. Call feedback is that of ``sources`` (a
+    condition on ``f.source``); episode feedback is people's."""
+    params = {"lo": lo, **await _first_ids(db, lo), **sources[1]}
+    cursor = await db.reader.execute(_RAW_EVENTS.replace("{sources}", sources[0]), params)
     try:
         while rows := await cursor.fetchmany(chunk):
             yield [tuple(r) for r in rows]

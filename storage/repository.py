@@ -64,6 +64,11 @@ EPISODE_CREDITS: Final = (
     "FROM feedback_events f JOIN metric_events m ON m.episode_id = f.episode_id "
     "AND m.episode_id IS NOT NULL AND m.ingested_at <= f.ingested_at AND f.source IS NULL"
 )
+#: The feedback a reader of ``feedback_events f`` takes when not told otherwise: people's
+#: and apps' (no source), as a SQL condition with its (named) parameters. A reader of other
+#: signals passes its own condition on ``f.source``
+#: (promptd.monitoring.signals.MonitorSignals.sql_condition builds the monitor's).
+PEOPLE: Final[tuple[str, Mapping[str, str]]] = ("f.source IS NULL", {})
 #: Most episode ids per lookup statement (well below SQLite's variable limit).
 _EPISODES_PER_QUERY: Final = 500
 

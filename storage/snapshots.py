@@ -9,14 +9,14 @@ listeners saw them), so the result is what a daemon that never stopped would hol
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
 
 from promptd.storage.database import Database
-from promptd.storage.repository import EPISODE_CREDITS
+from promptd.storage.repository import EPISODE_CREDITS, PEOPLE
 
 log = structlog.get_logger("promptd.storage")
 
@@ -109,29 +109,35 @@ async def last_ids(db: Database) -> tuple[int, int]:
 _WATERMARK: Final = "LEFT JOIN batch_watermarks w ON w.ingested_at = {t}.ingested_at"
 _TAIL: Final = (
     "SELECT m.ts, 0, m.prompt, m.variant, m.model, m.latency_ms, m.success, m.quality, "
-    "m.tokens_in, m.tokens_out, m.cost_usd, NULL, m.ingested_at, w.watermark, m.id "
+    "m.tokens_in, m.tokens_out, m.cost_usd, NULL, m.ingested_at, w.watermark, NULL, m.id "
     f"FROM metric_events m {_WATERMARK.format(t='m')} WHERE m.id > :mid "
     "UNION ALL SELECT f.ts, 1, f.prompt, f.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-    f"f.score, f.ingested_at, w.watermark, f.id FROM feedback_events f "
+    f"f.score, f.ingested_at, w.watermark, f.source, f.id FROM feedback_events f "
     f"{_WATERMARK.format(t='f')} WHERE f.id > :fid AND f.request_id IS NOT NULL "
-    "AND f.source IS NULL "
+    "AND {sources} "
     "UNION ALL SELECT f.ts, 1, m.prompt, m.variant, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-    f"f.score, f.ingested_at, w.watermark, f.id {EPISODE_CREDITS} {_WATERMARK.format(t='f')} "
-    "WHERE f.id > :fid AND f.request_id IS NULL "
-    "ORDER BY 13, 2, 15"
+    f"f.score, f.ingested_at, w.watermark, NULL, f.id {EPISODE_CREDITS} "
+    f"{_WATERMARK.format(t='f')} WHERE f.id > :fid AND f.request_id IS NULL "
+    "ORDER BY 13, 2, 16"
 )
 
 
 async def tail_events(
-    db: Database, metric_id: int, feedback_id: int, chunk: int = 5_000
+    db: Database,
+    metric_id: int,
+    feedback_id: int,
+    chunk: int = 5_000,
+    sources: tuple[str, Mapping[str, str]] = PEOPLE,
 ) -> AsyncIterator[list[tuple[Any, ...]]]:
     """Event rows stored after ``(metric_id, feedback_id)``, in chunks, in the order
     ingestion handed them to listeners: ``(ts, is_feedback, prompt, variant, model,
     latency_ms, success, quality, tokens_in, tokens_out, cost_usd, score, ingested_at,
-    watermark, id)`` (the watermark of the row's batch, ``None`` if it had none). A
-    primary-key range scan on each table; only the tail is sorted."""
-    params = {"mid": metric_id, "fid": feedback_id}
-    cursor = await db.reader.execute(_TAIL, params)
+    watermark, source, id)`` (the watermark of the row's batch, ``None`` if it had none).
+    Call feedback is that of ``sources`` (a condition on ``f.source`` with named
+    parameters); episode feedback is people's. A primary-key range scan on each table;
+    only the tail is sorted."""
+    params = {"mid": metric_id, "fid": feedback_id, **sources[1]}
+    cursor = await db.reader.execute(_TAIL.replace("{sources}", sources[0]), params)
     try:
         while rows := await cursor.fetchmany(chunk):
             yield [tuple(r) for r in rows]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -15,21 +16,14 @@ import asyncpg
 import pytest
 
 from tests.conftest import REQUIRE_LIVE_TOOLS
+from tests.integration.test_readme import block, commands
 from tests.pg_cluster import find_binaries
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize(
-    ("scenario", "outcome"), [("regress", "rolled_back"), ("improve", "promoted")]
-)
-def test_demo_scenario_reaches_its_outcome(
-    tmp_path: Path, scenario: str, outcome: str, request: pytest.FixtureRequest
-) -> None:
-    """The demo runs the whole loop (traffic, degradation alert, optimization, rollout) and
-    its JSON report records the scenario's outcome and the final stored count; the SQLite
-    file is left behind, and (improve) ``promptd storage migrate`` copies it into
-    PostgreSQL with every count equal, and refuses to copy it again."""
+def run_demo(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """``promptd demo`` with ``args`` in a subprocess (shortened for CI); its JSON report."""
     report_path = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTD_")}
     result = subprocess.run(
@@ -38,8 +32,7 @@ def test_demo_scenario_reaches_its_outcome(
             "-m",
             "promptd.daemon.cli",
             "demo",
-            "--scenario",
-            scenario,
+            *args,
             "--time-scale",
             "0.3",
             "--max-seconds",
@@ -55,7 +48,11 @@ def test_demo_scenario_reaches_its_outcome(
         timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(report_path.read_text())
+    return result, json.loads(report_path.read_text())
+
+
+def assert_story(report: Any, outcome: str) -> None:
+    """The report's timeline tells the whole story, in order, and ends in ``outcome``."""
     assert report["outcome"] == outcome
     events = [e["event"] for e in report["timeline"]]
     for expected in (
@@ -71,6 +68,20 @@ def test_demo_scenario_reaches_its_outcome(
     assert Path(report["database"]).is_file()
     assert report["routing"]["active_version"] == ("v2" if outcome == "promoted" else "v1")
     assert report["routing"]["weight"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("scenario", "outcome"), [("regress", "rolled_back"), ("improve", "promoted")]
+)
+def test_demo_scenario_reaches_its_outcome(
+    tmp_path: Path, scenario: str, outcome: str, request: pytest.FixtureRequest
+) -> None:
+    """The demo runs the whole loop (traffic, degradation alert, optimization, rollout) and
+    its JSON report records the scenario's outcome and the final stored count; the SQLite
+    file is left behind, and (improve) ``promptd storage migrate`` copies it into
+    PostgreSQL with every count equal, and refuses to copy it again."""
+    result, report = run_demo(tmp_path, "--scenario", scenario)
+    assert_story(report, outcome)
     assert "ALERT firing" in result.stdout
     assert "outcome" in result.stdout
     # The summary's count is final: everything the app delivered is stored (or
@@ -86,7 +97,26 @@ def test_demo_scenario_reaches_its_outcome(
         # One demo store serves both checks (a demo run is the suite's costliest step).
         if find_binaries() is None and os.environ.get(REQUIRE_LIVE_TOOLS) != "1":
             pytest.skip("the demo passed; storage migrate not tested: no PostgreSQL binaries")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTD_")}
         check_migration(Path(report["database"]), request.getfixturevalue("pg_url"), env)
+
+
+def test_demo_without_feedback_runs_on_evaluations(tmp_path: Path) -> None:
+    """The README's ``promptd demo --feedback none``: the app sends no feedback at all;
+    the code check's scores fire the alert, feed the optimizer and decide the rollout,
+    which promotes the candidate."""
+    [command] = [c for c in commands(block("sh", "--feedback none")) if "--feedback none" in c]
+    args = shlex.split(command)
+    assert args[:2] == [".venv/bin/promptd", "demo"], command
+    result, report = run_demo(tmp_path, *args[2:])
+    assert_story(report, "promoted")
+    assert report["feedback"] == "none"
+    assert report["ratings"] == 0
+    assert report["signal"] == "eval:complete"
+    events = report["daemon_status"]["events"]
+    assert events["stored_feedback"] == events["stored_evaluations"] > 0  # none from people
+    assert "evaluators only" in result.stdout
+    assert "calls / evaluations" in result.stdout
 
 
 def check_migration(database: Path, url: str, env: dict[str, str]) -> None:

@@ -193,3 +193,75 @@ async def test_live_rollout_resumes_from_its_snapshot_after_a_clean_stop(
     assert after["arms"] == before["arms"]
     assert after["feedback"] == before["feedback"]
     await second.stop()
+
+
+def _call(i: int, now: float) -> bytes:
+    """A call with its captured answer: complete (ends with a full stop) on 2 calls in 3."""
+    body = json.loads(_metric(i, now))
+    body["output"] = f"answer {i}" + ("." if i % 3 else "")
+    return json.dumps(body).encode()
+
+
+async def test_windows_of_an_evaluator_signal_survive_a_crash_and_a_rebuild(
+    make_settings, start_daemon
+) -> None:
+    """A prompt whose monitor counts people's feedback and a code check's results: after
+    a hard stop, the windows restored from the last snapshot plus its tail, and the
+    windows rebuilt from storage without a snapshot, equal the live ones."""
+    check = {"name": "complete", "type": "regex", "pattern": r"\.$", "sample_rate": 1.0}
+    # Another prompt's monitor reads a second check: the replays read its results too
+    # (one SQL condition for every prompt) and must leave them out of this prompt's windows.
+    short = {"name": "short", "type": "length", "max_chars": 5, "sample_rate": 1.0}
+    evaluation = {
+        "evaluators": [check, short],
+        "signals": [
+            {"prompts": ["summarization"], "monitor": ["human", "eval:complete"]},
+            {"prompts": ["other"], "monitor": ["eval:short"]},
+        ],
+        "outbox_interval_s": 0.1,
+    }
+    settings = make_settings(monitoring={"snapshot_interval_s": 0.2}, evaluation=evaluation)
+    kafka = settings.kafka
+    first = await start_daemon(settings)
+    monitor = _monitor(first)
+    now = time.time()
+    await produce(kafka.bootstrap_servers, kafka.metrics_topic, [_call(i, now) for i in range(300)])
+    await wait_for(lambda: _windowed(first, 300, 300), timeout=30)
+    store = SnapshotStore(first.daemon.db)
+
+    async def snapshot_covers_all() -> bool:
+        snap = await store.load(NAME)
+        return snap is not None and (snap.metric_id, snap.feedback_id) == monitor.covered
+
+    await wait_for(snapshot_covers_all, timeout=10)
+    monitor.snapshots = None  # no more snapshots: what follows is the tail
+    tail = [_call(300 + i, now) for i in range(200)]
+    await produce(kafka.bootstrap_servers, kafka.metrics_topic, tail)
+    await produce(
+        kafka.bootstrap_servers, kafka.feedback_topic, [_feedback(i, now) for i in range(100)]
+    )
+    # Every call scored by the check (its results are feedback too) and people's 100.
+    await wait_for(lambda: _windowed(first, 500, 600), timeout=30)
+    await wait_for(lambda: _stored_results(first, 1000), timeout=30)
+    before = _hour(monitor)
+    # People's 100 scores (mean 0.5) and the check's 500 (333 complete answers).
+    assert before["total"]["feedback_mean"] == pytest.approx((50 + 333) / 600)
+    await first.kill()
+
+    with structlog.testing.capture_logs() as logs:
+        second = await start_daemon(settings)
+    assert _restored(logs)["tail_events"] == 500  # the short check's 200 left out
+    assert _hour(_monitor(second)) == before
+    await second.stop()
+    no_snapshot = settings.monitoring.model_copy(update={"snapshot_interval_s": 0})
+    rebuilt = await start_daemon(settings.model_copy(update={"monitoring": no_snapshot}))
+    assert _hour(_monitor(rebuilt)) == before
+    await rebuilt.stop()
+
+
+async def _stored_results(running: Any, n: int) -> bool:
+    async with running.daemon.db.reader.execute(
+        "SELECT count(*) FROM feedback_events WHERE source IS NOT NULL"
+    ) as cur:
+        row = await cur.fetchone()
+    return bool(row[0] >= n)

@@ -167,3 +167,19 @@ def test_empty_sample_is_no_evidence() -> None:
     assert not res.reject
     assert not res.enough_samples
     assert math.isinf(res.se)
+
+
+def test_arms_that_never_vary_within_themselves_are_still_decided() -> None:
+    """A deterministic code check scoring every baseline call 0 and every candidate call 1:
+    no spread within an arm, all of it between the arms. The null-pooled test sees it
+    (before, the mixture's scale came from the within-arm spread, 0, and the evidence
+    stayed at 1e-5 of what rejecting needs however many calls came)."""
+    for n in (30, 300):
+        sample = ClusteredSample.from_strata(
+            [Stratum(Moments(n, 0.0, 0.0), Moments(n, float(n), float(n)))]
+        )
+        res = compare_clustered(
+            sample, alpha=0.01, min_samples=20, mde_sd=0.5, alternative="greater", pooled=True
+        )
+        assert res.reject
+        assert res.estimate == pytest.approx(1.0)

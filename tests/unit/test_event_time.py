@@ -1,5 +1,6 @@
 """Event time, property-tested: live windows equal the windows rebuilt from storage,
-whatever the interleaving of partitions, the delays, clocks and restarts.
+whatever the interleaving of partitions, the delays, clocks and restarts, and whichever
+feedback (people's, evaluators', both) each prompt's monitor counts.
 
 Each example simulates a broker (one log per partition), producers that stamp events
 late, early or in order, and the daemon's ingestion path: real decoding
@@ -29,11 +30,13 @@ from prometheus_client import CollectorRegistry
 
 from promptd.daemon.decode import RowDecoder
 from promptd.daemon.ingest import decode_batch
+from promptd.evaluation.config import EvaluationSettings
 from promptd.events import FeedbackEvent, MetricEvent
 from promptd.monitoring.config import MonitoringSettings
 from promptd.monitoring.eventtime import ADMIT_ALL, Admission, PartitionClock
 from promptd.monitoring.export import MonitorExport
 from promptd.monitoring.monitor import Monitor, rebuild_windows
+from promptd.monitoring.signals import MonitorSignals
 from promptd.monitoring.snapshot import restore
 from promptd.monitoring.triggers import TriggerQueue
 from promptd.monitoring.windows import WindowStore
@@ -55,6 +58,24 @@ TIERS = [
 HORIZON = 60.0
 # Two metric partitions and one feedback partition.
 PARTITIONS = (("m", 0), ("m", 1), ("f", 0))
+
+# Who scored a piece of feedback: people (no source), the evaluator some prompt's monitor
+# reads, or one no prompt reads.
+SOURCES = (None, "eval:judge", "eval:other")
+#: The monitor signals of a run that chooses them: prompt p reads the judge only, q both.
+CHOSEN = MonitorSignals(
+    EvaluationSettings.model_validate(
+        {
+            "evaluators": [
+                {"name": name, "type": "regex", "pattern": "x"} for name in ("judge", "other")
+            ],
+            "signals": [
+                {"prompts": ["p"], "monitor": ["eval:judge"]},
+                {"prompts": ["q"], "monitor": ["human", "eval:judge"]},
+            ],
+        }
+    )
+)
 
 # How a producer stamps an event (see Sim.event).
 TIMINGS = ("in_order", "late_small", "late_large", "ahead", "far_ahead", "old")
@@ -85,6 +106,8 @@ class Sim:
     stored: dict[tuple[str, int], int] = field(default_factory=dict)
     clock: PartitionClock = field(default_factory=PartitionClock)
     monitor: Monitor | None = None
+    #: Which feedback each prompt's windows count (people's only by default).
+    signals: MonitorSignals = field(default_factory=MonitorSignals)
     serial: int = 0
     last_ts: dict[tuple[str, int], float] = field(default_factory=dict)
     stamp: float = T0
@@ -114,7 +137,7 @@ class Sim:
             "request_id": f"r{self.serial}",
         }
         if key[0] == "f":
-            body |= {"type": "feedback", "score": rng.random()}
+            body |= {"type": "feedback", "score": rng.random(), "source": rng.choice(SOURCES)}
         else:
             body |= {
                 "type": "metric",
@@ -136,16 +159,17 @@ class Sim:
             TriggerQueue(),
             clock=lambda: self.now,
             snapshots=SnapshotStore(self.db),
+            signals=self.signals,
         )
 
     async def start(self, from_snapshot: bool) -> None:
         """What the daemon does at start: windows from the snapshot (or rebuilt), the
         partition clock and the positions from storage."""
         config = _settings().window_config()
-        restored = await restore(config, self.db, self.now) if from_snapshot else None
+        restored = await restore(config, self.db, self.now, self.signals) if from_snapshot else None
         if restored is None:
             store = WindowStore(config)
-            await rebuild_windows(store, self.db, self.now, HORIZON)
+            await rebuild_windows(store, self.db, self.now, HORIZON, self.signals)
             covered = await last_ids(self.db)
         else:
             store, covered = restored
@@ -204,11 +228,13 @@ class Sim:
         await self.monitor.on_batch(outcome)
 
 
-async def _run(seed: int, ops: list[tuple[Any, ...]]) -> tuple[Sim, WindowStore, WindowStore]:
+async def _run(
+    seed: int, ops: list[tuple[Any, ...]], signals: MonitorSignals | None = None
+) -> tuple[Sim, WindowStore, WindowStore]:
     with tempfile.TemporaryDirectory() as tmp:
         db = await Database.open(Path(tmp) / "t.db")
         try:
-            sim = Sim(random.Random(seed), db)
+            sim = Sim(random.Random(seed), db, signals=signals or MonitorSignals())
             await sim.start(from_snapshot=False)
             for op in ops:
                 await _step(sim, op)
@@ -221,9 +247,9 @@ async def _run(seed: int, ops: list[tuple[Any, ...]]) -> tuple[Sim, WindowStore,
             live = sim.monitor.store
             live.expire(sim.now)
             rebuilt = WindowStore(live.config)
-            await rebuild_windows(rebuilt, db, sim.now, HORIZON)
+            await rebuild_windows(rebuilt, db, sim.now, HORIZON, sim.signals)
             await sim.monitor.snapshot_once(force=True)
-            restored = await restore(live.config, db, sim.now)
+            restored = await restore(live.config, db, sim.now, sim.signals)
             assert restored is not None
             assert _windows(restored[0], sim.now) == _windows(live, sim.now)
             return sim, live, rebuilt
@@ -337,12 +363,16 @@ _PROPERTY = settings(
 @given(rnd=st.randoms(use_true_random=False))
 def test_live_windows_equal_the_rebuild_from_storage(rnd: random.Random) -> None:
     """Whatever the interleaving of partitions, the delays (within and beyond lateness),
-    clocks running ahead, duplicates, snapshots, crashes and clean restarts: the live
-    windows answer every query exactly like a full rebuild from storage."""
+    clocks running ahead, duplicates, snapshots, crashes and clean restarts, and whether
+    the prompts' monitors count people's feedback (the default) or the signals of
+    :data:`CHOSEN`: the live windows answer every query exactly like a full rebuild from
+    storage (and like a restore from the last snapshot, see :func:`_run`)."""
     ops = _ops(rnd, MIXED, TIMINGS)
     seed = rnd.randrange(2**32)
-    note(f"seed={seed} ops={ops}")
-    sim, live, rebuilt = asyncio.run(_run(seed, ops))
+    chosen = rnd.random() < 0.5
+    note(f"seed={seed} chosen={chosen} ops={ops}")
+    sim, live, rebuilt = asyncio.run(_run(seed, ops, CHOSEN if chosen else None))
+    event(f"signals: {'chosen' if chosen else 'people'}")
     event(f"late events: {'some' if live.late_events else 'none'}")
     event(f"future events: {'some' if live.future_events else 'none'}")
     assert _windows(rebuilt, sim.now, HORIZON) == _windows(live, sim.now, HORIZON)
@@ -353,11 +383,12 @@ def test_live_windows_equal_the_rebuild_from_storage(rnd: random.Random) -> None
 def test_partitions_read_in_order_lose_nothing_whatever_the_outage(rnd: random.Random) -> None:
     """When each partition is in time order, no event is ever late: catch-up after any
     outage (ticks with nothing consumed), in any partition order, fills the windows with
-    every event stored."""
+    every event stored (the feedback each prompt counts)."""
     ops = _ops(rnd, IN_ORDER, ("in_order",), tick_s=3.5)
     seed = rnd.randrange(2**32)
-    note(f"seed={seed} ops={ops}")
-    sim, live, _ = asyncio.run(_run(seed, ops))
+    chosen = rnd.random() < 0.5
+    note(f"seed={seed} chosen={chosen} ops={ops}")
+    sim, live, _ = asyncio.run(_run(seed, ops, CHOSEN if chosen else None))
     assert live.late_events == 0
     everything = WindowStore(live.config)
     everything.admit(ADMIT_ALL)
@@ -367,12 +398,15 @@ def test_partitions_read_in_order_lose_nothing_whatever_the_outage(rnd: random.R
 
 
 def _all_events(sim: Sim) -> list[Any]:
+    """Every call produced, and the feedback its prompt's monitor counts."""
     seen: dict[str, Any] = {}
     for log in sim.logs.values():
         for raw in log:
             body = json.loads(raw)
-            model = MetricEvent if body["type"] == "metric" else FeedbackEvent
-            seen[body["event_id"]] = model.model_validate(body)
+            if body["type"] == "metric":
+                seen[body["event_id"]] = MetricEvent.model_validate(body)
+            elif sim.signals.counts(body["prompt"], body["source"]):
+                seen[body["event_id"]] = FeedbackEvent.model_validate(body)
     return list(seen.values())
 
 

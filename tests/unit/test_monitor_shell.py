@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from promptd.evaluation.config import EvaluationSettings
 from promptd.events import FeedbackEvent, MetricEvent
 from promptd.monitoring.config import MonitoringSettings
 from promptd.monitoring.export import MonitorExport
 from promptd.monitoring.monitor import Monitor, rebuild_windows
 from promptd.monitoring.rules import Notification, RuleConfigError, load_rules
+from promptd.monitoring.signals import MonitorSignals
 from promptd.monitoring.sinks import SinkWorker
 from promptd.monitoring.triggers import TriggerQueue
 from promptd.monitoring.windows import WindowStore
@@ -72,6 +74,7 @@ class Outcome:
     # Stored "after" every event of these tests (nothing clamped), under no watermark.
     ingested_at: float = math.inf
     watermark: float | None = None
+    evaluation_rows: tuple[FeedbackRow, ...] = ()
 
 
 class FakePersistence:
@@ -248,6 +251,68 @@ async def test_degradation_alert_puts_an_optimization_trigger() -> None:
     while monitor.triggers.qsize():
         kinds.append((await monitor.triggers.get()).kind)
     assert "degradation" in kinds
+
+
+def evaluation(ts: float, score: float, prompt: str, source: str = "eval:judge") -> FeedbackRow:
+    """An evaluator's result, as ingestion hands it to listeners (``evaluation_rows``)."""
+    event = FeedbackEvent(
+        event_id=f"e{ts}-{score}-{prompt}",
+        ts=ts,
+        prompt=prompt,
+        variant="v1",
+        request_id=f"r{ts}",
+        score=score,
+        source=source,
+    )
+    return feedback_row(event)
+
+
+async def test_the_monitor_reads_each_prompts_chosen_signal() -> None:
+    """A prompt whose monitor signal is an evaluator is alerted (and handed to the
+    optimizer) on the evaluator's scores while people's feedback stays out of its
+    windows; a prompt left at the default reads people's only; the volume trigger
+    counts what the windows count."""
+    monitor, _, clock, _ = build(
+        rules=[], default_degradation_rule=True, feedback_volume_threshold=300
+    )
+    monitor.signals = MonitorSignals(
+        EvaluationSettings.model_validate(
+            {
+                "evaluators": [{"name": "judge", "type": "regex", "pattern": "x"}],
+                "signals": [{"prompts": ["judged"], "monitor": ["eval:judge"]}],
+            }
+        )
+    )
+    # The judge sees a good hour, then a bad minute; people say the opposite.
+    times = [(T0 - 3600 + i * 10, 0.9, 0.1) for i in range(300)]
+    times += [(T0 - 60 + i, 0.2, 0.9) for i in range(30)]
+    for t, judged, felt in times:
+        prompts = ("judged", "people")
+        await monitor.on_batch(
+            Outcome(
+                feedback_rows=tuple(feedback(t, felt, p) for p in prompts),
+                evaluation_rows=tuple(evaluation(t, judged, p) for p in prompts),
+            )
+        )
+    clock.now = T0
+    result = await monitor.evaluate_once()
+    assert [(n.rule, n.labels["prompt"]) for n in result.notifications] == [
+        ("feedback_degradation", "judged")
+    ]
+    judged = monitor.prompt_stats("judged", 86400)
+    assert judged["feedback_signals"] == ["eval:judge"]
+    assert judged["total"]["feedback_count"] == 330
+    assert monitor.prompt_stats("people", 86400)["total"]["feedback_mean"] < 0.2
+    triggers = []
+    while monitor.triggers.qsize():
+        triggers.append(await monitor.triggers.get())
+    assert {(t.prompt, t.kind) for t in triggers} == {
+        ("judged", "degradation"),
+        ("judged", "feedback_volume"),
+        ("people", "feedback_volume"),
+    }
+    volume = next(t for t in triggers if t.kind == "feedback_volume" and t.prompt == "judged")
+    assert volume.details["signals"] == ["eval:judge"]
 
 
 async def test_sink_worker_retries_then_counts_failure() -> None:

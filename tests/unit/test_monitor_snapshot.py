@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from promptd.evaluation.config import EvaluationSettings
 from promptd.monitoring.config import MonitoringSettings
 from promptd.monitoring.eventtime import (
     NO_WATERMARK,
@@ -22,6 +23,7 @@ from promptd.monitoring.eventtime import (
 )
 from promptd.monitoring.export import MonitorExport
 from promptd.monitoring.monitor import Monitor, rebuild_windows
+from promptd.monitoring.signals import MonitorSignals
 from promptd.monitoring.snapshot import NAME, decode, encode, restore
 from promptd.monitoring.triggers import TriggerQueue
 from promptd.monitoring.windows import SeriesKey, WindowConfig, WindowStats, WindowStore
@@ -294,8 +296,9 @@ async def test_batches_arriving_during_a_snapshot_wait_and_stay_out_of_it(
 
 
 async def test_unusable_snapshots_fall_back_to_the_rebuild(db: Database) -> None:
-    """A snapshot of another window configuration, older than the baseline, or ahead of
-    the stored rows is ignored."""
+    """A snapshot of another window configuration or choice of monitor signals, older
+    than the baseline, or ahead of the stored rows is ignored; a choice that leaves every
+    prompt on people's feedback keeps the snapshots taken before signals existed."""
     repo = EventRepository(db)
     live = _monitor(db, _Clock(T0))
     await _ingest(repo, live, list(stream(6, T0 - 600, 600, 1_000)))
@@ -303,6 +306,12 @@ async def test_unusable_snapshots_fall_back_to_the_rebuild(db: Database) -> None
     config = live.store.config
     assert await restore(config, db, T0) is not None
     assert await restore(WindowConfig(lateness_seconds=5), db, T0) is None
+    evaluators = [{"name": "judge", "type": "regex", "pattern": "x"}]
+    people = {"evaluators": evaluators, "signals": [{"prompts": ["*"], "rollout": ["eval:judge"]}]}
+    judged = {"evaluators": evaluators, "signals": [{"prompts": ["p*"], "monitor": ["eval:judge"]}]}
+    for choice, usable in ((people, True), (judged, False)):
+        signals = MonitorSignals(EvaluationSettings.model_validate(choice))
+        assert (await restore(config, db, T0, signals) is not None) is usable
     assert await restore(config, db, T0 + config.baseline_seconds + 1) is None
     snap = await SnapshotStore(db).load(NAME)
     assert snap is not None

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from promptd.evaluation.config import EvaluationSettings
 from promptd.evaluation.signals import sql_condition_any
+from promptd.monitoring.signals import MonitorSignals
 
 CHECK = {"name": "valid", "type": "regex", "pattern": "x"}
 
@@ -46,8 +47,10 @@ def test_a_signal_must_name_an_evaluator_or_an_external_source() -> None:
         _settings(signals=[{"prompts": ["*"], "rollout": ["eval:vaild"]}])
     with pytest.raises(ValidationError, match="pattern"):
         _settings(signals=[{"prompts": ["*"], "rollout": ["people"]}])
-    with pytest.raises(ValidationError, match="the monitor reads people's feedback only"):
-        _settings(signals=[{"prompts": ["*"], "monitor": ["eval:valid"]}])
+    with pytest.raises(ValidationError, match=r"signals\[0\]\.monitor: 'eval:vaild' names no"):
+        _settings(signals=[{"prompts": ["*"], "monitor": ["eval:vaild"]}])
+    chosen = _settings(signals=[{"prompts": ["*"], "monitor": ["human", "eval:valid"]}])
+    assert chosen.signals_for("p", "monitor") == ("human", "eval:valid")
     ok = _settings(
         external=["Relevance"], signals=[{"prompts": ["*"], "rollout": ["eval:Relevance"]}]
     )
@@ -74,3 +77,44 @@ def test_the_sql_condition_of_several_signals(signals: list[str], expected: list
     assert [r[0] for r in rows] == expected
     with pytest.raises(ValueError, match="no signal"):
         sql_condition_any([])
+
+
+def test_the_monitor_counts_the_rows_of_each_prompts_signals() -> None:
+    """Per prompt, the monitor counts exactly the feedback of its ``monitor`` signals:
+    people's by default, an evaluator's, or both; a replay reads every row some prompt
+    counts (one SQL condition) and the snapshot key names the choice."""
+    default = MonitorSignals(_settings(signals=[{"prompts": ["*"], "rollout": ["eval:valid"]}]))
+    assert (default.human_only, default.key, default.named) == (True, None, ("human",))
+    assert MonitorSignals().human_only
+    chosen = MonitorSignals(
+        _settings(
+            evaluators=[CHECK, {**CHECK, "name": "judge"}],
+            signals=[
+                {"prompts": ["eval-only"], "monitor": ["eval:judge"]},
+                {"prompts": ["both*"], "monitor": ["human", "eval:valid"]},
+            ],
+        )
+    )
+    assert not chosen.human_only
+    assert chosen.key is not None
+    table = {
+        (prompt, source): chosen.counts(prompt, source)
+        for prompt in ("eval-only", "both-a", "other")
+        for source in (None, "eval:judge", "eval:valid")
+    }
+    assert [k for k, v in table.items() if v] == [
+        ("eval-only", "eval:judge"),
+        ("both-a", None),
+        ("both-a", "eval:valid"),
+        ("other", None),
+    ]
+    assert not chosen.counts(None, None)  # an episode's feedback counts through its calls
+    assert [default.counts("x", s) for s in (None, "eval:valid")] == [True, False]
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE f (id INTEGER, source TEXT)")
+    rows = [(1, None), (2, "eval:judge"), (3, "eval:valid"), (4, "eval:other")]
+    db.executemany("INSERT INTO f VALUES (?, ?)", rows)
+    for signals, expected in ((chosen, [1, 2, 3]), (default, [1])):
+        condition, params = signals.sql_condition("source")
+        found = db.execute(f"SELECT id FROM f WHERE {condition} ORDER BY id", params).fetchall()
+        assert [r[0] for r in found] == expected
