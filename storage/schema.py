@@ -456,7 +456,7 @@ INSERT INTO store_identity (id, store_id, created_at)
     VALUES (1, replace(gen_random_uuid()::text, '-', ''), extract(epoch FROM clock_timestamp()));
 """
 
-_V16_LEADERSHIP: Final = """
+_V17_LEADERSHIP: Final = """
 -- The leader lease of daemons sharing one store (PostgreSQL; unused by a single SQLite
 -- daemon). ``generation`` grows by one with every new holder: the fencing token every
 -- write transaction of the leader checks. Times are the database's clock (epoch s).
@@ -471,6 +471,32 @@ CREATE TABLE leadership (
 );
 """
 
+
+_V16_DEMO_POOLS: Final = """
+-- Demonstration pools: versioned snapshots of a prompt's trusted production examples
+-- (train split), from which a version with dynamic demos takes the nearest per request.
+-- ``pool_id`` names the content (a hash of the demos and the embedding model), ``seq``
+-- numbers a prompt's snapshots; ``demos`` is a JSON list of {id, input, answer} and
+-- ``vectors`` their embeddings (base64 float32 rows, in the same order) when the pool is
+-- for embedding retrieval. Snapshots never change; unpinned old ones are pruned.
+CREATE TABLE demo_pools (
+    prompt          TEXT    NOT NULL,
+    pool_id         TEXT    NOT NULL,
+    seq             INTEGER NOT NULL,
+    created_at      REAL    NOT NULL,
+    origin          TEXT    NOT NULL,
+    size            INTEGER NOT NULL,
+    embedding_model TEXT,
+    dim             INTEGER,
+    demos           TEXT    NOT NULL,
+    vectors         TEXT,
+    PRIMARY KEY (prompt, pool_id),
+    UNIQUE (prompt, seq)
+);
+
+-- The demos a call was shown (JSON list of their ids, the request ids they came from).
+ALTER TABLE metric_events ADD COLUMN demo_ids TEXT;
+"""
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(
@@ -498,7 +524,8 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         sql=_V15_STORE_IDENTITY + _V15_IDENTITY_ROW,
         postgresql=ddl_to_postgresql(_V15_STORE_IDENTITY) + _V15_IDENTITY_ROW_POSTGRESQL,
     ),
-    Migration(version=16, name="leadership", sql=_V16_LEADERSHIP),
+    Migration(version=16, name="demo_pools", sql=_V16_DEMO_POOLS),
+    Migration(version=17, name="leadership", sql=_V17_LEADERSHIP),
 )
 
 

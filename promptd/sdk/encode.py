@@ -24,7 +24,8 @@ FEEDBACK: Final = "f"
 
 # Positions in a metric tuple:
 # (METRIC, ts, prompt, variant, model, request_id, unit_id, latency_ms, success, error,
-#  tokens_in, tokens_out, cost_usd, input, output, attributes, episode_id)
+#  tokens_in, tokens_out, cost_usd, input, output, attributes, episode_id, demos)
+# where ``demos`` is the call's DemoChoice (its ``ids``), or None.
 # Positions in a feedback tuple:
 # (FEEDBACK, ts, request_id, score, kind, comment, correction, prompt, variant, model,
 #  episode_id)
@@ -68,6 +69,7 @@ class Encoder:
         tokens_in, tokens_out, cost_usd, captured_in, captured_out, attributes, episode_id = item[
             10:17
         ]
+        chosen = item[17] if len(item) > 17 else None
         event = self._metric(
             event_id=self._new_id(),
             ts=ts,
@@ -86,6 +88,7 @@ class Encoder:
             input=self._capture("input", captured_in),
             output=self._capture("output", captured_out),
             attributes=attributes,
+            demo_ids=None if chosen is None else chosen.ids,
         )
         self._remember(request_id, (prompt, variant, model))
         return (self.config.metrics_topic, prompt.encode(), event.to_json())

@@ -156,7 +156,7 @@ def batch(
         metrics.append(
             (f"m{rid}", now + rng.choice(CALL_SKEWS), "p", variant, "m", rid,
              f"u{rng.randrange(40)}", rng.lognormvariate(5, 1), rng.random() > 0.1, None,
-             rng.random(), None, None, rng.random() / 100, episode, None, None, None)
+             rng.random(), None, None, rng.random() / 100, episode, None, None, None, None)
         )  # fmt: skip
     feedback: list[FeedbackRow] = []
     for j in range(rng.randrange(n + 3)):
@@ -291,7 +291,7 @@ async def test_a_snapshot_of_the_previous_format_is_replayed_instead(tmp_path: P
 def _call(rid: str, ts: float, variant: str) -> MetricRow:
     """A successful call of 10 ms, quality 0.5 and cost 0.01, its own unit."""
     return (f"m{rid}", ts, "p", variant, "m", rid, f"u-{rid}", 10.0, True, None,
-            0.5, None, None, 0.01, None, None, None, None)  # fmt: skip
+            0.5, None, None, 0.01, None, None, None, None, None)  # fmt: skip
 
 
 def _format_1(snap: Snapshot) -> Snapshot:

@@ -57,7 +57,18 @@ def batches(seed: int, n: int) -> list[tuple[list[MetricRow], list[FeedbackRow]]
                 unit = None  # routed by its episode
             latency, ok = rng.lognormvariate(5, 1), rng.random() > 0.1
             row: MetricRow = (f"m{rid}", ts, "p", variant, "m", rid, unit, latency, ok)
-            row += (None, rng.random(), None, None, rng.random() / 100, episode, None, None, None)
+            row += (
+                None,
+                rng.random(),
+                None,
+                None,
+                rng.random() / 100,
+                episode,
+                None,
+                None,
+                None,
+                None,
+            )
             metrics.append(row)
             calls.append(rid)
         feedback: list[FeedbackRow] = []
