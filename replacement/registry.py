@@ -30,7 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, m
 from promptd.demos import DEFAULT_K, DEFAULT_MAX_CHARS, MAX_DEMOS_PER_CALL
 from promptd.events import MAX_NAME_CHARS, MAX_PROMPT_CHARS
 from promptd.prompt_config import PARAMS, describe
-from promptd.storage.database import Database
+from promptd.storage.database import Database, is_unique_violation
 from promptd.storage.pools import PoolStore
 
 VersionStatus = Literal["active", "candidate", "in_rollout", "retired", "rolled_back"]
@@ -458,7 +458,7 @@ class Registry:
                     ),
                 )
             except Exception as exc:
-                if "UNIQUE" in str(exc):
+                if is_unique_violation(exc):
                     raise Conflict(f"prompt {name!r} already has version {version!r}") from None
                 raise
             if activate:
@@ -501,16 +501,14 @@ class Registry:
         target = await self.get_version(name, version)
         now = time.time()
         async with self.db.transaction() as conn:
-            # The prompt's own rollout, or a pipeline rollout it is a member of.
+            # The prompt's own rollout, or a pipeline rollout it is a member of (the
+            # members are JSON, decoded here: no JSON functions in the shared SQL).
             async with conn.execute(
-                "SELECT count(*) FROM rollouts "
-                "WHERE status IN ('running', 'paused', 'pending') AND (prompt = ? OR EXISTS "
-                "(SELECT 1 FROM json_each(coalesce(members, '[]')) "
-                "WHERE json_extract(value, '$.prompt') = ?))",
-                (name, name),
+                "SELECT prompt, members FROM rollouts "
+                "WHERE status IN ('running', 'paused', 'pending')"
             ) as cur:
-                row = await cur.fetchone()
-            if row is not None and int(row[0]) > 0:
+                live = await cur.fetchall()
+            if any(_routes(name, prompt, members) for prompt, members in live):
                 raise Conflict(
                     f"prompt {name!r} has a live rollout: roll it back or promote it first"
                 )
@@ -546,6 +544,11 @@ async def _make_active(
         "UPDATE prompts SET active_version = ?, updated_at = ? WHERE name = ?",
         (version, now, name),
     )
+
+
+def _routes(name: str, prompt: str, members: str | None) -> bool:
+    """True when a rollout of ``prompt`` (with pipeline ``members``, JSON) routes ``name``."""
+    return prompt == name or any(m.get("prompt") == name for m in json.loads(members or "[]"))
 
 
 def _prompt(row: Sequence[Any]) -> Prompt:

@@ -272,9 +272,9 @@ def _feed(acc: RolloutAccumulator, outcome: BatchOutcome) -> None:
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
+async def db(store_target: Path | str) -> AsyncIterator[Database]:
     """A real SQLite file."""
-    database = await Database.open(tmp_path / "p.db")
+    database = await Database.open(store_target)
     yield database
     await database.close()
 

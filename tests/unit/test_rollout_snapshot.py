@@ -96,9 +96,9 @@ def feed(acc: RolloutAccumulator, outcome: BatchOutcome) -> None:
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
+async def db(store_target: Path | str) -> AsyncIterator[Database]:
     """A real SQLite file."""
-    database = await Database.open(tmp_path / "r.db")
+    database = await Database.open(store_target)
     yield database
     await database.close()
 
