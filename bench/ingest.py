@@ -3,6 +3,7 @@ and the same for OpenTelemetry spans read from the OTLP topic.
 
     python bench/ingest.py [--events 200000] [--runs 3] [--partitions 3]
                            [--spans-per-record 100]
+                           [--storage sqlite|postgresql] [--postgres-url URL]
     python bench/ingest.py --evaluation 0.01 [--outputs]
 
 Each run produces N realistic MetricEvents (plus 10 % feedback) to fresh topics on a
@@ -17,6 +18,11 @@ event is in SQLite. Prints the median over runs of all three and of the ratio (b
 which factors out how busy the machine is; the CPU time per event (all threads of this
 process); and the machine's noise: how far the raw rate moved between runs, and the
 load average before and after each run.
+
+With ``--storage postgresql`` each run also stores the events of (b) into PostgreSQL (a
+throwaway cluster started with ``initdb``/``pg_ctl``, durability on as in production, or
+the server at ``--postgres-url``; a fresh schema per run) and prints that rate beside the
+SQLite path's and the raw one, with the ratio PostgreSQL / SQLite (target >= 0.5).
 
 With ``--evaluation RATE`` each run stores the events twice instead, without and with an
 evaluator on every prompt (a length check sampling RATE of the calls), and reports what
@@ -33,13 +39,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -272,7 +281,12 @@ def expected_evaluations(events: list[tuple[str, bytes, bytes]], rate: float) ->
 
 
 def settings_for(
-    bootstrap: str, data_dir: Path, tag: str, partitions: int, evaluation: float | None = None
+    bootstrap: str,
+    data_dir: Path,
+    tag: str,
+    partitions: int,
+    evaluation: float | None = None,
+    url: str | None = None,
 ) -> Settings:
     extra = {"evaluation": evaluation_settings(evaluation)} if evaluation else {}
     return Settings(
@@ -290,7 +304,7 @@ def settings_for(
             "session_timeout_ms": 1000,
             "heartbeat_interval_ms": 300,
         },
-        storage={"data_dir": data_dir / tag, "retention_interval_s": 86_400},
+        storage={"data_dir": data_dir / tag, "retention_interval_s": 86_400, "url": url},
         # Ingestion alone: bench/monitor.py measures the cost of windows and rules.
         monitoring={"enabled": False},
         http={"port": 0},
@@ -304,7 +318,9 @@ async def one_run(
     spans: tuple[list[bytes], int],
     partitions: int,
     tmp: Path,
-) -> tuple[Rate, Rate, Rate]:
+    postgres_url: str | None = None,
+) -> tuple[Rate, Rate, Rate, Rate | None]:
+    """SQLite end-to-end, raw, OTLP, and PostgreSQL end-to-end (``None`` without a URL)."""
     from promptd.daemon.kafka import ensure_topics
 
     tag = uuid.uuid4().hex[:8]
@@ -314,6 +330,14 @@ async def one_run(
     # twice before the daemon and once after it, and take the median.
     raws = [await raw_consume(broker.bootstrap_servers, names, len(events)) for _ in range(2)]
     e2e = await daemon_ingest(settings, len(events))
+    pg = None
+    if postgres_url is not None:
+        # The same topics from the start: a group of its own, a store of its own.
+        data = settings.model_dump()
+        data["kafka"]["group_id"] = f"bench-pg-{tag}"
+        data["storage"]["url"] = postgres_url
+        data["storage"]["data_dir"] = tmp / f"pg-{tag}"
+        pg = await daemon_ingest(Settings(**data), len(events))
     raws.append(await raw_consume(broker.bootstrap_servers, names, len(events)))
     raws.sort()
     # The same number of calls as OTLP spans, on fresh topics and a fresh store.
@@ -324,7 +348,7 @@ async def one_run(
     assert otlp_settings.kafka.otlp_topic is not None
     await produce_values(broker.bootstrap_servers, otlp_settings.kafka.otlp_topic, records)
     otlp = await daemon_ingest(otlp_settings, n_events)
-    return e2e, raws[1], otlp
+    return e2e, raws[1], otlp, pg
 
 
 async def _produce_topics(
@@ -370,6 +394,8 @@ def main() -> None:
         "--evaluation", type=float, metavar="RATE", help="measure sampling at this rate"
     )
     parser.add_argument("--outputs", action="store_true", help="calls capture an output")
+    parser.add_argument("--storage", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--postgres-url", help="an existing server (default: a throwaway one)")
     args = parser.parse_args()
     configure_logging("error", "json")
     if args.evaluation:
@@ -378,35 +404,54 @@ def main() -> None:
     events = make_events(args.events)
     calls = sum(1 for kind, _, _ in events if kind == "metric")
     spans = make_span_records(calls, args.spans_per_record)
-    e2e_runs, raw_runs, otlp_runs = [], [], []
+    e2e_runs, raw_runs, otlp_runs, pg_runs = [], [], [], []
     load = [os.getloadavg()[0]]
-    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+    with (
+        EmbeddedBroker() as broker,
+        tempfile.TemporaryDirectory() as tmp,
+        postgres(args.storage, args.postgres_url) as stores,
+    ):
         for run in range(args.runs):
-            e2e, raw, otlp = asyncio.run(one_run(broker, events, spans, args.partitions, Path(tmp)))
+            url = next(stores) if stores is not None else None
+            e2e, raw, otlp, pg = asyncio.run(
+                one_run(broker, events, spans, args.partitions, Path(tmp), url)
+            )
             e2e_runs.append(e2e)
             raw_runs.append(raw)
             otlp_runs.append(otlp)
+            pg_runs.extend([pg] if pg is not None else [])
             load.append(os.getloadavg()[0])
-            print(
+            line = (
                 f"run {run + 1}: end-to-end {e2e.per_s:,.0f} ev/s ({e2e.cpu_us:.1f} CPU us/ev), "
                 f"raw consume {raw.per_s:,.0f} rec/s ({raw.cpu_us:.1f} CPU us/rec), "
                 f"OTLP spans {otlp.per_s:,.0f} ev/s ({otlp.cpu_us:.1f} CPU us/ev)"
             )
+            if pg is not None:
+                line += f", PostgreSQL {pg.per_s:,.0f} ev/s ({pg.cpu_us:.1f} CPU us/ev)"
+            print(line)
     e2e_rates, raw_rates = [r.per_s for r in e2e_runs], [r.per_s for r in raw_runs]
     ratios = [e / r for e, r in zip(e2e_rates, raw_rates, strict=True)]
-    print()
-    print(f"{'measure':<40}{'median':>12}{'min':>12}{'max':>12}")
-    for name, values, fmt in (
-        ("daemon end-to-end (events/s)", e2e_rates, "{:>12,.0f}"),
+    rows: list[tuple[str, list[float], str]] = [
+        ("daemon end-to-end, SQLite (events/s)", e2e_rates, "{:>12,.0f}"),
         ("raw aiokafka consume (records/s)", raw_rates, "{:>12,.0f}"),
         ("ratio end-to-end / raw, target >= 0.30", ratios, "{:>12.3f}"),
         ("daemon CPU per event (us, all threads)", [r.cpu_us for r in e2e_runs], "{:>12.2f}"),
         ("raw consume CPU per record (us)", [r.cpu_us for r in raw_runs], "{:>12.2f}"),
         ("daemon on OTLP spans (events/s)", [r.per_s for r in otlp_runs], "{:>12,.0f}"),
         ("daemon CPU per OTLP event (us)", [r.cpu_us for r in otlp_runs], "{:>12.2f}"),
-    ):
+    ]
+    if pg_runs:
+        pg_rates = [r.per_s for r in pg_runs]
+        pg_ratios = [p / e for p, e in zip(pg_rates, e2e_rates, strict=True)]
+        rows[1:1] = [("daemon end-to-end, PostgreSQL (events/s)", pg_rates, "{:>12,.0f}")]
+        rows.append(("ratio PostgreSQL / SQLite, target >= 0.5", pg_ratios, "{:>12.3f}"))
+        pg_cpu = [r.cpu_us for r in pg_runs]
+        rows.append(("PostgreSQL: daemon CPU per event (us)", pg_cpu, "{:>12.2f}"))
+    print()
+    print(f"{'measure':<44}{'median':>12}{'min':>12}{'max':>12}")
+    for name, values, fmt in rows:
         row = "".join(fmt.format(v) for v in (statistics.median(values), min(values), max(values)))
-        print(f"{name:<40}{row}")
+        print(f"{name:<44}{row}")
     print(
         f"\n{args.events:,} events per run, {args.runs} runs, "
         f"{args.partitions} partitions per topic; OTLP: {calls:,} spans "
@@ -504,6 +549,47 @@ def evaluation_main(args: argparse.Namespace) -> None:
     )
     loads = ", ".join(f"{x:.2f}" for x in load)
     print(f"1-minute load average before and after each run (2 cores): {loads}")
+
+
+@contextlib.contextmanager
+def postgres(storage: str, url: str | None) -> Iterator[Iterator[str] | None]:
+    """Fresh PostgreSQL stores, one per run (``None`` for SQLite alone): schemas on the
+    server at ``url``, or on a throwaway cluster (tests/pg_cluster.py) with production
+    durability (fsync and synchronous commit on)."""
+    if storage != "postgresql":
+        yield None
+        return
+    if url is not None:
+        yield (f"{url}{'&' if '?' in url else '?'}search_path={schema}" for schema in _schemas(url))
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.pg_cluster import PostgresCluster, find_binaries
+
+    binaries = find_binaries()
+    if binaries is None:
+        raise SystemExit("--storage postgresql: no PostgreSQL binaries (initdb, pg_ctl) found")
+    cluster = PostgresCluster(binaries, durable=True).start()
+    try:
+        yield iter(cluster.create_store, None)
+    finally:
+        cluster.stop()
+
+
+def _schemas(url: str) -> Iterator[str]:
+    while True:
+        name = f"bench_{uuid.uuid4().hex[:10]}"
+        asyncio.run(_create_schema(url, name))
+        yield name
+
+
+async def _create_schema(url: str, name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{name}"')
+    finally:
+        await conn.close()
 
 
 def noise(reference: list[float], load: list[float]) -> str:

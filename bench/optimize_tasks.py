@@ -84,4 +84,82 @@ def sentiment_task(n: int, seed: int = 2) -> Task:
     return Task("sentiment", f"{instruction}\n{{text}}", instruction, "label", items)
 
 
-TASKS: Final = {"city": city_task, "sentiment": sentiment_task}
+# Ten departments, each with its own kinds of message: the label is a word the model
+# cannot guess from the instruction alone, but can copy from a similar message's answer.
+# A fixed set of a few demonstrations shows only a few labels; per-input demonstrations
+# show the ones that matter for this message.
+DEPARTMENTS: Final = {
+    "billing": (
+        "I was charged twice for my {month} invoice.",
+        "Why is there an extra fee of {n} dollars on my bill?",
+        "Please update the credit card used for my subscription.",
+    ),
+    "shipping": (
+        "My package to {city} has not arrived after {n} days.",
+        "The tracking number of my parcel stopped updating on {day}.",
+        "Can the courier deliver my order to a different address in {city}?",
+    ),
+    "returns": (
+        "I want to send back the {item} I bought, they do not fit.",
+        "How do I return {n} damaged {item}?",
+        "Can I exchange my {item} for another model?",
+    ),
+    "helpdesk": (
+        "My laptop will not connect to the office VPN since {day}.",
+        "I forgot my password and I am locked out of my email.",
+        "The printer on floor {n} shows a paper jam error.",
+    ),
+    "hr": (
+        "How many vacation days do I have left this year?",
+        "I need a copy of my employment contract for my bank in {city}.",
+        "When is the first payroll date for new hires starting {day}?",
+    ),
+    "facilities": (
+        "The heating in meeting room {n} is broken.",
+        "A light is flickering in the kitchen on floor {n}.",
+        "The elevator in the {city} building is out of order again.",
+    ),
+    "legal": (
+        "Can you review this NDA before I sign it on {day}?",
+        "Do we need a license to use this font in our {city} ads?",
+        "A supplier is threatening to sue us over a late payment.",
+    ),
+    "security": (
+        "Someone followed me through the badge door at the {city} entrance.",
+        "I received a phishing email pretending to be the CEO.",
+        "My access badge was stolen from my car on {day}.",
+    ),
+    "sales": (
+        "I would like a quote for {n} {item} for our company.",
+        "Do you offer volume discounts for schools buying {item}?",
+        "Can I schedule a product demo {day}?",
+    ),
+    "marketing": (
+        "Can we get the new logo files for the {city} campaign?",
+        "Who approves posts on our social media accounts?",
+        "We need banners for the trade fair in {city}.",
+    ),
+}
+MONTHS: Final = ("January", "March", "May", "July", "September", "November")
+
+
+def routing_task(n: int, seed: int = 3) -> Task:
+    """Route a message to one of ten departments (varied inputs: ten kinds of message,
+    thirty phrasings, each label a word to copy rather than to guess)."""
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        label = rng.choice(sorted(DEPARTMENTS))
+        text = rng.choice(DEPARTMENTS[label]).format(
+            n=rng.randint(2, 40),
+            item=rng.choice(ITEMS),
+            city=rng.choice(CITIES),
+            day=rng.choice(DAYS),
+            month=rng.choice(MONTHS),
+        )
+        items.append(Item(f"route-{i}", text, label))
+    instruction = "Which department should handle this message? Answer with one word."
+    return Task("routing", f"{instruction}\n{{text}}", instruction, "department", items)
+
+
+TASKS: Final = {"city": city_task, "sentiment": sentiment_task, "routing": routing_task}

@@ -2,6 +2,7 @@
 snapshot of the monitor's windows.
 
     python bench/restart.py [--events 1000000] [--runs 3] [--tail-seconds 60]
+                            [--storage sqlite|postgresql] [--postgres-url URL]
 
 Builds one SQLite store holding ``--events`` events spread over the last hour (90 %
 metrics, 10 % feedback, 50 prompts x 2 variants; half of the traffic on ``prompt-0``,
@@ -20,6 +21,10 @@ interleaved:
 It times ``Daemon.run`` from its call to ``started`` (storage open, components built) and to
 ready (``/readyz`` would answer 200: partitions assigned, Kafka reachable). Prints the
 medians, each run's ratio snapshot / replay, and the load average.
+
+With ``--storage postgresql`` the store is built once in PostgreSQL (a throwaway durable
+cluster, or a schema on ``--postgres-url``) and every start opens it there: the daemon
+takes the free lease, rebuilds from that store and releases the lease at its stop.
 """
 
 from __future__ import annotations
@@ -136,7 +141,7 @@ async def start_rollout(db: Database, since: float) -> None:
         )
 
 
-async def build(path: Path, n: int, tail_s: float) -> dict[str, float]:
+async def build(path: Path | str, n: int, tail_s: float) -> dict[str, float]:
     """The store: events of the last hour up to ``tail_s`` ago, the snapshots a daemon
     would have saved then, and the events of the last ``tail_s`` seconds."""
     db = await Database.open(path)
@@ -161,9 +166,11 @@ async def build(path: Path, n: int, tail_s: float) -> dict[str, float]:
     }
 
 
-def settings_for(bootstrap: str, data_dir: Path, snapshots: bool) -> Settings:
+def settings_for(
+    bootstrap: str, data_dir: Path, snapshots: bool, url: str | None = None
+) -> Settings:
     tag = uuid.uuid4().hex[:8]
-    base = ingest.settings_for(bootstrap, data_dir.parent, data_dir.name, 3)
+    base = ingest.settings_for(bootstrap, data_dir.parent, data_dir.name, 3, url=url)
     data = base.model_dump()
     data["kafka"]["group_id"] = f"restart-{tag}"
     data["monitoring"] = {"snapshot_interval_s": 60.0 if snapshots else 0.0}
@@ -191,11 +198,15 @@ async def start(settings: Settings) -> tuple[float, float]:
         await task
 
 
-async def one_run(broker: EmbeddedBroker, base: Path, tmp: Path, mode: str) -> tuple[float, float]:
+async def one_run(
+    broker: EmbeddedBroker, base: Path | str, tmp: Path, mode: str
+) -> tuple[float, float]:
     data_dir = tmp / f"{mode}-{uuid.uuid4().hex[:6]}"
     data_dir.mkdir()
-    settings = settings_for(broker.bootstrap_servers, data_dir, snapshots=mode == "snapshot")
-    shutil.copy(base, settings.storage.database_path)
+    url = base if isinstance(base, str) else None
+    settings = settings_for(broker.bootstrap_servers, data_dir, mode == "snapshot", url)
+    if isinstance(base, Path):  # a fresh copy of the SQLite store
+        shutil.copy(base, settings.storage.database_path)
     await ensure_topics(settings.kafka, broker.bootstrap_servers)
     try:
         return await start(settings)
@@ -208,14 +219,21 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tail-seconds", type=float, default=60.0)
+    parser.add_argument("--storage", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--postgres-url", help="an existing server (default: a throwaway one)")
     args = parser.parse_args()
     configure_logging("error", "json")
     load = [os.getloadavg()]
     results: dict[str, list[tuple[float, float]]] = {"replay": [], "snapshot": []}
-    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp_name:
+    with (
+        EmbeddedBroker() as broker,
+        tempfile.TemporaryDirectory() as tmp_name,
+        ingest.postgres(args.storage, args.postgres_url) as stores,
+    ):
         tmp = Path(tmp_name)
-        base = tmp / "base.db"
+        base: Path | str = next(stores) if stores is not None else tmp / "base.db"
         info = asyncio.run(build(base, args.events, args.tail_seconds))
+        print(f"storage: {args.storage}")
         print(
             f"store: {args.events:,} events in the last hour, "
             f"snapshot {info['snapshot_mb']:.1f} MB, tail {info['tail_events']:,.0f} events "

@@ -41,14 +41,15 @@ from promptd.daemon.http import (
 )
 from promptd.daemon.ingest import BatchListener, IngestAlert, Ingestor, IngestRefusedError
 from promptd.daemon.kafka import Producer, ensure_topics
+from promptd.daemon.leadership import Leadership
 from promptd.daemon.lock import DataDirLock, DataDirLockedError
 from promptd.daemon.settings import Settings
 from promptd.daemon.store_guard import StoreGuard
 from promptd.monitoring.metrics import IngestMetrics
 from promptd.monitoring.rules import Notification
 from promptd.monitoring.sinks import log_notification
-from promptd.storage.database import Database
-from promptd.storage.identity import StoreIdentity, record_kafka
+from promptd.storage.database import Database, FencedError
+from promptd.storage.identity import StoreIdentity, load_identity, record_kafka
 from promptd.storage.repository import (
     DUPLICATES,
     OTLP_COUNTERS,
@@ -57,6 +58,7 @@ from promptd.storage.repository import (
     STORED_METRICS,
     EventRepository,
 )
+from promptd.storage.sqlite import SqliteDatabase
 
 if TYPE_CHECKING:
     from promptd.daemon.otlp.decoder import OtlpDecoder
@@ -98,6 +100,11 @@ class Daemon:
         # Run once storage is open, before ingestion and the HTTP server start: components
         # build themselves here (and e.g. replay stored events) without racing ingestion.
         self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
+        # On a shared store, what a standby serves: hooks that mount read-only routes
+        # over the database (and nothing that acts). Run once, before any leadership.
+        self.standby_hooks: list[Callable[[], Awaitable[None]]] = []
+        # The election on a shared PostgreSQL store (None: a single SQLite daemon).
+        self.leadership: Leadership | None = None
         self.components: dict[str, Any] = {}
         # Parts that can be degraded without making the daemon unready (an evaluator
         # down): each returns lines that /readyz shows as "degraded".
@@ -139,42 +146,69 @@ class Daemon:
     async def _run_locked(self, stop: asyncio.Event) -> None:
         self._check_ports()
         async with contextlib.AsyncExitStack() as stack:
+            storage = self.settings.storage
+            if storage.shared and self.settings.kafka.embedded:
+                raise ConfigurationError(
+                    "storage.url is a shared PostgreSQL store, but no Kafka is configured: "
+                    "daemons sharing a store must share a Kafka cluster too (set "
+                    "PROMPTD_KAFKA_BOOTSTRAP_SERVERS); the embedded broker is for one daemon"
+                )
             self.db = await Database.open(
-                self.settings.storage.database_path, self.settings.storage.busy_timeout_ms
+                storage.target,
+                storage.busy_timeout_ms,
+                pool_size=storage.pool_size,
+                idle_in_transaction_timeout_s=storage.idle_in_transaction_timeout_s,
             )
             stack.push_async_callback(self.db.close)
             await self._check_database()
             self.repo = EventRepository(self.db)
+            # Every daemon on the store names it in its status from the start (a standby
+            # too); the Kafka side is recorded when a term of work begins.
+            self.identity = await load_identity(self.db)
+            if storage.shared:
+                from promptd.daemon.shared import run_shared
+
+                await run_shared(self, stack, stop)
+                return
             for hook in self.startup_hooks:
                 await hook()
             if self.settings.kafka.embedded:
                 await self._start_embedded_broker(stack)
-            assert self.bootstrap is not None
-            guard = await self._store_guard(self.bootstrap)
-            self.producer = Producer(self.settings.kafka, self.bootstrap)
-            stack.push_async_callback(self.producer.stop)
-            self.ingestor = Ingestor(
-                self.settings.kafka,
-                self.bootstrap,
-                self.repo,
-                self.producer,
-                self.ingest_metrics,
-                self.batch_listeners,
-                alert=self._ingest_alert,
-                storage_check=self.db.file_problem,
-                guard=guard,
-                otlp=self._otlp_decoder(),
-            )
-            runner = await self._start_http()
+            stack.push_async_callback((await self.start_term()).stop)
+            runner = await self.serve(build_app(self))
             stack.push_async_callback(runner.cleanup)
             log.info(
                 "daemon_started",
                 version=__version__,
                 http_port=self.http_port,
-                database=str(self.db.path),
+                database=self.db.location,
                 kafka=self.bootstrap,
             )
-            await self._run_tasks(stop)
+            await self.run_tasks(stop)
+
+    async def start_term(self) -> Producer:
+        """The producer and the ingestor of a term of work (the whole life of a single
+        daemon; each leadership on a shared store). Returns the producer to stop."""
+        assert self.bootstrap is not None
+        assert self.db is not None
+        assert self.repo is not None
+        guard = await self._store_guard(self.bootstrap)
+        self.producer = Producer(self.settings.kafka, self.bootstrap)
+        self._kafka_ready = False
+        self.ingestor = Ingestor(
+            self.settings.kafka,
+            self.bootstrap,
+            self.repo,
+            self.producer,
+            self.ingest_metrics,
+            self.batch_listeners,
+            alert=self._ingest_alert,
+            storage_check=self.db.file_problem,
+            guard=guard,
+            fence=self.leadership,
+            otlp=self._otlp_decoder(),
+        )
+        return self.producer
 
     def _check_ports(self) -> None:
         """A port in use stops the start at once, before migrations and the broker."""
@@ -209,16 +243,17 @@ class Daemon:
             log.warning("stored_offsets_forgotten", partitions=forgotten, reason="embedded_broker")
 
     async def _check_database(self) -> None:
-        """A bounded ``PRAGMA quick_check`` before anything reads the store: a damaged
-        database is refused with one line, not discovered by a query later (or never)."""
-        assert self.db is not None
+        """A bounded ``PRAGMA quick_check`` of a SQLite file before anything reads the
+        store: a damaged database is refused with one line, not discovered by a query
+        later (or never). A PostgreSQL server checks its own pages (data checksums) and
+        is watched by its operators' tools."""
         budget = self.settings.storage.integrity_check_s
-        if budget <= 0:
+        if budget <= 0 or not isinstance(self.db, SqliteDatabase):
             return
         check = await self.db.quick_check(budget)
         if check.problems:
             raise DaemonRefusedError(
-                f"the database {str(self.db.path)!r} is damaged (PRAGMA quick_check: "
+                f"the database {self.db.location!r} is damaged (PRAGMA quick_check: "
                 f"{'; '.join(check.problems[:3])}). Restore a backup (promptd restore "
                 f"BACKUP), or recover what is readable with sqlite3's .recover into a new "
                 "file and start on that; storage.integrity_check_s = 0 skips this check"
@@ -234,7 +269,11 @@ class Daemon:
             )
 
     async def _store_guard(self, bootstrap: str) -> StoreGuard:
-        """The store's identity (the Kafka side recorded on first use) for ingestion."""
+        """The store's identity (the Kafka side recorded on first use) for ingestion.
+
+        On a shared store every daemon is a member of the one store the database's
+        identity names (the standbys read it at start); the leader of the moment records
+        the Kafka side, and its own group membership when it joins."""
         assert self.db is not None
         kafka = self.settings.kafka
         identity = await record_kafka(self.db, bootstrap, kafka.group_id, kafka.event_topics)
@@ -256,7 +295,7 @@ class Daemon:
             accept_new_store=self.settings.storage.accept_new_store,
         )
 
-    def _write_runtime(self) -> None:
+    def write_runtime(self) -> None:
         """``runtime.json``: how CLI commands find this daemon (removed with the lock)."""
         record = {
             "pid": os.getpid(),
@@ -268,7 +307,7 @@ class Daemon:
         tmp.write_text(json.dumps(record))
         tmp.replace(path)
 
-    async def _run_tasks(self, stop: asyncio.Event) -> None:
+    async def run_tasks(self, stop: asyncio.Event) -> None:
         inner_stop = asyncio.Event()
         try:
             # The deadline is open-ended while running and set once stop arrives, so a
@@ -280,7 +319,7 @@ class Daemon:
                 group.create_task(self._guard("storage-watch", self._watch_storage, inner_stop))
                 for name, factory in self.task_factories:
                     group.create_task(self._guard(name, factory, inner_stop))
-                self._write_runtime()
+                self.write_runtime()
                 self.started.set()
                 await stop.wait()
                 log.info("shutdown_started")
@@ -301,6 +340,9 @@ class Daemon:
         except IngestRefusedError as exc:
             log.error("daemon_refused", reason=str(exc))
             raise
+        except FencedError as exc:
+            # The leadership ended under this task: the daemon stops the term's work.
+            log.warning("task_fenced", task=name, reason=str(exc))
         except Exception:
             log.exception("task_failed", task=name)
             raise
@@ -389,13 +431,22 @@ class Daemon:
                     log.info("retention_purged", deleted=deleted, cutoff_ts=round(cutoff))
             await wait_event(stop, storage.retention_interval_s)
 
-    async def _start_http(self) -> web.AppRunner:
-        runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+    async def serve(self, app: web.Application) -> web.AppRunner:
+        """Serve ``app`` on the HTTP port; returns its runner (clean it up to stop).
+
+        On a shared store the daemon serves its standby app or its leader app, and swaps
+        them when its role changes: the new app starts listening on the same port
+        (``SO_REUSEPORT``) before the old one stops, so no request is refused meanwhile.
+        """
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await runner.setup()
-        site = await start_site(runner, self.settings.http.host, self.settings.http.port)
+        port = self.http_port if self.http_port is not None else self.settings.http.port
+        site = await start_site(
+            runner, self.settings.http.host, port, reuse_port=self.settings.storage.shared
+        )
         server = site._server
         sockets = getattr(server, "sockets", None) or []
-        self.http_port = int(sockets[0].getsockname()[1]) if sockets else self.settings.http.port
+        self.http_port = int(sockets[0].getsockname()[1]) if sockets else port
         return runner
 
     # -- views ---------------------------------------------------------------------
@@ -414,15 +465,34 @@ class Daemon:
         return self.ingestor.health()
 
     def readiness(self) -> tuple[bool, str]:
-        """Readiness for ``/readyz``: events flow from Kafka into storage right now."""
+        """Readiness for ``/readyz``: events flow from Kafka into storage right now (a
+        leader); the shared store answers (a standby, which serves reads and routing)."""
         if self.db is None:
             return False, "storage not open"
+        if self.leadership is not None and not self.leadership.leading:
+            return self._standby_readiness(self.leadership)
         healthy, reason = self.health()
         if not healthy:
             return False, reason
         if self.ingestor is None or not self._kafka_ready:
             return False, "kafka not reachable yet"
         return self.ingestor.readiness()
+
+    def _standby_readiness(self, leadership: Leadership) -> tuple[bool, str]:
+        contact = leadership.last_contact
+        if contact is None or time.monotonic() - contact > leadership.timing.lease_duration_s:
+            return False, f"standby: the database does not answer ({leadership.last_error})"
+        lease = leadership.lease
+        if lease is None or lease.expires_in_s <= 0 or lease.holder == leadership.identity:
+            return True, "standby: no leader right now (the lease is free)"
+        return True, f"standby: {lease.holder} leads (generation {lease.generation})"
+
+    def role(self) -> dict[str, Any]:
+        """Who leads: this daemon's role (``leader`` or ``standby``; a single SQLite
+        daemon is the ``leader`` of its store), and on a shared store the election."""
+        if self.leadership is None:
+            return {"role": "leader", "shared": False}
+        return {**self.leadership.view(), "shared": True}
 
     def degraded(self) -> list[str]:
         """What works only in part right now (never a reason to be unready)."""
@@ -453,6 +523,11 @@ class Daemon:
             "healthy": healthy,
             "health_reason": health_reason,
             "ready": ready,
+            "leadership": self.role(),
+            "storage": {
+                "backend": self.db.dialect if self.db else None,
+                "location": self.db.location if self.db else None,
+            },
             "events": {
                 "stored": counters.get(STORED_METRICS, 0) + counters.get(STORED_FEEDBACK, 0),
                 "stored_metrics": counters.get(STORED_METRICS, 0),

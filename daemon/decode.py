@@ -80,6 +80,7 @@ class _Metric(Struct, tag_field="type", tag="metric", forbid_unknown_fields=True
     input: _Capture | None = None
     output: _Capture | None = None
     attributes: _Attributes | None = None
+    demo_ids: Annotated[list[_Id], Meta(max_length=ev.MAX_DEMO_IDS)] | None = None
     schema: Literal[1] = 1
 
 
@@ -137,7 +138,12 @@ class RowDecoder:
             event = self._decode(raw)
             if type(event) is _Metric:
                 metric: MetricRow = _METRIC_VALUES(event)
-                if not (event.input is None and event.output is None and event.attributes is None):
+                if not (
+                    event.input is None
+                    and event.output is None
+                    and event.attributes is None
+                    and event.demo_ids is None
+                ):
                     metric = _with_metric_captures(metric)
                 if type(event.ts) is str:
                     metric = (metric[0], ev.parse_ts(event.ts), *metric[2:])
@@ -183,12 +189,13 @@ class RowDecoder:
 
 def _with_metric_captures(row: MetricRow) -> MetricRow:
     # The row still holds the decoded objects here; store their JSON text instead.
-    value_in, value_out, attributes = row[_CAPTURES_AT:]
+    value_in, value_out, attributes, demo_ids = row[_CAPTURES_AT:]
     captures = (
         _capture_text(value_in),
         _capture_text(value_out),
         # An empty object is a valid value: stored as "{}", like the reference does.
         capture_json(attributes),
+        capture_json(demo_ids),
     )
     return cast(MetricRow, row[:_CAPTURES_AT] + captures)
 

@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
@@ -41,6 +41,8 @@ class Served(Protocol):
     def health(self) -> tuple[bool, str]: ...
 
     def readiness(self) -> tuple[bool, str]: ...
+
+    def role(self) -> dict[str, Any]: ...
 
     def degraded(self) -> list[str]: ...
 
@@ -281,11 +283,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: connected to Kafka and storage open. ``degraded`` lists parts that work
-    only in part (an evaluator down) without making the daemon unready."""
+    """Readiness: connected to Kafka and storage open (a leader); the database reachable
+    (a standby). The body says which role this daemon has and who leads;
+    ``?role=leader`` is ready only on the leader (a Service that targets the leader).
+    ``degraded`` lists parts that work only in part (an evaluator down) without making
+    the daemon unready."""
     daemon = request.app[DAEMON_KEY]
     ready, reason = daemon.readiness()
-    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "reason": reason}
+    role = daemon.role()
+    wanted = request.query.get("role")
+    if wanted is not None and wanted != role["role"]:
+        ready, reason = False, f"this daemon is the {role['role']}, not the {wanted}"
+    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "reason": reason, **role}
     degraded = daemon.degraded()
     if degraded:
         body["degraded"] = degraded
@@ -322,9 +331,11 @@ def check_http_port(host: str, port: int) -> None:
         raise _http_bind_error(host, port, exc) from None
 
 
-async def start_site(runner: web.AppRunner, host: str, port: int) -> web.TCPSite:
+async def start_site(
+    runner: web.AppRunner, host: str, port: int, reuse_port: bool = False
+) -> web.TCPSite:
     """Listen on ``host:port``; :class:`HttpBindError` (one clear line) if that fails."""
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:
@@ -332,9 +343,12 @@ async def start_site(runner: web.AppRunner, host: str, port: int) -> web.TCPSite
     return site
 
 
-def build_app(daemon: Served) -> web.Application:
-    """The aiohttp application with the core routes and every registered extension."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+def build_app(daemon: Served, middlewares: Sequence[Any] = ()) -> web.Application:
+    """The aiohttp application with the core routes and every registered extension
+    (``middlewares`` run inside the error middleware)."""
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware, *middlewares]
+    )
     app[DAEMON_KEY] = daemon
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

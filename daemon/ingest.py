@@ -78,6 +78,7 @@ from promptd.daemon.store_guard import StoreGuard, member_id
 from promptd.events import Rejection
 from promptd.monitoring.eventtime import PartitionClock
 from promptd.monitoring.metrics import IngestMetrics
+from promptd.storage.database import Fence, FencedError
 from promptd.storage.repository import OTLP_COUNTERS, BatchOutcome, BatchTime, EventRepository
 from promptd.storage.rows import FeedbackRow, MetricRow
 
@@ -116,6 +117,12 @@ class GroupConflictError(IngestRefusedError):
 
 class NewStoreError(IngestRefusedError):
     """A new store while the group's committed offsets say events were consumed."""
+
+
+class GroupBusyError(RuntimeError):
+    """On a shared store, the group still holds another member when this daemon starts
+    to lead: a former leader whose session has not expired yet. Ingestion leaves the
+    group and joins again after a backoff (retried like any failure)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +268,7 @@ class Ingestor:
         alert: AlertHook | None = None,
         storage_check: StorageCheck | None = None,
         guard: StoreGuard | None = None,
+        fence: Fence | None = None,
         otlp: OtlpDecoder | None = None,
     ) -> None:
         self.kafka = kafka
@@ -272,6 +280,12 @@ class Ingestor:
         self.alert = alert
         # Called before every write and commit: a reason when the database file is gone.
         self.storage_check = storage_check
+        # On a shared store: the leadership, checked before a batch has any effect (dead
+        # letters included); the store checks it again inside the write.
+        self.fence = fence
+        # Daemons sharing a store share the group: only the leader consumes, and a
+        # member it meets is a former leader on its way out (GroupBusyError).
+        self.shared = fence is not None
         self.state = IngestState()
         self._decoder = RowDecoder(kafka.max_record_bytes)
         # Records of the OTLP topic (OpenTelemetry spans), when it is read.
@@ -281,7 +295,7 @@ class Ingestor:
         self._uncommitted: dict[Key, int] = {}
         self._last_commit = 0.0
         self._was_alone = False
-        self._refusal: IngestRefusedError | None = None
+        self._refusal: IngestRefusedError | GroupBusyError | None = None
         # What the store knows of itself (None: no checks, e.g. in unit tests).
         self.guard = guard
         # While only earlier runs of this store share the group: give up at this time.
@@ -317,7 +331,7 @@ class Ingestor:
             try:
                 await self._consume(stop)
                 backoff = self.kafka.retry_backoff_initial_s
-            except (asyncio.CancelledError, IngestRefusedError):
+            except (asyncio.CancelledError, IngestRefusedError, FencedError):
                 raise
             except UndecodableBatchError as exc:
                 self.metrics.undecodable_batches.inc()
@@ -346,6 +360,7 @@ class Ingestor:
         return stop.is_set() or self.state.halted is not None
 
     async def _consume(self, stop: asyncio.Event) -> None:
+        self._refusal = None
         consumer = AIOKafkaConsumer(
             **client_options(self.kafka, self.bootstrap),
             group_id=self.kafka.group_id,
@@ -442,7 +457,14 @@ class Ingestor:
             self._set_assigned(frozenset())
             if await self._only_stale_members(mine):
                 return
-            self._refusal = GroupConflictError(await self._conflict_message(keys, missing))
+            if self.shared:
+                self._refusal = GroupBusyError(
+                    f"consumer group {self.kafka.group_id!r} still holds another member "
+                    f"({len(missing)} of {len(keys) + len(missing)} partitions elsewhere): a "
+                    "former leader whose session has not expired; joining again shortly"
+                )
+            else:
+                self._refusal = GroupConflictError(await self._conflict_message(keys, missing))
             self.state.group_conflict = str(self._refusal)
             return
         if missing:
@@ -613,6 +635,10 @@ class Ingestor:
         # for every row) both need the GIL and measured slower when overlapped. Writes
         # stay in order, one in flight.
         await self.drain()
+        if self.fence is not None and self.fence.token() is None:
+            reason = "the lease is no longer renewed in time"
+            self.fence.fenced(reason)
+            raise FencedError(f"batch not handled: {reason}; the leader consumes it")
         if self._otlp is not None and any(tp.topic == self._otlp.topic for tp in records):
             await self._otlp.versions.refresh()
         batch = decode_batch(records, self._decoder, self._otlp)

@@ -55,8 +55,10 @@ def client_options(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
 async def ensure_topics(kafka: KafkaSettings, bootstrap: str, timeout_s: float = 15.0) -> list[str]:
     """Create the daemon's topics that are missing; returns the names created."""
     admin = AIOKafkaAdminClient(**client_options(kafka, bootstrap))
-    await asyncio.wait_for(admin.start(), timeout_s)
     try:
+        # Inside the try: a start cut short (a timeout, a cancelled term) still closes
+        # the connections it opened.
+        await asyncio.wait_for(admin.start(), timeout_s)
         existing = set(await asyncio.wait_for(admin.list_topics(), timeout_s))
         wanted = [
             NewTopic(t, kafka.topic_partitions, kafka.replication_factor)

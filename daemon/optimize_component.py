@@ -23,12 +23,15 @@ def install(daemon: Daemon) -> None:
     from aiohttp import web
 
     from promptd.daemon.api.optimize import add_routes
+    from promptd.daemon.api.pools import add_routes as add_pool_routes
     from promptd.daemon.app import ConfigurationError
     from promptd.optimization.episodes import EpisodeStore
     from promptd.optimization.metrics import OptimizationMetrics
+    from promptd.optimization.pool_refresh import PoolBuilder, PoolRefresher
     from promptd.optimization.runner import OptimizationRunner
     from promptd.optimization.strategies import known_strategies
     from promptd.optimization.tracking import TrackingUnavailable, build_tracker
+    from promptd.storage.pools import PoolStore
 
     settings = daemon.settings
     metrics = OptimizationMetrics(daemon.registry)
@@ -80,11 +83,19 @@ def install(daemon: Daemon) -> None:
         await runner.resume()
         daemon.components["optimizer"] = runner
         queue = daemon.components["optimization_triggers"]
+        # Demonstration pools: built from the optimizer's example store, refreshed on a
+        # schedule (a refresh with enough new demos asks for a knn run).
+        pools = PoolStore(daemon.db)
+        builder = PoolBuilder(runner.services.examples, pools, settings.optimization)
+        refresher = PoolRefresher(builder, registry, runner.submit)
+        daemon.components["demo_pools"] = refresher
 
         def routes(app: web.Application) -> None:
             add_routes(app, runner, registry, rollouts)
+            add_pool_routes(app, pools, builder, registry, settings.optimization.knn.embedding)
 
         daemon.route_extensions.append(routes)
         daemon.task_factories.append(("optimizer", lambda stop: runner.run(stop, queue)))
+        daemon.task_factories.append(("demo_pools", refresher.run))
 
     daemon.startup_hooks.append(setup)

@@ -143,10 +143,18 @@ class HttpSettings(_Section):
 
 
 class StorageSettings(_Section):
-    """SQLite storage."""
+    """Storage: a SQLite file in ``data_dir`` (default), or a shared PostgreSQL ``url``."""
 
     data_dir: Path = Path("./data")
     database_name: str = "promptd.db"
+    # postgresql://user:password@host:5432/dbname: the store several daemons share (one
+    # leads, see [ha]). Unset: the SQLite file data_dir/database_name (one daemon).
+    url: str | None = None
+    # PostgreSQL connections per daemon (reads, the writer, streams of replayed events).
+    pool_size: int = Field(default=10, ge=3, le=200)
+    # The server ends a session idle inside a transaction this long: a paused daemon
+    # cannot hold a lock past its lease. Keep it below ha.lease_duration_s.
+    idle_in_transaction_timeout_s: float = Field(default=5.0, gt=0)
     busy_timeout_ms: int = Field(default=5_000, ge=0)
     retention_days: float = Field(default=30.0, gt=0)
     retention_interval_s: float = Field(default=3600.0, gt=0)
@@ -161,10 +169,64 @@ class StorageSettings(_Section):
     # (`promptd run --new-store`). Leave it off: a lost database must be noticed.
     accept_new_store: bool = False
 
+    @field_validator("url")
+    @classmethod
+    def _postgresql_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (unset: the SQLite file in data_dir)")
+        return value
+
     @property
     def database_path(self) -> Path:
         """Full path of the SQLite file."""
         return self.data_dir / self.database_name
+
+    @property
+    def shared(self) -> bool:
+        """True with a PostgreSQL store (daemons may share it; one leads)."""
+        return self.url is not None
+
+    @property
+    def target(self) -> Path | str:
+        """What :meth:`~promptd.storage.database.Database.open` opens."""
+        return self.url if self.url is not None else self.database_path
+
+
+class HaSettings(_Section):
+    """Leadership among the daemons that share one PostgreSQL store (unused with SQLite).
+
+    The leader holds a lease in the database and renews it every ``retry_period_s``; it
+    stops acting when it could not renew for ``renew_deadline_s``, and a standby takes
+    over once the lease is ``lease_duration_s`` old (as client-go's leader election).
+    """
+
+    # This daemon's name in the lease and in status (default: host name, pid, a suffix).
+    identity: str | None = Field(default=None, min_length=1, max_length=200)
+    # The URL standbys forward mutations to while this daemon leads (default:
+    # http://<http.host or this host's name>:<http.port>).
+    advertise_url: str | None = None
+    lease_duration_s: float = Field(default=10.0, gt=0)
+    renew_deadline_s: float = Field(default=7.0, gt=0)
+    retry_period_s: float = Field(default=2.0, gt=0)
+    forward_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("renew_deadline_s")
+    @classmethod
+    def _renew_before_expiry(cls, value: float, info: ValidationInfo) -> float:
+        lease = info.data.get("lease_duration_s")
+        if lease is not None and value >= lease:
+            raise ValueError(f"must be below ha.lease_duration_s ({lease})")
+        return value
+
+    @field_validator("retry_period_s")
+    @classmethod
+    def _retry_before_deadline(cls, value: float, info: ValidationInfo) -> float:
+        deadline = info.data.get("renew_deadline_s")
+        if deadline is not None and value >= deadline:
+            raise ValueError(f"must be below ha.renew_deadline_s ({deadline})")
+        return value
 
 
 class RolloutSettings(_Section):
@@ -219,6 +281,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     otlp: OtlpSettings = OtlpSettings()
     storage: StorageSettings = StorageSettings()
+    ha: HaSettings = HaSettings()
     rollout: RolloutSettings = RolloutSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
     optimization: OptimizationSettings = OptimizationSettings()

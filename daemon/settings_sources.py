@@ -44,6 +44,7 @@ DOTENV = Path(".env")
 FLAT_VARIABLES: dict[str, tuple[str, ...]] = {
     "PROMPTD_KAFKA_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers"),
     "PROMPTD_DATA_DIR": ("storage", "data_dir"),
+    "PROMPTD_STORAGE_URL": ("storage", "url"),
     "PROMPTD_HTTP_HOST": ("http", "host"),
     "PROMPTD_HTTP_PORT": ("http", "port"),
     "PROMPTD_ADMIN_TOKEN": ("http", "admin_token"),

@@ -124,7 +124,7 @@ class StoreGuard:
         if self.accept_new_store:
             log.warning(
                 "new_store_accepted",
-                database=str(self.db.path),
+                database=self.db.location,
                 committed_offsets=consumed,
                 action="reading every partition from its earliest offset",
             )
@@ -136,14 +136,18 @@ class StoreGuard:
         shown = ", ".join(f"{k}={v}" for k, v in list(consumed.items())[:_SHOWN])
         more = f" and {len(consumed) - _SHOWN} more" if len(consumed) > _SHOWN else ""
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.identity.created_at))
+        restore = (
+            "promptd restore BACKUP) or point storage.data_dir at it"
+            if self.db.dialect == "sqlite"
+            else "pg_restore of its pg_dump) or point storage.url at it"
+        )
         return (
-            f"the database {str(self.db.path)!r} is a new store (id {self.identity.store_id}, "
+            f"the database {self.db.location!r} is a new store (id {self.identity.store_id}, "
             f"created {created}, no event stored) but consumer group "
             f"{self.kafka.group_id!r} has committed offsets ({shown}{more}): the events "
             "before them were stored in another database, which this one is not. Restore "
-            "that database (promptd restore BACKUP) or point storage.data_dir at it; to "
-            "start over with an empty store that re-reads what Kafka still holds, run "
-            "promptd run --new-store"
+            f"that database ({restore}; to start over with an empty store that re-reads "
+            "what Kafka still holds, run promptd run --new-store"
         )
 
 

@@ -115,7 +115,9 @@ def install_rollouts(daemon: Daemon) -> None:
         if monitor is not None:
             monitor.notify(starvation_notification(starved))
 
-    async def setup() -> None:
+    def build(follower: bool) -> tuple[Registry, PipelineRegistry, RolloutController]:
+        # A follower (a standby's) serves the registry, routing and stored rollouts from
+        # the database, and never acts: no publisher, no alerts, no snapshots.
         assert daemon.db is not None
         registry = Registry(daemon.db, settings.rollout.default_profile)
         pipelines = PipelineRegistry(daemon.db, registry)
@@ -124,33 +126,38 @@ def install_rollouts(daemon: Daemon) -> None:
             registry,
             profile_lookup(settings.rollout),  # type: ignore[arg-type]
             metrics,
-            publish=publish,
-            alert=alert,
+            publish=None if follower else publish,
+            alert=None if follower else alert,
             routing_ttl_s=settings.http.routing_ttl_s,
-            snapshot_interval_s=settings.rollout.snapshot_interval_s,
+            snapshot_interval_s=0.0 if follower else settings.rollout.snapshot_interval_s,
             pipelines=pipelines,
+            follower=follower,
             # One rule for timestamps ahead of the clock, the monitor's and the rollouts'.
             max_future_s=settings.monitoring.max_future_s,
             signals_of=lambda prompt: settings.evaluation.signals_for(prompt, "rollout"),
         )
+        metric = settings.rollout.default_primary_metric
+
+        def routes(app: web.Application) -> None:
+            add_routes(app, controller, registry, metric)
+            add_pipeline_routes(app, pipelines, controller, metric)
+
+        daemon.route_extensions.append(routes)
+        return registry, pipelines, controller
+
+    async def setup() -> None:
+        registry, pipelines, controller = build(follower=False)
         await controller.resume()
         daemon.components["registry"] = registry
         daemon.components["rollouts"] = controller
         daemon.components["pipelines"] = pipelines
         daemon.batch_listeners.append(controller.on_batch)
-
-        def routes(app: web.Application) -> None:
-            add_routes(
-                app,
-                controller,
-                registry,
-                settings.rollout.default_primary_metric,
-            )
-            add_pipeline_routes(app, pipelines, controller, settings.rollout.default_primary_metric)
-
-        daemon.route_extensions.append(routes)
         daemon.task_factories.append(
             ("rollouts", lambda stop: controller.run(stop, settings.rollout.tick_interval_s))
         )
 
+    async def standby_setup() -> None:
+        build(follower=True)
+
     daemon.startup_hooks.append(setup)
+    daemon.standby_hooks.append(standby_setup)

@@ -176,7 +176,8 @@ class EvaluationStore:
         whole table): count by status and mean score; dollars since ``day_start``
         (which must not be before ``since``); results not yet acknowledged."""
         async with self.db.reader.execute(
-            "SELECT evaluator, sum(status = 'scored'), sum(status = 'invalid'), avg(score), "
+            "SELECT evaluator, count(CASE WHEN status = 'scored' THEN 1 END), "
+            "count(CASE WHEN status = 'invalid' THEN 1 END), avg(score), "
             "coalesce(sum(CASE WHEN created_at >= ? THEN cost_usd ELSE 0 END), 0), "
             "max(created_at) FROM evaluation_results WHERE created_at >= ? GROUP BY evaluator",
             (day_start, since),
@@ -208,7 +209,7 @@ class EvaluationStore:
         while True:
             async with self.db.transaction() as conn:
                 cur = await conn.execute(
-                    "DELETE FROM evaluation_results WHERE rowid IN (SELECT rowid FROM "
+                    "DELETE FROM evaluation_results WHERE event_id IN (SELECT event_id FROM "
                     "evaluation_results WHERE created_at < ? AND "
                     "(published_at IS NOT NULL OR status = 'invalid') LIMIT ?)",
                     (cutoff, chunk),

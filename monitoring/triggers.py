@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-TriggerKind = Literal["degradation", "feedback_volume", "schedule", "manual"]
+TriggerKind = Literal["degradation", "feedback_volume", "schedule", "manual", "pool_refresh"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,6 +159,46 @@ class MiproSettings(_Section):
     top_k_full_eval: int = Field(default=3, ge=1, le=20)
 
 
+class KnnSettings(_Section):
+    """Nearest-neighbour few-shot: demonstrations retrieved per request from a pool of
+    trusted train-split examples (see promptd.demos), the ``knn`` strategy's search, and
+    the daemon's pool refresh."""
+
+    # The search: the number of demos, then the distance cut-off (lexical distances are
+    # in [0, 1], cosine distances in [0, 2]), then the instruction, on a validation
+    # minibatch; the best few on all of validation.
+    k_values: tuple[int, ...] = Field(default=(1, 2, 4, 8), min_length=1)
+    max_distances: tuple[float, ...] = Field(default=(0.9, 0.8, 0.6))
+    # Instructions tried: the active one, plus proposals when a proposer is configured.
+    num_instructions: int = Field(default=2, ge=1, le=20)
+    minibatch_size: int = Field(default=16, ge=1, le=1_000)
+    top_k_full_eval: int = Field(default=3, ge=1, le=20)
+    # A pool holds at most this many demos (the most recent feedback first).
+    max_pool: int = Field(default=2_000, ge=1, le=100_000)
+    max_demo_chars: int = Field(default=1_000, ge=50)
+    # The embedding retriever (through litellm); unset: lexical retrieval only.
+    embedding: LLMSettings | None = None
+    # Self-consistency vote over this many samples, tried on the best candidate (0: off;
+    # it multiplies the model calls per request by n, in the gate too).
+    ensemble_n: int = Field(default=0, ge=0, le=20)
+    ensemble_temperature: float = Field(default=0.7, gt=0, le=2)
+    # The daemon rebuilds the pools of prompts whose active version takes demos from
+    # one; a new snapshot with at least ``refresh_min_new`` demos the pinned one lacks
+    # triggers a run (0: the refresh never triggers runs).
+    pool_refresh_minutes: float = Field(default=60.0, gt=0)
+    refresh_min_new: int = Field(default=20, ge=0)
+    # Snapshots no version pins are deleted after this many days (the newest is kept).
+    pool_retention_days: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> KnnSettings:
+        if any(k < 1 or k > 50 for k in self.k_values):
+            raise ValueError("knn.k_values must be between 1 and 50")
+        if any(d < 0 or d > 2 for d in self.max_distances):
+            raise ValueError("knn.max_distances must be between 0 and 2")
+        return self
+
+
 class GepaSettings(_Section):
     """The ``gepa`` package's reflective evolutionary search (optional dependency)."""
 
@@ -216,6 +256,7 @@ class OptimizationSettings(_Section):
     fewshot: FewShotSettings = FewShotSettings()
     instruction: InstructionSettings = InstructionSettings()
     mipro: MiproSettings = MiproSettings()
+    knn: KnnSettings = KnnSettings()
     gepa: GepaSettings = GepaSettings()
     selection: SelectionSettings = SelectionSettings()
     tracking: TrackingSettings = TrackingSettings()

@@ -21,9 +21,11 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
+from promptd.demos import demo_turns, fields_of, vote, with_turns
 from promptd.optimization.config import EvaluationSettings, LLMSettings
 from promptd.optimization.examples import Example
 from promptd.optimization.llm import CachedLLM, LLMError, Message
+from promptd.optimization.pools import DemoPools, PoolUnavailable
 from promptd.optimization.program import Program
 from promptd.optimization.scoring import JUDGE_PROMPT, MetricFn, load_metric, parse_judge
 
@@ -86,7 +88,9 @@ def messages_for(rendered: str) -> list[Message]:
 class Evaluator:
     """Scores templates on examples with the evaluation model and metric."""
 
-    def __init__(self, llm: CachedLLM, settings: EvaluationSettings) -> None:
+    def __init__(
+        self, llm: CachedLLM, settings: EvaluationSettings, pools: DemoPools | None = None
+    ) -> None:
         if settings.model is None:
             raise ValueError("the evaluator needs optimization.evaluation.model")
         self.llm = llm
@@ -98,6 +102,8 @@ class Evaluator:
         )
         self.min_score = settings.reference_min_score
         self.errors = 0
+        # Where programs with per-request demonstrations retrieve them (the run's pools).
+        self.pools = pools
 
     def usable(self, example: Example, program: Program) -> bool:
         """Whether ``example`` can score ``program`` (renders, and has a reference
@@ -137,13 +143,44 @@ class Evaluator:
         """Per-example scores of ``program`` (in the order of ``examples``)."""
         return [s.score for s in await self.run(program, examples)]
 
-    async def _one(self, program: Program, model: LLMSettings, example: Example) -> Scored:
+    async def render(self, program: Program, example: Example) -> list[Message] | None:
+        """The messages ``program`` sends for ``example``: with the demonstrations it
+        retrieves for it from its pool (never the example itself, nor any example
+        outside the train split), as the app's SDK would."""
         messages = program.render(example)
+        spec = program.demo_spec()
+        if messages is None or spec is None:
+            return messages
+        if self.pools is None:
+            raise PoolUnavailable("this evaluator has no demonstration pools")
+        template = program.final[1]
+        demos = await self.pools.nearest(
+            spec, fields_of(template), example.request_id, example.input
+        )
+        return with_turns(messages, demo_turns(template, demos, spec.max_chars))
+
+    async def answer(self, program: Program, model: LLMSettings, messages: list[Message]) -> str:
+        """The program's answer: one call, or its ensemble's vote over ``n`` samples (each
+        sample cached under its own place, so a replay pays for none again)."""
+        ensemble = program.ensemble()
+        if ensemble is None:
+            return await self.llm.complete(model, messages, "evaluation")
+        sampled = model.model_copy(update={"temperature": ensemble.temperature})
+        answers = await gather_all(
+            [
+                self.llm.complete(sampled, messages, "evaluation", nonce=f"sample:{i}")
+                for i in range(ensemble.n)
+            ]
+        )
+        return vote(answers, ensemble.answer)
+
+    async def _one(self, program: Program, model: LLMSettings, example: Example) -> Scored:
+        messages = await self.render(program, example)
         reference = example.reference(self.min_score) or ""
         if messages is None:
             return Scored(example.request_id, [], "", reference, 0.0, "template does not render")
         try:
-            answer = await self.llm.complete(model, messages, "evaluation")
+            answer = await self.answer(program, model, messages)
         except LLMError as exc:
             if exc.retriable:
                 raise

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from promptd.demos import DemoSpec, EnsembleSpec
 from promptd.optimization.examples import Example, as_text
 from promptd.optimization.templates import (
     check as check_text,
@@ -43,8 +44,9 @@ from promptd.prompt_config import ROLES, describe
 from promptd.replacement.registry import PromptVersion, RegistryError, placeholders
 
 Message = dict[str, str]
-# Configuration keys the optimizer carries along without editing them.
-EXTRAS: Final = ("output_schema", "tunable")
+# Configuration keys the optimizer carries along (it edits only ``demos`` and ``ensemble``,
+# through :meth:`Program.with_extra`).
+EXTRAS: Final = ("output_schema", "tunable", "demos", "ensemble")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,22 @@ class Program:
                 return json.loads(value)
         return None
 
+    def with_extra(self, key: str, value: Any) -> Program:
+        """The program with configuration key ``key`` set to ``value`` (``None``: removed)."""
+        kept = [(k, v) for k, v in self.extras if k != key]
+        if value is not None:
+            kept.append((key, json.dumps(value, sort_keys=True)))
+        extras = tuple(sorted(kept, key=lambda kv: EXTRAS.index(kv[0])))
+        return Program(self.messages, self.chat, self.model, self.params, extras)
+
+    def demo_spec(self) -> DemoSpec | None:
+        """The pool this program takes its demonstrations from per request, if any."""
+        return DemoSpec.of({"demos": self.extra("demos")})
+
+    def ensemble(self) -> EnsembleSpec | None:
+        """The program's self-consistency vote, if any."""
+        return EnsembleSpec.of({"ensemble": self.extra("ensemble")})
+
     def with_model(self, model: str | None, params: Mapping[str, Any]) -> Program:
         """The program calling another model or with other parameters (chat only)."""
         merged = {**dict(self.params), **params}
@@ -167,7 +185,8 @@ class Program:
                 return self
             return Program.text(type(parts)(parts.instruction, "", parts.block).assemble())
         head = [m for m in self.messages[:1] if m[0] == "system"]
-        return Program((*head, self.final), True, self.model, self.params, self.extras)
+        extras = tuple((k, v) for k, v in self.extras if k != "demos")
+        return Program((*head, self.final), True, self.model, self.params, extras)
 
     def with_instruction(self, instruction: str) -> Program:
         """The program with its instruction replaced (demonstrations and input kept)."""

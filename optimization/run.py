@@ -37,16 +37,20 @@ import numpy as np
 import structlog
 
 from promptd.optimization import candidates as selection
+from promptd.optimization.embeddings import RunEmbeddings
 from promptd.optimization.evaluator import Evaluator
+from promptd.optimization.examples import split_of
 from promptd.optimization.gate import GateResult, decide
 from promptd.optimization.llm import Budget, BudgetExceeded, CachedLLM
 from promptd.optimization.outcomes import Outcome
 from promptd.optimization.plan import RunPlan
+from promptd.optimization.pools import DemoPools
 from promptd.optimization.program import Program
 from promptd.optimization.services import RunServices
 from promptd.optimization.stackelberg import Equilibrium, Response
 from promptd.optimization.strategies.base import Candidate, SearchResult
 from promptd.optimization.targets import Data, PipelineTarget, PromptTarget
+from promptd.storage.pools import PoolStore
 
 log = structlog.get_logger("promptd.optimizer")
 
@@ -202,7 +206,7 @@ class RunExecution:
         )
         if settings.evaluation.model is None:
             return await self._without_evaluation()
-        evaluator = Evaluator(self.llm, settings.evaluation)
+        evaluator = Evaluator(self.llm, settings.evaluation, self._pools())
         data = await self.target.data(evaluator)
         self.progress.splits = data.sizes
         limits = settings.splits
@@ -224,10 +228,27 @@ class RunExecution:
         await self.target.search(data, self)
         return await self._select_and_gate(data)
 
+    def _pools(self) -> DemoPools:
+        """The run's demonstration pools: stored snapshots, retrieval from the train
+        split only, embeddings through the run's budget when a model is configured."""
+        assert self.llm is not None
+        splits, knn = self.settings.splits, self.settings.knn
+        embeddings = None if knn.embedding is None else RunEmbeddings(self.llm, knn.embedding)
+        return DemoPools(
+            PoolStore(self.services.store.db),
+            self.plan.prompt,
+            lambda rid: split_of(rid, splits.salt, splits.train, splits.validation) == "train",
+            embeddings,
+        )
+
     def _hold_back_for_gate(self, n_test: int, evaluator: Evaluator) -> None:
         """Reserve what the gate pays: both programs answer every test example through
-        every step, and a judge scores each final answer."""
-        per_example = self.target.calls_per_example + (1 if evaluator.metric is None else 0)
+        every step, and a judge scores each final answer (a candidate voting over ``n``
+        samples pays ``n`` answers)."""
+        per_example: float = self.target.calls_per_example + (1 if evaluator.metric is None else 0)
+        knn = self.settings.knn
+        if "knn" in self.plan.strategies and knn.ensemble_n > 1:
+            per_example *= (1 + knn.ensemble_n) / 2
         share = 2 * n_test * per_example / max(self.budget.max_calls, 1)
         self.budget.hold_back(share, self.plan.budget.timeout_s * min(share, 0.5))
 

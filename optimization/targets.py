@@ -194,6 +194,7 @@ class PromptTarget:
             on_candidate=found,
             baseline_val_mean=run.baseline_val_mean,
             on_trial=run.trial,
+            pools=None if self.evaluator is None else self.evaluator.pools,
         )
 
 

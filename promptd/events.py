@@ -47,6 +47,8 @@ MAX_COMMENT_CHARS: Final = 4_000
 MAX_ATTRIBUTES: Final = 32
 MAX_ATTRIBUTE_KEY_CHARS: Final = 64
 MAX_ATTRIBUTE_VALUE_CHARS: Final = 1_000
+#: Most demonstration ids one call carries (``demo_ids``).
+MAX_DEMO_IDS: Final = 50
 #: Cap on captured ``input``, ``output`` and ``correction`` (serialized JSON, bytes).
 MAX_CAPTURE_BYTES: Final = 32 * 1024
 #: Default cap on one raw record; the daemon's setting ``max_record_bytes`` overrides it.
@@ -195,6 +197,9 @@ class MetricEvent(_EventBase):
     input: dict[str, Any] | str | None = None
     output: dict[str, Any] | str | None = None
     attributes: dict[str, str] | None = None
+    # The demonstrations the call was shown, when its version takes them per request
+    # from a pool: their ids (the request ids of the production calls they came from).
+    demo_ids: Annotated[list[EventId], Field(max_length=MAX_DEMO_IDS)] | None = None
 
     @field_validator("input", "output")
     @classmethod

@@ -10,8 +10,12 @@ A prompt version is either a single ``str.format`` template, or a **configuratio
       "model": "gpt-4o-mini",                 # optional: the model to call
       "params": {"temperature": 0.2},         # optional: temperature, max_tokens, top_p, stop, seed
       "output_schema": {...},                 # optional: a JSON schema the answer follows
-      "tunable": {"models": [...], "temperature": [...]}   # optional: what the optimizer may change
+      "tunable": {"models": [...], "temperature": [...]},  # optional: what the optimizer may change
+      "demos": {"source": "pool", "pool": "pool-…", "k": 4, ...},  # optional: per-request demos
+      "ensemble": {"n": 5, "temperature": 0.7, "answer": "label"}  # optional: majority vote
     }
+
+``demos`` and ``ensemble`` are described in :mod:`promptd.demos`.
 
 Every message's ``content`` is a ``str.format`` template over the same placeholders. The
 app renders the messages with its values (``PromptVariant.messages(...)`` in the SDK) and
@@ -48,4 +52,12 @@ def describe(config: Mapping[str, Any]) -> str:
         parts.append(f"[params] {json.dumps(config['params'], sort_keys=True)}")
     if config.get("output_schema"):
         parts.append(f"[output_schema] {json.dumps(config['output_schema'], sort_keys=True)}")
+    if config.get("demos"):
+        parts.append(f"[demos] {json.dumps(config['demos'], sort_keys=True)}")
+    if config.get("ensemble"):
+        n = config["ensemble"].get("n", 1)
+        parts.append(
+            f"[ensemble] {json.dumps(config['ensemble'], sort_keys=True)} "
+            f"({n} model calls per request)"
+        )
     return "\n\n".join(parts)

@@ -58,7 +58,7 @@ from promptd.replacement.profiles import RolloutProfile
 from promptd.replacement.registry import Conflict, NotFound, Registry, RegistryError
 from promptd.replacement.replay import replay
 from promptd.routing import Routing
-from promptd.storage.database import Database
+from promptd.storage.database import Database, is_unique_violation
 from promptd.storage.repository import BatchOutcome
 from promptd.storage.rollouts import Decision, Member, RolloutStore, StoredRollout
 from promptd.storage.rows import feedback_views
@@ -136,10 +136,14 @@ class RolloutController:
         clock: Callable[[], float] = time.time,
         snapshot_interval_s: float = 0.0,
         pipelines: PipelineRegistry | None = None,
+        follower: bool = False,
         max_future_s: float = DEFAULT_MAX_FUTURE_S,
         signals_of: Callable[[str], tuple[str, ...]] | None = None,
     ) -> None:
         self.db = db
+        #: A standby's controller (shared store): it never acts, and serves routing and
+        #: views from the rollouts as the leader stored them.
+        self.follower = follower
         #: The prompt's configured quality signals of rollouts (default: people's).
         self.signals_of = signals_of or (lambda prompt: (HUMAN,))
         self.registry = registry
@@ -578,7 +582,7 @@ class RolloutController:
                 members=members,
             )
         except Exception as exc:
-            if "UNIQUE" in str(exc):
+            if is_unique_violation(exc):
                 raise Conflict(f"prompt {lead.prompt!r} already has a live rollout") from None
             raise
         row = await self.store.get(state.rollout_id)
@@ -814,19 +818,19 @@ class RolloutController:
         """Current routing of ``prompt`` (raises :class:`NotFound` for unknown prompts)."""
         info = await self.registry.get_prompt(prompt)
         active = await self.registry.active(prompt)
-        rid = self._by_prompt.get(prompt)
-        live = self._live.get(rid) if rid else None
+        live = await self._live_rollout(prompt)
         candidate_version = candidate_template = None
         candidate_config: dict[str, Any] | None = None
         weight, salt = 0.0, ""
-        if live is not None and live.state.status in (Status.RUNNING, Status.PAUSED):
+        if live is not None and live[1].status in (Status.RUNNING, Status.PAUSED):
+            row, state = live
             # A pipeline's unchanged step carries the salt and weight without a candidate.
-            change = next((c.candidate for c in live.row.changes if c.prompt == prompt), None)
+            change = next((c.candidate for c in row.changes if c.prompt == prompt), None)
             if change is not None:
                 cand = await self.registry.get_version(prompt, change)
                 candidate_version, candidate_template = cand.version, cand.template
                 candidate_config = cand.config
-            weight, salt = live.state.weight, live.state.salt
+            weight, salt = state.weight, state.salt
         return Routing(
             prompt=prompt,
             active_version=info.active_version,
@@ -837,10 +841,22 @@ class RolloutController:
             candidate_config=candidate_config,
             weight=weight,
             salt=salt,
-            rollout_id=live.row.id if live else None,
+            rollout_id=live[0].id if live else None,
             ttl_seconds=self.routing_ttl_s,
             updated_at=self.clock(),
         )
+
+    async def _live_rollout(self, prompt: str) -> tuple[StoredRollout, RolloutState] | None:
+        """The live rollout routing ``prompt``: the leader's own, or (a follower) the one
+        stored, read at each call, so routing changes with the leader's transaction."""
+        if self.follower:
+            for row in await self.store.live():
+                if prompt in row.prompts:
+                    return row, RolloutState.from_dict(row.state)
+            return None
+        rid = self._by_prompt.get(prompt)
+        live = self._live.get(rid) if rid else None
+        return (live.row, live.state) if live else None
 
     def mark_routing_dirty(self, prompt: str) -> None:
         """Publish ``prompt``'s routing on the next flush (e.g. after a restore)."""
@@ -914,6 +930,12 @@ class RolloutController:
     def live_prompts(self) -> set[str]:
         """Prompts with a live rollout (the optimizer does not run on them)."""
         return set(self._by_prompt)
+
+    async def live_prompt_names(self) -> set[str]:
+        """:meth:`live_prompts`, read from storage on a follower."""
+        if not self.follower:
+            return self.live_prompts()
+        return {prompt for row in await self.store.live() for prompt in row.prompts}
 
 
 def _served(row: StoredRollout, acc: RolloutAccumulator) -> dict[str, tuple[str, ...]]:

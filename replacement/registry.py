@@ -27,9 +27,11 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
 
+from promptd.demos import DEFAULT_K, DEFAULT_MAX_CHARS, MAX_DEMOS_PER_CALL
 from promptd.events import MAX_NAME_CHARS, MAX_PROMPT_CHARS
 from promptd.prompt_config import PARAMS, describe
-from promptd.storage.database import Database
+from promptd.storage.database import Database, is_unique_violation
+from promptd.storage.pools import PoolStore
 
 VersionStatus = Literal["active", "candidate", "in_rollout", "retired", "rolled_back"]
 MAX_TEMPLATE_CHARS: Final = 100_000
@@ -53,6 +55,12 @@ class Conflict(RegistryError):
     """The operation conflicts with the current state (a live rollout, a duplicate)."""
 
     status = 409
+
+
+class Unprocessable(RegistryError):
+    """A well-formed request the registry cannot carry out (a pool that does not exist)."""
+
+    status = 422
 
 
 class InvalidName(RegistryError):
@@ -199,6 +207,35 @@ class Tunable(BaseModel):
     max_tokens: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, max_length=20)
 
 
+class DemosConfig(BaseModel):
+    """Demonstrations taken per request from a pool snapshot (see :mod:`promptd.demos`).
+
+    ``pool`` pins the snapshot; left out at registration, the prompt's newest snapshot
+    is pinned (the registered version always names one).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["pool"] = "pool"
+    pool: str | None = Field(default=None, min_length=1, max_length=64)
+    k: int = Field(default=DEFAULT_K, ge=1, le=MAX_DEMOS_PER_CALL)
+    # lexical distances are in [0, 1], cosine distances in [0, 2]; unset: no cut-off.
+    max_distance: float | None = Field(default=None, ge=0, le=2)
+    retriever: Literal["lexical", "embedding"] = "lexical"
+    max_chars: int = Field(default=DEFAULT_MAX_CHARS, ge=50, le=MAX_TEMPLATE_CHARS)
+
+
+class EnsembleConfig(BaseModel):
+    """Self-consistency: ``n`` sampled answers, the most frequent kept (n x the calls)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n: int = Field(ge=2, le=20)
+    temperature: float = Field(default=0.7, gt=0, le=2)
+    # How answers are compared: as labels (case, quotes, final period ignored) or JSON.
+    answer: Literal["label", "json"] = "label"
+
+
 class PromptConfig(BaseModel):
     """A version as chat messages with (optionally) a model and its parameters.
 
@@ -213,6 +250,8 @@ class PromptConfig(BaseModel):
     params: dict[str, float | int | str | list[str]] = Field(default_factory=dict)
     output_schema: dict[str, Any] | None = None
     tunable: Tunable | None = None
+    demos: DemosConfig | None = None
+    ensemble: EnsembleConfig | None = None
 
     @model_validator(mode="after")
     def _well_formed(self) -> PromptConfig:
@@ -223,6 +262,8 @@ class PromptConfig(BaseModel):
             raise ValueError(f"unknown params {unknown}; allowed: {list(PARAMS)}")
         if len(json.dumps(self.output_schema or {})) > MAX_TEMPLATE_CHARS:
             raise ValueError("output_schema is too large")
+        if self.ensemble is not None and self.ensemble.answer == "json" and not self.output_schema:
+            raise ValueError("an ensemble voting on JSON answers needs an output_schema")
         return self
 
     def placeholders(self) -> list[str]:
@@ -233,10 +274,16 @@ class PromptConfig(BaseModel):
         return sorted(names)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON form without empty fields."""
-        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True) | {
-            "messages": [m.model_dump() for m in self.messages]
-        }
+        """JSON form without empty fields (the demos and ensemble blocks in full, so
+        that what the optimizer proposes and what is stored compare equal)."""
+        out = self.model_dump(
+            mode="json", exclude_none=True, exclude_defaults=True, exclude={"demos", "ensemble"}
+        ) | {"messages": [m.model_dump() for m in self.messages]}
+        if self.demos is not None:
+            out["demos"] = self.demos.model_dump(mode="json", exclude_none=True)
+        if self.ensemble is not None:
+            out["ensemble"] = self.ensemble.model_dump(mode="json")
+        return out
 
 
 class NewVersion(BaseModel):
@@ -351,6 +398,7 @@ class Registry:
     async def register(self, name: str, body: NewVersion) -> PromptVersion:
         """Register a new immutable version; the first version of a prompt becomes active."""
         check_name("prompt", name, MAX_PROMPT_CHARS)
+        body = await self._pin_pool(name, body)
         names = body.names()
         text = body.text
         now = time.time()
@@ -410,12 +458,41 @@ class Registry:
                     ),
                 )
             except Exception as exc:
-                if "UNIQUE" in str(exc):
+                if is_unique_violation(exc):
                     raise Conflict(f"prompt {name!r} already has version {version!r}") from None
                 raise
             if activate:
                 await _make_active(conn, name, version, active_version, now)
         return await self.get_version(name, version)
+
+    async def _pin_pool(self, name: str, body: NewVersion) -> NewVersion:
+        """``body`` with its demos' pool snapshot checked, or pinned to the newest one
+        when it names none (:class:`RegistryError` when there is none to pin)."""
+        config = body.config
+        if config is None or config.demos is None:
+            return body
+        demos = config.demos
+        pools = PoolStore(self.db)
+        if demos.pool is None:
+            info = await pools.latest(name)
+            if info is None:
+                raise Unprocessable(
+                    f"prompt {name!r} has no demonstration pool yet: build one with "
+                    f"POST /v1/prompts/{name}/pools (or let a knn run make one)"
+                )
+        else:
+            info = await pools.info(name, demos.pool)
+            if info is None:
+                raise Unprocessable(f"prompt {name!r} has no demonstration pool {demos.pool!r}")
+        if demos.retriever == "embedding" and info.embedding_model is None:
+            raise Unprocessable(
+                f"pool {info.pool_id!r} has no embeddings: the embedding retriever needs a "
+                "pool built with an embedding model"
+            )
+        pinned = config.model_copy(
+            update={"demos": demos.model_copy(update={"pool": info.pool_id})}
+        )
+        return body.model_copy(update={"config": pinned})
 
     async def restore(self, name: str, version: str) -> PromptVersion:
         """Make an earlier version active again (the backup); refused during a rollout."""
@@ -424,16 +501,14 @@ class Registry:
         target = await self.get_version(name, version)
         now = time.time()
         async with self.db.transaction() as conn:
-            # The prompt's own rollout, or a pipeline rollout it is a member of.
+            # The prompt's own rollout, or a pipeline rollout it is a member of (the
+            # members are JSON, decoded here: no JSON functions in the shared SQL).
             async with conn.execute(
-                "SELECT count(*) FROM rollouts "
-                "WHERE status IN ('running', 'paused', 'pending') AND (prompt = ? OR EXISTS "
-                "(SELECT 1 FROM json_each(coalesce(members, '[]')) "
-                "WHERE json_extract(value, '$.prompt') = ?))",
-                (name, name),
+                "SELECT prompt, members FROM rollouts "
+                "WHERE status IN ('running', 'paused', 'pending')"
             ) as cur:
-                row = await cur.fetchone()
-            if row is not None and int(row[0]) > 0:
+                live = await cur.fetchall()
+            if any(_routes(name, prompt, members) for prompt, members in live):
                 raise Conflict(
                     f"prompt {name!r} has a live rollout: roll it back or promote it first"
                 )
@@ -469,6 +544,11 @@ async def _make_active(
         "UPDATE prompts SET active_version = ?, updated_at = ? WHERE name = ?",
         (version, now, name),
     )
+
+
+def _routes(name: str, prompt: str, members: str | None) -> bool:
+    """True when a rollout of ``prompt`` (with pipeline ``members``, JSON) routes ``name``."""
+    return prompt == name or any(m.get("prompt") == name for m in json.loads(members or "[]"))
 
 
 def _prompt(row: Sequence[Any]) -> Prompt:

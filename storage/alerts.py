@@ -153,7 +153,7 @@ def _rule(sql: str, table: str) -> str:
 _AGG_METRICS = _rule(
     "SELECT CAST({at} / :w AS INTEGER) AS b, m.prompt, m.variant, m.model, COUNT(*), "
     "SUM(m.success), SUM(m.latency_ms), COUNT(m.quality), TOTAL(m.quality), "
-    "SUM(m.tokens_in IS NOT NULL OR m.tokens_out IS NOT NULL), TOTAL(m.tokens_in), "
+    "COUNT(coalesce(m.tokens_in, m.tokens_out)), TOTAL(m.tokens_in), "
     "TOTAL(m.tokens_out), COUNT(m.cost_usd), TOTAL(m.cost_usd) "
     f"FROM metric_events m {_WATERMARK.format(t='m')} "
     "WHERE m.id >= :mid AND {at} >= :lo AND {at} < :hi AND {admitted} "

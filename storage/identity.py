@@ -73,7 +73,7 @@ async def load_identity(db: Database) -> StoreIdentity:
     ) as cur:
         row = await cur.fetchone()
     if row is None:
-        raise RuntimeError(f"the database {str(db.path)!r} has no store identity row")
+        raise RuntimeError(f"the database {db.location!r} has no store identity row")
     store_id, created_at, bootstrap, group, topics, owners = row
     return StoreIdentity(
         str(store_id),

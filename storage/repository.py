@@ -1,118 +1,59 @@
 """Event storage: idempotent batch writes with consumer offsets, counters, retention.
 
-A batch is written in one ``BEGIN IMMEDIATE`` transaction together with the next
-offsets of the partitions it came from, so the database alone says where ingestion
-resumes after a crash. Events insert with ``ON CONFLICT(event_id) DO NOTHING`` (not
-``INSERT OR IGNORE``, which would also swallow CHECK violations); the difference between
-rows offered and rows inserted is the duplicate count.
+A batch is written in one transaction together with the next offsets of the partitions
+it came from, so the database alone says where ingestion resumes after a crash. Events
+insert with ``ON CONFLICT(event_id) DO NOTHING`` (not ``INSERT OR IGNORE``, which would
+also swallow CHECK violations); the difference between rows offered and rows inserted is
+the duplicate count. Each backend writes the batch its fastest way
+(:meth:`~promptd.storage.database.Database.store_events`: multi-row INSERTs on SQLite's
+thread, one array INSERT … RETURNING on PostgreSQL) under this same contract.
 """
 
 from __future__ import annotations
 
-import functools
-import operator
-import sqlite3
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from itertools import chain
-from typing import Final, TypeVar
-
-import aiosqlite
+from typing import Final
 
 from promptd.events import FeedbackEvent, MetricEvent
-from promptd.storage.database import Database
-from promptd.storage.rows import (
-    FEEDBACK_COLUMNS,
-    FEEDBACK_SOURCE_AT,
-    METRIC_CAPTURES_AT,
-    METRIC_COLUMNS,
-    METRIC_EPISODE_COLUMNS,
-    METRIC_PLAIN_COLUMNS,
-    FeedbackRow,
-    FeedbackView,
-    MetricRow,
-    MetricView,
-    feedback_row,
-    feedback_views,
-    metric_episode_part,
-    metric_plain_part,
-    metric_row,
-    metric_views,
+
+# The batch's outcome, shared SQL and counter names live in .batch (both backends use
+# them); they are importable from here as before.
+from promptd.storage.batch import (
+    ADD_COUNTER,
+    DEAD_LETTERED,
+    DUPLICATES,
+    OTLP_COUNTERS,
+    STORED_EVALUATIONS,
+    STORED_FEEDBACK,
+    STORED_METRICS,
+    UPSERT_OFFSET,
+    BatchOutcome,
+    BatchTime,
+    TopicPartitionKey,
+    batch_counters,
+    by_source,
 )
+from promptd.storage.database import Connection, Database
+from promptd.storage.rows import FeedbackRow, MetricRow, feedback_row, metric_row
 
-TopicPartitionKey = tuple[str, int]
-R = TypeVar("R", MetricRow, FeedbackRow)
-Row = tuple[object, ...]
-
-_TS = operator.itemgetter(1)
-# The optional tail of a metric row: the episode id, then the captured payloads.
-_TAIL = operator.itemgetter(slice(len(METRIC_PLAIN_COLUMNS), len(METRIC_COLUMNS)))
-_NO_TAIL: Final = (None,) * (len(METRIC_COLUMNS) - len(METRIC_PLAIN_COLUMNS))
-_CAPTURES = operator.itemgetter(slice(METRIC_CAPTURES_AT, len(METRIC_COLUMNS)))
-_NO_CAPTURES: Final = (None,) * (len(METRIC_COLUMNS) - METRIC_CAPTURES_AT)
-
-
-#: Most rows per INSERT statement. Statements of many rows instead of ``executemany`` of
-#: one-row ones: less time per row (bench/sqlite_rows.py), and, what matters more in the
-#: daemon, the writer thread gives up and retakes the GIL once per statement instead of
-#: once per row; each retake can wait for the event loop's thread to let go of it.
-ROWS_PER_STATEMENT: Final = 128
-
-
-@functools.cache
-def _insert_sql(table: str, cols: tuple[str, ...], rows: int) -> str:
-    """An INSERT of ``rows`` rows; parameter 1 is ``ingested_at``, shared by all rows.
-
-    The text depends only on the shape, so sqlite3's statement cache compiles each
-    shape once (large statements take a while to compile).
-    """
-    names = ", ".join((*cols, "ingested_at"))
-    width = len(cols)
-    values = ", ".join(
-        "(" + ", ".join(f"?{2 + r * width + c}" for c in range(width)) + ", ?1)"
-        for r in range(rows)
-    )
-    return f"INSERT INTO {table} ({names}) VALUES {values} ON CONFLICT (event_id) DO NOTHING"
-
-
-def _insert_rows(
-    conn: sqlite3.Connection,
-    table: str,
-    cols: tuple[str, ...],
-    rows: Sequence[Row],
-    now: float,
-) -> int:
-    """Insert ``rows`` (tuples of exactly ``cols``); returns how many were new.
-
-    Statements have a power-of-two number of rows (the largest that fits first), so a
-    batch of any length takes a few statements of a few cached shapes.
-    """
-    limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    size = 1 << (min(ROWS_PER_STATEMENT, max(1, (limit - 1) // len(cols))).bit_length() - 1)
-    stored = done = 0
-    while done < len(rows):
-        left = len(rows) - done
-        while size > left:
-            size //= 2
-        end = done + left // size * size
-        params = [(now, *chain.from_iterable(rows[i : i + size])) for i in range(done, end, size)]
-        stored += conn.executemany(_insert_sql(table, cols, size), params).rowcount
-        done = end
-    return int(stored)
-
-
-_UPSERT_OFFSET: Final = """
-INSERT INTO consumer_offsets (topic, partition, next_offset, updated_at, watermark)
-VALUES (?, ?, ?, ?, ?)
-ON CONFLICT (topic, partition) DO UPDATE SET
-    next_offset = excluded.next_offset, updated_at = excluded.updated_at,
-    watermark = coalesce(excluded.watermark, consumer_offsets.watermark)
-"""
-_ADD_COUNTER: Final = """
-INSERT INTO counters (name, value) VALUES (?, ?)
-ON CONFLICT (name) DO UPDATE SET value = value + excluded.value
-"""
+__all__ = [
+    "ADD_COUNTER",
+    "DEAD_LETTERED",
+    "DUPLICATES",
+    "EPISODE_CREDITS",
+    "OTLP_COUNTERS",
+    "STORED_EVALUATIONS",
+    "STORED_FEEDBACK",
+    "STORED_METRICS",
+    "UPSERT_OFFSET",
+    "BatchOutcome",
+    "BatchTime",
+    "EventRepository",
+    "TopicPartitionKey",
+    "batch_counters",
+    "by_source",
+]
 
 #: ``FROM`` clause pairing feedback rows ``f`` from people and apps (no ``source``) with
 #: the calls ``m`` of their episode that were stored with them or before them. Feedback
@@ -130,213 +71,6 @@ EPISODE_CREDITS: Final = (
 PEOPLE: Final[tuple[str, Mapping[str, str]]] = ("f.source IS NULL", {})
 #: Most episode ids per lookup statement (well below SQLite's variable limit).
 _EPISODES_PER_QUERY: Final = 500
-
-#: Counter names kept in the ``counters`` table (dead letters add ``dead_lettered.<reason>``).
-STORED_METRICS: Final = "stored.metric"
-STORED_FEEDBACK: Final = "stored.feedback"
-#: Of the stored feedback, evaluators' results (``source`` set).
-STORED_EVALUATIONS: Final = "stored.evaluation"
-DUPLICATES: Final = "duplicates"
-DEAD_LETTERED: Final = "dead_lettered"
-#: Prefix of what ingestion counted of OpenTelemetry spans (``otlp.spans.call``, ...).
-OTLP_COUNTERS: Final = "otlp"
-
-
-@dataclass(frozen=True, slots=True)
-class BatchOutcome:
-    """What one batch write did, and the rows it newly stored (for batch listeners).
-
-    ``last_metric_id`` and ``last_feedback_id`` are the highest row ids of the two event
-    tables once the batch is in: every stored row up to them has been offered to the
-    listeners by then (what a monitor snapshot records as covered).
-    """
-
-    metrics_stored: int
-    feedback_stored: int
-    duplicates: int
-    metric_rows: tuple[MetricRow, ...] = ()
-    #: Feedback from people and apps (``source`` is ``None``): what every reader of
-    #: feedback counted before evaluators existed, and still does by default.
-    feedback_rows: tuple[FeedbackRow, ...] = ()
-    last_metric_id: int = 0
-    last_feedback_id: int = 0
-    # The ``ingested_at`` stored with the batch's rows (the rollouts' feedback join uses
-    # it, so a replay from storage decides exactly as the live feed did).
-    ingested_at: float = 0.0
-    #: Evaluators' results (``source`` is ``eval:<name>``), in storage order.
-    evaluation_rows: tuple[FeedbackRow, ...] = ()
-    # The window watermark the batch is windowed under (``None``: none; see
-    # monitoring/eventtime.py), stored in ``batch_watermarks`` by ``ingested_at``.
-    watermark: float | None = None
-
-    @property
-    def stored(self) -> int:
-        """Events newly stored by this batch."""
-        return self.metrics_stored + self.feedback_stored
-
-    @property
-    def metrics(self) -> tuple[MetricView, ...]:
-        """The new metric rows with names (built on each access: hot listeners read
-        :attr:`metric_rows`)."""
-        return metric_views(self.metric_rows)
-
-    @property
-    def feedback(self) -> tuple[FeedbackView, ...]:
-        """The new feedback rows with names (built on each access)."""
-        return feedback_views(self.feedback_rows)
-
-
-def _insert_metrics(
-    conn: sqlite3.Connection, rows: Sequence[MetricRow], now: float
-) -> tuple[int, Sequence[MetricRow]]:
-    """Insert ``rows``; returns how many were new and the rows in the order they were
-    stored (row ids), which is the order listeners and replays see them in."""
-    tails = list(map(_TAIL, rows))
-    table = "metric_events"
-    if tails.count(_NO_TAIL) == len(rows):
-        # The common case: no episode, no payloads, so the narrowest statement (no NULLs
-        # to bind).
-        plain_rows = list(map(metric_plain_part, rows))
-        return _insert_rows(conn, table, METRIC_PLAIN_COLUMNS, plain_rows, now), rows
-    # One statement shape at a time: rows without the optional tail, rows with an
-    # episode only, rows with captured payloads.
-    shapes: tuple[list[MetricRow], list[MetricRow], list[MetricRow]] = ([], [], [])
-    for row, tail in zip(rows, tails, strict=True):
-        shape = 0 if tail == _NO_TAIL else 1 if _CAPTURES(row) == _NO_CAPTURES else 2
-        shapes[shape].append(row)
-    plain, episode, full = shapes
-    stored = _insert_rows(conn, table, METRIC_PLAIN_COLUMNS, [*map(metric_plain_part, plain)], now)
-    stored += _insert_rows(
-        conn, table, METRIC_EPISODE_COLUMNS, [*map(metric_episode_part, episode)], now
-    )
-    stored += _insert_rows(conn, table, METRIC_COLUMNS, full, now)
-    return stored, [*plain, *episode, *full]
-
-
-def _insert_feedback(conn: sqlite3.Connection, rows: Sequence[FeedbackRow], now: float) -> int:
-    return _insert_rows(conn, "feedback_events", FEEDBACK_COLUMNS, rows, now)
-
-
-def _record_batch(
-    conn: sqlite3.Connection, table: str, mark: int, rows: Sequence[MetricRow | FeedbackRow]
-) -> int:
-    """Note the id and time range this batch added to ``table``; returns the last id."""
-    last = _max_id(conn, table)
-    if last > mark:
-        stamps = list(map(_TS, rows))
-        conn.execute(
-            "INSERT INTO ingest_batches (tbl, first_id, last_id, min_ts, max_ts) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (table, mark + 1, last, min(stamps), max(stamps)),
-        )
-    return last
-
-
-@dataclass(frozen=True, slots=True)
-class BatchTime:
-    """The event-time facts of one batch (see monitoring/eventtime.py): when it is stored,
-    the window watermark it is windowed under (``None``: none) and the partitions'
-    watermarks once it is in."""
-
-    ingested_at: float
-    watermark: float | None = None
-    partition_watermarks: Mapping[TopicPartitionKey, float] | None = None
-
-
-def _store_sync(
-    conn: sqlite3.Connection,
-    metrics: Sequence[MetricRow],
-    feedback: Sequence[FeedbackRow],
-    offsets: Mapping[TopicPartitionKey, int],
-    dead_letters: Mapping[str, int],
-    clock: BatchTime,
-    extra: Mapping[str, int],
-) -> BatchOutcome:
-    """The body of :meth:`EventRepository.store_batch`, on the writer thread."""
-    now = clock.ingested_at
-    new_metrics: Sequence[MetricRow] = metrics
-    new_feedback: Sequence[FeedbackRow] = feedback
-    m_stored = f_stored = 0
-    last_m = mark = _max_id(conn, "metric_events")
-    if metrics:
-        m_stored, new_metrics = _insert_metrics(conn, metrics, now)
-        last_m = _record_batch(conn, "metric_events", mark, metrics)
-        if m_stored != len(metrics):
-            new_metrics = _only_new(conn, "metric_events", mark, new_metrics)
-    last_f = mark = _max_id(conn, "feedback_events")
-    if feedback:
-        f_stored = _insert_feedback(conn, feedback, now)
-        last_f = _record_batch(conn, "feedback_events", mark, feedback)
-        if f_stored != len(feedback):
-            new_feedback = _only_new(conn, "feedback_events", mark, feedback)
-    duplicates = len(metrics) + len(feedback) - m_stored - f_stored
-    if offsets:
-        marks = clock.partition_watermarks or {}
-        conn.executemany(
-            _UPSERT_OFFSET, [(t, p, o, now, marks.get((t, p))) for (t, p), o in offsets.items()]
-        )
-    if clock.watermark is not None and (m_stored or f_stored):
-        conn.execute(
-            "INSERT INTO batch_watermarks (ingested_at, watermark) VALUES (?, ?)",
-            (now, clock.watermark),
-        )
-    human, evaluations = _by_source(new_feedback)
-    counters = [
-        (STORED_METRICS, m_stored),
-        (STORED_FEEDBACK, f_stored),
-        (STORED_EVALUATIONS, len(evaluations)),
-        (DUPLICATES, duplicates),
-        (DEAD_LETTERED, sum(dead_letters.values())),
-        *((f"{DEAD_LETTERED}.{reason}", n) for reason, n in dead_letters.items()),
-        *extra.items(),
-    ]
-    conn.executemany(_ADD_COUNTER, [(k, v) for k, v in counters if v])
-    return BatchOutcome(
-        m_stored,
-        f_stored,
-        duplicates,
-        metric_rows=tuple(new_metrics),
-        feedback_rows=human,
-        evaluation_rows=evaluations,
-        last_metric_id=last_m,
-        last_feedback_id=last_f,
-        ingested_at=now,
-        watermark=clock.watermark,
-    )
-
-
-def _by_source(
-    rows: Sequence[FeedbackRow],
-) -> tuple[tuple[FeedbackRow, ...], tuple[FeedbackRow, ...]]:
-    """Feedback from people and apps, and evaluators' results, each in storage order."""
-    evaluations = tuple(row for row in rows if row[FEEDBACK_SOURCE_AT] is not None)
-    if not evaluations:
-        return tuple(rows), ()
-    return tuple(row for row in rows if row[FEEDBACK_SOURCE_AT] is None), evaluations
-
-
-def _max_id(conn: sqlite3.Connection, table: str) -> int:
-    row = conn.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()
-    return int(row[0]) if row else 0
-
-
-def _only_new(conn: sqlite3.Connection, table: str, mark: int, offered: Sequence[R]) -> list[R]:
-    """The offered rows that this transaction inserted (rows above ``mark``).
-
-    Only called when duplicates were seen, so the common path pays nothing; the
-    monitor must see each event once, like storage does.
-    """
-    rows = conn.execute(
-        f"SELECT event_id FROM {table} WHERE id > ?",
-        (mark,),
-    ).fetchall()
-    inserted = {str(row[0]) for row in rows}
-    out: list[R] = []
-    for row in offered:
-        if row[0] in inserted:
-            inserted.discard(row[0])  # a repeat inside the batch is not new
-            out.append(row)
-    return out
 
 
 def _metric_rows(items: Sequence[MetricRow] | Sequence[MetricEvent]) -> Sequence[MetricRow]:
@@ -380,10 +114,8 @@ class EventRepository:
         """
         when = clock or BatchTime(time.time())
         m_rows, f_rows = _metric_rows(metrics), _feedback_rows(feedback)
-        return await self.db.run_in_transaction(
-            lambda conn: _store_sync(
-                conn, m_rows, f_rows, offsets, dead_letters or {}, when, counters or {}
-            )
+        return await self.db.store_events(
+            m_rows, f_rows, offsets, dead_letters or {}, when, counters or {}
         )
 
     async def load_offsets(
@@ -513,7 +245,7 @@ class EventRepository:
 _TABLES: Final = ("metric_events", "feedback_events")
 
 
-async def _first_id_since(conn: aiosqlite.Connection, table: str, since_ts: float) -> int:
+async def _first_id_since(conn: Connection, table: str, since_ts: float) -> int:
     if table not in _TABLES:
         raise ValueError(f"unknown event table {table!r}")
     async with conn.execute(

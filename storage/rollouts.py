@@ -13,10 +13,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import aiosqlite
 from pydantic import BaseModel, ConfigDict
 
-from promptd.storage.database import Database
+from promptd.storage.database import Connection, Database
 
 LIVE_STATUSES = ("running", "paused", "pending")
 
@@ -140,7 +139,7 @@ class RolloutStore:
         async with self.db.reader.execute(
             "SELECT ts, kind, reason, details, step, weight FROM ("
             " SELECT * FROM rollout_decisions WHERE rollout_id = ? ORDER BY id DESC LIMIT ?"
-            ") ORDER BY id",
+            ") AS recent ORDER BY id",
             (rollout_id, limit),
         ) as cur:
             rows = await cur.fetchall()
@@ -171,7 +170,7 @@ class RolloutStore:
         """Insert a new rollout and mark its candidates ``in_rollout`` (one transaction).
 
         The partial unique index refuses a second live rollout of the same prompt even if
-        two requests race; that surfaces as ``sqlite3.IntegrityError``.
+        two requests race; that surfaces as a UNIQUE violation (``is_unique_violation``).
         """
         now = time.time()
         async with self.db.transaction() as conn:
@@ -231,9 +230,7 @@ class RolloutStore:
                 await _apply_outcome(conn, outcome or "", change, now)
 
 
-async def _apply_outcome(
-    conn: aiosqlite.Connection, outcome: str, change: Member, now: float
-) -> None:
+async def _apply_outcome(conn: Connection, outcome: str, change: Member, now: float) -> None:
     """Within a transition's transaction: the registry change of one changed prompt."""
     if outcome == "promoted":
         await conn.execute(
@@ -260,7 +257,7 @@ async def _apply_outcome(
 
 
 async def _insert_decisions(
-    conn: aiosqlite.Connection, rollout_id: str, decisions: Sequence[Decision]
+    conn: Connection, rollout_id: str, decisions: Sequence[Decision]
 ) -> None:
     if decisions:
         await conn.executemany(

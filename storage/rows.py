@@ -44,6 +44,7 @@ MetricRow: TypeAlias = tuple[
     str | None,
     str | None,
     str | None,
+    str | None,
 ]
 #: One stored piece of feedback, in ``feedback_events`` column order (see
 #: :class:`FeedbackView`).
@@ -85,6 +86,8 @@ class MetricView(NamedTuple):
     input: str | None
     output: str | None
     attributes: str | None
+    #: JSON list of the demonstrations' ids the call was shown (dynamic demos), if any.
+    demo_ids: str | None = None
 
 
 class FeedbackView(NamedTuple):
@@ -119,7 +122,7 @@ FEEDBACK_SOURCE_AT: Final = FEEDBACK_COLUMNS.index("source")
 METRIC_PLAIN_COLUMNS: Final = METRIC_COLUMNS[:15]
 #: The plain columns and the episode id: calls in an episode, without captures.
 METRIC_EPISODE_COLUMNS: Final = METRIC_COLUMNS[:16]
-#: Where the captured payloads (input, output, attributes) start in a row.
+#: Where the captured payloads (input, output, attributes, demo ids) start in a row.
 METRIC_CAPTURES_AT: Final = len(METRIC_EPISODE_COLUMNS)
 #: A row's plain part, sliced in C.
 metric_plain_part: Final = operator.itemgetter(slice(0, len(METRIC_PLAIN_COLUMNS)))
@@ -156,6 +159,7 @@ def metric_row(event: MetricEvent) -> MetricRow:
         capture_json(event.input),
         capture_json(event.output),
         capture_json(event.attributes),
+        capture_json(event.demo_ids),
     )
 
 

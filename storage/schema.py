@@ -1,8 +1,13 @@
-"""Versioned SQLite schema with forward-only migrations, applied at start.
+"""Versioned schema with forward-only migrations, applied at start, on both backends.
 
 Each migration is appended, never edited once released: the database records the
-highest version applied in ``PRAGMA user_version`` and every start applies the rest in
-one transaction each. A database newer than this code is refused rather than guessed at.
+highest version applied (SQLite: ``PRAGMA user_version``; PostgreSQL: the
+``schema_version`` table) and every start applies the rest in one transaction each. A
+database newer than this code is refused rather than guessed at.
+
+The scripts are SQLite's; PostgreSQL runs the same script with its column types
+(:func:`~promptd.storage.dialect.ddl_to_postgresql`), or the ``postgresql`` text of a
+migration that SQLite can only express its own way.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict
+
+from promptd.storage.dialect import POSTGRESQL_PRELUDE, Dialect, ddl_to_postgresql
 
 
 class Migration(BaseModel):
@@ -20,6 +27,16 @@ class Migration(BaseModel):
     version: int
     name: str
     sql: str
+    #: PostgreSQL's text when the translated ``sql`` would not do.
+    postgresql: str | None = None
+
+    def script(self, dialect: Dialect) -> str:
+        """The script for ``dialect``."""
+        if dialect == "sqlite":
+            return self.sql
+        if self.postgresql is not None:
+            return self.postgresql
+        return ddl_to_postgresql(self.sql)
 
 
 _V1_INGESTION: Final = """
@@ -338,6 +355,21 @@ CREATE INDEX feedback_events_episode ON feedback_events (episode_id)
     WHERE episode_id IS NOT NULL;
 """
 
+# PostgreSQL drops NOT NULL in place; the row ids stay as they are.
+_V11_EPISODES_POSTGRESQL: Final = """
+ALTER TABLE metric_events ADD COLUMN episode_id TEXT;
+CREATE INDEX metric_events_episode ON metric_events (episode_id) WHERE episode_id IS NOT NULL;
+ALTER TABLE feedback_events
+    ALTER COLUMN prompt DROP NOT NULL,
+    ALTER COLUMN variant DROP NOT NULL,
+    ALTER COLUMN request_id DROP NOT NULL,
+    ADD COLUMN episode_id TEXT,
+    ADD CHECK (request_id IS NOT NULL OR episode_id IS NOT NULL),
+    ADD CHECK (request_id IS NULL OR (prompt IS NOT NULL AND variant IS NOT NULL));
+CREATE INDEX feedback_events_episode ON feedback_events (episode_id)
+    WHERE episode_id IS NOT NULL;
+"""
+
 _V12_PIPELINE_ROLLOUTS: Final = """
 -- A coordinated rollout of a pipeline: one row (``prompt``, ``candidate`` and
 -- ``baseline`` name its first changed step) with the pipeline's name and every member
@@ -412,11 +444,61 @@ CREATE TABLE store_identity (
     topics            TEXT,
     owners            TEXT    NOT NULL DEFAULT '[]'
 );
+"""
+# The one row: a random id of 32 hex digits and the time of creation (epoch s), each
+# backend's own way.
+_V15_IDENTITY_ROW: Final = """
 INSERT INTO store_identity (id, store_id, created_at)
     VALUES (1, lower(hex(randomblob(16))), (julianday('now') - 2440587.5) * 86400.0);
 """
+_V15_IDENTITY_ROW_POSTGRESQL: Final = """
+INSERT INTO store_identity (id, store_id, created_at)
+    VALUES (1, replace(gen_random_uuid()::text, '-', ''), extract(epoch FROM clock_timestamp()));
+"""
 
-_V16_INPUT_CHARS: Final = """
+_V17_LEADERSHIP: Final = """
+-- The leader lease of daemons sharing one store (PostgreSQL; unused by a single SQLite
+-- daemon). ``generation`` grows by one with every new holder: the fencing token every
+-- write transaction of the leader checks. Times are the database's clock (epoch s).
+CREATE TABLE leadership (
+    name        TEXT    PRIMARY KEY,
+    holder      TEXT    NOT NULL,
+    generation  INTEGER NOT NULL,
+    address     TEXT,
+    acquired_at REAL    NOT NULL,
+    renewed_at  REAL    NOT NULL,
+    expires_at  REAL    NOT NULL
+);
+"""
+
+
+_V16_DEMO_POOLS: Final = """
+-- Demonstration pools: versioned snapshots of a prompt's trusted production examples
+-- (train split), from which a version with dynamic demos takes the nearest per request.
+-- ``pool_id`` names the content (a hash of the demos and the embedding model), ``seq``
+-- numbers a prompt's snapshots; ``demos`` is a JSON list of {id, input, answer} and
+-- ``vectors`` their embeddings (base64 float32 rows, in the same order) when the pool is
+-- for embedding retrieval. Snapshots never change; unpinned old ones are pruned.
+CREATE TABLE demo_pools (
+    prompt          TEXT    NOT NULL,
+    pool_id         TEXT    NOT NULL,
+    seq             INTEGER NOT NULL,
+    created_at      REAL    NOT NULL,
+    origin          TEXT    NOT NULL,
+    size            INTEGER NOT NULL,
+    embedding_model TEXT,
+    dim             INTEGER,
+    demos           TEXT    NOT NULL,
+    vectors         TEXT,
+    PRIMARY KEY (prompt, pool_id),
+    UNIQUE (prompt, seq)
+);
+
+-- The demos a call was shown (JSON list of their ids, the request ids they came from).
+ALTER TABLE metric_events ADD COLUMN demo_ids TEXT;
+"""
+
+_V18_INPUT_CHARS: Final = """
 -- The size of a call's input without the prompt template (characters of what the app
 -- passed in): a covariate the variant cannot change, for the rollouts' regression
 -- adjustment (replacement/adjustment.py).
@@ -424,7 +506,12 @@ ALTER TABLE metric_events ADD COLUMN input_chars INTEGER CHECK (input_chars >= 0
 """
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (
-    Migration(version=1, name="ingestion", sql=_V1_INGESTION),
+    Migration(
+        version=1,
+        name="ingestion",
+        sql=_V1_INGESTION,
+        postgresql=POSTGRESQL_PRELUDE + ddl_to_postgresql(_V1_INGESTION),
+    ),
     Migration(version=2, name="registry", sql=_V2_REGISTRY),
     Migration(version=3, name="alerts", sql=_V3_ALERTS),
     Migration(version=4, name="optimization", sql=_V4_OPTIMIZATION),
@@ -434,12 +521,19 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(version=8, name="prompt_configs", sql=_V8_PROMPT_CONFIGS),
     Migration(version=9, name="snapshots", sql=_V9_SNAPSHOTS),
     Migration(version=10, name="optimization_targets", sql=_V10_OPTIMIZATION_TARGETS),
-    Migration(version=11, name="episodes", sql=_V11_EPISODES),
+    Migration(version=11, name="episodes", sql=_V11_EPISODES, postgresql=_V11_EPISODES_POSTGRESQL),
     Migration(version=12, name="pipeline_rollouts", sql=_V12_PIPELINE_ROLLOUTS),
     Migration(version=13, name="evaluation", sql=_V13_EVALUATION),
     Migration(version=14, name="event_time", sql=_V14_EVENT_TIME),
-    Migration(version=15, name="store_identity", sql=_V15_STORE_IDENTITY),
-    Migration(version=16, name="input_chars", sql=_V16_INPUT_CHARS),
+    Migration(
+        version=15,
+        name="store_identity",
+        sql=_V15_STORE_IDENTITY + _V15_IDENTITY_ROW,
+        postgresql=ddl_to_postgresql(_V15_STORE_IDENTITY) + _V15_IDENTITY_ROW_POSTGRESQL,
+    ),
+    Migration(version=16, name="demo_pools", sql=_V16_DEMO_POOLS),
+    Migration(version=17, name="leadership", sql=_V17_LEADERSHIP),
+    Migration(version=18, name="input_chars", sql=_V18_INPUT_CHARS),
 )
 
 

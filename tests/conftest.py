@@ -18,6 +18,7 @@ import promptd
 from promptd.daemon.app import Daemon
 from promptd.daemon.broker import EmbeddedBroker
 from promptd.daemon.settings import Settings
+from tests.pg_cluster import PostgresCluster, find_binaries
 
 #: Set to 1 by .ci/run: a missing Prometheus or Alertmanager binary then fails the live
 #: tests instead of skipping them. (Not PROMPTD_-prefixed: the daemon refuses unknown
@@ -42,6 +43,55 @@ def live_tool(name: str) -> str:
     if os.environ.get(REQUIRE_LIVE_TOOLS) == "1":
         pytest.fail(f"{reason}, and {REQUIRE_LIVE_TOOLS}=1 requires it")
     pytest.skip(f"{reason}; .ci/run installs it")
+
+
+def postgres_binaries() -> Path:
+    """The PostgreSQL server binaries. Without them the test is skipped naming the package,
+    or fails when ``REQUIRE_LIVE_TOOLS=1`` (CI)."""
+    path = find_binaries()
+    if path is not None:
+        return path
+    reason = (
+        "PostgreSQL server binaries (initdb, pg_ctl) are not installed "
+        "(Debian package postgresql-15)"
+    )
+    if os.environ.get(REQUIRE_LIVE_TOOLS) == "1":
+        pytest.fail(f"{reason}, and {REQUIRE_LIVE_TOOLS}=1 requires them")
+    pytest.skip(f"{reason}; .ci/run installs them")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster for this test process (one per xdist worker)."""
+    cluster = PostgresCluster(postgres_binaries()).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PostgresCluster) -> Iterator[str]:
+    """The URL of a fresh, empty store on the session's cluster (dropped afterwards)."""
+    url = pg_cluster.create_store()
+    yield url
+    pg_cluster.drop_store(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a test's store lives, once per backend: a SQLite file, a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return tmp_path / "store.db"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """``storage`` settings of a daemon, once per backend: the SQLite file of
+    ``make_settings``, then a fresh PostgreSQL store (the daemon leads it alone)."""
+    if request.param == "sqlite":
+        return {}
+    return {"url": request.getfixturevalue("pg_url")}
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +139,12 @@ def make_settings(tmp_path: Path, broker: EmbeddedBroker) -> Callable[..., Setti
         storage.update(overrides.pop("storage", {}))
         http = {"port": 0}
         http.update(overrides.pop("http", {}))
-        return Settings(kafka=kafka, storage=storage, http=http, **overrides)
+        # On a shared store: a daemon takes over a lease a killed one left within 4 s
+        # (a cancelled daemon releases it at once); a loaded machine may delay a renewal
+        # by a second or two without costing the lead.
+        ha = {"lease_duration_s": 4.0, "renew_deadline_s": 3.0, "retry_period_s": 0.2}
+        ha.update(overrides.pop("ha", {}))
+        return Settings(kafka=kafka, storage=storage, http=http, ha=ha, **overrides)
 
     return factory
 

@@ -4,13 +4,15 @@ Answers ``POST /v1/chat/completions`` with whatever the test's ``responder`` ret
 the request body: a string (a 200 answer with usage figures), a ``(status, body)``
 tuple for errors such as a 429, or a dict with the ``content`` and the choice's
 ``logprobs`` (OpenAI's shape: ``{"content": [{"token", "logprob", "top_logprobs"}]}``).
-Every request body is recorded in ``requests``.
+Every request body is recorded in ``requests``. ``POST /v1/embeddings`` answers with
+:func:`word_vector` of each text (recorded in ``embedded``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +29,8 @@ class FakeLLM:
     def __init__(self, responder: Responder, prompt_tokens: int = 100, completion_tokens: int = 50):
         self.responder = responder
         self.requests: list[dict[str, Any]] = []
+        # Texts of each ``POST /v1/embeddings`` request, in order.
+        self.embedded: list[list[str]] = []
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
         self._runner: web.AppRunner | None = None
@@ -72,10 +76,22 @@ class FakeLLM:
             }
         )
 
+    async def _embed(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        self.embedded.append(list(texts))
+        data = [
+            {"object": "embedding", "index": i, "embedding": word_vector(text)}
+            for i, text in enumerate(texts)
+        ]
+        usage = {"prompt_tokens": 3 * len(texts), "total_tokens": 3 * len(texts)}
+        return web.json_response({"object": "list", "data": data, "model": "e", "usage": usage})
+
     async def start(self) -> FakeLLM:
         """Listen on a free loopback port."""
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_post("/v1/embeddings", self._embed)
         # A request a test holds forever (a call in flight when a daemon is killed) is
         # cancelled a second after stop(), not after aiohttp's default minute.
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -89,6 +105,14 @@ class FakeLLM:
         """Close the server."""
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+def word_vector(text: str, dim: int = 32) -> list[float]:
+    """The fake embedding: counts of the text's words hashed into ``dim`` buckets."""
+    vector = [0.0] * dim
+    for word in text.lower().split():
+        vector[zlib.crc32(word.encode()) % dim] += 1.0
+    return vector
 
 
 RATE_LIMITED: tuple[int, dict[str, Any]] = (

@@ -89,7 +89,7 @@ async def _body(request: web.Request, model: type[BaseModel]) -> Any:
 async def list_prompts(request: web.Request) -> web.StreamResponse:
     """``GET /v1/prompts``."""
     registry = request.app[REGISTRY_KEY]
-    live = request.app[CONTROLLER_KEY].live_prompts()
+    live = await request.app[CONTROLLER_KEY].live_prompt_names()
     prompts = [
         p.model_dump() | {"rollout_live": p.name in live} for p in await registry.list_prompts()
     ]

@@ -130,9 +130,10 @@ def _command_modules() -> list[Any]:
         pipelines,
         process,
         prompts,
+        storage,
     )
 
-    return [process, prompts, pipelines, monitoring, optimize, evaluation, ops, demo]
+    return [process, prompts, pipelines, monitoring, optimize, evaluation, ops, storage, demo]
 
 
 def _flag_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:

@@ -57,8 +57,17 @@ def check_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if ok else 1
 
 
+def _sqlite_only(settings: Settings, command: str) -> None:
+    if settings.storage.shared:
+        raise CommandError(
+            f"the store is PostgreSQL (storage.url): {command} it with pg_dump / pg_restore "
+            "(see docs/operations.md, Backup and restore)"
+        )
+
+
 def backup_command(args: argparse.Namespace, settings: Settings) -> int:
     """Copy the live database with SQLite's online backup API (safe while it runs)."""
+    _sqlite_only(settings, "back up")
     source = settings.storage.database_path
     if not source.exists():
         raise CommandError(f"no database at {source}")
@@ -80,7 +89,8 @@ def backup_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _daemon_running(settings: Settings) -> bool:
+def daemon_running(settings: Settings) -> bool:
+    """True when ``runtime.json`` names a live process (the daemon of this data dir)."""
     pid = read_runtime(settings).get("pid")
     if not isinstance(pid, int):
         return False
@@ -95,10 +105,11 @@ def _daemon_running(settings: Settings) -> bool:
 
 def restore_command(args: argparse.Namespace, settings: Settings) -> int:
     """Replace the database with a checked backup; refuses while the daemon runs."""
+    _sqlite_only(settings, "restore")
     backup: Path = args.path
     if not backup.is_file():
         raise CommandError(f"no backup at {backup}")
-    if _daemon_running(settings):
+    if daemon_running(settings):
         raise CommandError("the daemon is running: stop it first (restore replaces its database)")
     try:
         with sqlite3.connect(f"file:{backup}?mode=ro", uri=True) as conn:

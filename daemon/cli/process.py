@@ -8,6 +8,7 @@ import json
 import signal
 import sqlite3
 import tempfile
+import time
 from typing import Any
 
 import structlog
@@ -102,11 +103,20 @@ def init(args: argparse.Namespace, settings: Settings) -> int:
             print("no Kafka configured: topics are created by `promptd run` on its broker")
 
     asyncio.run(_init())
-    print(f"database ready: {settings.storage.database_path}")
+    print(f"database ready: {_location(settings)}")
     return 0
 
 
 _DATA_DIR_SETTING = "storage.data_dir: PROMPTD_DATA_DIR or --data-dir"
+
+
+def _location(settings: Settings) -> str:
+    """The store, as messages name it (a PostgreSQL URL without its password)."""
+    if settings.storage.url is not None:
+        from promptd.storage.postgres import redact
+
+        return redact(settings.storage.url)
+    return str(settings.storage.database_path)
 
 
 def check_data_dir(settings: Settings) -> None:
@@ -133,16 +143,21 @@ def check_data_dir(settings: Settings) -> None:
 
 async def _open_database(settings: Settings) -> None:
     try:
-        db = await Database.open(settings.storage.database_path, settings.storage.busy_timeout_ms)
+        db = await Database.open(settings.storage.target, settings.storage.busy_timeout_ms)
     except (StorageError, sqlite3.Error, OSError) as exc:
         raise CommandError(_storage_message(settings, exc)) from None
     await db.close()
 
 
+_URL_SETTING = "storage.url: PROMPTD_STORAGE_URL"
+
+
 def _storage_message(settings: Settings, exc: BaseException) -> str:
+    setting = _URL_SETTING if settings.storage.shared else _DATA_DIR_SETTING
     if isinstance(exc, StorageError):  # already names the database
-        return f"{exc} ({_DATA_DIR_SETTING})"
-    return f"cannot use the database {settings.storage.database_path} ({_DATA_DIR_SETTING}): {exc}"
+        return f"{exc} ({setting})"
+    where = "the PostgreSQL store" if settings.storage.shared else settings.storage.database_path
+    return f"cannot use the database {where} ({setting}): {exc}"
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -184,6 +199,7 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
     rows = [
         ("healthy", body["healthy"]),
         ("ready", body["ready"]),
+        ("role", role_text(body.get("leadership") or {})),
         ("events stored", events["stored"]),
         ("  metrics / feedback", f"{events['stored_metrics']} / {events['stored_feedback']}"),
         ("duplicates", events["duplicates"]),
@@ -196,6 +212,25 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0 if body["healthy"] else 1
+
+
+def role_text(leadership: dict[str, Any]) -> str:
+    """Who leads, in one line: ``leader (single daemon)``, ``leader (generation 3)``,
+    ``standby; leader: b at http://10.0.0.2:8787 (generation 3)``, and a step-down."""
+    if not leadership.get("shared"):
+        return "leader (single daemon)"
+    generation = leadership.get("generation")
+    if leadership.get("role") == "leader":
+        text = f"leader {leadership.get('identity')} (generation {generation})"
+    else:
+        leader = leadership.get("leader")
+        who = f"{leader['identity']} at {leader['address']}" if leader else "none right now"
+        text = f"standby {leadership.get('identity')}; leader: {who} (generation {generation})"
+    stepped = leadership.get("stepped_down")
+    if stepped:
+        text += f"; stepped down at {time.strftime('%H:%M:%S', time.localtime(stepped['at']))}"
+        text += f": {stepped['reason']}"
+    return text
 
 
 def _publish(settings: Settings, topic: str, event: MetricEvent | FeedbackEvent) -> None:

@@ -10,6 +10,9 @@ Built in:
 * ``mipro`` — proposed instructions x demonstration sets, searched jointly with optuna's
   TPE sampler on validation minibatches, the best few re-scored on the whole split
   (MIPROv2);
+* ``knn`` — demonstrations retrieved per input from a pool of the train split's trusted
+  examples (KNNFewShot), searching k, the distance cut-off, the retriever and the
+  instruction; the version pins the pool, the app's SDK retrieves per request;
 * ``gepa`` — the ``gepa`` package's reflective evolutionary search through promptd's
   adapter (optional: ``pip install 'promptd[gepa]'``).
 
@@ -57,9 +60,10 @@ def _builtins() -> None:
     from promptd.optimization.strategies.fewshot import FewShotSearch
     from promptd.optimization.strategies.gepa_search import GepaSearch
     from promptd.optimization.strategies.instruction import InstructionSearch
+    from promptd.optimization.strategies.knn import KnnSearch
     from promptd.optimization.strategies.mipro import MiproSearch
 
-    for factory in (FewShotSearch, InstructionSearch, MiproSearch, GepaSearch):
+    for factory in (FewShotSearch, InstructionSearch, MiproSearch, KnnSearch, GepaSearch):
         _REGISTRY.setdefault(factory.name, factory)
 
 

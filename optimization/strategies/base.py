@@ -30,6 +30,7 @@ from promptd.optimization.config import OptimizationSettings
 from promptd.optimization.evaluator import Scorer
 from promptd.optimization.examples import Example, as_text
 from promptd.optimization.llm import CachedLLM, Message
+from promptd.optimization.pools import DemoPools
 from promptd.optimization.program import Program, check, seen_key
 from promptd.optimization.templates import clip
 
@@ -98,6 +99,7 @@ class SearchContext:
         on_candidate: CandidateHook,
         baseline_val_mean: float = 0.0,
         on_trial: TrialHook | None = None,
+        pools: DemoPools | None = None,
     ) -> None:
         self.run_id = run_id
         self.prompt = prompt
@@ -113,6 +115,8 @@ class SearchContext:
         # The validation mean of ``baseline`` (what proposers are told it scored).
         self.baseline_val_mean = baseline_val_mean
         self.on_trial = on_trial
+        # The run's demonstration pools (for strategies that retrieve demos per input).
+        self.pools = pools
 
     def rng(self, *tags: str) -> random.Random:
         """A generator seeded by the run and ``tags`` (same run, same draws)."""

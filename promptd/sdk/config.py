@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 #: A redaction hook: gets ``("input" | "output", value)`` and returns what may be stored.
 Redactor = Callable[[str, Any], Any]
+#: The app's embedding function for pools searched by embedding: text to vector.
+Embedder = Callable[[str], Sequence[float]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,10 @@ class SdkConfig:
     #: Set the call's GenAI attributes on the app's current OpenTelemetry span (see
     #: :mod:`promptd.sdk.otel`; needs ``opentelemetry-api``).
     otel_spans: bool = False
+    #: For versions whose demo pool is searched by embedding: the app's function from
+    #: the input's text to its vector, with the pool's embedding model. Unset: the SDK
+    #: asks the daemon (``POST /v1/prompts/{name}/embed``, the daemon's model and key).
+    embed: Embedder | None = None
 
     def __post_init__(self) -> None:
         # configure(prompts=["a", "b"]) passes a list; keep the config hashable and frozen.
@@ -143,7 +149,7 @@ _KAFKA_FIELDS = {
     "sasl_username",
     "sasl_password",
 }
-_NOT_FROM_ENV = {"redact", "registry", "prompts"}
+_NOT_FROM_ENV = {"redact", "registry", "prompts", "embed"}
 
 
 def _candidates(name: str) -> list[str]:

@@ -24,8 +24,9 @@ FEEDBACK: Final = "f"
 
 # Positions in a metric tuple:
 # (METRIC, ts, prompt, variant, model, request_id, unit_id, latency_ms, success, error,
-#  tokens_in, tokens_out, cost_usd, input, output, attributes, episode_id, sizing)
-# where sizing is None or (count, args, kwargs): input_chars = count(*args, **kwargs).
+#  tokens_in, tokens_out, cost_usd, input, output, attributes, episode_id, sizing, demos)
+# where sizing is None or (count, args, kwargs): input_chars = count(*args, **kwargs), and
+# ``demos`` is the call's DemoChoice (its ``ids``), or None.
 # Positions in a feedback tuple:
 # (FEEDBACK, ts, request_id, score, kind, comment, correction, prompt, variant, model,
 #  episode_id)
@@ -70,6 +71,7 @@ class Encoder:
             10:17
         ]
         size = _input_chars(item[17] if len(item) > 17 else None)
+        chosen = item[18] if len(item) > 18 else None
         event = self._metric(
             event_id=self._new_id(),
             ts=ts,
@@ -89,6 +91,7 @@ class Encoder:
             input=self._capture("input", captured_in),
             output=self._capture("output", captured_out),
             attributes=attributes,
+            demo_ids=None if chosen is None else chosen.ids,
         )
         self._remember(request_id, (prompt, variant, model))
         return (self.config.metrics_topic, prompt.encode(), event.to_json())

@@ -183,6 +183,9 @@ class _Spec:
             variant = entry.choose(unit or episode or request_id)
         if variant is None:
             variant = self.default
+        elif variant.demos is not None:
+            # Demos chosen per request: this call's own record of the ones it is shown.
+            variant = variant.for_call()
         if self.inject is not None:
             given = kwargs.get(self.inject)
             if isinstance(given, PromptVariant):
@@ -240,6 +243,8 @@ class _Spec:
             self.attributes,
             call.episode_id,
             sizing,
+            # The demos' record (read in the sender thread); None for fixed demos.
+            call.variant.chosen,
         )
         call.client.publisher.put(item)
         if call.client.config.otel_spans:

@@ -161,29 +161,55 @@ def test_alertmanager_config_is_valid() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+DAEMONS = ("promptd-a", "promptd-b")
+
+
 def test_compose_has_the_stack() -> None:
-    """The compose file loads with Kafka (KRaft), promptd, Prometheus, Grafana, Alertmanager."""
+    """The compose file loads with Kafka (KRaft), PostgreSQL, two promptd daemons on it,
+    Prometheus, Grafana, Alertmanager."""
     compose = _compose()
     services = compose["services"]
-    assert set(services) == {"kafka", "promptd", "prometheus", "grafana", "alertmanager"}
+    assert set(services) == {
+        "kafka",
+        "postgres",
+        *DAEMONS,
+        "prometheus",
+        "grafana",
+        "alertmanager",
+    }
 
     kafka = services["kafka"]
     assert kafka["image"].startswith("apache/kafka:")
     assert kafka["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert "PLAINTEXT://kafka:9092" in kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"]
 
-    promptd = services["promptd"]
-    build = promptd["build"]
-    assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
-    env = promptd["environment"]
-    assert env["PROMPTD_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
-    assert env["PROMPTD_KAFKA__ENABLE_IDEMPOTENCE"] == "true"
-    assert env["PROMPTD_ADMIN_TOKEN"].startswith("${PROMPTD_ADMIN_TOKEN:?")
-    assert promptd["depends_on"]["kafka"]["condition"] == "service_healthy"
+    postgres = services["postgres"]
+    assert postgres["image"].startswith("postgres:15")
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    for name in DAEMONS:
+        promptd = services[name]
+        build = promptd["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+        env = promptd["environment"]
+        assert env["PROMPTD_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+        assert env["PROMPTD_KAFKA__ENABLE_IDEMPOTENCE"] == "true"
+        assert env["PROMPTD_ADMIN_TOKEN"].startswith("${PROMPTD_ADMIN_TOKEN:?")
+        # One store, one group; each daemon its own name and the address it is reached at.
+        assert env["PROMPTD_STORAGE_URL"].startswith("postgresql://promptd:")
+        assert env["PROMPTD_STORAGE_URL"].endswith("@postgres:5432/promptd")
+        assert env["PROMPTD_HA__IDENTITY"] == name == promptd["hostname"]
+        assert env["PROMPTD_HA__ADVERTISE_URL"] == f"http://{name}:8787"
+        for needed in ("kafka", "postgres"):
+            assert promptd["depends_on"][needed]["condition"] == "service_healthy"
+    assert (
+        services["promptd-a"]["environment"]["PROMPTD_STORAGE_URL"]
+        == (services["promptd-b"]["environment"]["PROMPTD_STORAGE_URL"])
+    )
 
     prometheus_target = _yaml(PROMETHEUS_DIR / "prometheus.yml")["scrape_configs"][0]
     assert prometheus_target["job_name"] == "promptd"
-    assert prometheus_target["static_configs"][0]["targets"] == ["promptd:8787"]
+    targets = prometheus_target["static_configs"][0]["targets"]
+    assert targets == [f"{name}:8787" for name in DAEMONS]
     alertmanager = _yaml(PROMETHEUS_DIR / "prometheus.yml")["alerting"]["alertmanagers"]
     assert alertmanager[0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
 
@@ -198,18 +224,24 @@ def test_compose_ports_and_volumes() -> None:
     services = compose["services"]
     expected_ports = {
         "kafka": {9094},
-        "promptd": {8787},
+        "postgres": set(),
+        "promptd-a": {8787},
+        "promptd-b": {8787},
         "prometheus": {9090},
         "grafana": {3000},
         "alertmanager": {9093},
     }
     for name, ports in expected_ports.items():
         assert _published(services[name]) == ports, name
+    hosts = [str(p).rsplit(":", 1)[0] for name in DAEMONS for p in services[name]["ports"]]
+    assert len(set(hosts)) == len(DAEMONS), hosts  # each daemon on its own host port
 
     declared = set(compose["volumes"])
     expected_named = {
         "kafka": ("kafka-data", "/var/lib/kafka/data"),
-        "promptd": ("promptd-data", "/var/lib/promptd"),
+        "postgres": ("postgres-data", "/var/lib/postgresql/data"),
+        "promptd-a": ("promptd-a-data", "/var/lib/promptd"),
+        "promptd-b": ("promptd-b-data", "/var/lib/promptd"),
         "prometheus": ("prometheus-data", "/prometheus"),
         "grafana": ("grafana-data", "/var/lib/grafana"),
         "alertmanager": ("alertmanager-data", "/alertmanager"),
@@ -235,18 +267,26 @@ def test_compose_ports_and_volumes() -> None:
 
 def test_compose_promptd_environment_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     """The compose environment of promptd plus the image's ENV are settings the daemon accepts."""
-    env = dict(_dockerfile_env())
-    for key, value in _compose()["services"]["promptd"]["environment"].items():
-        env[key] = re.sub(r"\$\{(\w+)[^}]*\}", lambda m: "t" * 24 if "TOKEN" in m[1] else "", value)
-    _clear_promptd_env(monkeypatch)
-    for key, value in env.items():
-        if key.startswith("PROMPTD_") and value:
-            monkeypatch.setenv(key, value)
-    settings = load_settings()
-    assert settings.kafka.bootstrap_servers == "kafka:9092"
-    assert settings.kafka.enable_idempotence is True
-    assert settings.http.host == "0.0.0.0"
-    assert settings.storage.data_dir == Path("/var/lib/promptd")
+    for name in DAEMONS:
+        env = dict(_dockerfile_env())
+        for key, value in _compose()["services"][name]["environment"].items():
+            env[key] = re.sub(r"\$\{(\w+)[^}]*\}", _secret_or_default, value)
+        _clear_promptd_env(monkeypatch)
+        for key, value in env.items():
+            if key.startswith("PROMPTD_") and value:
+                monkeypatch.setenv(key, value)
+        settings = load_settings()
+        assert settings.kafka.bootstrap_servers == "kafka:9092"
+        assert settings.kafka.enable_idempotence is True
+        assert settings.http.host == "0.0.0.0"
+        assert settings.storage.data_dir == Path("/var/lib/promptd")
+        assert settings.storage.shared
+        assert settings.ha.identity == name
+
+
+def _secret_or_default(variable: re.Match[str]) -> str:
+    """A compose ``${VAR...}``: secrets as the operator would set them, others unset."""
+    return "t" * 24 if variable[1].endswith(("TOKEN", "PASSWORD")) else ""
 
 
 def _clear_promptd_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -418,23 +458,33 @@ def _k8s() -> dict[str, dict[str, Any]]:
 
 
 def test_kubernetes_manifests() -> None:
-    """One Recreate replica with probes, a PVC, non-root read-only root, the Secret token."""
+    """Two daemons (a RollingUpdate that keeps one ready) on a PostgreSQL store, a
+    PodDisruptionBudget, probes per role, non-root read-only root, the Secrets."""
     objects = _k8s()
     assert {
         "Deployment",
         "Service",
         "ConfigMap",
-        "PersistentVolumeClaim",
+        "StatefulSet",
+        "PodDisruptionBudget",
         "ServiceMonitor",
         "Kustomization",
     } <= set(objects)
     kustomization = objects["Kustomization"]
     for resource in kustomization["resources"]:
         assert (K8S / resource).is_file(), resource
+    listed = {doc["kind"] for r in kustomization["resources"] for doc in _yaml_docs(K8S / r)}
+    assert {"StatefulSet", "PodDisruptionBudget", "Deployment"} <= listed
 
     spec = objects["Deployment"]["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    labels = spec["template"]["metadata"]["labels"]
+    pdb = objects["PodDisruptionBudget"]["spec"]
+    assert pdb["minAvailable"] == 1
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    assert objects["Service"]["spec"]["selector"].items() <= labels.items()
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     (container,) = pod["containers"]
@@ -445,10 +495,27 @@ def test_kubernetes_manifests() -> None:
     assert container["resources"]["limits"]["memory"]
     env = {e["name"]: e for e in container["env"]}
     assert env["PROMPTD_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "token"
+    # The store: the PostgreSQL Service, the password from its Secret (declared first, as
+    # $(VAR) needs); each pod's name and address for the lease.
+    names = [e["name"] for e in container["env"]]
+    assert names.index("POSTGRES_PASSWORD") < names.index("PROMPTD_STORAGE_URL")
+    postgres = objects["StatefulSet"]
+    password = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    (db,) = postgres["spec"]["template"]["spec"]["containers"]
+    db_env = {e["name"]: e for e in db["env"]}
+    assert db_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == password
+    url = env["PROMPTD_STORAGE_URL"]["value"]
+    service = postgres["spec"]["serviceName"]
+    assert url == (
+        f"postgresql://{db_env['POSTGRES_USER']['value']}:$(POSTGRES_PASSWORD)@{service}:5432/"
+        f"{db_env['POSTGRES_DB']['value']}"
+    )
+    assert env["PROMPTD_HA__IDENTITY"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert names.index("POD_IP") < names.index("PROMPTD_HA__ADVERTISE_URL")
+    assert env["PROMPTD_HA__ADVERTISE_URL"]["value"] == "http://$(POD_IP):8787"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    claim = objects["PersistentVolumeClaim"]["metadata"]["name"]
-    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == claim
+    assert "emptyDir" in volumes["data"]  # the state is in PostgreSQL
     assert mounts["data"] == env["PROMPTD_DATA_DIR"]["value"] == "/var/lib/promptd"
     config_map = objects["ConfigMap"]
     assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
@@ -472,10 +539,13 @@ def test_kubernetes_config_map_is_valid(monkeypatch: pytest.MonkeyPatch, tmp_pat
     toml.write_text(_k8s()["ConfigMap"]["data"]["promptd.toml"])
     _clear_promptd_env(monkeypatch)
     monkeypatch.setenv("PROMPTD_ADMIN_TOKEN", "k" * 24)
+    monkeypatch.setenv("PROMPTD_STORAGE_URL", "postgresql://promptd:p@promptd-postgres/promptd")
     settings = load_settings(toml)
     assert settings.http.host == "0.0.0.0"
     assert settings.http.port == 8787
     assert settings.storage.data_dir == Path("/var/lib/promptd")
+    assert settings.storage.shared
+    assert settings.ha.lease_duration_s > settings.ha.renew_deadline_s
     assert settings.kafka.bootstrap_servers
     assert settings.kafka.enable_idempotence is True
 

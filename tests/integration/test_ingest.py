@@ -69,10 +69,11 @@ MALFORMED: list[tuple[bytes | None, str]] = [
 
 
 async def test_stores_each_valid_event_once_and_dead_letters_the_rest(
-    make_settings, start_daemon
+    make_settings, backend, start_daemon
 ) -> None:
-    """Valid events are stored exactly once; malformed records go to the DLQ with a reason."""
-    settings = make_settings()
+    """Valid events are stored exactly once; malformed records go to the DLQ with a reason
+    (on both storage backends)."""
+    settings = make_settings(storage=backend)
     kafka = settings.kafka
     metrics = [json.dumps(_metric(i)).encode() for i in range(3000)]
     feedback = [json.dumps(_feedback(i)).encode() for i in range(500)]
@@ -129,10 +130,11 @@ async def _stored_offsets_total(repo, total: int) -> bool:
 
 
 async def test_hard_stop_mid_ingestion_loses_nothing_and_counts_nothing_twice(
-    make_settings, start_daemon
+    make_settings, backend, start_daemon
 ) -> None:
-    """A daemon cancelled without its shutdown path resumes from SQLite: each event once."""
-    settings = make_settings(kafka={"max_batch_records": 200})
+    """A daemon cancelled without its shutdown path resumes from storage: each event once
+    (on both storage backends)."""
+    settings = make_settings(kafka={"max_batch_records": 200}, storage=backend)
     kafka = settings.kafka
     values = [json.dumps(_metric(i)).encode() for i in range(6000)]
     await produce(kafka.bootstrap_servers, kafka.metrics_topic, values)
@@ -161,7 +163,7 @@ async def _count(settings) -> tuple[int, int]:
     from promptd.storage.database import Database
     from promptd.storage.repository import EventRepository
 
-    db = await Database.open(settings.storage.database_path)
+    db = await Database.open(settings.storage.target)
     try:
         return await EventRepository(db).count_events()
     finally:

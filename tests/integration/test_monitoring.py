@@ -260,11 +260,12 @@ async def _has(query: Callable[[], Any], wanted: set[str]) -> bool:
 
 
 async def test_firing_alert_survives_restart_without_duplicate(
-    make_settings: Callable[..., Any], start_daemon: Callable[..., Any]
+    make_settings: Callable[..., Any], backend: dict[str, Any], start_daemon: Callable[..., Any]
 ) -> None:
-    """A firing alert stays firing across a restart and is not notified a second time."""
+    """A firing alert stays firing across a restart and is not notified a second time (on
+    both storage backends)."""
     rule = {**RULES[0], "window": "60s"}
-    settings = make_settings(monitoring=_monitoring(rules=[rule]))
+    settings = make_settings(monitoring=_monitoring(rules=[rule]), storage=backend)
     first = await start_daemon(settings)
     await _send(settings, 20, healthy=False)
     async with aiohttp.ClientSession() as session:

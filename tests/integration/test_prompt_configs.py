@@ -78,7 +78,14 @@ async def test_config_versions_in_registry_routing_and_sdk(
     assert routing["active_config"]["model"] == "openai/gpt-4o-mini"
 
     def app() -> tuple[Any, list[dict[str, str]]]:
-        promptd.configure(daemon_url=running.url, prompts=[prompt], registry=CollectorRegistry())
+        # The first call waits for routing (2 s by default); a loaded machine may take
+        # longer, and what is tested here is the rendering, not that bound.
+        promptd.configure(
+            daemon_url=running.url,
+            prompts=[prompt],
+            registry=CollectorRegistry(),
+            routing_timeout_s=30.0,
+        )
         seen: list[Any] = []
 
         @promptd.instrument(prompt=prompt, version="v0", template="{text}", inject="variant")

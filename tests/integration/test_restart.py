@@ -113,11 +113,11 @@ async def test_clean_restart_loads_the_snapshot_and_replays_nothing(
 
 
 async def test_crash_replays_only_the_events_stored_after_the_last_snapshot(
-    make_settings, start_daemon
+    make_settings, backend, start_daemon
 ) -> None:
     """After a hard stop the start loads the last periodic snapshot and replays exactly the
-    events stored after it; the windows then hold every event once."""
-    settings = make_settings(monitoring={"snapshot_interval_s": 0.2})
+    events stored after it; the windows then hold every event once (both backends)."""
+    settings = make_settings(monitoring={"snapshot_interval_s": 0.2}, storage=backend)
     kafka = settings.kafka
     first = await start_daemon(settings)
     now = time.time()

@@ -160,10 +160,15 @@ async def _metrics(url: str) -> str:
 
 
 async def test_rollout_resumes_at_same_step_weight_and_salt_after_hard_stop(
-    make_settings, start_daemon
+    make_settings, backend, start_daemon
 ) -> None:
-    """A daemon stopped without its shutdown path resumes each rollout where it was."""
-    settings = _settings(make_settings, rollout={"tick_interval_s": 0.05, "time_scale": 0.0001})
+    """A daemon stopped without its shutdown path resumes each rollout where it was (on
+    both storage backends)."""
+    settings = _settings(
+        make_settings,
+        rollout={"tick_interval_s": 0.05, "time_scale": 0.0001},
+        storage=backend,
+    )
     first = await start_daemon(settings)
     async with aiohttp.ClientSession() as http:
         await _setup_prompt(http, first.url)

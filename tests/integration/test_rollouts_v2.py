@@ -22,10 +22,16 @@ TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _settings(make_settings: Any, profiles: dict[str, Any] | None = None, **rollout: Any) -> Any:
+def _settings(
+    make_settings: Any,
+    profiles: dict[str, Any] | None = None,
+    storage: dict[str, Any] | None = None,
+    **rollout: Any,
+) -> Any:
     return make_settings(
         http={"admin_token": TOKEN},
         rollout={"tick_interval_s": 0.1, "profiles": profiles or {}, **rollout},
+        storage=storage or {},
     )
 
 
@@ -96,11 +102,13 @@ async def _rollout(http: aiohttp.ClientSession, url: str, rid: str) -> dict[str,
     return dict(body)
 
 
-async def test_late_feedback_joins_its_call_across_restarts(make_settings, start_daemon) -> None:
+async def test_late_feedback_joins_its_call_across_restarts(
+    make_settings, backend, start_daemon
+) -> None:
     """Calls stored before a hard stop and their feedback stored after the restart are
     joined on request_id: the feedback counts in its call's arm, and a second restart
-    (which replays stored events) counts exactly the same."""
-    settings = _settings(make_settings, tick_interval_s=60)
+    (which replays stored events) counts exactly the same (on both storage backends)."""
+    settings = _settings(make_settings, tick_interval_s=60, storage=backend)
     first = await start_daemon(settings)
     async with aiohttp.ClientSession() as http:
         await _prompt(http, first.url)

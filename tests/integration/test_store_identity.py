@@ -86,6 +86,35 @@ async def test_an_empty_database_while_the_group_has_consumed_is_refused(
     await wait_for(lambda: _stored(path) == 40, timeout=30)
 
 
+async def test_a_new_shared_store_under_a_group_that_consumed_is_refused(
+    make_settings, pg_cluster, pg_url, start_daemon
+) -> None:
+    """On PostgreSQL the same: a daemon pointed at another, empty store (a replaced
+    database, the wrong URL) whose consumer group has committed offsets is refused with
+    one line, by the daemon that would lead it, pointing to pg_restore."""
+    settings = make_settings(storage={"url": pg_url})
+    kafka = settings.kafka
+    first = await start_daemon(settings)
+    await produce(kafka.bootstrap_servers, kafka.metrics_topic, metric_values(40, "a"))
+    await wait_for(lambda: _count_is(first.daemon, 40), timeout=30)
+    await first.stop()  # commits the group's offsets
+
+    other = pg_cluster.create_store()
+    try:
+        moved = settings.storage.model_copy(update={"url": other})
+        message = await refusal(settings.model_copy(update={"storage": moved}))
+    finally:
+        pg_cluster.drop_store(other)
+    assert f"consumer group {kafka.group_id!r} has committed offsets" in message
+    assert "is a new store" in message
+    assert "pg_restore" in message
+
+
+async def _count_is(running: Daemon, n: int) -> bool:
+    assert running.repo is not None
+    return (await running.repo.count_events())[0] == n
+
+
 def _ready_within(port_file: Path, proc: subprocess.Popen[str], seconds: float) -> float:
     """Seconds until the daemon whose runtime.json has ``proc``'s pid answers /readyz 200."""
     started = time.monotonic()

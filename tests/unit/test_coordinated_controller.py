@@ -32,9 +32,11 @@ GEO = {
 
 
 @pytest.fixture
-async def parts(tmp_path: Path) -> AsyncIterator[tuple[Database, Registry, PipelineRegistry]]:
+async def parts(
+    store_target: Path | str,
+) -> AsyncIterator[tuple[Database, Registry, PipelineRegistry]]:
     """A SQLite file with three prompts in a pipeline, each with v1 active and a v2."""
-    db = await Database.open(tmp_path / "c.db")
+    db = await Database.open(store_target)
     registry = Registry(db)
     for prompt, placeholder in (("extract", "text"), ("answer", "notes"), ("polish", "draft")):
         await registry.register(prompt, NewVersion(template=f"{prompt} v1 {{{placeholder}}}"))

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from promptd.events import FeedbackEvent, MetricEvent
-from promptd.storage.database import Database, _statements
+from promptd.storage.database import Database
 from promptd.storage.repository import EventRepository
 from promptd.storage.rows import FEEDBACK_COLUMNS, METRIC_COLUMNS, feedback_row, metric_row
 from promptd.storage.schema import MIGRATIONS, latest_version
+from promptd.storage.sqlite import _statements
 
 T0 = 1_795_000_000.0
 
@@ -74,11 +75,11 @@ async def test_migration_keeps_feedback_rows_and_ids(tmp_path: Path) -> None:
         await db.close()
 
 
-async def test_calls_and_feedback_in_episodes_are_stored_exactly(tmp_path: Path) -> None:
+async def test_calls_and_feedback_in_episodes_are_stored_exactly(store_target: Path | str) -> None:
     """Calls with and without an episode and with and without captures (the three
     statement shapes), and feedback on a call, on an episode and on both, read back as
     the rows they were."""
-    db = await Database.open(tmp_path / "e.db")
+    db = await Database.open(store_target)
     try:
         calls = [
             metric(0),
@@ -126,12 +127,16 @@ def _sqlite(row: tuple[Any, ...]) -> tuple[Any, ...]:
     ],
 )
 async def test_the_table_refuses_feedback_without_a_target(
-    tmp_path: Path, values: str, why: str
+    store_target: Path | str, values: str, why: str
 ) -> None:
     """The schema itself refuses feedback rows the contract forbids (``why``)."""
-    db = await Database.open(tmp_path / "c.db")
+    import asyncpg
+
+    db = await Database.open(store_target)
     try:
-        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        with pytest.raises(
+            (sqlite3.IntegrityError, asyncpg.CheckViolationError), match=r"(?i)CHECK"
+        ):
             async with db.transaction() as conn:
                 await conn.execute(
                     "INSERT INTO feedback_events (event_id, ts, prompt, variant, request_id, "
@@ -142,10 +147,10 @@ async def test_the_table_refuses_feedback_without_a_target(
         await db.close()
 
 
-async def test_episode_calls_are_those_stored_by_then(tmp_path: Path) -> None:
+async def test_episode_calls_are_those_stored_by_then(store_target: Path | str) -> None:
     """The calls of an episode are looked up in storage order, only those stored at or
     before the given time, across lookups of many episodes at once."""
-    db = await Database.open(tmp_path / "l.db")
+    db = await Database.open(store_target)
     repo = EventRepository(db)
     try:
         first = await repo.store_batch(

@@ -17,9 +17,9 @@ T0 = 1_795_000_000.0
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[EvaluationStore]:
-    """A store on a migrated database file."""
-    db = await Database.open(tmp_path / "ev.db")
+async def store(store_target: Path | str) -> AsyncIterator[EvaluationStore]:
+    """A store on a migrated database (a SQLite file, then PostgreSQL)."""
+    db = await Database.open(store_target)
     yield EvaluationStore(db)
     await db.close()
 

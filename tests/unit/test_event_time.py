@@ -456,12 +456,13 @@ def call(n: int, ts: float) -> MetricEvent:
     )
 
 
-async def test_sql_aggregates_admit_what_the_replay_admits(tmp_path: Path) -> None:
+async def test_sql_aggregates_admit_what_the_replay_admits(store_target: Path | str) -> None:
     """History older than the replay horizon is rebuilt from SQL aggregates under the
     same rule as the raw replay: a call stamped a little ahead counts in the bucket of
-    its storage time, one stamped too far ahead or too late does not count."""
+    its storage time, one stamped too far ahead or too late does not count (on both
+    storage backends)."""
     base = 1_700_000_010.0  # a multiple of the 30 s baseline buckets
-    db = await Database.open(tmp_path / "a.db")
+    db = await Database.open(store_target)
     try:
         repo = EventRepository(db)
 
@@ -485,10 +486,12 @@ async def test_sql_aggregates_admit_what_the_replay_admits(tmp_path: Path) -> No
         await db.close()
 
 
-async def test_retention_keeps_the_watermarks_of_the_batches_it_keeps(tmp_path: Path) -> None:
+async def test_retention_keeps_the_watermarks_of_the_batches_it_keeps(
+    store_target: Path | str,
+) -> None:
     """Purging old events also purges the watermarks of batches no kept row belongs to,
-    and keeps every one a kept row needs."""
-    db = await Database.open(tmp_path / "r.db")
+    and keeps every one a kept row needs (on both storage backends)."""
+    db = await Database.open(store_target)
     try:
         repo = EventRepository(db)
         base = 1_700_000_000.0

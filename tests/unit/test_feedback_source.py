@@ -21,18 +21,19 @@ from promptd.replacement.observations import RolloutAccumulator
 from promptd.replacement.pipelines import Pipeline
 from promptd.replacement.replay import replay
 from promptd.storage.alerts import history_aggregates, raw_events
-from promptd.storage.database import Database, _statements
+from promptd.storage.database import Database
 from promptd.storage.repository import EventRepository
 from promptd.storage.schema import MIGRATIONS
 from promptd.storage.snapshots import tail_events
+from promptd.storage.sqlite import _statements
 
 T0 = time.time() - 600
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    """A migrated database on a real file, closed afterwards."""
-    database = await Database.open(tmp_path / "src.db")
+async def db(store_target: Path | str) -> AsyncIterator[Database]:
+    """A migrated database (a SQLite file, then PostgreSQL), closed afterwards."""
+    database = await Database.open(store_target)
     yield database
     await database.close()
 

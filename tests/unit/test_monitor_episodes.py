@@ -152,9 +152,9 @@ def episode_stream(seed: int, n: int) -> Iterator[list[MetricRow | FeedbackRow]]
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
+async def db(store_target: Path | str) -> AsyncIterator[Database]:
     """A real SQLite file."""
-    database = await Database.open(tmp_path / "e.db")
+    database = await Database.open(store_target)
     yield database
     await database.close()
 

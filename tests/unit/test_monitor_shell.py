@@ -374,9 +374,9 @@ def test_export_window_must_fit_the_tiers() -> None:
         MonitoringSettings(export_windows_s=(999_999.0,))
 
 
-async def test_alert_store_round_trip_and_purge(tmp_path: Path) -> None:
+async def test_alert_store_round_trip_and_purge(store_target: Path | str) -> None:
     """States and history survive in SQLite; purge keeps each live alert's restore point."""
-    db = await Database.open(tmp_path / "a.db")
+    db = await Database.open(store_target)
     try:
         store = AlertStore(db)
         alert = {"fingerprint": "fp", "rule": "r", "labels": {}, "state": "firing"}
@@ -390,11 +390,13 @@ async def test_alert_store_round_trip_and_purge(tmp_path: Path) -> None:
         await db.close()
 
 
-async def test_rebuild_replays_recent_events_and_aggregates_older_ones(tmp_path: Path) -> None:
+async def test_rebuild_replays_recent_events_and_aggregates_older_ones(
+    store_target: Path | str,
+) -> None:
     """Start-up rebuild: raw events of the horizon plus hourly aggregates of older history."""
     from promptd.storage.repository import BatchTime, EventRepository
 
-    db = await Database.open(tmp_path / "r.db")
+    db = await Database.open(store_target)
     try:
         repo = EventRepository(db)
         old = [metric(T0 - 7200 + i, 100.0) for i in range(10)]

@@ -194,9 +194,9 @@ async def _ingest(
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> Iterator[Database]:
+async def db(store_target: Path | str) -> Iterator[Database]:
     """A real SQLite file."""
-    database = await Database.open(tmp_path / "s.db")
+    database = await Database.open(store_target)
     yield database
     await database.close()
 

@@ -27,9 +27,9 @@ PIPELINE = Pipeline(
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
+async def db(store_target: Path | str) -> AsyncIterator[Database]:
     """A migrated database on a real file, closed afterwards."""
-    database = await Database.open(tmp_path / "ep.db")
+    database = await Database.open(store_target)
     yield database
     await database.close()
 

@@ -15,9 +15,9 @@ from tests.optimize_helpers import Row, seed
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
+async def db(store_target: Path | str) -> AsyncIterator[Database]:
     """A migrated database, closed afterwards."""
-    database = await Database.open(tmp_path / "t.db")
+    database = await Database.open(store_target)
     yield database
     await database.close()
 

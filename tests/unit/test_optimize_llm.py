@@ -28,8 +28,16 @@ from tests.optimize_fake_llm import RATE_LIMITED, FakeLLM, user_text
 
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    """A migrated database, closed afterwards."""
+    """A migrated database file, closed afterwards."""
     database = await Database.open(tmp_path / "t.db")
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+async def any_db(store_target: Path | str) -> AsyncIterator[Database]:
+    """A migrated database on each backend (the tests of the call cache's SQL)."""
+    database = await Database.open(store_target)
     yield database
     await database.close()
 
@@ -63,21 +71,21 @@ def _msg(text: str) -> list[dict[str, str]]:
 
 
 async def test_answers_are_paid_once_across_runs_and_restarts(
-    db: Database, fake_llm: Callable[..., Any]
+    any_db: Database, fake_llm: Callable[..., Any]
 ) -> None:
     """A stored answer is reused by the same run, another run and a new process."""
     fake = await fake_llm(lambda body: f"echo {user_text(body)}")
     model = _model(fake)
-    first = _llm(db, Budget(10, 1.0))
+    first = _llm(any_db, Budget(10, 1.0))
     assert await first.complete(model, _msg("a"), "evaluation") == "echo a"
     assert await first.complete(model, _msg("a"), "evaluation") == "echo a"
-    other_run = _llm(db, Budget(10, 1.0), run="run-2")
+    other_run = _llm(any_db, Budget(10, 1.0), run="run-2")
     assert await other_run.complete(model, _msg("a"), "evaluation") == "echo a"
     assert len(fake.requests) == 1
     assert (first.misses, first.hits, other_run.hits) == (1, 1, 1)
-    spent = await OptimizationStore(db).spend("run-1")
+    spent = await OptimizationStore(any_db).spend("run-1")
     assert (spent.calls, spent.tokens) == (1, 150)
-    assert (await OptimizationStore(db).spend("run-2")).calls == 0
+    assert (await OptimizationStore(any_db).spend("run-2")).calls == 0
 
 
 async def test_nonce_and_parameters_make_distinct_calls(
@@ -94,7 +102,7 @@ async def test_nonce_and_parameters_make_distinct_calls(
 
 
 async def test_concurrent_identical_calls_share_one_request(
-    db: Database, fake_llm: Callable[..., Any]
+    any_db: Database, fake_llm: Callable[..., Any]
 ) -> None:
     """Two strategies asking the same thing at once cause one request."""
 
@@ -103,7 +111,7 @@ async def test_concurrent_identical_calls_share_one_request(
         return "done"
 
     fake = await fake_llm(slow)
-    llm = _llm(db, Budget(10, 1.0))
+    llm = _llm(any_db, Budget(10, 1.0))
     answers = await asyncio.gather(*(llm.complete(_model(fake), _msg("q"), "e") for _ in range(5)))
     assert answers == ["done"] * 5
     assert len(fake.requests) == 1
@@ -183,8 +191,11 @@ async def test_evaluator_renders_calls_and_scores(
     assert not evaluator.usable(_example("c", "x", None), Program.text("City of {text}"))
     assert not evaluator.usable(ok, Program.text("City of {missing}"))
     assert await evaluator.scores(Program.text("City of {text}"), [ok, wrong]) == [1.0, 0.0]
-    assert fake.requests[0]["messages"] == [{"role": "user", "content": "City of in Paris"}]
-    assert fake.requests[0]["temperature"] == 0.0
+    # The examples are evaluated concurrently: the requests may arrive in any order.
+    sent = sorted(r["messages"][0]["content"] for r in fake.requests)
+    assert sent == ["City of in Paris", "City of in Rome"]
+    assert [len(r["messages"]) for r in fake.requests] == [1, 1]
+    assert {r["temperature"] for r in fake.requests} == {0.0}
 
 
 async def test_evaluator_scores_a_refused_request_zero(

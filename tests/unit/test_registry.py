@@ -24,8 +24,16 @@ from promptd.storage.database import Database
 
 
 @pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
-    """A registry on a fresh database file."""
+async def registry(store_target: Path | str) -> AsyncIterator[Registry]:
+    """A registry on a fresh database (a SQLite file, then PostgreSQL)."""
+    db = await Database.open(store_target)
+    yield Registry(db)
+    await db.close()
+
+
+@pytest.fixture
+async def file_registry(tmp_path: Path) -> AsyncIterator[Registry]:
+    """A registry on a fresh database file (name checks happen before any SQL)."""
     db = await Database.open(tmp_path / "r.db")
     yield Registry(db)
     await db.close()
@@ -112,24 +120,24 @@ async def test_unknown_prompt_or_version_is_not_found(registry: Registry) -> Non
     ],
 )
 async def test_bad_names_are_refused_with_the_reason(
-    registry: Registry, name: str, problem: str
+    file_registry: Registry, name: str, problem: str
 ) -> None:
     """Names the event contract could not carry sensibly (empty, NUL and other control
     characters, edge whitespace, over 200 characters) are refused (422) saying why, in the
     prompt name, in a version name and in a restore; nothing is stored."""
     assert name_problem(name, 200) is not None
     with pytest.raises(InvalidName, match=re.escape(problem)) as info:
-        await registry.register(name, NewVersion(template="x"))
+        await file_registry.register(name, NewVersion(template="x"))
     assert info.value.status == 422
     with pytest.raises(ValidationError, match="name "):
         NewVersion(template="x", version=name)
     with pytest.raises(InvalidName):
-        await registry.restore("p", name)
-    assert await registry.list_prompts() == []
+        await file_registry.restore("p", name)
+    assert await file_registry.list_prompts() == []
 
 
 @pytest.mark.parametrize("name", ["summarize", "support/summarize v2", "résumé·日本語", "x" * 200])
-async def test_good_names_are_kept_verbatim(registry: Registry, name: str) -> None:
+async def test_good_names_are_kept_verbatim(file_registry: Registry, name: str) -> None:
     """Spaces, slashes and any script inside a name are fine, up to 200 characters."""
-    version = await registry.register(name, NewVersion(template="x", version=name))
+    version = await file_registry.register(name, NewVersion(template="x", version=name))
     assert (version.prompt, version.version) == (name, name)

@@ -183,7 +183,7 @@ def batch(
             (f"m{rid}", now + rng.choice(CALL_SKEWS), "p", variant, "m", rid,
              f"u{rng.randrange(40)}", rng.lognormvariate(5, 1), rng.random() > 0.1, None,
              rng.random(), None, None, rng.random() / 100, rng.choice([None, rng.randrange(900)]),
-             episode, None, None, None)
+             episode, None, None, None, None)
         )  # fmt: skip
     feedback: list[FeedbackRow] = []
     for j in range(rng.randrange(n + 3)):

@@ -59,7 +59,7 @@ def batches(seed: int, n: int) -> list[tuple[list[MetricRow], list[FeedbackRow]]
             row: MetricRow = (f"m{rid}", ts, "p", variant, "m", rid, unit, latency, ok)
             size = rng.choice([None, rng.randrange(900)])
             row += (None, rng.random(), None, None, rng.random() / 100, size, episode, None, None)
-            row += (None,)
+            row += (None, None)
             metrics.append(row)
             calls.append(rid)
         feedback: list[FeedbackRow] = []
@@ -88,9 +88,9 @@ def feed(acc: RolloutAccumulator, outcome: BatchOutcome) -> None:
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
+async def db(store_target: Path | str) -> AsyncIterator[Database]:
     """A real SQLite file."""
-    database = await Database.open(tmp_path / "r.db")
+    database = await Database.open(store_target)
     yield database
     await database.close()
 

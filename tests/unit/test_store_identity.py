@@ -7,12 +7,13 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from promptd.daemon.store_guard import _start_ticks, process_gone, this_process
-from promptd.storage.database import Database, _quick_check
+from promptd.storage.database import Database
 from promptd.storage.identity import (
     KEEP_OWNERS,
     Owner,
@@ -20,6 +21,7 @@ from promptd.storage.identity import (
     record_kafka,
     record_owner,
 )
+from promptd.storage.sqlite import SqliteDatabase, _quick_check
 from tests.sqlite_damage import damage_first_leaf
 
 
@@ -51,6 +53,28 @@ async def test_every_new_database_gets_its_own_identity(tmp_path: Path) -> None:
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_postgresql_store_gets_its_identity_from_its_own_migration(pg_cluster) -> None:
+    """On PostgreSQL, migration 15 makes the identity row with the server's functions: 32
+    hex digits, a different id per store, the creation time in epoch seconds."""
+    urls = [pg_cluster.create_store() for _ in range(2)]
+    try:
+        before = time.time()
+        stores = [await Database.open(url) for url in urls]
+        try:
+            a, b = [await load_identity(db) for db in stores]
+            recorded = await record_kafka(stores[0], "k:9092", "promptd", ["m"])
+        finally:
+            for db in stores:
+                await db.close()
+    finally:
+        for url in urls:
+            pg_cluster.drop_store(url)
+    assert a.store_id != b.store_id
+    assert all(len(i.store_id) == 32 and int(i.store_id, 16) >= 0 for i in (a, b))
+    assert before - 5 < a.created_at < time.time() + 5
+    assert (recorded.group_id, recorded.topics) == ("promptd", ("m",))
 
 
 def _fill(path: Path, rows: int) -> None:
@@ -89,10 +113,10 @@ async def test_quick_check_finds_a_damaged_page_and_keeps_to_its_time_bound(
     that is cut short (out of time, or the file locked by another process for longer
     than the bound) stops within the bound, incomplete, and never reports damage."""
     path = tmp_path / "c.db"
-    db = await Database.open(path)
+    db = await SqliteDatabase.connect(path)
     await db.close()
     _fill(path, 60_000)  # ~60 MB: a check of some tens of milliseconds
-    db = await Database.open(path)
+    db = await SqliteDatabase.connect(path)
     try:
         healthy = await db.quick_check(30.0)
         assert (healthy.problems, healthy.complete) == ((), True)
@@ -110,7 +134,7 @@ async def test_quick_check_finds_a_damaged_page_and_keeps_to_its_time_bound(
     assert locked.stopped == "database is locked"
     assert 0.2 < locked.duration_s < 2.0
     damage_first_leaf(path, "filler")
-    db = await Database.open(path)
+    db = await SqliteDatabase.connect(path)
     try:
         damaged = await db.quick_check(30.0)
         assert damaged.problems

@@ -21,7 +21,7 @@ def test_a_misspelled_key_of_a_chat_configuration_is_named() -> None:
     config = {"message": [{"role": "user", "content": "{text}"}]}
     assert _message({"config": config}) == (
         "config: unknown key 'message' (did you mean 'messages'? allowed: messages, model, "
-        "params, output_schema, tunable)"
+        "params, output_schema, tunable, demos, ensemble)"
     )
 
 
