@@ -81,7 +81,7 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
 def _call(rid: str, ts: float, unit: str | None, latency: float, ok: bool, prompt: str = "p",
           chars: int | None = None, episode: str | None = None) -> MetricRow:  # fmt: skip
     return (f"m-{rid}", ts, prompt, "v1", "m", rid, unit, latency, ok, None, None, None,
-            None, 0.01, chars, episode, None, None, None)  # fmt: skip
+            None, 0.01, chars, episode, None, None, None, None)  # fmt: skip
 
 
 def _feedback(fid: str, rid: str, score: float, source: str | None = None) -> FeedbackRow:

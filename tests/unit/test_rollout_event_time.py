@@ -157,7 +157,7 @@ def pre_period(now: float) -> tuple[list[MetricRow], list[FeedbackRow]]:
         metrics.append(
             (f"m{rid}", now - 3000 + i, "p", "v1", "m", rid, unit, rng.lognormvariate(5, 1),
              rng.random() > 0.1, None, rng.random(), None, None, rng.random() / 100,
-             rng.randrange(900), None, None, None, None)
+             rng.randrange(900), None, None, None, None, None)
         )  # fmt: skip
         if i % 3:
             feedback.append(
@@ -348,7 +348,7 @@ async def test_a_snapshot_of_the_previous_format_is_replayed_instead(tmp_path: P
 def _call(rid: str, ts: float, variant: str) -> MetricRow:
     """A successful call of 10 ms, quality 0.5 and cost 0.01, its own unit."""
     return (f"m{rid}", ts, "p", variant, "m", rid, f"u-{rid}", 10.0, True, None,
-            0.5, None, None, 0.01, None, None, None, None, None)  # fmt: skip
+            0.5, None, None, 0.01, None, None, None, None, None, None)  # fmt: skip
 
 
 def _format_1(snap: Snapshot) -> Snapshot:
