@@ -393,10 +393,16 @@ class RolloutController:
                 await self.snapshot_once()
                 last_snapshot = time.monotonic()
             await wait_event(stop, interval_s)
-        for task in list(self._loading.values()):
-            task.cancel()
-        await asyncio.gather(*self._loading.values(), return_exceptions=True)
+        await self.stop_loading()
         await self.snapshot_once()
+
+    async def stop_loading(self) -> None:
+        """Cancel the history reads still in flight (a stop: the next start reads the
+        history again, or its saved copy)."""
+        tasks = list(self._loading.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def snapshot_once(self) -> int:
         """Save every live rollout's accumulator; returns how many (never raises).

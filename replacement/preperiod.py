@@ -21,7 +21,7 @@ from typing import Final, Literal
 import structlog
 
 from promptd.evaluation.signals import HUMAN, sql_condition_any
-from promptd.replacement.history import History, UnitSums
+from promptd.replacement.history import History
 from promptd.storage.database import Database
 from promptd.storage.history import unit_sums
 from promptd.storage.snapshots import Snapshot, SnapshotStore
@@ -49,9 +49,7 @@ async def compute(
     """The history of the units of ``prompts`` from the events stamped in ``[since,
     until)`` and stored before ``until``; a unit's feedback figure is over the feedback of
     ``signals`` (the rollout's primary metric's)."""
-    rows: list[UnitSums] = []
-    async for chunk in unit_sums(db, prompts, since, until, sql_condition_any(signals)):
-        rows.extend(chunk)
+    rows = await unit_sums(db, prompts, since, until, sql_condition_any(signals))
     return await asyncio.to_thread(History.from_sums, rows, since, until)
 
 

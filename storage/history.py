@@ -10,12 +10,10 @@ to the mean score of the call feedback on it (of the rollout's signals), stored 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 from promptd.storage.database import Database
 from promptd.storage.repository import EventRepository
-
-_CHUNK = 5_000
 
 
 def _query(prompts: int, sources: str) -> str:
@@ -42,11 +40,11 @@ async def unit_sums(
     since: float,
     until: float,
     sources: tuple[str, Sequence[str]] = ("source IS NULL", ()),
-) -> AsyncIterator[list[tuple[object, ...]]]:
+) -> list[tuple[object, ...]]:
     """Per unit with calls of ``prompts`` in ``[since, until)``: ``(unit, calls, successes,
     latency total, quality count, quality total, cost count, cost total, input-size
-    count, input-size total, feedback count, feedback total)`` (NULL totals as 0), in
-    chunks. ``sources``: the SQL condition (and its parameters) on the feedback's
+    count, input-size total, feedback count, feedback total)`` (NULL totals as 0).
+    ``sources``: the SQL condition (and its parameters) on the feedback's
     ``source`` column that selects the feedback counted (default: people's)."""
     events = EventRepository(db)
     metric_floor = await events.first_id_since("metric_events", since)
@@ -63,9 +61,9 @@ async def unit_sums(
         until,
         *prompts,
     )
-    cursor = await db.reader.execute(_query(len(prompts), condition), params)
-    try:
-        while rows := await cursor.fetchmany(_CHUNK):
-            yield [tuple(0 if v is None else v for v in row) for row in rows]
-    finally:
-        await cursor.close()
+    # One call: a cursor left open across awaits would hold the shared reader's read
+    # transaction, and every other query on it (the API, the monitor, a resume's last
+    # ids) would see the store as it was when the scan began. The table is one row per
+    # unit and is built whole anyway.
+    rows = await db.reader.execute_fetchall(_query(len(prompts), condition), params)
+    return [tuple(0 if v is None else v for v in row) for row in rows]

@@ -107,6 +107,9 @@ class World:
 
     async def restart(self, with_snapshot: bool) -> None:
         """A stop (saving snapshots, or a crash without) and a start that resumes."""
+        # The old process's background work ends with it: a history read still in flight
+        # would otherwise go on beside the new controller, which a real restart never sees.
+        await self.controller.stop_loading()
         if with_snapshot:
             await self.controller.snapshot_once()
         self.controller = self.new_controller()
