@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from promptd.demos import as_text
+from promptd.optimization.examples import load_payload
 from promptd.storage.rows import MetricRow, MetricView
 
 Status = Literal["scored", "invalid"]
@@ -42,7 +43,15 @@ class Call:
         output_json: str | None,
     ) -> Call:
         """From stored columns (captured payloads as their stored JSON text)."""
-        return cls(request_id, prompt, variant, model, ts, _load(input_json), _load(output_json))
+        return cls(
+            request_id,
+            prompt,
+            variant,
+            model,
+            ts,
+            load_payload(input_json),
+            load_payload(output_json),
+        )
 
     @property
     def output_text(self) -> str:
@@ -53,24 +62,6 @@ class Call:
     def input_text(self) -> str:
         """The input as text (what a judge is shown)."""
         return as_text(self.input)
-
-
-def as_text(value: Any) -> str:
-    """A captured payload as text (empty for ``None``)."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
-
-
-def _load(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 @dataclass(frozen=True, slots=True)

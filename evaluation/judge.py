@@ -21,7 +21,9 @@ import re
 from collections.abc import Sequence
 from typing import Final
 
-from .calls import Call, as_text
+from promptd.demos import as_text
+
+from .calls import Call
 from .config import JudgeEvaluator
 
 _NUMBER: Final = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")

@@ -29,11 +29,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from promptd.demos import as_text
 from promptd.optimization.examples import (
     EventReader,
     Example,
     Snapshot,
-    as_text,
     load_payload,
 )
 from promptd.optimization.pipeline import Episode

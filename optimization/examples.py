@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
+from promptd.demos import as_text
 from promptd.evaluation.signals import HUMAN, sql_condition_named
 from promptd.storage.database import Database
 from promptd.storage.repository import EventRepository
@@ -142,15 +143,6 @@ class Splits(Generic[T]):
             "validation": len(self.validation),
             "test": len(self.test),
         }
-
-
-def as_text(value: dict[str, Any] | str | None) -> str:
-    """A captured payload as text (strings unchanged, objects as compact JSON)."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
 def load_payload(text: str | None) -> Any:

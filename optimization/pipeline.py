@@ -24,8 +24,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from promptd.demos import as_text
 from promptd.optimization.evaluator import Evaluator, Scored, gather_all
-from promptd.optimization.examples import Example, as_text
+from promptd.optimization.examples import Example
 from promptd.optimization.llm import LLMError, Message
 from promptd.optimization.program import Program
 from promptd.replacement.pipelines import Pipeline, PipelineError, parse_source

@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from promptd.demos import DemoSpec, EnsembleSpec
-from promptd.optimization.examples import Example, as_text
+from promptd.demos import DemoSpec, EnsembleSpec, as_text
+from promptd.optimization.examples import Example
 from promptd.optimization.templates import (
     check as check_text,
 )

@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from promptd.optimization.examples import Example, as_text
+from promptd.demos import as_text
+from promptd.optimization.examples import Example
 from promptd.replacement.registry import RegistryError, placeholders
 
 DEMO_HEADING: Final = "Examples of good answers:"

@@ -26,9 +26,10 @@ from typing import Any, Final, Protocol
 import numpy as np
 import structlog
 
+from promptd.demos import as_text
 from promptd.optimization.config import OptimizationSettings
 from promptd.optimization.evaluator import Scorer
-from promptd.optimization.examples import Example, as_text
+from promptd.optimization.examples import Example
 from promptd.optimization.llm import CachedLLM, Message
 from promptd.optimization.pools import DemoPools
 from promptd.optimization.program import Program, check, seen_key

@@ -17,8 +17,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from promptd.demos import as_text
 from promptd.optimization.config import OptimizationSettings
-from promptd.optimization.examples import Example, as_text
+from promptd.optimization.examples import Example
 from promptd.optimization.llm import BudgetExceeded
 from promptd.optimization.strategies.base import SearchContext, SearchResult
 

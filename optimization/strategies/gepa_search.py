@@ -34,9 +34,10 @@ from typing import Any, TypeVar
 
 import structlog
 
+from promptd.demos import as_text
 from promptd.optimization.config import OptimizationSettings
 from promptd.optimization.evaluator import Scored
-from promptd.optimization.examples import Example, as_text
+from promptd.optimization.examples import Example
 from promptd.optimization.llm import BudgetExceeded, Message
 from promptd.optimization.program import Program
 from promptd.optimization.strategies.base import SearchContext, SearchResult, needs_models
