@@ -105,6 +105,7 @@ def rows(n: int, start: float, span: float, seed: int) -> list[MetricView | Feed
                 None,
                 None,
                 None,
+                None,
             )
         )
     return out

@@ -76,6 +76,7 @@ class _Metric(Struct, tag_field="type", tag="metric", forbid_unknown_fields=True
     tokens_in: _Count | None = None
     tokens_out: _Count | None = None
     cost_usd: Annotated[float, Meta(ge=0.0, le=1e6)] | None = None
+    input_chars: _Count | None = None
     input: _Capture | None = None
     output: _Capture | None = None
     attributes: _Attributes | None = None

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from promptd.demos import as_text
 from promptd.optimization.examples import load_payload
-from promptd.storage.rows import MetricRow
+from promptd.storage.rows import MetricRow, MetricView
 
 Status = Literal["scored", "invalid"]
 
@@ -27,8 +27,9 @@ class Call:
 
     @classmethod
     def from_row(cls, row: MetricRow) -> Call:
-        """From a stored metric row (``storage.rows`` column order)."""
-        return cls.stored(row[5], row[2], row[3], row[4], row[1], row[15], row[16])
+        """From a stored metric row (``storage.rows`` column order), read by column name."""
+        v = MetricView(*row)
+        return cls.stored(v.request_id, v.prompt, v.variant, v.model, v.ts, v.input, v.output)
 
     @classmethod
     def stored(

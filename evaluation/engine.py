@@ -53,7 +53,7 @@ import structlog
 
 from promptd._aio import wait_any, wait_event
 from promptd.storage.repository import BatchOutcome
-from promptd.storage.rows import MetricRow
+from promptd.storage.rows import METRIC_COLUMNS, MetricRow
 
 from .budget import DAY_S, utc_day
 from .calibrator import Calibrator
@@ -75,7 +75,7 @@ PURGE_INTERVAL_S = 3600.0
 #: Calls read per chunk when a start re-reads the calls above the cursor.
 REREAD_CHUNK = 1000
 #: Where a metric row holds its captured output (storage.rows column order).
-_OUTPUT: Final = 16
+_OUTPUT: Final = METRIC_COLUMNS.index("output")
 
 
 @dataclass(frozen=True, slots=True)

@@ -331,7 +331,7 @@ class MonitorExport:
         triple = self.labels.triple
         bounds = _LATENCY_BUCKETS_MS
         # Rows unpack in column order (storage.rows): the fastest access CPython has.
-        for _, _, p, v, m, _, _, lat, ok, _, _, tin, tout, cost, _, _, _, _, _ in metrics:
+        for _, _, p, v, m, _, _, lat, ok, _, _, tin, tout, cost, _, _, _, _, _, _ in metrics:
             key = triple(p, v, m)
             t = traffic.get(key)
             if t is None:

@@ -248,7 +248,7 @@ class Monitor:
     ) -> None:
         record = self.store.record_metric
         # Rows unpack in column order (storage.rows): the fastest access CPython has.
-        for _, t, p, v, m, _, _, lat, ok, _, q, tin, tout, c, _, _, _, _, _ in metrics:
+        for _, t, p, v, m, _, _, lat, ok, _, q, tin, tout, c, _, _, _, _, _, _ in metrics:
             record(t, p, v, m, lat, ok, q, tin, tout, c)
         record_fb = self.store.record_feedback
         for _, ts, prompt, variant, _, request_id, score, _, _, _, _, _ in feedback:

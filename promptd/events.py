@@ -191,6 +191,9 @@ class MetricEvent(_EventBase):
     tokens_in: Count | None = None
     tokens_out: Count | None = None
     cost_usd: Annotated[float, Field(ge=0.0, le=1e6, allow_inf_nan=False)] | None = None
+    # Characters of what the app passed in for the call, without the prompt template: a
+    # size the variant cannot change (rollouts adjust latency and cost on it).
+    input_chars: Count | None = None
     input: dict[str, Any] | str | None = None
     output: dict[str, Any] | str | None = None
     attributes: dict[str, str] | None = None

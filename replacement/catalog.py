@@ -15,10 +15,18 @@ from :data:`CATALOG`:
 - the profile's error budget (:class:`~.profiles.RolloutProfile`) is the sum of every
   spec's ``alpha``, which must stay within ``alpha_total``; its ``budget()`` and
   ``margins()`` (shown by the API) list them;
-- a rollout's ``arms`` in ``GET /v1/rollouts/{id}`` show each metric by its ``show``.
+- a rollout's ``arms`` in ``GET /v1/rollouts/{id}`` show each metric by its ``show``;
+- each metric's regression adjustment (CUPED, :mod:`.adjustment`) is declared with it:
+  ``adjust`` names the :data:`COVARIATES` it is adjusted on, ``history`` the unit's
+  pre-period figure the ``history`` covariate reads (:mod:`.history`); the accumulator
+  keeps the covariates' sums in the metric's cells, and the check reports the variance
+  reduction it achieved (``<name>_variance_reduction`` in its details, shown by the API
+  and as ``promptd_rollout_variance_reduction``).
 
 **Adding a metric**: write its statistic (:mod:`.stats`, :mod:`.clustered`,
-:mod:`.rates`), add its spec to :data:`CATALOG` (in decision order), and add the fields
+:mod:`.rates`, :mod:`.adjustment`), add its spec to :data:`CATALOG` (in decision order),
+name the covariates it may be adjusted on (only :data:`COVARIATES`: each one documents why
+the variant cannot change it), and add the fields
 the spec names to :class:`~.profiles.RolloutProfile`, its configuration (a default, and
 the value of each built-in profile). Its alpha then counts in the budget of every profile
 (a profile whose alphas exceed ``alpha_total`` is refused), and the tests in
@@ -34,17 +42,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
 
+from .adjustment import Adjustment, compare
 from .clustered import ClusteredSample, compare_clustered
-from .rates import rate_ratio_test
-from .stats import Alternative, Moments, SequentialResult, Stratum, compare_means, srm_test
+from .rates import design_effect, rate_ratio_test
+from .stats import Alternative, Moments, SequentialResult, Stratum, srm_test
 
 __all__ = [
     "CATALOG",
     "CELL_METRICS",
+    "COVARIATES",
+    "NOT_COVARIATES",
     "PRIMARY",
     "Action",
     "ArmCounts",
     "CallFacts",
+    "Covariate",
     "Details",
     "Limits",
     "Metric",
@@ -133,12 +145,70 @@ class Observation:
 
 
 class CallFacts(NamedTuple):
-    """What a call tells the metrics observed per call."""
+    """What a call tells the metrics observed per call (and the per-call covariates)."""
 
     latency_ms: float
     success: bool
     quality: float | None
     cost_usd: float | None
+    input_chars: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Covariate:
+    """A pre-treatment covariate a metric may be regression-adjusted on (CUPED).
+
+    Only a quantity the variant cannot change may be one: the adjustment subtracts
+    ``θ·(x̄_candidate − x̄_baseline)``, which is zero in expectation only when routing alone
+    decides the arm a value lands in. ``pre_treatment`` says why that holds. ``of_call``
+    reads it from a call; ``None`` means the unit's figure from before the rollout (the
+    spec's ``history`` names which, see :mod:`.history`).
+    """
+
+    name: str
+    pre_treatment: str
+    of_call: Callable[[CallFacts], float | None] | None = None
+
+
+def _log_input_chars(call: CallFacts) -> float | None:
+    return None if call.input_chars is None else math.log1p(call.input_chars)
+
+
+def _input_chars(call: CallFacts) -> float | None:
+    return None if call.input_chars is None else float(call.input_chars)
+
+
+COVARIATES: Final[Mapping[str, Covariate]] = {
+    c.name: c
+    for c in (
+        Covariate(
+            "history",
+            "the unit's figure of the same metric over the lookback before the rollout "
+            "started, from events stored before it started: no variant of the rollout "
+            "had served the unit then",
+        ),
+        Covariate(
+            "log_input_chars",
+            "ln(1 + input_chars): the size of what the app passed in for the call (the "
+            "user's message, the document), counted by the SDK from the call's arguments "
+            "before the variant is chosen; the prompt template is not in it",
+            _log_input_chars,
+        ),
+        Covariate(
+            "input_chars", "the same size, not logged (cost grows linearly with it)", _input_chars
+        ),
+    )
+}
+"""Every covariate a metric may be adjusted on, and why the variant cannot change it."""
+
+NOT_COVARIATES: Final[Mapping[str, str]] = {
+    "tokens_in": "counts the prompt template and its examples, which the variant changes",
+    "tokens_out": "the answer's length: an outcome of the variant",
+    "latency_ms, success, quality, cost_usd, feedback": "outcomes of the call itself",
+    "input (captured payload)": "capped at 32 KB and only sent when the app opts in; "
+    "its size is input_chars",
+}
+"""Fields of a call that look like covariates but are not pre-treatment, and why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +246,10 @@ class MetricSpec:
     the feedback joined to a call counts as a value of the call's cell, ``paired`` that
     the value is a call's evaluator score minus people's score. ``action`` is what a
     rejection does: roll back (the default) or pause the rollout.
+
+    ``adjust`` names the :data:`COVARIATES` its test is regression-adjusted on (CUPED,
+    :mod:`.adjustment`); ``history(primary_metric)`` names the unit's pre-period figure
+    (a column of :data:`.history.FIGURES`) the ``history`` covariate reads.
     """
 
     name: str
@@ -193,6 +267,8 @@ class MetricSpec:
     #: Fed by the accumulator's paired scores of a call (the evaluator's minus people's).
     paired: bool = False
     action: Action = "rollback"
+    adjust: tuple[str, ...] = ()
+    history: Callable[[str], str | None] | None = None
 
     @property
     def has_cells(self) -> bool:
@@ -203,6 +279,16 @@ class MetricSpec:
     def fields(self) -> tuple[str, ...]:
         """Every profile field the spec names."""
         return (self.alpha, *self.margins, *self.settings)
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.adjust if name not in COVARIATES]
+        if unknown:
+            raise ValueError(
+                f"metric {self.name!r} adjusts on unknown covariates {unknown}; "
+                f"known: {sorted(COVARIATES)}"
+            )
+        if "history" in self.adjust and self.history is None:
+            raise ValueError(f"metric {self.name!r} adjusts on history without a figure")
 
 
 def as_clustered(metric: Metric) -> ClusteredSample:
@@ -230,7 +316,13 @@ def primary_test(
     obs: Observation, limits: Limits, alternative: Alternative, alpha: float
 ) -> SequentialResult:
     """The primary metric's always-valid test in one direction at ``alpha``."""
-    return compare_clustered(
+    return _primary(obs, limits, alternative, alpha)[0]
+
+
+def _primary(
+    obs: Observation, limits: Limits, alternative: Alternative, alpha: float
+) -> tuple[SequentialResult, Adjustment | None]:
+    return compare(
         as_clustered(obs.metric("primary")),
         alpha=alpha,
         min_samples=limits.min_samples,
@@ -238,6 +330,15 @@ def primary_test(
         alternative=alternative,
         pooled=True,
     )
+
+
+def _adjusted(details: Details, name: str, adjustment: Adjustment | None) -> None:
+    """Record what the regression adjustment of metric ``name`` achieved."""
+    if adjustment is None:
+        return
+    details[f"{name}_variance_reduction"] = adjustment.variance_reduction
+    for covariate, slope in zip(adjustment.names, adjustment.theta, strict=True):
+        details[f"{name}_theta_{covariate}"] = slope
 
 
 # --- the checks ---------------------------------------------------------------------------
@@ -265,7 +366,8 @@ def _check_srm(obs: Observation, limits: Limits, details: Details) -> str | None
 
 def _check_primary(obs: Observation, limits: Limits, details: Details) -> str | None:
     worse, _ = alternatives(limits.higher_is_better)
-    res = primary_test(obs, limits, worse, limits.alpha)
+    res, adjustment = _primary(obs, limits, worse, limits.alpha)
+    _adjusted(details, "primary", adjustment)
     details.update(
         primary_diff=res.estimate,
         primary_se=res.se,
@@ -283,7 +385,7 @@ def _check_primary(obs: Observation, limits: Limits, details: Details) -> str | 
 
 def _check_latency(obs: Observation, limits: Limits, details: Details) -> str | None:
     max_ratio = limits.values["max_latency_ratio"]
-    res = compare_clustered(
+    res, adjustment = compare(
         as_clustered(obs.metric("log_latency")),
         alpha=limits.alpha,
         min_samples=limits.min_samples,
@@ -291,6 +393,7 @@ def _check_latency(obs: Observation, limits: Limits, details: Details) -> str | 
         margin=math.log(max_ratio),
         alternative="greater",
     )
+    _adjusted(details, "log_latency", adjustment)
     ratio = math.exp(res.estimate)
     details.update(latency_ratio=ratio, latency_p=res.p_value)
     if not res.reject:
@@ -303,8 +406,11 @@ def _check_latency(obs: Observation, limits: Limits, details: Details) -> str | 
 
 
 def _check_errors(obs: Observation, limits: Limits, details: Details) -> str | None:
-    """Intersection–union test: the ratio (exact) and the increase must both be shown."""
-    errors = _as_strata(obs.metric("errors"))
+    """Intersection–union test: the ratio (exact, counts divided by the design effect of
+    clustered errors) and the increase (cluster-robust, regression-adjusted) must both be
+    shown."""
+    sample = as_clustered(obs.metric("errors"))
+    errors = _as_strata(sample)
     max_ratio, max_increase = (
         limits.values["max_error_rate_ratio"],
         limits.values["max_error_rate_increase"],
@@ -314,6 +420,7 @@ def _check_errors(obs: Observation, limits: Limits, details: Details) -> str | N
         alpha=limits.alpha,
         margin_ratio=max_ratio,
         min_expected=limits.values["min_expected_errors"],
+        dispersion=design_effect(sample) if sample.clusters else 1.0,
     )
     details.update(
         error_rate_baseline=rel.rate_baseline,
@@ -321,11 +428,10 @@ def _check_errors(obs: Observation, limits: Limits, details: Details) -> str | N
         error_rate_ratio=rel.ratio if math.isfinite(rel.ratio) else 1e9,
         error_p_ratio=rel.p_value,
         error_expected=rel.expected,
+        error_dispersion=rel.dispersion,
     )
-    if not rel.reject:
-        return None
-    absolute = compare_means(
-        errors,
+    absolute, adjustment = compare(
+        sample,
         alpha=limits.alpha,
         min_samples=limits.min_samples,
         mde_sd=limits.mde_sd,
@@ -333,21 +439,22 @@ def _check_errors(obs: Observation, limits: Limits, details: Details) -> str | N
         alternative="greater",
         pooled=True,
     )
+    _adjusted(details, "errors", adjustment)
     details["error_p_increase"] = absolute.p_value
-    if not absolute.reject:
+    if not (rel.reject and absolute.reject):
         return None
     return (
         f"error-rate guardrail: candidate {rel.rate_candidate:.4f} vs baseline "
         f"{rel.rate_baseline:.4f}, significantly above both {max_ratio}× "
-        f"(exact p {rel.p_value:.4f}) and +{max_increase} "
-        f"(p {absolute.p_value:.4f}), at alpha {limits.alpha}"
+        f"(exact p {rel.p_value:.4f}, design effect {rel.dispersion:.2f}) and "
+        f"+{max_increase} (p {absolute.p_value:.4f}), at alpha {limits.alpha}"
     )
 
 
 def _check_cost(obs: Observation, limits: Limits, details: Details) -> str | None:
     max_ratio = limits.values["max_cost_ratio"]
     sample = as_clustered(obs.metric("cost"))
-    res = compare_clustered(
+    res, adjustment = compare(
         sample,
         alpha=limits.alpha,
         min_samples=limits.min_samples,
@@ -355,6 +462,7 @@ def _check_cost(obs: Observation, limits: Limits, details: Details) -> str | Non
         ratio=max_ratio,
         alternative="greater",
     )
+    _adjusted(details, "cost", adjustment)
     base, cand = sample.arm_totals()
     ratio = cand.mean / base.mean if base.mean > 0 else 1.0
     details.update(cost_ratio=ratio, cost_p=res.p_value)
@@ -447,6 +555,9 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
         observe=_primary_of_call,
         feedback=lambda primary_metric: primary_metric == "feedback_score",
         show=lambda m: {"primary_samples": m.n, "primary_mean": _mean(m)},
+        adjust=("history",),
+        # The unit's earlier figure of the rollout's primary metric.
+        history=lambda primary_metric: primary_metric,
     ),
     MetricSpec(
         name="log_latency",
@@ -457,6 +568,8 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
         check=_check_latency,
         observe=lambda primary_metric: _log_latency,
         show=lambda m: {"latency_geomean_ms": math.exp(m.mean) if m.n else None},
+        adjust=("history", "log_input_chars"),
+        history=lambda primary_metric: "log_latency",
     ),
     MetricSpec(
         name="errors",
@@ -466,8 +579,9 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
         margins=("max_error_rate_ratio", "max_error_rate_increase", "min_expected_errors"),
         check=_check_errors,
         observe=lambda primary_metric: _error,
-        clustered=False,
         show=lambda m: {"error_rate": _mean(m)},
+        adjust=("history",),
+        history=lambda primary_metric: "error_rate",
     ),
     MetricSpec(
         name="cost",
@@ -478,6 +592,8 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
         check=_check_cost,
         observe=lambda primary_metric: _cost,
         show=lambda m: {"cost_per_request": _mean(m)},
+        adjust=("history", "input_chars"),
+        history=lambda primary_metric: "cost",
     ),
     MetricSpec(
         name="judge_drift",

@@ -58,7 +58,64 @@ from .stats import (
 
 _TINY: Final = 1e-12
 
-__all__ = ["ClusteredSample", "Estimate", "compare_clustered", "estimate"]
+__all__ = [
+    "ClusteredSample",
+    "Covariates",
+    "Estimate",
+    "compare_clustered",
+    "estimate",
+    "sequential_result",
+]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Covariates:
+    """Sums of a metric's ``k`` covariates over the cells of a :class:`ClusteredSample`
+    (what :mod:`.adjustment` regresses the metric on).
+
+    Per cell ``c``: ``sx[c]`` is ``Σx`` (length ``k``), ``sxx[c]`` is ``Σx xᵀ`` (``k×k``)
+    and ``sxy[c]`` is ``Σx y`` over its observations. Over clusters, with the index
+    ``c·k + j`` for covariate ``j`` of cell ``c``: ``xx = ΣX Xᵀ``, ``xy = ΣX Yᵀ`` and
+    ``xm = ΣX Mᵀ`` (``X_g`` a cluster's covariate sums per cell, ``Y_g`` and ``M_g`` as in
+    the module doc).
+    """
+
+    names: tuple[str, ...]
+    sx: FloatArray
+    sxx: FloatArray
+    sxy: FloatArray
+    xx: FloatArray
+    xy: FloatArray
+    xm: FloatArray
+
+    @property
+    def k(self) -> int:
+        """The number of covariates."""
+        return len(self.names)
+
+    @classmethod
+    def from_clusters(
+        cls,
+        names: Sequence[str],
+        sx: FloatArray,
+        sxx: FloatArray,
+        sxy: FloatArray,
+        x: FloatArray,
+        y: FloatArray,
+        m: FloatArray,
+    ) -> Covariates:
+        """From per-cell sums and per-cluster sums ``x[g, c, j]`` (with ``y[g, c]`` and
+        ``m[g, c]`` of the outcome)."""
+        flat = np.asarray(x, dtype=np.float64).reshape(x.shape[0], -1)
+        return cls(
+            names=tuple(names),
+            sx=np.asarray(sx, dtype=np.float64),
+            sxx=np.asarray(sxx, dtype=np.float64),
+            sxy=np.asarray(sxy, dtype=np.float64),
+            xx=flat.T @ flat,
+            xy=flat.T @ y,
+            xm=flat.T @ m,
+        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -68,7 +125,8 @@ class ClusteredSample:
     ``steps`` names the stratum (step index) of each pair of cells; ``moments`` holds, per
     stratum, the (baseline, candidate) :class:`Moments` over observations; ``yy``, ``ym``
     and ``mm`` are the ``2S × 2S`` cross products over clusters and ``clusters`` the number
-    of non-empty clusters.
+    of non-empty clusters. ``covariates``, when given, are the sums the regression
+    adjustment of :mod:`.adjustment` needs; the functions here ignore them.
     """
 
     steps: tuple[int, ...]
@@ -77,6 +135,7 @@ class ClusteredSample:
     ym: FloatArray
     mm: FloatArray
     clusters: int
+    covariates: Covariates | None = None
 
     @classmethod
     def empty(cls) -> ClusteredSample:
@@ -108,6 +167,7 @@ class ClusteredSample:
         moments: Sequence[tuple[Moments, Moments]],
         values: FloatArray,
         counts: FloatArray,
+        covariates: Covariates | None = None,
     ) -> ClusteredSample:
         """From per-cluster cell sums: ``values[g, c] = Y_gc``, ``counts[g, c] = M_gc``."""
         y = np.asarray(values, dtype=np.float64)
@@ -119,6 +179,7 @@ class ClusteredSample:
             ym=y.T @ m,
             mm=m.T @ m,
             clusters=int(np.count_nonzero(m.sum(axis=1))),
+            covariates=covariates,
         )
 
     def arm_totals(self) -> tuple[Moments, Moments]:
@@ -261,6 +322,32 @@ def compare_clustered(
     rejection before both arms have ``min_samples`` observations.
     """
     est = estimate(sample, ratio=ratio, pooled=pooled)
+    return sequential_result(
+        est,
+        alpha=alpha,
+        min_samples=min_samples,
+        mde_sd=mde_sd,
+        margin=margin,
+        alternative=alternative,
+    )
+
+
+def sequential_result(
+    est: Estimate,
+    *,
+    alpha: float,
+    min_samples: int,
+    mde_sd: float,
+    margin: float = 0.0,
+    alternative: Alternative = "two-sided",
+    sigma2: float | None = None,
+) -> SequentialResult:
+    """The mSPRT of :mod:`.stats` on an estimate and its variance.
+
+    The mixture scale is ``τ = mde_sd · σ`` with ``σ² = sigma2`` when given (the raw
+    metric's variance, when ``est`` is a regression-adjusted estimate), else
+    ``est.sigma2``: ``x = τ² / Var(d)``.
+    """
     if not math.isfinite(est.var):
         return SequentialResult(
             0.0, math.inf, 0.0, 0.0, -math.inf, math.inf, est.n_baseline, est.n_candidate,
@@ -268,7 +355,8 @@ def compare_clustered(
         )  # fmt: skip
     se = math.sqrt(est.var)
     z = (est.d - margin) / se
-    x = mde_sd * mde_sd * max(est.sigma2, _TINY) / est.var
+    spread = est.sigma2 if sigma2 is None else sigma2
+    x = mde_sd * mde_sd * max(spread, _TINY) / est.var
     log_lr = mixture_log_lr_scalar(z, x, alternative)
     half = se * math.sqrt(msprt_z2_threshold_scalar(x, alpha))
     enough = min(est.n_baseline, est.n_candidate) >= min_samples

@@ -11,6 +11,12 @@ over a tick in flight and no transition is ever applied twice; a command that ar
 after another one ended the rollout gets a :class:`Conflict` (HTTP 409), never a silent
 success.
 
+A starting rollout first reads its units' pre-period history (:mod:`.preperiod`, in the
+background): until it is in, the rollout's events wait in a buffer and its ticks are
+skipped, so that every value enters the aggregates with the covariates a replay after a
+restart gives it (``rollout_history_loaded`` logs how long it took). A rollout whose
+history cannot be read after a few attempts goes on without it.
+
 An ending transition stores the rollout's final statistics with it (``final``), so the
 API keeps showing them. A rollout starved past its grace period raises the
 ``rollout_starved`` alert through the alert hook (the monitor's sinks), sets
@@ -20,6 +26,7 @@ API keeps showing them. A rollout starved past its grace period raises the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -30,7 +37,7 @@ import structlog
 
 from promptd._aio import wait_event
 from promptd.evaluation.signals import HUMAN
-from promptd.replacement import machine, snapshots, views
+from promptd.replacement import machine, preperiod, snapshots, views
 from promptd.replacement.catalog import CATALOG
 from promptd.replacement.coordinated import (
     LiveRollout,
@@ -38,6 +45,7 @@ from promptd.replacement.coordinated import (
     exclusion,
     plan_members,
 )
+from promptd.replacement.history import History
 from promptd.replacement.machine import TERMINAL, RolloutState, Status
 from promptd.replacement.metrics import DECISION_KINDS, FEEDBACK_OUTCOMES, RolloutMetrics
 from promptd.replacement.observations import (
@@ -75,6 +83,12 @@ RoutingPublisher = Callable[[Routing], Awaitable[None]]
 AlertHook = Callable[[StarvationAlert], Awaitable[None]]
 ProfileLookup = Callable[[str], RolloutProfile]
 
+#: Waits between attempts to read a starting rollout's history; then it goes without.
+HISTORY_RETRIES_S: tuple[float, ...] = (1.0, 5.0, 30.0)
+
+# An event for an accumulator: ("metric", add_metric's arguments) or ("feedback", ...).
+_Event = tuple[str, tuple[Any, ...]]
+
 
 @dataclass(slots=True)
 class _Live:
@@ -84,6 +98,27 @@ class _Live:
     last_hold: str | None = None
     last_stats: dict[str, Any] = field(default_factory=dict)
     feedback_seen: dict[str, int] = field(default_factory=dict)
+    # Events waiting for the rollout's history (None once it is in).
+    pending: list[_Event] | None = None
+
+    def feed(self, event: _Event) -> None:
+        """Give one event to the accumulator, or keep it until the history is in."""
+        if self.pending is not None:
+            self.pending.append(event)
+        elif event[0] == "metric":
+            self.acc.add_metric(*event[1])
+        else:
+            self.acc.add_feedback(*event[1])
+
+    def settle(self, history: History | None) -> None:
+        """The history is in (None: going without): the waiting events follow it."""
+        if self.pending is None:
+            return
+        waiting, self.pending = self.pending, None
+        if history is not None:
+            self.acc.set_history(history)
+        for event in waiting:
+            self.feed(event)
 
 
 class RolloutController:
@@ -132,9 +167,12 @@ class RolloutController:
         # Snapshots of the live rollouts' accumulators (see .snapshots): every event row
         # up to ``covered`` has been fed to them.
         self.snapshot_interval_s = snapshot_interval_s
-        self._snapshots = SnapshotStore(db) if snapshot_interval_s > 0 else None
+        self._store = SnapshotStore(db)
+        self._snapshots = self._store if snapshot_interval_s > 0 else None
         self.covered: tuple[int, int] = (0, 0)
         self._ended: set[str] = set()
+        # Starting rollouts' history reads, owned here (cancelled at the end of run()).
+        self._loading: dict[str, asyncio.Task[None]] = {}
 
     # -- start-up ------------------------------------------------------------------
 
@@ -146,10 +184,21 @@ class RolloutController:
             state = RolloutState.from_dict(row.state)
             acc = self._accumulator(row, state, list(row.step_starts))
             calls = feedback = 0
+            history = None
+            if row.step_starts and self._wants_history(state):
+                history, source = await preperiod.load(
+                    self.db, self._store, row.id, row.prompts, row.step_starts[0],
+                    self.profiles(state.profile).history_lookback_s, acc.signals,
+                )  # fmt: skip
+                acc.set_history(history)
+                log.info("rollout_history_loaded", rollout_id=row.id, source=source,
+                         units=len(history.units))  # fmt: skip
             if row.step_starts:
                 after = await self._load_snapshot(row.id, acc)
                 if after is None:  # damaged: acc may hold part of it
                     acc = self._accumulator(row, state, list(row.step_starts))
+                    if history is not None:
+                        acc.set_history(history)
                     after = (0, 0)
                 served = _served(row, acc)
                 calls, feedback = await replay(self.db, acc, served, row.step_starts[0], after)
@@ -203,6 +252,7 @@ class RolloutController:
             "srm_settle_s": self.srm_settle_s,
             "feedback_max_delay_s": profile.feedback_max_delay_s,
             "max_future_s": self.max_future_s,
+            "adjust": profile.adjust_covariates,
         }
         if not row.members:
             return RolloutAccumulator(
@@ -217,6 +267,62 @@ class RolloutController:
             salt=state.salt,
             weights=tuple(s.weight for s in profile.steps),
         )
+
+    def _wants_history(self, state: RolloutState) -> bool:
+        profile = self.profiles(state.profile)
+        return profile.adjust_covariates and profile.history_lookback_s > 0
+
+    def _read_history(self, live: _Live) -> None:
+        """Start reading a new rollout's history; its events wait until it is in."""
+        live.pending = []
+        rid = live.row.id
+        self._loading[rid] = asyncio.create_task(self._history(live), name=f"history-{rid}")
+
+    async def _history(self, live: _Live) -> None:
+        try:
+            await self._read(live)
+        except Exception:
+            # Never left waiting: the events count without history.
+            log.exception("rollout_history_failed", rollout_id=live.row.id, retry_in_s=None)
+            live.settle(None)
+            self._loading.pop(live.row.id, None)
+
+    async def _read(self, live: _Live) -> None:
+        row, started = live.row, time.monotonic()
+        lookback = self.profiles(live.state.profile).history_lookback_s
+        start = live.acc.step_starts[0]
+        history, source = History.empty(start - lookback, start), "none"
+        for wait in (*HISTORY_RETRIES_S, None):
+            try:
+                if wait is None:
+                    # Saved empty, so that a restart goes on without it too.
+                    await preperiod.save(self._store, row.id, history)
+                else:
+                    history, source = await preperiod.load(
+                        self.db, self._store, row.id, row.prompts, start, lookback,
+                        live.acc.signals,
+                    )  # fmt: skip
+                break
+            except Exception:
+                log.exception("rollout_history_failed", rollout_id=row.id, retry_in_s=wait)
+                if wait is not None:
+                    await asyncio.sleep(wait)
+        async with self._lock:
+            waited = len(live.pending or ())
+            live.settle(history)
+        self._loading.pop(row.id, None)
+        log.info(
+            "rollout_history_loaded",
+            rollout_id=row.id,
+            source=source,
+            units=len(history.units),
+            seconds=round(time.monotonic() - started, 3),
+            waited_events=waited,
+        )
+
+    async def history_loaded(self) -> None:
+        """Return once every starting rollout's history is in (or given up on)."""
+        await asyncio.gather(*self._loading.values(), return_exceptions=True)
 
     async def _all_prompts(self) -> list[str]:
         return [p.name for p in await self.registry.list_prompts()]
@@ -241,31 +347,26 @@ class RolloutController:
         for m in outcome.metrics:
             rid = self._by_prompt.get(m.prompt)
             if rid is not None:
-                self._live[rid].acc.add_metric(
-                    m.ts,
-                    m.variant,
-                    m.unit_id or m.episode_id or m.request_id,
-                    m.latency_ms,
-                    m.success,
-                    m.quality,
-                    m.cost_usd,
-                    m.request_id,
-                    at,
-                    m.episode_id,
-                    m.prompt,
+                unit = m.unit_id or m.episode_id or m.request_id
+                facts = (m.latency_ms, m.success, m.quality, m.cost_usd, m.request_id, at)
+                self._live[rid].feed(
+                    (
+                        "metric",
+                        (m.ts, m.variant, unit, *facts, m.episode_id, m.prompt, m.input_chars),
+                    )
                 )
         # People's feedback, then the evaluators' results (the replay's order: by row id).
         for f in (*outcome.feedback, *feedback_views(outcome.evaluation_rows)):
             if f.request_id is None:
                 # On a whole episode: every rollout may hold calls of it.
                 for rid, live in self._live.items():
-                    live.acc.add_feedback(None, f.score, at, f.episode_id, f.ts, f.source)
+                    live.feed(("feedback", (None, f.score, at, f.episode_id, f.ts, f.source)))
                     touched.add(rid)
                 continue
             rid = self._by_prompt.get(f.prompt or "")
             if rid is not None and self._live[rid].acc.accepts(f.source):
-                self._live[rid].acc.add_feedback(
-                    f.request_id, f.score, at, ts=f.ts, source=f.source
+                self._live[rid].feed(
+                    ("feedback", (f.request_id, f.score, at, None, f.ts, f.source))
                 )
                 touched.add(rid)
         for rid in touched:
@@ -292,7 +393,16 @@ class RolloutController:
                 await self.snapshot_once()
                 last_snapshot = time.monotonic()
             await wait_event(stop, interval_s)
+        await self.stop_loading()
         await self.snapshot_once()
+
+    async def stop_loading(self) -> None:
+        """Cancel the history reads still in flight (a stop: the next start reads the
+        history again, or its saved copy)."""
+        tasks = list(self._loading.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def snapshot_once(self) -> int:
         """Save every live rollout's accumulator; returns how many (never raises).
@@ -300,15 +410,15 @@ class RolloutController:
         The state is copied on the loop (where the batch listener mutates it), encoded in
         a worker thread and saved; snapshots of ended rollouts are deleted.
         """
+        await self._forget_ended()
         store = self._snapshots
         if store is None:
             return 0
         saved = 0
         try:
-            for rid in list(self._ended):
-                await store.delete(snapshots.name(rid))
-                self._ended.discard(rid)
             for rid, live in list(self._live.items()):
+                if live.pending is not None:
+                    continue  # its events wait for the history: nothing to save yet
                 header, state = snapshots.take(rid, live.acc, self.covered, self.clock())
                 snap = await asyncio.to_thread(snapshots.finish, header, state)
                 await store.save(snap)
@@ -318,12 +428,24 @@ class RolloutController:
             log.exception("rollout_snapshot_failed")
         return saved
 
+    async def _forget_ended(self) -> None:
+        """Delete the saved aggregates and history of ended rollouts."""
+        try:
+            for rid in list(self._ended):
+                await self._store.delete(snapshots.name(rid))
+                await self._store.delete(preperiod.name(rid))
+                self._ended.discard(rid)
+        except Exception:
+            log.exception("rollout_snapshot_failed")  # retried on the next call
+
     async def tick(self) -> None:
         """Evaluate every running rollout once; publish pending routing."""
         for rid in list(self._live):
             live = self._live.get(rid)
             if live is None or live.state.status is not Status.RUNNING:
                 continue
+            if live.pending is not None:
+                continue  # waiting for its history
             try:
                 await self._apply(rid, None)
             except Exception:
@@ -472,7 +594,10 @@ class RolloutController:
         row = await self.store.get(state.rollout_id)
         assert row is not None
         acc = self._accumulator(row, new_state, [now])
-        self._add_live(_Live(row, new_state, acc))
+        live = _Live(row, new_state, acc)
+        self._add_live(live)
+        if self._wants_history(new_state):
+            self._read_history(live)
         self._after(row, state, new_state, decisions)
         return row
 
@@ -516,6 +641,7 @@ class RolloutController:
             old = live.state
             new, actions = machine.step(old, event, now, profile)
             decisions = self._decisions(new, actions, now, live)
+            self._adjustment_gauges(live)
             if new.step_index > old.step_index:
                 live.acc.start_step(new.step_index, now)
             self._starvation_gauges(live.row, new, now)
@@ -524,6 +650,7 @@ class RolloutController:
             outcome = _outcome(actions)
             final = None
             if new.status in TERMINAL:
+                self._stop_reading_history(live)
                 final = views.snapshot(new, live.acc, profile, live.last_stats)
             await self.store.transition(
                 live.row, new.to_dict(), live.acc.step_starts, decisions, outcome, final
@@ -533,6 +660,14 @@ class RolloutController:
             await self._alerts(live.row, old, actions, now)
             if new.status in TERMINAL:
                 self._drop_live(rollout_id)
+
+    def _adjustment_gauges(self, live: _Live) -> None:
+        """The variance reduction each metric's regression adjustment achieved last tick."""
+        for spec in CATALOG:
+            value = live.last_stats.get(f"{spec.name}_variance_reduction")
+            if isinstance(value, int | float):
+                gauge = self.metrics.variance_reduction
+                gauge.labels(prompt=live.row.prompt, metric=spec.name).set(value)
 
     def _starvation_gauges(self, row: StoredRollout, state: RolloutState, now: float) -> None:
         since = state.starving_since
@@ -666,11 +801,21 @@ class RolloutController:
             self.metrics.step.labels(prompt=prompt).set(live.state.step_index)
         self.metrics.live.set(len(self._live))
 
+    def _stop_reading_history(self, live: _Live) -> None:
+        """An ending rollout stops waiting for its history: its events count without."""
+        task = self._loading.pop(live.row.id, None)
+        if task is not None:
+            task.cancel()
+        live.settle(None)
+
     def _drop_live(self, rollout_id: str) -> None:
         self._ended.add(rollout_id)
         live = self._live.pop(rollout_id)
         for prompt in live.row.prompts:
             self._by_prompt.pop(prompt, None)
+        for spec in CATALOG:
+            with contextlib.suppress(KeyError):  # never set: no adjustment reported
+                self.metrics.variance_reduction.remove(live.row.prompt, spec.name)
         self.metrics.live.set(len(self._live))
 
     # -- routing -------------------------------------------------------------------
@@ -768,6 +913,7 @@ class RolloutController:
         }
         if live is not None and profile is not None:
             body |= views.snapshot(live.state, live.acc, profile, live.last_stats)
+            body["adjustment"]["history_loading"] = live.pending is not None
         else:
             body |= {**views.EMPTY_FINAL, **(row.final or {})}
         return body

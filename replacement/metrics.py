@@ -59,6 +59,14 @@ class RolloutMetrics:
             ["prompt"],
             registry=registry,
         )
+        self.variance_reduction = Gauge(
+            "promptd_rollout_variance_reduction",
+            "Share of the variance of the prompt's live rollout's test on a metric (primary, "
+            "log_latency, errors, cost) removed by regression adjustment on pre-treatment "
+            "covariates (CUPED) at the last tick: 0.25 means a quarter fewer samples.",
+            ["prompt", "metric"],
+            registry=registry,
+        )
         self.feedback = Counter(
             "promptd_rollout_feedback_total",
             "Feedback of live rollouts' prompts: joined to its call, or unmatched (its call "

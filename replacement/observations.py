@@ -67,6 +67,16 @@ hash buckets, a fixed memory whatever the number of users; a bucket is a sum of 
 units, hence itself an independent cluster. The variance estimate's relative noise is about
 ``sqrt(2 / buckets)`` (4 % with 1,024; with 128 buckets the noise measurably raised false
 rollbacks and cost power). The sample-ratio check counts distinct units of the current step.
+
+Covariates
+----------
+Each metric carries the covariates its spec is adjusted on (``adjust`` in
+:data:`.catalog.CATALOG`; none when the accumulator is built with ``adjust=False``): the
+unit's pre-period figure from :attr:`RolloutAccumulator.history` (a :class:`.history.History`,
+given before any event; the ``history`` covariate is left out when no unit has history)
+and the call's own pre-treatment fields (its input size), centred on the history's
+pre-period means. A feedback score carries its call's covariates. Their sums go into the
+metric's cells next to its values (see :mod:`.cells` and :mod:`.adjustment`).
 """
 
 from __future__ import annotations
@@ -74,7 +84,9 @@ from __future__ import annotations
 import bisect
 import gc
 import math
+import operator
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
@@ -83,13 +95,16 @@ from promptd.replacement import cells
 from promptd.replacement.catalog import (
     CATALOG,
     CELL_METRICS,
+    COVARIATES,
     ArmCounts,
     CallFacts,
     Metric,
+    MetricSpec,
     Observation,
     Observe,
 )
-from promptd.replacement.cells import DEFAULT_BUCKETS, Arm, Cell, merge, unit_bucket
+from promptd.replacement.cells import DEFAULT_BUCKETS, Arm, Cell, Layout, merge, unit_bucket
+from promptd.replacement.history import FIGURES, History
 from promptd.replacement.state import RolloutState
 
 __all__ = [
@@ -113,6 +128,13 @@ DEFAULT_MAX_FUTURE_S: Final = 300.0
 
 _CLUSTERED: Final = frozenset(spec.name for spec in CATALOG if spec.clustered)
 _PAIRED: Final = tuple(spec.name for spec in CATALOG if spec.paired)
+_NO_PAST: Final = (0.0,) * len(FIGURES)
+
+Covariates = tuple[float, ...]
+#: A metric's covariate values from a call's *atoms*: the unit's centred figures
+#: (:data:`.history.FIGURES` order, zeros without history) followed by the call's own
+#: covariates less their centres (see ``RolloutAccumulator._plan``).
+_Pick = Callable[[tuple[float, ...]], Covariates]
 
 
 class _Call(NamedTuple):
@@ -122,6 +144,8 @@ class _Call(NamedTuple):
     bucket: int
     ingested_at: float
     episode: str | None = None
+    # The call's covariates for each metric fed by feedback (feedback carries them).
+    covariates: tuple[Covariates, ...] = ()
 
 
 class _EpisodeFeedback:
@@ -162,6 +186,10 @@ class RolloutAccumulator:
     feedback_max_delay_s: float = 3600.0
     buckets: int = DEFAULT_BUCKETS
     max_future_s: float = DEFAULT_MAX_FUTURE_S
+    #: The units' pre-period figures (None: no history, e.g. while it loads).
+    history: History | None = None
+    #: Whether metrics carry the covariates of their regression adjustment.
+    adjust: bool = True
     feedback: FeedbackCounts = field(default_factory=FeedbackCounts)
     #: Calls of the rollout left out for a timestamp too far ahead (see module doc).
     future_calls: int = 0
@@ -175,9 +203,15 @@ class RolloutAccumulator:
     # Episode feedback kept for late calls, by episode and in storage order.
     _episode_fb: dict[str, list[_EpisodeFeedback]] = field(default_factory=dict)
     _episode_fb_order: deque[_EpisodeFeedback] = field(default_factory=deque)
-    # What each call and each joined feedback adds to, from the catalog (see __post_init__).
-    _per_call: tuple[tuple[str, Observe, bool], ...] = ()
-    _per_feedback: tuple[tuple[str, bool], ...] = ()
+    # What each call and each joined feedback adds to, from the catalog (see _plan()):
+    # the metric, how a call gives its value, whether it is clustered, its covariates.
+    _per_call: tuple[tuple[str, Observe, bool, _Pick | None], ...] = ()
+    _per_feedback: tuple[tuple[str, bool, _Pick | None], ...] = ()
+    _layout: Layout = field(default_factory=dict)
+    _units: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    # The call's own covariates (function, centre), and whether any metric has one.
+    _of_call: tuple[tuple[Callable[[CallFacts], float | None], float], ...] = ()
+    _covaried: bool = False
     #: The quality signals whose feedback feeds the primary metric (see module doc).
     signals: tuple[str, ...] = (HUMAN,)
     _sources: frozenset[str | None] = frozenset({None})
@@ -189,17 +223,72 @@ class RolloutAccumulator:
     def __post_init__(self) -> None:
         self._sources = frozenset(source_of(signal) for signal in self.signals)
         self._drift_source = next((s for s in self.signals if s != HUMAN), None)
+        self._plan()
+
+    def _plan(self) -> None:
         primary = self.primary_metric
+        history = self.history
+        self._units = dict(history.units) if history is not None else {}
+        layout: dict[str, tuple[str, ...]] = {}
+        sources: dict[str, _Pick | None] = {}
+        self._of_call = tuple(
+            (c.of_call, history.centre(c.name) if history is not None else 0.0)
+            for c in COVARIATES.values()
+            if c.of_call is not None
+        )
+        for spec in CATALOG:
+            if spec.has_cells:
+                layout[spec.name], sources[spec.name] = self._covariates(spec)
+        self._layout = layout
+        self._covaried = any(layout.values())
         self._per_call = tuple(
-            (spec.name, observe, spec.clustered)
+            (spec.name, observe, spec.clustered, sources[spec.name])
             for spec in CATALOG
             if spec.observe is not None and (observe := spec.observe(primary)) is not None
         )
         self._per_feedback = tuple(
-            (spec.name, spec.clustered)
+            (spec.name, spec.clustered, sources[spec.name])
             for spec in CATALOG
             if spec.feedback is not None and spec.feedback(primary)
         )
+
+    def _covariates(self, spec: MetricSpec) -> tuple[tuple[str, ...], _Pick | None]:
+        """The covariates ``spec``'s cells keep here, and how they are picked from a
+        call's atoms."""
+        if not self.adjust:
+            return (), None
+        history = self.history
+        of_call = [name for name, c in COVARIATES.items() if c.of_call is not None]
+        names: list[str] = []
+        at: list[int] = []
+        for name in spec.adjust:
+            if name in of_call:
+                names.append(name)
+                at.append(len(FIGURES) + of_call.index(name))
+            elif history is not None and history.units and spec.history is not None:
+                figure = spec.history(self.primary_metric)
+                if figure is not None:
+                    names.append(name)
+                    at.append(FIGURES.index(figure))
+        if not at:
+            return (), None
+        if len(at) == 1:
+            (only,) = at
+            return tuple(names), lambda atoms: (atoms[only],)
+        return tuple(names), operator.itemgetter(*at)
+
+    def set_history(self, history: History) -> None:
+        """Give the units' pre-period figures (before any event: a value's covariates are
+        fixed when it is added)."""
+        if self._cells or self._calls or self._pending:
+            raise RuntimeError("a rollout's history must be set before its events")
+        self.history = history
+        self._plan()
+
+    @property
+    def layout(self) -> Layout:
+        """The covariates each metric's cells keep."""
+        return self._layout
 
     def arm_of(self, variant: str) -> Arm | None:
         """Which arm a variant belongs to, if any."""
@@ -238,7 +327,7 @@ class RolloutAccumulator:
     def _cell(self, key: tuple[int, Arm]) -> Cell:
         cell = self._cells.get(key)
         if cell is None:
-            cell = self._cells[key] = Cell()
+            cell = self._cells[key] = Cell.new(self._layout)
         return cell
 
     # -- events --------------------------------------------------------------------
@@ -256,11 +345,12 @@ class RolloutAccumulator:
         ingested_at: float | None = None,
         episode_id: str | None = None,
         prompt: str | None = None,
+        input_chars: int | None = None,
     ) -> None:
         """Add one LLM call (``ingested_at`` defaults to ``ts``); ``unit`` is its routing
         key (``unit_id``, else ``episode_id``, else ``request_id``). ``prompt`` matters
-        only to rollouts of several prompts. The call counts at its event time (see
-        module doc)."""
+        only to rollouts of several prompts; ``input_chars`` is the call's input size
+        (a covariate). The call counts at its event time (see module doc)."""
         stored = ts if ingested_at is None else ingested_at
         # Only the calls a replay reads (the rollout's, stamped since it began) may move
         # the eviction horizon: otherwise live and rebuilt state differ in what they keep.
@@ -285,16 +375,29 @@ class RolloutAccumulator:
         cell.requests += 1
         if step == len(self.step_starts) - 1 and at >= self.step_starts[step] + self.srm_settle_s:
             cell.units.add(unit)
-        facts = CallFacts(latency_ms, success, quality, cost_usd)
-        for name, observe, clustered in self._per_call:
+        facts = CallFacts(latency_ms, success, quality, cost_usd, input_chars)
+        atoms = self._atoms(unit, facts) if self._covaried else ()
+        for name, observe, clustered, pick in self._per_call:
             value = observe(facts)
             if value is not None:
-                cell.metrics[name].add(value, bucket if clustered else None, self.buckets)
+                xs = pick(atoms) if pick is not None else ()
+                cell.metrics[name].add(value, bucket if clustered else None, self.buckets, xs)
         if request_id is None or request_id in self._calls:
             return  # a repeated request id keeps its first call
         if episode_id is not None and not self._joins_episode(episode_id):
             episode_id = None
-        self._remember(request_id, _Call(key, bucket, stored, episode_id))
+        carried = tuple(pick(atoms) if pick else () for _, _, pick in self._per_feedback)
+        self._remember(request_id, _Call(key, bucket, stored, episode_id, carried))
+
+    def _atoms(self, unit: str, facts: CallFacts) -> tuple[float, ...]:
+        """The unit's centred figures (zeros without history) and the call's covariates
+        less their centres (0 when the call does not report one)."""
+        past = self._units.get(unit) or _NO_PAST
+        own = []
+        for of_call, centre in self._of_call:
+            value = of_call(facts)
+            own.append(0.0 if value is None else value - centre)
+        return (*past, *own)
 
     def _left_out_future(self, stored: float, variant: str, prompt: str | None) -> None:
         """A call stamped too far ahead: counted when the replay reads it too (stored
@@ -346,6 +449,8 @@ class RolloutAccumulator:
             "srm_settle_s": self.srm_settle_s,
             "max_future_s": self.max_future_s,
             "metrics": list(CELL_METRICS),
+            "covariates": {name: list(names) for name, names in self._layout.items()},
+            "history": self.history.digest() if self.history is not None else None,
             "signals": list(self.signals),
         }
 
@@ -408,16 +513,19 @@ class RolloutAccumulator:
         self._add_feedback_score(call, entry.score)
 
     def _add_feedback_score(self, call: _Call, score: float) -> None:
-        """A feedback score joined to ``call``: a value of every metric fed by feedback."""
+        """A feedback score joined to ``call``: a value of every metric fed by feedback,
+        with the call's covariates."""
         metrics = self._cell(call.cell).metrics
-        for name, clustered in self._per_feedback:
-            metrics[name].add(score, call.bucket if clustered else None, self.buckets)
+        for i, (name, clustered, _) in enumerate(self._per_feedback):
+            xs = call.covariates[i] if call.covariates else ()
+            metrics[name].add(score, call.bucket if clustered else None, self.buckets, xs)
 
     def _remove_feedback_score(self, call: _Call, score: float) -> None:
         """Take back what :meth:`_add_feedback_score` added."""
         metrics = self._cell(call.cell).metrics
-        for name, clustered in self._per_feedback:
-            metrics[name].remove(score, call.bucket if clustered else None)
+        for i, (name, clustered, _) in enumerate(self._per_feedback):
+            xs = call.covariates[i] if call.covariates else ()
+            metrics[name].remove(score, call.bucket if clustered else None, xs)
 
     def _joinable(self, call: _Call, at: float) -> bool:
         """Whether feedback stored at ``at`` is within the join window of ``call``."""
@@ -514,6 +622,7 @@ class RolloutAccumulator:
                 [c.bucket for c in self._calls.values()],
                 [c.ingested_at for c in self._calls.values()],
                 [c.episode for c in self._calls.values()],
+                [[list(x) for x in c.covariates] for c in self._calls.values()],
             ],
             "call_order": [[at for at, _ in self._call_order], [r for _, r in self._call_order]],
             "pending": [
@@ -545,11 +654,14 @@ class RolloutAccumulator:
         self._drop_old_units()  # the snapshot may predate the start of a later step
         columns = state["calls"]
         if len(columns) == 5:
-            # A snapshot from before episodes: no call had one.
+            # A state from before episodes: no call had one.
             columns = [*columns, [None] * len(columns[0])]
+        if len(columns) == 6:
+            # From before covariates: no call carried any.
+            columns = [*columns, [()] * len(columns[0])]
         self._calls = {
-            rid: _Call((step, arm), bucket, at, episode)
-            for rid, step, arm, bucket, at, episode in zip(*columns, strict=True)
+            rid: _Call((step, arm), bucket, at, episode, tuple(map(tuple, covariates)))
+            for rid, step, arm, bucket, at, episode, covariates in zip(*columns, strict=True)
         }
         self._call_order = deque(zip(*state["call_order"], strict=True))
         self._pending = {
@@ -590,7 +702,9 @@ class RolloutAccumulator:
     def _data(self, name: str) -> Metric:
         steps = len(self.step_starts)
         if name in _CLUSTERED:
-            return cells.clustered(self._cells, steps, name, self.buckets)
+            return cells.clustered(
+                self._cells, steps, name, self.buckets, self._layout.get(name, ())
+            )
         return cells.strata(self._cells, steps, name)
 
     def arm_summary(self) -> dict[str, dict[str, float | int | None]]:

@@ -57,8 +57,14 @@ class RolloutProfile(BaseModel):
     on its boundary.
 
     **Errors are rare events.** The error ratio is tested with the exact conditional
-    binomial mixture of :mod:`.rates`, and only once ``min_expected_errors`` candidate errors
+    binomial mixture of :mod:`.rates`, its counts divided by the design effect of errors
+    clustered in units, and only once ``min_expected_errors`` (effective) candidate errors
     are expected under equal rates.
+
+    **Decisions on fewer requests.** With ``adjust_covariates`` every test runs on the
+    metric regression-adjusted (CUPED, :mod:`.adjustment`) on the pre-treatment covariates
+    its catalog entry names: each unit's figures over ``history_lookback_s`` before the
+    rollout started (0: no history), and the call's input size.
 
     **Feedback belongs to its call.** Feedback counts in its call's step and arm when the
     daemon stores it at most ``feedback_max_delay_s`` after the call (or up to ten minutes
@@ -108,6 +114,10 @@ class RolloutProfile(BaseModel):
     promote_requires_win: bool = False
     win_max_duration_s: float = Field(default=3600.0, ge=0.0)
     win_max_samples_per_arm: int = Field(default=5000, ge=1)
+    # Regression adjustment (CUPED) on pre-treatment covariates, and how far back a
+    # unit's history is read when the rollout starts.
+    adjust_covariates: bool = True
+    history_lookback_s: float = Field(default=7 * 86400.0, ge=0.0)
 
     @model_validator(mode="after")
     def _weights_increase(self) -> RolloutProfile:

@@ -62,7 +62,7 @@ async def replay(
     calls = _rows(
         db,
         "SELECT ingested_at, ts, variant, coalesce(unit_id, episode_id, request_id), "
-        "latency_ms, success, quality, cost_usd, request_id, episode_id, prompt "
+        "latency_ms, success, quality, cost_usd, request_id, episode_id, prompt, input_chars "
         f"FROM metric_events WHERE id >= ? AND ts >= ? AND ingested_at >= ? AND ({pairs}) "
         "ORDER BY id",
         (metric_floor, since, since, *chain.from_iterable((p, *v) for p, v in served.items())),
@@ -81,9 +81,9 @@ async def replay(
     async for row in _merged(streams):
         if len(row) == _CALL_WIDTH:
             at, ts, variant, unit, latency, success, quality, cost, request_id, episode = row[:10]
-            ok, prompt = bool(success), row[10]
+            ok, prompt, size = bool(success), row[10], row[11]
             acc.add_metric(
-                ts, variant, unit, latency, ok, quality, cost, request_id, at, episode, prompt
+                ts, variant, unit, latency, ok, quality, cost, request_id, at, episode, prompt, size
             )
             n_calls += 1
         else:
@@ -92,7 +92,7 @@ async def replay(
     return n_calls, n_feedback
 
 
-_CALL_WIDTH = 11
+_CALL_WIDTH = 12
 
 
 def _feedback(

@@ -8,9 +8,10 @@ feedback may still join) are what they would be after the full replay.
 
 One snapshot per live rollout, named ``rollout:<id>`` in the ``snapshots`` table; it is
 ignored when it was built for another configuration of the accumulator (versions, primary
-metric, buckets, join window, future bound, the catalog's metrics; a pipeline rollout's
-members, salt and step weights) or another encoding (:data:`FORMAT`), and when it does not
-decode (a warning, then the full replay: a snapshot is a cache).
+metric, buckets, join window, future bound, the catalog's metrics and their covariates,
+the units' history; a pipeline rollout's members, salt and step weights) or another
+encoding (:data:`FORMAT`), and when it does not decode (a warning, then the full replay:
+a snapshot is a cache).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from promptd.storage.snapshots import Snapshot
 #: Version of the encoding; a snapshot of another format is ignored (the rollout then
 #: replays from storage). 2: cells keyed by metric name, calls filed by their event time
 #: (a future timestamp taken as the storage time), units of the current step only.
-FORMAT: Final = 2
+#: 3: each metric's covariate sums in its cells, the calls' covariates, errors clustered.
+FORMAT: Final = 3
 
 
 def name(rollout_id: str) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from promptd.replacement import decision
+from promptd.replacement.catalog import CATALOG
 from promptd.replacement.observations import RolloutAccumulator
 from promptd.replacement.profiles import RolloutProfile
 from promptd.replacement.state import RolloutState, Status
@@ -40,6 +41,28 @@ def snapshot(
         },
         # Calls left out for a timestamp too far ahead of their storage (event time).
         "calls": {"future": acc.future_calls},
+        "adjustment": adjustment(acc, statistics),
+    }
+
+
+def adjustment(acc: RolloutAccumulator, statistics: Mapping[str, Any]) -> dict[str, Any]:
+    """The regression adjustment (CUPED): the units' history, and per metric its
+    covariates, their slopes and the variance reduction at the last tick."""
+    metrics = {}
+    for spec in CATALOG:
+        names = acc.layout.get(spec.name, ())
+        if not names:
+            continue
+        metrics[spec.name] = {
+            "covariates": list(names),
+            "theta": {n: statistics.get(f"{spec.name}_theta_{n}") for n in names},
+            "variance_reduction": statistics.get(f"{spec.name}_variance_reduction"),
+        }
+    history = acc.history
+    return {
+        "enabled": acc.adjust,
+        "history": history.summary() if history is not None else None,
+        "metrics": metrics,
     }
 
 
@@ -102,5 +125,6 @@ EMPTY_FINAL: Mapping[str, Any] = {
     "has_significant_result": False,
     "feedback": None,
     "calls": None,
+    "adjustment": None,
 }
 """What an ended rollout shows when it ended before snapshots were stored."""

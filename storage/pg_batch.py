@@ -32,7 +32,7 @@ R = TypeVar("R", MetricRow, FeedbackRow)
 
 _METRIC_TYPES: Final = (
     "text", "float8", "text", "text", "text", "text", "text", "float8", "bool", "text",
-    "float8", "int8", "int8", "float8", "text", "text", "text", "text", "text",
+    "float8", "int8", "int8", "float8", "int8", "text", "text", "text", "text", "text",
 )  # fmt: skip
 _FEEDBACK_TYPES: Final = (
     "text", "float8", "text", "text", "text", "text", "float8", "text", "text", "text", "text",

@@ -248,14 +248,16 @@ _TABLES: Final = ("metric_events", "feedback_events")
 async def _first_id_since(conn: Connection, table: str, since_ts: float) -> int:
     if table not in _TABLES:
         raise ValueError(f"unknown event table {table!r}")
-    async with conn.execute(
+    # Each query runs to its end in one call: a cursor left stepped across an await (as
+    # when the awaiting task is cancelled, e.g. a rollout's history read) would hold the
+    # shared reader's read transaction, and every later query on it would see the store
+    # as it was then, until the cursor is garbage-collected.
+    ((first,),) = await conn.execute_fetchall(
         "SELECT min(first_id) FROM ingest_batches WHERE tbl = ? AND max_ts >= ?",
         (table, since_ts),
-    ) as cur:
-        row = await cur.fetchone()
-    if row is not None and row[0] is not None:
-        return int(row[0])
+    )
+    if first is not None:
+        return int(first)
     # No batch reaches since_ts: every stored row is older.
-    async with conn.execute(f"SELECT coalesce(max(id), 0) + 1 FROM {table}") as cur:
-        row = await cur.fetchone()
-    return int(row[0]) if row else 1
+    ((after,),) = await conn.execute_fetchall(f"SELECT coalesce(max(id), 0) + 1 FROM {table}")
+    return int(after)

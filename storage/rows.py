@@ -39,6 +39,7 @@ MetricRow: TypeAlias = tuple[
     int | None,
     int | None,
     float | None,
+    int | None,
     str | None,
     str | None,
     str | None,
@@ -80,6 +81,7 @@ class MetricView(NamedTuple):
     tokens_in: int | None
     tokens_out: int | None
     cost_usd: float | None
+    input_chars: int | None
     episode_id: str | None
     input: str | None
     output: str | None
@@ -117,9 +119,9 @@ FEEDBACK_SOURCE_AT: Final = FEEDBACK_COLUMNS.index("source")
 #: Metric columns without the optional tail (episode id, captured payloads): most calls
 #: have none of them, and binding three NULLs per row measured about 25 % of the insert
 #: cost (see bench/sqlite_rows.py).
-METRIC_PLAIN_COLUMNS: Final = METRIC_COLUMNS[:14]
+METRIC_PLAIN_COLUMNS: Final = METRIC_COLUMNS[:15]
 #: The plain columns and the episode id: calls in an episode, without captures.
-METRIC_EPISODE_COLUMNS: Final = METRIC_COLUMNS[:15]
+METRIC_EPISODE_COLUMNS: Final = METRIC_COLUMNS[:16]
 #: Where the captured payloads (input, output, attributes, demo ids) start in a row.
 METRIC_CAPTURES_AT: Final = len(METRIC_EPISODE_COLUMNS)
 #: A row's plain part, sliced in C.
@@ -152,6 +154,7 @@ def metric_row(event: MetricEvent) -> MetricRow:
         event.tokens_in,
         event.tokens_out,
         event.cost_usd,
+        event.input_chars,
         event.episode_id,
         capture_json(event.input),
         capture_json(event.output),

@@ -498,6 +498,13 @@ CREATE TABLE demo_pools (
 ALTER TABLE metric_events ADD COLUMN demo_ids TEXT;
 """
 
+_V18_INPUT_CHARS: Final = """
+-- The size of a call's input without the prompt template (characters of what the app
+-- passed in): a covariate the variant cannot change, for the rollouts' regression
+-- adjustment (replacement/adjustment.py).
+ALTER TABLE metric_events ADD COLUMN input_chars INTEGER CHECK (input_chars >= 0);
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(
         version=1,
@@ -526,6 +533,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     ),
     Migration(version=16, name="demo_pools", sql=_V16_DEMO_POOLS),
     Migration(version=17, name="leadership", sql=_V17_LEADERSHIP),
+    Migration(version=18, name="input_chars", sql=_V18_INPUT_CHARS),
 )
 
 

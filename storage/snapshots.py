@@ -67,14 +67,17 @@ class SnapshotStore:
         """
         # Text columns are read as bytes and decoded here: sqlite3 raises on text that
         # is not UTF-8 before the row can even be looked at.
-        async with self.db.reader.execute(
-            "SELECT name, taken_at, metric_id, feedback_id, CAST(config AS BLOB), data "
-            "FROM snapshots WHERE name = ?",
-            (name,),
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        # Fetched in one call (see _first_id_since in .repository: cancel-safe).
+        rows = list(
+            await self.db.reader.execute_fetchall(
+                "SELECT name, taken_at, metric_id, feedback_id, CAST(config AS BLOB), data "
+                "FROM snapshots WHERE name = ?",
+                (name,),
+            )
+        )
+        if not rows:
             return None
+        row = rows[0]
         try:
             return Snapshot(
                 name,
@@ -96,12 +99,11 @@ class SnapshotStore:
 
 async def last_ids(db: Database) -> tuple[int, int]:
     """The highest (metric, feedback) row ids stored now."""
-    async with db.reader.execute(
+    ((metric, feedback),) = await db.reader.execute_fetchall(
         "SELECT (SELECT coalesce(max(id), 0) FROM metric_events), "
         "(SELECT coalesce(max(id), 0) FROM feedback_events)"
-    ) as cur:
-        row = await cur.fetchone()
-    return (int(row[0]), int(row[1])) if row else (0, 0)
+    )
+    return int(metric), int(feedback)
 
 
 # Rows as the monitor's rebuild reads them (see storage.alerts.raw_events), plus the id.

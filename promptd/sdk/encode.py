@@ -24,8 +24,9 @@ FEEDBACK: Final = "f"
 
 # Positions in a metric tuple:
 # (METRIC, ts, prompt, variant, model, request_id, unit_id, latency_ms, success, error,
-#  tokens_in, tokens_out, cost_usd, input, output, attributes, episode_id, demos)
-# where ``demos`` is the call's DemoChoice (its ``ids``), or None.
+#  tokens_in, tokens_out, cost_usd, input, output, attributes, episode_id, sizing, demos)
+# where sizing is None or (count, args, kwargs): input_chars = count(*args, **kwargs), and
+# ``demos`` is the call's DemoChoice (its ``ids``), or None.
 # Positions in a feedback tuple:
 # (FEEDBACK, ts, request_id, score, kind, comment, correction, prompt, variant, model,
 #  episode_id)
@@ -69,7 +70,8 @@ class Encoder:
         tokens_in, tokens_out, cost_usd, captured_in, captured_out, attributes, episode_id = item[
             10:17
         ]
-        chosen = item[17] if len(item) > 17 else None
+        size = _input_chars(item[17] if len(item) > 17 else None)
+        chosen = item[18] if len(item) > 18 else None
         event = self._metric(
             event_id=self._new_id(),
             ts=ts,
@@ -85,6 +87,7 @@ class Encoder:
             tokens_in=tokens_in,
             tokens_out=tokens_out,
             cost_usd=cost_usd,
+            input_chars=size,
             input=self._capture("input", captured_in),
             output=self._capture("output", captured_out),
             attributes=attributes,
@@ -151,6 +154,21 @@ class Encoder:
         # Too large: keep a prefix of the text form (cut on a character boundary).
         raw = value if isinstance(value, str) else text
         return raw.encode()[: cap - 64].decode(errors="ignore")
+
+
+def _input_chars(sizing: tuple[Any, ...] | None) -> int | None:
+    """The call's input size, or None (also when the app's counting function fails or
+    returns something that is not a count: the call is still reported)."""
+    if sizing is None:
+        return None
+    count, args, kwargs = sizing
+    try:
+        size = count(*args, **kwargs)
+    except Exception:
+        return None
+    if type(size) is not int or not 0 <= size <= 10**9:
+        return None
+    return size
 
 
 def _kind(item: tuple[Any, ...]) -> str:

@@ -32,7 +32,7 @@ from promptd.sdk.context import (
 )
 from promptd.sdk.encode import METRIC
 from promptd.sdk.routing_client import PromptVariant
-from promptd.sdk.usage import NO_USAGE, PLAIN_TYPES, usage_of
+from promptd.sdk.usage import NO_USAGE, PLAIN_TYPES, input_chars, usage_of
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -40,6 +40,9 @@ R = TypeVar("R")
 #: ``unit_id=`` accepts an argument name, a callable of the call's arguments, or None
 #: (then the ``unit_id`` context variable, then the request id).
 UnitIdSource = str | Callable[..., str | None] | None
+#: ``input_chars=``: True counts the text in the call's arguments, a callable of the
+#: call's arguments returns the size, False sends none.
+InputCharsSource = bool | Callable[..., int | None]
 
 
 class _Call:
@@ -84,6 +87,7 @@ class _Spec:
         capture: bool,
         attributes: Mapping[str, str] | None,
         client: Client | None,
+        input_size: InputCharsSource = True,
     ) -> None:
         self.prompt = prompt
         self.model = model
@@ -102,6 +106,27 @@ class _Spec:
         self.unit_pos = -1
         if isinstance(unit_id, str) and unit_id in params:
             self.unit_pos = params.index(unit_id)
+        # What is not the call's input: the instance, the injected variant, the unit id.
+        self.skip_first = bool(params) and params[0] in ("self", "cls")
+        self.not_input = frozenset(n for n in (inject, unit_id) if isinstance(n, str))
+        self.input_size: Callable[..., int | None] | None
+        if callable(input_size):
+            self.input_size = input_size
+        else:
+            self.input_size = self.count_input if input_size else None
+
+    def count_input(self, *args: Any, **kwargs: Any) -> int | None:
+        """Characters of text in the call's arguments (sender thread; see
+        :func:`~promptd.sdk.usage.input_chars`)."""
+        skip = self.not_input
+        positional = [
+            value
+            for i, value in enumerate(args)
+            if not (i == 0 and self.skip_first)
+            and not (i < len(self.param_names) and self.param_names[i] in skip)
+        ]
+        named = [value for name, value in kwargs.items() if name not in skip]
+        return input_chars((*positional, *named))
 
     def _unit(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         if self.unit_arg is not None:
@@ -197,6 +222,8 @@ class _Spec:
         if self.capture:
             captured_in = self._inputs(args, kwargs)
             captured_out = result
+        # Counted in the sender thread, off the app's call.
+        sizing = None if self.input_size is None else (self.input_size, args, kwargs)
         item = (
             METRIC,
             call.ts,
@@ -215,6 +242,7 @@ class _Spec:
             captured_out,
             self.attributes,
             call.episode_id,
+            sizing,
             # The demos' record (read in the sender thread); None for fixed demos.
             call.variant.chosen,
         )
@@ -271,6 +299,7 @@ def instrument(
     capture: bool = False,
     attributes: Mapping[str, str] | None = None,
     client: Client | None = None,
+    input_chars: InputCharsSource = True,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a sync or async function (or method) that makes one LLM call.
 
@@ -285,11 +314,20 @@ def instrument(
       :class:`PromptVariant`; without it read :func:`promptd.current_variant`.
     - ``capture``: also send the call's arguments and result (size-capped, passed through
       the configured ``redact`` hook in the sender thread). Off by default.
+    - ``input_chars``: the size of the call's input without the prompt template, sent as
+      ``input_chars`` (rollouts adjust latency and cost on it, see the README). True (the
+      default) counts the characters of text in the arguments (strings, and those in
+      lists, tuples and dict values), leaving out ``self``/``cls``, the injected variant
+      and the unit id; a callable receives the call's arguments and returns the size;
+      False sends none. It must not depend on the variant: in a chat whose input carries
+      earlier answers of this prompt, count only the new user message.
     """
     default = PromptVariant(prompt, version, template)
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
-        spec = _Spec(fn, prompt, model, default, unit_id, inject, capture, attributes, client)
+        spec = _Spec(
+            fn, prompt, model, default, unit_id, inject, capture, attributes, client, input_chars
+        )
         _client_mod.declare(prompt, client)
         if inspect.iscoroutinefunction(fn):
             return cast(Callable[P, R], _wrap_async(fn, spec))

@@ -1,4 +1,5 @@
-"""Token usage, cost and model name from a returned litellm / OpenAI response.
+"""Token usage, cost and model name from a returned litellm / OpenAI response, and the
+size of a call's input.
 
 Only attribute and key lookups: cheap enough for the hot path, and no import of litellm
 or openai. Supports chat completions (``usage.prompt_tokens`` / ``completion_tokens``),
@@ -8,6 +9,7 @@ litellm's ``_hidden_params["response_cost"]``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 Usage = tuple[int | None, int | None, float | None, str | None]
@@ -47,3 +49,34 @@ def usage_of(result: Any) -> Usage:
             cost = float(raw)
     model = _get(result, "model")
     return tokens_in, tokens_out, cost, model if isinstance(model, str) and model else None
+
+
+#: How deep :func:`input_chars` looks into lists, tuples and dicts of the arguments.
+_MAX_DEPTH = 4
+
+
+def input_chars(values: Iterable[Any]) -> int | None:
+    """Characters of text in the call's arguments ``values``: strings (and bytes) counted
+    in full, lists, tuples and dict values looked into (to a few levels); None when no
+    argument holds any text (a size of 0 is then unknown, not empty).
+
+    The prompt template is not an argument (the variant brings it), so the count is what
+    the app passed in: a size the variant cannot change (see ``input_chars=`` of
+    :func:`promptd.instrument`).
+    """
+    total, found = _chars(values, 0)
+    return total if found else None
+
+
+def _chars(values: Iterable[Any], depth: int) -> tuple[int, bool]:
+    total, found = 0, False
+    for value in values:
+        kind = type(value)
+        if kind is str or kind is bytes:
+            total += len(value)
+            found = True
+        elif depth < _MAX_DEPTH and (kind is list or kind is tuple or kind is dict):
+            inner, seen = _chars(value.values() if kind is dict else value, depth + 1)
+            total += inner
+            found = found or seen
+    return total, found

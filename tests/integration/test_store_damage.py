@@ -40,7 +40,8 @@ async def test_snapshots_that_do_not_decode_mean_a_full_replay_and_a_warning(
 ) -> None:
     """Snapshot rows that do not decode (garbage msgpack, truncated data, text that is not
     UTF-8) do not stop the start: each is ignored with a warning, the windows and the live
-    rollout are rebuilt from the events, exactly as they were."""
+    rollout (with its pre-period history) are rebuilt from the events, exactly as they
+    were."""
     settings = make_settings(http={"admin_token": TOKEN}, rollout={"tick_interval_s": 0.1})
     first = await start_daemon(settings)
     async with aiohttp.ClientSession() as http:
@@ -67,6 +68,8 @@ async def test_snapshots_that_do_not_decode_mean_a_full_replay_and_a_warning(
         _, after = await _call(http, "GET", f"{second.url}/v1/rollouts/{rid}", auth=False)
     assert after["arms"] == before["arms"]
     assert after["feedback"] == before["feedback"]
+    # The rollout's saved history was damaged too: computed again from the same events.
+    assert after["adjustment"]["history"] == before["adjustment"]["history"] is not None
     await second.stop()
 
     # Truncated rollout data: the accumulator it was half loaded into is replaced.
@@ -78,6 +81,8 @@ async def test_snapshots_that_do_not_decode_mean_a_full_replay_and_a_warning(
     async with aiohttp.ClientSession() as http:
         _, again = await _call(http, "GET", f"{third.url}/v1/rollouts/{rid}", auth=False)
     assert (again["arms"], again["feedback"]) == (before["arms"], before["feedback"])
+    # The replacing accumulator has the rollout's history (its covariates) too.
+    assert again["adjustment"]["history"] == before["adjustment"]["history"]
 
 
 async def test_a_damaged_page_is_found_at_start_even_with_a_snapshot(

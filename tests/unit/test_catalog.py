@@ -3,10 +3,20 @@ margins, the observation and the arms derive from it (issue 18)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from pydantic import ValidationError
 
-from promptd.replacement.catalog import CATALOG, CELL_METRICS, Observation, as_clustered
+from promptd.replacement.catalog import (
+    CATALOG,
+    CELL_METRICS,
+    COVARIATES,
+    NOT_COVARIATES,
+    Observation,
+    as_clustered,
+)
+from promptd.replacement.history import FIGURES
 from promptd.replacement.observations import RolloutAccumulator
 from promptd.replacement.profiles import PROFILES, RolloutProfile, fixed_split_experiment
 from promptd.replacement.state import RolloutState
@@ -96,3 +106,21 @@ def test_the_observation_and_the_arms_have_every_metric_with_cells() -> None:
         Observation(tokens=())
     with pytest.raises(AttributeError, match="no metric 'tokens'"):
         _ = obs.tokens
+
+
+def test_metrics_are_adjusted_only_on_documented_pre_treatment_covariates() -> None:
+    """Every covariate a metric names is one of COVARIATES, each saying why the variant
+    cannot change it; tokens_in (which counts the template) is documented as not one; a
+    spec naming an unknown covariate, or history without a figure, is refused."""
+    for spec in CATALOG:
+        for name in spec.adjust:
+            assert COVARIATES[name].pre_treatment
+        if "history" in spec.adjust:
+            assert spec.history is not None
+            assert spec.history("feedback_score") in FIGURES
+    assert "tokens_in" in NOT_COVARIATES
+    assert "tokens_in" not in COVARIATES
+    with pytest.raises(ValueError, match="unknown covariates \\['tokens_in'\\]"):
+        replace(CATALOG[1], adjust=("tokens_in",))
+    with pytest.raises(ValueError, match="history without a figure"):
+        replace(CATALOG[1], history=None)

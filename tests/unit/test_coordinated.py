@@ -249,7 +249,7 @@ def _stream(seed: int, n: int) -> list[tuple[list[MetricRow], list[FeedbackRow]]
             ):
                 rid = f"{episode}-{k}"
                 row: MetricRow = (f"m{rid}", ts, prompt, variant, "m", rid, unit, 5.0, True)
-                row += (None, None, None, None, None, episode, None, None, None, None)
+                row += (None, None, None, None, None, None, episode, None, None, None, None)
                 metrics.append(row)
             if rng.random() < 0.6:
                 fb: FeedbackRow = (f"f{episode}", ts, None, None, None, None)

@@ -55,6 +55,7 @@ METRIC: dict[str, Any] = {
     "tokens_in": 10,
     "tokens_out": 20,
     "cost_usd": 0.001,
+    "input_chars": 1234,
 }
 FEEDBACK: dict[str, Any] = {
     "event_id": "e-2",
@@ -203,6 +204,8 @@ HOSTILE: list[bytes | None] = [
     b"{" + _BASE + b',"type":"metric","tokens_in":-0}',
     b"{" + _BASE + b',"type":"metric","tokens_in":99999999999999999999999}',
     b"{" + _BASE + b',"type":"metric","cost_usd":1000000}',
+    b"{" + _BASE + b',"type":"metric","input_chars":-1}',
+    b"{" + _BASE + b',"type":"metric","input_chars":12.5}',
     b"{" + _BASE + b',"type":"metric","success":1}',
     b"{" + _BASE + b',"type":"metric","unit_id":null}',
     b"{" + _BASE + b',"type":"metric","unit_id":""}',
@@ -448,6 +451,7 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "score": st.floats(0, 1) | st.floats(-0.5, 1.5) | st.integers(-1, 2) | edges(0.0, 1.0),
     "tokens_in": st.integers(-2, 10**9 + 2) | st.integers(0, 10**4),
     "tokens_out": st.integers(-2, 10**9 + 2) | st.integers(0, 10**4),
+    "input_chars": st.integers(-2, 10**9 + 2) | st.integers(0, 10**4),
     "cost_usd": st.floats(0, 1) | st.floats(-1, 2e6) | edges(0.0, 1e6),
     "success": st.booleans(),
     "attributes": st.dictionaries(names, names, max_size=MAX_ATTRIBUTES + 2),
@@ -459,7 +463,7 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
 }
 OPTIONAL = {
     "metric": ["unit_id", "episode_id", "error", "quality", "tokens_in", "tokens_out",
-               "cost_usd", "input", "output", "attributes"],
+               "cost_usd", "input_chars", "input", "output", "attributes"],
     "feedback": ["model", "kind", "comment", "correction", "episode_id", "request_id",
                  "prompt", "variant", "source"],
 }  # fmt: skip

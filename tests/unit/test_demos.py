@@ -118,7 +118,7 @@ def test_the_sdk_serves_each_call_its_nearest_demos_and_records_their_ids() -> N
 
     encoder = Encoder(SdkConfig(metrics_topic="m"))
     item = ("m", time.time(), "p", "v2", "m", "rid", None, 5.0, True, None)
-    item += (None, None, None, None, None, None, None, call.chosen)
+    item += (None, None, None, None, None, None, None, None, call.chosen)
     record = encoder.encode(item)
     assert not isinstance(record, str), encoder.last_invalid
     assert MetricEvent.model_validate_json(record[2]).demo_ids == ["r3", "r1"]

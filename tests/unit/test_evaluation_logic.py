@@ -13,6 +13,8 @@ from promptd.evaluation.config import EvaluationSettings, JudgeEvaluator
 from promptd.evaluation.cursor import Cursor
 from promptd.evaluation.health import Health
 from promptd.evaluation.judge import messages, reference_text, score_of
+from promptd.events import MetricEvent
+from promptd.storage.rows import metric_row
 
 DAY = 86_400.0
 
@@ -206,3 +208,20 @@ def test_configuration_errors_are_clear(evaluators: list[dict[str, object]], mes
     """Unknown keys, bad values and inconsistent evaluators are refused, saying why."""
     with pytest.raises(ValidationError, match=message):
         _settings(*evaluators)
+
+
+def test_a_call_is_read_from_a_stored_row_by_column_name() -> None:
+    """A stored metric row (every optional column set, input_chars among them) gives the
+    call its ids and captured input and output, not the columns beside them."""
+    event = MetricEvent(
+        event_id="e1", ts=1_700_000_000.0, prompt="qa", variant="v2", model="m",
+        request_id="r1", unit_id="u", latency_ms=5.0, success=True, tokens_in=3,
+        tokens_out=4, cost_usd=0.1, input_chars=12, episode_id="ep",
+        input={"question": "why?"}, output="because", attributes={"k": "v"},
+    )  # fmt: skip
+    call = Call.from_row(metric_row(event))
+    assert (call.request_id, call.prompt, call.variant, call.model, call.ts) == (
+        "r1", "qa", "v2", "m", 1_700_000_000.0,
+    )  # fmt: skip
+    assert (call.input, call.output) == ({"question": "why?"}, "because")
+    assert Call.from_row(metric_row(event.model_copy(update={"output": None}))).output is None

@@ -31,7 +31,7 @@ def call(i: int, ts: float, prompt: str, variant: str, episode: str | None) -> M
     """A stored call row."""
     return MetricView(
         f"m{i}", ts, prompt, variant, "m", f"r{i}", None, 100.0, True, None,
-        None, None, None, None, episode, None, None, None,
+        None, None, None, None, None, episode, None, None, None,
     )  # fmt: skip
 
 

@@ -72,6 +72,7 @@ def stream(
             None,
             None,
             None,
+            None,
         )
 
 

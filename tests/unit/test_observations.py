@@ -51,7 +51,8 @@ def test_events_are_stratified_by_the_step_of_their_timestamp() -> None:
     assert isinstance(obs.primary, ClusteredSample)
     assert _cells(obs.primary) == {0: ((1, 1.0), (1, 0.0)), 1: ((0, 0.0), (1, 1.0))}
     assert obs.requests.candidate == 1
-    assert obs.errors[0].candidate.total == 1.0
+    assert isinstance(obs.errors, ClusteredSample)
+    assert obs.errors.moments[0][1].total == 1.0
     assert isinstance(obs.log_latency, ClusteredSample)
     assert math.isclose(obs.log_latency.moments[0][0].total, math.log(10.0))
 

@@ -93,7 +93,7 @@ def test_calls_of_an_episode_without_unit_share_one_cluster() -> None:
     acc.add_feedback(None, 1.0, 10.0, "ep")
     assert acc.observation(_state()).units.candidate == 1
     ((step, arm, primary, *_),) = acc.state()["cells"]
-    n, _, _, _, per_bucket = primary
+    n, _, _, _, per_bucket, *_ = primary
     assert (step, arm, n) == (0, "candidate", 3)  # three observations ...
     counts = np.frombuffer(per_bucket, dtype=np.float64)
     assert counts[counts > 0].tolist() == [3.0]  # ... in one unit bucket

@@ -11,7 +11,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from promptd.replacement.clustered import ClusteredSample, estimate
+from promptd.replacement.adjustment import compare, theta
+from promptd.replacement.clustered import ClusteredSample
 from promptd.replacement.observations import DEFAULT_BUCKETS, RolloutAccumulator, unit_bucket
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "rollout_stats.py"
@@ -39,15 +40,22 @@ def _unit_names(clusters: np.ndarray) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "scenario", ["A/A 5 req/s", "drift 0.85→0.75, feedback minutes late, 5 req/s"]
+    "scenario",
+    [
+        "A/A 5 req/s",
+        "drift 0.85→0.75, feedback minutes late, 5 req/s",
+        "input size (R² 0.7) and history: A/A, 10 req/s",
+        "clustered errors (5 % of users at 20 %): A/A, 10 req/s [v2 error test]",
+    ],
 )
 def test_bench_observation_equals_the_accumulators(scenario: str) -> None:
     """Replaying one simulated run's calls and feedback through RolloutAccumulator (in
-    storage order) gives the same estimates, error counts and SRM units as the bench's
-    vectorised observation, after the run has moved through two steps."""
+    storage order, with the run's pre-period history built by History.from_sums) gives
+    the same raw and regression-adjusted estimates, error counts and SRM units as the
+    bench's vectorised observation, after the run has moved through two steps."""
     bench = _bench()
     sc = next(s for s in bench.SCENARIOS if s.name == scenario)
-    sim = bench.Simulation(sc, bench.daemon_profile(), runs=1, seed=42)
+    sim = bench.Simulation(sc, bench.scenario_profile(sc), runs=1, seed=42)
     sim.record = []
     active = np.array([0])
     tick = 0
@@ -59,7 +67,8 @@ def test_bench_observation_equals_the_accumulators(scenario: str) -> None:
         assert tick < 2000, "the run did not reach step 2"
     now = tick * bench.TICK_S
     state = sim.runs.states[0]
-    bench_obs = sim.observation(0, sim.cross_products(active), 0)
+    bench_obs = sim.observation(0)
+    names = _unit_names(sim.users.cluster[0])
 
     acc = RolloutAccumulator(
         "v1",
@@ -69,17 +78,18 @@ def test_bench_observation_equals_the_accumulators(scenario: str) -> None:
         srm_settle_s=bench.SRM_SETTLE_S,
         feedback_max_delay_s=bench.daemon_profile().feedback_max_delay_s,
         buckets=DEFAULT_BUCKETS,
+        history=sim.history_table(0, names) if sc.history else None,
     )
-    names = _unit_names(sim.users.cluster[0])
     events: list[tuple[float, int, tuple[object, ...]]] = []
     index = 0
-    for r, t, u, arm, log_lat, err, cost, score, arrives in sim.record:
+    for r, t, u, arm, log_lat, err, cost, score, arrives, size in sim.record:
         for j in range(r.size):
             rid = f"req-{index}"
             index += 1
             variant = "v2" if arm[j] else "v1"
+            chars = int(size[j]) if size[j] >= 0 else None
             call = (float(t[j]), variant, names[u[j]], math.exp(log_lat[j]), not err[j],
-                    None, float(cost[j]), rid, float(t[j]))  # fmt: skip
+                    None, float(cost[j]), rid, float(t[j]), None, "p", chars)  # fmt: skip
             events.append((float(t[j]), 0, call))
             # The bench hands feedback over at the end of the tick it arrives in.
             if math.floor(arrives[j] / bench.TICK_S) * bench.TICK_S < now:
@@ -92,20 +102,39 @@ def test_bench_observation_equals_the_accumulators(scenario: str) -> None:
             acc.add_feedback(*event)  # type: ignore[arg-type]
     acc_obs = acc.observation(state)
 
-    for name in ("primary", "log_latency", "cost"):
+    clustered = ["primary", "log_latency", "cost"]
+    if sc.errors_clustered:
+        clustered.append("errors")
+    else:
+        errors = {s.step: s for s in bench_obs.errors if s.baseline.n + s.candidate.n}
+        mine_errors = acc_obs.errors
+        assert isinstance(mine_errors, ClusteredSample)
+        assert {
+            step: (b.n, b.total, c.n, c.total)
+            for step, (b, c) in zip(mine_errors.steps, mine_errors.moments, strict=True)
+        } == {s.step: (s.baseline.n, s.baseline.total, s.candidate.n, s.candidate.total)
+              for s in errors.values()}  # fmt: skip
+    for name in clustered:
         mine, theirs = getattr(acc_obs, name), getattr(bench_obs, name)
         assert isinstance(mine, ClusteredSample)
         assert isinstance(theirs, ClusteredSample)
+        if theirs.covariates is None:
+            # The bench leaves out a per-call covariate no call reports; the daemon keeps
+            # it, all zeros (θ = 0: the same test).
+            assert mine.covariates is None or not mine.covariates.sx.any(), name
+        else:
+            assert mine.covariates is not None
+            assert mine.covariates.names == theirs.covariates.names
+            assert np.allclose(theta(mine), theta(theirs), rtol=1e-9, atol=1e-12)
         for ratio, pooled in ((1.0, True), (1.1, False)):
             a, b = (
-                estimate(mine, ratio=ratio, pooled=pooled),
-                estimate(theirs, ratio=ratio, pooled=pooled),
+                compare(mine, alpha=0.05, min_samples=1, mde_sd=0.15, ratio=ratio, pooled=pooled),
+                compare(theirs, alpha=0.05, min_samples=1, mde_sd=0.15, ratio=ratio, pooled=pooled),
             )
-            assert (a.n_baseline, a.n_candidate) == (b.n_baseline, b.n_candidate)
-            assert a.d == pytest.approx(b.d, rel=1e-9, abs=1e-12)
-            assert a.var == pytest.approx(b.var, rel=1e-9)
-    errors = {s.step: s for s in bench_obs.errors if s.baseline.n + s.candidate.n}
-    assert {s.step: s for s in acc_obs.errors} == errors
+            assert (a[0].n_baseline, a[0].n_candidate) == (b[0].n_baseline, b[0].n_candidate)
+            assert a[0].estimate == pytest.approx(b[0].estimate, rel=1e-9, abs=1e-12)
+            assert a[0].se == pytest.approx(b[0].se, rel=1e-9)
+            assert a[0].log_lr == pytest.approx(b[0].log_lr, rel=1e-9, abs=1e-9)
     assert acc_obs.units == bench_obs.units
     assert (
         acc.feedback.joined

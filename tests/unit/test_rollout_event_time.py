@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 
 from promptd.replacement import snapshots
 from promptd.replacement.controller import RolloutController
+from promptd.replacement.machine import Rollback
 from promptd.replacement.metrics import RolloutMetrics
 from promptd.replacement.observations import PENDING_WINDOW_S
 from promptd.replacement.profiles import RolloutProfile, StepPlan
@@ -83,11 +84,12 @@ class World:
         self.controller = self.new_controller()
 
     def new_controller(self) -> RolloutController:
+        self.prometheus = CollectorRegistry()
         return RolloutController(
             self.db,
             self.registry,
             lambda name: PROFILE,
-            RolloutMetrics(CollectorRegistry()),
+            RolloutMetrics(self.prometheus),
             clock=self.clock,
             # Units count for the sample-ratio check 2 × 2 + 1 s after a step starts.
             routing_ttl_s=2.0,
@@ -105,6 +107,9 @@ class World:
 
     async def restart(self, with_snapshot: bool) -> None:
         """A stop (saving snapshots, or a crash without) and a start that resumes."""
+        # The old process's background work ends with it: a history read still in flight
+        # would otherwise go on beside the new controller, which a real restart never sees.
+        await self.controller.stop_loading()
         if with_snapshot:
             await self.controller.snapshot_once()
         self.controller = self.new_controller()
@@ -112,6 +117,7 @@ class World:
 
     async def aggregates(self, rollout_id: str) -> dict[str, Any]:
         """The live accumulator's state, as the controller's snapshot saves it."""
+        await self.controller.history_loaded()
         assert await self.controller.snapshot_once() == 1
         snap = await SnapshotStore(self.db).load(snapshots.name(rollout_id))
         assert snap is not None
@@ -135,10 +141,33 @@ async def world_at(path: Path) -> AsyncIterator[tuple[World, str]]:
         await registry.register("p", NewVersion(template="v1 {x}"))
         await registry.register("p", NewVersion(template="v2 {x}"))
         world = World(db, registry)
+        await world.store(*pre_period(world.clock.now))
         row = await world.controller.start_rollout("p", "v2", profile="event-time")
+        # Not waiting for the rollout's history: the first batches may wait for it.
         yield world, row.id
     finally:
         await db.close()
+
+
+def pre_period(now: float) -> tuple[list[MetricRow], list[FeedbackRow]]:
+    """Calls of the units u0..u39 (and one episode) in the hour before the rollout, with
+    feedback on some: the rollout's units then have history (covariates)."""
+    rng = random.Random(7)
+    metrics: list[MetricRow] = []
+    feedback: list[FeedbackRow] = []
+    for i in range(120):
+        rid, unit = f"pre{i}", f"u{i % 40}"
+        metrics.append(
+            (f"m{rid}", now - 3000 + i, "p", "v1", "m", rid, unit, rng.lognormvariate(5, 1),
+             rng.random() > 0.1, None, rng.random(), None, None, rng.random() / 100,
+             rng.randrange(900), None, None, None, None, None)
+        )  # fmt: skip
+        if i % 3:
+            feedback.append(
+                (f"f{rid}", now - 2900 + i, "p", "v1", None, rid, rng.random(), "q", None,
+                 None, None, None)
+            )  # fmt: skip
+    return metrics, feedback
 
 
 def batch(
@@ -156,7 +185,8 @@ def batch(
         metrics.append(
             (f"m{rid}", now + rng.choice(CALL_SKEWS), "p", variant, "m", rid,
              f"u{rng.randrange(40)}", rng.lognormvariate(5, 1), rng.random() > 0.1, None,
-             rng.random(), None, None, rng.random() / 100, episode, None, None, None, None)
+             rng.random(), None, None, rng.random() / 100, rng.choice([None, rng.randrange(900)]),
+             episode, None, None, None, None)
         )  # fmt: skip
     feedback: list[FeedbackRow] = []
     for j in range(rng.randrange(n + 3)):
@@ -258,6 +288,7 @@ async def test_a_call_stamped_ahead_stays_in_the_step_it_was_stored_in(tmp_path:
             for i in range(4)
         ]
         await world.store([], feedback)
+        await world.controller.history_loaded()  # ticks wait for the rollout's history
         await world.controller.tick()  # a sample in each arm: step 1 starts
         view = await world.controller.describe(rollout_id)
         assert view["step"] == 1
@@ -267,6 +298,35 @@ async def test_a_call_stamped_ahead_stays_in_the_step_it_was_stored_in(tmp_path:
         requests = {(step, arm): cell[-2] for step, arm, *cell in live["cells"]}
         assert requests == {(0, "baseline"): 5, (0, "candidate"): 5}
         assert await world.rebuilt(rollout_id) == live
+
+
+async def test_the_view_and_the_metrics_show_the_regression_adjustment(tmp_path: Path) -> None:
+    """GET /v1/rollouts/{id}'s ``adjustment`` names the history (40 units with it) and,
+    per metric, its covariates, slopes and variance reduction at the last tick; the same
+    reduction is the ``promptd_rollout_variance_reduction`` gauge, removed when the
+    rollout ends."""
+    async with world_at(tmp_path) as (world, rollout_id):
+        rng, calls = random.Random(5), []
+        for _ in range(6):
+            await world.store(*batch(rng, calls, 10, world.clock.now))
+        await world.controller.history_loaded()
+        await world.controller.tick()
+        view = await world.controller.describe(rollout_id)
+        adjustment = view["adjustment"]
+        assert adjustment["enabled"]
+        assert not adjustment["history_loading"]
+        assert adjustment["history"]["units"] == 40
+        assert adjustment["metrics"]["log_latency"]["covariates"] == ["history", "log_input_chars"]
+        reduction = adjustment["metrics"]["log_latency"]["variance_reduction"]
+        assert isinstance(reduction, float)
+        assert set(adjustment["metrics"]["log_latency"]["theta"]) == {"history", "log_input_chars"}
+        gauge = "promptd_rollout_variance_reduction"
+        labels = {"prompt": "p", "metric": "log_latency"}
+        assert world.prometheus.get_sample_value(gauge, labels) == reduction
+        await world.controller.command(rollout_id, Rollback(reason="done"))
+        assert world.prometheus.get_sample_value(gauge, labels) is None
+        ended = await world.controller.describe(rollout_id)
+        assert ended["adjustment"]["metrics"]["log_latency"]["variance_reduction"] == reduction
 
 
 async def test_a_snapshot_of_the_previous_format_is_replayed_instead(tmp_path: Path) -> None:
@@ -291,7 +351,7 @@ async def test_a_snapshot_of_the_previous_format_is_replayed_instead(tmp_path: P
 def _call(rid: str, ts: float, variant: str) -> MetricRow:
     """A successful call of 10 ms, quality 0.5 and cost 0.01, its own unit."""
     return (f"m{rid}", ts, "p", variant, "m", rid, f"u-{rid}", 10.0, True, None,
-            0.5, None, None, 0.01, None, None, None, None, None)  # fmt: skip
+            0.5, None, None, 0.01, None, None, None, None, None, None)  # fmt: skip
 
 
 def _format_1(snap: Snapshot) -> Snapshot:

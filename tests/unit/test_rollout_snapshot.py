@@ -57,18 +57,9 @@ def batches(seed: int, n: int) -> list[tuple[list[MetricRow], list[FeedbackRow]]
                 unit = None  # routed by its episode
             latency, ok = rng.lognormvariate(5, 1), rng.random() > 0.1
             row: MetricRow = (f"m{rid}", ts, "p", variant, "m", rid, unit, latency, ok)
-            row += (
-                None,
-                rng.random(),
-                None,
-                None,
-                rng.random() / 100,
-                episode,
-                None,
-                None,
-                None,
-                None,
-            )
+            size = rng.choice([None, rng.randrange(900)])
+            row += (None, rng.random(), None, None, rng.random() / 100, size, episode, None, None)
+            row += (None, None)
             metrics.append(row)
             calls.append(rid)
         feedback: list[FeedbackRow] = []
@@ -90,7 +81,8 @@ def feed(acc: RolloutAccumulator, outcome: BatchOutcome) -> None:
     for m in outcome.metrics:
         unit = m.unit_id or m.episode_id or m.request_id
         args = (m.latency_ms, m.success, m.quality, m.cost_usd, m.request_id)
-        acc.add_metric(m.ts, m.variant, unit, *args, outcome.ingested_at, m.episode_id)
+        at = outcome.ingested_at
+        acc.add_metric(m.ts, m.variant, unit, *args, at, m.episode_id, m.prompt, m.input_chars)
     for f in outcome.feedback:
         acc.add_feedback(f.request_id, f.score, outcome.ingested_at, f.episode_id)
 

@@ -35,6 +35,7 @@ def _metric(request_id: str = "r1", **over: Any) -> tuple[Any, ...]:
         "output": None,
         "attributes": None,
         "episode_id": None,
+        "sizing": None,
     }
     fields.update(over)
     return (METRIC, *fields.values())
@@ -70,6 +71,28 @@ def test_metric_round_trips_through_the_daemon_decoder() -> None:
     assert isinstance(event, MetricEvent)
     assert (event.request_id, event.unit_id, event.tokens_in) == ("r1", "u1", 3)
     assert json.loads(first[2])["event_id"] != json.loads(second[2])["event_id"]
+
+
+def test_input_chars_are_counted_in_the_sender() -> None:
+    """The input size is counted when the event is encoded; a counting function that
+    fails or returns no count gives no size, and the call is still sent."""
+    encoder = Encoder(SdkConfig(metrics_topic="m"))
+
+    def count(text: str, n: int) -> int:
+        return len(text) * n
+
+    def sent(sizing: Any) -> int | None:
+        record = encoder.encode(_metric(sizing=sizing))
+        assert not isinstance(record, str)
+        event = decode_event(record[2])
+        assert isinstance(event, MetricEvent)
+        return event.input_chars
+
+    assert sent((count, ("abc",), {"n": 2})) == 6
+    assert sent((count, (), {})) is None  # a TypeError inside the app's function
+    assert sent((lambda: "12", (), {})) is None
+    assert sent((lambda: -1, (), {})) is None
+    assert sent(None) is None
 
 
 def test_feedback_joins_the_remembered_call() -> None:

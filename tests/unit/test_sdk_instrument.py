@@ -18,6 +18,16 @@ from promptd.sdk.encode import METRIC
 # Positions in the buffered metric tuple (see promptd.sdk.encode).
 PROMPT, VARIANT, MODEL, REQUEST_ID, UNIT_ID, LATENCY, SUCCESS, ERROR = 2, 3, 4, 5, 6, 7, 8, 9
 TOKENS_IN, TOKENS_OUT, COST, INPUT, OUTPUT, ATTRIBUTES = 10, 11, 12, 13, 14, 15
+SIZING = 17
+
+
+def _size(item: tuple[Any, ...]) -> int | None:
+    """The input size the sender would send for a buffered call."""
+    if item[SIZING] is None:
+        return None
+    count, args, kwargs = item[SIZING]
+    size: int | None = count(*args, **kwargs)
+    return size
 
 
 @pytest.fixture
@@ -226,6 +236,39 @@ def test_capture_is_opt_in(client: tuple[Client, list[tuple[Any, ...]]]) -> None
     assert items[1][INPUT] == {"text": "b", "lang": "fr"}
     assert items[1][OUTPUT] == "bb"
     assert items[1][ATTRIBUTES] == {"team": "x"}
+
+
+def test_input_chars_count_the_arguments_not_the_template(
+    client: tuple[Client, list[tuple[Any, ...]]],
+) -> None:
+    """The input size counts the text the app passes in (nested in messages too), not the
+    instance, the injected variant or the unit id; a callable or False replaces it."""
+    sdk, items = client
+
+    class Bot:
+        @instrument(prompt="p", unit_id="user", inject="variant", client=sdk)
+        def answer(
+            self, messages: list[dict[str, str]], user: str, variant: PromptVariant | None = None
+        ) -> str:
+            return "ok"
+
+    @instrument(prompt="p", client=sdk)
+    def numbers(n: int) -> int:
+        return n
+
+    @instrument(prompt="p", input_chars=lambda text, **_: len(text.split()), client=sdk)
+    def words(text: str, lang: str = "en") -> str:
+        return text
+
+    @instrument(prompt="p", input_chars=False, client=sdk)
+    def silent(text: str) -> str:
+        return text
+
+    Bot().answer([{"role": "user", "content": "hello there"}], "alice-1234")
+    numbers(3)
+    words("one two three", lang="fr")
+    silent("abc")
+    assert [_size(i) for i in items] == [len("user") + len("hello there"), None, 3, None]
 
 
 def test_parameter_typos_fail_at_decoration() -> None:
