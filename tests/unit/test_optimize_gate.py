@@ -208,6 +208,18 @@ def test_a_candidate_better_everywhere_but_one_example_passes() -> None:
     assert result.p_bootstrap_t < 0.01
 
 
+def test_a_candidate_right_on_all_but_two_examples_passes() -> None:
+    """The real-model bench's case (sentiment, SmolLM2): the candidate right on 35 of 37
+    test examples, the active version on none (token F1 0.048 on one). Resamples that
+    miss the two failures have almost no spread; their t statistics must not count as
+    "as extreme" as the observed one (they did: p = 0.07, the gate failed)."""
+    candidate = [1.0] * 35 + [0.0, 0.0]
+    baseline = [0.0] * 34 + [0.0476, 0.0, 0.0]
+    result = decide(candidate, baseline, min_confidence=0.95, min_gain=0.02, samples=4000, seed=1)
+    assert result.passed, result
+    assert result.p_bootstrap_t < 0.001
+
+
 def test_decision_reasons() -> None:
     """Too few examples, a gain below the minimum and low confidence are named."""
     assert (
