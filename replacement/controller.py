@@ -387,13 +387,17 @@ class RolloutController:
         """Tick every ``interval_s`` until ``stop``, snapshotting the live rollouts every
         ``snapshot_interval_s`` and once more at the end."""
         last_snapshot = time.monotonic()
-        while not stop.is_set():
-            await self.tick()
-            if time.monotonic() - last_snapshot >= self.snapshot_interval_s:
-                await self.snapshot_once()
-                last_snapshot = time.monotonic()
-            await wait_event(stop, interval_s)
-        await self.stop_loading()
+        try:
+            while not stop.is_set():
+                await self.tick()
+                if time.monotonic() - last_snapshot >= self.snapshot_interval_s:
+                    await self.snapshot_once()
+                    last_snapshot = time.monotonic()
+                await wait_event(stop, interval_s)
+        finally:
+            # Also when the loop is cancelled (a hard stop): the history reads are this
+            # controller's tasks and must not outlive it, holding a connection.
+            await self.stop_loading()
         await self.snapshot_once()
 
     async def stop_loading(self) -> None:
